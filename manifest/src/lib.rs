@@ -1,0 +1,28 @@
+//! # tidemark-manifest: the Tidemark repository format
+//!
+//! Everything the archiver and the restore tool must agree on lives here, so that neither
+//! carries its own copy of it. FORMAT.md at the workspace root is the normative
+//! specification; this crate implements it:
+//!
+//! - [`model`]: the JSON documents of a repository (repository config, manifest generations,
+//!   base-backup descriptors, segment index pages) and their serde types.
+//! - [`keys`]: the object key layout.
+//! - [`segment`]: the WAL segment encoding (framed records, zstd, crc32c, sha256 trailer).
+//! - [`plan`]: which base backup and which segments restore a sequence number or a time, and
+//!   validation of a repository's history (overlaps, holes, gaps).
+//! - [`repo`]: a repository on a store: finding the current state without listing, and
+//!   writing objects in the order FORMAT.md requires.
+//! - [`checksum`]: sha256 helpers used for every object.
+//! - [`rocks`]: RocksDB's own on-disk formats that Tidemark reads and writes: the log (WAL)
+//!   format, WriteBatch records, VersionEdits in a MANIFEST, OPTIONS files.
+//! - [`store`]: the object stores (local directory, S3) behind one async trait, with a retry
+//!   decorator and URL parsing.
+
+pub mod checksum;
+pub mod keys;
+pub mod model;
+pub mod plan;
+pub mod repo;
+pub mod rocks;
+pub mod segment;
+pub mod store;

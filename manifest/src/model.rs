@@ -1,0 +1,437 @@
+//! The JSON documents of a repository (FORMAT.md §3–§8) and their serde types.
+//!
+//! Every document carries `format_version`; [`parse_document`] refuses a version this build
+//! does not know before looking at anything else, so an old reader never misreads a newer
+//! repository.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// The only repository format version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Errors reading or checking a repository document.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(
+        "{key}: repository format version {found} is not supported by this build of Tidemark \
+         (it reads version {FORMAT_VERSION}); upgrade Tidemark to read this repository"
+    )]
+    UnsupportedVersion { key: String, found: u64 },
+    #[error("{key}: not a Tidemark document: {detail}")]
+    Malformed { key: String, detail: String },
+    #[error("{key}: {detail}")]
+    Inconsistent { key: String, detail: String },
+}
+
+/// Parses a repository document, checking `format_version` first.
+pub fn parse_document<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, ModelError> {
+    #[derive(Deserialize)]
+    struct VersionOnly {
+        format_version: Option<serde_json::Value>,
+    }
+    let probe: VersionOnly = serde_json::from_slice(bytes).map_err(|e| ModelError::Malformed {
+        key: key.to_owned(),
+        detail: format!("invalid JSON: {e}"),
+    })?;
+    match probe.format_version {
+        None => {
+            return Err(ModelError::Malformed {
+                key: key.to_owned(),
+                detail: "it has no format_version field".to_owned(),
+            });
+        }
+        Some(v) => match v.as_u64() {
+            Some(v) if v == u64::from(FORMAT_VERSION) => {}
+            Some(found) => {
+                return Err(ModelError::UnsupportedVersion {
+                    key: key.to_owned(),
+                    found,
+                });
+            }
+            None => {
+                return Err(ModelError::Malformed {
+                    key: key.to_owned(),
+                    detail: format!("format_version is {v}, expected a whole number"),
+                });
+            }
+        },
+    }
+    serde_json::from_slice(bytes).map_err(|e| ModelError::Malformed {
+        key: key.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// Serializes a document as pretty JSON (documents are small and read by people too).
+pub fn to_document_bytes<T: Serialize>(doc: &T) -> Vec<u8> {
+    let mut out = serde_json::to_vec_pretty(doc).expect("repository documents always serialize");
+    out.push(b'\n');
+    out
+}
+
+/// RFC 3339 timestamps in JSON.
+pub mod rfc3339 {
+    pub use time::serde::rfc3339::*;
+    /// Optional RFC 3339 timestamps.
+    pub mod option {
+        pub use time::serde::rfc3339::option::*;
+    }
+}
+
+/// `tidemark.json`: the repository config (FORMAT.md §3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepositoryConfig {
+    pub format_version: u32,
+    pub repository_id: String,
+    #[serde(with = "rfc3339")]
+    pub created_at: OffsetDateTime,
+    pub database_identity: String,
+    pub lineage: Lineage,
+    pub segment_compression: Compression,
+}
+
+/// A repository's lineage and, for a restored database, where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lineage {
+    pub id: String,
+    pub parent: Option<LineageParent>,
+}
+
+/// The point a restored database was restored to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineageParent {
+    pub repository: String,
+    pub lineage: String,
+    pub sequence: u64,
+}
+
+/// Compression of segment bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    None,
+    Zstd,
+}
+
+/// Where record times come from (FORMAT.md §4.2, §6.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeSource {
+    /// The time the archiver read the record: an upper bound of its commit time.
+    Observed,
+    /// The application's own time marker: the commit time.
+    Marker,
+    /// Some of each.
+    Mixed,
+}
+
+impl TimeSource {
+    /// The source of a range made of `self` and `other`.
+    pub fn combine(self, other: TimeSource) -> TimeSource {
+        if self == other {
+            self
+        } else {
+            TimeSource::Mixed
+        }
+    }
+}
+
+/// `manifest/<gen>.json`: one manifest generation (FORMAT.md §4.2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generation {
+    pub format_version: u32,
+    pub generation: u64,
+    pub repository_id: String,
+    #[serde(with = "rfc3339")]
+    pub written_at: OffsetDateTime,
+    pub writer: Writer,
+    pub time_precision: TimeSource,
+    pub bases: Vec<BaseSummary>,
+    pub index_pages: Vec<IndexPageRef>,
+    pub tail_start_seq: u64,
+    pub gaps: Vec<Gap>,
+    pub retention: Retention,
+}
+
+/// Who wrote a generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Writer {
+    pub host: String,
+    pub pid: u32,
+    pub version: String,
+}
+
+/// A reference to another object with its expected size and sha256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRef {
+    pub key: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// A column family as a base knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnFamily {
+    pub id: u32,
+    pub name: String,
+}
+
+/// A base backup as listed in a generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseSummary {
+    pub id: String,
+    #[serde(with = "rfc3339")]
+    pub created_at: OffsetDateTime,
+    pub descriptor: ObjectRef,
+    pub min_log_number: u64,
+    pub replay_from_seq: u64,
+    pub earliest_seq: u64,
+    #[serde(with = "rfc3339")]
+    pub earliest_time: OffsetDateTime,
+    pub column_families: Vec<ColumnFamily>,
+    pub total_size: u64,
+}
+
+/// A reference to a segment index page (FORMAT.md §5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexPageRef {
+    pub key: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub segment_count: u64,
+    #[serde(with = "rfc3339")]
+    pub first_time: OffsetDateTime,
+    #[serde(with = "rfc3339")]
+    pub last_time: OffsetDateTime,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Why a sequence range cannot be restored to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GapKind {
+    /// Records that were never archived.
+    MissingWal,
+    /// Records archived, but no base knows the column families they belong to.
+    ColumnFamilyChange,
+    /// A kind written by a newer writer: unrestorable all the same.
+    #[serde(other)]
+    Unknown,
+}
+
+/// An inclusive sequence range that cannot be restored to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gap {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub kind: GapKind,
+    #[serde(with = "rfc3339")]
+    pub detected_at: OffsetDateTime,
+    pub detail: String,
+}
+
+/// Retention state (FORMAT.md §4.2).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    #[serde(default)]
+    pub pins: Vec<Pin>,
+    #[serde(default)]
+    pub pending_deletes: Vec<PendingDelete>,
+}
+
+/// A base that retention must keep.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    pub base: String,
+    pub reason: String,
+    #[serde(with = "rfc3339::option", default)]
+    pub until: Option<OffsetDateTime>,
+}
+
+/// An object scheduled for deletion after a grace period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingDelete {
+    pub key: String,
+    #[serde(with = "rfc3339")]
+    pub after: OffsetDateTime,
+}
+
+/// `manifest/latest.json`: the advisory newest-generation hint (FORMAT.md §4.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatestHint {
+    pub format_version: u32,
+    pub generation: u64,
+}
+
+/// `index/<first>-<last>.json`: a segment index page (FORMAT.md §5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexPage {
+    pub format_version: u32,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub segments: Vec<SegmentEntry>,
+}
+
+/// One segment as listed in an index page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentEntry {
+    pub key: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub record_count: u32,
+    #[serde(with = "rfc3339")]
+    pub first_time: OffsetDateTime,
+    #[serde(with = "rfc3339")]
+    pub last_time: OffsetDateTime,
+    pub time_source: TimeSource,
+    pub first_log: u64,
+    pub last_log: u64,
+    pub raw_size: u64,
+    pub stored_size: u64,
+    /// The sha256 of the whole object. `None` for a segment found by the tail walk, which is
+    /// verified by its own trailer instead.
+    pub sha256: Option<String>,
+}
+
+/// `bases/<id>/base.json`: a base backup descriptor (FORMAT.md §7).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseDescriptor {
+    pub format_version: u32,
+    pub id: String,
+    #[serde(with = "rfc3339")]
+    pub created_at: OffsetDateTime,
+    pub database_identity: String,
+    pub min_log_number: u64,
+    pub replay_from_seq: u64,
+    pub earliest_seq: u64,
+    #[serde(with = "rfc3339")]
+    pub earliest_time: OffsetDateTime,
+    pub next_file_number: u64,
+    pub column_families: Vec<BaseColumnFamily>,
+    pub files: Vec<BaseFile>,
+}
+
+/// A column family in a base descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseColumnFamily {
+    pub id: u32,
+    pub name: String,
+    pub log_number: u64,
+}
+
+/// One file a restore places.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseFile {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub key: String,
+}
+
+/// `lease.json`: the writer lease (FORMAT.md §8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub format_version: u32,
+    pub holder: String,
+    pub host: String,
+    pub pid: u32,
+    #[serde(with = "rfc3339")]
+    pub acquired_at: OffsetDateTime,
+    #[serde(with = "rfc3339")]
+    pub renewed_at: OffsetDateTime,
+    #[serde(with = "rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
+/// Converts microseconds since the epoch (the binary time unit) to a timestamp.
+pub fn time_from_micros(micros: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// Converts a timestamp to microseconds since the epoch.
+pub fn micros_from_time(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
+}
+
+impl BaseDescriptor {
+    /// Checks the descriptor against the summary a generation holds for it, and the file
+    /// rules of FORMAT.md §2 and §7.
+    pub fn check(&self, key: &str, summary: &BaseSummary) -> Result<(), ModelError> {
+        let bad = |detail: String| ModelError::Inconsistent {
+            key: key.to_owned(),
+            detail,
+        };
+        if self.id != summary.id
+            || self.min_log_number != summary.min_log_number
+            || self.replay_from_seq != summary.replay_from_seq
+            || self.earliest_seq != summary.earliest_seq
+        {
+            return Err(bad(format!(
+                "base descriptor does not match the manifest's summary of base {}",
+                summary.id
+            )));
+        }
+        let mut has_current = false;
+        for f in &self.files {
+            crate::keys::check_base_file_name(&f.name).map_err(|e| bad(e.to_string()))?;
+            if f.name == "CURRENT" {
+                has_current = true;
+            }
+            if crate::keys::is_table_file(&f.name) {
+                let expected = crate::keys::sst_key(&f.sha256);
+                if f.key != expected {
+                    return Err(bad(format!(
+                        "table file {} is stored at {} but its content key is {expected}",
+                        f.name, f.key
+                    )));
+                }
+            }
+        }
+        if !has_current {
+            return Err(bad(format!("base {} has no CURRENT file", self.id)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_format_version_is_refused_with_the_version_named() {
+        let doc = br#"{"format_version": 7, "generation": 1}"#;
+        let err = parse_document::<LatestHint>("manifest/latest.json", doc).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ModelError::UnsupportedVersion { found: 7, .. }));
+        assert!(msg.contains("version 7"), "{msg}");
+        assert!(msg.contains("manifest/latest.json"), "{msg}");
+    }
+
+    #[test]
+    fn missing_version_and_bad_json_are_malformed() {
+        let err = parse_document::<LatestHint>("k", br#"{"generation": 1}"#).unwrap_err();
+        assert!(err.to_string().contains("no format_version"), "{err}");
+        let err = parse_document::<LatestHint>("k", b"{not json").unwrap_err();
+        assert!(err.to_string().contains("invalid JSON"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_unknown_gap_kinds_kept_unrestorable() {
+        let doc = br#"{"first_seq":1,"last_seq":2,"kind":"from_the_future",
+                      "detected_at":"2026-11-23T13:30:00Z","detail":"x","extra":true}"#;
+        let gap: Gap = serde_json::from_slice(doc).unwrap();
+        assert_eq!(gap.kind, GapKind::Unknown);
+    }
+
+    #[test]
+    fn micros_round_trip() {
+        for m in [0i64, 1, 1_700_000_000_123_456, -5] {
+            assert_eq!(micros_from_time(time_from_micros(m)), m);
+        }
+    }
+}

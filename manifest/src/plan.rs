@@ -1,0 +1,685 @@
+//! Which base backup and which segments restore a sequence number or a time, what the
+//! restorable window is, and whether a repository's history holds together.
+//!
+//! Everything here works on a [`History`]: the bases, segments and gaps of one manifest
+//! generation plus the segments found after it. Nothing here touches a store.
+
+use crate::model::{BaseSummary, Gap, GapKind, SegmentEntry, micros_from_time, time_from_micros};
+use crate::segment::Record;
+use std::fmt;
+use time::OffsetDateTime;
+
+/// A restore target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The state right after sequence number `n` (rounded down to a whole batch).
+    Seq(u64),
+    /// Every record committed at or before this time, none after.
+    Time(OffsetDateTime),
+    /// The newest archived point.
+    Latest,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Seq(n) => write!(f, "sequence {n}"),
+            Target::Time(t) => write!(f, "time {}", fmt_time(*t)),
+            Target::Latest => write!(f, "the latest point"),
+        }
+    }
+}
+
+/// Formats a time for messages: RFC 3339, UTC.
+pub fn fmt_time(t: OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// One continuous restorable range: every sequence in `first_seq..=last_seq` can be restored
+/// to (at whole-batch boundaries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowRange {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub first_time: OffsetDateTime,
+    pub last_time: OffsetDateTime,
+}
+
+/// The restorable window: continuous ranges in sequence order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Window {
+    pub ranges: Vec<WindowRange>,
+}
+
+impl fmt::Display for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.ranges.is_empty() {
+            return write!(f, "nothing is restorable yet");
+        }
+        for (i, r) in self.ranges.iter().enumerate() {
+            if i > 0 {
+                write!(f, "; ")?;
+            }
+            write!(
+                f,
+                "sequences {}..={} ({} .. {})",
+                r.first_seq,
+                r.last_seq,
+                fmt_time(r.first_time),
+                fmt_time(r.last_time)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Window {
+    /// The range holding `seq`, if any.
+    pub fn range_of(&self, seq: u64) -> Option<&WindowRange> {
+        self.ranges
+            .iter()
+            .find(|r| r.first_seq <= seq && seq <= r.last_seq)
+    }
+}
+
+/// Why a target cannot be planned.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("the repository has no base backup yet, so nothing can be restored")]
+    NoBase,
+    #[error("{target} is before the restorable window; the window is: {window}")]
+    BeforeWindow { target: Target, window: Window },
+    #[error("{target} is after the newest archived point; the window is: {window}. Use --latest for the newest point")]
+    AfterWindow { target: Target, window: Window },
+    #[error(
+        "{target} falls in a gap: sequences {}..={} cannot be restored ({:?}: {}); the window is: {window}",
+        gap.first_seq, gap.last_seq, gap.kind, gap.detail
+    )]
+    InGap {
+        target: Target,
+        gap: Gap,
+        window: Window,
+    },
+    #[error("{target} is not restorable: no base backup covers it; the window is: {window}")]
+    NotCovered { target: Target, window: Window },
+}
+
+/// A problem with a repository's history.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HistoryProblem {
+    #[error("segments {a} and {b} overlap (sequences {a_last} and {b_first})")]
+    Overlap {
+        a: String,
+        b: String,
+        a_last: u64,
+        b_first: u64,
+    },
+    #[error(
+        "sequences {first}..={last} are missing between {before} and {after}, and no gap records \
+         them: a segment is lost"
+    )]
+    Hole {
+        first: u64,
+        last: u64,
+        before: String,
+        after: String,
+    },
+    #[error("segment {key} overlaps the recorded gap {first}..={last}")]
+    SegmentInGap { key: String, first: u64, last: u64 },
+    #[error("base {base}: {detail}")]
+    Base { base: String, detail: String },
+}
+
+/// What to restore: a base and the segments to replay onto it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestorePlan {
+    pub target: Target,
+    pub base: BaseSummary,
+    /// Segments from the one holding `base.replay_from_seq` to the one holding the cutoff,
+    /// in order. Only records with a log number `>= base.min_log_number` are replayed.
+    pub segments: Vec<SegmentEntry>,
+    /// The cutoff is at most this sequence; [`CutoffFilter`] finds the exact batch boundary.
+    pub max_seq: u64,
+    /// The cutoff is at least this sequence.
+    pub min_seq: u64,
+}
+
+impl RestorePlan {
+    /// The filter that decides, record by record, what is replayed.
+    pub fn filter(&self) -> CutoffFilter {
+        CutoffFilter::new(self.target, self.max_seq)
+    }
+
+    /// Bytes to download for the segments.
+    pub fn segment_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.stored_size).sum()
+    }
+}
+
+/// Decides record by record whether a record is at or before the cutoff: a record is
+/// admitted while it ends at or before the target sequence (whole batches only) and its
+/// time is at or before the target time. Once a record is refused, all later ones are.
+#[derive(Debug, Clone)]
+pub struct CutoffFilter {
+    max_seq: u64,
+    max_time_us: Option<i64>,
+    closed: bool,
+    last_admitted: Option<u64>,
+}
+
+impl CutoffFilter {
+    fn new(target: Target, max_seq: u64) -> CutoffFilter {
+        let max_time_us = match target {
+            Target::Time(t) => Some(micros_from_time(t)),
+            _ => None,
+        };
+        CutoffFilter {
+            max_seq,
+            max_time_us,
+            closed: false,
+            last_admitted: None,
+        }
+    }
+
+    /// True if `r` belongs to the restored state.
+    pub fn admit(&mut self, r: &Record) -> bool {
+        if self.closed {
+            return false;
+        }
+        let end = r.next_seq().saturating_sub(1);
+        let ok = end <= self.max_seq && self.max_time_us.is_none_or(|t| r.time_us <= t);
+        if ok {
+            if r.count > 0 {
+                self.last_admitted = Some(end);
+            }
+        } else {
+            self.closed = true;
+        }
+        ok
+    }
+
+    /// True once a record was refused: nothing later can be admitted.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// The last sequence number admitted so far.
+    pub fn last_admitted(&self) -> Option<u64> {
+        self.last_admitted
+    }
+}
+
+/// The bases, segments and gaps of a repository.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    pub bases: Vec<BaseSummary>,
+    /// In sequence order.
+    pub segments: Vec<SegmentEntry>,
+    pub gaps: Vec<Gap>,
+}
+
+impl History {
+    /// Checks the history: segments in order without overlaps, every hole recorded as a
+    /// gap, no segment inside a missing-WAL gap, bases with sane ranges.
+    pub fn problems(&self) -> Vec<HistoryProblem> {
+        let mut out = Vec::new();
+        for w in self.segments.windows(2) {
+            let (a, b) = (&w[0], &w[1]);
+            if b.first_seq <= a.last_seq {
+                out.push(HistoryProblem::Overlap {
+                    a: a.key.clone(),
+                    b: b.key.clone(),
+                    a_last: a.last_seq,
+                    b_first: b.first_seq,
+                });
+            } else if b.first_seq != a.last_seq + 1 {
+                let (first, last) = (a.last_seq + 1, b.first_seq - 1);
+                let covered = self.gaps.iter().any(|g| {
+                    g.kind == GapKind::MissingWal && g.first_seq <= first && last <= g.last_seq
+                });
+                if !covered {
+                    out.push(HistoryProblem::Hole {
+                        first,
+                        last,
+                        before: a.key.clone(),
+                        after: b.key.clone(),
+                    });
+                }
+            }
+        }
+        for g in self.gaps.iter().filter(|g| g.kind == GapKind::MissingWal) {
+            for s in &self.segments {
+                if s.first_seq <= g.last_seq && g.first_seq <= s.last_seq {
+                    out.push(HistoryProblem::SegmentInGap {
+                        key: s.key.clone(),
+                        first: g.first_seq,
+                        last: g.last_seq,
+                    });
+                }
+            }
+        }
+        for b in &self.bases {
+            if b.replay_from_seq > b.earliest_seq + 1 {
+                out.push(HistoryProblem::Base {
+                    base: b.id.clone(),
+                    detail: format!(
+                        "replay starts at sequence {} but the base claims to restore to {}",
+                        b.replay_from_seq, b.earliest_seq
+                    ),
+                });
+            }
+        }
+        out
+    }
+
+    /// Index of the segment holding `seq`.
+    fn segment_holding(&self, seq: u64) -> Option<usize> {
+        let i = self.segments.partition_point(|s| s.last_seq < seq);
+        (i < self.segments.len() && self.segments[i].first_seq <= seq).then_some(i)
+    }
+
+    /// The highest sequence reachable from `from` through contiguous segments
+    /// (`from - 1` if no segment holds `from`), and the index of the last segment used.
+    fn reach(&self, from: u64) -> (u64, Option<usize>) {
+        let Some(mut i) = self.segment_holding(from) else {
+            return (from.saturating_sub(1), None);
+        };
+        while i + 1 < self.segments.len()
+            && self.segments[i + 1].first_seq == self.segments[i].last_seq + 1
+        {
+            i += 1;
+        }
+        (self.segments[i].last_seq, Some(i))
+    }
+
+    /// The first gap of a kind that cuts a base's range (anything but a missing-WAL gap,
+    /// whose effect already shows as missing segments) starting in `from..=to`.
+    fn cutting_gap(&self, from: u64, to: u64) -> Option<&Gap> {
+        self.gaps
+            .iter()
+            .filter(|g| g.kind != GapKind::MissingWal)
+            .filter(|g| from <= g.first_seq && g.first_seq <= to)
+            .min_by_key(|g| g.first_seq)
+    }
+
+    /// The range one base can restore to, if any.
+    fn base_range(&self, b: &BaseSummary) -> Option<WindowRange> {
+        let (mut last, last_idx) = self.reach(b.replay_from_seq);
+        let mut last_time = match last_idx {
+            Some(i) => self.segments[i].last_time,
+            None => b.earliest_time,
+        };
+        if let Some(g) = self.cutting_gap(b.earliest_seq + 1, last) {
+            last = g.first_seq - 1;
+            // The time of `last` is at most the time of the segment that holds it.
+            last_time = self
+                .segment_holding(last)
+                .map_or(b.earliest_time, |i| self.segments[i].last_time);
+        }
+        (last >= b.earliest_seq).then(|| WindowRange {
+            first_seq: b.earliest_seq,
+            last_seq: last,
+            first_time: b.earliest_time,
+            last_time: last_time.max(b.earliest_time),
+        })
+    }
+
+    /// The restorable window: the union of every base's range.
+    pub fn window(&self) -> Window {
+        let mut ranges: Vec<WindowRange> =
+            self.bases.iter().filter_map(|b| self.base_range(b)).collect();
+        ranges.sort_by_key(|r| (r.first_seq, r.last_seq));
+        let mut merged: Vec<WindowRange> = Vec::new();
+        for r in ranges {
+            match merged.last_mut() {
+                Some(m) if r.first_seq <= m.last_seq + 1 => {
+                    if r.last_seq > m.last_seq {
+                        m.last_seq = r.last_seq;
+                        m.last_time = r.last_time;
+                    }
+                }
+                _ => merged.push(r),
+            }
+        }
+        Window { ranges: merged }
+    }
+
+    /// The newest point in the window.
+    pub fn latest_seq(&self) -> Option<u64> {
+        self.window().ranges.last().map(|r| r.last_seq)
+    }
+
+    /// Plans a restore to `target`.
+    pub fn plan(&self, target: Target) -> Result<RestorePlan, PlanError> {
+        if self.bases.is_empty() {
+            return Err(PlanError::NoBase);
+        }
+        let window = self.window();
+        let (min_seq, max_seq) = match target {
+            Target::Latest => {
+                let Some(last) = window.ranges.last() else {
+                    return Err(PlanError::NotCovered { target, window });
+                };
+                (last.last_seq, last.last_seq)
+            }
+            Target::Seq(n) => (n, n),
+            Target::Time(t) => self.seq_bounds_for_time(t, target, &window)?,
+        };
+        if let Some(g) = self
+            .gaps
+            .iter()
+            .find(|g| g.first_seq <= min_seq && min_seq <= g.last_seq)
+        {
+            return Err(PlanError::InGap {
+                target,
+                gap: g.clone(),
+                window,
+            });
+        }
+        let Some(first) = window.ranges.first() else {
+            return Err(PlanError::NotCovered { target, window });
+        };
+        if min_seq < first.first_seq {
+            return Err(PlanError::BeforeWindow { target, window });
+        }
+        let last = window.ranges.last().expect("non-empty");
+        if min_seq > last.last_seq {
+            return Err(PlanError::AfterWindow { target, window });
+        }
+        // The newest base whose own range holds the cutoff.
+        let base = self
+            .bases
+            .iter()
+            .filter_map(|b| self.base_range(b).map(|r| (b, r)))
+            .filter(|(_, r)| r.first_seq <= min_seq && min_seq <= r.last_seq)
+            .max_by_key(|(b, _)| (b.earliest_seq, b.created_at))
+            .map(|(b, r)| (b.clone(), r));
+        let Some((base, range)) = base else {
+            return Err(PlanError::NotCovered { target, window });
+        };
+        let max_seq = max_seq.min(range.last_seq);
+        let segments = match self.segment_holding(base.replay_from_seq) {
+            Some(start) if base.replay_from_seq <= max_seq => self.segments[start..]
+                .iter()
+                .take_while(|s| s.first_seq <= max_seq)
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(RestorePlan {
+            target,
+            base,
+            segments,
+            max_seq,
+            min_seq,
+        })
+    }
+
+    /// Bounds of the cutoff for a time target, from segment times alone: the exact cutoff
+    /// is found by [`CutoffFilter`] while replaying the last segment.
+    fn seq_bounds_for_time(
+        &self,
+        t: OffsetDateTime,
+        target: Target,
+        window: &Window,
+    ) -> Result<(u64, u64), PlanError> {
+        let first_time = window.ranges.first().map(|r| r.first_time);
+        if first_time.is_none_or(|ft| t < ft) {
+            return Err(PlanError::BeforeWindow {
+                target,
+                window: window.clone(),
+            });
+        }
+        let last_time = window.ranges.last().map(|r| r.last_time);
+        let newest_record_time = self.segments.last().map(|s| s.last_time).or(last_time);
+        if newest_record_time.is_some_and(|nt| t > nt) {
+            return Err(PlanError::AfterWindow {
+                target,
+                window: window.clone(),
+            });
+        }
+        // The last segment that starts at or before t.
+        let i = self.segments.partition_point(|s| s.first_time <= t);
+        let (mut lo, hi) = if i == 0 {
+            (0, 0)
+        } else {
+            let s = &self.segments[i - 1];
+            if s.last_time <= t {
+                // Records lost in a gap right after this segment may have been committed
+                // before t: the state at t is unknown.
+                if let Some(g) = self.gaps.iter().find(|g| {
+                    g.kind == GapKind::MissingWal
+                        && g.first_seq <= s.last_seq + 1
+                        && s.last_seq + 1 <= g.last_seq
+                }) {
+                    return Err(PlanError::InGap {
+                        target,
+                        gap: g.clone(),
+                        window: window.clone(),
+                    });
+                }
+                (s.last_seq, s.last_seq)
+            } else {
+                (s.first_seq, s.last_seq)
+            }
+        };
+        // A base whose own point is at or before t is a valid cutoff on its own.
+        if let Some(b) = self
+            .bases
+            .iter()
+            .filter(|b| b.earliest_time <= t && b.earliest_seq > lo)
+            .max_by_key(|b| b.earliest_seq)
+        {
+            lo = b.earliest_seq;
+        }
+        Ok((lo, hi.max(lo)))
+    }
+}
+
+/// The time a restore reports for its last record.
+pub fn record_time(r: &Record) -> OffsetDateTime {
+    time_from_micros(r.time_us)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ObjectRef, TimeSource, time_from_micros};
+
+    const T0: i64 = 1_800_000_000_000_000;
+
+    fn t(sec: i64) -> OffsetDateTime {
+        time_from_micros(T0 + sec * 1_000_000)
+    }
+
+    /// Segment `first..=last` whose records span seconds `t1..=t2`.
+    fn seg(first: u64, last: u64, t1: i64, t2: i64) -> SegmentEntry {
+        SegmentEntry {
+            key: crate::keys::segment_key(first),
+            first_seq: first,
+            last_seq: last,
+            record_count: 1,
+            first_time: t(t1),
+            last_time: t(t2),
+            time_source: TimeSource::Observed,
+            first_log: 1,
+            last_log: 1,
+            raw_size: 1,
+            stored_size: 10,
+            sha256: None,
+        }
+    }
+
+    fn base(id: &str, replay_from: u64, earliest: u64, at: i64) -> BaseSummary {
+        BaseSummary {
+            id: id.into(),
+            created_at: t(at),
+            descriptor: ObjectRef {
+                key: crate::keys::base_descriptor_key(id),
+                size: 1,
+                sha256: String::new(),
+            },
+            min_log_number: 1,
+            replay_from_seq: replay_from,
+            earliest_seq: earliest,
+            earliest_time: t(at),
+            column_families: vec![],
+            total_size: 0,
+        }
+    }
+
+    fn gap(first: u64, last: u64, kind: GapKind) -> Gap {
+        Gap {
+            first_seq: first,
+            last_seq: last,
+            kind,
+            detected_at: t(0),
+            detail: "test".into(),
+        }
+    }
+
+    /// Segments 1..=100 (t 0..10), 101..=200 (t 10..20), gap 201..=300,
+    /// 301..=400 (t 40..50), 401..=500 (t 50..60); base A at 50, base B at 350.
+    fn history() -> History {
+        History {
+            bases: vec![base("a", 1, 50, 5), base("b", 301, 350, 45)],
+            segments: vec![
+                seg(1, 100, 0, 10),
+                seg(101, 200, 11, 20),
+                seg(301, 400, 40, 50),
+                seg(401, 500, 51, 60),
+            ],
+            gaps: vec![gap(201, 300, GapKind::MissingWal)],
+        }
+    }
+
+    #[test]
+    fn window_has_two_ranges_split_by_the_gap() {
+        let h = history();
+        assert!(h.problems().is_empty(), "{:?}", h.problems());
+        let w = h.window();
+        let r: Vec<(u64, u64)> = w.ranges.iter().map(|r| (r.first_seq, r.last_seq)).collect();
+        assert_eq!(r, vec![(50, 200), (350, 500)]);
+        assert_eq!(h.latest_seq(), Some(500));
+    }
+
+    #[test]
+    fn plans_pick_the_newest_base_and_the_needed_segments() {
+        let h = history();
+        let p = h.plan(Target::Seq(150)).unwrap();
+        assert_eq!(p.base.id, "a");
+        assert_eq!(p.segments.len(), 2);
+        assert_eq!(p.max_seq, 150);
+        let p = h.plan(Target::Seq(420)).unwrap();
+        assert_eq!(p.base.id, "b");
+        let keys: Vec<u64> = p.segments.iter().map(|s| s.first_seq).collect();
+        assert_eq!(keys, vec![301, 401]);
+        let p = h.plan(Target::Latest).unwrap();
+        assert_eq!((p.base.id.as_str(), p.max_seq), ("b", 500));
+        let p = h.plan(Target::Seq(350)).unwrap();
+        assert_eq!(p.segments.len(), 1);
+    }
+
+    #[test]
+    fn targets_outside_the_window_are_refused_with_the_window() {
+        let h = history();
+        let e = h.plan(Target::Seq(10)).unwrap_err();
+        assert!(matches!(e, PlanError::BeforeWindow { .. }), "{e}");
+        assert!(e.to_string().contains("50..=200"), "{e}");
+        let e = h.plan(Target::Seq(250)).unwrap_err();
+        assert!(matches!(e, PlanError::InGap { .. }), "{e}");
+        let e = h.plan(Target::Seq(320)).unwrap_err();
+        assert!(matches!(e, PlanError::NotCovered { .. }), "{e}");
+        let e = h.plan(Target::Seq(501)).unwrap_err();
+        assert!(matches!(e, PlanError::AfterWindow { .. }), "{e}");
+        let e = History::default().plan(Target::Latest).unwrap_err();
+        assert!(matches!(e, PlanError::NoBase));
+    }
+
+    #[test]
+    fn time_targets_map_to_sequence_bounds() {
+        let h = history();
+        // Between segments: exact.
+        let p = h.plan(Target::Time(t(10) + time::Duration::milliseconds(500))).unwrap();
+        assert_eq!((p.min_seq, p.max_seq), (100, 100));
+        // Inside a segment: bounded, resolved while replaying.
+        let p = h.plan(Target::Time(t(15))).unwrap();
+        assert_eq!((p.min_seq, p.max_seq), (101, 200));
+        // At a base's own point with nothing newer before t.
+        let p = h.plan(Target::Time(t(46))).unwrap();
+        assert_eq!(p.base.id, "b");
+        assert!(p.min_seq >= 350);
+        assert!(matches!(
+            h.plan(Target::Time(t(1))).unwrap_err(),
+            PlanError::BeforeWindow { .. }
+        ));
+        assert!(matches!(
+            h.plan(Target::Time(t(61))).unwrap_err(),
+            PlanError::AfterWindow { .. }
+        ));
+        let e = h.plan(Target::Time(t(30))).unwrap_err();
+        assert!(matches!(e, PlanError::InGap { .. }), "{e}");
+    }
+
+    #[test]
+    fn column_family_change_cuts_the_older_base() {
+        let mut h = history();
+        h.gaps.push(gap(420, 449, GapKind::ColumnFamilyChange));
+        h.bases.push(base("c", 401, 450, 55));
+        let w = h.window();
+        let r: Vec<(u64, u64)> = w.ranges.iter().map(|r| (r.first_seq, r.last_seq)).collect();
+        assert_eq!(r, vec![(50, 200), (350, 419), (450, 500)]);
+        assert!(matches!(
+            h.plan(Target::Seq(430)).unwrap_err(),
+            PlanError::InGap { .. }
+        ));
+        assert_eq!(h.plan(Target::Seq(460)).unwrap().base.id, "c");
+    }
+
+    #[test]
+    fn validation_finds_overlaps_and_unrecorded_holes() {
+        let mut h = history();
+        h.gaps.clear();
+        let p = h.problems();
+        assert!(matches!(p[0], HistoryProblem::Hole { first: 201, last: 300, .. }), "{p:?}");
+        let mut h = history();
+        h.segments[1] = seg(90, 200, 11, 20);
+        assert!(matches!(h.problems()[0], HistoryProblem::Overlap { .. }));
+        let mut h = history();
+        h.segments.insert(2, seg(250, 260, 30, 31));
+        assert!(
+            h.problems()
+                .iter()
+                .any(|p| matches!(p, HistoryProblem::SegmentInGap { .. }))
+        );
+    }
+
+    fn rec(seq: u64, count: u32, sec: i64) -> Record {
+        Record {
+            seq,
+            count,
+            time_us: T0 + sec * 1_000_000,
+            time_source: crate::segment::RecordTime::Observed,
+            log_number: 1,
+            log_offset: seq,
+            batch: vec![],
+        }
+    }
+
+    #[test]
+    fn cutoff_filter_keeps_whole_batches_and_stops_for_good() {
+        let h = history();
+        let mut f = h.plan(Target::Seq(150)).unwrap().filter();
+        assert!(f.admit(&rec(140, 10, 12)));
+        assert!(!f.admit(&rec(150, 5, 12)), "batch 150..=154 crosses 150");
+        assert!(!f.admit(&rec(155, 1, 12)));
+        assert_eq!(f.last_admitted(), Some(149));
+        let mut f = h.plan(Target::Time(t(15))).unwrap().filter();
+        assert!(f.admit(&rec(101, 3, 14)));
+        assert!(f.admit(&rec(104, 3, 15)));
+        assert!(!f.admit(&rec(107, 3, 16)));
+        assert_eq!(f.last_admitted(), Some(106));
+    }
+}

@@ -1,0 +1,486 @@
+//! A repository on a store: reading its current state the way FORMAT.md §4.4 says (no LIST),
+//! and writing objects in the order §4.5 requires. The archiver and the restore tool both go
+//! through here, so neither has its own idea of the layout.
+
+use crate::checksum::{self, ChecksumMismatch};
+use crate::keys;
+use crate::model::{
+    self, BaseDescriptor, BaseSummary, FORMAT_VERSION, Generation, IndexPage, IndexPageRef,
+    LatestHint, ModelError, ObjectRef, RepositoryConfig, SegmentEntry,
+};
+use crate::plan::{History, HistoryProblem};
+use crate::segment::{EncodedSegment, HEADER_LEN, SegmentError, SegmentHeader, SegmentReader};
+use crate::store::{ObjectStore, StoreError};
+use bytes::Bytes;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Errors reading or writing a repository.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(
+        "there is no Tidemark repository at {location} ({key} is missing); check the URL, or \
+         start the archiver to create one"
+    )]
+    NoRepository { location: String, key: String },
+    #[error(
+        "{location} holds a repository for database {found}, not for this database ({expected}); \
+         archive this database to its own URL"
+    )]
+    WrongDatabase {
+        location: String,
+        expected: String,
+        found: String,
+    },
+    #[error(
+        "manifest generation {generation} was created by another writer while this one was \
+         writing to {location}; this writer stops so that the history is not forked"
+    )]
+    LostRace { location: String, generation: u64 },
+    #[error("{key} already exists at {location} with different content; refusing to overwrite it")]
+    Conflict { location: String, key: String },
+    #[error(
+        "{location}: manifest generation {generation} references {key}, which is missing: {source}"
+    )]
+    MissingObject {
+        location: String,
+        generation: u64,
+        key: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("{location}: the history is inconsistent: {}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
+    History {
+        location: String,
+        problems: Vec<HistoryProblem>,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
+    #[error(transparent)]
+    Checksum(#[from] ChecksumMismatch),
+}
+
+/// What a reader knows about a repository after [`Repository::load`].
+#[derive(Debug, Clone)]
+pub struct RepoState {
+    pub config: RepositoryConfig,
+    /// The current generation, `None` if nothing was archived yet.
+    pub generation: Option<Generation>,
+    /// Bases, segments (indexed and from the tail walk) and gaps.
+    pub history: History,
+    /// How many segments the tail walk found after the current generation.
+    pub tail_segments: usize,
+}
+
+impl RepoState {
+    /// The first sequence number not archived yet: where a writer continues.
+    pub fn next_seq(&self) -> Option<u64> {
+        let from_segments = self.history.segments.last().map(|s| s.last_seq + 1);
+        let from_generation = self.generation.as_ref().map(|g| g.tail_start_seq);
+        from_segments.max(from_generation)
+    }
+}
+
+/// A repository on a store.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    store: Arc<dyn ObjectStore>,
+}
+
+impl Repository {
+    /// The repository at the root of `store`.
+    pub fn new(store: Arc<dyn ObjectStore>) -> Repository {
+        Repository { store }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// Where the repository is, for messages.
+    pub fn location(&self) -> String {
+        self.store.describe()
+    }
+
+    async fn get_optional(&self, key: &str) -> Result<Option<Bytes>, RepoError> {
+        match self.store.get(key).await {
+            Ok(b) => Ok(Some(b)),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads `tidemark.json`, or `None` if there is no repository yet.
+    pub async fn read_config(&self) -> Result<Option<RepositoryConfig>, RepoError> {
+        match self.get_optional(keys::CONFIG).await? {
+            Some(b) => Ok(Some(model::parse_document(keys::CONFIG, &b)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Creates `tidemark.json` (create-only). If a config already exists it is returned
+    /// instead, provided it belongs to the same database.
+    pub async fn create_config(
+        &self,
+        config: &RepositoryConfig,
+    ) -> Result<RepositoryConfig, RepoError> {
+        let bytes = Bytes::from(model::to_document_bytes(config));
+        match self.store.put_if_absent(keys::CONFIG, bytes).await {
+            Ok(_) => Ok(config.clone()),
+            Err(StoreError::PreconditionFailed { .. }) => {
+                let existing = self.read_config().await?.ok_or_else(|| RepoError::Conflict {
+                    location: self.location(),
+                    key: keys::CONFIG.to_owned(),
+                })?;
+                if existing.database_identity != config.database_identity {
+                    return Err(RepoError::WrongDatabase {
+                        location: self.location(),
+                        expected: config.database_identity.clone(),
+                        found: existing.database_identity,
+                    });
+                }
+                Ok(existing)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Finds and reads the current generation (FORMAT.md §4.4 steps 2–3).
+    pub async fn current_generation(&self) -> Result<Option<Generation>, RepoError> {
+        let hint = match self.get_optional(keys::LATEST_HINT).await? {
+            Some(b) => model::parse_document::<LatestHint>(keys::LATEST_HINT, &b)?.generation,
+            None => self.generation_from_listing().await?,
+        };
+        let mut current: Option<Generation> = None;
+        if hint > 0 {
+            current = Some(self.read_generation(hint).await?.ok_or_else(|| {
+                RepoError::Model(ModelError::Inconsistent {
+                    key: keys::LATEST_HINT.to_owned(),
+                    detail: format!("it names generation {hint}, which does not exist"),
+                })
+            })?);
+        }
+        let mut next = hint + 1;
+        while let Some(g) = self.read_generation(next).await? {
+            current = Some(g);
+            next += 1;
+        }
+        Ok(current)
+    }
+
+    /// Without a hint: the newest generation a listing shows (maintenance fallback).
+    async fn generation_from_listing(&self) -> Result<u64, RepoError> {
+        let listed = self.store.list(keys::MANIFEST_PREFIX).await?;
+        let newest = listed
+            .iter()
+            .filter_map(|m| keys::parse_generation_key(&m.key))
+            .max()
+            .unwrap_or(0);
+        if newest > 0 {
+            tracing::warn!(
+                location = %self.location(),
+                generation = newest,
+                "{} is missing although manifest generations exist; found the newest by listing",
+                keys::LATEST_HINT
+            );
+        }
+        Ok(newest)
+    }
+
+    /// Reads generation `n`, or `None` if it does not exist.
+    pub async fn read_generation(&self, n: u64) -> Result<Option<Generation>, RepoError> {
+        let key = keys::generation_key(n);
+        let Some(bytes) = self.get_optional(&key).await? else {
+            return Ok(None);
+        };
+        let g: Generation = model::parse_document(&key, &bytes)?;
+        if g.generation != n {
+            return Err(ModelError::Inconsistent {
+                key,
+                detail: format!("it says it is generation {}", g.generation),
+            }
+            .into());
+        }
+        Ok(Some(g))
+    }
+
+    /// Reads and verifies an object a generation references.
+    async fn get_referenced(
+        &self,
+        generation: u64,
+        r: &ObjectRef,
+    ) -> Result<Bytes, RepoError> {
+        let bytes = self.store.get(&r.key).await.map_err(|e| match e {
+            StoreError::NotFound { .. } => RepoError::MissingObject {
+                location: self.location(),
+                generation,
+                key: r.key.clone(),
+                source: e,
+            },
+            other => other.into(),
+        })?;
+        checksum::check_bytes(&r.key, &r.sha256, r.size, &bytes)?;
+        Ok(bytes)
+    }
+
+    /// Reads and verifies an index page.
+    pub async fn read_index_page(
+        &self,
+        generation: u64,
+        r: &IndexPageRef,
+    ) -> Result<IndexPage, RepoError> {
+        let obj = ObjectRef {
+            key: r.key.clone(),
+            size: r.size,
+            sha256: r.sha256.clone(),
+        };
+        let bytes = self.get_referenced(generation, &obj).await?;
+        let page: IndexPage = model::parse_document(&r.key, &bytes)?;
+        if page.first_seq != r.first_seq
+            || page.last_seq != r.last_seq
+            || page.segments.len() as u64 != r.segment_count
+        {
+            return Err(ModelError::Inconsistent {
+                key: r.key.clone(),
+                detail: "the page does not cover what the manifest says it covers".to_owned(),
+            }
+            .into());
+        }
+        Ok(page)
+    }
+
+    /// Reads and verifies a base descriptor.
+    pub async fn read_base(
+        &self,
+        generation: u64,
+        summary: &BaseSummary,
+    ) -> Result<BaseDescriptor, RepoError> {
+        keys::check_base_id(&summary.id).map_err(|e| ModelError::Inconsistent {
+            key: keys::generation_key(generation),
+            detail: e.to_string(),
+        })?;
+        let bytes = self.get_referenced(generation, &summary.descriptor).await?;
+        let d: BaseDescriptor = model::parse_document(&summary.descriptor.key, &bytes)?;
+        d.check(&summary.descriptor.key, summary)?;
+        Ok(d)
+    }
+
+    /// Reads the header of the segment starting at `first_seq`, or `None` if there is none.
+    pub async fn read_segment_header(
+        &self,
+        first_seq: u64,
+    ) -> Result<Option<SegmentHeader>, RepoError> {
+        let key = keys::segment_key(first_seq);
+        match self.store.get_range(&key, 0..HEADER_LEN as u64).await {
+            Ok(bytes) => {
+                let h = SegmentHeader::decode(&key, &bytes)?;
+                if h.first_seq != first_seq {
+                    return Err(SegmentError::Inconsistent {
+                        key,
+                        detail: format!("its header says it starts at sequence {}", h.first_seq),
+                    }
+                    .into());
+                }
+                Ok(Some(h))
+            }
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(StoreError::InvalidRange { size, .. }) => Err(SegmentError::WrongLength {
+                key,
+                expected: HEADER_LEN as u64,
+                found: size.unwrap_or(0),
+            }
+            .into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Walks segments from `from_seq` on while they exist (FORMAT.md §4.4 step 5).
+    pub async fn walk_tail(&self, from_seq: u64) -> Result<Vec<SegmentEntry>, RepoError> {
+        let mut out = Vec::new();
+        let mut next = from_seq;
+        while let Some(h) = self.read_segment_header(next).await? {
+            out.push(h.entry(&keys::segment_key(next), None));
+            next = h.last_seq + 1;
+        }
+        Ok(out)
+    }
+
+    /// Loads the repository's current state: config, generation, index pages, tail.
+    /// Fails if the history does not hold together.
+    pub async fn load(&self) -> Result<RepoState, RepoError> {
+        let config = self
+            .read_config()
+            .await?
+            .ok_or_else(|| RepoError::NoRepository {
+                location: self.location(),
+                key: keys::CONFIG.to_owned(),
+            })?;
+        let generation = self.current_generation().await?;
+        let mut history = History::default();
+        let mut tail_from = 1;
+        if let Some(g) = &generation {
+            if g.repository_id != config.repository_id {
+                return Err(ModelError::Inconsistent {
+                    key: keys::generation_key(g.generation),
+                    detail: format!(
+                        "it belongs to repository {}, not {}",
+                        g.repository_id, config.repository_id
+                    ),
+                }
+                .into());
+            }
+            for r in &g.index_pages {
+                let page = self.read_index_page(g.generation, r).await?;
+                history.segments.extend(page.segments);
+            }
+            history.bases = g.bases.clone();
+            history.gaps = g.gaps.clone();
+            tail_from = g.tail_start_seq;
+        }
+        let tail = self.walk_tail(tail_from).await?;
+        let tail_segments = tail.len();
+        history.segments.extend(tail);
+        let problems = history.problems();
+        if !problems.is_empty() {
+            return Err(RepoError::History {
+                location: self.location(),
+                problems,
+            });
+        }
+        Ok(RepoState {
+            config,
+            generation,
+            history,
+            tail_segments,
+        })
+    }
+
+    /// Uploads a segment (create-only). If the same segment is already there (a retry after
+    /// a crash), that is success; a different one is a conflict.
+    pub async fn write_segment(&self, seg: &EncodedSegment) -> Result<(), RepoError> {
+        let key = seg.key();
+        match self
+            .store
+            .put_if_absent(&key, Bytes::from(seg.bytes.clone()))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(StoreError::PreconditionFailed { .. }) => {
+                let existing = self.store.get(&key).await?;
+                if checksum::sha256_hex(&existing) == seg.sha256 {
+                    Ok(())
+                } else {
+                    Err(RepoError::Conflict {
+                        location: self.location(),
+                        key,
+                    })
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Uploads an index page and returns the reference a generation holds for it.
+    pub async fn write_index_page(&self, page: &IndexPage) -> Result<IndexPageRef, RepoError> {
+        let (Some(first), Some(last)) = (page.segments.first(), page.segments.last()) else {
+            return Err(ModelError::Inconsistent {
+                key: keys::INDEX_PREFIX.to_owned(),
+                detail: "an index page must list at least one segment".to_owned(),
+            }
+            .into());
+        };
+        let key = keys::index_page_key(page.first_seq, page.last_seq);
+        let bytes = model::to_document_bytes(page);
+        let r = IndexPageRef {
+            key: key.clone(),
+            first_seq: page.first_seq,
+            last_seq: page.last_seq,
+            segment_count: page.segments.len() as u64,
+            first_time: first.first_time,
+            last_time: last.last_time,
+            size: bytes.len() as u64,
+            sha256: checksum::sha256_hex(&bytes),
+        };
+        self.store.put(&key, Bytes::from(bytes)).await?;
+        Ok(r)
+    }
+
+    /// Creates generation `g.generation` (create-only), then updates the hint. Losing the
+    /// create to another writer is [`RepoError::LostRace`].
+    pub async fn write_generation(&self, g: &Generation) -> Result<(), RepoError> {
+        let key = keys::generation_key(g.generation);
+        match self
+            .store
+            .put_if_absent(&key, Bytes::from(model::to_document_bytes(g)))
+            .await
+        {
+            Ok(_) => {}
+            Err(StoreError::PreconditionFailed { .. }) => {
+                return Err(RepoError::LostRace {
+                    location: self.location(),
+                    generation: g.generation,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let hint = LatestHint {
+            format_version: FORMAT_VERSION,
+            generation: g.generation,
+        };
+        self.store
+            .put(keys::LATEST_HINT, Bytes::from(model::to_document_bytes(&hint)))
+            .await?;
+        Ok(())
+    }
+
+    /// Downloads a segment to `dir` and verifies it completely (sha256 if indexed, then the
+    /// trailer and every frame), returning the verified file.
+    pub async fn fetch_segment(
+        &self,
+        entry: &SegmentEntry,
+        dir: &Path,
+    ) -> Result<PathBuf, RepoError> {
+        let first = keys::parse_segment_key(&entry.key).ok_or_else(|| ModelError::Inconsistent {
+            key: entry.key.clone(),
+            detail: "not a segment key".to_owned(),
+        })?;
+        let path = dir.join(format!("{first:016x}.seg"));
+        let size = self.store.get_to_file(&entry.key, &path).await?;
+        let key = entry.key.clone();
+        let expected_sha = entry.sha256.clone();
+        let stored_size = entry.stored_size;
+        let checked = path.clone();
+        tokio::task::spawn_blocking(move || verify_segment_file(&key, &checked, size, expected_sha, stored_size))
+            .await
+            .expect("segment verification does not panic")?;
+        Ok(path)
+    }
+}
+
+/// Verifies a downloaded segment file: its whole-object sha256 when known, then a full
+/// decode (header, frames, trailer).
+pub fn verify_segment_file(
+    key: &str,
+    path: &Path,
+    size: u64,
+    expected_sha256: Option<String>,
+    expected_size: u64,
+) -> Result<SegmentHeader, RepoError> {
+    let io = |source| SegmentError::Io {
+        key: key.to_owned(),
+        source,
+    };
+    if let Some(sha) = expected_sha256 {
+        let (found, len) = checksum::sha256_file(path).map_err(io)?;
+        checksum::check(key, &sha, expected_size, &found, len)?;
+    }
+    let file = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+    let mut reader = SegmentReader::new(key, file, Some(size))?;
+    while reader.next_record()?.is_some() {}
+    Ok(*reader.header())
+}

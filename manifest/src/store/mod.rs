@@ -1,0 +1,346 @@
+//! Object stores: where a Tidemark repository lives.
+//!
+//! One small async trait, [`ObjectStore`], with these implementations:
+//!
+//! - [`LocalStore`] (`file:///ABSOLUTE/DIR`): a directory on a local or mounted file system,
+//!   the embedded default. Writes are atomic and durable; conditional writes are atomic
+//!   across processes.
+//! - [`S3Store`] (`s3://BUCKET[/PREFIX]`): Amazon S3 or any S3-compatible server, with the
+//!   standard AWS credential chain, conditional writes (`If-None-Match` / `If-Match`),
+//!   parallel multipart uploads and ranged reads.
+//! - [`MemoryStore`]: in memory, for tests.
+//!
+//! and two decorators that wrap an `Arc<dyn ObjectStore>`:
+//!
+//! - [`RetryStore`]: retries transient failures with exponential backoff and full jitter.
+//! - [`fault::FaultStore`]: injects failures, for tests and failure drills.
+//!
+//! [`StoreUrl`] parses store URLs and [`open_store`] turns one into a ready store (wrapped
+//! in the retry layer).
+//!
+//! ## Keys
+//!
+//! Keys are relative to the store's root (directory or bucket prefix) and `/`-separated, such
+//! as `segments/000001.seg`. [`validate_key`] defines what is accepted; every store checks it
+//! before touching anything, so a repository can be copied between stores unchanged.
+//!
+//! ## ETags
+//!
+//! Every write returns the new object's [`ETag`], an opaque version tag: it changes whenever
+//! the object is replaced. [`ObjectStore::put_if_match`] replaces an object only if its ETag
+//! is still the one given, which is what leases and compare-and-swap pointers are built on.
+//! ETags are only comparable within one store.
+
+mod error;
+pub mod fault;
+mod local;
+mod memory;
+mod retry;
+mod s3;
+mod url;
+
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use error::{BoxError, StoreError, StoreOp};
+pub use local::LocalStore;
+pub use memory::MemoryStore;
+pub use retry::{RetryPolicy, RetryStore};
+pub use s3::{S3Options, S3Store, Sse};
+pub use self::url::StoreUrl;
+
+/// Result type of the store layer.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// An object's version tag, as returned by the store.
+///
+/// Opaque: compare it, store it, hand it back to [`ObjectStore::put_if_match`]; never parse
+/// it. For S3 it is the server's ETag verbatim (including its quotes); for the local store
+/// see [`LocalStore`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ETag(String);
+
+impl ETag {
+    /// Wraps an ETag string exactly as the store returned it.
+    pub fn new(tag: impl Into<String>) -> Self {
+        ETag(tag.into())
+    }
+
+    /// The ETag string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ETag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a store knows about one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// The key, relative to the store.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Version tag.
+    pub etag: ETag,
+}
+
+/// An object store holding one Tidemark repository.
+///
+/// Implementations are cheap to share: use them as `Arc<dyn ObjectStore>`. All methods take
+/// keys relative to the store's root and check them with [`validate_key`] first.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + fmt::Debug {
+    /// A human-readable description for messages, e.g.
+    /// `s3://bucket/prefix (endpoint http://127.0.0.1:9000)` or `file:///srv/repo`.
+    fn describe(&self) -> String;
+
+    /// Writes an object, replacing any existing one. The object appears whole or not at all.
+    async fn put(&self, key: &str, data: Bytes) -> StoreResult<ETag>;
+
+    /// Creates an object only if the key does not exist yet. If it does, fails with
+    /// [`StoreError::PreconditionFailed`] and leaves the existing object untouched. Of several
+    /// concurrent callers (in any process) exactly one succeeds.
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<ETag>;
+
+    /// Replaces an object only if its current ETag is `etag`. Fails with
+    /// [`StoreError::PreconditionFailed`] when the ETag differs and with
+    /// [`StoreError::NotFound`] when the object does not exist.
+    async fn put_if_match(&self, key: &str, data: Bytes, etag: &ETag) -> StoreResult<ETag>;
+
+    /// Uploads a local file, streaming it from disk (large files go up in parallel parts on
+    /// S3). Replaces any existing object.
+    async fn put_file(&self, key: &str, path: &Path) -> StoreResult<ETag>;
+
+    /// Reads a whole object together with its metadata (the ETag belongs to exactly the bytes
+    /// returned). [`StoreError::NotFound`] if it does not exist.
+    async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)>;
+
+    /// Reads a whole object into memory. [`StoreError::NotFound`] if it does not exist. Use
+    /// [`ObjectStore::get_to_file`] for large objects.
+    async fn get(&self, key: &str) -> StoreResult<Bytes> {
+        Ok(self.get_with_meta(key).await?.0)
+    }
+
+    /// Downloads an object to a local file, streaming (never holding the object in memory).
+    /// The data is written to a temporary file next to `path`, synced, then renamed to `path`,
+    /// so `path` never holds a partial object. Returns the number of bytes written.
+    async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64>;
+
+    /// Reads the bytes `range.start..range.end` of an object. The range must lie inside the
+    /// object, otherwise [`StoreError::InvalidRange`].
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes>;
+
+    /// An object's size and ETag, or `None` if it does not exist.
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>>;
+
+    /// Deletes an object. Deleting a missing object succeeds.
+    async fn delete(&self, key: &str) -> StoreResult<()>;
+
+    /// Every object whose key starts with `prefix` (plain string prefix; `""` lists
+    /// everything), sorted by key.
+    ///
+    /// For maintenance only (verification, garbage collection, repair): listing is slow and
+    /// costly on object stores and never on the archiving or restore hot path, which find
+    /// objects through the manifest.
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>>;
+}
+
+/// Prefix reserved for the stores' own files (temporary files, lock files). No key segment
+/// may start with it, so those files can never be mistaken for objects.
+pub const RESERVED_SEGMENT_PREFIX: &str = ".tidemark-";
+
+/// Longest accepted key, in bytes (S3's limit).
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// Checks that `key` is a valid object key.
+///
+/// A key is a non-empty, `/`-separated relative path of at most [`MAX_KEY_LEN`] bytes: no
+/// leading or trailing `/`, no empty segment (`a//b`), no `.` or `..` segment, no backslash,
+/// no control characters, and no segment starting with [`RESERVED_SEGMENT_PREFIX`].
+pub fn validate_key(key: &str) -> StoreResult<()> {
+    check_key(key, false)
+}
+
+/// Checks a [`ObjectStore::list`] prefix: like [`validate_key`], but it may be empty, may end
+/// with `/`, and its last segment may be partial.
+pub fn validate_prefix(prefix: &str) -> StoreResult<()> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    check_key(prefix.strip_suffix('/').unwrap_or(prefix), true)
+}
+
+fn check_key(key: &str, is_prefix: bool) -> StoreResult<()> {
+    let shown = if is_prefix { "prefix" } else { "key" };
+    let invalid = |reason: String| StoreError::InvalidKey {
+        key: key.to_owned(),
+        reason,
+    };
+    if key.is_empty() {
+        return Err(invalid(format!("the {shown} is empty")));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(invalid(format!(
+            "the {shown} is {} bytes long, the limit is {MAX_KEY_LEN}",
+            key.len()
+        )));
+    }
+    if key.starts_with('/') {
+        return Err(invalid(format!(
+            "the {shown} starts with '/'; keys are relative to the store root"
+        )));
+    }
+    if key.contains('\\') {
+        return Err(invalid("backslashes are not allowed; separate with '/'".into()));
+    }
+    if let Some(c) = key.chars().find(|c| c.is_control()) {
+        return Err(invalid(format!(
+            "control character {:?} is not allowed",
+            c.escape_default().to_string()
+        )));
+    }
+    for segment in key.split('/') {
+        match segment {
+            "" => {
+                return Err(invalid(
+                    "empty path segment ('//' or a trailing '/') is not allowed".into(),
+                ));
+            }
+            "." | ".." => {
+                return Err(invalid(format!(
+                    "'{segment}' segments are not allowed; keys are plain paths"
+                )));
+            }
+            s if s.starts_with(RESERVED_SEGMENT_PREFIX) => {
+                return Err(invalid(format!(
+                    "segments starting with '{RESERVED_SEGMENT_PREFIX}' are reserved for the \
+                     store's own temporary and lock files"
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// How [`open_store_with`] builds a store.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Settings for `s3://` URLs.
+    pub s3: S3Options,
+    /// The retry layer's policy.
+    pub retry: RetryPolicy,
+    /// For `file://` URLs: create the directory (and its parents) if it does not exist.
+    /// Off by default, so a mistyped path is reported instead of silently creating a new,
+    /// empty repository.
+    pub create_local_root: bool,
+}
+
+/// Opens the store a URL names, wrapped in a [`RetryStore`] with the default policy.
+///
+/// A `file://` root must already exist; see [`open_store_with`] to create it.
+pub async fn open_store(url: &StoreUrl, s3: &S3Options) -> StoreResult<Arc<dyn ObjectStore>> {
+    open_store_with(
+        url,
+        &OpenOptions {
+            s3: s3.clone(),
+            ..OpenOptions::default()
+        },
+    )
+    .await
+}
+
+/// Opens the store a URL names with explicit options, wrapped in a [`RetryStore`].
+pub async fn open_store_with(
+    url: &StoreUrl,
+    options: &OpenOptions,
+) -> StoreResult<Arc<dyn ObjectStore>> {
+    let inner: Arc<dyn ObjectStore> = match url {
+        StoreUrl::Local { root } => {
+            if options.create_local_root {
+                Arc::new(LocalStore::create(root)?)
+            } else {
+                Arc::new(LocalStore::open(root)?)
+            }
+        }
+        StoreUrl::S3 { bucket, prefix } => Arc::new(
+            S3Store::connect(bucket, prefix, &options.s3)
+                .await?
+                .with_part_retry(options.retry.clone()),
+        ),
+    };
+    tracing::debug!(store = %inner.describe(), "opened object store");
+    Ok(Arc::new(RetryStore::new(inner, options.retry.clone())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_keys() {
+        for key in [
+            "a",
+            "segments/000001.seg",
+            "base/2024-01-01T00:00:00Z/CURRENT",
+            ".hidden",
+            "a/.b/c",
+            "dir/..x",
+            "with space/ok",
+        ] {
+            validate_key(key).unwrap_or_else(|e| panic!("{key}: {e}"));
+        }
+    }
+
+    #[test]
+    fn invalid_keys_say_why() {
+        for (key, needle) in [
+            ("", "empty"),
+            ("/abs", "starts with '/'"),
+            ("a//b", "empty path segment"),
+            ("a/", "empty path segment"),
+            ("a/../b", "'..'"),
+            ("./a", "'.'"),
+            ("a\\b", "backslash"),
+            ("a\nb", "control character"),
+            ("x/.tidemark-tmp-1", "reserved"),
+        ] {
+            let err = validate_key(key).expect_err(key);
+            let msg = err.to_string();
+            assert!(
+                matches!(err, StoreError::InvalidKey { .. }),
+                "{key}: {msg}"
+            );
+            assert!(msg.contains(needle), "{key:?}: {msg}");
+        }
+        let long = "k".repeat(MAX_KEY_LEN + 1);
+        assert!(validate_key(&long).is_err());
+    }
+
+    #[test]
+    fn prefixes() {
+        validate_prefix("").unwrap();
+        validate_prefix("segments/").unwrap();
+        validate_prefix("segments/0000").unwrap();
+        assert!(validate_prefix("/x").is_err());
+        assert!(validate_prefix("a//").is_err());
+        assert!(validate_prefix("../").is_err());
+    }
+
+    #[test]
+    fn object_store_is_dyn_compatible() {
+        fn takes(_: &Arc<dyn ObjectStore>) {}
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        takes(&store);
+    }
+}

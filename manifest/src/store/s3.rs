@@ -1,0 +1,1231 @@
+//! The S3 store (`s3://BUCKET[/PREFIX]`), for Amazon S3 and S3-compatible servers.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::Region;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ServerSideEncryption, StorageClass,
+};
+use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+
+use super::{
+    ETag, ObjectMeta, ObjectStore, RetryPolicy, StoreError, StoreOp, StoreResult,
+    validate_key, validate_prefix,
+};
+
+const MIB: u64 = 1024 * 1024;
+/// S3's smallest part (all but the last).
+const MIN_PART_SIZE: u64 = 5 * MIB;
+/// S3's largest part, and largest single PUT.
+const MAX_PART_SIZE: u64 = 5 * 1024 * MIB;
+/// S3's most parts per upload.
+const MAX_PARTS: u64 = 10_000;
+/// Region used with a custom endpoint when nothing else names one.
+const DEFAULT_ENDPOINT_REGION: &str = "us-east-1";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Server-side encryption for new objects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Sse {
+    /// SSE-S3 (`AES256`): keys managed by S3.
+    #[serde(rename = "AES256")]
+    Aes256,
+    /// SSE-KMS (`aws:kms`), with the given key (ID, ARN or alias) or the account's default
+    /// `aws/s3` key.
+    #[serde(rename = "aws:kms")]
+    Kms {
+        /// The KMS key; `None` uses the AWS-managed key.
+        #[serde(default)]
+        key_id: Option<String>,
+    },
+}
+
+/// How to reach and write to S3. Credentials are never part of it: they come from the
+/// standard AWS chain (environment, profile, SSO, instance/container role).
+///
+/// Serde-friendly: every field has a default, so `{}` is a valid configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Options {
+    /// A custom endpoint such as `http://127.0.0.1:9000` (MinIO, LocalStack, moto, Ceph);
+    /// `None` for AWS (or whatever `AWS_ENDPOINT_URL` says).
+    pub endpoint_url: Option<String>,
+    /// The bucket's region; `None` takes it from the AWS chain (`AWS_REGION`, the profile),
+    /// falling back to `us-east-1` when an endpoint URL is given.
+    pub region: Option<String>,
+    /// Address buckets as `endpoint/bucket` instead of `bucket.endpoint`; most
+    /// self-hosted S3 servers need this.
+    pub force_path_style: bool,
+    /// Files of at least this many bytes are uploaded in parts (at most 5 GiB).
+    pub multipart_threshold: u64,
+    /// Size of each part (5 MiB to 5 GiB); raised automatically if a file would need more
+    /// than 10,000 parts.
+    pub part_size: u64,
+    /// How many parts are uploaded at once (1 to 64).
+    pub part_concurrency: usize,
+    /// Storage class of new objects (`STANDARD`, `STANDARD_IA`, `INTELLIGENT_TIERING`, …);
+    /// `None` uses the bucket's default.
+    pub storage_class: Option<String>,
+    /// Server-side encryption of new objects; `None` uses the bucket's default.
+    pub sse: Option<Sse>,
+}
+
+impl Default for S3Options {
+    fn default() -> Self {
+        S3Options {
+            endpoint_url: None,
+            region: None,
+            force_path_style: false,
+            multipart_threshold: 64 * MIB,
+            part_size: 16 * MIB,
+            part_concurrency: 4,
+            storage_class: None,
+            sse: None,
+        }
+    }
+}
+
+impl S3Options {
+    /// Checks the options; the error says which one is wrong and what is allowed.
+    pub fn validate(&self) -> StoreResult<()> {
+        let bad = |m: String| Err(StoreError::config(format!("invalid S3 options: {m}")));
+        if let Some(endpoint) = &self.endpoint_url {
+            match ::url::Url::parse(endpoint) {
+                Ok(u) if !matches!(u.scheme(), "http" | "https") => {
+                    return bad(format!(
+                        "endpoint URL '{endpoint}' must start with http:// or https://"
+                    ));
+                }
+                Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                    return bad(
+                        "the endpoint URL must not contain credentials; use the AWS credential \
+                         chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE)"
+                            .into(),
+                    );
+                }
+                Ok(u) if u.host_str().is_none_or(str::is_empty) => {
+                    return bad(format!("endpoint URL '{endpoint}' has no host"));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return bad(format!(
+                        "endpoint URL '{endpoint}' is not a URL ({e}); write it like \
+                         http://127.0.0.1:9000"
+                    ));
+                }
+            }
+        }
+        if let Some(region) = &self.region
+            && (region.is_empty() || !region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        {
+            return bad(format!(
+                "region '{region}' is not a region name (like us-east-1)"
+            ));
+        }
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&self.part_size) {
+            return bad(format!(
+                "part_size {} is outside S3's limits of 5 MiB ({MIN_PART_SIZE}) to 5 GiB \
+                 ({MAX_PART_SIZE})",
+                self.part_size
+            ));
+        }
+        if self.multipart_threshold == 0 || self.multipart_threshold > MAX_PART_SIZE {
+            return bad(format!(
+                "multipart_threshold {} must be between 1 and 5 GiB ({MAX_PART_SIZE}), the \
+                 largest single upload S3 accepts",
+                self.multipart_threshold
+            ));
+        }
+        if !(1..=64).contains(&self.part_concurrency) {
+            return bad(format!(
+                "part_concurrency {} must be between 1 and 64",
+                self.part_concurrency
+            ));
+        }
+        if let Some(class) = &self.storage_class
+            && !StorageClass::values().contains(&class.as_str())
+        {
+            return bad(format!(
+                "unknown storage class '{class}'; use one of {}",
+                StorageClass::values().join(", ")
+            ));
+        }
+        if let Some(Sse::Kms { key_id: Some(k) }) = &self.sse
+            && k.is_empty()
+        {
+            return bad("the SSE-KMS key id is empty; give a key id/ARN/alias or none".into());
+        }
+        Ok(())
+    }
+
+    /// The part size used for a file of `len` bytes: the configured one, raised so the file
+    /// fits in 10,000 parts.
+    fn part_size_for(&self, len: u64) -> u64 {
+        self.part_size.max(len.div_ceil(MAX_PARTS))
+    }
+
+    /// Read timeout (time to the first response byte) big enough for one part to go up at
+    /// a modest 256 KiB/s.
+    fn read_timeout(&self) -> Duration {
+        Duration::from_secs(60 + self.part_size.max(self.multipart_threshold) / (256 * 1024))
+    }
+}
+
+/// The conditional header of a PUT.
+enum Condition<'a> {
+    None,
+    IfNoneMatch,
+    IfMatch(&'a ETag),
+}
+
+/// An object store in an S3 bucket, under an optional key prefix.
+///
+/// - Conditional writes use `If-None-Match: *` (`put_if_absent`) and `If-Match: ETAG`
+///   (`put_if_match`), which AWS S3 and current S3-compatible servers evaluate atomically.
+///   `412 Precondition Failed` and `409 ConditionalRequestConflict` become
+///   [`StoreError::PreconditionFailed`].
+/// - `put_file` streams from disk; files of at least
+///   [`multipart_threshold`](S3Options::multipart_threshold) bytes go up as a multipart
+///   upload with [`part_concurrency`](S3Options::part_concurrency) parts in flight, each with
+///   a CRC32 checksum (the upload is created with the same algorithm, which servers such as
+///   LocalStack insist on). Each part is retried on its own; a failed upload is aborted.
+///   Configure an `AbortIncompleteMultipartUpload` lifecycle rule on the bucket so that
+///   uploads orphaned by a crash are cleaned up.
+/// - The SDK's own retries are off: [`RetryStore`](super::RetryStore) is the one place that
+///   retries, and logs each retry.
+#[derive(Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    /// Key prefix including its trailing `/`, or empty.
+    prefix: String,
+    options: S3Options,
+    endpoint: String,
+    part_retry: RetryPolicy,
+}
+
+impl fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Store")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Store {
+    /// Connects with the standard AWS configuration chain (environment, `~/.aws/config`,
+    /// SSO, instance/container roles), overridden by `options`. `prefix` is the key prefix
+    /// without leading or trailing `/` (empty for the whole bucket).
+    ///
+    /// No request is sent; problems with credentials or the bucket surface on first use, as
+    /// [`StoreError::InvalidCredentials`], [`StoreError::AccessDenied`] or
+    /// [`StoreError::BucketNotFound`].
+    pub async fn connect(bucket: &str, prefix: &str, options: &S3Options) -> StoreResult<Self> {
+        options.validate()?;
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(region) = &options.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        let sdk = loader.load().await;
+        Self::from_sdk_config(&sdk, bucket, prefix, options)
+    }
+
+    /// Like [`S3Store::connect`] with an explicit AWS configuration (for example one with
+    /// static test credentials).
+    pub fn from_sdk_config(
+        sdk: &SdkConfig,
+        bucket: &str,
+        prefix: &str,
+        options: &S3Options,
+    ) -> StoreResult<Self> {
+        options.validate()?;
+        let prefix = prefix.trim_matches('/');
+        if !prefix.is_empty() {
+            validate_key(prefix).map_err(|e| {
+                StoreError::config(format!("invalid key prefix for s3://{bucket}: {e}"))
+            })?;
+        }
+        let endpoint_url = options
+            .endpoint_url
+            .clone()
+            .or_else(|| sdk.endpoint_url().map(str::to_owned));
+        let mut config = aws_sdk_s3::config::Builder::from(sdk)
+            .force_path_style(options.force_path_style)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .read_timeout(options.read_timeout())
+                    .build(),
+            );
+        let region = match (&options.region, sdk.region(), &endpoint_url) {
+            (Some(r), _, _) => r.clone(),
+            (None, Some(r), _) => r.to_string(),
+            (None, None, Some(_)) => DEFAULT_ENDPOINT_REGION.to_owned(),
+            (None, None, None) => {
+                return Err(StoreError::config(format!(
+                    "no AWS region is configured for s3://{bucket}: set AWS_REGION (or a region \
+                     in the AWS profile, or the store's region option)"
+                )));
+            }
+        };
+        config = config.region(Region::new(region.clone()));
+        if let Some(url) = &options.endpoint_url {
+            config = config.endpoint_url(url);
+        }
+        let endpoint = match &endpoint_url {
+            Some(url) => format!("endpoint {url}, region {region}"),
+            None => format!("region {region}"),
+        };
+        Ok(S3Store {
+            client: Client::from_conf(config.build()),
+            bucket: bucket.to_owned(),
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+            options: options.clone(),
+            endpoint,
+            part_retry: RetryPolicy::default(),
+        })
+    }
+
+    /// Sets how each multipart part is retried (default: [`RetryPolicy::default`]).
+    pub fn with_part_retry(mut self, policy: RetryPolicy) -> Self {
+        self.part_retry = policy;
+        self
+    }
+
+    /// The underlying SDK client (for test setup such as creating buckets).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The bucket.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!("s3://{}/{}{key}", self.bucket, self.prefix)
+    }
+
+    fn local_error(op: StoreOp, key: &str, path: &Path, e: std::io::Error) -> StoreError {
+        StoreError::LocalFile {
+            op,
+            key: key.to_owned(),
+            path: path.display().to_string(),
+            source: e,
+        }
+    }
+
+    fn other(&self, op: StoreOp, key: &str, message: impl Into<String>) -> StoreError {
+        StoreError::Other {
+            op,
+            key: key.to_owned(),
+            location: self.location(key),
+            source: message.into().into(),
+        }
+    }
+
+    /// Classifies an SDK error.
+    fn map_err<E>(&self, op: StoreOp, key: &str, err: SdkError<E, HttpResponse>) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let location = self.location(key);
+        let key = key.to_owned();
+        let transient = |key, location, detail: String| StoreError::Transient {
+            op,
+            key,
+            location,
+            source: detail.into(),
+        };
+        match &err {
+            SdkError::ServiceError(ctx) => {
+                let status = ctx.raw().status().as_u16();
+                let code = ctx.err().code().unwrap_or("");
+                let detail = service_detail(code, ctx.err().message(), status);
+                classify_service_error(op, key, location, status, code, detail, self)
+            }
+            SdkError::TimeoutError(_) => transient(
+                key,
+                location,
+                format!("timed out talking to {} ({})", self.endpoint, chain(&err)),
+            ),
+            SdkError::ResponseError(_) => transient(
+                key,
+                location,
+                format!("unreadable response from {} ({})", self.endpoint, chain(&err)),
+            ),
+            _ if is_credentials_error(&err) => StoreError::InvalidCredentials {
+                op,
+                key,
+                location,
+                detail: format!("no usable credentials: {}", chain(&err)),
+            },
+            SdkError::DispatchFailure(d) if d.is_user() => StoreError::Other {
+                op,
+                key,
+                location,
+                source: chain(&err).into(),
+            },
+            SdkError::DispatchFailure(_) => transient(
+                key,
+                location,
+                format!(
+                    "cannot reach {} ({}); check the endpoint URL and the network",
+                    self.endpoint,
+                    chain(&err)
+                ),
+            ),
+            _ => StoreError::Other {
+                op,
+                key,
+                location,
+                source: chain(&err).into(),
+            },
+        }
+    }
+
+    async fn put_object(
+        &self,
+        op: StoreOp,
+        key: &str,
+        data: Bytes,
+        condition: Condition<'_>,
+    ) -> StoreResult<ETag> {
+        validate_key(key)?;
+        let len = data.len() as i64;
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .content_length(len)
+            .body(ByteStream::from(data))
+            .set_storage_class(self.storage_class())
+            .set_server_side_encryption(self.sse())
+            .set_ssekms_key_id(self.kms_key());
+        req = match condition {
+            Condition::None => req,
+            Condition::IfNoneMatch => req.if_none_match("*"),
+            Condition::IfMatch(etag) => req.if_match(etag.as_str()),
+        };
+        let out = req.send().await.map_err(|e| self.map_err(op, key, e))?;
+        self.etag(op, key, out.e_tag())
+    }
+
+    fn etag(&self, op: StoreOp, key: &str, etag: Option<&str>) -> StoreResult<ETag> {
+        etag.map(ETag::new).ok_or_else(|| {
+            self.other(
+                op,
+                key,
+                "the server returned no ETag; Tidemark needs an S3-compatible server that \
+                 returns ETags",
+            )
+        })
+    }
+
+    fn storage_class(&self) -> Option<StorageClass> {
+        self.options
+            .storage_class
+            .as_deref()
+            .map(StorageClass::from)
+    }
+
+    fn sse(&self) -> Option<ServerSideEncryption> {
+        self.options.sse.as_ref().map(|sse| match sse {
+            Sse::Aes256 => ServerSideEncryption::Aes256,
+            Sse::Kms { .. } => ServerSideEncryption::AwsKms,
+        })
+    }
+
+    fn kms_key(&self) -> Option<String> {
+        match &self.options.sse {
+            Some(Sse::Kms { key_id }) => key_id.clone(),
+            _ => None,
+        }
+    }
+
+    async fn get_object(
+        &self,
+        op: StoreOp,
+        key: &str,
+        range: Option<String>,
+    ) -> StoreResult<aws_sdk_s3::operation::get_object::GetObjectOutput> {
+        self.client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .set_range(range)
+            .send()
+            .await
+            .map_err(|e| self.map_err(op, key, e))
+    }
+
+    /// Turns a body-stream failure (connection dropped mid-download) into a transient error.
+    fn body_error(&self, op: StoreOp, key: &str, e: impl std::error::Error) -> StoreError {
+        StoreError::Transient {
+            op,
+            key: key.to_owned(),
+            location: self.location(key),
+            source: format!("download interrupted: {}", chain(&e)).into(),
+        }
+    }
+
+    async fn read_body(
+        &self,
+        op: StoreOp,
+        key: &str,
+        mut body: ByteStream,
+        expected: Option<i64>,
+    ) -> StoreResult<Bytes> {
+        let capacity = expected.and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+        let mut buf = BytesMut::with_capacity(capacity);
+        while let Some(chunk) = body
+            .try_next()
+            .await
+            .map_err(|e| self.body_error(op, key, e))?
+        {
+            buf.extend_from_slice(&chunk);
+        }
+        self.check_length(op, key, buf.len() as u64, expected)?;
+        Ok(buf.freeze())
+    }
+
+    fn check_length(
+        &self,
+        op: StoreOp,
+        key: &str,
+        got: u64,
+        expected: Option<i64>,
+    ) -> StoreResult<()> {
+        match expected {
+            Some(n) if u64::try_from(n).ok() != Some(got) => Err(StoreError::Transient {
+                op,
+                key: key.to_owned(),
+                location: self.location(key),
+                source: format!("the download ended after {got} of {n} bytes").into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    async fn put_file_multipart(
+        &self,
+        key: &str,
+        path: &Path,
+        len: u64,
+    ) -> StoreResult<ETag> {
+        let op = StoreOp::PutFile;
+        let part_size = self.options.part_size_for(len);
+        let parts = len.div_ceil(part_size);
+        let full_key = self.full_key(key);
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full_key)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .set_storage_class(self.storage_class())
+            .set_server_side_encryption(self.sse())
+            .set_ssekms_key_id(self.kms_key())
+            .send()
+            .await
+            .map_err(|e| self.map_err(op, key, e))?;
+        let upload_id = created
+            .upload_id()
+            .ok_or_else(|| self.other(op, key, "the server returned no multipart upload id"))?
+            .to_owned();
+        tracing::debug!(
+            key,
+            file = %path.display(),
+            len,
+            parts,
+            part_size,
+            concurrency = self.options.part_concurrency,
+            "starting multipart upload"
+        );
+
+        let uploaded: StoreResult<Vec<CompletedPart>> =
+            futures::stream::iter(1..=parts)
+                .map(|number| {
+                    let upload_id = &upload_id;
+                    let full_key = &full_key;
+                    async move {
+                        let offset = (number - 1) * part_size;
+                        let size = part_size.min(len - offset);
+                        self.part_retry
+                            .run(op, key, || {
+                                self.upload_part(key, full_key, upload_id, path, number, offset, size)
+                            })
+                            .await
+                    }
+                })
+                .buffer_unordered(self.options.part_concurrency)
+                .try_collect()
+                .await;
+
+        let completed = match uploaded {
+            Ok(mut parts) => {
+                parts.sort_by_key(|p| p.part_number());
+                self.client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(&full_key)
+                    .upload_id(&upload_id)
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(parts))
+                            .build(),
+                    )
+                    .send()
+                    .await
+                    .map_err(|e| self.map_err(op, key, e))
+                    .and_then(|out| self.etag(op, key, out.e_tag()))
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &completed {
+            tracing::warn!(key, error = %e, "multipart upload failed; aborting it");
+            if let Err(abort) = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full_key)
+                .upload_id(&upload_id)
+                .send()
+                .await
+            {
+                tracing::warn!(
+                    key,
+                    upload_id,
+                    error = %self.map_err(op, key, abort),
+                    "could not abort the failed multipart upload; its parts stay billed until \
+                     a lifecycle rule (AbortIncompleteMultipartUpload) removes them"
+                );
+            }
+        }
+        completed
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn upload_part(
+        &self,
+        key: &str,
+        full_key: &str,
+        upload_id: &str,
+        path: &Path,
+        number: u64,
+        offset: u64,
+        size: u64,
+    ) -> StoreResult<CompletedPart> {
+        let op = StoreOp::PutFile;
+        let part_number = i32::try_from(number)
+            .map_err(|_| self.other(op, key, format!("part number {number} is too large")))?;
+        let body = ByteStream::read_from()
+            .path(path)
+            .offset(offset)
+            .length(Length::Exact(size))
+            .build()
+            .await
+            .map_err(|e| {
+                Self::local_error(op, key, path, std::io::Error::other(chain(&e)))
+            })?;
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(full_key)
+            .upload_id(upload_id)
+            .part_number(part_number)
+            .content_length(size as i64)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.map_err(op, key, e))?;
+        Ok(CompletedPart::builder()
+            .part_number(part_number)
+            .e_tag(self.etag(op, key, out.e_tag())?.as_str())
+            .set_checksum_crc32(out.checksum_crc32().map(str::to_owned))
+            .build())
+    }
+
+    async fn download_to(
+        &self,
+        key: &str,
+        dest: &Path,
+        tmp: &Path,
+        out: aws_sdk_s3::operation::get_object::GetObjectOutput,
+    ) -> StoreResult<u64> {
+        let op = StoreOp::GetToFile;
+        let local = |e| Self::local_error(op, key, dest, e);
+        let expected = out.content_length();
+        let mut body = out.body;
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(tmp)
+            .await
+            .map_err(local)?;
+        let mut written = 0u64;
+        while let Some(chunk) = body
+            .try_next()
+            .await
+            .map_err(|e| self.body_error(op, key, e))?
+        {
+            file.write_all(&chunk).await.map_err(local)?;
+            written += chunk.len() as u64;
+        }
+        self.check_length(op, key, written, expected)?;
+        file.sync_all().await.map_err(local)?;
+        drop(file);
+        tokio::fs::rename(tmp, dest).await.map_err(local)?;
+        let dir = tmp.parent().unwrap_or(Path::new("."));
+        tokio::fs::File::open(dir)
+            .await
+            .map_err(local)?
+            .sync_all()
+            .await
+            .map_err(local)?;
+        Ok(written)
+    }
+}
+
+/// `CODE: message (HTTP status)`.
+fn service_detail(code: &str, message: Option<&str>, status: u16) -> String {
+    let code = if code.is_empty() { "error" } else { code };
+    match message {
+        Some(m) if !m.is_empty() => format!("{code}: {m} (HTTP {status})"),
+        _ => format!("{code} (HTTP {status})"),
+    }
+}
+
+fn classify_service_error(
+    op: StoreOp,
+    key: String,
+    location: String,
+    status: u16,
+    code: &str,
+    detail: String,
+    store: &S3Store,
+) -> StoreError {
+    const CREDENTIAL_CODES: [&str; 8] = [
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "AuthorizationHeaderMalformed",
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+    ];
+    const TRANSIENT_CODES: [&str; 8] = [
+        "SlowDown",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "OperationAborted",
+    ];
+    match (status, code) {
+        (412, _) | (_, "PreconditionFailed") | (409, "ConditionalRequestConflict") => {
+            StoreError::PreconditionFailed { op, key, location }
+        }
+        (_, "NoSuchBucket") => StoreError::BucketNotFound {
+            op,
+            key,
+            bucket: store.bucket.clone(),
+            endpoint: store.endpoint.clone(),
+        },
+        (_, c) if CREDENTIAL_CODES.contains(&c) => StoreError::InvalidCredentials {
+            op,
+            key,
+            location,
+            detail,
+        },
+        (403, _) | (_, "AccessDenied") | (_, "AllAccessDisabled") => StoreError::AccessDenied {
+            op,
+            key,
+            location,
+            detail,
+        },
+        (301, _) | (_, "PermanentRedirect") => StoreError::Other {
+            op,
+            key,
+            location,
+            source: format!(
+                "{detail}; the bucket is in another region than {}: set the region",
+                store.endpoint
+            )
+            .into(),
+        },
+        (416, _) | (_, "InvalidRange") => StoreError::InvalidRange {
+            op,
+            key,
+            location,
+            start: 0,
+            end: 0,
+            size: None,
+        },
+        (404, _) | (_, "NoSuchKey") | (_, "NotFound") => StoreError::NotFound { op, key, location },
+        (s, c) if s >= 500 || s == 429 || TRANSIENT_CODES.contains(&c) => StoreError::Transient {
+            op,
+            key,
+            location,
+            source: detail.into(),
+        },
+        _ => StoreError::Other {
+            op,
+            key,
+            location,
+            source: detail.into(),
+        },
+    }
+}
+
+/// The error and its sources, `: `-separated (never a Debug dump, which could be huge).
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// True when the credential chain itself failed (nothing was sent).
+fn is_credentials_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(s) = source {
+        if s
+            .downcast_ref::<aws_credential_types::provider::error::CredentialsError>()
+            .is_some()
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    fn describe(&self) -> String {
+        let prefix = self.prefix.trim_end_matches('/');
+        if prefix.is_empty() {
+            format!("s3://{} ({})", self.bucket, self.endpoint)
+        } else {
+            format!("s3://{}/{prefix} ({})", self.bucket, self.endpoint)
+        }
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
+        self.put_object(StoreOp::Put, key, data, Condition::None)
+            .await
+    }
+
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
+        self.put_object(StoreOp::PutIfAbsent, key, data, Condition::IfNoneMatch)
+            .await
+    }
+
+    async fn put_if_match(&self, key: &str, data: Bytes, etag: &ETag) -> StoreResult<ETag> {
+        self.put_object(StoreOp::PutIfMatch, key, data, Condition::IfMatch(etag))
+            .await
+    }
+
+    async fn put_file(&self, key: &str, path: &Path) -> StoreResult<ETag> {
+        validate_key(key)?;
+        let op = StoreOp::PutFile;
+        let meta = tokio::fs::metadata(path)
+            .await
+            .map_err(|e| Self::local_error(op, key, path, e))?;
+        if !meta.is_file() {
+            return Err(Self::local_error(
+                op,
+                key,
+                path,
+                std::io::Error::other("not a regular file"),
+            ));
+        }
+        let len = meta.len();
+        if len >= self.options.multipart_threshold {
+            return self.put_file_multipart(key, path, len).await;
+        }
+        let body = ByteStream::read_from()
+            .path(path)
+            .length(Length::Exact(len))
+            .build()
+            .await
+            .map_err(|e| Self::local_error(op, key, path, std::io::Error::other(chain(&e))))?;
+        let out = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .content_length(len as i64)
+            .body(body)
+            .set_storage_class(self.storage_class())
+            .set_server_side_encryption(self.sse())
+            .set_ssekms_key_id(self.kms_key())
+            .send()
+            .await
+            .map_err(|e| self.map_err(op, key, e))?;
+        self.etag(op, key, out.e_tag())
+    }
+
+    async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
+        validate_key(key)?;
+        let op = StoreOp::Get;
+        let out = self.get_object(op, key, None).await?;
+        let etag = self.etag(op, key, out.e_tag())?;
+        let expected = out.content_length();
+        let data = self.read_body(op, key, out.body, expected).await?;
+        let meta = ObjectMeta {
+            key: key.to_owned(),
+            size: data.len() as u64,
+            etag,
+        };
+        Ok((data, meta))
+    }
+
+    async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
+        validate_key(key)?;
+        let op = StoreOp::GetToFile;
+        let (_, tmp) = super::local::local_temp_path(path)
+            .map_err(|e| Self::local_error(op, key, path, e))?;
+        let out = self.get_object(op, key, None).await?;
+        let result = self.download_to(key, path, &tmp, out).await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        validate_key(key)?;
+        let op = StoreOp::GetRange;
+        let invalid = |size| StoreError::InvalidRange {
+            op,
+            key: key.to_owned(),
+            location: self.location(key),
+            start: range.start,
+            end: range.end,
+            size,
+        };
+        if range.start > range.end {
+            return Err(invalid(None));
+        }
+        if range.start == range.end {
+            // HTTP cannot express an empty range; check existence and bounds instead.
+            return match self.head(key).await? {
+                None => Err(StoreError::NotFound {
+                    op,
+                    key: key.to_owned(),
+                    location: self.location(key),
+                }),
+                Some(meta) if range.end > meta.size => Err(invalid(Some(meta.size))),
+                Some(_) => Ok(Bytes::new()),
+            };
+        }
+        let header = format!("bytes={}-{}", range.start, range.end - 1);
+        let out = match self.get_object(op, key, Some(header)).await {
+            Ok(out) => out,
+            Err(StoreError::InvalidRange { .. }) => {
+                let size = self.head(key).await.ok().flatten().map(|m| m.size);
+                return Err(invalid(size));
+            }
+            Err(e) => return Err(e),
+        };
+        let size = out
+            .content_range()
+            .and_then(|r| r.rsplit_once('/'))
+            .and_then(|(_, total)| total.parse::<u64>().ok());
+        let expected = out.content_length();
+        let data = self.read_body(op, key, out.body, expected).await?;
+        if data.len() as u64 != range.end - range.start {
+            return Err(invalid(size));
+        }
+        Ok(data)
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+        validate_key(key)?;
+        let op = StoreOp::Head;
+        let out = match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                return match self.map_err(op, key, e) {
+                    StoreError::NotFound { .. } => Ok(None),
+                    other => Err(other),
+                };
+            }
+        };
+        let size = out
+            .content_length()
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or_else(|| self.other(op, key, "the server returned no Content-Length"))?;
+        Ok(Some(ObjectMeta {
+            key: key.to_owned(),
+            size,
+            etag: self.etag(op, key, out.e_tag())?,
+        }))
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        validate_key(key)?;
+        let op = StoreOp::Delete;
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match self.map_err(op, key, e) {
+                StoreError::NotFound { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
+        validate_prefix(prefix)?;
+        let op = StoreOp::List;
+        let full_prefix = self.full_key(prefix);
+        let mut objects = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full_prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| self.map_err(op, prefix, e))?;
+            for object in out.contents() {
+                let Some(key) = object.key().and_then(|k| k.strip_prefix(&self.prefix)) else {
+                    continue;
+                };
+                objects.push(ObjectMeta {
+                    key: key.to_owned(),
+                    size: object
+                        .size()
+                        .and_then(|n| u64::try_from(n).ok())
+                        .unwrap_or(0),
+                    etag: ETag::new(object.e_tag().unwrap_or_default()),
+                });
+            }
+            match (out.is_truncated(), out.next_continuation_token()) {
+                (Some(true), Some(next)) => token = Some(next.to_owned()),
+                _ => break,
+            }
+        }
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(objects)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_defaults_and_serde() {
+        let o: S3Options = serde_json::from_str("{}").unwrap();
+        assert_eq!(o, S3Options::default());
+        o.validate().unwrap();
+        let o: S3Options = serde_json::from_str(
+            r#"{"endpoint_url":"http://127.0.0.1:9000","force_path_style":true,
+                "sse":{"type":"aws:kms","key_id":"alias/tidemark"},"storage_class":"STANDARD_IA"}"#,
+        )
+        .unwrap();
+        o.validate().unwrap();
+        assert_eq!(
+            o.sse,
+            Some(Sse::Kms {
+                key_id: Some("alias/tidemark".into())
+            })
+        );
+        let aes: Sse = serde_json::from_str(r#"{"type":"AES256"}"#).unwrap();
+        assert_eq!(aes, Sse::Aes256);
+        assert!(serde_json::from_str::<S3Options>(r#"{"bogus":1}"#).is_err());
+    }
+
+    #[test]
+    fn options_validation_explains() {
+        let check = |o: S3Options, needle: &str| {
+            let e = o.validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        };
+        check(
+            S3Options {
+                part_size: MIB,
+                ..S3Options::default()
+            },
+            "5 MiB",
+        );
+        check(
+            S3Options {
+                part_concurrency: 0,
+                ..S3Options::default()
+            },
+            "part_concurrency",
+        );
+        check(
+            S3Options {
+                storage_class: Some("COLD".into()),
+                ..S3Options::default()
+            },
+            "unknown storage class 'COLD'",
+        );
+        check(
+            S3Options {
+                endpoint_url: Some("ftp://x".into()),
+                ..S3Options::default()
+            },
+            "http://",
+        );
+        check(
+            S3Options {
+                endpoint_url: Some("http://AKIA:secret@host".into()),
+                ..S3Options::default()
+            },
+            "must not contain credentials",
+        );
+        let e = S3Options {
+            endpoint_url: Some("http://AKIA:secret@host".into()),
+            ..S3Options::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn part_size_grows_to_fit_the_part_limit() {
+        let o = S3Options::default();
+        assert_eq!(o.part_size_for(100 * MIB), 16 * MIB);
+        let huge = 1024 * 1024 * MIB; // 1 TiB
+        let size = o.part_size_for(huge);
+        assert!(huge.div_ceil(size) <= MAX_PARTS);
+    }
+
+    fn store(endpoint: Option<&str>, region: Option<&str>) -> StoreResult<S3Store> {
+        let sdk = SdkConfig::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .build();
+        S3Store::from_sdk_config(
+            &sdk,
+            "bucket",
+            "pre/fix/",
+            &S3Options {
+                endpoint_url: endpoint.map(str::to_owned),
+                region: region.map(str::to_owned),
+                ..S3Options::default()
+            },
+        )
+    }
+
+    #[test]
+    fn region_defaults_with_an_endpoint_only() {
+        let s = store(Some("http://127.0.0.1:1"), None).unwrap();
+        assert_eq!(
+            s.describe(),
+            "s3://bucket/pre/fix (endpoint http://127.0.0.1:1, region us-east-1)"
+        );
+        assert_eq!(s.location("k"), "s3://bucket/pre/fix/k");
+        let e = store(None, None).unwrap_err().to_string();
+        assert!(e.contains("AWS_REGION"), "{e}");
+        let s = store(None, Some("eu-west-1")).unwrap();
+        assert_eq!(s.describe(), "s3://bucket/pre/fix (region eu-west-1)");
+    }
+
+    #[test]
+    fn service_errors_are_classified() {
+        let s = store(Some("http://127.0.0.1:1"), None).unwrap();
+        let classify = |status, code: &str| {
+            classify_service_error(
+                StoreOp::Get,
+                "k".into(),
+                "loc".into(),
+                status,
+                code,
+                "detail".into(),
+                &s,
+            )
+        };
+        assert!(classify(412, "PreconditionFailed").is_precondition_failed());
+        assert!(classify(409, "ConditionalRequestConflict").is_precondition_failed());
+        assert!(matches!(
+            classify(404, "NoSuchBucket"),
+            StoreError::BucketNotFound { .. }
+        ));
+        assert!(classify(404, "NoSuchKey").is_not_found());
+        assert!(classify(404, "").is_not_found());
+        assert!(matches!(
+            classify(403, "InvalidAccessKeyId"),
+            StoreError::InvalidCredentials { .. }
+        ));
+        assert!(matches!(
+            classify(403, "SignatureDoesNotMatch"),
+            StoreError::InvalidCredentials { .. }
+        ));
+        assert!(matches!(
+            classify(403, "AccessDenied"),
+            StoreError::AccessDenied { .. }
+        ));
+        assert!(classify(503, "SlowDown").is_transient());
+        assert!(classify(500, "InternalError").is_transient());
+        assert!(classify(400, "RequestTimeout").is_transient());
+        assert!(classify(429, "").is_transient());
+        assert!(matches!(classify(400, "InvalidArgument"), StoreError::Other { .. }));
+        let msg = classify(404, "NoSuchBucket").to_string();
+        assert!(msg.contains("bucket 'bucket' does not exist"), "{msg}");
+    }
+}
