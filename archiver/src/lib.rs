@@ -1,1 +1,26 @@
-//! placeholder
+//! # tidemark-archiver: continuous WAL shipping and base backups
+//!
+//! The archiver runs beside a RocksDB that another process owns. It never opens the
+//! database; it reads the files RocksDB leaves on disk and makes the database restorable to
+//! any point since its first base backup. The data path, one module a step:
+//!
+//! 1. [`check`]: is the database archivable (WAL kept long enough, not recycled)?
+//! 2. [`watch`]: wake up when the WAL directory changes (with a polling fallback).
+//! 3. [`follow`]: read WAL records in order, stamp their time, detect gaps.
+//! 4. [`ship`]: pack records into segments, closed every sync interval or at a size limit,
+//!    and upload them (create-only, in sequence order).
+//! 5. [`checkpoint`]: record uploaded segments, bases and gaps in new manifest generations.
+//!
+//! Beside it, [`base`] takes base backups (a careful external copy of the live database,
+//! SSTs uploaded content-addressed), [`lease`] keeps a second archiver off the same
+//! repository, and [`service`] runs it all as a long-lived process.
+
+pub mod base;
+pub mod check;
+pub mod checkpoint;
+pub mod follow;
+pub mod lease;
+pub mod service;
+pub mod ship;
+pub mod status;
+pub mod watch;

@@ -96,7 +96,10 @@ mod tests {
         assert_eq!((d.as_str(), n), (sha256_hex(b"abc").as_str(), 3));
         let err = check_bytes("sst/x", &sha256_hex(b"abc"), 3, b"abd").unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("sst/x") && msg.contains("checksum mismatch"), "{msg}");
+        assert!(
+            msg.contains("sst/x") && msg.contains("checksum mismatch"),
+            "{msg}"
+        );
         check_bytes("k", &sha256_hex(b"abc"), 3, b"abc").unwrap();
         assert!(check_bytes("k", &sha256_hex(b"abc"), 4, b"abc").is_err());
     }

@@ -86,7 +86,11 @@ pub fn new_base_id(created_at: time::OffsetDateTime) -> String {
 }
 
 fn parse_hex16(hex: &str) -> Option<u64> {
-    if hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() == 16
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         u64::from_str_radix(hex, 16).ok()
     } else {
         None
@@ -160,7 +164,13 @@ mod tests {
 
     #[test]
     fn base_file_names_are_checked() {
-        for ok in ["CURRENT", "MANIFEST-000012", "OPTIONS-7", "000123.sst", "9.blob"] {
+        for ok in [
+            "CURRENT",
+            "MANIFEST-000012",
+            "OPTIONS-7",
+            "000123.sst",
+            "9.blob",
+        ] {
             check_base_file_name(ok).unwrap();
         }
         for bad in [

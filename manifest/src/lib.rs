@@ -12,6 +12,7 @@
 //!   validation of a repository's history (overlaps, holes, gaps).
 //! - [`repo`]: a repository on a store: finding the current state without listing, and
 //!   writing objects in the order FORMAT.md requires.
+//! - [`cli`]: the store flags both programs share.
 //! - [`checksum`]: sha256 helpers used for every object.
 //! - [`rocks`]: RocksDB's own on-disk formats that Tidemark reads and writes: the log (WAL)
 //!   format, WriteBatch records, VersionEdits in a MANIFEST, OPTIONS files.
@@ -19,6 +20,7 @@
 //!   decorator and URL parsing.
 
 pub mod checksum;
+pub mod cli;
 pub mod keys;
 pub mod model;
 pub mod plan;

@@ -407,7 +407,10 @@ mod tests {
         let doc = br#"{"format_version": 7, "generation": 1}"#;
         let err = parse_document::<LatestHint>("manifest/latest.json", doc).unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, ModelError::UnsupportedVersion { found: 7, .. }));
+        assert!(matches!(
+            err,
+            ModelError::UnsupportedVersion { found: 7, .. }
+        ));
         assert!(msg.contains("version 7"), "{msg}");
         assert!(msg.contains("manifest/latest.json"), "{msg}");
     }

@@ -91,7 +91,9 @@ pub enum PlanError {
     NoBase,
     #[error("{target} is before the restorable window; the window is: {window}")]
     BeforeWindow { target: Target, window: Window },
-    #[error("{target} is after the newest archived point; the window is: {window}. Use --latest for the newest point")]
+    #[error(
+        "{target} is after the newest archived point; the window is: {window}. Use --latest for the newest point"
+    )]
     AfterWindow { target: Target, window: Window },
     #[error(
         "{target} falls in a gap: sequences {}..={} cannot be restored ({:?}: {}); the window is: {window}",
@@ -328,8 +330,11 @@ impl History {
 
     /// The restorable window: the union of every base's range.
     pub fn window(&self) -> Window {
-        let mut ranges: Vec<WindowRange> =
-            self.bases.iter().filter_map(|b| self.base_range(b)).collect();
+        let mut ranges: Vec<WindowRange> = self
+            .bases
+            .iter()
+            .filter_map(|b| self.base_range(b))
+            .collect();
         ranges.sort_by_key(|r| (r.first_seq, r.last_seq));
         let mut merged: Vec<WindowRange> = Vec::new();
         for r in ranges {
@@ -452,7 +457,7 @@ impl History {
                 if let Some(g) = self.gaps.iter().find(|g| {
                     g.kind == GapKind::MissingWal
                         && g.first_seq <= s.last_seq + 1
-                        && s.last_seq + 1 <= g.last_seq
+                        && s.last_seq < g.last_seq
                 }) {
                     return Err(PlanError::InGap {
                         target,
@@ -602,7 +607,9 @@ mod tests {
     fn time_targets_map_to_sequence_bounds() {
         let h = history();
         // Between segments: exact.
-        let p = h.plan(Target::Time(t(10) + time::Duration::milliseconds(500))).unwrap();
+        let p = h
+            .plan(Target::Time(t(10) + time::Duration::milliseconds(500)))
+            .unwrap();
         assert_eq!((p.min_seq, p.max_seq), (100, 100));
         // Inside a segment: bounded, resolved while replaying.
         let p = h.plan(Target::Time(t(15))).unwrap();
@@ -643,7 +650,17 @@ mod tests {
         let mut h = history();
         h.gaps.clear();
         let p = h.problems();
-        assert!(matches!(p[0], HistoryProblem::Hole { first: 201, last: 300, .. }), "{p:?}");
+        assert!(
+            matches!(
+                p[0],
+                HistoryProblem::Hole {
+                    first: 201,
+                    last: 300,
+                    ..
+                }
+            ),
+            "{p:?}"
+        );
         let mut h = history();
         h.segments[1] = seg(90, 200, 11, 20);
         assert!(matches!(h.problems()[0], HistoryProblem::Overlap { .. }));

@@ -47,7 +47,7 @@ pub enum RepoError {
         generation: u64,
         key: String,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     #[error("{location}: the history is inconsistent: {}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
     History {
@@ -133,10 +133,13 @@ impl Repository {
         match self.store.put_if_absent(keys::CONFIG, bytes).await {
             Ok(_) => Ok(config.clone()),
             Err(StoreError::PreconditionFailed { .. }) => {
-                let existing = self.read_config().await?.ok_or_else(|| RepoError::Conflict {
-                    location: self.location(),
-                    key: keys::CONFIG.to_owned(),
-                })?;
+                let existing = self
+                    .read_config()
+                    .await?
+                    .ok_or_else(|| RepoError::Conflict {
+                        location: self.location(),
+                        key: keys::CONFIG.to_owned(),
+                    })?;
                 if existing.database_identity != config.database_identity {
                     return Err(RepoError::WrongDatabase {
                         location: self.location(),
@@ -210,17 +213,13 @@ impl Repository {
     }
 
     /// Reads and verifies an object a generation references.
-    async fn get_referenced(
-        &self,
-        generation: u64,
-        r: &ObjectRef,
-    ) -> Result<Bytes, RepoError> {
+    async fn get_referenced(&self, generation: u64, r: &ObjectRef) -> Result<Bytes, RepoError> {
         let bytes = self.store.get(&r.key).await.map_err(|e| match e {
             StoreError::NotFound { .. } => RepoError::MissingObject {
                 location: self.location(),
                 generation,
                 key: r.key.clone(),
-                source: e,
+                source: Box::new(e),
             },
             other => other.into(),
         })?;
@@ -433,7 +432,10 @@ impl Repository {
             generation: g.generation,
         };
         self.store
-            .put(keys::LATEST_HINT, Bytes::from(model::to_document_bytes(&hint)))
+            .put(
+                keys::LATEST_HINT,
+                Bytes::from(model::to_document_bytes(&hint)),
+            )
             .await?;
         Ok(())
     }
@@ -445,19 +447,22 @@ impl Repository {
         entry: &SegmentEntry,
         dir: &Path,
     ) -> Result<PathBuf, RepoError> {
-        let first = keys::parse_segment_key(&entry.key).ok_or_else(|| ModelError::Inconsistent {
-            key: entry.key.clone(),
-            detail: "not a segment key".to_owned(),
-        })?;
+        let first =
+            keys::parse_segment_key(&entry.key).ok_or_else(|| ModelError::Inconsistent {
+                key: entry.key.clone(),
+                detail: "not a segment key".to_owned(),
+            })?;
         let path = dir.join(format!("{first:016x}.seg"));
         let size = self.store.get_to_file(&entry.key, &path).await?;
         let key = entry.key.clone();
         let expected_sha = entry.sha256.clone();
         let stored_size = entry.stored_size;
         let checked = path.clone();
-        tokio::task::spawn_blocking(move || verify_segment_file(&key, &checked, size, expected_sha, stored_size))
-            .await
-            .expect("segment verification does not panic")?;
+        tokio::task::spawn_blocking(move || {
+            verify_segment_file(&key, &checked, size, expected_sha, stored_size)
+        })
+        .await
+        .expect("segment verification does not panic")?;
         Ok(path)
     }
 }

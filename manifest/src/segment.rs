@@ -36,8 +36,14 @@ pub enum SegmentError {
     UnsupportedVersion { key: String, found: u16 },
     #[error("{key}: segment header is corrupt: {detail}")]
     CorruptHeader { key: String, detail: String },
-    #[error("{key}: segment is truncated or has extra bytes: expected {expected} bytes, found {found}")]
-    WrongLength { key: String, expected: u64, found: u64 },
+    #[error(
+        "{key}: segment is truncated or has extra bytes: expected {expected} bytes, found {found}"
+    )]
+    WrongLength {
+        key: String,
+        expected: u64,
+        found: u64,
+    },
     #[error("{key}: segment body is corrupt at record {index}: {detail}")]
     CorruptRecord {
         key: String,
@@ -878,7 +884,12 @@ mod tests {
         let mut wrong_header = records(1, &[(2, 1)]).remove(0);
         wrong_header.count = 3;
         let mut b = SegmentBuilder::new(Compression::Zstd, 3).unwrap();
-        assert!(b.push(&wrong_header).unwrap_err().to_string().contains("WriteBatch says"));
+        assert!(
+            b.push(&wrong_header)
+                .unwrap_err()
+                .to_string()
+                .contains("WriteBatch says")
+        );
     }
 
     #[test]
@@ -903,7 +914,10 @@ mod tests {
         let crc = crc32c::crc32c(&v2[..124]);
         v2[124..128].copy_from_slice(&crc.to_le_bytes());
         let err = decode_all("k", &v2).unwrap_err();
-        assert!(matches!(err, SegmentError::UnsupportedVersion { found: 2, .. }), "{err}");
+        assert!(
+            matches!(err, SegmentError::UnsupportedVersion { found: 2, .. }),
+            "{err}"
+        );
     }
 
     fn fully_decodes(bytes: &[u8], known_len: bool) -> bool {

@@ -81,7 +81,10 @@ async fn write_base(repo: &Repository, earliest: u64) -> BaseSummary {
     let current = b"MANIFEST-000005\n";
     let id = keys::new_base_id(time_from_micros(T0));
     let file_key = keys::base_file_key(&id, "CURRENT");
-    store.put(&file_key, Bytes::from_static(current)).await.unwrap();
+    store
+        .put(&file_key, Bytes::from_static(current))
+        .await
+        .unwrap();
     let d = BaseDescriptor {
         format_version: FORMAT_VERSION,
         id: id.clone(),
@@ -190,9 +193,15 @@ async fn a_stale_or_missing_hint_still_finds_the_newest_generation() {
         )
         .await
         .unwrap();
-    assert_eq!(repo.current_generation().await.unwrap().unwrap().generation, 2);
+    assert_eq!(
+        repo.current_generation().await.unwrap().unwrap().generation,
+        2
+    );
     repo.store().delete(keys::LATEST_HINT).await.unwrap();
-    assert_eq!(repo.current_generation().await.unwrap().unwrap().generation, 2);
+    assert_eq!(
+        repo.current_generation().await.unwrap().unwrap().generation,
+        2
+    );
 }
 
 #[tokio::test]
@@ -200,7 +209,10 @@ async fn a_second_writer_of_the_same_generation_loses() {
     let (_dir, repo) = populated().await;
     let g = repo.read_generation(1).await.unwrap().unwrap();
     let err = repo.write_generation(&g).await.unwrap_err();
-    assert!(matches!(err, RepoError::LostRace { generation: 1, .. }), "{err}");
+    assert!(
+        matches!(err, RepoError::LostRace { generation: 1, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("another writer"), "{err}");
 }
 
@@ -222,7 +234,10 @@ async fn a_flipped_byte_in_any_object_is_named() {
             false => repo.read_base(1, &g.bases[0]).await.unwrap_err(),
         };
         let msg = err.to_string();
-        assert!(msg.contains(key) && msg.contains("checksum mismatch"), "{msg}");
+        assert!(
+            msg.contains(key) && msg.contains("checksum mismatch"),
+            "{msg}"
+        );
         bytes[i] ^= 0x20;
         std::fs::write(&path, &bytes).unwrap();
     }
@@ -271,12 +286,18 @@ async fn unknown_version_missing_object_and_missing_repository_are_clear() {
     g2["format_version"] = 2.into();
     g2["generation"] = 2.into();
     repo.store()
-        .put(&keys::generation_key(2), Bytes::from(serde_json::to_vec(&g2).unwrap()))
+        .put(
+            &keys::generation_key(2),
+            Bytes::from(serde_json::to_vec(&g2).unwrap()),
+        )
         .await
         .unwrap();
     let err = repo.load().await.unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("format version 2") && msg.contains("manifest/"), "{msg}");
+    assert!(
+        msg.contains("format version 2") && msg.contains("manifest/"),
+        "{msg}"
+    );
     // No repository at all.
     let empty = tempfile::tempdir().unwrap();
     let repo = Repository::new(Arc::new(LocalStore::open(empty.path()).unwrap()));
@@ -294,7 +315,10 @@ async fn a_repository_belongs_to_one_database() {
     // The same database gets the existing config back.
     let mut same = config();
     same.repository_id = "new-id".into();
-    assert_eq!(repo.create_config(&same).await.unwrap().repository_id, "repo-1");
+    assert_eq!(
+        repo.create_config(&same).await.unwrap().repository_id,
+        "repo-1"
+    );
 }
 
 #[tokio::test]

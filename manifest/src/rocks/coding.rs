@@ -28,10 +28,6 @@ impl<'a> Input<'a> {
         self.pos >= self.data.len()
     }
 
-    pub(crate) fn remaining(&self) -> usize {
-        self.data.len().saturating_sub(self.pos)
-    }
-
     pub(crate) fn u8(&mut self) -> Option<u8> {
         let b = *self.data.get(self.pos)?;
         self.pos += 1;
@@ -43,11 +39,6 @@ impl<'a> Input<'a> {
         let s = self.data.get(self.pos..end)?;
         self.pos = end;
         Some(s)
-    }
-
-    pub(crate) fn fixed16(&mut self) -> Option<u16> {
-        let b = self.bytes(2)?;
-        Some(u16::from_le_bytes([b[0], b[1]]))
     }
 
     pub(crate) fn fixed32(&mut self) -> Option<u32> {
@@ -161,7 +152,6 @@ mod tests {
         let mut i = Input::new(&[0x05, b'a', b'b']);
         assert_eq!(i.length_prefixed(), None);
         assert_eq!(i.pos(), 0);
-        assert_eq!(i.remaining(), 3);
     }
 
     proptest! {

@@ -54,7 +54,7 @@ pub mod record_type {
     /// Timestamp sizes of column families with user-defined timestamps.
     pub const USER_DEFINED_TIMESTAMP_SIZE: u8 = 10;
     pub const RECYCLABLE_USER_DEFINED_TIMESTAMP_SIZE: u8 = 11;
-    /// Log number, size and last sequence of the previous WAL (`track_and_verify_wals`).
+    /// Log number, size and last batch's sequence of the previous WAL (`track_and_verify_wals`).
     pub const PREDECESSOR_WAL_INFO: u8 = 130;
     pub const RECYCLABLE_PREDECESSOR_WAL_INFO: u8 = 131;
     /// Unknown record types with this bit set can be skipped safely.
@@ -64,9 +64,10 @@ pub mod record_type {
     pub fn is_recyclable(t: u8) -> bool {
         matches!(
             t,
-            RECYCLABLE_FULL..=RECYCLABLE_LAST
-                | RECYCLABLE_USER_DEFINED_TIMESTAMP_SIZE
-                | RECYCLABLE_PREDECESSOR_WAL_INFO
+            RECYCLABLE_FULL
+                ..=RECYCLABLE_LAST
+                    | RECYCLABLE_USER_DEFINED_TIMESTAMP_SIZE
+                    | RECYCLABLE_PREDECESSOR_WAL_INFO
         )
     }
 
@@ -132,14 +133,20 @@ pub enum LogEntry {
     },
     /// User-defined timestamp sizes (column family id, timestamp size in bytes) that apply
     /// to the records following it.
-    TimestampSizes { offset: u64, sizes: Vec<(u32, u16)> },
+    TimestampSizes {
+        offset: u64,
+        sizes: Vec<(u32, u16)>,
+    },
     /// The previous WAL's number, size and last sequence (`track_and_verify_wals`).
     PredecessorWal {
         offset: u64,
         info: PredecessorWalInfo,
     },
     /// A record of an unknown type that RocksDB marks as safe to ignore.
-    Ignored { offset: u64, record_type: u8 },
+    Ignored {
+        offset: u64,
+        record_type: u8,
+    },
 }
 
 /// Compression of the records of a WAL, announced by its first record.
@@ -153,7 +160,9 @@ pub enum WalCompression {
 pub struct PredecessorWalInfo {
     pub log_number: u64,
     pub size_bytes: u64,
-    pub last_sequence: u64,
+    /// RocksDB calls it the last sequence recorded, but it is the header sequence (the
+    /// first sequence number) of the last batch written to that WAL.
+    pub last_batch_sequence: u64,
 }
 
 /// Errors reading a log.
@@ -175,7 +184,11 @@ pub enum LogError {
     #[error(
         "RocksDB log {path}: cannot resume at offset {offset}, the file is only {len} bytes long"
     )]
-    ResumeBeyondEnd { path: PathBuf, offset: u64, len: u64 },
+    ResumeBeyondEnd {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+    },
     #[error(
         "RocksDB log {path}: checksum mismatch in the record at offset {offset} (stored {stored:#010x}, \
          computed {computed:#010x}) and more data follows it: the file is corrupt"
@@ -237,7 +250,11 @@ pub enum LogError {
         "RocksDB log {path}: the WAL uses compression type {code} (record at offset {offset}); \
          only zstd ({ZSTD_COMPRESSION_CODE}) is supported"
     )]
-    UnsupportedCompression { path: PathBuf, offset: u64, code: u32 },
+    UnsupportedCompression {
+        path: PathBuf,
+        offset: u64,
+        code: u32,
+    },
     #[error("RocksDB log {path}: cannot decompress the zstd record at offset {offset}: {source}")]
     Decompress {
         path: PathBuf,
@@ -249,7 +266,11 @@ pub enum LogError {
         "RocksDB log {path}: {len} bytes from offset {offset} to the end of the file are not \
          complete records (a torn or corrupt record at the end of a log that is no longer written)"
     )]
-    TrailingData { path: PathBuf, offset: u64, len: u64 },
+    TrailingData {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+    },
 }
 
 enum Physical {
@@ -374,11 +395,13 @@ impl<R: Read + Seek> LogReader<R> {
     /// The current length of the underlying file.
     pub fn file_len(&mut self) -> Result<u64, LogError> {
         let offset = self.offset;
-        self.src.seek(SeekFrom::End(0)).map_err(|source| LogError::Io {
-            path: self.path.clone(),
-            offset,
-            source,
-        })
+        self.src
+            .seek(SeekFrom::End(0))
+            .map_err(|source| LogError::Io {
+                path: self.path.clone(),
+                offset,
+                source,
+            })
     }
 
     /// Reads the next logical record, skipping metadata records (whose contents update
@@ -427,7 +450,9 @@ impl<R: Read + Seek> LogReader<R> {
                         if !data.is_empty() {
                             return Err(self.fragmentation(
                                 p,
-                                format!("FULL record inside the record that began at offset {start}"),
+                                format!(
+                                    "FULL record inside the record that began at offset {start}"
+                                ),
                             ));
                         }
                     }
@@ -446,7 +471,9 @@ impl<R: Read + Seek> LogReader<R> {
                     {
                         return Err(self.fragmentation(
                             p,
-                            format!("FIRST fragment inside the record that began at offset {start}"),
+                            format!(
+                                "FIRST fragment inside the record that began at offset {start}"
+                            ),
                         ));
                     }
                     fragments = Some((p, self.slice(payload_start, len).to_vec()));
@@ -574,11 +601,7 @@ impl<R: Read + Seek> LogReader<R> {
         }
     }
 
-    fn set_compression(
-        &mut self,
-        offset: u64,
-        payload: &[u8],
-    ) -> Result<WalCompression, LogError> {
+    fn set_compression(&mut self, offset: u64, payload: &[u8]) -> Result<WalCompression, LogError> {
         let code: [u8; 4] = payload.try_into().map_err(|_| {
             self.bad_metadata(
                 offset,
@@ -640,7 +663,7 @@ impl<R: Read + Seek> LogReader<R> {
         Ok(PredecessorWalInfo {
             log_number: word(0),
             size_bytes: word(1),
-            last_sequence: word(2),
+            last_batch_sequence: word(2),
         })
     }
 
@@ -758,7 +781,8 @@ impl<R: Read + Seek> LogReader<R> {
     /// Forgets buffered bytes from `pos` on, so that they are read again from the file.
     fn forget_from(&mut self, pos: u64) {
         if pos < self.buf_end() {
-            self.buf.truncate(pos.saturating_sub(self.buf_start) as usize);
+            self.buf
+                .truncate(pos.saturating_sub(self.buf_start) as usize);
         }
     }
 
@@ -920,6 +944,18 @@ impl<W: Write> LogWriter<W> {
         Ok(self.offset)
     }
 
+    /// Appends a predecessor WAL info record, as RocksDB does at the start of each new WAL
+    /// with `track_and_verify_wals`.
+    pub fn add_predecessor_wal_info(&mut self, info: &PredecessorWalInfo) -> io::Result<u64> {
+        let mut payload = [0u8; 24];
+        payload[..8].copy_from_slice(&info.log_number.to_le_bytes());
+        payload[8..16].copy_from_slice(&info.size_bytes.to_le_bytes());
+        payload[16..].copy_from_slice(&info.last_batch_sequence.to_le_bytes());
+        self.switch_block_if_below(HEADER_SIZE + payload.len())?;
+        self.emit(record_type::PREDECESSOR_WAL_INFO, &payload)?;
+        Ok(self.offset)
+    }
+
     /// Flushes `dest`.
     pub fn flush(&mut self) -> io::Result<()> {
         self.dest.flush()
@@ -954,7 +990,9 @@ impl<W: Write> LogWriter<W> {
 
     fn emit(&mut self, t: u8, payload: &[u8]) -> io::Result<()> {
         let len = u16::try_from(payload.len()).expect("fragment fits in a block");
-        debug_assert!(self.offset % BLOCK_SIZE + (HEADER_SIZE + payload.len()) as u64 <= BLOCK_SIZE);
+        debug_assert!(
+            self.offset % BLOCK_SIZE + (HEADER_SIZE + payload.len()) as u64 <= BLOCK_SIZE
+        );
         let mut header = [0u8; HEADER_SIZE];
         header[..4].copy_from_slice(&mask_crc(record_crc(t, payload)).to_le_bytes());
         header[4..6].copy_from_slice(&len.to_le_bytes());
@@ -1034,7 +1072,8 @@ mod tests {
     #[test]
     fn mask_matches_rocksdb_definition() {
         for crc in [0u32, 1, 0xdead_beef, u32::MAX, 0x8000_0000] {
-            let expected = ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8);
+            let wide = u64::from(crc);
+            let expected = (((wide >> 15) | (wide << 17)) as u32).wrapping_add(0xa282_ead8);
             assert_eq!(mask_crc(crc), expected);
             assert_eq!(unmask_crc(mask_crc(crc)), crc);
         }
@@ -1087,15 +1126,19 @@ mod tests {
 
         // Leaving 6 bytes in the block: they are zero padding, the next record starts in the
         // next block.
-        let bytes = encode(&[payload(block - 2 * HEADER_SIZE - 6, 2), vec![8, 9]]);
+        let bytes = encode(&[payload(block - HEADER_SIZE - 6, 2), vec![8, 9]]);
         let first_end = block - 6;
         assert!(bytes[first_end..block].iter().all(|&b| b == 0));
         assert_eq!(bytes[block + 6], record_type::FULL);
+        assert_eq!(decode(&bytes)[1].start_offset, block as u64);
 
         // Leaving exactly 7 bytes: a zero-length FIRST fills them, the data follows as LAST.
-        let bytes = encode(&[payload(block - 2 * HEADER_SIZE - 7, 3), vec![1, 2, 3]]);
+        let bytes = encode(&[payload(block - HEADER_SIZE - 7, 3), vec![1, 2, 3]]);
         let first_end = block - HEADER_SIZE;
-        assert_eq!(bytes[first_end + 4..first_end + 7], [0, 0, record_type::FIRST]);
+        assert_eq!(
+            bytes[first_end + 4..first_end + 7],
+            [0, 0, record_type::FIRST]
+        );
         assert_eq!(bytes[block + 6], record_type::LAST);
         let decoded = decode(&bytes);
         assert_eq!(decoded[1].bytes, vec![1, 2, 3]);
@@ -1113,11 +1156,16 @@ mod tests {
         // Feed the file a few bytes at a time; every record must come out exactly once and
         // whole, never before its last byte is there.
         let mut got = Vec::new();
-        let ends: Vec<usize> = decode(&full).iter().map(|r| r.end_offset as usize).collect();
+        let ends: Vec<usize> = decode(&full)
+            .iter()
+            .map(|r| r.end_offset as usize)
+            .collect();
         let mut written = 0;
         while written < full.len() {
             let step = 4099.min(full.len() - written);
-            file.0.borrow_mut().extend_from_slice(&full[written..written + step]);
+            file.0
+                .borrow_mut()
+                .extend_from_slice(&full[written..written + step]);
             written += step;
             while let Some(r) = reader.next_record().unwrap() {
                 assert!(r.end_offset as usize <= written);
@@ -1177,7 +1225,9 @@ mod tests {
         reader.next_record().unwrap().unwrap();
         match reader.next_record() {
             Err(LogError::ZeroGap {
-                offset, data_offset, ..
+                offset,
+                data_offset,
+                ..
             }) => {
                 assert_eq!(offset, gap as u64);
                 assert_eq!(data_offset, gap as u64 + 20);
@@ -1197,7 +1247,10 @@ mod tests {
         let err = reader.next_record().unwrap_err();
         assert!(matches!(err, LogError::Checksum { offset, .. } if offset == second as u64));
         let msg = err.to_string();
-        assert!(msg.contains("flip.log") && msg.contains(&second.to_string()), "{msg}");
+        assert!(
+            msg.contains("flip.log") && msg.contains(&second.to_string()),
+            "{msg}"
+        );
 
         // The same damage in the last record, with nothing after it, reads as a tail still
         // being written; `finish` reports it.
@@ -1237,7 +1290,14 @@ mod tests {
             .unwrap()
             .next_record()
             .unwrap_err();
-        assert!(matches!(err, LogError::Recycled { offset: 0, record_type: 5, .. }));
+        assert!(matches!(
+            err,
+            LogError::Recycled {
+                offset: 0,
+                record_type: 5,
+                ..
+            }
+        ));
         assert!(err.to_string().contains("recycle_log_file_num"), "{err}");
     }
 
@@ -1269,7 +1329,11 @@ mod tests {
         assert_eq!(r.bytes, b"data");
         assert_eq!(r.end_offset, bytes.len() as u64);
         assert_eq!(
-            reader.timestamp_sizes().iter().map(|(a, b)| (*a, *b)).collect::<Vec<_>>(),
+            reader
+                .timestamp_sizes()
+                .iter()
+                .map(|(a, b)| (*a, *b))
+                .collect::<Vec<_>>(),
             vec![(2, 8), (3, 4)]
         );
         assert_eq!(
@@ -1277,7 +1341,7 @@ mod tests {
             Some(PredecessorWalInfo {
                 log_number: 41,
                 size_bytes: 4096,
-                last_sequence: 777
+                last_batch_sequence: 777
             })
         );
 
@@ -1295,7 +1359,10 @@ mod tests {
                 sizes: vec![(2, 8), (3, 4)]
             }
         );
-        assert!(matches!(entries[1], LogEntry::PredecessorWal { offset: 19, .. }));
+        assert!(matches!(
+            entries[1],
+            LogEntry::PredecessorWal { offset: 19, .. }
+        ));
         assert_eq!(
             entries[2],
             LogEntry::Ignored {
@@ -1315,11 +1382,23 @@ mod tests {
             .unwrap()
             .next_record()
             .unwrap_err();
-        assert!(matches!(err, LogError::UnknownType { record_type: 42, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                LogError::UnknownType {
+                    record_type: 42,
+                    ..
+                }
+            ),
+            "{err}"
+        );
 
         // A compression record anywhere but at offset 0 is corrupt.
         let mut late = physical(record_type::FULL, b"a");
-        late.extend(physical(record_type::SET_COMPRESSION_TYPE, &7u32.to_le_bytes()));
+        late.extend(physical(
+            record_type::SET_COMPRESSION_TYPE,
+            &7u32.to_le_bytes(),
+        ));
         let mut reader = LogReader::new(Cursor::new(late), "late.log").unwrap();
         reader.next_record().unwrap().unwrap();
         assert!(matches!(
@@ -1330,7 +1409,9 @@ mod tests {
         // Only zstd is supported.
         let lz4 = physical(record_type::SET_COMPRESSION_TYPE, &4u32.to_le_bytes());
         assert!(matches!(
-            LogReader::new(Cursor::new(lz4), "lz4.log").unwrap().next_record(),
+            LogReader::new(Cursor::new(lz4), "lz4.log")
+                .unwrap()
+                .next_record(),
             Err(LogError::UnsupportedCompression { code: 4, .. })
         ));
     }
@@ -1355,7 +1436,10 @@ mod tests {
         let mut resumed = LogReader::new_at(Cursor::new(bytes.clone()), "zstd.log", mid).unwrap();
         assert_eq!(resumed.compression(), Some(WalCompression::Zstd));
         assert_eq!(resumed.next_record().unwrap().unwrap().bytes, b);
-        assert_eq!(resumed.next_record().unwrap().unwrap().bytes, Vec::<u8>::new());
+        assert_eq!(
+            resumed.next_record().unwrap().unwrap().bytes,
+            Vec::<u8>::new()
+        );
         assert!(resumed.next_record().unwrap().is_none());
     }
 
@@ -1366,7 +1450,10 @@ mod tests {
             .unwrap()
             .next_record()
             .unwrap_err();
-        assert!(matches!(err, LogError::Fragmentation { offset: 0, .. }), "{err}");
+        assert!(
+            matches!(err, LogError::Fragmentation { offset: 0, .. }),
+            "{err}"
+        );
 
         bytes = physical(record_type::FIRST, b"start");
         bytes.extend(physical(record_type::FULL, b"full"));
@@ -1374,7 +1461,10 @@ mod tests {
             .unwrap()
             .next_record()
             .unwrap_err();
-        assert!(matches!(err, LogError::Fragmentation { offset: 12, .. }), "{err}");
+        assert!(
+            matches!(err, LogError::Fragmentation { offset: 12, .. }),
+            "{err}"
+        );
 
         // An empty FIRST followed by a FULL (old writers) is accepted.
         bytes = physical(record_type::FIRST, b"");
@@ -1393,8 +1483,8 @@ mod tests {
         let bytes = encode(&records);
         let all = decode(&bytes);
         for (i, r) in all.iter().enumerate() {
-            let mut reader = LogReader::new_at(Cursor::new(bytes.clone()), "r.log", r.end_offset)
-                .unwrap();
+            let mut reader =
+                LogReader::new_at(Cursor::new(bytes.clone()), "r.log", r.end_offset).unwrap();
             let rest: Vec<Vec<u8>> = reader.by_ref().map(|r| r.unwrap().bytes).collect();
             assert_eq!(rest, records[i + 1..]);
         }

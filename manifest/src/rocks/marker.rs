@@ -57,7 +57,9 @@ impl Marker {
 /// A blob that starts with the marker magic but is not a valid marker.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MarkerError {
-    #[error("Tidemark time marker of unsupported version {version} (this build reads version {VERSION})")]
+    #[error(
+        "Tidemark time marker of unsupported version {version} (this build reads version {VERSION})"
+    )]
     UnsupportedVersion { version: u8 },
     #[error("Tidemark time marker of {len} bytes; a version {VERSION} marker is {LEN} bytes")]
     WrongLength { len: usize },
@@ -101,10 +103,7 @@ mod tests {
     fn layout() {
         let t = UNIX_EPOCH + Duration::from_micros(0x0102_0304_0506);
         let blob = encode(t);
-        assert_eq!(
-            blob,
-            [b'T', b'D', b'M', b'K', 1, 6, 5, 4, 3, 2, 1, 0, 0]
-        );
+        assert_eq!(blob, [b'T', b'D', b'M', b'K', 1, 6, 5, 4, 3, 2, 1, 0, 0]);
         let m = decode(&blob).unwrap().unwrap();
         assert_eq!(m.unix_micros, 0x0102_0304_0506);
         assert_eq!(m.system_time(), t);
@@ -186,6 +185,10 @@ mod tests {
         let (seq, marker) = markers[0];
         assert_eq!(seq, 1, "the marker batch is the first batch");
         assert_eq!(marker.system_time(), when);
-        assert_eq!(db.latest_sequence_number(), 3, "log data takes no sequence number");
+        assert_eq!(
+            db.latest_sequence_number(),
+            3,
+            "log data takes no sequence number"
+        );
     }
 }

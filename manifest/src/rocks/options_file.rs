@@ -343,7 +343,10 @@ mod tests {
         assert_eq!(f.merge_operator("with #hash"), Some("my.merge"));
         assert_eq!(f.comparator("default"), Some("leveldb.BytewiseComparator"));
         let (factory, table) = f.table_options("default").unwrap();
-        assert_eq!((factory, table.get("block_size")), ("BlockBasedTable", Some("4096")));
+        assert_eq!(
+            (factory, table.get("block_size")),
+            ("BlockBasedTable", Some("4096"))
+        );
         assert!(f.table_options("with #hash").is_none());
         let err = f.db_u64("bad_number").unwrap_err();
         assert!(err.to_string().contains("OPTIONS-000007"), "{err}");
@@ -352,10 +355,7 @@ mod tests {
     #[test]
     fn syntax_errors_name_the_line() {
         let err = OptionsFile::parse("[DBOptions]\n  no_equals\n", "OPTIONS-1").unwrap_err();
-        assert!(
-            matches!(err, OptionsError::Syntax { line: 2, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, OptionsError::Syntax { line: 2, .. }), "{err}");
         let err = OptionsFile::parse("a=b\n", "OPTIONS-1").unwrap_err();
         assert!(matches!(err, OptionsError::Syntax { line: 1, .. }), "{err}");
     }

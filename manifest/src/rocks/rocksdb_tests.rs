@@ -10,7 +10,10 @@ use std::time::SystemTime;
 use rocksdb::{ColumnFamilyDescriptor, DB, DBCompressionType, MergeOperands, Options, WriteBatch};
 
 use super::DbFile;
-use super::log::{LogEntry, LogError, LogReader, LogWriter, Record, WalCompression, record_type};
+use super::log::{
+    BLOCK_SIZE, HEADER_SIZE, LogEntry, LogError, LogReader, LogWriter, Record, WalCompression,
+    record_type,
+};
 use super::marker;
 use super::options_file::{OptionsFile, newest_options_file};
 use super::version_edit::ManifestState;
@@ -97,23 +100,23 @@ fn write_workload(db: &DB, batches: usize, seed: usize) {
             _ => (i * 37) % 3000,
         };
         wb.put(format!("k{i:06}"), vec![i as u8; size]);
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             wb.put_cf(&one, format!("o{i}"), b"x");
         }
-        if i % 4 == 0 {
+        if i.is_multiple_of(4) {
             wb.merge_cf(&two, b"m", format!("{i},"));
         }
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             wb.delete(format!("k{:06}", i / 2));
         }
-        if i % 17 == 0 {
+        if i.is_multiple_of(17) {
             wb.delete_range_cf(&one, b"o1", b"o2");
         }
-        if i % 7 == 0 {
+        if i.is_multiple_of(7) {
             wb.put_log_data(marker::encode(SystemTime::now()));
         }
         db.write(wb).unwrap();
-        if i % 97 == 0 {
+        if i.is_multiple_of(97) {
             let mut only = WriteBatch::default();
             only.put_log_data(b"log data only");
             db.write(only).unwrap();
@@ -162,7 +165,11 @@ fn wal_files_of_a_real_database_decode_and_reencode_byte_identically() {
 
     let (logs, last_seq) = read_all_wals(dir.path());
     assert_eq!(last_seq, db.latest_sequence_number());
-    assert!(logs.len() >= 5, "expected several WAL rotations, got {}", logs.len());
+    assert!(
+        logs.len() >= 5,
+        "expected several WAL rotations, got {}",
+        logs.len()
+    );
     assert!(
         fs::read_dir(dir.path().join("archive")).unwrap().count() >= 3,
         "rotated logs are kept in archive/"
@@ -210,7 +217,10 @@ fn wal_files_of_a_real_database_decode_and_reencode_byte_identically() {
                     markers += 1;
                 }
             }
-            if batch.entries().all(|e| e.unwrap().kind == EntryKind::LogData) {
+            if batch
+                .entries()
+                .all(|e| e.unwrap().kind == EntryKind::LogData)
+            {
                 assert_eq!(batch.header().count, 0);
                 log_data_only += 1;
             }
@@ -218,6 +228,77 @@ fn wal_files_of_a_real_database_decode_and_reencode_byte_identically() {
     }
     assert_eq!(markers, (0..1200).filter(|i| i % 7 == 0).count());
     assert_eq!(log_data_only, (0..1200).filter(|i| i % 97 == 0).count());
+}
+
+fn varint_len(v: usize) -> usize {
+    let mut n = 1;
+    let mut v = v >> 7;
+    while v > 0 {
+        n += 1;
+        v >>= 7;
+    }
+    n
+}
+
+/// A key length and value length whose single-Put batch is exactly `record` bytes.
+fn put_shape(record: usize) -> (usize, usize) {
+    for key_len in 1..10 {
+        for value_varint in 1..=3 {
+            let Some(value_len) = record.checked_sub(12 + 1 + 1 + key_len + value_varint) else {
+                continue;
+            };
+            if varint_len(value_len) == value_varint {
+                return (key_len, value_len);
+            }
+        }
+    }
+    panic!("no Put batch of {record} bytes")
+}
+
+#[test]
+fn real_wal_block_edges_reencode_byte_identically() {
+    // Batches sized so that RocksDB's writer meets every block-end case: a record ending
+    // exactly at the block end, 1..6 bytes left (zero trailer) and exactly 7 left (an empty
+    // FIRST fragment).
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    let db = DB::open(&opts, dir.path()).unwrap();
+    let (_, path) = wal_files(dir.path()).into_iter().next().unwrap();
+    let len = || fs::metadata(&path).unwrap().len();
+    let mut edges = Vec::new();
+    for (round, leave) in [7u64, 3, 0, 6, 1, 7, 5, 2, 4, 7].into_iter().enumerate() {
+        while BLOCK_SIZE - len() % BLOCK_SIZE < leave + 100 {
+            db.put(b"filler", vec![1u8; 20_000]).unwrap();
+        }
+        let room = BLOCK_SIZE - len() % BLOCK_SIZE;
+        let (key_len, value_len) = put_shape((room - leave) as usize - HEADER_SIZE);
+        db.put(vec![b'k'; key_len], vec![round as u8; value_len])
+            .unwrap();
+        let end = len();
+        assert_eq!((BLOCK_SIZE - end % BLOCK_SIZE) % BLOCK_SIZE, leave);
+        edges.push((end as usize, leave as usize));
+        db.put(format!("after{round}"), vec![2u8; round * 5_000])
+            .unwrap();
+    }
+
+    let mut reader = LogReader::open(&path).unwrap();
+    let mut w = LogWriter::new(Vec::new());
+    while let Some(r) = reader.next_record().unwrap() {
+        assert_eq!(w.add_record(&r.bytes).unwrap(), r.end_offset);
+    }
+    assert!(reader.at_clean_end().unwrap());
+    let written = w.into_inner();
+    let original = fs::read(&path).unwrap();
+    assert_eq!(written[..], original[..written.len()]);
+    assert!(original[written.len()..].iter().all(|&b| b == 0));
+    for (end, leave) in edges {
+        match leave {
+            7 => assert_eq!(original[end + 4..end + 7], [0, 0, record_type::FIRST]),
+            0 => assert_ne!(original[end + 6], 0),
+            n => assert!(original[end..end + n].iter().all(|&b| b == 0)),
+        }
+    }
 }
 
 #[test]
@@ -233,23 +314,62 @@ fn tailing_a_live_database_across_rotations() {
         if round % 6 == 5 {
             db.flush().unwrap();
         }
-        loop {
-            // Look for a newer log before the final read of the current one.
-            let newer = wal_files(dir.path()).range(current + 1..).next().map(|(n, _)| *n);
-            while let Some(r) = reader.next_record().unwrap() {
-                let h = Batch::parse(&r.bytes).unwrap().header();
-                assert_eq!(h.sequence, next_seq, "log {current} offset {}", r.start_offset);
-                next_seq = h.next_sequence();
-            }
-            let Some(n) = newer else { break };
-            assert_eq!(reader.finish().unwrap(), reader.offset());
-            current = n;
-            reader = open_wal(dir.path(), n);
-            rotations += 1;
-        }
+        rotations += follow(dir.path(), &mut current, &mut reader, &mut next_seq);
         assert_eq!(next_seq - 1, db.latest_sequence_number(), "round {round}");
     }
     assert!(rotations >= 6, "only {rotations} rotations");
+}
+
+/// Follows the WALs of `dir` from the current log and reader as far as they are written now,
+/// checking sequence continuity; returns the number of rotations followed.
+fn follow(dir: &Path, current: &mut u64, reader: &mut LogReader, next_seq: &mut u64) -> usize {
+    let mut rotations = 0;
+    loop {
+        // Look for a newer log before the final read of the current one.
+        let newer = wal_files(dir).range(*current + 1..).next().map(|(n, _)| *n);
+        while let Some(r) = reader.next_record().unwrap() {
+            let h = Batch::parse(&r.bytes).unwrap().header();
+            assert_eq!(
+                h.sequence, *next_seq,
+                "log {current} offset {}",
+                r.start_offset
+            );
+            *next_seq = h.next_sequence();
+        }
+        let Some(n) = newer else {
+            return rotations;
+        };
+        assert_eq!(reader.finish().unwrap(), reader.offset());
+        *current = n;
+        *reader = open_wal(dir, n);
+        rotations += 1;
+    }
+}
+
+#[test]
+fn tailing_while_rocksdb_writes_concurrently() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path(), &db_options(), &["default", "one", "two"]);
+    let mut current = *wal_files(dir.path()).keys().next().unwrap();
+    let mut reader = open_wal(dir.path(), current);
+    let mut next_seq = 1;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let mut rotations = 0;
+    let mut polls = 0;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            write_workload(&db, 2500, 1);
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            rotations += follow(dir.path(), &mut current, &mut reader, &mut next_seq);
+            polls += 1;
+        }
+    });
+    rotations += follow(dir.path(), &mut current, &mut reader, &mut next_seq);
+    assert_eq!(next_seq - 1, db.latest_sequence_number());
+    assert!(rotations >= 5, "only {rotations} rotations");
+    assert!(polls > 10, "only {polls} polls");
 }
 
 #[test]
@@ -276,7 +396,11 @@ fn zstd_compressed_wal_is_decompressed() {
         // Records are smaller on disk than decoded, and a reader resuming in the middle of
         // the file knows the compression.
         let decoded: usize = records.iter().map(|r| r.bytes.len()).sum();
-        assert!((bytes.len()) < decoded, "log {n}: {} >= {decoded}", bytes.len());
+        assert!(
+            (bytes.len()) < decoded,
+            "log {n}: {} >= {decoded}",
+            bytes.len()
+        );
         if let Some(mid) = records.get(records.len() / 2) {
             let mut resumed = LogReader::open_at(path, mid.start_offset).unwrap();
             assert_eq!(resumed.compression(), Some(WalCompression::Zstd));
@@ -296,7 +420,10 @@ fn recycled_wal_is_rejected_with_a_clear_error() {
     let (n, _) = wal_files(dir.path()).into_iter().next().unwrap();
     let err = open_wal(dir.path(), n).next_record().unwrap_err();
     assert!(matches!(err, LogError::Recycled { offset: 0, .. }), "{err}");
-    assert!(err.to_string().contains("recycle_log_file_num = 0"), "{err}");
+    assert!(
+        err.to_string().contains("recycle_log_file_num = 0"),
+        "{err}"
+    );
 }
 
 /// Keys end with an 8-byte little-endian timestamp; newer timestamps sort first.
@@ -342,7 +469,8 @@ fn user_defined_timestamp_size_records() {
     .unwrap();
     let ts = db.cf_handle("ts").unwrap();
     for i in 0..20u64 {
-        db.put_cf_with_ts(&ts, format!("key{i}"), i.to_le_bytes(), b"v").unwrap();
+        db.put_cf_with_ts(&ts, format!("key{i}"), i.to_le_bytes(), b"v")
+            .unwrap();
         db.put(format!("plain{i}"), b"p").unwrap();
     }
     let (n, path) = wal_files(dir.path()).into_iter().next().unwrap();
@@ -361,7 +489,12 @@ fn user_defined_timestamp_size_records() {
     let LogEntry::Record(first) = &entries[1] else {
         panic!("expected a record after the timestamp sizes")
     };
-    let entry = Batch::parse(&first.bytes).unwrap().entries().next().unwrap().unwrap();
+    let entry = Batch::parse(&first.bytes)
+        .unwrap()
+        .entries()
+        .next()
+        .unwrap()
+        .unwrap();
     let mut want_key = b"key0".to_vec();
     want_key.extend_from_slice(&0u64.to_le_bytes());
     assert_eq!((entry.cf_id, entry.key), (1, want_key.as_slice()));
@@ -383,6 +516,77 @@ fn user_defined_timestamp_size_records() {
     let written = w.into_inner();
     assert_eq!(written[..], original[..written.len()]);
     assert!(original[written.len()..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn predecessor_wal_info_and_wals_tracked_in_the_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut base = Options::default();
+    let mut opts = base
+        .get_options_from_string(
+            "track_and_verify_wals=true;track_and_verify_wals_in_manifest=true",
+        )
+        .unwrap();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_wal_ttl_seconds(1_000_000);
+    opts.set_write_buffer_size(256 * 1024);
+    opts.set_merge_operator_associative(MERGE_NAME, concat_merge);
+    let db = open(dir.path(), &opts, &["default", "one", "two"]);
+    write_workload(&db, 600, 5);
+
+    let (logs, last_seq) = read_all_wals(dir.path());
+    assert_eq!(last_seq, db.latest_sequence_number());
+    // The previous log's number, size and its last batch's sequence.
+    let mut previous: Option<(u64, u64, u64)> = None;
+    let mut checked = 0;
+    for (n, (path, records)) in &logs {
+        let mut reader = LogReader::open(path).unwrap();
+        let mut w = LogWriter::new(Vec::new());
+        let mut predecessor = None;
+        while let Some(e) = reader.next_entry().unwrap() {
+            match e {
+                LogEntry::PredecessorWal { offset, info } => {
+                    assert_eq!(offset, 0, "log {n}");
+                    predecessor = Some(info);
+                    w.add_predecessor_wal_info(&info).unwrap();
+                }
+                LogEntry::Record(r) => {
+                    w.add_record(&r.bytes).unwrap();
+                }
+                other => panic!("log {n}: unexpected {other:?}"),
+            }
+        }
+        if let (Some(info), Some((pn, psize, pseq))) = (predecessor, previous) {
+            assert_eq!(
+                (info.log_number, info.size_bytes, info.last_batch_sequence),
+                (pn, psize, pseq),
+                "log {n}"
+            );
+            checked += 1;
+        }
+        let original = fs::read(path).unwrap();
+        let written = w.into_inner();
+        assert_eq!(written[..], original[..written.len()], "log {n}");
+        let last = records
+            .last()
+            .map(|r| Batch::parse(&r.bytes).unwrap().header().sequence)
+            .unwrap_or(0);
+        previous = Some((*n, original.len() as u64, last));
+    }
+    assert!(checked >= 3, "only {checked} predecessor records checked");
+
+    let state = ManifestState::from_db_dir(dir.path()).unwrap();
+    let on_disk = wal_files(dir.path());
+    assert!(!state.wals.is_empty());
+    for n in state.wals.keys() {
+        assert!(*n >= state.min_wal_number_to_keep);
+        assert!(on_disk.contains_key(n), "tracked WAL {n} is not on disk");
+    }
+    assert!(
+        state.min_wal_number_to_keep > 0,
+        "obsolete WALs were recorded"
+    );
 }
 
 fn live_files_by_cf(db: &DB) -> BTreeMap<String, BTreeSet<u64>> {
@@ -433,10 +637,10 @@ fn check_manifest_against_db(dir: &Path, db: &DB, opts: &Options) {
         state.min_log_number_needed()
     );
     assert!(state.min_wal_number_for_recovery(false) >= state.min_log_number_needed());
-    let next = state.next_file_number.unwrap();
+    let next = state.next_file_number;
     assert!(on_disk.iter().all(|&n| n < next));
     assert!(smallest_log < next);
-    assert!(state.last_sequence.unwrap() <= db.latest_sequence_number());
+    assert!(state.last_sequence <= db.latest_sequence_number());
     let identity = fs::read_to_string(dir.join("IDENTITY")).unwrap();
     assert_eq!(state.db_id.as_deref(), Some(identity.trim()));
 }
@@ -451,9 +655,10 @@ fn manifest_of_a_real_database() {
         for (i, name) in cf_names.iter().enumerate() {
             let cf = db.cf_handle(name).unwrap();
             for k in 0..300 {
-                db.put_cf(&cf, format!("{round}-{k:05}"), vec![i as u8; 500]).unwrap();
+                db.put_cf(&cf, format!("{round}-{k:05}"), vec![i as u8; 500])
+                    .unwrap();
             }
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 db.flush_cf(&cf).unwrap();
             }
         }
@@ -502,7 +707,8 @@ fn blob_files_in_the_manifest() {
     let db = open(dir.path(), &opts, &["default"]);
     for round in 0..4 {
         for k in 0..200 {
-            db.put(format!("key{k:04}"), vec![round as u8; 1000]).unwrap();
+            db.put(format!("key{k:04}"), vec![round as u8; 1000])
+                .unwrap();
         }
         db.flush().unwrap();
     }
@@ -520,8 +726,14 @@ fn blob_files_in_the_manifest() {
         DbFile::Blob(n) => Some(n),
         _ => None,
     });
-    assert!(live_blobs.is_subset(&on_disk), "{live_blobs:?} vs {on_disk:?}");
-    assert!(live_blobs.len() < before.blob_files.len(), "garbage collection dropped blob files");
+    assert!(
+        live_blobs.is_subset(&on_disk),
+        "{live_blobs:?} vs {on_disk:?}"
+    );
+    assert!(
+        live_blobs.len() < before.blob_files.len(),
+        "garbage collection dropped blob files"
+    );
     for f in state.column_families[&0].files.values() {
         assert!(f.oldest_blob_file_number == 0 || live_blobs.contains(&f.oldest_blob_file_number));
     }

@@ -294,18 +294,19 @@ impl VersionEdit {
                     edit.deleted_files.push((level, number));
                 }
                 tag::NEW_FILE | tag::NEW_FILE2 | tag::NEW_FILE3 | tag::NEW_FILE4 => {
-                    let file = decode_new_file(&mut input, t, &mut edit)
-                        .map_err(|detail| EditError {
+                    let file =
+                        decode_new_file(&mut input, t, &mut edit).map_err(|detail| EditError {
                             byte: tag_start,
                             detail,
                         })?;
                     edit.new_files.push(file);
                 }
                 tag::BLOB_FILE_ADDITION | tag::BLOB_FILE_ADDITION_DEPRECATED => {
-                    let addition = decode_blob_addition(&mut input).map_err(|detail| EditError {
-                        byte: tag_start,
-                        detail,
-                    })?;
+                    let addition =
+                        decode_blob_addition(&mut input).map_err(|detail| EditError {
+                            byte: tag_start,
+                            detail,
+                        })?;
                     edit.blob_file_additions.push(addition);
                 }
                 tag::BLOB_FILE_GARBAGE | tag::BLOB_FILE_GARBAGE_DEPRECATED => {
@@ -326,12 +327,11 @@ impl VersionEdit {
                     let body = input
                         .length_prefixed()
                         .ok_or_else(|| fail("WAL addition"))?;
-                    let wal = decode_wal_addition(&mut Input::new(body)).map_err(|detail| {
-                        EditError {
+                    let wal =
+                        decode_wal_addition(&mut Input::new(body)).map_err(|detail| EditError {
                             byte: tag_start,
                             detail,
-                        }
-                    })?;
+                        })?;
                     edit.wal_additions.push(wal);
                 }
                 tag::WAL_DELETION => {
@@ -348,9 +348,8 @@ impl VersionEdit {
                     );
                 }
                 tag::COLUMN_FAMILY => {
-                    edit.column_family = input
-                        .varint32()
-                        .ok_or_else(|| fail("column family id"))?;
+                    edit.column_family =
+                        input.varint32().ok_or_else(|| fail("column family id"))?;
                 }
                 tag::COLUMN_FAMILY_ADD => {
                     let s = input
@@ -360,11 +359,8 @@ impl VersionEdit {
                 }
                 tag::COLUMN_FAMILY_DROP => edit.column_family_drop = true,
                 tag::IN_ATOMIC_GROUP => {
-                    edit.atomic_group_remaining = Some(
-                        input
-                            .varint32()
-                            .ok_or_else(|| fail("atomic group size"))?,
-                    );
+                    edit.atomic_group_remaining =
+                        Some(input.varint32().ok_or_else(|| fail("atomic group size"))?);
                 }
                 tag::FULL_HISTORY_TS_LOW => {
                     let s = input
@@ -412,7 +408,11 @@ impl VersionEdit {
     }
 }
 
-fn decode_new_file(input: &mut Input<'_>, t: u32, edit: &mut VersionEdit) -> Result<NewFile, String> {
+fn decode_new_file(
+    input: &mut Input<'_>,
+    t: u32,
+    edit: &mut VersionEdit,
+) -> Result<NewFile, String> {
     let what = match t {
         tag::NEW_FILE => "new-file entry",
         tag::NEW_FILE2 => "new-file2 entry",
@@ -492,17 +492,19 @@ fn decode_new_file(input: &mut Input<'_>, t: u32, edit: &mut VersionEdit) -> Res
                 file.file_checksum_func_name = String::from_utf8_lossy(field).into_owned();
             }
             new_file_tag::MIN_LOG_NUMBER_TO_KEEP_HACK => {
-                let v = Input::new(field)
-                    .fixed64()
-                    .ok_or_else(|| "invalid min log number to keep in new-file4 entry".to_string())?;
+                let v = Input::new(field).fixed64().ok_or_else(|| {
+                    "invalid min log number to keep in new-file4 entry".to_string()
+                })?;
                 edit.min_log_number_to_keep = Some(v);
             }
             new_file_tag::NEED_COMPACTION
             | new_file_tag::TEMPERATURE
-            | new_file_tag::USER_DEFINED_TIMESTAMPS_PERSISTED => {
-                if field.len() != 1 {
-                    return Err(format!("new-file4 custom field {custom} has the wrong size"));
-                }
+            | new_file_tag::USER_DEFINED_TIMESTAMPS_PERSISTED
+                if field.len() != 1 =>
+            {
+                return Err(format!(
+                    "new-file4 custom field {custom} has the wrong size"
+                ));
             }
             new_file_tag::OLDEST_ANCESTER_TIME
             | new_file_tag::FILE_CREATION_TIME
@@ -534,7 +536,9 @@ fn decode_blob_custom_fields(input: &mut Input<'_>, what: &str) -> Result<(), St
             return Ok(());
         }
         if custom & (1 << 6) != 0 {
-            return Err(format!("{what} has the forward-incompatible custom field {custom}"));
+            return Err(format!(
+                "{what} has the forward-incompatible custom field {custom}"
+            ));
         }
         input
             .length_prefixed()
@@ -579,13 +583,16 @@ fn decode_wal_addition(input: &mut Input<'_>) -> Result<WalAddition, String> {
     let mut synced_size = None;
     loop {
         match input.varint32() {
-            Some(1) => return Ok(WalAddition { number, synced_size }),
+            Some(1) => {
+                return Ok(WalAddition {
+                    number,
+                    synced_size,
+                });
+            }
             Some(2) => {
-                synced_size = Some(
-                    input
-                        .varint64()
-                        .ok_or_else(|| "cannot decode the synced size of a WAL addition".to_string())?,
-                );
+                synced_size = Some(input.varint64().ok_or_else(|| {
+                    "cannot decode the synced size of a WAL addition".to_string()
+                })?);
             }
             Some(other) => return Err(format!("unknown WAL addition field {other}")),
             None => return Err("truncated WAL addition".into()),
@@ -647,8 +654,11 @@ pub struct BlobFileState {
 pub struct ManifestState {
     /// Live column families by id. The default column family (id 0) always exists.
     pub column_families: BTreeMap<u32, CfState>,
-    pub next_file_number: Option<u64>,
-    pub last_sequence: Option<u64>,
+    /// The next number RocksDB gives a file (WAL, table, blob, MANIFEST, OPTIONS).
+    pub next_file_number: u64,
+    /// The last sequence number recorded. RocksDB writes it with flushes and other edits, so
+    /// it lags behind the WAL: it is a lower bound of the sequence numbers in the database.
+    pub last_sequence: u64,
     pub prev_log_number: u64,
     pub min_log_number_to_keep: u64,
     pub max_column_family: u32,
@@ -675,8 +685,8 @@ impl ManifestState {
     pub fn new() -> Self {
         ManifestState {
             column_families: BTreeMap::from([(0, CfState::new("default".into()))]),
-            next_file_number: None,
-            last_sequence: None,
+            next_file_number: 0,
+            last_sequence: 0,
             prev_log_number: 0,
             min_log_number_to_keep: 0,
             max_column_family: 0,
@@ -701,7 +711,10 @@ impl ManifestState {
     }
 
     /// Reads a MANIFEST held in memory; `name` is used in error messages.
-    pub fn from_bytes(bytes: &[u8], name: impl Into<PathBuf>) -> Result<ManifestState, ManifestError> {
+    pub fn from_bytes(
+        bytes: &[u8],
+        name: impl Into<PathBuf>,
+    ) -> Result<ManifestState, ManifestError> {
         let reader = LogReader::new(Cursor::new(bytes), name)?;
         Self::fold(reader)
     }
@@ -713,6 +726,8 @@ impl ManifestState {
         let mut state = ManifestState::new();
         let mut group: Vec<(u64, VersionEdit)> = Vec::new();
         let mut group_size = 0usize;
+        let mut has_next_file_number = false;
+        let mut has_last_sequence = false;
         while let Some(record) = reader.next_record()? {
             let offset = record.start_offset;
             let edit = VersionEdit::decode(&record.bytes).map_err(|e| ManifestError::BadEdit {
@@ -720,6 +735,8 @@ impl ManifestState {
                 offset,
                 detail: e.to_string(),
             })?;
+            has_next_file_number |= edit.next_file_number.is_some();
+            has_last_sequence |= edit.last_sequence.is_some();
             let inconsistent = |detail: String| ManifestError::Inconsistent {
                 path: path.clone(),
                 offset,
@@ -739,11 +756,13 @@ impl ManifestState {
                     group.push((offset, edit));
                     if group.len() == group_size {
                         for (offset, edit) in group.drain(..) {
-                            state.apply(&edit).map_err(|detail| ManifestError::Inconsistent {
-                                path: path.clone(),
-                                offset,
-                                detail,
-                            })?;
+                            state
+                                .apply(&edit)
+                                .map_err(|detail| ManifestError::Inconsistent {
+                                    path: path.clone(),
+                                    offset,
+                                    detail,
+                                })?;
                         }
                     }
                 }
@@ -763,10 +782,10 @@ impl ManifestState {
             path: path.clone(),
             what,
         };
-        if state.next_file_number.is_none() {
+        if !has_next_file_number {
             return Err(incomplete("next file number"));
         }
-        if state.last_sequence.is_none() {
+        if !has_last_sequence {
             return Err(incomplete("last sequence number"));
         }
         Ok(state)
@@ -782,15 +801,20 @@ impl ManifestState {
                     existing.name
                 ));
             }
-            self.column_families.insert(cf_id, CfState::new(name.clone()));
+            self.column_families
+                .insert(cf_id, CfState::new(name.clone()));
         } else if edit.column_family_drop {
             if self.column_families.remove(&cf_id).is_none() {
-                return Err(format!("dropping column family {cf_id}, which does not exist"));
+                return Err(format!(
+                    "dropping column family {cf_id}, which does not exist"
+                ));
             }
             self.blob_files.retain(|_, b| b.cf_id != cf_id);
         } else if edit.wal_additions.is_empty() && edit.wal_deletion.is_none() {
             let Some(cf) = self.column_families.get_mut(&cf_id) else {
-                return Err(format!("edit for column family {cf_id}, which does not exist"));
+                return Err(format!(
+                    "edit for column family {cf_id}, which does not exist"
+                ));
             };
             for (_, number) in &edit.deleted_files {
                 cf.live_files.remove(number);
@@ -823,7 +847,10 @@ impl ManifestState {
             }
             for g in &edit.blob_file_garbages {
                 let Some(b) = self.blob_files.get_mut(&g.number) else {
-                    return Err(format!("garbage for blob file {}, which is not live", g.number));
+                    return Err(format!(
+                        "garbage for blob file {}, which is not live",
+                        g.number
+                    ));
                 };
                 b.garbage_blob_count += g.garbage_blob_count;
                 b.garbage_blob_bytes += g.garbage_blob_bytes;
@@ -879,7 +906,7 @@ impl ManifestState {
             self.prev_log_number = n;
         }
         if let Some(n) = edit.next_file_number {
-            self.next_file_number = Some(n);
+            self.next_file_number = n;
         }
         if let Some(n) = edit.max_column_family {
             self.max_column_family = n;
@@ -888,7 +915,7 @@ impl ManifestState {
             self.min_log_number_to_keep = self.min_log_number_to_keep.max(n);
         }
         if let Some(n) = edit.last_sequence {
-            self.last_sequence = Some(n);
+            self.last_sequence = n;
         }
         self.edits_applied += 1;
         Ok(())
@@ -938,7 +965,8 @@ impl ManifestState {
         if allow_2pc {
             self.min_log_number_to_keep
         } else {
-            self.min_log_number_to_keep.max(self.min_log_number_needed())
+            self.min_log_number_to_keep
+                .max(self.min_log_number_needed())
         }
     }
 
@@ -1088,8 +1116,8 @@ mod tests {
         let bytes = manifest(&[base_edit(), add_cf, flush, compaction, wal]);
         let state = ManifestState::from_bytes(&bytes, "MANIFEST-000005").unwrap();
         assert_eq!(state.db_id.as_deref(), Some("db-id-1"));
-        assert_eq!(state.next_file_number, Some(15));
-        assert_eq!(state.last_sequence, Some(77));
+        assert_eq!(state.next_file_number, 15);
+        assert_eq!(state.last_sequence, 77);
         assert_eq!(state.column_families.len(), 2);
         let users = &state.column_families[&1];
         assert_eq!(users.name, "users");
@@ -1103,7 +1131,10 @@ mod tests {
         );
         assert_eq!(state.min_log_number_needed(), 4);
         assert_eq!(state.cf_id("users"), Some(1));
-        assert_eq!(state.blob_files.keys().copied().collect::<Vec<_>>(), vec![11]);
+        assert_eq!(
+            state.blob_files.keys().copied().collect::<Vec<_>>(),
+            vec![11]
+        );
         assert_eq!(state.wals.get(&13), Some(&Some(4096)));
         assert_eq!(state.edits_applied, 5);
     }
@@ -1116,7 +1147,13 @@ mod tests {
         assert!(err.detail.contains("unknown tag 150"), "{err}");
 
         let mut e = Vec::new();
-        new_file4(&mut e, 0, 7, 0, &[(new_file_tag::NON_SAFE_IGNORE_MASK + 9, b"x")]);
+        new_file4(
+            &mut e,
+            0,
+            7,
+            0,
+            &[(new_file_tag::NON_SAFE_IGNORE_MASK + 9, b"x")],
+        );
         let err = VersionEdit::decode(&e).unwrap_err();
         assert!(err.detail.contains("must not be ignored"), "{err}");
 

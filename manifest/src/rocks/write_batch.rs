@@ -132,10 +132,9 @@ impl EntryKind {
                 Some(tag::COLUMN_FAMILY_SINGLE_DELETION),
             ),
             EntryKind::Merge => (tag::MERGE, Some(tag::COLUMN_FAMILY_MERGE)),
-            EntryKind::DeleteRange => (
-                tag::RANGE_DELETION,
-                Some(tag::COLUMN_FAMILY_RANGE_DELETION),
-            ),
+            EntryKind::DeleteRange => {
+                (tag::RANGE_DELETION, Some(tag::COLUMN_FAMILY_RANGE_DELETION))
+            }
             EntryKind::BlobIndex => (tag::BLOB_INDEX, Some(tag::COLUMN_FAMILY_BLOB_INDEX)),
             EntryKind::PutEntity => (
                 tag::WIDE_COLUMN_ENTITY,
@@ -301,9 +300,11 @@ impl BatchHeader {
         self.sequence + u64::from(self.count)
     }
 
-    /// The sequence number of the batch's last entry (its first, for an empty batch).
+    /// The last sequence number in use once the batch is applied: that of its last entry, or
+    /// for a batch taking no sequence number (LogData only), the one before it. RocksDB
+    /// records the same in predecessor WAL info.
     pub fn last_sequence(&self) -> u64 {
-        self.sequence + u64::from(self.count.max(1)) - 1
+        self.next_sequence().saturating_sub(1)
     }
 }
 
@@ -472,7 +473,10 @@ impl<'a> Entries<'a> {
             | EntryKind::BlobIndex
             | EntryKind::PutEntity
             | EntryKind::TimedPut => {
-                key = self.input.length_prefixed().ok_or_else(|| truncated("key"))?;
+                key = self
+                    .input
+                    .length_prefixed()
+                    .ok_or_else(|| truncated("key"))?;
                 value = self
                     .input
                     .length_prefixed()
@@ -492,7 +496,10 @@ impl<'a> Entries<'a> {
                     .ok_or_else(|| truncated("end key"))?;
             }
             EntryKind::Delete | EntryKind::SingleDelete => {
-                key = self.input.length_prefixed().ok_or_else(|| truncated("key"))?;
+                key = self
+                    .input
+                    .length_prefixed()
+                    .ok_or_else(|| truncated("key"))?;
             }
             EntryKind::LogData => {
                 value = self
@@ -505,7 +512,10 @@ impl<'a> Entries<'a> {
             | EntryKind::BeginPersistedPrepare
             | EntryKind::BeginUnprepare => {}
             EntryKind::EndPrepare | EntryKind::Commit | EntryKind::Rollback => {
-                key = self.input.length_prefixed().ok_or_else(|| truncated("XID"))?;
+                key = self
+                    .input
+                    .length_prefixed()
+                    .ok_or_else(|| truncated("XID"))?;
             }
             EntryKind::CommitWithTimestamp => {
                 // The commit timestamp comes first, then the XID.
@@ -513,7 +523,10 @@ impl<'a> Entries<'a> {
                     .input
                     .length_prefixed()
                     .ok_or_else(|| truncated("commit timestamp"))?;
-                key = self.input.length_prefixed().ok_or_else(|| truncated("XID"))?;
+                key = self
+                    .input
+                    .length_prefixed()
+                    .ok_or_else(|| truncated("XID"))?;
             }
         }
         Ok(Entry {
@@ -750,7 +763,10 @@ mod tests {
                 (EntryKind::LogData, 0, vec![], vec![]),
             ]
         );
-        assert_eq!(batch.log_data_blobs().unwrap(), vec![&b"blob-1"[..], &b""[..]]);
+        assert_eq!(
+            batch.log_data_blobs().unwrap(),
+            vec![&b"blob-1"[..], &b""[..]]
+        );
         let summary = batch.validate().unwrap();
         assert!(summary.count_matches_header());
         assert_eq!(summary.sequence_entries, 10);
@@ -772,9 +788,14 @@ mod tests {
 
         // The builder's output is accepted by RocksDB and applied.
         let mut b = BatchBuilder::new(0);
-        b.put(1, b"built", b"yes").delete(0, b"k1").log_data(b"note");
+        b.put(1, b"built", b"yes")
+            .delete(0, b"k1")
+            .log_data(b"note");
         db.write(WriteBatch::from_data(&b.finish())).unwrap();
-        assert_eq!(db.get_cf(&one, b"built").unwrap().as_deref(), Some(&b"yes"[..]));
+        assert_eq!(
+            db.get_cf(&one, b"built").unwrap().as_deref(),
+            Some(&b"yes"[..])
+        );
     }
 
     #[test]
@@ -791,7 +812,15 @@ mod tests {
             let batch = Batch::parse(&good[..cut]).unwrap();
             let err = batch.entries().next().unwrap().unwrap_err();
             assert!(
-                matches!(err, BatchError::Truncated { sequence: 42, offset: 12, kind: "Put", .. }),
+                matches!(
+                    err,
+                    BatchError::Truncated {
+                        sequence: 42,
+                        offset: 12,
+                        kind: "Put",
+                        ..
+                    }
+                ),
                 "cut {cut}: {err:?}"
             );
             assert!(err.to_string().contains("byte 12"), "{err}");

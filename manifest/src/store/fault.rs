@@ -314,9 +314,15 @@ mod tests {
         assert!(store.get("a/1").await.is_ok(), "first call is let through");
         assert!(store.get("a/1").await.unwrap_err().is_not_found());
         assert!(store.get("b/1").await.is_ok(), "other prefix untouched");
-        assert!(store.head("a/1").await.unwrap().is_some(), "other op untouched");
+        assert!(
+            store.head("a/1").await.unwrap().is_some(),
+            "other op untouched"
+        );
         assert!(store.get("a/1").await.unwrap_err().is_not_found());
-        assert!(store.get("a/1").await.is_ok(), "rule retired after two hits");
+        assert!(
+            store.get("a/1").await.is_ok(),
+            "rule retired after two hits"
+        );
         assert_eq!(store.injected(), 2);
         assert_eq!(store.calls(StoreOp::Get), 5);
         assert_eq!(store.total_calls(), 8);

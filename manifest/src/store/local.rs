@@ -108,7 +108,7 @@ impl LocalStore {
         let location = self.location(key);
         let key = key.to_owned();
         match e.kind() {
-            io::ErrorKind::NotFound if is_read(op) => StoreError::NotFound { op, key, location },
+            _ if is_read(op) && is_missing(&e) => StoreError::NotFound { op, key, location },
             io::ErrorKind::PermissionDenied => StoreError::AccessDenied {
                 op,
                 key,
@@ -348,7 +348,12 @@ impl ObjectStore for LocalStore {
         let k = key.to_owned();
         self.run(StoreOp::Put, key, move |s| {
             let on_io = |e| s.io_error(StoreOp::Put, &k, e);
-            s.write_object(StoreOp::Put, &k, |f| f.write_all(&data).map_err(on_io), None)
+            s.write_object(
+                StoreOp::Put,
+                &k,
+                |f| f.write_all(&data).map_err(on_io),
+                None,
+            )
         })
         .await
     }
@@ -379,7 +384,12 @@ impl ObjectStore for LocalStore {
         self.run(StoreOp::PutIfMatch, key, move |s| {
             let op = StoreOp::PutIfMatch;
             let on_io = |e| s.io_error(op, &k, e);
-            s.write_object(op, &k, |f| f.write_all(&data).map_err(on_io), Some(&expected))
+            s.write_object(
+                op,
+                &k,
+                |f| f.write_all(&data).map_err(on_io),
+                Some(&expected),
+            )
         })
         .await
     }
@@ -658,7 +668,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope");
         let err = LocalStore::open(&missing).unwrap_err().to_string();
-        assert!(err.contains("does not exist") && err.contains("nope"), "{err}");
+        assert!(
+            err.contains("does not exist") && err.contains("nope"),
+            "{err}"
+        );
         let file = dir.path().join("file");
         fs::write(&file, b"x").unwrap();
         let err = LocalStore::open(&file).unwrap_err().to_string();
@@ -711,6 +724,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("put 'a/b'"), "{err}");
+        assert!(err.contains("cannot also be a directory"), "{err}");
         assert!(store.head("a/b").await.unwrap().is_none());
         assert!(store.get("a/b").await.unwrap_err().is_not_found());
     }

@@ -10,8 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    ETag, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult, validate_key,
-    validate_prefix,
+    ETag, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult, validate_key, validate_prefix,
 };
 
 /// An object store held in memory, with the same semantics as the real ones (key
@@ -72,8 +71,7 @@ impl ObjectStore for MemoryStore {
     async fn put(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
         validate_key(key)?;
         let etag = self.new_etag();
-        self.objects()
-            .insert(key.to_owned(), (data, etag.clone()));
+        self.objects().insert(key.to_owned(), (data, etag.clone()));
         Ok(etag)
     }
 

@@ -47,12 +47,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use self::url::StoreUrl;
 pub use error::{BoxError, StoreError, StoreOp};
 pub use local::LocalStore;
 pub use memory::MemoryStore;
 pub use retry::{RetryPolicy, RetryStore};
 pub use s3::{S3Options, S3Store, Sse};
-pub use self::url::StoreUrl;
 
 /// Result type of the store layer.
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -201,7 +201,9 @@ fn check_key(key: &str, is_prefix: bool) -> StoreResult<()> {
         )));
     }
     if key.contains('\\') {
-        return Err(invalid("backslashes are not allowed; separate with '/'".into()));
+        return Err(invalid(
+            "backslashes are not allowed; separate with '/'".into(),
+        ));
     }
     if let Some(c) = key.chars().find(|c| c.is_control()) {
         return Err(invalid(format!(
@@ -317,10 +319,7 @@ mod tests {
         ] {
             let err = validate_key(key).expect_err(key);
             let msg = err.to_string();
-            assert!(
-                matches!(err, StoreError::InvalidKey { .. }),
-                "{key}: {msg}"
-            );
+            assert!(matches!(err, StoreError::InvalidKey { .. }), "{key}: {msg}");
             assert!(msg.contains(needle), "{key:?}: {msg}");
         }
         let long = "k".repeat(MAX_KEY_LEN + 1);

@@ -234,7 +234,9 @@ impl ObjectStore for RetryStore {
 
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
         self.policy
-            .run(StoreOp::GetToFile, key, || self.inner.get_to_file(key, path))
+            .run(StoreOp::GetToFile, key, || {
+                self.inner.get_to_file(key, path)
+            })
             .await
     }
 
@@ -288,11 +290,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn transient_failures_are_retried_until_success() {
         let (faults, store) = setup(5);
-        store.put("seg/1", Bytes::from_static(b"data")).await.unwrap();
+        store
+            .put("seg/1", Bytes::from_static(b"data"))
+            .await
+            .unwrap();
         faults.inject(FaultRule::new(Fault::Transient).on(StoreOp::Get).times(3));
         let got = store.get("seg/1").await.unwrap();
         assert_eq!(&got[..], b"data");
-        assert_eq!(faults.calls(StoreOp::Get), 4, "three failures, then success");
+        assert_eq!(
+            faults.calls(StoreOp::Get),
+            4,
+            "three failures, then success"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -319,7 +328,11 @@ mod tests {
         assert_eq!(faults.calls(StoreOp::Put), 4);
         match &err {
             StoreError::RetriesExhausted {
-                op, key, attempts, last, ..
+                op,
+                key,
+                attempts,
+                last,
+                ..
             } => {
                 assert_eq!(*op, StoreOp::Put);
                 assert_eq!(key, "manifest/current");
@@ -349,7 +362,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn lost_reply_of_put_if_absent_counts_as_success() {
         let (faults, store) = setup(5);
-        faults.inject(FaultRule::new(Fault::LostReply).on(StoreOp::PutIfAbsent).times(1));
+        faults.inject(
+            FaultRule::new(Fault::LostReply)
+                .on(StoreOp::PutIfAbsent)
+                .times(1),
+        );
         let etag = store
             .put_if_absent("lease", Bytes::from_static(b"holder-a"))
             .await
@@ -358,7 +375,11 @@ mod tests {
         assert_eq!(faults.calls(StoreOp::PutIfAbsent), 2);
 
         // Someone else's object is still a conflict, even after an ambiguous attempt.
-        faults.inject(FaultRule::new(Fault::Transient).on(StoreOp::PutIfAbsent).times(1));
+        faults.inject(
+            FaultRule::new(Fault::Transient)
+                .on(StoreOp::PutIfAbsent)
+                .times(1),
+        );
         let err = store
             .put_if_absent("lease", Bytes::from_static(b"holder-b"))
             .await
@@ -369,8 +390,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn lost_reply_of_put_if_match_counts_as_success() {
         let (faults, store) = setup(5);
-        let v1 = store.put("ptr", Bytes::from_static(b"gen-1")).await.unwrap();
-        faults.inject(FaultRule::new(Fault::LostReply).on(StoreOp::PutIfMatch).times(1));
+        let v1 = store
+            .put("ptr", Bytes::from_static(b"gen-1"))
+            .await
+            .unwrap();
+        faults.inject(
+            FaultRule::new(Fault::LostReply)
+                .on(StoreOp::PutIfMatch)
+                .times(1),
+        );
         let v2 = store
             .put_if_match("ptr", Bytes::from_static(b"gen-2"), &v1)
             .await

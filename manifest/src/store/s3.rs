@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
 use super::{
-    ETag, ObjectMeta, ObjectStore, RetryPolicy, StoreError, StoreOp, StoreResult,
-    validate_key, validate_prefix,
+    ETag, ObjectMeta, ObjectStore, RetryPolicy, StoreError, StoreOp, StoreResult, validate_key,
+    validate_prefix,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -131,7 +131,10 @@ impl S3Options {
             }
         }
         if let Some(region) = &self.region
-            && (region.is_empty() || !region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+            && (region.is_empty()
+                || !region
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-'))
         {
             return bad(format!(
                 "region '{region}' is not a region name (like us-east-1)"
@@ -379,7 +382,11 @@ impl S3Store {
             SdkError::ResponseError(_) => transient(
                 key,
                 location,
-                format!("unreadable response from {} ({})", self.endpoint, chain(&err)),
+                format!(
+                    "unreadable response from {} ({})",
+                    self.endpoint,
+                    chain(&err)
+                ),
             ),
             _ if is_credentials_error(&err) => StoreError::InvalidCredentials {
                 op,
@@ -535,12 +542,7 @@ impl S3Store {
         }
     }
 
-    async fn put_file_multipart(
-        &self,
-        key: &str,
-        path: &Path,
-        len: u64,
-    ) -> StoreResult<ETag> {
+    async fn put_file_multipart(&self, key: &str, path: &Path, len: u64) -> StoreResult<ETag> {
         let op = StoreOp::PutFile;
         let part_size = self.options.part_size_for(len);
         let parts = len.div_ceil(part_size);
@@ -571,24 +573,23 @@ impl S3Store {
             "starting multipart upload"
         );
 
-        let uploaded: StoreResult<Vec<CompletedPart>> =
-            futures::stream::iter(1..=parts)
-                .map(|number| {
-                    let upload_id = &upload_id;
-                    let full_key = &full_key;
-                    async move {
-                        let offset = (number - 1) * part_size;
-                        let size = part_size.min(len - offset);
-                        self.part_retry
-                            .run(op, key, || {
-                                self.upload_part(key, full_key, upload_id, path, number, offset, size)
-                            })
-                            .await
-                    }
-                })
-                .buffer_unordered(self.options.part_concurrency)
-                .try_collect()
-                .await;
+        let uploaded: StoreResult<Vec<CompletedPart>> = futures::stream::iter(1..=parts)
+            .map(|number| {
+                let upload_id = &upload_id;
+                let full_key = &full_key;
+                async move {
+                    let offset = (number - 1) * part_size;
+                    let size = part_size.min(len - offset);
+                    self.part_retry
+                        .run(op, key, || {
+                            self.upload_part(key, full_key, upload_id, path, number, offset, size)
+                        })
+                        .await
+                }
+            })
+            .buffer_unordered(self.options.part_concurrency)
+            .try_collect()
+            .await;
 
         let completed = match uploaded {
             Ok(mut parts) => {
@@ -653,9 +654,7 @@ impl S3Store {
             .length(Length::Exact(size))
             .build()
             .await
-            .map_err(|e| {
-                Self::local_error(op, key, path, std::io::Error::other(chain(&e)))
-            })?;
+            .map_err(|e| Self::local_error(op, key, path, std::io::Error::other(chain(&e))))?;
         let out = self
             .client
             .upload_part()
@@ -719,10 +718,12 @@ impl S3Store {
 
 /// `CODE: message (HTTP status)`.
 fn service_detail(code: &str, message: Option<&str>, status: u16) -> String {
-    let code = if code.is_empty() { "error" } else { code };
-    match message {
-        Some(m) if !m.is_empty() => format!("{code}: {m} (HTTP {status})"),
-        _ => format!("{code} (HTTP {status})"),
+    match (code, message) {
+        ("", Some(m)) if !m.is_empty() => format!("{m} (HTTP {status})"),
+        // HEAD replies have no body, so the status is all there is.
+        ("", _) => format!("HTTP {status}"),
+        (code, Some(m)) if !m.is_empty() => format!("{code}: {m} (HTTP {status})"),
+        (code, _) => format!("{code} (HTTP {status})"),
     }
 }
 
@@ -830,8 +831,7 @@ fn chain(err: &dyn std::error::Error) -> String {
 fn is_credentials_error(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(s) = source {
-        if s
-            .downcast_ref::<aws_credential_types::provider::error::CredentialsError>()
+        if s.downcast_ref::<aws_credential_types::provider::error::CredentialsError>()
             .is_some()
         {
             return true;
@@ -925,8 +925,8 @@ impl ObjectStore for S3Store {
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
         validate_key(key)?;
         let op = StoreOp::GetToFile;
-        let (_, tmp) = super::local::local_temp_path(path)
-            .map_err(|e| Self::local_error(op, key, path, e))?;
+        let (_, tmp) =
+            super::local::local_temp_path(path).map_err(|e| Self::local_error(op, key, path, e))?;
         let out = self.get_object(op, key, None).await?;
         let result = self.download_to(key, path, &tmp, out).await;
         if result.is_err() {
@@ -1186,6 +1186,81 @@ mod tests {
         assert_eq!(s.describe(), "s3://bucket/pre/fix (region eu-west-1)");
     }
 
+    #[derive(Debug)]
+    struct NoCredentials;
+
+    impl aws_credential_types::provider::ProvideCredentials for NoCredentials {
+        fn provide_credentials<'a>(
+            &'a self,
+        ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            aws_credential_types::provider::future::ProvideCredentials::ready(Err(
+                aws_credential_types::provider::error::CredentialsError::not_loaded(
+                    "nothing configured",
+                ),
+            ))
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_credentials_are_reported_as_such() {
+        let sdk = SdkConfig::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .credentials_provider(
+                aws_credential_types::provider::SharedCredentialsProvider::new(NoCredentials),
+            )
+            .build();
+        // Nothing listens on port 1; the request must fail before it is sent.
+        let s = S3Store::from_sdk_config(
+            &sdk,
+            "bucket",
+            "",
+            &S3Options {
+                endpoint_url: Some("http://127.0.0.1:1".into()),
+                ..S3Options::default()
+            },
+        )
+        .unwrap();
+        let err = s.get("k").await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::InvalidCredentials { .. }),
+            "expected InvalidCredentials, got {err}"
+        );
+        assert!(err.to_string().contains("no usable credentials"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn unreachable_endpoint_is_transient_and_named() {
+        let sdk = SdkConfig::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .credentials_provider(
+                aws_credential_types::provider::SharedCredentialsProvider::new(
+                    aws_credential_types::Credentials::new("AKIDTEST", "secret", None, None, "t"),
+                ),
+            )
+            .build();
+        let s = S3Store::from_sdk_config(
+            &sdk,
+            "bucket",
+            "",
+            &S3Options {
+                endpoint_url: Some("http://127.0.0.1:1".into()),
+                ..S3Options::default()
+            },
+        )
+        .unwrap();
+        let err = s.head("k").await.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("cannot reach endpoint http://127.0.0.1:1"),
+            "{msg}"
+        );
+        assert!(!msg.contains("secret"), "{msg}");
+    }
+
     #[test]
     fn service_errors_are_classified() {
         let s = store(Some("http://127.0.0.1:1"), None).unwrap();
@@ -1224,7 +1299,10 @@ mod tests {
         assert!(classify(500, "InternalError").is_transient());
         assert!(classify(400, "RequestTimeout").is_transient());
         assert!(classify(429, "").is_transient());
-        assert!(matches!(classify(400, "InvalidArgument"), StoreError::Other { .. }));
+        assert!(matches!(
+            classify(400, "InvalidArgument"),
+            StoreError::Other { .. }
+        ));
         let msg = classify(404, "NoSuchBucket").to_string();
         assert!(msg.contains("bucket 'bucket' does not exist"), "{msg}");
     }

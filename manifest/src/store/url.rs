@@ -205,7 +205,10 @@ fn parse_file(input: &str) -> StoreResult<StoreUrl> {
             "query strings and fragments are not allowed".into(),
         ));
     }
-    if let Some(host) = url.host_str().filter(|h| !h.is_empty() && *h != "localhost") {
+    if let Some(host) = url
+        .host_str()
+        .filter(|h| !h.is_empty() && *h != "localhost")
+    {
         return Err(bad(
             input,
             format!(
@@ -256,7 +259,10 @@ mod tests {
             }
         );
         assert_eq!(url.to_string(), "s3://my.bucket/prod/db1");
-        assert_eq!("s3://abc/x".parse::<StoreUrl>().unwrap().to_string(), "s3://abc/x");
+        assert_eq!(
+            "s3://abc/x".parse::<StoreUrl>().unwrap().to_string(),
+            "s3://abc/x"
+        );
     }
 
     #[test]
@@ -312,7 +318,10 @@ mod tests {
     #[test]
     fn credentials_in_urls_are_never_echoed() {
         let m = err("s3://AKIAEXAMPLE:secretvalue@bucket/x");
-        assert!(!m.contains("secretvalue") && !m.contains("AKIAEXAMPLE"), "{m}");
+        assert!(
+            !m.contains("secretvalue") && !m.contains("AKIAEXAMPLE"),
+            "{m}"
+        );
         assert!(m.contains("credential chain"), "{m}");
         let m = err("ftp://user:hunter2@host/x");
         assert!(!m.contains("hunter2"), "{m}");

@@ -1,0 +1,652 @@
+//! The archiver as a long-lived service: one loop that wakes on WAL changes and deadlines,
+//! reads new records, ships segments, writes manifest generations, takes base backups in
+//! the background, and keeps its lease.
+//!
+//! Start-up: check the database, open the repository, take the lease, create the repository
+//! config if there is none, load the current state, and resume the WAL right after the last
+//! archived record. Shutdown (SIGTERM/SIGINT, or the caller's future): ship the open segment,
+//! write a final generation, release the lease.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tidemark_manifest::cli::StoreArgs;
+use tidemark_manifest::model::{
+    Compression, FORMAT_VERSION, Gap, GapKind, Lineage, RepositoryConfig, time_from_micros,
+};
+use tidemark_manifest::repo::{RepoError, RepoState, Repository};
+use tidemark_manifest::segment::{Record, SegmentReader};
+use tidemark_manifest::store::StoreError;
+use time::OffsetDateTime;
+use tokio::task::JoinHandle;
+
+use crate::base::{BaseError, BaseOptions, BaseResult, take_base_backup};
+use crate::check::{CheckError, check_database};
+use crate::checkpoint::{CheckpointManager, CheckpointOptions};
+use crate::follow::{FollowError, FollowEvent, StartPosition, WalFollower};
+use crate::lease::{LeaseError, LeaseHandle};
+use crate::ship::{ShipError, ShipOptions, Shipper};
+use crate::watch::{WatchError, Watcher};
+
+/// Everything `tidemark-archiver run` can be told, from flags, environment or a TOML file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ArchiverOptions {
+    /// The database directory.
+    pub db: PathBuf,
+    /// The repository URL (`s3://bucket/prefix` or `file:///dir`).
+    pub to: String,
+    /// The WAL directory, when the database sets `wal_dir`.
+    pub wal_dir: Option<PathBuf>,
+    /// Close a segment this long after its first record.
+    #[serde(with = "humantime_serde")]
+    pub sync_interval: Duration,
+    /// Close a segment when its records reach this many bytes.
+    pub max_segment_bytes: u64,
+    /// Take a base backup this often.
+    #[serde(with = "humantime_serde")]
+    pub base_interval: Duration,
+    /// Write a manifest generation at least this often while segments are pending.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
+    /// Look at the WAL directory at least this often, events or not.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long the lease lasts without renewal.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// zstd level of segments.
+    pub zstd_level: i32,
+    /// Where base backups copy the database (must be on its file system for hard links).
+    /// Default: a hidden directory beside the database directory.
+    pub scratch_dir: Option<PathBuf>,
+    /// Table files uploaded at once during a base backup.
+    pub upload_concurrency: usize,
+    /// Stop once the WAL has been read to its end and a base backup exists (one-shot use:
+    /// `tidemark-archiver backup` without a running service, tests, the demo).
+    pub exit_when_caught_up: bool,
+    /// Take a base backup at start even if the last one is recent.
+    pub base_at_start: bool,
+    /// How to reach the store.
+    pub store: StoreArgs,
+}
+
+impl Default for ArchiverOptions {
+    fn default() -> Self {
+        ArchiverOptions {
+            db: PathBuf::new(),
+            to: String::new(),
+            wal_dir: None,
+            sync_interval: Duration::from_secs(1),
+            max_segment_bytes: 64 << 20,
+            base_interval: Duration::from_secs(24 * 3600),
+            checkpoint_interval: Duration::from_secs(60),
+            poll_interval: Duration::from_millis(250),
+            lease_ttl: Duration::from_secs(60),
+            zstd_level: 3,
+            scratch_dir: None,
+            upload_concurrency: 4,
+            exit_when_caught_up: false,
+            base_at_start: false,
+            store: StoreArgs::default(),
+        }
+    }
+}
+
+mod humantime_serde {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?}: {e} (examples: 500ms, 1s, 15m, 24h)"
+            ))
+        })
+    }
+}
+
+/// Why the service stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Check(#[from] CheckError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error(transparent)]
+    Follow(#[from] FollowError),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    #[error(transparent)]
+    Ship(#[from] ShipError),
+    #[error(transparent)]
+    Base(#[from] BaseError),
+    #[error(
+        "the database's sequence number went back: the repository has archived up to {archived}, \
+         the database's WAL continues at {found}. Was it restored or replaced? Archive it to a \
+         new repository URL"
+    )]
+    Diverged { archived: u64, found: u64 },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ServiceError {
+    /// Exit code for the binary: 2 configuration or usage, 3 another writer or a lost race,
+    /// 1 anything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ServiceError::Check(_) | ServiceError::Diverged { .. } => 2,
+            ServiceError::Store(StoreError::Config { .. }) => 2,
+            ServiceError::Repo(RepoError::WrongDatabase { .. }) => 2,
+            ServiceError::Lease(_) => 3,
+            ServiceError::Repo(RepoError::LostRace { .. } | RepoError::Conflict { .. }) => 3,
+            _ => 1,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunSummary {
+    pub records: u64,
+    pub segments: u64,
+    pub bases: u64,
+    pub gaps: u64,
+    pub last_seq: Option<u64>,
+}
+
+/// Recent (last sequence, time) pairs, so that a base backup can learn the observed time of
+/// its earliest restorable sequence.
+#[derive(Debug, Default)]
+struct RecentTimes {
+    entries: VecDeque<(u64, i64)>,
+}
+
+impl RecentTimes {
+    const KEEP: usize = 200_000;
+
+    fn push(&mut self, last_seq: u64, time_us: i64) {
+        if self.entries.len() == Self::KEEP {
+            self.entries.pop_front();
+        }
+        self.entries.push_back((last_seq, time_us));
+    }
+
+    /// The time of the record holding `seq`.
+    fn lookup(&self, seq: u64) -> Option<i64> {
+        let i = self.entries.partition_point(|(last, _)| *last < seq);
+        self.entries.get(i).map(|(_, t)| *t)
+    }
+}
+
+/// The resume point: right after the last archived record.
+async fn resume_position(
+    repo: &Repository,
+    state: &RepoState,
+    scratch: &Path,
+) -> Result<(StartPosition, Option<i64>), ServiceError> {
+    let Some(last) = state.history.segments.last() else {
+        return Ok((StartPosition::Oldest, None));
+    };
+    std::fs::create_dir_all(scratch).map_err(|e| {
+        ServiceError::Other(format!(
+            "cannot create scratch directory {}: {e}",
+            scratch.display()
+        ))
+    })?;
+    let path = repo.fetch_segment(last, scratch).await?;
+    let key = last.key.clone();
+    let record = tokio::task::spawn_blocking(move || -> Result<Option<Record>, RepoError> {
+        let file = std::io::BufReader::new(std::fs::File::open(&path).map_err(|source| {
+            tidemark_manifest::segment::SegmentError::Io {
+                key: key.clone(),
+                source,
+            }
+        })?);
+        let mut reader = SegmentReader::new(&key, file, None)?;
+        let mut last = None;
+        while let Some(r) = reader.next_record()? {
+            last = Some(r);
+        }
+        let _ = std::fs::remove_file(&path);
+        Ok(last)
+    })
+    .await
+    .map_err(|e| ServiceError::Other(e.to_string()))??;
+    let r = record.ok_or_else(|| ServiceError::Other(format!("segment {} is empty", last.key)))?;
+    Ok((
+        StartPosition::After {
+            log_number: r.log_number,
+            record_offset: r.log_offset,
+            next_seq: r.next_seq(),
+        },
+        Some(r.time_us),
+    ))
+}
+
+fn default_scratch(db: &Path) -> PathBuf {
+    let name = db
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "db".to_owned());
+    db.parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join(format!(".{name}.tidemark-scratch"))
+}
+
+/// Whether an error is worth retrying later rather than stopping for.
+fn is_retryable(e: &ShipError) -> bool {
+    match e {
+        ShipError::Repo(RepoError::Store(s)) => {
+            !matches!(s, StoreError::Config { .. } | StoreError::InvalidKey { .. })
+        }
+        _ => false,
+    }
+}
+
+/// Runs the archiver until `shutdown` resolves (or, with `exit_when_caught_up`, until it is
+/// caught up and a base backup exists). `base_requests` wakes it to take a base backup now.
+pub async fn run(
+    opts: ArchiverOptions,
+    shutdown: impl Future<Output = ()>,
+    mut base_requests: tokio::sync::mpsc::UnboundedReceiver<()>,
+) -> Result<RunSummary, ServiceError> {
+    let check = check_database(&opts.db, opts.wal_dir.as_deref())?;
+    let repo = opts.store.open(&opts.to, true).await?;
+    tracing::info!(db = %opts.db.display(), to = %repo.location(), "starting");
+    let lease = LeaseHandle::acquire(&repo, opts.lease_ttl).await?;
+    let result = run_with_lease(&opts, &check, &repo, lease, shutdown, &mut base_requests).await;
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "archiver stopped");
+    }
+    result
+}
+
+async fn run_with_lease(
+    opts: &ArchiverOptions,
+    check: &crate::check::DbCheck,
+    repo: &Repository,
+    mut lease: LeaseHandle,
+    shutdown: impl Future<Output = ()>,
+    base_requests: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
+) -> Result<RunSummary, ServiceError> {
+    let config = match repo.read_config().await? {
+        Some(c) => c,
+        None => {
+            let id = uuid::Uuid::new_v4().to_string();
+            repo.create_config(&RepositoryConfig {
+                format_version: FORMAT_VERSION,
+                repository_id: id.clone(),
+                created_at: OffsetDateTime::now_utc(),
+                database_identity: check.identity.clone(),
+                lineage: Lineage {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    parent: None,
+                },
+                segment_compression: Compression::Zstd,
+            })
+            .await?
+        }
+    };
+    if config.database_identity != check.identity {
+        return Err(RepoError::WrongDatabase {
+            location: repo.location(),
+            expected: check.identity.clone(),
+            found: config.database_identity,
+        }
+        .into());
+    }
+    let state = repo.load().await?;
+    let scratch = opts
+        .scratch_dir
+        .clone()
+        .unwrap_or_else(|| default_scratch(&opts.db));
+    let (start, min_time) = resume_position(repo, &state, &scratch).await?;
+    // With no segment yet but a generation, nothing before its tail start belongs to the
+    // history (the first record ever read set it).
+    let history_start = state.next_seq();
+    tracing::info!(
+        generation = state.generation.as_ref().map_or(0, |g| g.generation),
+        segments = state.history.segments.len(),
+        bases = state.history.bases.len(),
+        next_seq = ?history_start,
+        start = ?start,
+        "resuming"
+    );
+    let mut follower = WalFollower::new(&check.wal_dir, start)?;
+    if let Some(t) = min_time {
+        follower = follower.with_min_time(t);
+    }
+    let mut watcher = Watcher::new(&check.wal_dir, opts.poll_interval)?;
+    let mut shipper = Shipper::new(
+        repo.clone(),
+        ShipOptions {
+            sync_interval: opts.sync_interval,
+            max_segment_bytes: opts.max_segment_bytes,
+            zstd_level: opts.zstd_level,
+        },
+    );
+    let mut checkpoint = CheckpointManager::new(
+        repo.clone(),
+        &state,
+        CheckpointOptions {
+            interval: opts.checkpoint_interval,
+            ..CheckpointOptions::default()
+        },
+    );
+    let times = Arc::new(Mutex::new(RecentTimes::default()));
+    let last_base_at = state.history.bases.iter().map(|b| b.created_at).max();
+    let mut base_due: Option<Instant> = match last_base_at {
+        None => Some(Instant::now()),
+        Some(_) if opts.base_at_start => Some(Instant::now()),
+        Some(at) => {
+            let age = (OffsetDateTime::now_utc() - at)
+                .try_into()
+                .unwrap_or(Duration::ZERO);
+            Some(Instant::now() + opts.base_interval.saturating_sub(age))
+        }
+    };
+    let mut base_task: Option<JoinHandle<Result<BaseResult, BaseError>>> = None;
+    let mut summary = RunSummary {
+        last_seq: history_start.map(|s| s.saturating_sub(1)),
+        ..RunSummary::default()
+    };
+    let mut expected = history_start;
+    let mut retry_at: Option<Instant> = None;
+    let mut retry_delay = Duration::from_secs(1);
+    let mut bases_done_this_run = 0u64;
+    tokio::pin!(shutdown);
+
+    loop {
+        // 1. Read what is new, unless closed segments still wait for the store.
+        if !shipper.has_unsent() {
+            let (f, polled) = tokio::task::spawn_blocking(move || {
+                let r = follower.poll();
+                (follower, r)
+            })
+            .await
+            .map_err(|e| ServiceError::Other(format!("WAL reader task failed: {e}")))?;
+            follower = f;
+            let events = polled?;
+            let caught_up_now = events.is_empty();
+            for ev in events {
+                match ev {
+                    FollowEvent::Record(r) => {
+                        match expected {
+                            Some(exp) if r.seq < exp => {
+                                if r.next_seq() > exp {
+                                    return Err(ServiceError::Diverged {
+                                        archived: exp - 1,
+                                        found: r.seq,
+                                    });
+                                }
+                                // Before the history's start: not part of it.
+                                continue;
+                            }
+                            Some(exp) if r.seq > exp => {
+                                let gap = missing_gap(exp, r.seq, "the WAL continues after a hole");
+                                record_gap(&mut shipper, &mut checkpoint, gap, &mut summary)
+                                    .await?;
+                                base_due = Some(Instant::now());
+                            }
+                            Some(_) => {}
+                            None => checkpoint.ensure_started(r.seq).await?,
+                        }
+                        expected = Some(r.next_seq());
+                        times
+                            .lock()
+                            .expect("times lock")
+                            .push(r.next_seq().saturating_sub(1), r.time_us);
+                        shipper.push(&r)?;
+                        summary.records += 1;
+                        if r.count > 0 {
+                            summary.last_seq = Some(r.next_seq() - 1);
+                        }
+                        if shipper.should_close() && !shipper.has_unsent() {
+                            // Keep memory bounded while catching up: ship full segments now.
+                            match shipper.close_and_upload().await {
+                                Ok(entries) => {
+                                    for e in entries {
+                                        summary.segments += 1;
+                                        checkpoint.segment_uploaded(e);
+                                    }
+                                }
+                                Err(e) if is_retryable(&e) => {
+                                    tracing::error!(error = %e, "segment upload failed; will retry");
+                                    retry_at = Some(Instant::now() + retry_delay);
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                    }
+                    FollowEvent::Gap {
+                        expected_seq,
+                        found_seq,
+                        detail,
+                    } => {
+                        let gap = missing_gap(expected_seq, found_seq, &detail);
+                        record_gap(&mut shipper, &mut checkpoint, gap, &mut summary).await?;
+                        expected = Some(found_seq);
+                        base_due = Some(Instant::now());
+                    }
+                    FollowEvent::Rotated { from_log, to_log } => {
+                        tracing::debug!(from_log, to_log, "WAL rotated");
+                    }
+                }
+            }
+            if caught_up_now
+                && opts.exit_when_caught_up
+                && base_task.is_none()
+                && base_due.is_none_or(|d| d > Instant::now())
+                && bases_done_this_run + state.history.bases.len() as u64 > 0
+            {
+                break;
+            }
+        }
+
+        // 2. Ship a due segment (or retry an upload).
+        if (shipper.should_close() || shipper.has_unsent())
+            && retry_at.is_none_or(|t| t <= Instant::now())
+        {
+            match shipper.close_and_upload().await {
+                Ok(entries) => {
+                    retry_at = None;
+                    retry_delay = Duration::from_secs(1);
+                    for e in entries {
+                        summary.segments += 1;
+                        checkpoint.segment_uploaded(e);
+                    }
+                }
+                Err(e) if is_retryable(&e) => {
+                    tracing::error!(error = %e, retry_in = ?retry_delay, "segment upload failed; will retry");
+                    retry_at = Some(Instant::now() + retry_delay);
+                    retry_delay = (retry_delay * 2).min(Duration::from_secs(30));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+
+        // 3. Manifest generation.
+        if checkpoint.due() && !shipper.has_unsent() {
+            checkpoint.flush().await?;
+        }
+
+        // 4. Base backups.
+        if let Some(task) = &base_task
+            && task.is_finished()
+        {
+            let task = base_task.take().expect("checked");
+            match task.await {
+                Ok(Ok(result)) => {
+                    tracing::info!(
+                        base = %result.summary.id,
+                        earliest_seq = result.summary.earliest_seq,
+                        files = result.stats.files,
+                        bytes_uploaded = result.stats.bytes_uploaded,
+                        bytes_deduplicated = result.stats.bytes_deduplicated,
+                        duration_ms = result.stats.duration.as_millis() as u64,
+                        "base backup taken"
+                    );
+                    // The base is only useful once the WAL up to its earliest point is
+                    // shipped; ship the open segment first so its generation is complete.
+                    if let Ok(entries) = shipper.close_and_upload().await {
+                        for e in entries {
+                            summary.segments += 1;
+                            checkpoint.segment_uploaded(e);
+                        }
+                    }
+                    checkpoint.add_base(result.summary).await?;
+                    summary.bases += 1;
+                    bases_done_this_run += 1;
+                    base_due = Some(Instant::now() + opts.base_interval);
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "base backup failed; retrying in a minute");
+                    base_due = Some(Instant::now() + Duration::from_secs(60));
+                }
+                Err(e) => return Err(ServiceError::Other(format!("base backup task failed: {e}"))),
+            }
+        }
+        if base_task.is_none() && base_due.is_some_and(|d| d <= Instant::now()) {
+            base_due = None;
+            let (db, wal, scratch, repo2) = (
+                opts.db.clone(),
+                check.wal_dir.clone(),
+                scratch.clone(),
+                repo.clone(),
+            );
+            let times2 = Arc::clone(&times);
+            let base_opts = BaseOptions {
+                upload_concurrency: opts.upload_concurrency,
+                earliest_time: Some(Arc::new(move |seq| {
+                    times2
+                        .lock()
+                        .expect("times lock")
+                        .lookup(seq)
+                        .map(time_from_micros)
+                })),
+                ..BaseOptions::default()
+            };
+            tracing::info!("taking a base backup");
+            base_task = Some(tokio::spawn(async move {
+                take_base_backup(&db, &wal, &scratch, &repo2, &base_opts).await
+            }));
+        }
+
+        // 5. Lease.
+        if OffsetDateTime::now_utc() >= lease.renew_due() {
+            lease.renew().await?;
+        }
+
+        // 6. Sleep until something happens.
+        let mut wake = Instant::now() + Duration::from_secs(5);
+        for t in [
+            shipper.due_at(),
+            checkpoint.due_at(),
+            retry_at,
+            base_due,
+            base_task
+                .as_ref()
+                .map(|_| Instant::now() + Duration::from_millis(200)),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            wake = wake.min(t);
+        }
+        let renew_in: Duration = (lease.renew_due() - OffsetDateTime::now_utc())
+            .try_into()
+            .unwrap_or(Duration::ZERO);
+        wake = wake.min(Instant::now() + renew_in);
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("shutting down");
+                break;
+            }
+            _ = watcher.wait(), if !shipper.has_unsent() => {}
+            _ = tokio::time::sleep_until(wake.into()) => {}
+            Some(()) = base_requests.recv() => {
+                tracing::info!("base backup requested");
+                base_due = Some(Instant::now());
+            }
+        }
+    }
+
+    // Shutdown: ship what is open, write the last generation, release the lease.
+    if let Some(task) = base_task.take() {
+        task.abort();
+        tracing::warn!(
+            "a base backup was in progress and was abandoned; its objects are unreferenced"
+        );
+    }
+    match shipper.close_and_upload().await {
+        Ok(entries) => {
+            for e in entries {
+                summary.segments += 1;
+                checkpoint.segment_uploaded(e);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "could not ship the last segment; its records stay in the WAL and are shipped at the next start")
+        }
+    }
+    checkpoint.flush().await?;
+    lease.release().await?;
+    tracing::info!(
+        records = summary.records,
+        segments = summary.segments,
+        bases = summary.bases,
+        last_seq = ?summary.last_seq,
+        "stopped"
+    );
+    Ok(summary)
+}
+
+fn missing_gap(expected: u64, found: u64, detail: &str) -> Gap {
+    Gap {
+        first_seq: expected,
+        last_seq: found - 1,
+        kind: GapKind::MissingWal,
+        detected_at: OffsetDateTime::now_utc(),
+        detail: detail.to_owned(),
+    }
+}
+
+/// Ships everything before the gap, then records it (before any segment after it).
+async fn record_gap(
+    shipper: &mut Shipper,
+    checkpoint: &mut CheckpointManager,
+    gap: Gap,
+    summary: &mut RunSummary,
+) -> Result<(), ServiceError> {
+    tracing::error!(
+        first_seq = gap.first_seq,
+        last_seq = gap.last_seq,
+        detail = %gap.detail,
+        "GAP: sequence numbers {}..={} were lost before they could be archived; a new base backup \
+         will be taken so that archiving resumes after them",
+        gap.first_seq,
+        gap.last_seq
+    );
+    for e in shipper.close_and_upload().await? {
+        summary.segments += 1;
+        checkpoint.segment_uploaded(e);
+    }
+    checkpoint.add_gap(gap).await?;
+    summary.gaps += 1;
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! `tidemark-archiver status`: what a repository can restore and how fresh it is, for
+//! people and for health checks.
+
+use serde::Serialize;
+use tidemark_manifest::keys;
+use tidemark_manifest::model::{self, Lease};
+use tidemark_manifest::plan::fmt_time;
+use tidemark_manifest::repo::{RepoError, Repository};
+use tidemark_manifest::store::StoreError;
+use time::OffsetDateTime;
+
+/// A repository's state as `status` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    pub repository: String,
+    pub database_identity: String,
+    pub generation: u64,
+    pub bases: usize,
+    pub segments: usize,
+    pub gaps: usize,
+    /// The newest archived (durable) sequence number.
+    pub newest_seq: Option<u64>,
+    /// The time of the newest archived record.
+    pub newest_time: Option<String>,
+    /// Seconds since the newest archived record.
+    pub newest_age_seconds: Option<f64>,
+    /// The newest base backup's time.
+    pub newest_base_time: Option<String>,
+    /// Seconds since the newest base backup.
+    pub newest_base_age_seconds: Option<f64>,
+    /// The restorable window, human-readable.
+    pub window: String,
+    /// Who holds the writer lease, if anyone.
+    pub lease: Option<LeaseInfo>,
+}
+
+/// The writer lease as seen by `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeaseInfo {
+    pub host: String,
+    pub pid: u32,
+    pub expires_at: String,
+    pub expired: bool,
+}
+
+fn age(t: OffsetDateTime) -> f64 {
+    (OffsetDateTime::now_utc() - t).as_seconds_f64()
+}
+
+/// Reads the repository and reports its state.
+pub async fn status(repo: &Repository) -> Result<StatusReport, RepoError> {
+    let state = repo.load().await?;
+    let newest = state.history.segments.last();
+    let newest_base = state.history.bases.iter().map(|b| b.created_at).max();
+    let lease = match repo.store().get(keys::LEASE).await {
+        Ok(b) => {
+            let l: Lease = model::parse_document(keys::LEASE, &b)?;
+            Some(LeaseInfo {
+                host: l.host,
+                pid: l.pid,
+                expires_at: fmt_time(l.expires_at),
+                expired: l.expires_at <= OffsetDateTime::now_utc(),
+            })
+        }
+        Err(StoreError::NotFound { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(StatusReport {
+        repository: repo.location(),
+        database_identity: state.config.database_identity.clone(),
+        generation: state.generation.as_ref().map_or(0, |g| g.generation),
+        bases: state.history.bases.len(),
+        segments: state.history.segments.len(),
+        gaps: state.history.gaps.len(),
+        newest_seq: newest.map(|s| s.last_seq),
+        newest_time: newest.map(|s| fmt_time(s.last_time)),
+        newest_age_seconds: newest.map(|s| age(s.last_time)),
+        newest_base_time: newest_base.map(fmt_time),
+        newest_base_age_seconds: newest_base.map(age),
+        window: state.history.window().to_string(),
+        lease,
+    })
+}
+
+impl std::fmt::Display for StatusReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "repository:   {}", self.repository)?;
+        writeln!(f, "database:     {}", self.database_identity)?;
+        writeln!(
+            f,
+            "history:      {} base(s), {} segment(s), {} gap(s), manifest generation {}",
+            self.bases, self.segments, self.gaps, self.generation
+        )?;
+        match (&self.newest_seq, &self.newest_time, self.newest_age_seconds) {
+            (Some(seq), Some(t), Some(age)) => {
+                writeln!(f, "newest point: sequence {seq} at {t} ({age:.1} s ago)")?
+            }
+            _ => writeln!(f, "newest point: nothing archived yet")?,
+        }
+        match (&self.newest_base_time, self.newest_base_age_seconds) {
+            (Some(t), Some(age)) => writeln!(f, "newest base:  {t} ({:.1} h ago)", age / 3600.0)?,
+            _ => writeln!(f, "newest base:  none")?,
+        }
+        writeln!(f, "window:       {}", self.window)?;
+        match &self.lease {
+            Some(l) => writeln!(
+                f,
+                "archiver:     {} pid {} (lease until {}{})",
+                l.host,
+                l.pid,
+                l.expires_at,
+                if l.expired { ", EXPIRED" } else { "" }
+            ),
+            None => writeln!(f, "archiver:     not running (no lease)"),
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Running the real programs as separate processes, against a local-directory store or the
+//! S3 server the test script started: what end-to-end tests share.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tempfile::TempDir;
+use tidemark_manifest::repo::Repository;
+use tidemark_manifest::store::{LocalStore, ObjectStore, OpenOptions, S3Options, StoreUrl};
+
+/// A workspace binary, built by `cargo build --workspace` (scripts/test.sh does).
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("unexpected test executable location")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} is not built; run `cargo build --workspace` (scripts/test.sh does) before these tests",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A child process that is killed when dropped; its output goes to a log file.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `program` with `args` and extra environment, logging to `log`.
+    pub fn spawn(
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: &Path,
+    ) -> Result<Proc> {
+        let out = File::create(log)?;
+        let err = out.try_clone()?;
+        let child = Command::new(program)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("TIDEMARK_LOG", "info,tidemark_archiver=debug,aws=warn")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.display()))?;
+        Ok(Proc {
+            name: program
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            child,
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Sends a signal (e.g. `"TERM"`, `"KILL"`, `"USR1"`).
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{sig} {} failed", self.child.id());
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait_timeout(&mut self, limit: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not exit within {limit:?}; its log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The last lines of the log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Where a test's repository lives.
+#[derive(Debug)]
+pub struct TestStore {
+    /// `file:///…` or `s3://bucket/prefix`.
+    pub url: String,
+    /// Environment the programs need to reach it.
+    pub env: Vec<(String, String)>,
+    /// S3 options for opening it in-process.
+    pub s3: S3Options,
+    /// A human description for logs.
+    pub describe: String,
+    _dir: Option<TempDir>,
+}
+
+impl TestStore {
+    /// A fresh local-directory repository.
+    pub fn local() -> Result<TestStore> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().join("repo");
+        Ok(TestStore {
+            url: format!("file://{}", root.display()),
+            env: Vec::new(),
+            s3: S3Options::default(),
+            describe: format!("local directory {}", root.display()),
+            _dir: Some(dir),
+        })
+    }
+
+    /// A fresh prefix on the test S3 server, or `None` (with a loud message) when no server
+    /// was started. Fails when `TIDEMARK_REQUIRE_S3=1` and there is none.
+    pub async fn s3(test: &str) -> Result<Option<TestStore>> {
+        let Ok(endpoint) = std::env::var("TIDEMARK_TEST_S3_ENDPOINT") else {
+            if std::env::var("TIDEMARK_REQUIRE_S3").as_deref() == Ok("1") {
+                bail!(
+                    "TIDEMARK_REQUIRE_S3=1 but TIDEMARK_TEST_S3_ENDPOINT is not set: start a server with scripts/s3-server.sh"
+                );
+            }
+            eprintln!("SKIPPED S3 variant of {test}: no S3 server (run scripts/test.sh, or scripts/s3-server.sh start)");
+            return Ok(None);
+        };
+        let bucket = ensure_bucket(&endpoint).await?;
+        let prefix = format!("{test}-{:08x}", rand::random::<u32>());
+        eprintln!("{test}: S3 server at {endpoint}, bucket {bucket}, prefix {prefix}");
+        Ok(Some(TestStore {
+            url: format!("s3://{bucket}/{prefix}"),
+            env: vec![
+                ("TIDEMARK_ENDPOINT_URL".into(), endpoint.clone()),
+                ("TIDEMARK_PATH_STYLE".into(), "true".into()),
+            ],
+            s3: S3Options {
+                endpoint_url: Some(endpoint.clone()),
+                force_path_style: true,
+                ..S3Options::default()
+            },
+            describe: format!("S3 server {endpoint}"),
+            _dir: None,
+        }))
+    }
+
+    /// The local directory of a `file://` store.
+    pub fn local_root(&self) -> Option<PathBuf> {
+        self.url.strip_prefix("file://").map(PathBuf::from)
+    }
+
+    /// Opens the repository in-process.
+    pub async fn open(&self) -> Result<Repository> {
+        let url = StoreUrl::parse(&self.url)?;
+        let store: Arc<dyn ObjectStore> = match &url {
+            StoreUrl::Local { root } => Arc::new(LocalStore::open(root)?),
+            _ => tidemark_manifest::store::open_store_with(
+                &url,
+                &OpenOptions {
+                    s3: self.s3.clone(),
+                    ..OpenOptions::default()
+                },
+            )
+            .await?,
+        };
+        Ok(Repository::new(store))
+    }
+}
+
+/// The bucket the end-to-end tests share, created once per test process.
+async fn ensure_bucket(endpoint: &str) -> Result<String> {
+    static BUCKET: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    BUCKET
+        .get_or_try_init(|| async {
+            let bucket = format!("tidemark-e2e-{:08x}", rand::random::<u32>());
+            let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .endpoint_url(endpoint)
+                .region(aws_config::Region::new(
+                    std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
+                ))
+                .load()
+                .await;
+            let client = aws_sdk_s3::Client::from_conf(
+                aws_sdk_s3::config::Builder::from(&conf)
+                    .force_path_style(true)
+                    .build(),
+            );
+            client
+                .create_bucket()
+                .bucket(&bucket)
+                .send()
+                .await
+                .with_context(|| format!("cannot create bucket {bucket} at {endpoint}"))?;
+            Ok::<_, anyhow::Error>(bucket)
+        })
+        .await
+        .cloned()
+}
+
+/// Polls `f` until it returns `Some`, at most `limit`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,333 @@
+//! The archiver as a separate process beside a database written by another process (the
+//! load generator), against the local-directory store and the S3 server: the history it
+//! leaves is contiguous from a base backup to the last write, survives `kill -9` at random
+//! moments, and bad starts fail fast with a message that names the problem.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use tidemark_manifest::plan::Target;
+use tidemark_tests::Oracle;
+use tidemark_tests::harness::{Proc, TestStore, bin, wait_for};
+
+struct Setup {
+    dir: tempfile::TempDir,
+    store: TestStore,
+}
+
+impl Setup {
+    fn db(&self) -> std::path::PathBuf {
+        self.dir.path().join("db")
+    }
+    fn out(&self) -> std::path::PathBuf {
+        self.dir.path().join("oracle")
+    }
+    fn log(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn loadgen(&self, args: &[&str]) -> Result<Proc> {
+        let mut a = vec![
+            "--db".to_owned(),
+            self.db().display().to_string(),
+            "--out".to_owned(),
+            self.out().display().to_string(),
+        ];
+        a.extend(args.iter().map(|s| s.to_string()));
+        Proc::spawn(&bin("tidemark-loadgen")?, &a, &[], &self.log("loadgen.log"))
+    }
+
+    fn archiver(&self, log: &str, extra: &[&str]) -> Result<Proc> {
+        let mut a = vec![
+            "run".to_owned(),
+            "--db".to_owned(),
+            self.db().display().to_string(),
+            "--to".to_owned(),
+            self.store.url.clone(),
+            "--sync-interval".to_owned(),
+            "200ms".to_owned(),
+            "--checkpoint-interval".to_owned(),
+            "1s".to_owned(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        Proc::spawn(
+            &bin("tidemark-archiver")?,
+            &a,
+            &self.store.env,
+            &self.log(log),
+        )
+    }
+}
+
+fn wait_for_db(db: &Path) -> Result<()> {
+    wait_for(Duration::from_secs(20), "the load generator's database", || {
+        db.join("CURRENT").exists().then_some(())
+    })
+}
+
+/// Waits until the repository holds the oracle's last sequence.
+async fn wait_archived(store: &TestStore, last_seq: u64, archiver: &mut Proc) -> Result<()> {
+    let repo = store.open().await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(state) = repo.load().await
+            && state.history.segments.last().map(|s| s.last_seq) == Some(last_seq)
+            && !state.history.bases.is_empty()
+        {
+            return Ok(());
+        }
+        ensure!(
+            archiver.running(),
+            "the archiver exited early; its log:\n{}",
+            archiver.log_tail()
+        );
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the repository did not reach sequence {last_seq}; archiver log:\n{}",
+            archiver.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Checks the final repository: loads without problems (contiguous segments, no overlap,
+/// no duplicate), several bases, and the latest point is the writer's last sequence.
+async fn check_history(store: &TestStore, oracle: &Oracle, min_bases: usize) -> Result<()> {
+    let repo = store.open().await?;
+    let state = repo.load().await.context("the repository must load without problems")?;
+    let h = &state.history;
+    ensure!(h.gaps.is_empty(), "unexpected gaps: {:?}", h.gaps);
+    ensure!(
+        h.bases.len() >= min_bases,
+        "expected at least {min_bases} bases, found {}",
+        h.bases.len()
+    );
+    for w in h.segments.windows(2) {
+        ensure!(
+            w[1].first_seq == w[0].last_seq + 1,
+            "segments {} and {} are not contiguous",
+            w[0].key,
+            w[1].key
+        );
+    }
+    let first_base = h.bases.iter().min_by_key(|b| b.earliest_seq).unwrap();
+    let first_seg = h.segments.first().context("no segments")?;
+    ensure!(
+        first_seg.first_seq <= first_base.replay_from_seq,
+        "the history starts at {} but the first base needs records from {}",
+        first_seg.first_seq,
+        first_base.replay_from_seq
+    );
+    let plan = h.plan(Target::Latest)?;
+    ensure!(
+        plan.max_seq == oracle.last_seq(),
+        "latest restorable point {} != the writer's last sequence {}",
+        plan.max_seq,
+        oracle.last_seq()
+    );
+    // Every segment verifies (sha256 or trailer, every frame).
+    let scratch = tempfile::tempdir()?;
+    for s in &h.segments {
+        let path = repo.fetch_segment(s, scratch.path()).await?;
+        std::fs::remove_file(path)?;
+    }
+    Ok(())
+}
+
+async fn archives_a_live_database(store: TestStore) -> Result<()> {
+    eprintln!("archiving into {}", store.describe);
+    let s = Setup {
+        dir: tempfile::tempdir()?,
+        store,
+    };
+    let mut writer = s.loadgen(&["--duration", "8", "--rate", "500", "--seed", "7"])?;
+    wait_for_db(&s.db())?;
+    let mut arch = s.archiver("archiver.log", &["--base-interval", "3s"])?;
+    let status = writer.wait_timeout(Duration::from_secs(60))?;
+    ensure!(status.success(), "load generator failed:\n{}", writer.log_tail());
+    let oracle = Oracle::open(&s.out())?;
+    wait_archived(&s.store, oracle.last_seq(), &mut arch).await?;
+    arch.signal("TERM")?;
+    let status = arch.wait_timeout(Duration::from_secs(30))?;
+    ensure!(status.success(), "archiver exit {status}:\n{}", arch.log_tail());
+    check_history(&s.store, &oracle, 2).await?;
+    // A clean shutdown released the lease.
+    let repo = s.store.open().await?;
+    ensure!(
+        repo.store().head("lease.json").await?.is_none(),
+        "the lease was not released"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn archives_a_live_database_to_a_local_directory() -> Result<()> {
+    archives_a_live_database(TestStore::local()?).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn archives_a_live_database_to_s3() -> Result<()> {
+    match TestStore::s3("archiver-live").await? {
+        Some(store) => archives_a_live_database(store).await,
+        None => Ok(()),
+    }
+}
+
+async fn survives_kill_9(store: TestStore, kills: usize) -> Result<()> {
+    let s = Setup {
+        dir: tempfile::tempdir()?,
+        store,
+    };
+    let mut writer = s.loadgen(&["--duration", "12", "--rate", "800", "--seed", "11"])?;
+    wait_for_db(&s.db())?;
+    let mut rng_state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        rng_state
+    };
+    for i in 0..kills {
+        let mut arch = s.archiver(&format!("archiver-{i}.log"), &["--base-interval", "2s"])?;
+        let alive = Duration::from_millis(300 + next() % 1700);
+        std::thread::sleep(alive);
+        ensure!(arch.running(), "archiver {i} exited early:\n{}", arch.log_tail());
+        arch.signal("KILL")?;
+        arch.wait_timeout(Duration::from_secs(10))?;
+    }
+    let status = writer.wait_timeout(Duration::from_secs(60))?;
+    ensure!(status.success(), "load generator failed:\n{}", writer.log_tail());
+    let oracle = Oracle::open(&s.out())?;
+    let mut arch = s.archiver("archiver-final.log", &["--base-interval", "1h"])?;
+    wait_archived(&s.store, oracle.last_seq(), &mut arch).await?;
+    arch.signal("TERM")?;
+    let status = arch.wait_timeout(Duration::from_secs(30))?;
+    ensure!(status.success(), "archiver exit {status}:\n{}", arch.log_tail());
+    check_history(&s.store, &oracle, 1).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn survives_kill_9_at_random_moments_local() -> Result<()> {
+    survives_kill_9(TestStore::local()?, 6).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn survives_kill_9_at_random_moments_s3() -> Result<()> {
+    match TestStore::s3("archiver-kill9").await? {
+        Some(store) => survives_kill_9(store, 4).await,
+        None => Ok(()),
+    }
+}
+
+/// Runs the archiver to completion and returns (exit code, output).
+fn run_archiver(args: &[&str], env: &[(String, String)]) -> Result<(i32, String)> {
+    let out = std::process::Command::new(bin("tidemark-archiver")?)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.code().unwrap_or(-1), text))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_starts_fail_fast_and_say_why() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let repo_url = format!("file://{}", dir.path().join("repo").display());
+
+    // A missing directory.
+    let missing = dir.path().join("nope");
+    let (code, text) = run_archiver(
+        &["run", "--db", &missing.display().to_string(), "--to", &repo_url],
+        &[],
+    )?;
+    ensure!(code == 2 && text.contains("nope"), "missing dir: {code} {text}");
+
+    // A database that deletes its rotated WAL files.
+    let bad_db = dir.path().join("bad-db");
+    {
+        let mut o = rocksdb::Options::default();
+        o.create_if_missing(true);
+        let db = rocksdb::DB::open(&o, &bad_db)?;
+        db.put(b"k", b"v")?;
+    }
+    let (code, text) = run_archiver(
+        &["run", "--db", &bad_db.display().to_string(), "--to", &repo_url],
+        &[],
+    )?;
+    ensure!(
+        code == 2 && text.contains("WAL_ttl_seconds"),
+        "misconfigured db: {code} {text}"
+    );
+
+    // An unreachable store: fails, naming the endpoint, without hanging.
+    let s = Setup {
+        dir: tempfile::tempdir()?,
+        store: TestStore::local()?,
+    };
+    let mut writer = s.loadgen(&["--batches", "200"])?;
+    writer.wait_timeout(Duration::from_secs(30))?;
+    let started = std::time::Instant::now();
+    let (code, text) = run_archiver(
+        &[
+            "run",
+            "--db",
+            &s.db().display().to_string(),
+            "--to",
+            "s3://tidemark-nowhere/x",
+            "--endpoint-url",
+            "http://127.0.0.1:9",
+            "--path-style",
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID".into(), "x".into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), "y".into()),
+        ],
+    )?;
+    ensure!(code != 0, "unreachable store must fail: {text}");
+    ensure!(text.contains("127.0.0.1:9"), "message must name the endpoint: {text}");
+    ensure!(
+        started.elapsed() < Duration::from_secs(90),
+        "took {:?} to give up",
+        started.elapsed()
+    );
+
+    // A held lease: a second archiver on the same repository refuses, naming the holder.
+    let mut first = s.archiver("first.log", &[])?;
+    let lease = s.store.local_root().unwrap().join("lease.json");
+    wait_for(Duration::from_secs(20), "the first archiver's lease", || {
+        lease.exists().then_some(())
+    })?;
+    let (code, text) = run_archiver(
+        &["run", "--db", &s.db().display().to_string(), "--to", &s.store.url],
+        &[],
+    )?;
+    ensure!(
+        code == 3 && text.contains("another archiver") && text.contains(&first.child.id().to_string()),
+        "held lease: {code} {text}"
+    );
+    first.signal("TERM")?;
+    first.wait_timeout(Duration::from_secs(30))?;
+
+    // Wrong credentials, where the S3 server checks them.
+    if std::env::var("TIDEMARK_TEST_S3_AUTH").as_deref() == Ok("1")
+        && let Some(store) = TestStore::s3("archiver-creds").await?
+    {
+        let mut env = store.env.clone();
+        env.push(("AWS_ACCESS_KEY_ID".into(), "AKIAWRONGWRONGWRONG0".into()));
+        env.push(("AWS_SECRET_ACCESS_KEY".into(), "wrong-secret".into()));
+        let (code, text) = run_archiver(
+            &["run", "--db", &s.db().display().to_string(), "--to", &store.url],
+            &env,
+        )?;
+        ensure!(
+            code != 0 && text.to_lowercase().contains("credentials"),
+            "wrong credentials: {code} {text}"
+        );
+    }
+    Ok(())
+}
