@@ -33,6 +33,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -393,9 +394,10 @@ async fn run(
     let copy = {
         let db_dir = db_dir.to_path_buf();
         let wal_dir = wal_dir.to_path_buf();
+        let abandoned = Arc::clone(&scratch.abandoned);
         let scratch = scratch.path.clone();
         let opts = opts.clone();
-        blocking(move || copy_with_retries(&db_dir, &wal_dir, &scratch, &opts)).await?
+        blocking(move || copy_with_retries(&db_dir, &wal_dir, &scratch, &opts, &abandoned)).await?
     };
     let copy_duration = started.elapsed();
     if copy.identity != repo_identity {
@@ -514,6 +516,9 @@ async fn blocking<T: Send + 'static>(
 struct Scratch {
     path: PathBuf,
     removed: bool,
+    /// Set when the backup is dropped before it finished: the copy, which runs on a blocking
+    /// thread of its own, stops instead of re-creating the directory for another attempt.
+    abandoned: Arc<AtomicBool>,
 }
 
 impl Scratch {
@@ -526,6 +531,7 @@ impl Scratch {
         Ok(Scratch {
             path,
             removed: false,
+            abandoned: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -537,6 +543,7 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        self.abandoned.store(true, Ordering::SeqCst);
         if !self.removed
             && let Err(e) = remove_dir_if_exists(&self.path)
         {
@@ -584,6 +591,7 @@ fn copy_with_retries(
     wal_dir: &Path,
     scratch: &Path,
     opts: &BaseOptions,
+    abandoned: &AtomicBool,
 ) -> Result<DbCopy, BaseError> {
     if !db_dir.join("CURRENT").is_file() {
         return Err(BaseError::NotADatabase {
@@ -594,6 +602,11 @@ fn copy_with_retries(
     let max_attempts = opts.max_attempts.max(1);
     let mut attempt = 1;
     loop {
+        if abandoned.load(Ordering::SeqCst) {
+            return Err(BaseError::Task(
+                "the base backup was cancelled while the database was being copied".into(),
+            ));
+        }
         match copy_once(db_dir, wal_dir, scratch, opts) {
             Ok(mut copy) => {
                 copy.attempts = attempt;
@@ -612,8 +625,11 @@ fn copy_with_retries(
                     reason = %e,
                     "the database changed under the copy; copying again"
                 );
-                clear_dir(scratch)?;
                 std::thread::sleep(opts.retry_delay);
+                if abandoned.load(Ordering::SeqCst) {
+                    continue;
+                }
+                clear_dir(scratch)?;
                 attempt += 1;
             }
             Err(e) => return Err(e),
@@ -1509,6 +1525,28 @@ mod tests {
             Some(8),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn an_abandoned_backup_stops_copying_and_leaves_no_scratch_directory() {
+        let db = tempfile::tempdir().unwrap();
+        fs::write(db.path().join("CURRENT"), "MANIFEST-000001\n").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let scratch = Scratch::create(root.path(), "b1").unwrap();
+        let path = scratch.path.clone();
+        let abandoned = Arc::clone(&scratch.abandoned);
+        drop(scratch);
+        assert!(!path.exists());
+        let err = copy_with_retries(
+            db.path(),
+            db.path(),
+            &path,
+            &BaseOptions::default(),
+            &abandoned,
+        )
+        .unwrap_err();
+        assert!(matches!(err, BaseError::Task(_)), "{err}");
+        assert!(!path.exists());
     }
 
     #[test]

@@ -442,18 +442,24 @@ impl WalFollower {
         Ok(())
     }
 
-    /// Whether a log newer than `number` exists and has been written to. RocksDB creates the
-    /// next log before it writes out the last buffered bytes of the old one (with
-    /// `manual_wal_flush`), but always before it writes to the new one: once the new log has
-    /// data, the old one is complete.
+    /// Whether a log newer than `number` holds a record. RocksDB creates the next log (and
+    /// may write metadata records into it: the WAL compression, the predecessor WAL info)
+    /// before it writes out the last buffered bytes of the old one when `manual_wal_flush`
+    /// is set, but always writes those before any batch to the new one: once a newer log
+    /// holds a record, the old one is complete. An empty newer log costs a `stat` per poll.
     fn newer_log_written(&self, number: u64) -> Result<bool, FollowError> {
         for n in self.listing.numbers.range(number + 1..) {
             let name = DbFile::Wal(*n).file_name().expect("a WAL file has a name");
             for dir in [&self.listing.wal_dir, &self.listing.archive_dir] {
                 let path = dir.join(&name);
                 match fs::metadata(&path) {
-                    Ok(m) if m.len() > 0 => return Ok(true),
-                    Ok(_) => {}
+                    Ok(m) if m.len() == 0 => break,
+                    Ok(_) => {
+                        if holds_a_record(&path) {
+                            return Ok(true);
+                        }
+                        break;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(source) => return Err(FollowError::List { path, source }),
                 }
@@ -645,6 +651,16 @@ impl WalFollower {
             }));
         }
         Ok(())
+    }
+}
+
+/// Whether the log at `path` starts with a complete record (metadata records aside). A log
+/// that cannot be read counts as written: reading it after the current one reports why.
+fn holds_a_record(path: &Path) -> bool {
+    match LogReader::open(path) {
+        Ok(mut reader) => !matches!(reader.next_record(), Ok(None)),
+        Err(LogError::Open { source, .. }) if source.kind() == io::ErrorKind::NotFound => false,
+        Err(_) => true,
     }
 }
 

@@ -650,3 +650,37 @@ async fn record_gap(
     summary.gaps += 1;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../../scripts/archiver.example.toml");
+        let o: ArchiverOptions = toml::from_str(text).unwrap();
+        assert_eq!(o.to, "s3://acme-backups/tidemark/orders");
+        assert_eq!(o.base_interval, Duration::from_secs(86_400));
+        assert_eq!(o.sync_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn config_errors_name_the_problem() {
+        let err = toml::from_str::<ArchiverOptions>("sync_interval = \"soon\"").unwrap_err();
+        assert!(err.to_string().contains("invalid duration"), "{err}");
+        let err = toml::from_str::<ArchiverOptions>("colour = 1").unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn recent_times_find_the_record_holding_a_sequence() {
+        let mut t = RecentTimes::default();
+        t.push(10, 100);
+        t.push(15, 200);
+        t.push(30, 300);
+        assert_eq!(t.lookup(5), Some(100));
+        assert_eq!(t.lookup(11), Some(200));
+        assert_eq!(t.lookup(30), Some(300));
+        assert_eq!(t.lookup(31), None);
+    }
+}

@@ -11,7 +11,7 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch};
 use tidemark_archiver::follow::{
     FollowError, FollowEvent, StartPosition, WalFollower, WalPosition,
 };
-use tidemark_manifest::rocks::log::LogWriter;
+use tidemark_manifest::rocks::log::{LogWriter, mask_crc, record_crc};
 use tidemark_manifest::rocks::marker;
 use tidemark_manifest::rocks::write_batch::BatchBuilder;
 use tidemark_manifest::segment::{Record, RecordTime};
@@ -28,11 +28,18 @@ fn options(wal_ttl_seconds: u64) -> Options {
 }
 
 fn open_db(dir: &Path, wal_ttl_seconds: u64) -> DB {
-    // Every column family gets the small write buffer, so that logs rotate often.
+    open_db_with(dir, wal_ttl_seconds, |_| {})
+}
+
+fn open_db_with(dir: &Path, wal_ttl_seconds: u64, configure: fn(&mut Options)) -> DB {
+    let mut opts = options(wal_ttl_seconds);
+    configure(&mut opts);
+    // Every column family gets the small write buffer, so that logs rotate often (`open_cf`
+    // would give them the default 64 MiB).
     let cfs = CFS
         .iter()
         .map(|name| ColumnFamilyDescriptor::new(*name, options(wal_ttl_seconds)));
-    DB::open_cf_descriptors(&options(wal_ttl_seconds), dir, cfs).expect("open test database")
+    DB::open_cf_descriptors(&opts, dir, cfs).expect("open test database")
 }
 
 /// A small deterministic pseudo-random generator (xorshift64*).
@@ -57,6 +64,12 @@ type Written = BTreeMap<u64, Vec<u8>>;
 /// Writes `batches` batches of 1–6 operations over three column families, with values from a
 /// few bytes to 40 KiB, flushing now and then; records every batch.
 fn write_batches(db: &DB, batches: usize, seed: u64) -> Written {
+    write_batches_with(db, batches, seed, false)
+}
+
+/// Like [`write_batches`]; with `flush_wal`, also writes out the WAL buffer every few batches
+/// (for a database with `manual_wal_flush`).
+fn write_batches_with(db: &DB, batches: usize, seed: u64, flush_wal: bool) -> Written {
     let mut rng = Rng(seed | 1);
     let mut written = Written::new();
     let cfs: Vec<_> = CFS.iter().map(|n| db.cf_handle(n).unwrap()).collect();
@@ -84,6 +97,9 @@ fn write_batches(db: &DB, batches: usize, seed: u64) -> Written {
         data[..8].copy_from_slice(&seq.to_le_bytes());
         written.insert(seq, data);
         db.write(wb).expect("write batch");
+        if flush_wal && i % 7 == 6 {
+            db.flush_wal(false).expect("flush WAL buffer");
+        }
         if i % 400 == 399 {
             db.flush().expect("flush");
             db.flush_cf(cfs[(i / 400) % 2]).expect("flush cf");
@@ -193,13 +209,38 @@ fn log_numbers(dir: &Path) -> Vec<u64> {
 
 #[test]
 fn follows_a_database_written_concurrently() {
+    follow_concurrently(|_| {}, false);
+}
+
+#[test]
+fn follows_a_database_with_zstd_compressed_wal() {
+    let dir = follow_concurrently(
+        |o| o.set_wal_compression_type(rocksdb::DBCompressionType::Zstd),
+        false,
+    );
+    // The logs really are compressed: each starts with a SET_COMPRESSION_TYPE record.
+    let live = log_numbers(dir.path()).pop().unwrap();
+    let bytes = fs::read(dir.path().join(format!("{live:06}.log"))).unwrap();
+    assert_eq!(bytes[6], 9, "record type of the first record");
+}
+
+#[test]
+fn follows_a_database_with_manual_wal_flush() {
+    follow_concurrently(|o| o.set_manual_wal_flush(true), true);
+}
+
+/// Follows a database written by another thread; returns its directory.
+fn follow_concurrently(configure: fn(&mut Options), flush_wal: bool) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
-    let db = open_db(&dir, 3600);
+    let db = open_db_with(&dir, 3600, configure);
     let mut follower = WalFollower::new(&dir, StartPosition::Oldest).unwrap();
 
     let writer = thread::spawn(move || {
-        let written = write_batches(&db, 4000, 7);
+        let written = write_batches_with(&db, 4000, 7, flush_wal);
+        if flush_wal {
+            db.flush_wal(false).unwrap();
+        }
         (db, written)
     });
     let mut seen = Seen::default();
@@ -243,6 +284,8 @@ fn follows_a_database_written_concurrently() {
     );
     // Nothing new: a poll returns nothing.
     assert!(follower.poll().unwrap().is_empty());
+    drop(db);
+    tmp
 }
 
 #[test]
@@ -527,8 +570,17 @@ fn a_torn_tail_is_waited_for_and_a_newer_log_is_taken_only_once_written() {
     assert_eq!(records(&f.poll().unwrap()), vec![1, 2, 4]);
     assert!(f.poll().unwrap().is_empty());
 
-    // A newer, still empty log does not make the follower give up the torn record.
+    // A newer log that is still empty, or holds only metadata (here the WAL compression
+    // record RocksDB writes when it creates a log), does not make the follower give up the
+    // torn record.
     fs::write(dir.join("000009.log"), b"").unwrap();
+    assert!(f.poll().unwrap().is_empty());
+    let mut compression = Vec::new();
+    compression.extend_from_slice(&mask_crc(record_crc(9, &7u32.to_le_bytes())).to_le_bytes());
+    compression.extend_from_slice(&4u16.to_le_bytes());
+    compression.push(9);
+    compression.extend_from_slice(&7u32.to_le_bytes());
+    fs::write(dir.join("000009.log"), &compression).unwrap();
     assert!(f.poll().unwrap().is_empty());
     assert_eq!(f.reading().unwrap().0, 5);
 
