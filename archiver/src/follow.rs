@@ -15,9 +15,9 @@
 //! decrease.
 //!
 //! Rotation is handled in the order that makes it safe against a writer still appending: the
-//! follower first checks that a newer log exists, then reads the old log one final time, and
-//! moves on only when the old log has been read to its clean end. A torn record at the live
-//! tail is left in place and read again later.
+//! follower first checks that a newer log exists and holds a record, then reads the old log
+//! one final time, and moves on only when the old log has been read to its clean end. A torn
+//! record at the live tail is left in place and read again later.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -337,9 +337,9 @@ impl WalFollower {
 
     /// How long a log that a newer log has replaced may end in incomplete bytes before the
     /// follower moves on without them (default [`DEFAULT_TORN_TAIL_GRACE`]). RocksDB finishes
-    /// writing a log before it creates the next one, so incomplete bytes that stay are a
-    /// record torn by a crash of the database process; whatever they held is reported as a
-    /// gap if the next log does not continue the sequence.
+    /// writing a log before it writes a batch to the next one, so incomplete bytes that stay
+    /// are a record torn by a crash of the database process; whatever they held is reported
+    /// as a gap if the next log does not continue the sequence.
     pub fn with_torn_tail_grace(mut self, grace: Duration) -> WalFollower {
         self.torn_tail_grace = grace;
         self

@@ -189,7 +189,7 @@ async fn a_stale_or_missing_hint_still_finds_the_newest_generation() {
     repo.store()
         .put(
             keys::LATEST_HINT,
-            Bytes::from(format!(r#"{{"format_version":1,"generation":1}}"#)),
+            Bytes::from_static(br#"{"format_version":1,"generation":1}"#),
         )
         .await
         .unwrap();
