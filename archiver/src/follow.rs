@@ -288,7 +288,15 @@ pub struct WalFollower {
     torn_tail_grace: Duration,
     /// An error met after some events were read, returned by the next poll.
     pending_error: Option<FollowError>,
+    /// A poll stops after returning this many bytes of batches (the rest waits for the
+    /// next poll), so that catching up on a long backlog needs bounded memory.
+    poll_budget: usize,
+    /// Bytes of batches returned by the current poll.
+    polled_bytes: usize,
 }
+
+/// Default for [`WalFollower::with_poll_budget`]: 32 MiB of batches per poll.
+pub const DEFAULT_POLL_BUDGET: usize = 32 << 20;
 
 impl WalFollower {
     /// A follower of the WAL files in `wal_dir` (and `wal_dir/archive`), starting at `start`.
@@ -313,6 +321,8 @@ impl WalFollower {
             torn_since: None,
             torn_tail_grace: DEFAULT_TORN_TAIL_GRACE,
             pending_error: None,
+            poll_budget: DEFAULT_POLL_BUDGET,
+            polled_bytes: 0,
         };
         match start {
             StartPosition::Oldest => {
@@ -343,6 +353,23 @@ impl WalFollower {
     pub fn with_torn_tail_grace(mut self, grace: Duration) -> WalFollower {
         self.torn_tail_grace = grace;
         self
+    }
+
+    /// How many bytes of batches one poll returns at most (at least one record is always
+    /// returned when one is available).
+    pub fn with_poll_budget(mut self, bytes: usize) -> WalFollower {
+        self.poll_budget = bytes.max(1);
+        self
+    }
+
+    /// True when the last poll stopped at its budget: more records may be ready now.
+    pub fn more_ready(&self) -> bool {
+        self.budget_spent()
+    }
+
+    /// True when the current poll has returned its budget of bytes.
+    fn budget_spent(&self) -> bool {
+        self.polled_bytes >= self.poll_budget
     }
 
     /// The WAL directory.
@@ -378,6 +405,7 @@ impl WalFollower {
             return Err(e);
         }
         let mut events = Vec::new();
+        self.polled_bytes = 0;
         match self.poll_into(&mut events) {
             Ok(()) => Ok(events),
             Err(e) if events.is_empty() => Err(e),
@@ -397,6 +425,9 @@ impl WalFollower {
                 }
             }
             self.drain(events)?;
+            if self.budget_spent() {
+                break;
+            }
             let Some(number) = self.current.as_ref().map(|log| log.number) else {
                 break;
             };
@@ -408,6 +439,9 @@ impl WalFollower {
                 break;
             }
             self.drain(events)?;
+            if self.budget_spent() {
+                break;
+            }
             let log = self.current.as_mut().expect("the current log is open");
             let clean = log
                 .reader
@@ -584,7 +618,8 @@ impl WalFollower {
             return Ok(());
         };
         let number = log.number;
-        while let Some(rec) = log
+        while self.polled_bytes < self.poll_budget
+            && let Some(rec) = log
             .reader
             .next_record()
             .map_err(|source| FollowError::Log {
@@ -640,6 +675,7 @@ impl WalFollower {
                 record_offset: rec.start_offset,
                 next_seq: header.next_sequence(),
             });
+            self.polled_bytes += rec.bytes.len();
             events.push(FollowEvent::Record(Record {
                 seq: header.sequence,
                 count: header.count,

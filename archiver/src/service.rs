@@ -572,6 +572,19 @@ async fn run_with_lease(
             .try_into()
             .unwrap_or(Duration::ZERO);
         wake = wake.min(Instant::now() + renew_in);
+        if follower.more_ready() && !shipper.has_unsent() {
+            // Catching up: read on at once, unless asked to stop.
+            let stop = tokio::select! {
+                biased;
+                _ = &mut shutdown => true,
+                _ = tokio::task::yield_now() => false,
+            };
+            if stop {
+                tracing::info!("shutting down");
+                break;
+            }
+            continue;
+        }
         tokio::select! {
             _ = &mut shutdown => {
                 tracing::info!("shutting down");

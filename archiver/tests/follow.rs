@@ -730,3 +730,44 @@ fn resuming_in_a_log_that_is_gone() {
     }
     assert_eq!(records(&events), vec![50, 51]);
 }
+
+#[test]
+fn a_poll_returns_at_most_its_budget_and_the_rest_comes_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open_db(dir.path(), 3600);
+    let written = write_batches(&db, 1500, 99);
+    let last_seq = db.latest_sequence_number();
+    let mut follower = WalFollower::new(dir.path(), StartPosition::Oldest)
+        .unwrap()
+        .with_poll_budget(64 * 1024);
+    let mut seen = Seen::default();
+    let mut polls = 0;
+    while seen.next_seq() != Some(last_seq + 1) {
+        let events = follower.poll().expect("poll");
+        let bytes: usize = events
+            .iter()
+            .map(|e| match e {
+                FollowEvent::Record(r) => r.batch.len(),
+                _ => 0,
+            })
+            .sum();
+        let largest = events
+            .iter()
+            .map(|e| match e {
+                FollowEvent::Record(r) => r.batch.len(),
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0);
+        assert!(
+            bytes < 64 * 1024 + largest,
+            "a poll returned {bytes} bytes, over its budget by more than one record"
+        );
+        assert!(!events.is_empty(), "a poll with data available returned nothing");
+        seen.take(events);
+        polls += 1;
+        assert!(polls < 100_000, "the follower does not make progress");
+    }
+    assert!(polls > 10, "a 64 KiB budget must split this WAL over many polls ({polls})");
+    check_records(&seen.records, &written, 1);
+}
