@@ -54,6 +54,9 @@ pub enum Problem {
     WalDirMissing { path: PathBuf },
     /// A `wal_compression` the WAL reader cannot decompress.
     WalCompression { value: String },
+    /// `manual_wal_flush` is on: the application's WAL buffer may hold records that are
+    /// already in flushed SSTs, so a base backup cannot bound what its SSTs contain.
+    ManualWalFlush,
 }
 
 impl fmt::Display for Problem {
@@ -97,6 +100,15 @@ impl fmt::Display for Problem {
                 "the WAL directory {} does not exist or is not a directory; check --db and \
                  --wal-dir and that the archiver may read them",
                 path.display()
+            ),
+            Problem::ManualWalFlush => write!(
+                f,
+                "manual_wal_flush is true: records can sit in the application's WAL buffer while \
+                 the data they wrote is already flushed to SST files, so a base backup cannot \
+                 know which sequence numbers its files hold and a restore could include writes \
+                 after its target. Set manual_wal_flush=false (the default; Rust: \
+                 opts.set_manual_wal_flush(false); C++: options.manual_wal_flush = false;) and \
+                 reopen the database"
             ),
             Problem::WalCompression { value } => write!(
                 f,
@@ -233,6 +245,9 @@ pub fn check_database(db_dir: &Path, wal_dir: Option<&Path>) -> Result<DbCheck, 
     let mut problems = Vec::new();
     if wal_ttl_seconds == 0 && wal_size_limit_mb == 0 {
         problems.push(Problem::WalNotRetained);
+    }
+    if options.db_option("manual_wal_flush") == Some("true") {
+        problems.push(Problem::ManualWalFlush);
     }
     if recycle > 0 {
         problems.push(Problem::WalRecycled {
@@ -420,6 +435,19 @@ mod tests {
         ] {
             assert!(msg.contains(needle), "{needle} missing from: {msg}");
         }
+    }
+
+    #[test]
+    fn manual_wal_flush_is_refused_with_the_fix() {
+        let tmp = tempfile::tempdir().unwrap();
+        open_db(tmp.path(), |o| {
+            o.set_wal_ttl_seconds(3600);
+            o.set_manual_wal_flush(true);
+        });
+        let err = check_database(tmp.path(), None).unwrap_err();
+        let msg = err.to_string();
+        assert_eq!(problems(err), vec![Problem::ManualWalFlush]);
+        assert!(msg.contains("manual_wal_flush=false"), "{msg}");
     }
 
     #[test]
