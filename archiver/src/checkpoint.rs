@@ -11,8 +11,8 @@
 use std::time::{Duration, Instant};
 
 use tidemark_manifest::model::{
-    BaseSummary, FORMAT_VERSION, Gap, Generation, IndexPage, IndexPageRef, Retention, SegmentEntry,
-    TimeSource, Writer,
+    BaseSummary, FORMAT_VERSION, Gap, GapKind, Generation, IndexPage, IndexPageRef, Retention,
+    SegmentEntry, TimeSource, Writer,
 };
 use tidemark_manifest::repo::{RepoError, RepoState, Repository};
 use time::OffsetDateTime;
@@ -136,13 +136,16 @@ impl CheckpointManager {
         self.write(move |g| g.bases.push(base)).await
     }
 
-    /// Records a gap, in a new generation written at once. Segments after the gap are
-    /// found by the tail walk from `gap.last_seq + 1`, so this must be written before them.
+    /// Records a gap, in a new generation written at once. After a missing-WAL gap,
+    /// segments are found by the tail walk from `gap.last_seq + 1`, so this must be written
+    /// before them; other gaps cover records that are archived, and move nothing.
     pub async fn add_gap(&mut self, gap: Gap) -> Result<(), RepoError> {
-        let resume = gap.last_seq + 1;
+        let resume = (gap.kind == GapKind::MissingWal).then_some(gap.last_seq + 1);
         self.write(move |g| {
             g.gaps.push(gap);
-            g.tail_start_seq = g.tail_start_seq.max(resume);
+            if let Some(resume) = resume {
+                g.tail_start_seq = g.tail_start_seq.max(resume);
+            }
         })
         .await
     }

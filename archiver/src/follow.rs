@@ -620,12 +620,12 @@ impl WalFollower {
         let number = log.number;
         while self.polled_bytes < self.poll_budget
             && let Some(rec) = log
-            .reader
-            .next_record()
-            .map_err(|source| FollowError::Log {
-                log_number: number,
-                source,
-            })?
+                .reader
+                .next_record()
+                .map_err(|source| FollowError::Log {
+                    log_number: number,
+                    source,
+                })?
         {
             self.torn_since = None;
             let header = BatchHeader::parse(&rec.bytes).map_err(|source| FollowError::Batch {

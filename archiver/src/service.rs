@@ -193,6 +193,116 @@ impl RecentTimes {
     }
 }
 
+/// Notices column families created or dropped in the live database: the newest base no
+/// longer matches, so a new base is needed, and the records between the change and that
+/// base cannot be restored correctly (RocksDB's recovery drops records of a column family
+/// its MANIFEST does not know, and keeps a dropped one).
+#[derive(Debug)]
+struct CfWatch {
+    db: PathBuf,
+    last_check: Instant,
+    manifest_sig: Option<(PathBuf, u64, std::time::SystemTime)>,
+    /// The last sequence read while the live set still matched the newest base.
+    last_matching_seq: u64,
+    /// The first sequence that may belong to the changed set, until a base covers it.
+    changed_from: Option<u64>,
+    /// The live set as last read from the MANIFEST.
+    live: Vec<(u32, String)>,
+}
+
+impl CfWatch {
+    const EVERY: Duration = Duration::from_secs(2);
+
+    fn new(db: &Path, last_seq: u64) -> CfWatch {
+        CfWatch {
+            db: db.to_path_buf(),
+            last_check: Instant::now() - Self::EVERY,
+            manifest_sig: None,
+            last_matching_seq: last_seq,
+            changed_from: None,
+            live: Vec::new(),
+        }
+    }
+
+    /// True when `base` knows exactly the live column families last seen.
+    fn base_matches_live(&self, base: &tidemark_manifest::model::BaseSummary) -> bool {
+        let mut set: Vec<(u32, String)> = base
+            .column_families
+            .iter()
+            .map(|c| (c.id, c.name.clone()))
+            .collect();
+        set.sort();
+        set == self.live
+    }
+
+    /// The live column families (id, name), if the MANIFEST changed since the last look.
+    fn live_if_changed(&mut self) -> Option<Vec<(u32, String)>> {
+        use tidemark_manifest::rocks::version_edit::{ManifestState, current_manifest};
+        if self.last_check.elapsed() < Self::EVERY {
+            return None;
+        }
+        self.last_check = Instant::now();
+        let path = current_manifest(&self.db).ok()?;
+        let meta = std::fs::metadata(&path).ok()?;
+        let sig = (path.clone(), meta.len(), meta.modified().ok()?);
+        if self.manifest_sig.as_ref() == Some(&sig) {
+            return None;
+        }
+        let state = ManifestState::from_file(&path).ok()?;
+        self.manifest_sig = Some(sig);
+        Some(
+            state
+                .column_families
+                .iter()
+                .map(|(id, cf)| (*id, cf.name.clone()))
+                .collect(),
+        )
+    }
+
+    /// Compares the live set with the newest base's; returns true when a change is new.
+    fn observe(
+        &mut self,
+        base: Option<&tidemark_manifest::model::BaseSummary>,
+        read_up_to: u64,
+    ) -> bool {
+        let Some(base) = base else {
+            return false;
+        };
+        let Some(mut live) = self.live_if_changed() else {
+            if self.changed_from.is_none() {
+                self.last_matching_seq = read_up_to;
+            }
+            return false;
+        };
+        let mut in_base: Vec<(u32, String)> = base
+            .column_families
+            .iter()
+            .map(|c| (c.id, c.name.clone()))
+            .collect();
+        in_base.sort();
+        live.sort();
+        self.live = live.clone();
+        if live == in_base {
+            if self.changed_from.is_none() {
+                self.last_matching_seq = read_up_to;
+            }
+            false
+        } else if self.changed_from.is_none() {
+            self.changed_from = Some(self.last_matching_seq + 1);
+            tracing::warn!(
+                live = ?live,
+                in_newest_base = ?in_base,
+                from_seq = self.last_matching_seq + 1,
+                "column families changed: taking a new base backup; points between the change \
+                 and that base cannot be restored"
+            );
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// The resume point: right after the last archived record.
 async fn resume_position(
     repo: &Repository,
@@ -349,6 +459,7 @@ async fn run_with_lease(
         },
     );
     let times = Arc::new(Mutex::new(RecentTimes::default()));
+    let mut cf_watch = CfWatch::new(&opts.db, history_start.unwrap_or(1).saturating_sub(1));
     let last_base_at = state.history.bases.iter().map(|b| b.created_at).max();
     let mut base_due: Option<Instant> = match last_base_at {
         None => Some(Instant::now()),
@@ -458,6 +569,15 @@ async fn run_with_lease(
             }
         }
 
+        // Column families created or dropped since the newest base.
+        if cf_watch.observe(
+            checkpoint.current().bases.last(),
+            summary.last_seq.unwrap_or(0),
+        ) && base_task.is_none()
+        {
+            base_due = Some(Instant::now());
+        }
+
         // 2. Ship a due segment (or retry an upload).
         if (shipper.should_close() || shipper.has_unsent())
             && retry_at.is_none_or(|t| t <= Instant::now())
@@ -509,10 +629,33 @@ async fn run_with_lease(
                             checkpoint.segment_uploaded(e);
                         }
                     }
+                    base_due = Some(Instant::now() + opts.base_interval);
+                    if cf_watch.changed_from.is_some()
+                        && !cf_watch.base_matches_live(&result.summary)
+                    {
+                        // Started before the change: another base is needed.
+                        base_due = Some(Instant::now());
+                    } else if let Some(from) = cf_watch.changed_from.take() {
+                        let last = result.summary.earliest_seq.saturating_sub(1);
+                        if from <= last {
+                            checkpoint
+                                .add_gap(Gap {
+                                    first_seq: from,
+                                    last_seq: last,
+                                    kind: GapKind::ColumnFamilyChange,
+                                    detected_at: OffsetDateTime::now_utc(),
+                                    detail: "column families were created or dropped; no base \
+                                             knows the new set before this point"
+                                        .to_owned(),
+                                })
+                                .await?;
+                            summary.gaps += 1;
+                        }
+                        cf_watch.last_matching_seq = result.summary.earliest_seq;
+                    }
                     checkpoint.add_base(result.summary).await?;
                     summary.bases += 1;
                     bases_done_this_run += 1;
-                    base_due = Some(Instant::now() + opts.base_interval);
                 }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "base backup failed; retrying in a minute");

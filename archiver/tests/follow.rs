@@ -763,11 +763,17 @@ fn a_poll_returns_at_most_its_budget_and_the_rest_comes_next() {
             bytes < 64 * 1024 + largest,
             "a poll returned {bytes} bytes, over its budget by more than one record"
         );
-        assert!(!events.is_empty(), "a poll with data available returned nothing");
+        assert!(
+            !events.is_empty(),
+            "a poll with data available returned nothing"
+        );
         seen.take(events);
         polls += 1;
         assert!(polls < 100_000, "the follower does not make progress");
     }
-    assert!(polls > 10, "a 64 KiB budget must split this WAL over many polls ({polls})");
+    assert!(
+        polls > 10,
+        "a 64 KiB budget must split this WAL over many polls ({polls})"
+    );
     check_records(&seen.records, &written, 1);
 }

@@ -156,7 +156,9 @@ impl TestStore {
                     "TIDEMARK_REQUIRE_S3=1 but TIDEMARK_TEST_S3_ENDPOINT is not set: start a server with scripts/s3-server.sh"
                 );
             }
-            eprintln!("SKIPPED S3 variant of {test}: no S3 server (run scripts/test.sh, or scripts/s3-server.sh start)");
+            eprintln!(
+                "SKIPPED S3 variant of {test}: no S3 server (run scripts/test.sh, or scripts/s3-server.sh start)"
+            );
             return Ok(None);
         };
         let bucket = ensure_bucket(&endpoint).await?;
@@ -188,14 +190,16 @@ impl TestStore {
         let url = StoreUrl::parse(&self.url)?;
         let store: Arc<dyn ObjectStore> = match &url {
             StoreUrl::Local { root } => Arc::new(LocalStore::open(root)?),
-            _ => tidemark_manifest::store::open_store_with(
-                &url,
-                &OpenOptions {
-                    s3: self.s3.clone(),
-                    ..OpenOptions::default()
-                },
-            )
-            .await?,
+            _ => {
+                tidemark_manifest::store::open_store_with(
+                    &url,
+                    &OpenOptions {
+                        s3: self.s3.clone(),
+                        ..OpenOptions::default()
+                    },
+                )
+                .await?
+            }
         };
         Ok(Repository::new(store))
     }

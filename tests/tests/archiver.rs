@@ -61,9 +61,11 @@ impl Setup {
 }
 
 fn wait_for_db(db: &Path) -> Result<()> {
-    wait_for(Duration::from_secs(20), "the load generator's database", || {
-        db.join("CURRENT").exists().then_some(())
-    })
+    wait_for(
+        Duration::from_secs(20),
+        "the load generator's database",
+        || db.join("CURRENT").exists().then_some(()),
+    )
 }
 
 /// Waits until the repository holds the oracle's last sequence.
@@ -95,7 +97,10 @@ async fn wait_archived(store: &TestStore, last_seq: u64, archiver: &mut Proc) ->
 /// no duplicate), several bases, and the latest point is the writer's last sequence.
 async fn check_history(store: &TestStore, oracle: &Oracle, min_bases: usize) -> Result<()> {
     let repo = store.open().await?;
-    let state = repo.load().await.context("the repository must load without problems")?;
+    let state = repo
+        .load()
+        .await
+        .context("the repository must load without problems")?;
     let h = &state.history;
     ensure!(h.gaps.is_empty(), "unexpected gaps: {:?}", h.gaps);
     ensure!(
@@ -145,12 +150,20 @@ async fn archives_a_live_database(store: TestStore) -> Result<()> {
     wait_for_db(&s.db())?;
     let mut arch = s.archiver("archiver.log", &["--base-interval", "3s"])?;
     let status = writer.wait_timeout(Duration::from_secs(60))?;
-    ensure!(status.success(), "load generator failed:\n{}", writer.log_tail());
+    ensure!(
+        status.success(),
+        "load generator failed:\n{}",
+        writer.log_tail()
+    );
     let oracle = Oracle::open(&s.out())?;
     wait_archived(&s.store, oracle.last_seq(), &mut arch).await?;
     arch.signal("TERM")?;
     let status = arch.wait_timeout(Duration::from_secs(30))?;
-    ensure!(status.success(), "archiver exit {status}:\n{}", arch.log_tail());
+    ensure!(
+        status.success(),
+        "archiver exit {status}:\n{}",
+        arch.log_tail()
+    );
     check_history(&s.store, &oracle, 2).await?;
     // A clean shutdown released the lease.
     let repo = s.store.open().await?;
@@ -192,18 +205,30 @@ async fn survives_kill_9(store: TestStore, kills: usize) -> Result<()> {
         let mut arch = s.archiver(&format!("archiver-{i}.log"), &["--base-interval", "2s"])?;
         let alive = Duration::from_millis(300 + next() % 1700);
         std::thread::sleep(alive);
-        ensure!(arch.running(), "archiver {i} exited early:\n{}", arch.log_tail());
+        ensure!(
+            arch.running(),
+            "archiver {i} exited early:\n{}",
+            arch.log_tail()
+        );
         arch.signal("KILL")?;
         arch.wait_timeout(Duration::from_secs(10))?;
     }
     let status = writer.wait_timeout(Duration::from_secs(60))?;
-    ensure!(status.success(), "load generator failed:\n{}", writer.log_tail());
+    ensure!(
+        status.success(),
+        "load generator failed:\n{}",
+        writer.log_tail()
+    );
     let oracle = Oracle::open(&s.out())?;
     let mut arch = s.archiver("archiver-final.log", &["--base-interval", "1h"])?;
     wait_archived(&s.store, oracle.last_seq(), &mut arch).await?;
     arch.signal("TERM")?;
     let status = arch.wait_timeout(Duration::from_secs(30))?;
-    ensure!(status.success(), "archiver exit {status}:\n{}", arch.log_tail());
+    ensure!(
+        status.success(),
+        "archiver exit {status}:\n{}",
+        arch.log_tail()
+    );
     check_history(&s.store, &oracle, 1).await
 }
 
@@ -242,10 +267,19 @@ async fn bad_starts_fail_fast_and_say_why() -> Result<()> {
     // A missing directory.
     let missing = dir.path().join("nope");
     let (code, text) = run_archiver(
-        &["run", "--db", &missing.display().to_string(), "--to", &repo_url],
+        &[
+            "run",
+            "--db",
+            &missing.display().to_string(),
+            "--to",
+            &repo_url,
+        ],
         &[],
     )?;
-    ensure!(code == 2 && text.contains("nope"), "missing dir: {code} {text}");
+    ensure!(
+        code == 2 && text.contains("nope"),
+        "missing dir: {code} {text}"
+    );
 
     // A database that deletes its rotated WAL files.
     let bad_db = dir.path().join("bad-db");
@@ -256,7 +290,13 @@ async fn bad_starts_fail_fast_and_say_why() -> Result<()> {
         db.put(b"k", b"v")?;
     }
     let (code, text) = run_archiver(
-        &["run", "--db", &bad_db.display().to_string(), "--to", &repo_url],
+        &[
+            "run",
+            "--db",
+            &bad_db.display().to_string(),
+            "--to",
+            &repo_url,
+        ],
         &[],
     )?;
     ensure!(
@@ -289,7 +329,10 @@ async fn bad_starts_fail_fast_and_say_why() -> Result<()> {
         ],
     )?;
     ensure!(code != 0, "unreachable store must fail: {text}");
-    ensure!(text.contains("127.0.0.1:9"), "message must name the endpoint: {text}");
+    ensure!(
+        text.contains("127.0.0.1:9"),
+        "message must name the endpoint: {text}"
+    );
     ensure!(
         started.elapsed() < Duration::from_secs(90),
         "took {:?} to give up",
@@ -299,15 +342,25 @@ async fn bad_starts_fail_fast_and_say_why() -> Result<()> {
     // A held lease: a second archiver on the same repository refuses, naming the holder.
     let mut first = s.archiver("first.log", &[])?;
     let lease = s.store.local_root().unwrap().join("lease.json");
-    wait_for(Duration::from_secs(20), "the first archiver's lease", || {
-        lease.exists().then_some(())
-    })?;
+    wait_for(
+        Duration::from_secs(20),
+        "the first archiver's lease",
+        || lease.exists().then_some(()),
+    )?;
     let (code, text) = run_archiver(
-        &["run", "--db", &s.db().display().to_string(), "--to", &s.store.url],
+        &[
+            "run",
+            "--db",
+            &s.db().display().to_string(),
+            "--to",
+            &s.store.url,
+        ],
         &[],
     )?;
     ensure!(
-        code == 3 && text.contains("another archiver") && text.contains(&first.child.id().to_string()),
+        code == 3
+            && text.contains("another archiver")
+            && text.contains(&first.child.id().to_string()),
         "held lease: {code} {text}"
     );
     first.signal("TERM")?;
@@ -321,7 +374,13 @@ async fn bad_starts_fail_fast_and_say_why() -> Result<()> {
         env.push(("AWS_ACCESS_KEY_ID".into(), "AKIAWRONGWRONGWRONG0".into()));
         env.push(("AWS_SECRET_ACCESS_KEY".into(), "wrong-secret".into()));
         let (code, text) = run_archiver(
-            &["run", "--db", &s.db().display().to_string(), "--to", &store.url],
+            &[
+                "run",
+                "--db",
+                &s.db().display().to_string(),
+                "--to",
+                &store.url,
+            ],
             &env,
         )?;
         ensure!(

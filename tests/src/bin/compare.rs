@@ -14,7 +14,10 @@ use clap::Parser;
 use tidemark_tests::{Oracle, read_db_state_and_seq};
 
 #[derive(Debug, Parser)]
-#[command(name = "tidemark-compare", about = "Compare a database with the load generator's oracle")]
+#[command(
+    name = "tidemark-compare",
+    about = "Compare a database with the load generator's oracle"
+)]
 struct Args {
     /// The database to check.
     #[arg(long)]
@@ -43,15 +46,16 @@ fn run(args: Args) -> Result<bool> {
         (None, None) => db_seq,
     };
     if db_seq != expected_seq {
-        println!(
-            "MISMATCH: the database is at sequence {db_seq}, expected {expected_seq}"
-        );
+        println!("MISMATCH: the database is at sequence {db_seq}, expected {expected_seq}");
         return Ok(false);
     }
     let expected = oracle.state_at(expected_seq)?;
     match expected.diff(&actual) {
         None => {
-            let keys: usize = actual.cf_names().map(|n| actual.cf(n).map_or(0, |c| c.len())).sum();
+            let keys: usize = actual
+                .cf_names()
+                .map(|n| actual.cf(n).map_or(0, |c| c.len()))
+                .sum();
             println!(
                 "OK: {} equals the written state at sequence {expected_seq} ({keys} keys in {} column families)",
                 args.db.display(),
