@@ -226,40 +226,44 @@ impl CfWatch {
 
     /// True when `base` knows exactly the live column families last seen.
     fn base_matches_live(&self, base: &tidemark_manifest::model::BaseSummary) -> bool {
-        let mut set: Vec<(u32, String)> = base
-            .column_families
-            .iter()
-            .map(|c| (c.id, c.name.clone()))
-            .collect();
-        set.sort();
-        set == self.live
+        base_set(base) == self.live
     }
 
-    /// The live column families (id, name), if the MANIFEST changed since the last look.
-    fn live_if_changed(&mut self) -> Option<Vec<(u32, String)>> {
+    /// Looks at the MANIFEST (at most every [`Self::EVERY`]).
+    fn look(&mut self) -> Look {
         use tidemark_manifest::rocks::version_edit::{ManifestState, current_manifest};
         if self.last_check.elapsed() < Self::EVERY {
-            return None;
+            return Look::NotYet;
         }
         self.last_check = Instant::now();
-        let path = current_manifest(&self.db).ok()?;
-        let meta = std::fs::metadata(&path).ok()?;
-        let sig = (path.clone(), meta.len(), meta.modified().ok()?);
+        let Ok(path) = current_manifest(&self.db) else {
+            return Look::NotYet;
+        };
+        let Ok(meta) = std::fs::metadata(&path) else {
+            return Look::NotYet;
+        };
+        let Ok(modified) = meta.modified() else {
+            return Look::NotYet;
+        };
+        let sig = (path.clone(), meta.len(), modified);
         if self.manifest_sig.as_ref() == Some(&sig) {
-            return None;
+            return Look::Unchanged;
         }
-        let state = ManifestState::from_file(&path).ok()?;
+        let Ok(state) = ManifestState::from_file(&path) else {
+            return Look::NotYet;
+        };
         self.manifest_sig = Some(sig);
-        Some(
-            state
-                .column_families
-                .iter()
-                .map(|(id, cf)| (*id, cf.name.clone()))
-                .collect(),
-        )
+        let mut live: Vec<(u32, String)> = state
+            .column_families
+            .iter()
+            .map(|(id, cf)| (*id, cf.name.clone()))
+            .collect();
+        live.sort();
+        Look::Changed(live)
     }
 
-    /// Compares the live set with the newest base's; returns true when a change is new.
+    /// Called after each poll with the last sequence read so far; returns true when a
+    /// column family change is newly detected.
     fn observe(
         &mut self,
         base: Option<&tidemark_manifest::model::BaseSummary>,
@@ -268,30 +272,26 @@ impl CfWatch {
         let Some(base) = base else {
             return false;
         };
-        let Some(mut live) = self.live_if_changed() else {
-            if self.changed_from.is_none() {
-                self.last_matching_seq = read_up_to;
+        let matches = match self.look() {
+            Look::NotYet => return false,
+            // Unchanged since a look that matched: still matching.
+            Look::Unchanged => self.live == base_set(base),
+            Look::Changed(live) => {
+                self.live = live;
+                self.live == base_set(base)
             }
-            return false;
         };
-        let mut in_base: Vec<(u32, String)> = base
-            .column_families
-            .iter()
-            .map(|c| (c.id, c.name.clone()))
-            .collect();
-        in_base.sort();
-        live.sort();
-        self.live = live.clone();
-        if live == in_base {
+        if matches {
             if self.changed_from.is_none() {
-                self.last_matching_seq = read_up_to;
+                // Every record read before this look was written before any change.
+                self.last_matching_seq = self.last_matching_seq.max(read_up_to);
             }
             false
         } else if self.changed_from.is_none() {
             self.changed_from = Some(self.last_matching_seq + 1);
             tracing::warn!(
-                live = ?live,
-                in_newest_base = ?in_base,
+                live = ?self.live,
+                in_newest_base = ?base_set(base),
                 from_seq = self.last_matching_seq + 1,
                 "column families changed: taking a new base backup; points between the change \
                  and that base cannot be restored"
@@ -301,6 +301,24 @@ impl CfWatch {
             false
         }
     }
+}
+
+/// What a look at the MANIFEST found.
+#[derive(Debug)]
+enum Look {
+    NotYet,
+    Unchanged,
+    Changed(Vec<(u32, String)>),
+}
+
+fn base_set(base: &tidemark_manifest::model::BaseSummary) -> Vec<(u32, String)> {
+    let mut set: Vec<(u32, String)> = base
+        .column_families
+        .iter()
+        .map(|c| (c.id, c.name.clone()))
+        .collect();
+    set.sort();
+    set
 }
 
 /// The resume point: right after the last archived record.
@@ -459,7 +477,16 @@ async fn run_with_lease(
         },
     );
     let times = Arc::new(Mutex::new(RecentTimes::default()));
-    let mut cf_watch = CfWatch::new(&opts.db, history_start.unwrap_or(1).saturating_sub(1));
+    let mut cf_watch = CfWatch::new(
+        &opts.db,
+        state
+            .history
+            .bases
+            .iter()
+            .map(|b| b.earliest_seq)
+            .max()
+            .unwrap_or(0),
+    );
     let last_base_at = state.history.bases.iter().map(|b| b.created_at).max();
     let mut base_due: Option<Instant> = match last_base_at {
         None => Some(Instant::now()),
@@ -651,7 +678,12 @@ async fn run_with_lease(
                                 .await?;
                             summary.gaps += 1;
                         }
-                        cf_watch.last_matching_seq = result.summary.earliest_seq;
+                    }
+                    if cf_watch.changed_from.is_none() {
+                        // The base's own MANIFEST copy holds its column families at its
+                        // earliest point.
+                        cf_watch.last_matching_seq =
+                            cf_watch.last_matching_seq.max(result.summary.earliest_seq);
                     }
                     checkpoint.add_base(result.summary).await?;
                     summary.bases += 1;

@@ -390,3 +390,134 @@ async fn bad_starts_fail_fast_and_say_why() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_column_family_change_takes_a_base_and_marks_the_points_before_it() -> Result<()> {
+    use tidemark_manifest::model::GapKind;
+    use tidemark_manifest::plan::PlanError;
+
+    let dir = tempfile::tempdir()?;
+    let db_path = dir.path().join("db");
+    let store = TestStore::local()?;
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    opts.set_wal_ttl_seconds(3600);
+    let mut db = rocksdb::DB::open(&opts, &db_path)?; // the test owns the database
+    for i in 0..200u32 {
+        db.put(format!("k{i}"), b"v")?;
+    }
+    let args: Vec<String> = [
+        "run",
+        "--db",
+        &db_path.display().to_string(),
+        "--to",
+        &store.url,
+        "--sync-interval",
+        "100ms",
+        "--checkpoint-interval",
+        "500ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut arch = Proc::spawn(
+        &bin("tidemark-archiver")?,
+        &args,
+        &[],
+        &dir.path().join("archiver.log"),
+    )?;
+    let repo_root = store.local_root().unwrap();
+    wait_for(Duration::from_secs(30), "the first base", || {
+        std::fs::read_dir(repo_root.join("bases"))
+            .ok()
+            .and_then(|mut d| d.next())
+            .map(|_| ())
+    })?;
+    let repo = store.open().await?;
+    wait_for_history(&repo, |s| !s.history.bases.is_empty()).await?;
+    // Create a column family and write to it, then more to the default one.
+    db.create_cf("added", &opts)?;
+    let added = db.cf_handle("added").unwrap();
+    for i in 0..100u32 {
+        db.put_cf(&added, format!("a{i}"), b"x")?;
+    }
+    for i in 0..100u32 {
+        db.put(format!("z{i}"), b"v")?;
+    }
+    let last = db.latest_sequence_number();
+    wait_for_history(&repo, |s| {
+        s.history.bases.len() >= 2
+            && s.history
+                .gaps
+                .iter()
+                .any(|g| g.kind == GapKind::ColumnFamilyChange)
+            && s.history.segments.last().map(|x| x.last_seq) == Some(last)
+    })
+    .await
+    .with_context(|| arch.log_tail())?;
+    arch.signal("TERM")?;
+    ensure!(arch.wait_timeout(Duration::from_secs(30))?.success());
+    let state = repo.load().await?;
+    let gap = state
+        .history
+        .gaps
+        .iter()
+        .find(|g| g.kind == GapKind::ColumnFamilyChange)
+        .unwrap()
+        .clone();
+    let newest = state.history.bases.last().unwrap();
+    ensure!(
+        newest.column_families.iter().any(|c| c.name == "added"),
+        "the new base must know the new column family: {:?}",
+        newest.column_families
+    );
+    ensure!(
+        gap.last_seq + 1 == newest.earliest_seq,
+        "{gap:?} vs {newest:?}"
+    );
+    ensure!(
+        gap.first_seq <= 201,
+        "the change happened after sequence 200: {gap:?}"
+    );
+    match state.history.plan(Target::Seq(gap.last_seq)) {
+        Err(PlanError::InGap { .. }) => {}
+        other => anyhow::bail!("a target inside the change must be refused, got {other:?}"),
+    }
+    let window = state.history.window();
+    ensure!(
+        state.history.plan(Target::Seq(last)).is_ok(),
+        "the latest point must restore: {window}; {gap:?}"
+    );
+    ensure!(
+        state.history.plan(Target::Seq(200)).is_ok(),
+        "the point before the change must restore: {window}; {gap:?}; bases {:?}; log:\n{}",
+        state
+            .history
+            .bases
+            .iter()
+            .map(|b| (b.replay_from_seq, b.earliest_seq))
+            .collect::<Vec<_>>(),
+        arch.log_tail()
+    );
+    drop(db);
+    Ok(())
+}
+
+async fn wait_for_history(
+    repo: &tidemark_manifest::repo::Repository,
+    done: impl Fn(&tidemark_manifest::repo::RepoState) -> bool,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Ok(s) = repo.load().await
+            && done(&s)
+        {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the repository did not reach the expected state"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
