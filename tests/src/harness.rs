@@ -185,6 +185,17 @@ impl TestStore {
         self.url.strip_prefix("file://").map(PathBuf::from)
     }
 
+    /// Opens the repository in-process once it exists (the archiver creates a local
+    /// directory on its first start).
+    pub async fn open_when_created(&self) -> Result<Repository> {
+        if let Some(root) = self.local_root() {
+            wait_for(Duration::from_secs(20), "the repository directory", || {
+                root.exists().then_some(())
+            })?;
+        }
+        self.open().await
+    }
+
     /// Opens the repository in-process.
     pub async fn open(&self) -> Result<Repository> {
         let url = StoreUrl::parse(&self.url)?;

@@ -521,3 +521,122 @@ async fn wait_for_history(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Runs `tidemark-archiver run` on `db` until the repository holds `last` and `done` holds.
+async fn archive_until(
+    db: &Path,
+    store: &TestStore,
+    log: &Path,
+    last: u64,
+    done: impl Fn(&tidemark_manifest::repo::RepoState) -> bool,
+) -> Result<()> {
+    let args: Vec<String> = [
+        "run",
+        "--db",
+        &db.display().to_string(),
+        "--to",
+        &store.url,
+        "--sync-interval",
+        "100ms",
+        "--checkpoint-interval",
+        "500ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut arch = Proc::spawn(&bin("tidemark-archiver")?, &args, &store.env, log)?;
+    let repo = store.open_when_created().await?;
+    wait_for_history(&repo, |s| {
+        s.history.segments.last().map(|x| x.last_seq) == Some(last) && done(s)
+    })
+    .await
+    .with_context(|| arch.log_tail())?;
+    arch.signal("TERM")?;
+    let status = arch.wait_timeout(Duration::from_secs(30))?;
+    ensure!(
+        status.success(),
+        "archiver exit {status}:\n{}",
+        arch.log_tail()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wal_deleted_before_it_was_archived_is_a_gap_healed_by_a_new_base() -> Result<()> {
+    use tidemark_manifest::model::GapKind;
+    use tidemark_manifest::plan::PlanError;
+
+    let dir = tempfile::tempdir()?;
+    let db_path = dir.path().join("db");
+    let store = TestStore::local()?;
+    // The test owns the database; rotated WAL files are kept for one second only.
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    opts.set_wal_ttl_seconds(1);
+    opts.set_write_buffer_size(64 << 10);
+    let db = rocksdb::DB::open(&opts, &db_path)?;
+    let value = vec![b'x'; 1000];
+    let write = |from: u32, n: u32| -> Result<()> {
+        for i in from..from + n {
+            db.put(format!("k{i:06}"), &value)?;
+        }
+        Ok(())
+    };
+    write(0, 300)?;
+    let first_last = db.latest_sequence_number();
+    archive_until(
+        &db_path,
+        &store,
+        &dir.path().join("a1.log"),
+        first_last,
+        |s| !s.history.bases.is_empty(),
+    )
+    .await?;
+
+    // The archiver is stopped; the database goes on and its old WAL files expire.
+    for round in 0..4u32 {
+        write(1000 + round * 300, 300)?;
+        db.flush()?;
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    write(5000, 10)?;
+    db.flush()?;
+    let last = db.latest_sequence_number();
+
+    archive_until(&db_path, &store, &dir.path().join("a2.log"), last, |s| {
+        s.history.gaps.iter().any(|g| g.kind == GapKind::MissingWal) && s.history.bases.len() >= 2
+    })
+    .await?;
+    let state = store.open().await?.load().await?;
+    let gap = state
+        .history
+        .gaps
+        .iter()
+        .find(|g| g.kind == GapKind::MissingWal)
+        .unwrap()
+        .clone();
+    ensure!(
+        gap.first_seq == first_last + 1,
+        "the gap must start right after what was archived ({first_last}): {gap:?}"
+    );
+    ensure!(gap.last_seq < last, "{gap:?}");
+    for target in [gap.first_seq, gap.last_seq] {
+        match state.history.plan(Target::Seq(target)) {
+            Err(e @ PlanError::InGap { .. }) => {
+                ensure!(e.to_string().contains("gap"), "{e}");
+            }
+            other => anyhow::bail!("a target in the gap must be refused: {other:?}"),
+        }
+    }
+    let newest = state
+        .history
+        .bases
+        .iter()
+        .max_by_key(|b| b.earliest_seq)
+        .unwrap();
+    ensure!(newest.earliest_seq > gap.last_seq, "{newest:?} {gap:?}");
+    let plan = state.history.plan(Target::Latest)?;
+    ensure!(plan.max_seq == last && plan.base.id == newest.id);
+    ensure!(state.history.plan(Target::Seq(first_last)).is_ok());
+    Ok(())
+}
