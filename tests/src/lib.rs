@@ -16,6 +16,4 @@ pub use rocks::{
     read_db_state_and_seq, read_state,
 };
 pub use state::{COLUMN_FAMILIES, Op, OpKind, State};
-pub use workload::{
-    Generator, RunOptions, Summary, WorkloadConfig, decode_time_marker, encode_time_marker, run,
-};
+pub use workload::{Generator, RunOptions, Summary, WorkloadConfig, run};

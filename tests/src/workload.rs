@@ -13,7 +13,7 @@
 //! Values are 0..=200 random bytes (counters: 8 bytes); every `large_value_every` batches,
 //! the batch opens with a put of 32..96 KiB, which crosses 32 KiB WAL blocks. Every
 //! `marker_every` batches, the batch opens with a `put_log_data` time marker
-//! ([`encode_time_marker`]). The ops depend only on the seed and the configuration, never
+//! ([`tidemark_manifest::rocks::marker`]). The ops depend only on the seed and the configuration, never
 //! on timing: the same seed gives the same batches.
 
 use std::fs::{File, OpenOptions};
@@ -28,34 +28,11 @@ use rand::{Rng, RngCore, SeedableRng};
 use rocksdb::{DB, WriteBatch};
 use serde::Serialize;
 
+use tidemark_manifest::rocks::marker::Marker;
+
 use crate::oracle::{BatchRecord, OracleWriter, SUMMARY_FILE, TIMES_LOG, TimePoint};
 use crate::rocks::{count_db_files, open_db};
 use crate::state::{COLUMN_FAMILIES, COUNTERS_CF, Op, OpKind, State, encode_counter};
-
-/// First bytes of a time marker.
-pub const MARKER_MAGIC: &[u8; 4] = b"TDMK";
-/// Version byte of the time marker format.
-pub const MARKER_VERSION: u8 = 1;
-/// Length of a time marker.
-pub const MARKER_LEN: usize = 13;
-
-/// A time marker as embedded with `put_log_data`: `b"TDMK"`, version 1, unix micros as
-/// `i64` LE.
-pub fn encode_time_marker(unix_micros: i64) -> [u8; MARKER_LEN] {
-    let mut out = [0u8; MARKER_LEN];
-    out[..4].copy_from_slice(MARKER_MAGIC);
-    out[4] = MARKER_VERSION;
-    out[5..].copy_from_slice(&unix_micros.to_le_bytes());
-    out
-}
-
-/// The unix micros of a time marker, or `None` if `bytes` is not one.
-pub fn decode_time_marker(bytes: &[u8]) -> Option<i64> {
-    if bytes.len() != MARKER_LEN || &bytes[..4] != MARKER_MAGIC || bytes[4] != MARKER_VERSION {
-        return None;
-    }
-    Some(i64::from_le_bytes(bytes[5..].try_into().ok()?))
-}
 
 /// What the generator writes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -357,7 +334,7 @@ impl Generator {
         let marker = self.every(self.config.marker_every);
         let mut batch = WriteBatch::default();
         if marker {
-            batch.put_log_data(encode_time_marker(unix_micros));
+            batch.put_log_data(Marker { unix_micros }.encode());
         }
         let handles: Vec<_> = COLUMN_FAMILIES
             .iter()
@@ -517,20 +494,4 @@ pub fn run(opts: &RunOptions, stop: &AtomicBool) -> Result<Summary> {
         generator.step()?;
     }
     generator.finish(stopped)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn time_markers_round_trip() {
-        let marker = encode_time_marker(1_763_000_000_123_456);
-        assert_eq!(&marker[..5], b"TDMK\x01");
-        assert_eq!(decode_time_marker(&marker), Some(1_763_000_000_123_456));
-        assert_eq!(decode_time_marker(&marker[..12]), None);
-        let mut other = marker;
-        other[4] = 2;
-        assert_eq!(decode_time_marker(&other), None);
-    }
 }

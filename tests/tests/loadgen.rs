@@ -10,9 +10,8 @@ use anyhow::{Context, Result, ensure};
 use rocksdb::checkpoint::Checkpoint;
 use tidemark_tests::state::show_key;
 use tidemark_tests::{
-    Generator, Oracle, RunOptions, State, Summary, WorkloadConfig, count_db_files,
-    decode_time_marker, open_db, open_db_read_only, read_db_state, read_db_state_and_seq,
-    read_times, run,
+    Generator, Oracle, RunOptions, State, Summary, WorkloadConfig, count_db_files, open_db,
+    open_db_read_only, read_db_state, read_db_state_and_seq, read_times, run,
 };
 
 fn config(seed: u64) -> WorkloadConfig {
@@ -58,7 +57,8 @@ fn markers_in_wal(db: &Path) -> Result<Vec<i64>> {
             if path.extension().is_some_and(|e| e == "log") {
                 let bytes = std::fs::read(&path)?;
                 for window in bytes.windows(13) {
-                    if let Some(micros) = decode_time_marker(window) {
+                    if let Some(Ok(m)) = tidemark_manifest::rocks::marker::decode(window) {
+                        let micros = m.unix_micros;
                         found.push(micros);
                     }
                 }
