@@ -1,0 +1,903 @@
+//! `restore`: plan → fetch → replay → verify, into a staging directory that is renamed to
+//! the target only once the result is verified.
+//!
+//! Safety rules, in the order they are applied:
+//!
+//! 1. the target must be missing or an empty directory, unless `--force`; a target holding a
+//!    live database (its `LOCK` held) is refused even then, and so are a mount point and a
+//!    target overlapping a local repository;
+//! 2. the plan's chain is checked before anything is downloaded;
+//! 3. every name that becomes a file comes from the store through
+//!    `keys::check_base_file_name`, and every object is checked against its sha256;
+//! 4. WAL files are written only after the records before them continued the chain;
+//! 5. the result must open read-only at exactly the achieved cutoff;
+//! 6. only then is the old target (if any) renamed aside and the result renamed into place;
+//!    nothing is ever deleted except the tool's own staging and scratch directories.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::sync::{Semaphore, mpsc};
+
+use tidemark_manifest::model::{BaseDescriptor, TimeSource};
+use tidemark_manifest::plan::RestorePlan;
+use tidemark_manifest::repo::Repository;
+use tidemark_manifest::store::StoreUrl;
+
+use super::{StoreOptions, TargetSpec, load, short_time};
+use crate::fetch::{self, FetchedSegment, SegmentFetch};
+use crate::progress::{Progress, Unit};
+use crate::replay::{self, RecordPoint, Replayer, RoundedDown, WalFileReport};
+use crate::staging::{self, Staging};
+use crate::verify::{self, Verification, VerificationStatus, VerifyMode};
+use crate::{Cancel, RestoreError, human_bytes, human_duration};
+
+/// Default number of concurrent downloads.
+pub const DEFAULT_PARALLELISM: usize = 8;
+
+fn default_parallelism() -> usize {
+    DEFAULT_PARALLELISM
+}
+
+fn default_verify() -> VerifyMode {
+    VerifyMode::Full
+}
+
+/// Options of `restore`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreOptions {
+    /// The directory to restore into.
+    pub target_dir: PathBuf,
+    /// The point to restore to.
+    pub target: TargetSpec,
+    /// Plan only: say what would be downloaded and restored, write nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Restore over a non-empty target, moving its contents aside first.
+    #[serde(default)]
+    pub force: bool,
+    /// Concurrent downloads (at least 1).
+    #[serde(default = "default_parallelism")]
+    pub parallelism: usize,
+    /// How to verify the result.
+    #[serde(default = "default_verify")]
+    pub verify: VerifyMode,
+}
+
+impl RestoreOptions {
+    /// Options with the defaults for everything but the target.
+    pub fn new(target_dir: impl Into<PathBuf>, target: TargetSpec) -> RestoreOptions {
+        RestoreOptions {
+            target_dir: target_dir.into(),
+            target,
+            dry_run: false,
+            force: false,
+            parallelism: DEFAULT_PARALLELISM,
+            verify: VerifyMode::Full,
+        }
+    }
+}
+
+/// The base a restore uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BaseReport {
+    pub id: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    pub earliest_seq: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub earliest_time: OffsetDateTime,
+    pub min_log_number: u64,
+    pub replay_from_seq: u64,
+    pub files: usize,
+    pub bytes: u64,
+    pub column_families: Vec<String>,
+}
+
+/// The segments a restore uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SegmentsReport {
+    pub planned: usize,
+    pub planned_bytes: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    /// Downloaded and replayed (fewer than planned when a time cutoff was found early).
+    pub read: usize,
+}
+
+/// Where the restored database ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CutoffReport {
+    /// The last sequence number of the restored database.
+    pub seq: u64,
+    /// The time of the last applied record (the base's own point if none was applied).
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    pub last_record: Option<RecordPoint>,
+    /// The first record left out.
+    pub next_record: Option<RecordPoint>,
+    pub rounded_down: Option<RoundedDown>,
+}
+
+/// What the replay wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplayReport {
+    pub records_replayed: u64,
+    pub records_skipped: u64,
+    pub wal_files: Vec<WalFileReport>,
+    pub wal_bytes: u64,
+}
+
+/// Wall time of each phase, in milliseconds. The base download runs at the same time as the
+/// WAL download and replay.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Durations {
+    pub plan: u64,
+    pub fetch_base: u64,
+    pub fetch_and_replay_wal: u64,
+    pub verify: u64,
+    pub commit: u64,
+    pub total: u64,
+}
+
+/// What `restore` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub dry_run: bool,
+    pub repository: String,
+    pub target_dir: PathBuf,
+    /// The target as requested.
+    pub target: TargetSpec,
+    /// What was at the target path before the restore.
+    pub target_before: String,
+    pub time_precision: Option<TimeSource>,
+    pub base: BaseReport,
+    /// The planner's bounds of the cutoff (equal unless the target is a time inside a
+    /// segment, decided while replaying).
+    pub planned_min_seq: u64,
+    pub planned_max_seq: u64,
+    pub segments: SegmentsReport,
+    pub download_bytes: u64,
+    pub cutoff: Option<CutoffReport>,
+    pub replay: Option<ReplayReport>,
+    pub verification: Option<Verification>,
+    /// Where the previous contents of the target went (`--force`).
+    pub moved_aside: Option<PathBuf>,
+    pub warnings: Vec<String>,
+    pub notes: Vec<String>,
+    pub durations_ms: Durations,
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// Opens the repository `store` names and restores from it. Refuses a target that overlaps a
+/// local repository.
+pub async fn run_from(
+    store: &StoreOptions,
+    opts: &RestoreOptions,
+    progress: &Progress,
+    cancel: &Cancel,
+) -> Result<RestoreReport, RestoreError> {
+    if let StoreUrl::Local { root } = store.url()? {
+        let target = staging::resolve_target(&opts.target_dir)?;
+        staging::check_not_overlapping(&target, &root)?;
+    }
+    let repo = store.open().await?;
+    run(&repo, opts, progress, cancel).await
+}
+
+/// Restores from `repo` as `opts` says.
+pub async fn run(
+    repo: &Repository,
+    opts: &RestoreOptions,
+    progress: &Progress,
+    cancel: &Cancel,
+) -> Result<RestoreReport, RestoreError> {
+    let started = Instant::now();
+    if opts.parallelism == 0 {
+        return Err(RestoreError::Usage(
+            "--parallelism must be at least 1".to_owned(),
+        ));
+    }
+
+    // The target first: a restore that cannot be put in place is not worth downloading.
+    let target_dir = staging::resolve_target(&opts.target_dir)?;
+    let target_state = staging::inspect(&target_dir)?;
+    staging::check_not_mount_point(&target_dir)?;
+    if !target_state.is_free() {
+        if let staging::TargetState::NotEmpty { entries } = target_state
+            && !opts.force
+            && !opts.dry_run
+        {
+            return Err(RestoreError::TargetNotEmpty {
+                path: target_dir,
+                entries,
+            });
+        }
+        if !opts.force && !opts.dry_run {
+            return Err(RestoreError::Usage(format!(
+                "the target {} is not a directory; pass --force to move it aside",
+                target_dir.display()
+            )));
+        }
+        staging::check_not_locked(&target_dir)?;
+    }
+
+    // Plan.
+    let state = load(repo).await?;
+    let plan = state.history.plan(opts.target.target())?;
+    replay::check_plan(&plan)?;
+    let generation = state.generation.as_ref().ok_or_else(|| {
+        RestoreError::Integrity("the repository lists bases but has no manifest generation".into())
+    })?;
+    let descriptor = repo.read_base(generation.generation, &plan.base).await?;
+    check_descriptor(&plan, &descriptor, &state.config.database_identity)?;
+    fetch::check_base_files(&descriptor.files)?;
+    check_not_pending_delete(&plan, &descriptor, generation)?;
+    let base_bytes: u64 = descriptor.files.iter().map(|f| f.size).sum();
+    let seg_bytes = plan.segment_bytes();
+    let mut report = RestoreReport {
+        dry_run: opts.dry_run,
+        repository: repo.location(),
+        target_dir: target_dir.clone(),
+        target: opts.target,
+        target_before: target_state.describe(),
+        time_precision: Some(generation.time_precision),
+        base: BaseReport {
+            id: plan.base.id.clone(),
+            created_at: plan.base.created_at,
+            earliest_seq: plan.base.earliest_seq,
+            earliest_time: plan.base.earliest_time,
+            min_log_number: plan.base.min_log_number,
+            replay_from_seq: plan.base.replay_from_seq,
+            files: descriptor.files.len(),
+            bytes: base_bytes,
+            column_families: descriptor
+                .column_families
+                .iter()
+                .map(|c| c.name.clone())
+                .collect(),
+        },
+        planned_min_seq: plan.min_seq,
+        planned_max_seq: plan.max_seq,
+        segments: SegmentsReport {
+            planned: plan.segments.len(),
+            planned_bytes: seg_bytes,
+            first_seq: plan.segments.first().map(|s| s.first_seq),
+            last_seq: plan.segments.last().map(|s| s.last_seq),
+            read: 0,
+        },
+        download_bytes: base_bytes + seg_bytes,
+        cutoff: None,
+        replay: None,
+        verification: None,
+        moved_aside: None,
+        warnings: Vec::new(),
+        notes: Vec::new(),
+        durations_ms: Durations::default(),
+    };
+    if matches!(opts.target, TargetSpec::Time(_)) && generation.time_precision != TimeSource::Marker
+    {
+        report
+            .notes
+            .push(super::list::precision_note(Some(generation.time_precision)).to_owned());
+    }
+    report.durations_ms.plan = ms(started.elapsed());
+    tracing::info!(
+        "plan: {} from base {} ({} files, {}) and {} segments ({}), cutoff between sequences \
+         {} and {}",
+        plan.target,
+        plan.base.id,
+        descriptor.files.len(),
+        human_bytes(base_bytes),
+        plan.segments.len(),
+        human_bytes(seg_bytes),
+        plan.min_seq,
+        plan.max_seq
+    );
+    if opts.dry_run {
+        if !target_state.is_free() && !opts.force {
+            report.warnings.push(format!(
+                "the target {} {}: the restore would be refused without --force",
+                target_dir.display(),
+                target_state.describe()
+            ));
+        }
+        report.durations_ms.total = ms(started.elapsed());
+        return Ok(report);
+    }
+
+    // Fetch and replay, into a staging directory beside the target.
+    cancel.check()?;
+    let staging = Staging::create(&target_dir)?;
+    tracing::info!("building the database in {}", staging.dir().display());
+    let phase_cancel = cancel.child();
+    let limit = Arc::new(Semaphore::new(opts.parallelism));
+    let base_bar = progress.phase("base files", base_bytes, Unit::Bytes);
+    let wal_bar = progress.phase("WAL download", seg_bytes, Unit::Bytes);
+    let records_planned: u64 = plan
+        .segments
+        .iter()
+        .map(|s| u64::from(s.record_count))
+        .sum();
+    let replay_bar = progress.phase("replay", records_planned, Unit::Records);
+
+    let base_fut = {
+        let (store, files, dir, limit, cancel, bar) = (
+            repo.store().clone(),
+            descriptor.files.clone(),
+            staging.dir().to_path_buf(),
+            limit.clone(),
+            phase_cancel.clone(),
+            base_bar.clone(),
+        );
+        async move {
+            let t = Instant::now();
+            let r = fetch::fetch_base_files(store, files, dir, limit, cancel.clone(), bar).await;
+            if r.is_err() {
+                cancel.cancel();
+            }
+            (r, t.elapsed())
+        }
+    };
+    let (tx, rx) = mpsc::channel::<FetchedSegment>(2);
+    let seg_fut = {
+        let job = SegmentFetch {
+            repo: repo.clone(),
+            entries: plan.segments.clone(),
+            scratch: staging.scratch().to_path_buf(),
+            limit: limit.clone(),
+            window: opts.parallelism,
+            cancel: phase_cancel.clone(),
+            bar: wal_bar.clone(),
+        };
+        let cancel = phase_cancel.clone();
+        async move {
+            let r = fetch::fetch_segments(job, tx).await;
+            if r.is_err() {
+                cancel.cancel();
+            }
+            r
+        }
+    };
+    let consumer = {
+        let mut replayer = Replayer::new(&plan, staging.dir(), &descriptor.files);
+        let (cancel, bar) = (phase_cancel.clone(), replay_bar.clone());
+        let mut rx = rx;
+        tokio::task::spawn_blocking(move || {
+            let result = (|| {
+                while let Some(seg) = rx.blocking_recv() {
+                    let more = replayer.replay_segment(&seg.entry, &seg.path, &cancel, &bar);
+                    let _ = std::fs::remove_file(&seg.path);
+                    if !more? {
+                        break;
+                    }
+                }
+                // The cutoff is reached (or every segment was read): stop the downloads.
+                rx.close();
+                replayer.finish()
+            })();
+            if result.is_err() {
+                cancel.cancel();
+            }
+            result
+        })
+    };
+    let wal_started = Instant::now();
+    let ((base_result, base_time), seg_result, consumed) =
+        tokio::join!(base_fut, seg_fut, consumer);
+    let consumed = consumed.expect("the replay task does not panic");
+    let wal_time = wal_started.elapsed();
+    report.durations_ms.fetch_base = ms(base_time);
+    report.durations_ms.fetch_and_replay_wal = ms(wal_time);
+    let outcome = match pick_error(base_result.err(), seg_result.err(), consumed) {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            for bar in [&base_bar, &wal_bar, &replay_bar] {
+                bar.abandon();
+            }
+            return Err(e);
+        }
+    };
+    base_bar.finish("verified");
+    wal_bar.set_total(wal_bar.done());
+    wal_bar.finish("verified");
+    replay_bar.set_total(replay_bar.done());
+    replay_bar.finish(format!("up to sequence {}", outcome.cutoff_seq));
+    if let Some(r) = &outcome.rounded_down {
+        tracing::warn!(
+            "sequence {} is inside the batch {}..={}; restored to {}, the end of the batch \
+             before it (a batch is applied whole or not at all)",
+            r.requested,
+            r.batch_first_seq,
+            r.batch_last_seq,
+            r.restored_to
+        );
+    }
+    tracing::info!(
+        "replayed {} records into {} WAL files; the restored database ends at sequence {}",
+        outcome.records_replayed,
+        outcome.wal_files.len(),
+        outcome.cutoff_seq
+    );
+    report.segments.read = outcome.segments_read;
+    report.cutoff = Some(CutoffReport {
+        seq: outcome.cutoff_seq,
+        time: outcome
+            .last_record
+            .map_or(plan.base.earliest_time, |r| r.time),
+        last_record: outcome.last_record,
+        next_record: outcome.first_refused,
+        rounded_down: outcome.rounded_down,
+    });
+    report.replay = Some(ReplayReport {
+        records_replayed: outcome.records_replayed,
+        records_skipped: outcome.records_skipped,
+        wal_bytes: outcome.wal_files.iter().map(|w| w.bytes).sum(),
+        wal_files: outcome.wal_files.clone(),
+    });
+
+    // Verify, read-only, before anything is put in place.
+    cancel.check()?;
+    let verify_started = Instant::now();
+    let options = verify::read_options(staging.dir());
+    if let Some(o) = &options {
+        report.warnings.extend(verify::options_warnings(o));
+    }
+    let verification = {
+        let dir = staging.dir().to_path_buf();
+        let log_dir = verify::log_dir_in(staging.scratch())?;
+        let cf_names = report.base.column_families.clone();
+        let (mode, cutoff, progress, cancel) = (
+            opts.verify,
+            outcome.cutoff_seq,
+            progress.clone(),
+            cancel.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            verify::verify_restored(&dir, cutoff, &cf_names, mode, &log_dir, &progress, &cancel)
+        })
+        .await
+        .expect("verification does not panic")?
+    };
+    if verification.status == VerificationStatus::Skipped {
+        report.warnings.push(format!(
+            "the restored database was not verified: {}",
+            verification.reason.as_deref().unwrap_or("no reason given")
+        ));
+    }
+    report.verification = Some(verification);
+    report.durations_ms.verify = ms(verify_started.elapsed());
+
+    // Put it in place.
+    cancel.check()?;
+    let commit_started = Instant::now();
+    let force = opts.force;
+    let moved = tokio::task::spawn_blocking(move || staging.commit(force))
+        .await
+        .expect("the commit does not panic")?;
+    report.moved_aside = moved;
+    report.durations_ms.commit = ms(commit_started.elapsed());
+    report.durations_ms.total = ms(started.elapsed());
+    tracing::info!(
+        "restored {} to {} at sequence {}",
+        report.repository,
+        target_dir.display(),
+        outcome.cutoff_seq
+    );
+    Ok(report)
+}
+
+/// The error to report when several phases failed: the root cause, not an "interrupted"
+/// that another phase's failure caused.
+fn pick_error<T>(
+    base: Option<RestoreError>,
+    segments: Option<RestoreError>,
+    replay: Result<T, RestoreError>,
+) -> Result<T, RestoreError> {
+    let replay_err = match replay {
+        Ok(v) if base.is_none() && segments.is_none() => return Ok(v),
+        Ok(_) => None,
+        Err(e) => Some(e),
+    };
+    let mut errors: Vec<RestoreError> =
+        [base, segments, replay_err].into_iter().flatten().collect();
+    let root = errors
+        .iter()
+        .position(|e| !matches!(e, RestoreError::Interrupted))
+        .unwrap_or(0);
+    Err(errors.swap_remove(root))
+}
+
+/// The descriptor must belong to this repository's database and agree with the summary.
+fn check_descriptor(
+    plan: &RestorePlan,
+    d: &BaseDescriptor,
+    database_identity: &str,
+) -> Result<(), RestoreError> {
+    if d.database_identity != database_identity {
+        return Err(RestoreError::Integrity(format!(
+            "{}: base {} belongs to database {}, the repository to {}",
+            plan.base.descriptor.key, d.id, d.database_identity, database_identity
+        )));
+    }
+    let mut summary: Vec<(u32, &str)> = plan
+        .base
+        .column_families
+        .iter()
+        .map(|c| (c.id, c.name.as_str()))
+        .collect();
+    let mut described: Vec<(u32, &str)> = d
+        .column_families
+        .iter()
+        .map(|c| (c.id, c.name.as_str()))
+        .collect();
+    summary.sort_unstable();
+    described.sort_unstable();
+    if summary != described {
+        return Err(RestoreError::Integrity(format!(
+            "{}: the column families of base {} ({described:?}) differ from the manifest's \
+             ({summary:?})",
+            plan.base.descriptor.key, d.id
+        )));
+    }
+    Ok(())
+}
+
+/// FORMAT.md §4.2: a reader must not use an object a pruning run is about to delete.
+fn check_not_pending_delete(
+    plan: &RestorePlan,
+    d: &BaseDescriptor,
+    g: &tidemark_manifest::model::Generation,
+) -> Result<(), RestoreError> {
+    let pending: BTreeSet<&str> = g
+        .retention
+        .pending_deletes
+        .iter()
+        .map(|p| p.key.as_str())
+        .collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let needed = std::iter::once(plan.base.descriptor.key.as_str())
+        .chain(d.files.iter().map(|f| f.key.as_str()))
+        .chain(plan.segments.iter().map(|s| s.key.as_str()));
+    for key in needed {
+        if pending.contains(key) {
+            return Err(RestoreError::NotRestorable(format!(
+                "{} is scheduled for deletion by retention and must not be used; {} cannot be \
+                 restored from base {}",
+                key, plan.target, plan.base.id
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl RestoreReport {
+    /// The report as text for people.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let w = &mut out;
+        let target = match self.target {
+            TargetSpec::Latest => "the latest archived point".to_owned(),
+            TargetSpec::Seq(n) => format!("sequence {n}"),
+            TargetSpec::Time(t) => format!("time {}", short_time(t)),
+        };
+        if self.dry_run {
+            let _ = writeln!(
+                w,
+                "Dry run: nothing was written. A restore of {} to {}",
+                self.repository,
+                self.target_dir.display()
+            );
+        } else {
+            let _ = writeln!(
+                w,
+                "Restored {} to {}",
+                self.repository,
+                self.target_dir.display()
+            );
+        }
+        let _ = writeln!(w, "  target        {target}");
+        let b = &self.base;
+        let _ = writeln!(
+            w,
+            "  base          {} (created {}, restores from sequence {} at {}), {} files, {}",
+            b.id,
+            short_time(b.created_at),
+            b.earliest_seq,
+            short_time(b.earliest_time),
+            b.files,
+            human_bytes(b.bytes)
+        );
+        let s = &self.segments;
+        match (s.first_seq, s.last_seq) {
+            (Some(first), Some(last)) => {
+                let _ = writeln!(
+                    w,
+                    "  WAL           {} segments, sequences {first}..={last}, {}",
+                    s.planned,
+                    human_bytes(s.planned_bytes)
+                );
+            }
+            _ => {
+                let _ = writeln!(
+                    w,
+                    "  WAL           none needed: the base alone is the target"
+                );
+            }
+        }
+        if self.dry_run {
+            let cutoff = if self.planned_min_seq == self.planned_max_seq {
+                format!("sequence {}", self.planned_max_seq)
+            } else {
+                format!(
+                    "between sequences {} and {} (the exact batch is found while replaying)",
+                    self.planned_min_seq, self.planned_max_seq
+                )
+            };
+            let _ = writeln!(w, "  cutoff        {cutoff}");
+            let _ = writeln!(
+                w,
+                "  download      {} in total",
+                human_bytes(self.download_bytes)
+            );
+            let _ = writeln!(w, "  target dir    {}", self.target_dir.display());
+            let _ = writeln!(w, "                {}", self.target_before);
+        }
+        if let Some(c) = &self.cutoff {
+            let _ = writeln!(
+                w,
+                "  cutoff        sequence {}, last record at {}",
+                c.seq,
+                short_time(c.time)
+            );
+            if let Some(r) = &c.rounded_down {
+                let _ = writeln!(
+                    w,
+                    "                sequence {} is inside the batch {}..={}: rounded down to {}, \
+                     the end of the batch before it",
+                    r.requested, r.batch_first_seq, r.batch_last_seq, r.restored_to
+                );
+            }
+            if let Some(n) = &c.next_record {
+                let _ = writeln!(
+                    w,
+                    "                the next record (sequence {}, {}) is not restored",
+                    n.seq,
+                    short_time(n.time)
+                );
+            }
+        }
+        if let Some(r) = &self.replay {
+            let files = match (r.wal_files.first(), r.wal_files.last()) {
+                (Some(a), Some(b)) if r.wal_files.len() > 2 => format!(": {} … {}", a.name, b.name),
+                (Some(a), Some(b)) if a != b => format!(": {} {}", a.name, b.name),
+                (Some(a), _) => format!(": {}", a.name),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                w,
+                "  replay        {} records from {} segments into {} WAL files ({}){files}",
+                r.records_replayed,
+                s.read,
+                r.wal_files.len(),
+                human_bytes(r.wal_bytes),
+            );
+        }
+        if let Some(v) = &self.verification {
+            match v.status {
+                VerificationStatus::Passed => {
+                    let counts: Vec<String> = v
+                        .column_families
+                        .iter()
+                        .map(|c| {
+                            format!(
+                                "{} {}{}{}",
+                                c.name,
+                                if c.estimated { "~" } else { "" },
+                                c.keys,
+                                c.merge_operator
+                                    .as_ref()
+                                    .map(|m| format!(" (merge operator {m} stood in)"))
+                                    .unwrap_or_default()
+                            )
+                        })
+                        .collect();
+                    let _ = writeln!(
+                        w,
+                        "  verification  passed: opened read-only, latest sequence {}; keys: {}",
+                        v.latest_sequence.unwrap_or_default(),
+                        counts.join(", ")
+                    );
+                }
+                VerificationStatus::Skipped => {
+                    let _ = writeln!(
+                        w,
+                        "  verification  SKIPPED: {}",
+                        v.reason.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        if let Some(p) = &self.moved_aside {
+            let _ = writeln!(
+                w,
+                "  moved aside   the previous contents are in {}",
+                p.display()
+            );
+        }
+        let d = &self.durations_ms;
+        if !self.dry_run {
+            let _ = writeln!(
+                w,
+                "  took          plan {}, base {}, WAL {}, verify {}, total {}",
+                human_duration(Duration::from_millis(d.plan)),
+                human_duration(Duration::from_millis(d.fetch_base)),
+                human_duration(Duration::from_millis(d.fetch_and_replay_wal)),
+                human_duration(Duration::from_millis(d.verify)),
+                human_duration(Duration::from_millis(d.total))
+            );
+        }
+        for n in &self.notes {
+            let _ = writeln!(w, "Note: {n}");
+        }
+        for warning in &self.warnings {
+            let _ = writeln!(w, "WARNING: {warning}");
+        }
+        if !self.dry_run {
+            let _ = writeln!(
+                w,
+                "Open the database with the application's own options: RocksDB replays the \
+                 WAL files on the first open. It is a new history: archive it to a new \
+                 repository."
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_manifest::model::{
+        BaseColumnFamily, BaseFile, BaseSummary, ColumnFamily, FORMAT_VERSION, Generation,
+        ObjectRef, PendingDelete, Retention, SegmentEntry, Writer, time_from_micros,
+    };
+    use tidemark_manifest::plan::Target;
+
+    fn fixtures() -> (RestorePlan, BaseDescriptor, Generation) {
+        let t = time_from_micros(1_800_000_000_000_000);
+        let base = BaseSummary {
+            id: "b1".into(),
+            created_at: t,
+            descriptor: ObjectRef {
+                key: "bases/b1/base.json".into(),
+                size: 1,
+                sha256: "00".into(),
+            },
+            min_log_number: 4,
+            replay_from_seq: 1,
+            earliest_seq: 10,
+            earliest_time: t,
+            column_families: vec![ColumnFamily {
+                id: 0,
+                name: "default".into(),
+            }],
+            total_size: 1,
+        };
+        let segment = SegmentEntry {
+            key: "wal/0000000000000001.seg".into(),
+            first_seq: 1,
+            last_seq: 20,
+            record_count: 3,
+            first_time: t,
+            last_time: t,
+            time_source: TimeSource::Observed,
+            first_log: 4,
+            last_log: 4,
+            raw_size: 1,
+            stored_size: 1,
+            sha256: None,
+        };
+        let plan = RestorePlan {
+            target: Target::Latest,
+            base: base.clone(),
+            segments: vec![segment],
+            max_seq: 20,
+            min_seq: 20,
+        };
+        let descriptor = BaseDescriptor {
+            format_version: FORMAT_VERSION,
+            id: "b1".into(),
+            created_at: t,
+            database_identity: "db-1".into(),
+            min_log_number: 4,
+            replay_from_seq: 1,
+            earliest_seq: 10,
+            earliest_time: t,
+            next_file_number: 9,
+            column_families: vec![BaseColumnFamily {
+                id: 0,
+                name: "default".into(),
+                log_number: 4,
+            }],
+            files: vec![BaseFile {
+                name: "000007.sst".into(),
+                size: 1,
+                sha256: "ab".into(),
+                key: "sst/ab".into(),
+            }],
+        };
+        let generation = Generation {
+            format_version: FORMAT_VERSION,
+            generation: 3,
+            repository_id: "r".into(),
+            written_at: t,
+            writer: Writer {
+                host: "h".into(),
+                pid: 1,
+                version: "0".into(),
+            },
+            time_precision: TimeSource::Observed,
+            bases: vec![base],
+            index_pages: vec![],
+            tail_start_seq: 1,
+            gaps: vec![],
+            retention: Retention::default(),
+        };
+        (plan, descriptor, generation)
+    }
+
+    #[test]
+    fn objects_pending_deletion_are_never_used() {
+        let (plan, d, mut g) = fixtures();
+        check_not_pending_delete(&plan, &d, &g).unwrap();
+        for key in ["sst/ab", "wal/0000000000000001.seg", "bases/b1/base.json"] {
+            g.retention.pending_deletes = vec![PendingDelete {
+                key: key.into(),
+                after: g.written_at,
+            }];
+            let e = check_not_pending_delete(&plan, &d, &g).unwrap_err();
+            assert_eq!(e.class(), crate::ErrorClass::NotRestorable, "{e}");
+            assert!(e.to_string().contains(key), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_descriptor_of_another_database_or_other_column_families_is_refused() {
+        let (plan, mut d, _) = fixtures();
+        check_descriptor(&plan, &d, "db-1").unwrap();
+        let e = check_descriptor(&plan, &d, "db-2").unwrap_err();
+        assert!(e.to_string().contains("belongs to database db-1"), "{e}");
+        d.column_families[0].name = "users".into();
+        let e = check_descriptor(&plan, &d, "db-1").unwrap_err();
+        assert!(e.to_string().contains("column families"), "{e}");
+    }
+
+    #[test]
+    fn the_root_cause_wins_over_interruptions() {
+        let e = pick_error::<()>(
+            Some(RestoreError::Interrupted),
+            Some(RestoreError::Integrity("wal/x.seg is corrupt".into())),
+            Err(RestoreError::Interrupted),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("wal/x.seg"), "{e}");
+        // A download failure is never hidden by a replay that finished with what it got.
+        let e =
+            pick_error(None, Some(RestoreError::Integrity("missing".into())), Ok(5)).unwrap_err();
+        assert!(e.to_string().contains("missing"));
+        assert_eq!(pick_error::<u8>(None, None, Ok(5)).unwrap(), 5);
+        let e = pick_error::<()>(None, None, Err(RestoreError::Interrupted)).unwrap_err();
+        assert!(matches!(e, RestoreError::Interrupted));
+    }
+}

@@ -1,0 +1,225 @@
+//! The restore tool's error type and how errors map to exit codes.
+
+use std::path::PathBuf;
+
+use tidemark_manifest::checksum::ChecksumMismatch;
+use tidemark_manifest::keys::KeyError;
+use tidemark_manifest::model::ModelError;
+use tidemark_manifest::plan::PlanError;
+use tidemark_manifest::repo::RepoError;
+use tidemark_manifest::segment::SegmentError;
+use tidemark_manifest::store::StoreError;
+
+use crate::replay::ChainError;
+use crate::timespec::TimeSpecError;
+
+/// What kind of failure an error is; each class has its own exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Anything else: I/O, network, RocksDB, an interruption. Exit code 1.
+    Failure,
+    /// The command line or its input is wrong: a malformed time, a non-empty target without
+    /// `--force`, a store URL with no repository. Exit code 2.
+    Usage,
+    /// The requested point cannot be restored from this repository: before or after the
+    /// restorable window, or in a gap. Exit code 3.
+    NotRestorable,
+    /// Data did not verify: a missing or corrupt object, a broken WAL chain, or a restored
+    /// database that does not end at the planned sequence number. Exit code 4.
+    VerificationFailed,
+}
+
+impl ErrorClass {
+    /// The process exit code of this class.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorClass::Failure => exit_code::FAILURE,
+            ErrorClass::Usage => exit_code::USAGE,
+            ErrorClass::NotRestorable => exit_code::NOT_RESTORABLE,
+            ErrorClass::VerificationFailed => exit_code::VERIFICATION_FAILED,
+        }
+    }
+}
+
+/// The exit codes of `tidemark-restore`.
+pub mod exit_code {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// A failure not covered below (I/O, network, RocksDB, interrupted).
+    pub const FAILURE: u8 = 1;
+    /// Bad usage or input.
+    pub const USAGE: u8 = 2;
+    /// The target is not restorable from this repository.
+    pub const NOT_RESTORABLE: u8 = 3;
+    /// Verification failed (repository objects or the restored database).
+    pub const VERIFICATION_FAILED: u8 = 4;
+}
+
+/// Everything that can go wrong in a list, restore or verify.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Repository(Box<RepoError>),
+    #[error(transparent)]
+    Plan(Box<PlanError>),
+    #[error(transparent)]
+    Store(Box<StoreError>),
+    #[error(transparent)]
+    Chain(Box<ChainError>),
+    #[error(transparent)]
+    Time(Box<TimeSpecError>),
+    #[error(transparent)]
+    Checksum(Box<ChecksumMismatch>),
+    #[error(transparent)]
+    Segment(Box<SegmentError>),
+    #[error("{0}")]
+    Usage(String),
+    #[error(
+        "the target directory {} is not empty ({entries} entries); restore into a new or empty \
+         directory, or pass --force to move the existing contents aside to {}.old-<time> \
+         (nothing is deleted)",
+        path.display(), path.display()
+    )]
+    TargetNotEmpty { path: PathBuf, entries: usize },
+    #[error("{0}")]
+    NotRestorable(String),
+    #[error("{0}")]
+    Integrity(String),
+    #[error("verification of the restored database failed: {0}; the target was not changed")]
+    Verification(String),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("RocksDB: {what}: {detail}")]
+    Rocks { what: String, detail: String },
+    #[error("interrupted; nothing was changed in the target directory")]
+    Interrupted,
+}
+
+impl RestoreError {
+    /// An I/O error on `path`, saying what was being done.
+    pub fn io(what: impl Into<String>, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        RestoreError::Io {
+            what: what.into(),
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// The class of the error, hence the exit code.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            RestoreError::Repository(e) => repo_class(e),
+            RestoreError::Plan(_) | RestoreError::NotRestorable(_) => ErrorClass::NotRestorable,
+            RestoreError::Store(e) => store_class(e),
+            RestoreError::Chain(_)
+            | RestoreError::Checksum(_)
+            | RestoreError::Segment(_)
+            | RestoreError::Integrity(_)
+            | RestoreError::Verification(_) => ErrorClass::VerificationFailed,
+            RestoreError::Time(_)
+            | RestoreError::Usage(_)
+            | RestoreError::TargetNotEmpty { .. } => ErrorClass::Usage,
+            RestoreError::Io { .. } | RestoreError::Rocks { .. } | RestoreError::Interrupted => {
+                ErrorClass::Failure
+            }
+        }
+    }
+}
+
+macro_rules! boxed_from {
+    ($($variant:ident($ty:ty)),* $(,)?) => {
+        $(impl From<$ty> for RestoreError {
+            fn from(e: $ty) -> Self {
+                RestoreError::$variant(Box::new(e))
+            }
+        })*
+    };
+}
+
+boxed_from!(
+    Repository(RepoError),
+    Plan(PlanError),
+    Store(StoreError),
+    Chain(ChainError),
+    Time(TimeSpecError),
+    Checksum(ChecksumMismatch),
+    Segment(SegmentError),
+);
+
+impl From<KeyError> for RestoreError {
+    fn from(e: KeyError) -> Self {
+        RestoreError::Integrity(e.to_string())
+    }
+}
+
+fn store_class(e: &StoreError) -> ErrorClass {
+    match e {
+        StoreError::NotFound { .. }
+        | StoreError::InvalidKey { .. }
+        | StoreError::InvalidRange { .. } => ErrorClass::VerificationFailed,
+        StoreError::Config { .. } | StoreError::BucketNotFound { .. } => ErrorClass::Usage,
+        _ => ErrorClass::Failure,
+    }
+}
+
+fn repo_class(e: &RepoError) -> ErrorClass {
+    match e {
+        RepoError::NoRepository { .. } => ErrorClass::Usage,
+        RepoError::MissingObject { .. }
+        | RepoError::History { .. }
+        | RepoError::Segment(_)
+        | RepoError::Checksum(_) => ErrorClass::VerificationFailed,
+        RepoError::Model(ModelError::UnsupportedVersion { .. }) => ErrorClass::Failure,
+        RepoError::Model(_) => ErrorClass::VerificationFailed,
+        RepoError::Store(s) => store_class(s),
+        _ => ErrorClass::Failure,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_manifest::store::StoreOp;
+
+    #[test]
+    fn classes_map_to_the_documented_codes() {
+        let missing = StoreError::NotFound {
+            op: StoreOp::Get,
+            key: "wal/0000000000000001.seg".into(),
+            location: "file:///r/wal/0000000000000001.seg".into(),
+        };
+        assert_eq!(RestoreError::from(missing).class().exit_code(), 4);
+        assert_eq!(
+            RestoreError::from(StoreError::config("bad url"))
+                .class()
+                .exit_code(),
+            2
+        );
+        assert_eq!(
+            RestoreError::Usage("x".into()).class().exit_code(),
+            exit_code::USAGE
+        );
+        assert_eq!(
+            RestoreError::from(PlanError::NoBase).class().exit_code(),
+            exit_code::NOT_RESTORABLE
+        );
+        assert_eq!(
+            RestoreError::Verification("x".into()).class().exit_code(),
+            exit_code::VERIFICATION_FAILED
+        );
+        assert_eq!(
+            RestoreError::Interrupted.class().exit_code(),
+            exit_code::FAILURE
+        );
+        let no_repo = RepoError::NoRepository {
+            location: "file:///x".into(),
+            key: "tidemark.json".into(),
+        };
+        assert_eq!(RestoreError::from(no_repo).class(), ErrorClass::Usage);
+    }
+}

@@ -1,0 +1,628 @@
+//! Verify: opening the restored database read-only and checking that it ends exactly at the
+//! planned cutoff.
+//!
+//! The restore tool does not have the application's options. It opens the result with
+//! RocksDB's defaults, read-only (nothing on disk changes: the WAL files are replayed into
+//! memory, and RocksDB's info log goes to a scratch directory), and requires
+//! `latest_sequence_number() == C`. Then it counts the keys of every column family, which
+//! also reads, and checksums, every block of every table file.
+//!
+//! What defaults cannot do, and what is done instead:
+//!
+//! - **Merge operators**: replaying a WAL record with a Merge into a memtable needs *a*
+//!   merge operator (without one, RocksDB's point-in-time recovery silently stops at the
+//!   first Merge: measured, the database opened at sequence 10 of 20, no error), and reading
+//!   a merged key calls it. Every column family is opened with a stand-in merge operator
+//!   (named as the application's when OPTIONS names one) that keeps the newest operand.
+//!   Recovery only stores operands, so the sequence check is exact, and every key still
+//!   exists exactly once, so key counts are exact; values of merged keys are not checked (and
+//!   never leave this process).
+//! - **Comparators and table formats** other than RocksDB's bytewise comparator and
+//!   block-based tables cannot be stood in for: verification is then *skipped*, with the
+//!   reason, never reported as passed. Open the database with the application's options and
+//!   compare its latest sequence number with the cutoff.
+//! - If opening fails with a message about a merge operator or comparator that the OPTIONS
+//!   file did not announce, verification is skipped with RocksDB's message.
+//! - A read-only open holds the whole replayed WAL in memory. When that would not fit in
+//!   the memory available ([`memory_refusal`]), verification is skipped with the reason
+//!   rather than risking the restore being killed after all its work.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use rocksdb::{ColumnFamilyDescriptor, DB, MergeOperands, Options, ReadOptions};
+use serde::{Deserialize, Serialize};
+
+use tidemark_manifest::rocks::options_file::{OptionsFile, newest_options_file};
+
+use crate::progress::{Progress, Unit};
+use crate::{Cancel, RestoreError};
+
+/// How much verification a restore does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyMode {
+    /// Open read-only, check the last sequence number, count every key (reads and checksums
+    /// every block).
+    Full,
+    /// Open read-only, check the last sequence number, estimate key counts.
+    Quick,
+    /// Do not open the result (not recommended).
+    Off,
+}
+
+/// Whether the restored database was verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerificationStatus {
+    Passed,
+    Skipped,
+}
+
+/// Keys in one column family.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CfKeys {
+    pub name: String,
+    pub keys: u64,
+    /// `--verify quick`: RocksDB's estimate, not a count.
+    pub estimated: bool,
+    /// The merge operator the application uses here, stood in for while counting.
+    pub merge_operator: Option<String>,
+}
+
+/// The verification of a restored database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verification {
+    pub status: VerificationStatus,
+    /// Why verification was skipped.
+    pub reason: Option<String>,
+    pub expected_sequence: u64,
+    pub latest_sequence: Option<u64>,
+    pub column_families: Vec<CfKeys>,
+    pub duration_ms: u64,
+}
+
+impl Verification {
+    fn skipped(expected: u64, reason: String, started: Instant) -> Verification {
+        tracing::warn!("verification skipped: {reason}");
+        Verification {
+            status: VerificationStatus::Skipped,
+            reason: Some(reason),
+            expected_sequence: expected,
+            latest_sequence: None,
+            column_families: Vec::new(),
+            duration_ms: started.elapsed().as_millis() as u64,
+        }
+    }
+}
+
+/// Things in a base's OPTIONS file that the person opening the restored database must know.
+pub fn options_warnings(options: &OptionsFile) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(dir) = options.wal_dir() {
+        out.push(format!(
+            "the application keeps its WAL in a separate directory (wal_dir = {dir}): move the \
+             restored *.log files there before opening the database, or RocksDB will not \
+             replay them and the database will be missing every write after the base backup"
+        ));
+    }
+    for name in ["track_and_verify_wals_in_manifest", "track_and_verify_wals"] {
+        if options.db_option(name) == Some("true") {
+            out.push(format!(
+                "the application sets {name}=true: RocksDB may refuse the re-created WAL files \
+                 because their sizes differ from those recorded in the MANIFEST; open the \
+                 restored database once with {name}=false"
+            ));
+        }
+    }
+    out
+}
+
+/// The newest OPTIONS file in `dir`, if one is there and readable.
+pub fn read_options(dir: &Path) -> Option<OptionsFile> {
+    let path = newest_options_file(dir).ok().flatten()?;
+    match OptionsFile::read(&path) {
+        Ok(o) => Some(o),
+        Err(e) => {
+            tracing::warn!("cannot read {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+const BYTEWISE: &str = "leveldb.BytewiseComparator";
+
+fn stand_in_merge(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &MergeOperands,
+) -> Option<Vec<u8>> {
+    Some(
+        operands
+            .iter()
+            .last()
+            .or(existing)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default(),
+    )
+}
+
+type Snapshot = BTreeMap<String, (u64, Option<SystemTime>)>;
+
+fn snapshot(dir: &Path) -> Result<Snapshot, RestoreError> {
+    let mut out = BTreeMap::new();
+    for entry in fs::read_dir(dir).map_err(|e| RestoreError::io("cannot list", dir, e))? {
+        let entry = entry.map_err(|e| RestoreError::io("cannot list", dir, e))?;
+        let meta = entry
+            .metadata()
+            .map_err(|e| RestoreError::io("cannot inspect", entry.path(), e))?;
+        out.insert(
+            entry.file_name().to_string_lossy().into_owned(),
+            (meta.len(), meta.modified().ok()),
+        );
+    }
+    Ok(out)
+}
+
+fn mentions_missing_options(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("merge_operator") || m.contains("merge operator") || m.contains("comparator")
+}
+
+/// Opens the database in `dir` read-only and checks that its latest sequence number is
+/// `expected`. `cf_names` are the column families the base says it has. RocksDB's info log
+/// goes to `log_dir`. Fails with [`RestoreError::Verification`] on any mismatch.
+pub fn verify_restored(
+    dir: &Path,
+    expected: u64,
+    cf_names: &[String],
+    mode: VerifyMode,
+    log_dir: &Path,
+    progress: &Progress,
+    cancel: &Cancel,
+) -> Result<Verification, RestoreError> {
+    let started = Instant::now();
+    if mode == VerifyMode::Off {
+        return Ok(Verification::skipped(
+            expected,
+            "verification was turned off (--verify off)".to_owned(),
+            started,
+        ));
+    }
+    let wal_bytes: u64 = fs::read_dir(dir)
+        .map_err(|e| RestoreError::io("cannot list", dir, e))?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    if let Some(reason) = memory_refusal(wal_bytes, available_memory(), expected) {
+        return Ok(Verification::skipped(expected, reason, started));
+    }
+    let fail = |detail: String| RestoreError::Verification(detail);
+    let options = read_options(dir);
+
+    let mut probe = Options::default();
+    probe.set_db_log_dir(log_dir);
+    let listed = DB::list_cf(&probe, dir)
+        .map_err(|e| fail(format!("RocksDB cannot read the column families: {e}")))?;
+    let mut listed_sorted = listed.clone();
+    listed_sorted.sort();
+    let mut expected_cfs = cf_names.to_vec();
+    expected_cfs.sort();
+    if listed_sorted != expected_cfs {
+        return Err(fail(format!(
+            "the restored MANIFEST has column families {listed_sorted:?}, the base descriptor \
+             says {expected_cfs:?}"
+        )));
+    }
+
+    let mut descriptors = Vec::new();
+    let mut merge_operators: BTreeMap<String, String> = BTreeMap::new();
+    for name in &listed {
+        let mut cf_opts = Options::default();
+        if let Some(o) = &options {
+            if let Some(cmp) = o.comparator(name).filter(|c| *c != BYTEWISE) {
+                return Ok(Verification::skipped(
+                    expected,
+                    format!(
+                        "column family {name:?} uses the comparator {cmp:?}: verification \
+                         requires the application's options; open the database with them and \
+                         check that its latest sequence number is {expected}"
+                    ),
+                    started,
+                ));
+            }
+            if let Some(factory) = o
+                .cf_option(name, "table_factory")
+                .filter(|f| !f.is_empty() && *f != "BlockBasedTable")
+            {
+                return Ok(Verification::skipped(
+                    expected,
+                    format!(
+                        "column family {name:?} uses the table format {factory:?}: verification \
+                         requires the application's options; open the database with them and \
+                         check that its latest sequence number is {expected}"
+                    ),
+                    started,
+                ));
+            }
+            if let Some(op) = o.merge_operator(name) {
+                merge_operators.insert(name.clone(), op.to_owned());
+            }
+        }
+        // Every column family gets the stand-in, named as the application's operator when the
+        // OPTIONS file names one. Without any merge operator, RocksDB's recovery stops at the
+        // first Merge in the WAL without an error (point-in-time recovery), which would show
+        // as a wrong sequence number here. A column family without merges never calls it.
+        let stand_in = merge_operators
+            .get(name)
+            .map_or("tidemark.verify-stand-in", String::as_str);
+        cf_opts.set_merge_operator_associative(stand_in, stand_in_merge);
+        descriptors.push(ColumnFamilyDescriptor::new(name, cf_opts));
+    }
+
+    let before = snapshot(dir)?;
+    let mut db_opts = Options::default();
+    db_opts.create_if_missing(false);
+    db_opts.create_missing_column_families(false);
+    db_opts.set_db_log_dir(log_dir);
+    db_opts.set_skip_stats_update_on_db_open(true);
+    let db = match DB::open_cf_descriptors_read_only(&db_opts, dir, descriptors, false) {
+        Ok(db) => db,
+        Err(e) if mentions_missing_options(e.as_ref()) => {
+            return Ok(Verification::skipped(
+                expected,
+                format!(
+                    "RocksDB cannot open the database without the application's options ({e}): \
+                     verification requires them; open the database with them and check that \
+                     its latest sequence number is {expected}"
+                ),
+                started,
+            ));
+        }
+        Err(e) => {
+            return Err(fail(format!(
+                "RocksDB cannot open the restored database: {e}"
+            )));
+        }
+    };
+    let latest = db.latest_sequence_number();
+    if latest != expected {
+        return Err(fail(format!(
+            "the restored database ends at sequence {latest}, the restore planned {expected}"
+        )));
+    }
+    tracing::info!("verified: the restored database ends at sequence {latest}");
+
+    let mut column_families = Vec::new();
+    let bar = progress.phase(
+        "count keys",
+        0,
+        if mode == VerifyMode::Full {
+            Unit::Keys
+        } else {
+            Unit::Objects
+        },
+    );
+    for name in &listed {
+        let cf = db
+            .cf_handle(name)
+            .ok_or_else(|| fail(format!("column family {name:?} did not open")))?;
+        let (keys, estimated) = match mode {
+            VerifyMode::Full => {
+                let mut ro = ReadOptions::default();
+                ro.fill_cache(false);
+                ro.set_verify_checksums(true);
+                let mut it = db.raw_iterator_cf_opt(&cf, ro);
+                it.seek_to_first();
+                let mut n = 0u64;
+                while it.valid() {
+                    n += 1;
+                    if n.is_multiple_of(65_536) {
+                        cancel.check()?;
+                        bar.inc(65_536);
+                    }
+                    it.next();
+                }
+                it.status().map_err(|e| {
+                    fail(format!(
+                        "reading column family {name:?} failed after {n} keys: {e}"
+                    ))
+                })?;
+                bar.inc(n % 65_536);
+                (n, false)
+            }
+            _ => {
+                let n = db
+                    .property_int_value_cf(&cf, "rocksdb.estimate-num-keys")
+                    .map_err(|e| fail(format!("column family {name:?}: {e}")))?
+                    .unwrap_or(0);
+                (n, true)
+            }
+        };
+        column_families.push(CfKeys {
+            name: name.clone(),
+            keys,
+            estimated,
+            merge_operator: merge_operators.get(name).cloned(),
+        });
+    }
+    drop(db);
+    bar.finish("");
+    let after = snapshot(dir)?;
+    if before != after {
+        return Err(fail(
+            "opening the database read-only changed files in it; it cannot be trusted".to_owned(),
+        ));
+    }
+    Ok(Verification {
+        status: VerificationStatus::Passed,
+        reason: None,
+        expected_sequence: expected,
+        latest_sequence: Some(latest),
+        column_families,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// A read-only open keeps every replayed WAL record in memtables: about this many bytes of
+/// memory per byte of WAL.
+pub const MEMORY_PER_WAL_BYTE: u64 = 2;
+
+/// The memory the system can give without swapping (`MemAvailable`), if known.
+pub fn available_memory() -> Option<u64> {
+    let text = fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Why a read-only open of a database whose WAL files hold `wal_bytes` would not fit in
+/// `available` bytes of memory, or `None` if it fits. Verification is then skipped rather
+/// than risking the restore being killed for lack of memory after all the work is done.
+pub fn memory_refusal(wal_bytes: u64, available: Option<u64>, expected: u64) -> Option<String> {
+    let available = available?;
+    let needed = wal_bytes.saturating_mul(MEMORY_PER_WAL_BYTE);
+    (needed > available).then(|| {
+        format!(
+            "opening the database read-only would hold its {} of WAL in memory (about {}), \
+             and only {} is available; RocksDB replays the WAL when the application opens the \
+             database: check then that its latest sequence number is {expected}",
+            crate::human_bytes(wal_bytes),
+            crate::human_bytes(needed),
+            crate::human_bytes(available)
+        )
+    })
+}
+
+/// A scratch directory for RocksDB's info log during verification.
+pub fn log_dir_in(scratch: &Path) -> Result<PathBuf, RestoreError> {
+    let dir = scratch.join("rocksdb-log");
+    fs::create_dir_all(&dir).map_err(|e| RestoreError::io("cannot create", &dir, e))?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_db(dir: &Path, merge: bool) -> u64 {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let mut counters = Options::default();
+        if merge {
+            counters.set_merge_operator_associative("test.concat", |_, existing, ops| {
+                let mut v = existing.map(<[u8]>::to_vec).unwrap_or_default();
+                for op in ops {
+                    v.extend_from_slice(op);
+                }
+                Some(v)
+            });
+        }
+        let db = DB::open_cf_descriptors(
+            &opts,
+            dir,
+            vec![
+                ColumnFamilyDescriptor::new("default", Options::default()),
+                ColumnFamilyDescriptor::new("counters", counters),
+            ],
+        )
+        .unwrap();
+        let cf = db.cf_handle("counters").unwrap();
+        for i in 0..100u32 {
+            db.put(format!("k{i}"), b"v").unwrap();
+            if merge {
+                db.merge_cf(&cf, format!("c{}", i % 7), b"+").unwrap();
+            } else {
+                db.put_cf(&cf, format!("c{}", i % 7), b"+").unwrap();
+            }
+        }
+        db.flush().unwrap();
+        for i in 0..10u32 {
+            db.delete(format!("k{i}")).unwrap();
+            if merge {
+                db.merge_cf(&cf, format!("c{}", 10 + i), b"+").unwrap();
+            }
+        }
+        // Unflushed writes stay in the WAL, as in a restored directory.
+        let seq = db.latest_sequence_number();
+        drop(db);
+        seq
+    }
+
+    fn names() -> Vec<String> {
+        vec!["default".into(), "counters".into()]
+    }
+
+    #[test]
+    fn a_database_with_merges_in_its_wal_verifies_exactly() {
+        let root = tempfile::tempdir().unwrap();
+        let db = root.path().join("db");
+        let seq = write_db(&db, true);
+        let logs = root.path().join("logs");
+        fs::create_dir(&logs).unwrap();
+        let before = snapshot(&db).unwrap();
+        let v = verify_restored(
+            &db,
+            seq,
+            &names(),
+            VerifyMode::Full,
+            &logs,
+            &Progress::hidden(),
+            &Cancel::new(),
+        )
+        .unwrap();
+        assert_eq!(v.status, VerificationStatus::Passed, "{v:?}");
+        assert_eq!(v.latest_sequence, Some(seq));
+        let counts: BTreeMap<&str, u64> = v
+            .column_families
+            .iter()
+            .map(|c| (c.name.as_str(), c.keys))
+            .collect();
+        assert_eq!(counts["default"], 90);
+        assert_eq!(counts["counters"], 17);
+        let counters = v
+            .column_families
+            .iter()
+            .find(|c| c.name == "counters")
+            .unwrap();
+        assert_eq!(counters.merge_operator.as_deref(), Some("test.concat"));
+        assert_eq!(
+            snapshot(&db).unwrap(),
+            before,
+            "verification changed nothing"
+        );
+
+        // A wrong expectation fails, naming both numbers.
+        let e = verify_restored(
+            &db,
+            seq - 1,
+            &names(),
+            VerifyMode::Quick,
+            &logs,
+            &Progress::hidden(),
+            &Cancel::new(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, RestoreError::Verification(_)), "{e}");
+        assert!(
+            e.to_string().contains(&format!("ends at sequence {seq}")),
+            "{e}"
+        );
+
+        // Without an OPTIONS file the merge operator is unknown: the stand-in still lets the
+        // WAL replay to the end.
+        for entry in fs::read_dir(&db).unwrap() {
+            let path = entry.unwrap().path();
+            if path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("OPTIONS-")
+            {
+                fs::remove_file(path).unwrap();
+            }
+        }
+        let v = verify_restored(
+            &db,
+            seq,
+            &names(),
+            VerifyMode::Full,
+            &logs,
+            &Progress::hidden(),
+            &Cancel::new(),
+        )
+        .unwrap();
+        assert_eq!(v.latest_sequence, Some(seq));
+        assert!(v.column_families.iter().all(|c| c.merge_operator.is_none()));
+
+        // Column families that do not match the base fail.
+        let e = verify_restored(
+            &db,
+            seq,
+            &["default".to_owned()],
+            VerifyMode::Quick,
+            &logs,
+            &Progress::hidden(),
+            &Cancel::new(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("column families"), "{e}");
+    }
+
+    #[test]
+    fn a_custom_comparator_skips_verification_with_the_reason() {
+        let root = tempfile::tempdir().unwrap();
+        let db = root.path().join("db");
+        let seq = write_db(&db, false);
+        // Pretend the application used its own comparator.
+        let options = newest_options_file(&db).unwrap().unwrap();
+        let text = fs::read_to_string(&options).unwrap();
+        let changed = text.replace(
+            "comparator=leveldb.BytewiseComparator",
+            "comparator=app.ReverseComparator",
+        );
+        assert_ne!(text, changed);
+        fs::write(&options, changed).unwrap();
+        let logs = root.path().join("logs");
+        fs::create_dir(&logs).unwrap();
+        let v = verify_restored(
+            &db,
+            seq,
+            &names(),
+            VerifyMode::Full,
+            &logs,
+            &Progress::hidden(),
+            &Cancel::new(),
+        )
+        .unwrap();
+        assert_eq!(v.status, VerificationStatus::Skipped);
+        let reason = v.reason.unwrap();
+        assert!(
+            reason.contains("app.ReverseComparator")
+                && reason.contains("requires the application's options"),
+            "{reason}"
+        );
+        let off = verify_restored(
+            &db,
+            seq,
+            &names(),
+            VerifyMode::Off,
+            &logs,
+            &Progress::hidden(),
+            &Cancel::new(),
+        )
+        .unwrap();
+        assert_eq!(off.status, VerificationStatus::Skipped);
+    }
+
+    #[test]
+    fn a_wal_too_large_for_memory_skips_verification_with_the_reason() {
+        assert_eq!(memory_refusal(1 << 30, Some(4 << 30), 7), None);
+        assert_eq!(memory_refusal(1 << 30, None, 7), None);
+        let reason = memory_refusal(3 << 30, Some(4 << 30), 7).unwrap();
+        assert!(
+            reason.contains("3.0 GiB of WAL") && reason.contains("sequence number is 7"),
+            "{reason}"
+        );
+        assert!(available_memory().is_some_and(|m| m > 0));
+    }
+
+    #[test]
+    fn warnings_about_options_that_change_how_the_wal_is_found() {
+        let o = OptionsFile::parse(
+            "[DBOptions]\n  wal_dir=/fast/wal\n  track_and_verify_wals_in_manifest=true\n",
+            "OPTIONS-000007",
+        )
+        .unwrap();
+        let w = options_warnings(&o);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("/fast/wal"));
+        let plain = OptionsFile::parse("[DBOptions]\n  wal_dir=\n", "OPTIONS-1").unwrap();
+        assert!(options_warnings(&plain).is_empty());
+    }
+}
