@@ -26,4 +26,13 @@ echo "S3 server for the tests: $TIDEMARK_TEST_S3_SERVER at $TIDEMARK_TEST_S3_END
 
 echo "== tests"
 export TIDEMARK_REQUIRE_S3=1
-cargo test --workspace --locked --no-fail-fast -- --nocapture
+status=0
+cargo test --workspace --locked --no-fail-fast -- --nocapture 2>&1 | tee "$run_dir/test.log" || status=$?
+# One closing line for the whole suite (cargo prints one per test binary).
+passed=$(grep -aoE '^test result: [A-Za-z]+\. [0-9]+ passed' "$run_dir/test.log" | awk '{s += $4} END {print s + 0}')
+failed=$(grep -aoE '^test result: [A-Za-z]+\. [0-9]+ passed; [0-9]+ failed' "$run_dir/test.log" | awk '{s += $6} END {print s + 0}')
+echo
+echo "tests: $passed passed, $failed failed"
+if [ "$status" -ne 0 ] || [ "$failed" -ne 0 ] || [ "$passed" -eq 0 ]; then
+  exit 1
+fi
