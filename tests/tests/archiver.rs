@@ -640,3 +640,69 @@ async fn a_wal_deleted_before_it_was_archived_is_a_gap_healed_by_a_new_base() ->
     ensure!(state.history.plan(Target::Seq(first_last)).is_ok());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backup_signals_a_running_archiver_or_runs_once_and_status_checks_thresholds() -> Result<()>
+{
+    let s = Setup {
+        dir: tempfile::tempdir()?,
+        store: TestStore::local()?,
+    };
+    let mut writer = s.loadgen(&["--batches", "2000"])?;
+    ensure!(writer.wait_timeout(Duration::from_secs(60))?.success());
+    let db = s.db().display().to_string();
+    let bases =
+        |root: &Path| -> usize { std::fs::read_dir(root.join("bases")).map_or(0, |d| d.count()) };
+    let root = s.store.local_root().unwrap();
+
+    // No archiver running: `backup` archives the WAL, takes a base and exits.
+    let (code, text) = run_archiver(&["backup", "--db", &db, "--to", &s.store.url], &[])?;
+    ensure!(code == 0, "one-shot backup: {code} {text}");
+    ensure!(bases(&root) == 1, "one base after the one-shot backup");
+
+    // An archiver running with a long base interval: `backup` asks it for one.
+    let mut arch = s.archiver("running.log", &["--base-interval", "24h"])?;
+    wait_for(Duration::from_secs(20), "the lease", || {
+        root.join("lease.json").exists().then_some(())
+    })?;
+    let (code, text) = run_archiver(&["backup", "--db", &db, "--to", &s.store.url], &[])?;
+    ensure!(
+        code == 0 && text.contains("asked the running archiver"),
+        "backup with a running archiver: {code} {text}"
+    );
+    let repo = s.store.open().await?;
+    wait_for_history(&repo, |st| st.history.bases.len() >= 2)
+        .await
+        .with_context(|| arch.log_tail())?;
+    arch.signal("TERM")?;
+    ensure!(arch.wait_timeout(Duration::from_secs(30))?.success());
+
+    // status: thresholds turn into exit code 4.
+    let (code, text) = run_archiver(&["status", "--to", &s.store.url, "--json"], &[])?;
+    ensure!(code == 0, "status: {code} {text}");
+    let report: serde_json::Value = serde_json::from_str(text.trim())?;
+    ensure!(report["bases"].as_u64() >= Some(2), "{report}");
+    let (code, text) = run_archiver(
+        &[
+            "status",
+            "--to",
+            &s.store.url,
+            "--max-base-age",
+            "1h",
+            "--max-lag",
+            "1h",
+        ],
+        &[],
+    )?;
+    ensure!(
+        code == 0,
+        "fresh repository within thresholds: {code} {text}"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    let (code, text) = run_archiver(&["status", "--to", &s.store.url, "--max-lag", "10ms"], &[])?;
+    ensure!(
+        code == 4 && text.contains("newest record"),
+        "lag threshold exceeded: {code} {text}"
+    );
+    Ok(())
+}
