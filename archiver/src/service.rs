@@ -665,17 +665,7 @@ async fn run_with_lease(
                     } else if let Some(from) = cf_watch.changed_from.take() {
                         let last = result.summary.earliest_seq.saturating_sub(1);
                         if from <= last {
-                            checkpoint
-                                .add_gap(Gap {
-                                    first_seq: from,
-                                    last_seq: last,
-                                    kind: GapKind::ColumnFamilyChange,
-                                    detected_at: OffsetDateTime::now_utc(),
-                                    detail: "column families were created or dropped; no base \
-                                             knows the new set before this point"
-                                        .to_owned(),
-                                })
-                                .await?;
+                            checkpoint.add_gap(column_family_gap(from, last)).await?;
                             summary.gaps += 1;
                         }
                     }
@@ -774,13 +764,36 @@ async fn run_with_lease(
         }
     }
 
-    // Shutdown: ship what is open, write the last generation, release the lease.
-    if let Some(task) = base_task.take() {
-        task.abort();
-        tracing::warn!(
-            "a base backup was in progress and was abandoned; its objects are unreferenced"
-        );
-    }
+    // Shutdown: let a base backup in progress finish for a while, ship what is open,
+    // write the last generation, release the lease.
+    let finished_base = match base_task.take() {
+        Some(mut task) => {
+            tracing::info!(
+                "waiting up to {:?} for the base backup in progress",
+                SHUTDOWN_BASE_GRACE
+            );
+            match tokio::time::timeout(SHUTDOWN_BASE_GRACE, &mut task).await {
+                Ok(Ok(Ok(result))) => Some(result),
+                Ok(Ok(Err(e))) => {
+                    tracing::error!(error = %e, "the base backup in progress failed");
+                    None
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "the base backup task failed");
+                    None
+                }
+                Err(_) => {
+                    task.abort();
+                    tracing::warn!(
+                        "the base backup in progress did not finish in time and was abandoned; \
+                         its objects are unreferenced"
+                    );
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     match shipper.close_and_upload().await {
         Ok(entries) => {
             for e in entries {
@@ -792,6 +805,19 @@ async fn run_with_lease(
             tracing::error!(error = %e, "could not ship the last segment; its records stay in the WAL and are shipped at the next start")
         }
     }
+    if let Some(result) = finished_base
+        && (cf_watch.changed_from.is_none() || cf_watch.base_matches_live(&result.summary))
+    {
+        if let Some(from) = cf_watch.changed_from.take() {
+            let last = result.summary.earliest_seq.saturating_sub(1);
+            if from <= last {
+                checkpoint.add_gap(column_family_gap(from, last)).await?;
+                summary.gaps += 1;
+            }
+        }
+        checkpoint.add_base(result.summary).await?;
+        summary.bases += 1;
+    }
     checkpoint.flush().await?;
     lease.release().await?;
     tracing::info!(
@@ -802,6 +828,21 @@ async fn run_with_lease(
         "stopped"
     );
     Ok(summary)
+}
+
+/// How long a shutdown waits for a base backup in progress.
+const SHUTDOWN_BASE_GRACE: Duration = Duration::from_secs(20);
+
+fn column_family_gap(first_seq: u64, last_seq: u64) -> Gap {
+    Gap {
+        first_seq,
+        last_seq,
+        kind: GapKind::ColumnFamilyChange,
+        detected_at: OffsetDateTime::now_utc(),
+        detail: "column families were created or dropped; no base knows the new set before \
+                 this point"
+            .to_owned(),
+    }
 }
 
 fn missing_gap(expected: u64, found: u64, detail: &str) -> Gap {
