@@ -39,6 +39,16 @@ impl ErrorClass {
             ErrorClass::VerificationFailed => exit_code::VERIFICATION_FAILED,
         }
     }
+
+    /// The class's name in JSON reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::Failure => "failure",
+            ErrorClass::Usage => "usage",
+            ErrorClass::NotRestorable => "not_restorable",
+            ErrorClass::VerificationFailed => "verification_failed",
+        }
+    }
 }
 
 /// The exit codes of `tidemark-restore`.
@@ -53,6 +63,8 @@ pub mod exit_code {
     pub const NOT_RESTORABLE: u8 = 3;
     /// Verification failed (repository objects or the restored database).
     pub const VERIFICATION_FAILED: u8 = 4;
+    /// `drill`: the drill ran and failed (its report says in which phase and why).
+    pub const DRILL_FAILED: u8 = 5;
 }
 
 /// Everything that can go wrong in a list, restore or verify.
@@ -129,6 +141,50 @@ impl RestoreError {
             }
         }
     }
+}
+
+impl RestoreError {
+    /// The repository object (its key) the error is about, when it names one: a corrupt or
+    /// missing segment, table file, base file, index page or manifest generation.
+    pub fn object(&self) -> Option<String> {
+        let structured = match self {
+            RestoreError::Checksum(e) => Some(e.key.clone()),
+            RestoreError::Store(e) => e.key().map(str::to_owned),
+            RestoreError::Repository(e) => match e.as_ref() {
+                RepoError::MissingObject { key, .. } => Some(key.clone()),
+                RepoError::Store(s) => s.key().map(str::to_owned),
+                RepoError::Checksum(c) => Some(c.key.clone()),
+                _ => None,
+            },
+            _ => None,
+        };
+        structured
+            .filter(|k| !k.is_empty())
+            .or_else(|| object_in(&self.to_string()))
+    }
+}
+
+/// The first repository key in a message (FORMAT.md §2: `wal/…`, `sst/…`, `bases/…`,
+/// `index/…`, `manifest/…`).
+fn object_in(message: &str) -> Option<String> {
+    const PREFIXES: [&str; 5] = ["wal/", "sst/", "bases/", "index/", "manifest/"];
+    let is_key_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '-' | '_');
+    let mut rest = message;
+    while !rest.is_empty() {
+        let start = rest.find(|c: char| is_key_char(c))?;
+        let token_len = rest[start..]
+            .find(|c: char| !is_key_char(c))
+            .unwrap_or(rest.len() - start);
+        let token = rest[start..start + token_len].trim_end_matches('.');
+        if PREFIXES
+            .iter()
+            .any(|p| token.starts_with(p) && token.len() > p.len())
+        {
+            return Some(token.to_owned());
+        }
+        rest = &rest[start + token_len..];
+    }
+    None
 }
 
 macro_rules! boxed_from {
@@ -221,5 +277,42 @@ mod tests {
             key: "tidemark.json".into(),
         };
         assert_eq!(RestoreError::from(no_repo).class(), ErrorClass::Usage);
+    }
+
+    #[test]
+    fn errors_name_their_object() {
+        let missing = StoreError::NotFound {
+            op: StoreOp::Get,
+            key: "wal/0000000000000001.seg".into(),
+            location: "file:///r/wal/0000000000000001.seg".into(),
+        };
+        assert_eq!(
+            RestoreError::from(missing).object().as_deref(),
+            Some("wal/0000000000000001.seg")
+        );
+        let corrupt = ChecksumMismatch {
+            key: "sst/ab12".into(),
+            expected: "ab12".into(),
+            expected_size: 3,
+            found: "cd34".into(),
+            found_size: 3,
+        };
+        assert_eq!(
+            RestoreError::from(corrupt).object().as_deref(),
+            Some("sst/ab12")
+        );
+        let e = RestoreError::Integrity(
+            "bases/b20261123T133000Z-0a1b2c3d/base.json: the column families differ.".into(),
+        );
+        assert_eq!(
+            e.object().as_deref(),
+            Some("bases/b20261123T133000Z-0a1b2c3d/base.json")
+        );
+        assert_eq!(RestoreError::Interrupted.object(), None);
+        assert_eq!(
+            RestoreError::Verification("ends at sequence 5, planned 7".into()).object(),
+            None
+        );
+        assert_eq!(object_in("a wal/ without a name"), None);
     }
 }

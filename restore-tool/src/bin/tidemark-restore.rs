@@ -1,4 +1,5 @@
-//! `tidemark-restore`: list, restore and verify a Tidemark repository.
+//! `tidemark-restore`: list, restore and verify a Tidemark repository, and run recovery
+//! drills.
 //!
 //! Exit codes (also in `--help`):
 //!
@@ -9,6 +10,10 @@
 //! | 2 | bad usage or input: unknown option, malformed time, non-empty target without `--force`, no repository at the URL |
 //! | 3 | the target is not restorable from this repository (before or after the window, in a gap) |
 //! | 4 | verification failed: a missing or corrupt object, a broken WAL chain, a restored database that does not end where planned, or problems found by `verify` |
+//! | 5 | `drill`: the drill ran and failed (its report says in which phase and why) |
+//!
+//! `drill` exits with 0, 5, 2 (bad usage: the drill did not start) or 1 (it could not run
+//! at all, e.g. its scratch directory cannot be created or its report cannot be written).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -19,6 +24,7 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use time::{OffsetDateTime, UtcOffset};
 use tracing_subscriber::EnvFilter;
 
+use tidemark_restore::commands::drill::{self, DrillOptions, TargetPoint};
 use tidemark_restore::commands::list::{self};
 use tidemark_restore::commands::restore::{self, RestoreOptions};
 use tidemark_restore::commands::verify::{self, VerifyOptions, VerifyScope};
@@ -37,7 +43,13 @@ Exit codes:
      no repository at the URL
   3  the target is not restorable from this repository (before or after the window, in a gap)
   4  verification failed: a missing or corrupt object, a broken WAL chain, a restored database
-     that does not end where planned, or problems found by `verify`";
+     that does not end where planned, or problems found by `verify`
+  5  drill: the drill ran and failed; its report says in which phase and why
+     (drill otherwise exits with 0, 2 for bad usage, or 1 when it could not run at all)";
+
+const DRILL_HELP: &str = "The check command is run as /bin/sh -c CMD with the restored database's directory in TIDEMARK_DRILL_DB (and as $1), its last sequence number in TIDEMARK_DRILL_SEQ, the time of its last record in TIDEMARK_DRILL_TIME and the repository URL in TIDEMARK_DRILL_REPOSITORY. Exit status 0 passes; anything else, or running past --check-timeout, fails the drill.
+
+Every option can also come from the environment (TIDEMARK_FROM, TIDEMARK_DRILL_TARGET, TIDEMARK_DRILL_SCRATCH, TIDEMARK_DRILL_CHECK_COMMAND, TIDEMARK_DRILL_CHECK_TIMEOUT, TIDEMARK_DRILL_REPORT, TIDEMARK_DRILL_SEED, and the store's TIDEMARK_ENDPOINT_URL, TIDEMARK_REGION, TIDEMARK_PATH_STYLE), as in the systemd unit scripts/systemd/tidemark-drill@.service.";
 
 const TIME_HELP: &str = "\
 Restore every record committed at or before TIME. Accepted: RFC 3339 with an offset \
@@ -58,34 +70,6 @@ struct Cli {
     /// Only errors on standard error, no progress bars.
     #[arg(short, long, global = true)]
     quiet: bool,
-}
-
-/// Where the repository is.
-#[derive(Debug, Args)]
-struct StoreArgs {
-    /// The repository: s3://BUCKET[/PREFIX] or file:///ABSOLUTE/DIR.
-    #[arg(long, value_name = "URL", env = "TIDEMARK_FROM")]
-    from: String,
-    /// S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO (default: AWS).
-    #[arg(long, value_name = "URL", env = "TIDEMARK_ENDPOINT_URL")]
-    endpoint_url: Option<String>,
-    /// The bucket's region (default: from the AWS configuration; us-east-1 with --endpoint-url).
-    #[arg(long, value_name = "REGION", env = "TIDEMARK_REGION")]
-    region: Option<String>,
-    /// Path-style bucket addressing (most S3-compatible servers need it).
-    #[arg(long, env = "TIDEMARK_PATH_STYLE")]
-    path_style: bool,
-}
-
-impl StoreArgs {
-    fn options(&self) -> StoreOptions {
-        StoreOptions {
-            from: self.from.clone(),
-            endpoint_url: self.endpoint_url.clone(),
-            region: self.region.clone(),
-            path_style: self.path_style,
-        }
-    }
 }
 
 /// The point to restore to: exactly one of these.
@@ -128,7 +112,7 @@ enum Command {
     /// Show the bases, the restorable window, gaps and a timeline.
     List {
         #[command(flatten)]
-        store: StoreArgs,
+        store: StoreOptions,
         /// Print JSON for automation.
         #[arg(long)]
         json: bool,
@@ -139,7 +123,7 @@ enum Command {
     /// Restore the database into a new directory.
     Restore {
         #[command(flatten)]
-        store: StoreArgs,
+        store: StoreOptions,
         /// The directory to restore into: missing or empty (see --force).
         #[arg(long, value_name = "DIR")]
         target: PathBuf,
@@ -170,7 +154,7 @@ enum Command {
     /// Check that the repository holds intact everything a restore needs.
     Verify {
         #[command(flatten)]
-        store: StoreArgs,
+        store: StoreOptions,
         #[command(flatten)]
         scope: ScopeArgs,
         /// Fixed UTC offset for --time values without one.
@@ -186,6 +170,56 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a recovery drill: restore into a scratch directory with full verification, run
+    /// a check command against the result, measure the RTO and the RPO, write a report,
+    /// clean up.
+    #[command(after_help = DRILL_HELP)]
+    Drill {
+        #[command(flatten)]
+        store: StoreOptions,
+        /// The point to restore: latest, random (uniform over the restorable window, see
+        /// --seed), seq:N, or a time (same forms as restore --time; UTC unless it has an
+        /// offset).
+        #[arg(
+            long,
+            value_name = "POINT",
+            default_value = "latest",
+            env = "TIDEMARK_DRILL_TARGET"
+        )]
+        target_point: String,
+        /// An existing directory under which the drill creates a fresh directory for the
+        /// restored database (default: the system's temporary directory).
+        #[arg(long, value_name = "DIR", env = "TIDEMARK_DRILL_SCRATCH")]
+        scratch: Option<PathBuf>,
+        /// A shell command that checks the restored database (see below); a non-zero exit
+        /// fails the drill.
+        #[arg(long, value_name = "CMD", env = "TIDEMARK_DRILL_CHECK_COMMAND")]
+        check_command: Option<String>,
+        /// Kill the check command, and fail the drill, after this long (e.g. 30m, 2h).
+        #[arg(
+            long,
+            value_name = "DURATION",
+            default_value = "1h",
+            env = "TIDEMARK_DRILL_CHECK_TIMEOUT"
+        )]
+        check_timeout: humantime::Duration,
+        /// Write the JSON report to FILE (atomically), passed or failed.
+        #[arg(long, value_name = "FILE", env = "TIDEMARK_DRILL_REPORT")]
+        report: Option<PathBuf>,
+        /// Keep the drill's directory and the restored database in it.
+        #[arg(long)]
+        keep: bool,
+        /// The seed of --target-point random: the same seed draws the same point from the
+        /// same window (default: a fresh seed, printed in the report).
+        #[arg(long, value_name = "N", env = "TIDEMARK_DRILL_SEED")]
+        seed: Option<u64>,
+        /// Concurrent downloads.
+        #[arg(long, value_name = "N", default_value_t = restore::DEFAULT_PARALLELISM)]
+        parallelism: usize,
+        /// Print the JSON report on standard output instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl Command {
@@ -193,7 +227,8 @@ impl Command {
         match self {
             Command::List { json, .. }
             | Command::Restore { json, .. }
-            | Command::Verify { json, .. } => *json,
+            | Command::Verify { json, .. }
+            | Command::Drill { json, .. } => *json,
         }
     }
 }
@@ -243,7 +278,7 @@ fn terminal_width() -> usize {
 async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8> {
     match cli.command {
         Command::List { store, json, width } => {
-            let repo = store.options().open().await?;
+            let repo = store.open().await?;
             let report = list::run(&repo).await?;
             if json {
                 print_json(&report)?;
@@ -275,7 +310,7 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
                 parallelism,
                 verify,
             };
-            let report = restore::run_from(&store.options(), &opts, &progress, &cancel).await?;
+            let report = restore::run_from(&store, &opts, &progress, &cancel).await?;
             if json {
                 print_json(&report)?;
             } else {
@@ -305,7 +340,7 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
                         .unwrap_or(TargetSpec::Latest),
                 )
             };
-            let repo = store.options().open().await?;
+            let repo = store.open().await?;
             let opts = VerifyOptions {
                 scope,
                 deep,
@@ -321,6 +356,64 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
                 exit_code::OK
             } else {
                 exit_code::VERIFICATION_FAILED
+            })
+        }
+        Command::Drill {
+            store,
+            target_point,
+            scratch,
+            check_command,
+            check_timeout,
+            report,
+            keep,
+            seed,
+            parallelism,
+            json,
+        } => {
+            let target = TargetPoint::parse(&target_point, OffsetDateTime::now_utc())?;
+            if seed.is_some() && target != TargetPoint::Random {
+                return Err(RestoreError::Usage(
+                    "--seed only applies to --target-point random".to_owned(),
+                )
+                .into());
+            }
+            if let Some(path) = &report {
+                let parent = std::path::absolute(path)
+                    .ok()
+                    .and_then(|p| p.parent().map(PathBuf::from));
+                if !parent.as_deref().is_some_and(std::path::Path::is_dir) {
+                    return Err(RestoreError::Usage(format!(
+                        "--report {}: its directory does not exist",
+                        path.display()
+                    ))
+                    .into());
+                }
+            }
+            let opts = DrillOptions {
+                target,
+                scratch,
+                check_command,
+                check_timeout_secs: check_timeout.as_secs(),
+                keep,
+                seed,
+                parallelism,
+            };
+            let outcome = drill::run(&store, &opts, &progress, &cancel).await?;
+            if json {
+                print_json(&outcome)?;
+            } else {
+                print!("{}", outcome.render());
+            }
+            if let Some(path) = &report {
+                outcome.write(path)?;
+                if !json {
+                    println!("  report        {}", path.display());
+                }
+            }
+            Ok(if outcome.passed() {
+                exit_code::OK
+            } else {
+                exit_code::DRILL_FAILED
             })
         }
     }
@@ -363,6 +456,17 @@ fn main() -> ExitCode {
     };
     let cancel = Cancel::new();
     let on_signal = cancel.clone();
+    let on_term = cancel.clone();
+    runtime.spawn(async move {
+        // systemd and cron stop a run with SIGTERM: clean up as for Ctrl-C.
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            && term.recv().await.is_some()
+        {
+            tracing::warn!("terminated: stopping and cleaning up");
+            on_term.cancel();
+        }
+    });
     runtime.spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             tracing::warn!(

@@ -3,54 +3,64 @@
 //!
 //! - [`list`]: what a repository can restore (bases, window, gaps, a timeline);
 //! - [`restore`]: plan → fetch → replay → verify into a target directory;
-//! - [`verify`]: check a repository's objects without restoring.
+//! - [`verify`]: check a repository's objects without restoring;
+//! - [`drill`]: the recovery drill: a verified restore into a scratch directory, the
+//!   operator's own check, the achieved RTO and the RPO, in a JSON report.
 
+pub mod drill;
 pub mod list;
 pub mod restore;
 pub mod verify;
 
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use tidemark_manifest::cli::StoreArgs;
 use tidemark_manifest::plan::Target;
 use tidemark_manifest::repo::{RepoState, Repository};
-use tidemark_manifest::store::{self, ObjectStore, S3Options, StoreUrl};
+use tidemark_manifest::store::{S3Options, StoreUrl};
 
 use crate::RestoreError;
 
-/// Where the repository is, and how to reach an S3 one.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+/// Where the repository is, and how to reach it: `--from` plus the store flags every
+/// Tidemark program shares ([`StoreArgs`]: endpoint, region, path-style addressing; the
+/// storage class and server-side encryption settings only matter for writes and are
+/// accepted so that one environment file serves the archiver and the restore tool).
+///
+/// In JSON the store flags sit beside `from`:
+/// `{"from": "s3://bucket/prefix", "endpoint_url": "http://127.0.0.1:9000", "path_style": true}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, clap::Args)]
 pub struct StoreOptions {
-    /// `s3://BUCKET[/PREFIX]` or `file:///ABSOLUTE/DIR`.
+    /// The repository: s3://BUCKET[/PREFIX] or file:///ABSOLUTE/DIR.
+    #[arg(long, value_name = "URL", env = "TIDEMARK_FROM")]
+    #[serde(default)]
     pub from: String,
-    /// A custom S3 endpoint such as `http://127.0.0.1:9000`.
-    pub endpoint_url: Option<String>,
-    /// The bucket's region.
-    pub region: Option<String>,
-    /// Path-style S3 addressing.
-    pub path_style: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub store: StoreArgs,
 }
 
 impl StoreOptions {
+    /// Options for the repository at `from` with default store flags.
+    pub fn new(from: impl Into<String>) -> StoreOptions {
+        StoreOptions {
+            from: from.into(),
+            store: StoreArgs::default(),
+        }
+    }
+
     /// The parsed `--from` URL.
     pub fn url(&self) -> Result<StoreUrl, RestoreError> {
         Ok(StoreUrl::parse(&self.from)?)
     }
 
-    /// The S3 settings.
-    pub fn s3(&self) -> S3Options {
-        S3Options {
-            endpoint_url: self.endpoint_url.clone(),
-            region: self.region.clone(),
-            force_path_style: self.path_style,
-            ..S3Options::default()
-        }
+    /// The S3 settings the store flags describe.
+    pub fn s3(&self) -> Result<S3Options, RestoreError> {
+        Ok(self.store.s3_options()?)
     }
 
-    /// Opens the store (with the retry layer) and the repository on it.
+    /// Opens the store (with the retry layer) and the repository on it. A missing local
+    /// directory is reported as bad input, never created.
     pub async fn open(&self) -> Result<Repository, RestoreError> {
         let url = self.url()?;
         if let StoreUrl::Local { root } = &url
@@ -62,8 +72,7 @@ impl StoreOptions {
                 self.from
             )));
         }
-        let store: Arc<dyn ObjectStore> = store::open_store(&url, &self.s3()).await?;
-        Ok(Repository::new(store))
+        Ok(self.store.open(&self.from, false).await?)
     }
 }
 
@@ -140,6 +149,65 @@ mod tests {
             r#"{"time":"2026-11-23T13:30:00.5Z"}"#
         );
         assert_eq!(short_time(t), "2026-11-23 13:30:00.500000Z");
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        store: StoreOptions,
+    }
+
+    #[test]
+    fn store_flags_are_the_shared_ones_and_keep_their_json_shape() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "x",
+            "--from",
+            "s3://bucket/prefix",
+            "--endpoint-url",
+            "http://127.0.0.1:9000",
+            "--region",
+            "eu-west-1",
+            "--path-style",
+            "--storage-class",
+            "STANDARD_IA",
+        ])
+        .unwrap();
+        let s = &cli.store;
+        assert_eq!(s.from, "s3://bucket/prefix");
+        assert_eq!(
+            s.store.endpoint_url.as_deref(),
+            Some("http://127.0.0.1:9000")
+        );
+        assert_eq!(s.store.region.as_deref(), Some("eu-west-1"));
+        assert!(s.store.path_style);
+        let s3 = s.s3().unwrap();
+        assert!(s3.force_path_style);
+        assert_eq!(s3.region.as_deref(), Some("eu-west-1"));
+
+        // The store flags sit beside `from` in JSON, as before.
+        let json = serde_json::to_value(s).unwrap();
+        assert_eq!(json["from"], "s3://bucket/prefix");
+        assert_eq!(json["endpoint_url"], "http://127.0.0.1:9000");
+        assert_eq!(json["path_style"], true);
+        let back: StoreOptions = serde_json::from_value(serde_json::json!({
+            "from": "file:///r",
+            "region": "us-east-1",
+            "path_style": true
+        }))
+        .unwrap();
+        assert_eq!(back.from, "file:///r");
+        assert_eq!(back.store.region.as_deref(), Some("us-east-1"));
+        assert!(back.store.path_style && back.store.endpoint_url.is_none());
+
+        // --from is required (unless the environment gives it); a bad encryption setting is
+        // bad input.
+        if std::env::var_os("TIDEMARK_FROM").is_none() {
+            assert!(Cli::try_parse_from(["x", "--path-style"]).is_err());
+        }
+        let mut bad = StoreOptions::new("s3://bucket");
+        bad.store.sse = Some("rot13".into());
+        assert_eq!(bad.s3().unwrap_err().class(), crate::ErrorClass::Usage);
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use tidemark_manifest::model::{BaseDescriptor, TimeSource};
 use tidemark_manifest::plan::RestorePlan;
-use tidemark_manifest::repo::Repository;
+use tidemark_manifest::repo::{RepoState, Repository};
 use tidemark_manifest::store::StoreUrl;
 
 use super::{StoreOptions, TargetSpec, load, short_time};
@@ -134,15 +134,167 @@ pub struct ReplayReport {
 }
 
 /// Wall time of each phase, in milliseconds. The base download runs at the same time as the
-/// WAL download and replay.
+/// WAL download and replay, and segments are replayed while later ones download.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Durations {
     pub plan: u64,
     pub fetch_base: u64,
+    /// Until the last segment needed was downloaded and checked.
+    pub fetch_wal: u64,
+    /// Time spent writing WAL files from the segment records (not waiting for downloads).
+    pub replay: u64,
+    /// From the start of the WAL downloads to the end of the replay.
     pub fetch_and_replay_wal: u64,
     pub verify: u64,
     pub commit: u64,
     pub total: u64,
+}
+
+/// The phases of a restore, in order, for timings and for saying where a restore failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Reading the repository, choosing the base and the segments, checking the target.
+    Plan,
+    /// Downloading the base's files and the segments, each checked against its sha256.
+    Fetch,
+    /// Re-creating the source's WAL files from the segment records.
+    Replay,
+    /// Opening the result read-only and checking it.
+    Verify,
+    /// Renaming the verified result into place.
+    Commit,
+}
+
+impl Phase {
+    /// The phase's name as in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Plan => "plan",
+            Phase::Fetch => "fetch",
+            Phase::Replay => "replay",
+            Phase::Verify => "verify",
+            Phase::Commit => "commit",
+        }
+    }
+}
+
+/// How a phase ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PhaseStatus {
+    Passed,
+    Failed,
+    /// Started but neither finished nor failed (the restore is still running).
+    Running,
+}
+
+/// One phase in a [`PhaseLog`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PhaseEntry {
+    pub phase: Phase,
+    pub status: PhaseStatus,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug)]
+struct PhaseSlot {
+    phase: Phase,
+    started: Instant,
+    took: Option<Duration>,
+    failed: bool,
+}
+
+/// Which phases a restore started, finished or failed in, kept up to date while it runs, so
+/// that a failed restore still says where it failed and how long each phase took.
+#[derive(Debug, Default)]
+pub struct PhaseLog {
+    inner: Mutex<LogInner>,
+}
+
+#[derive(Debug, Default)]
+struct LogInner {
+    slots: Vec<PhaseSlot>,
+    /// The phase the restore's error came from.
+    root: Option<Phase>,
+}
+
+impl PhaseLog {
+    /// An empty log.
+    pub fn new() -> PhaseLog {
+        PhaseLog::default()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut LogInner) -> T) -> T {
+        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// `phase` starts now.
+    pub fn start(&self, phase: Phase) {
+        self.with(|log| {
+            log.slots.push(PhaseSlot {
+                phase,
+                started: Instant::now(),
+                took: None,
+                failed: false,
+            })
+        });
+    }
+
+    /// `phase` ended now, or after `took` when given (for phases that overlap others).
+    pub fn end(&self, phase: Phase, took: Option<Duration>) {
+        self.with(|log| {
+            if let Some(s) = log.slots.iter_mut().rev().find(|s| s.phase == phase) {
+                s.took = Some(took.unwrap_or_else(|| s.started.elapsed()));
+            }
+        });
+    }
+
+    /// `phase` failed (and ended, if it had not). The first phase to fail is the root cause
+    /// ([`PhaseLog::failed`]); phases failed after it were stopped by it.
+    pub fn fail(&self, phase: Phase) {
+        self.with(|log| {
+            if let Some(s) = log.slots.iter_mut().rev().find(|s| s.phase == phase) {
+                s.took.get_or_insert_with(|| s.started.elapsed());
+                s.failed = true;
+                log.root.get_or_insert(phase);
+            }
+        });
+    }
+
+    /// Every phase still running failed (the restore returned an error from it).
+    pub fn fail_running(&self) {
+        self.with(|log| {
+            for s in log.slots.iter_mut().filter(|s| s.took.is_none()) {
+                s.took = Some(s.started.elapsed());
+                s.failed = true;
+                log.root.get_or_insert(s.phase);
+            }
+        });
+    }
+
+    /// The phase the restore failed in: the first one to fail.
+    pub fn failed(&self) -> Option<Phase> {
+        self.with(|log| log.root)
+    }
+
+    /// The phases so far, in the order they started.
+    pub fn entries(&self) -> Vec<PhaseEntry> {
+        self.with(|log| {
+            log.slots
+                .iter()
+                .map(|s| PhaseEntry {
+                    phase: s.phase,
+                    status: match (s.failed, s.took) {
+                        (true, _) => PhaseStatus::Failed,
+                        (false, Some(_)) => PhaseStatus::Passed,
+                        (false, None) => PhaseStatus::Running,
+                    },
+                    duration_ms: ms(s.took.unwrap_or_else(|| s.started.elapsed())),
+                })
+                .collect()
+        })
+    }
 }
 
 /// What `restore` reports.
@@ -185,12 +337,21 @@ pub async fn run_from(
     progress: &Progress,
     cancel: &Cancel,
 ) -> Result<RestoreReport, RestoreError> {
-    if let StoreUrl::Local { root } = store.url()? {
-        let target = staging::resolve_target(&opts.target_dir)?;
-        staging::check_not_overlapping(&target, &root)?;
-    }
+    check_target_outside_store(store, &opts.target_dir)?;
     let repo = store.open().await?;
     run(&repo, opts, progress, cancel).await
+}
+
+/// Refuses a target directory inside (or containing) the local repository `store` names.
+pub fn check_target_outside_store(
+    store: &StoreOptions,
+    target_dir: &std::path::Path,
+) -> Result<(), RestoreError> {
+    if let StoreUrl::Local { root } = store.url()? {
+        let target = staging::resolve_target(target_dir)?;
+        staging::check_not_overlapping(&target, &root)?;
+    }
+    Ok(())
 }
 
 /// Restores from `repo` as `opts` says.
@@ -200,7 +361,37 @@ pub async fn run(
     progress: &Progress,
     cancel: &Cancel,
 ) -> Result<RestoreReport, RestoreError> {
+    run_logged(repo, None, opts, progress, cancel, &PhaseLog::new()).await
+}
+
+/// Restores from `repo` as `opts` says, planning from `state` when the caller has already
+/// loaded it (so that what it measured and what is restored come from one reading of the
+/// repository), and recording each phase in `log` as it starts, ends or fails.
+pub async fn run_logged(
+    repo: &Repository,
+    state: Option<&RepoState>,
+    opts: &RestoreOptions,
+    progress: &Progress,
+    cancel: &Cancel,
+    log: &PhaseLog,
+) -> Result<RestoreReport, RestoreError> {
+    let result = restore(repo, state, opts, progress, cancel, log).await;
+    if result.is_err() {
+        log.fail_running();
+    }
+    result
+}
+
+async fn restore(
+    repo: &Repository,
+    state: Option<&RepoState>,
+    opts: &RestoreOptions,
+    progress: &Progress,
+    cancel: &Cancel,
+    log: &PhaseLog,
+) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
+    log.start(Phase::Plan);
     if opts.parallelism == 0 {
         return Err(RestoreError::Usage(
             "--parallelism must be at least 1".to_owned(),
@@ -231,7 +422,14 @@ pub async fn run(
     }
 
     // Plan.
-    let state = load(repo).await?;
+    let loaded;
+    let state = match state {
+        Some(state) => state,
+        None => {
+            loaded = load(repo).await?;
+            &loaded
+        }
+    };
     let plan = state.history.plan(opts.target.target())?;
     replay::check_plan(&plan)?;
     let generation = state.generation.as_ref().ok_or_else(|| {
@@ -290,6 +488,7 @@ pub async fn run(
             .push(super::list::precision_note(Some(generation.time_precision)).to_owned());
     }
     report.durations_ms.plan = ms(started.elapsed());
+    log.end(Phase::Plan, None);
     tracing::info!(
         "plan: {} from base {} ({} files, {}) and {} segments ({}), cutoff between sequences \
          {} and {}",
@@ -316,6 +515,8 @@ pub async fn run(
 
     // Fetch and replay, into a staging directory beside the target.
     cancel.check()?;
+    log.start(Phase::Fetch);
+    log.start(Phase::Replay);
     let staging = Staging::create(&target_dir)?;
     tracing::info!("building the database in {}", staging.dir().display());
     let phase_cancel = cancel.child();
@@ -360,11 +561,12 @@ pub async fn run(
         };
         let cancel = phase_cancel.clone();
         async move {
+            let t = Instant::now();
             let r = fetch::fetch_segments(job, tx).await;
             if r.is_err() {
                 cancel.cancel();
             }
-            r
+            (r, t.elapsed())
         }
     };
     let consumer = {
@@ -372,37 +574,51 @@ pub async fn run(
         let (cancel, bar) = (phase_cancel.clone(), replay_bar.clone());
         let mut rx = rx;
         tokio::task::spawn_blocking(move || {
+            let mut busy = Duration::ZERO;
             let result = (|| {
                 while let Some(seg) = rx.blocking_recv() {
+                    let t = Instant::now();
                     let more = replayer.replay_segment(&seg.entry, &seg.path, &cancel, &bar);
                     let _ = std::fs::remove_file(&seg.path);
+                    busy += t.elapsed();
                     if !more? {
                         break;
                     }
                 }
                 // The cutoff is reached (or every segment was read): stop the downloads.
                 rx.close();
-                replayer.finish()
+                let t = Instant::now();
+                let outcome = replayer.finish();
+                busy += t.elapsed();
+                outcome
             })();
             if result.is_err() {
                 cancel.cancel();
             }
-            result
+            (result, busy)
         })
     };
     let wal_started = Instant::now();
-    let ((base_result, base_time), seg_result, consumed) =
+    let ((base_result, base_time), (seg_result, seg_time), consumed) =
         tokio::join!(base_fut, seg_fut, consumer);
-    let consumed = consumed.expect("the replay task does not panic");
+    let (consumed, replay_time) = consumed.expect("the replay task does not panic");
     let wal_time = wal_started.elapsed();
     report.durations_ms.fetch_base = ms(base_time);
+    report.durations_ms.fetch_wal = ms(seg_time);
+    report.durations_ms.replay = ms(replay_time);
     report.durations_ms.fetch_and_replay_wal = ms(wal_time);
+    log.end(Phase::Fetch, Some(base_time.max(seg_time)));
+    log.end(Phase::Replay, Some(replay_time));
     let outcome = match pick_error(base_result.err(), seg_result.err(), consumed) {
         Ok(outcome) => outcome,
-        Err(e) => {
+        Err((phase, e)) => {
             for bar in [&base_bar, &wal_bar, &replay_bar] {
                 bar.abandon();
             }
+            // Fetch and replay run together: when one fails, the other is stopped by it.
+            log.fail(phase);
+            log.fail(Phase::Fetch);
+            log.fail(Phase::Replay);
             return Err(e);
         }
     };
@@ -446,6 +662,7 @@ pub async fn run(
 
     // Verify, read-only, before anything is put in place.
     cancel.check()?;
+    log.start(Phase::Verify);
     let verify_started = Instant::now();
     let options = verify::read_options(staging.dir());
     if let Some(o) = &options {
@@ -475,9 +692,11 @@ pub async fn run(
     }
     report.verification = Some(verification);
     report.durations_ms.verify = ms(verify_started.elapsed());
+    log.end(Phase::Verify, None);
 
     // Put it in place.
     cancel.check()?;
+    log.start(Phase::Commit);
     let commit_started = Instant::now();
     let force = opts.force;
     let moved = tokio::task::spawn_blocking(move || staging.commit(force))
@@ -485,6 +704,7 @@ pub async fn run(
         .expect("the commit does not panic")?;
     report.moved_aside = moved;
     report.durations_ms.commit = ms(commit_started.elapsed());
+    log.end(Phase::Commit, None);
     report.durations_ms.total = ms(started.elapsed());
     tracing::info!(
         "restored {} to {} at sequence {}",
@@ -496,22 +716,28 @@ pub async fn run(
 }
 
 /// The error to report when several phases failed: the root cause, not an "interrupted"
-/// that another phase's failure caused.
+/// that another phase's failure caused, with the phase it came from.
 fn pick_error<T>(
     base: Option<RestoreError>,
     segments: Option<RestoreError>,
     replay: Result<T, RestoreError>,
-) -> Result<T, RestoreError> {
+) -> Result<T, (Phase, RestoreError)> {
     let replay_err = match replay {
         Ok(v) if base.is_none() && segments.is_none() => return Ok(v),
         Ok(_) => None,
         Err(e) => Some(e),
     };
-    let mut errors: Vec<RestoreError> =
-        [base, segments, replay_err].into_iter().flatten().collect();
+    let mut errors: Vec<(Phase, RestoreError)> = [
+        (Phase::Fetch, base),
+        (Phase::Fetch, segments),
+        (Phase::Replay, replay_err),
+    ]
+    .into_iter()
+    .filter_map(|(phase, e)| e.map(|e| (phase, e)))
+    .collect();
     let root = errors
         .iter()
-        .position(|e| !matches!(e, RestoreError::Interrupted))
+        .position(|(_, e)| !matches!(e, RestoreError::Interrupted))
         .unwrap_or(0);
     Err(errors.swap_remove(root))
 }
@@ -885,19 +1111,73 @@ mod tests {
 
     #[test]
     fn the_root_cause_wins_over_interruptions() {
-        let e = pick_error::<()>(
+        let (phase, e) = pick_error::<()>(
             Some(RestoreError::Interrupted),
             Some(RestoreError::Integrity("wal/x.seg is corrupt".into())),
             Err(RestoreError::Interrupted),
         )
         .unwrap_err();
         assert!(e.to_string().contains("wal/x.seg"), "{e}");
+        assert_eq!(phase, Phase::Fetch);
         // A download failure is never hidden by a replay that finished with what it got.
-        let e =
+        let (phase, e) =
             pick_error(None, Some(RestoreError::Integrity("missing".into())), Ok(5)).unwrap_err();
         assert!(e.to_string().contains("missing"));
+        assert_eq!(phase, Phase::Fetch);
         assert_eq!(pick_error::<u8>(None, None, Ok(5)).unwrap(), 5);
-        let e = pick_error::<()>(None, None, Err(RestoreError::Interrupted)).unwrap_err();
+        let (phase, e) = pick_error::<()>(None, None, Err(RestoreError::Interrupted)).unwrap_err();
         assert!(matches!(e, RestoreError::Interrupted));
+        assert_eq!(phase, Phase::Replay);
+        let (phase, _) = pick_error::<()>(
+            Some(RestoreError::Interrupted),
+            None,
+            Err(RestoreError::Integrity("record hole".into())),
+        )
+        .unwrap_err();
+        assert_eq!(phase, Phase::Replay);
+    }
+
+    #[test]
+    fn the_phase_log_says_where_a_restore_failed() {
+        let log = PhaseLog::new();
+        log.start(Phase::Plan);
+        log.end(Phase::Plan, None);
+        log.start(Phase::Fetch);
+        log.start(Phase::Replay);
+        log.end(Phase::Fetch, Some(Duration::from_millis(1500)));
+        log.end(Phase::Replay, Some(Duration::from_millis(300)));
+        log.fail(Phase::Fetch);
+        assert_eq!(log.failed(), Some(Phase::Fetch));
+        assert_eq!(log.entries()[2].status, PhaseStatus::Passed);
+        log.fail(Phase::Replay);
+        assert_eq!(
+            log.failed(),
+            Some(Phase::Fetch),
+            "the first failure is the root"
+        );
+        let entries = log.entries();
+        let status: Vec<(Phase, PhaseStatus)> =
+            entries.iter().map(|e| (e.phase, e.status)).collect();
+        assert_eq!(
+            status,
+            [
+                (Phase::Plan, PhaseStatus::Passed),
+                (Phase::Fetch, PhaseStatus::Failed),
+                (Phase::Replay, PhaseStatus::Failed),
+            ]
+        );
+        assert_eq!(entries[1].duration_ms, 1500);
+        assert_eq!(entries[2].duration_ms, 300);
+
+        // An error returned from inside a phase fails the phases still running.
+        let log = PhaseLog::new();
+        log.start(Phase::Plan);
+        log.end(Phase::Plan, None);
+        log.start(Phase::Verify);
+        assert_eq!(log.entries()[1].status, PhaseStatus::Running);
+        assert_eq!(log.failed(), None);
+        log.fail_running();
+        assert_eq!(log.failed(), Some(Phase::Verify));
+        assert_eq!(log.entries()[0].status, PhaseStatus::Passed);
     }
 }

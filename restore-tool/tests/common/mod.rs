@@ -348,12 +348,9 @@ pub async fn s3_repo(endpoint: &str, case: &str) -> Result<(Repository, StoreOpt
     }
     let store: Arc<dyn ObjectStore> =
         Arc::new(RetryStore::new(Arc::new(raw), RetryPolicy::default()));
-    let opts = StoreOptions {
-        from: format!("s3://{}/{prefix}", bucket_name()),
-        endpoint_url: Some(endpoint.to_owned()),
-        region: None,
-        path_style: true,
-    };
+    let mut opts = StoreOptions::new(format!("s3://{}/{prefix}", bucket_name()));
+    opts.store.endpoint_url = Some(endpoint.to_owned());
+    opts.store.path_style = true;
     Ok((Repository::new(store), opts))
 }
 
