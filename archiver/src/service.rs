@@ -152,7 +152,7 @@ impl ServiceError {
             ServiceError::Check(_) | ServiceError::Diverged { .. } => 2,
             ServiceError::Store(StoreError::Config { .. }) => 2,
             ServiceError::Repo(RepoError::WrongDatabase { .. }) => 2,
-            ServiceError::Lease(_) => 3,
+            ServiceError::Lease(LeaseError::Held { .. } | LeaseError::Lost { .. }) => 3,
             ServiceError::Repo(RepoError::LostRace { .. } | RepoError::Conflict { .. }) => 3,
             _ => 1,
         }
@@ -899,6 +899,31 @@ mod tests {
         assert!(err.to_string().contains("invalid duration"), "{err}");
         let err = toml::from_str::<ArchiverOptions>("colour = 1").unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn only_another_archiver_is_exit_code_3() {
+        let held = ServiceError::Lease(LeaseError::Held {
+            location: "s3://b/p".into(),
+            holder: "h".into(),
+            host: "host".into(),
+            pid: 1,
+            expires_at: "later".into(),
+        });
+        assert_eq!(held.exit_code(), 3);
+        let lost = ServiceError::Lease(LeaseError::Lost {
+            location: "s3://b/p".into(),
+        });
+        assert_eq!(lost.exit_code(), 3);
+        // The store failing while the lease is renewed is a runtime failure, not a second
+        // archiver: a supervisor must restart it.
+        let unreachable = ServiceError::Lease(LeaseError::Store(StoreError::Transient {
+            op: tidemark_manifest::store::StoreOp::PutIfMatch,
+            key: "lease.json".into(),
+            location: "s3://b/p/lease.json".into(),
+            source: "connection refused".into(),
+        }));
+        assert_eq!(unreachable.exit_code(), 1);
     }
 
     #[test]

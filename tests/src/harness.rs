@@ -180,6 +180,35 @@ impl TestStore {
         }))
     }
 
+    /// The same S3 repository reached through another endpoint, such as a
+    /// [`FaultProxy`](crate::faultproxy::FaultProxy) in front of the server: for the programs
+    /// (`TIDEMARK_ENDPOINT_URL`) and for [`TestStore::open`].
+    pub fn through(&self, endpoint: &str) -> Result<TestStore> {
+        if self.local_root().is_some() {
+            bail!(
+                "{} is a local directory, not reached through an endpoint",
+                self.describe
+            );
+        }
+        let mut env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .filter(|(k, _)| k != "TIDEMARK_ENDPOINT_URL")
+            .cloned()
+            .collect();
+        env.push(("TIDEMARK_ENDPOINT_URL".into(), endpoint.to_owned()));
+        Ok(TestStore {
+            url: self.url.clone(),
+            env,
+            s3: S3Options {
+                endpoint_url: Some(endpoint.to_owned()),
+                ..self.s3.clone()
+            },
+            describe: format!("{} through {endpoint}", self.describe),
+            _dir: None,
+        })
+    }
+
     /// The local directory of a `file://` store.
     pub fn local_root(&self) -> Option<PathBuf> {
         self.url.strip_prefix("file://").map(PathBuf::from)

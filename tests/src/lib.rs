@@ -4,6 +4,7 @@
 //! exact state a database had at any sequence number the generator reached, so that a
 //! restored database can be compared with it key by key ([`state::State::diff`]).
 
+pub mod faultproxy;
 pub mod harness;
 pub mod oracle;
 pub mod rocks;
