@@ -38,7 +38,29 @@ impl Default for CheckpointOptions {
     }
 }
 
+/// A change a generation records besides new segments.
+#[derive(Debug, Clone)]
+enum Change {
+    /// The first generation of a new repository: where the tail walk starts.
+    Start(u64),
+    Base(BaseSummary),
+    Gap(Gap),
+}
+
+/// A generation built but not created yet (its create failed): sent again, byte for byte,
+/// before anything else, so that a create that landed but whose reply was lost is
+/// recognised as ours.
+#[derive(Debug)]
+struct Unsent {
+    generation: Generation,
+    /// How many of the pending segments it indexes.
+    pending_used: usize,
+}
+
 /// Writes manifest generations for one repository. The only writer of generations.
+///
+/// A write that fails keeps everything it was to record (segments, bases, gaps): the next
+/// call retries it first.
 #[derive(Debug)]
 pub struct CheckpointManager {
     repo: Repository,
@@ -46,6 +68,8 @@ pub struct CheckpointManager {
     current: Generation,
     pending: Vec<SegmentEntry>,
     pending_since: Option<Instant>,
+    queued: Vec<Change>,
+    unsent: Option<Unsent>,
 }
 
 impl CheckpointManager {
@@ -80,6 +104,8 @@ impl CheckpointManager {
             current,
             pending,
             pending_since,
+            queued: Vec::new(),
+            unsent: None,
         }
     }
 
@@ -93,13 +119,21 @@ impl CheckpointManager {
         &self.pending
     }
 
+    /// True while something (a base, a gap, a built generation) waits to be written.
+    pub fn has_unwritten(&self) -> bool {
+        self.unsent.is_some() || !self.queued.is_empty()
+    }
+
     /// Before the first segment of a new repository is uploaded: writes generation 1 with
     /// `tail_start_seq` at that segment's first sequence, so that readers can find it.
     pub async fn ensure_started(&mut self, first_seq: u64) -> Result<(), RepoError> {
-        if self.current.generation > 0 {
-            return Ok(());
+        let started = self.current.generation > 0
+            || self.unsent.is_some()
+            || self.queued.iter().any(|c| matches!(c, Change::Start(_)));
+        if !started {
+            self.queued.push(Change::Start(first_seq));
         }
-        self.write(move |g| g.tail_start_seq = first_seq).await
+        self.write().await
     }
 
     /// Records an uploaded segment.
@@ -110,9 +144,10 @@ impl CheckpointManager {
         self.pending.push(entry);
     }
 
-    /// True when pending segments should be written into a generation now.
+    /// True when a generation should be written now.
     pub fn due(&self) -> bool {
-        self.pending.len() >= self.opts.max_pending
+        self.has_unwritten()
+            || self.pending.len() >= self.opts.max_pending
             || self
                 .pending_since
                 .is_some_and(|t| t.elapsed() >= self.opts.interval)
@@ -123,36 +158,31 @@ impl CheckpointManager {
         self.pending_since.map(|t| t + self.opts.interval)
     }
 
-    /// Writes pending segments (if any) into a new generation.
+    /// Writes whatever waits (pending segments, queued changes) into a new generation.
     pub async fn flush(&mut self) -> Result<(), RepoError> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        self.write(|_| {}).await
+        self.write().await
     }
 
     /// Adds a base backup, in a new generation written at once.
     pub async fn add_base(&mut self, base: BaseSummary) -> Result<(), RepoError> {
-        self.write(move |g| g.bases.push(base)).await
+        self.queued.push(Change::Base(base));
+        self.write().await
     }
 
     /// Records a gap, in a new generation written at once. After a missing-WAL gap,
     /// segments are found by the tail walk from `gap.last_seq + 1`, so this must be written
     /// before them; other gaps cover records that are archived, and move nothing.
     pub async fn add_gap(&mut self, gap: Gap) -> Result<(), RepoError> {
-        let resume = (gap.kind == GapKind::MissingWal).then_some(gap.last_seq + 1);
-        self.write(move |g| {
-            g.gaps.push(gap);
-            if let Some(resume) = resume {
-                g.tail_start_seq = g.tail_start_seq.max(resume);
-            }
-        })
-        .await
+        self.queued.push(Change::Gap(gap));
+        self.write().await
     }
 
-    /// Pending segments become an index page; `change` edits the next generation; pages are
-    /// merged if a tier is full; the generation is created (create-only).
-    async fn write(&mut self, change: impl FnOnce(&mut Generation)) -> Result<(), RepoError> {
+    /// Sends a generation built earlier, then builds and sends one for what waits now.
+    async fn write(&mut self) -> Result<(), RepoError> {
+        self.send_unsent().await?;
+        if self.pending.is_empty() && self.queued.is_empty() {
+            return Ok(());
+        }
         let mut next = self.current.clone();
         next.generation += 1;
         next.written_at = OffsetDateTime::now_utc();
@@ -170,18 +200,46 @@ impl CheckpointManager {
             next.index_pages.push(r);
             self.merge_pages(&mut next).await?;
         }
-        change(&mut next);
-        self.repo.write_generation(&next).await?;
+        for change in self.queued.drain(..) {
+            match change {
+                Change::Start(first_seq) => next.tail_start_seq = first_seq,
+                Change::Base(base) => next.bases.push(base),
+                Change::Gap(gap) => {
+                    if gap.kind == GapKind::MissingWal {
+                        next.tail_start_seq = next.tail_start_seq.max(gap.last_seq + 1);
+                    }
+                    next.gaps.push(gap);
+                }
+            }
+        }
+        self.unsent = Some(Unsent {
+            generation: next,
+            pending_used: self.pending.len(),
+        });
+        self.send_unsent().await
+    }
+
+    async fn send_unsent(&mut self) -> Result<(), RepoError> {
+        let Some(unsent) = &self.unsent else {
+            return Ok(());
+        };
+        self.repo.write_generation(&unsent.generation).await?;
+        let Unsent {
+            generation,
+            pending_used,
+        } = self.unsent.take().expect("checked above");
         tracing::info!(
-            generation = next.generation,
-            segments_indexed = self.pending.len(),
-            pages = next.index_pages.len(),
-            tail_start_seq = next.tail_start_seq,
+            generation = generation.generation,
+            segments_indexed = pending_used,
+            pages = generation.index_pages.len(),
+            tail_start_seq = generation.tail_start_seq,
             "wrote manifest generation"
         );
-        self.current = next;
-        self.pending.clear();
-        self.pending_since = None;
+        self.current = generation;
+        self.pending.drain(..pending_used);
+        if self.pending.is_empty() {
+            self.pending_since = None;
+        }
         Ok(())
     }
 
@@ -271,6 +329,79 @@ pub fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use tidemark_manifest::model::{
+        Compression, Lineage, ObjectRef, RepositoryConfig, time_from_micros,
+    };
+    use tidemark_manifest::store::fault::{Fault, FaultRule, FaultStore};
+    use tidemark_manifest::store::{MemoryStore, ObjectStore, StoreOp};
+
+    fn base(id: &str) -> BaseSummary {
+        BaseSummary {
+            id: id.into(),
+            created_at: time_from_micros(1),
+            descriptor: ObjectRef {
+                key: format!("bases/{id}/base.json"),
+                size: 1,
+                sha256: "00".into(),
+            },
+            min_log_number: 1,
+            replay_from_seq: 1,
+            earliest_seq: 1,
+            earliest_time: time_from_micros(1),
+            column_families: vec![],
+            total_size: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_keeps_what_it_was_to_record_and_retries_it() {
+        let faults = Arc::new(FaultStore::new(Arc::new(MemoryStore::new())));
+        let store: Arc<dyn ObjectStore> = faults.clone();
+        let repo = Repository::new(store);
+        let config = RepositoryConfig {
+            format_version: FORMAT_VERSION,
+            repository_id: "r".into(),
+            created_at: time_from_micros(1),
+            database_identity: "db".into(),
+            lineage: Lineage {
+                id: "l".into(),
+                parent: None,
+            },
+            segment_compression: Compression::Zstd,
+        };
+        repo.create_config(&config).await.unwrap();
+        let state = repo.load().await.unwrap();
+        let mut cp = CheckpointManager::new(repo.clone(), &state, CheckpointOptions::default());
+        cp.ensure_started(1).await.unwrap();
+        faults.inject(
+            FaultRule::new(Fault::Transient)
+                .on(StoreOp::PutIfAbsent)
+                .key_prefix("manifest/")
+                .times(2),
+        );
+        assert!(cp.add_base(base("b1")).await.is_err());
+        assert!(cp.has_unwritten() && cp.due());
+        assert!(cp.add_base(base("b2")).await.is_err());
+        // The store is back: both bases land, in order, in consecutive generations.
+        cp.flush().await.unwrap();
+        assert!(!cp.has_unwritten());
+        let g = repo.current_generation().await.unwrap().unwrap();
+        let ids: Vec<&str> = g.bases.iter().map(|b| b.id.as_str()).collect();
+        assert_eq!(ids, vec!["b1", "b2"]);
+        assert_eq!(g.generation, 3);
+        // A create that landed but whose reply was lost is ours when sent again.
+        faults.inject(
+            FaultRule::new(Fault::LostReply)
+                .on(StoreOp::PutIfAbsent)
+                .key_prefix("manifest/")
+                .times(1),
+        );
+        assert!(cp.add_base(base("b3")).await.is_err());
+        cp.flush().await.unwrap();
+        let g = repo.current_generation().await.unwrap().unwrap();
+        assert_eq!((g.generation, g.bases.len()), (4, 3));
+    }
 
     #[test]
     fn tiers() {

@@ -505,6 +505,8 @@ async fn run_with_lease(
     };
     let mut expected = history_start;
     let mut retry_at: Option<Instant> = None;
+    let mut manifest_retry = Backoff::new();
+    let mut renew_retry_at: Option<OffsetDateTime> = None;
     let mut retry_delay = Duration::from_secs(1);
     let mut bases_done_this_run = 0u64;
     tokio::pin!(shutdown);
@@ -537,12 +539,22 @@ async fn run_with_lease(
                             }
                             Some(exp) if r.seq > exp => {
                                 let gap = missing_gap(exp, r.seq, "the WAL continues after a hole");
-                                record_gap(&mut shipper, &mut checkpoint, gap, &mut summary)
-                                    .await?;
+                                record_gap(
+                                    &mut shipper,
+                                    &mut checkpoint,
+                                    gap,
+                                    &mut summary,
+                                    &mut manifest_retry,
+                                )
+                                .await?;
                                 base_due = Some(Instant::now());
                             }
                             Some(_) => {}
-                            None => checkpoint.ensure_started(r.seq).await?,
+                            None => tolerate(
+                                checkpoint.ensure_started(r.seq).await,
+                                &mut manifest_retry,
+                                "writing the first manifest generation",
+                            )?,
                         }
                         expected = Some(r.next_seq());
                         times
@@ -577,7 +589,14 @@ async fn run_with_lease(
                         detail,
                     } => {
                         let gap = missing_gap(expected_seq, found_seq, &detail);
-                        record_gap(&mut shipper, &mut checkpoint, gap, &mut summary).await?;
+                        record_gap(
+                            &mut shipper,
+                            &mut checkpoint,
+                            gap,
+                            &mut summary,
+                            &mut manifest_retry,
+                        )
+                        .await?;
                         expected = Some(found_seq);
                         base_due = Some(Instant::now());
                     }
@@ -628,8 +647,12 @@ async fn run_with_lease(
         }
 
         // 3. Manifest generation.
-        if checkpoint.due() && !shipper.has_unsent() {
-            checkpoint.flush().await?;
+        if checkpoint.due() && !shipper.has_unsent() && manifest_retry.ready() {
+            tolerate(
+                checkpoint.flush().await,
+                &mut manifest_retry,
+                "writing a manifest generation",
+            )?;
         }
 
         // 4. Base backups.
@@ -665,7 +688,11 @@ async fn run_with_lease(
                     } else if let Some(from) = cf_watch.changed_from.take() {
                         let last = result.summary.earliest_seq.saturating_sub(1);
                         if from <= last {
-                            checkpoint.add_gap(column_family_gap(from, last)).await?;
+                            tolerate(
+                                checkpoint.add_gap(column_family_gap(from, last)).await,
+                                &mut manifest_retry,
+                                "recording a column family change",
+                            )?;
                             summary.gaps += 1;
                         }
                     }
@@ -675,7 +702,11 @@ async fn run_with_lease(
                         cf_watch.last_matching_seq =
                             cf_watch.last_matching_seq.max(result.summary.earliest_seq);
                     }
-                    checkpoint.add_base(result.summary).await?;
+                    tolerate(
+                        checkpoint.add_base(result.summary).await,
+                        &mut manifest_retry,
+                        "recording the base backup",
+                    )?;
                     summary.bases += 1;
                     bases_done_this_run += 1;
                 }
@@ -713,8 +744,22 @@ async fn run_with_lease(
         }
 
         // 5. Lease.
-        if OffsetDateTime::now_utc() >= lease.renew_due() {
-            lease.renew().await?;
+        let now = OffsetDateTime::now_utc();
+        if now >= lease.renew_due() && renew_retry_at.is_none_or(|t| now >= t) {
+            match lease.renew().await {
+                Ok(()) => renew_retry_at = None,
+                Err(e @ LeaseError::Lost { .. }) => return Err(e.into()),
+                Err(e) if now >= lease.lease().expires_at => {
+                    return Err(ServiceError::Other(format!(
+                        "the lease expired while the store could not be reached ({e}); \
+                         stopping so that a restarted archiver takes it again"
+                    )));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "lease renewal failed; will retry before it expires");
+                    renew_retry_at = Some(now + time::Duration::seconds(2));
+                }
+            }
         }
 
         // 6. Sleep until something happens.
@@ -723,6 +768,7 @@ async fn run_with_lease(
             shipper.due_at(),
             checkpoint.due_at(),
             retry_at,
+            manifest_retry.at,
             base_due,
             base_task
                 .as_ref()
@@ -733,7 +779,11 @@ async fn run_with_lease(
         {
             wake = wake.min(t);
         }
-        let renew_in: Duration = (lease.renew_due() - OffsetDateTime::now_utc())
+        let renew_at = match renew_retry_at {
+            Some(t) => t.max(lease.renew_due()),
+            None => lease.renew_due(),
+        };
+        let renew_in: Duration = (renew_at - OffsetDateTime::now_utc())
             .try_into()
             .unwrap_or(Duration::ZERO);
         wake = wake.min(Instant::now() + renew_in);
@@ -811,15 +861,34 @@ async fn run_with_lease(
         if let Some(from) = cf_watch.changed_from.take() {
             let last = result.summary.earliest_seq.saturating_sub(1);
             if from <= last {
-                checkpoint.add_gap(column_family_gap(from, last)).await?;
+                tolerate(
+                    checkpoint.add_gap(column_family_gap(from, last)).await,
+                    &mut manifest_retry,
+                    "recording a column family change",
+                )?;
                 summary.gaps += 1;
             }
         }
-        checkpoint.add_base(result.summary).await?;
+        tolerate(
+            checkpoint.add_base(result.summary).await,
+            &mut manifest_retry,
+            "recording the base backup",
+        )?;
         summary.bases += 1;
     }
-    checkpoint.flush().await?;
-    lease.release().await?;
+    if let Err(e) = checkpoint.flush().await {
+        if !repo_error_is_retryable(&e) {
+            return Err(e.into());
+        }
+        tracing::error!(
+            error = %e,
+            "could not write the last manifest generation; the uploaded segments are found by \
+             readers all the same, and the next start records them"
+        );
+    }
+    if let Err(e) = lease.release().await {
+        tracing::error!(error = %e, "could not release the lease; it expires by itself");
+    }
     tracing::info!(
         records = summary.records,
         segments = summary.segments,
@@ -828,6 +897,68 @@ async fn run_with_lease(
         "stopped"
     );
     Ok(summary)
+}
+
+/// Whether a repository error is the store failing for now (retry later) rather than a
+/// reason to stop.
+fn repo_error_is_retryable(e: &RepoError) -> bool {
+    matches!(
+        e,
+        RepoError::Store(s) if !matches!(s, StoreError::Config { .. } | StoreError::InvalidKey { .. })
+    )
+}
+
+/// Backoff for retrying the store: doubles up to 30 s.
+#[derive(Debug)]
+struct Backoff {
+    at: Option<Instant>,
+    delay: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff {
+            at: None,
+            delay: Duration::from_secs(1),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.at.is_none_or(|t| t <= Instant::now())
+    }
+
+    fn failed(&mut self) -> Duration {
+        let d = self.delay;
+        self.at = Some(Instant::now() + d);
+        self.delay = (self.delay * 2).min(Duration::from_secs(30));
+        d
+    }
+
+    fn succeeded(&mut self) {
+        self.at = None;
+        self.delay = Duration::from_secs(1);
+    }
+}
+
+/// A manifest write that failed for now is kept by the checkpoint manager and retried
+/// later; anything else stops the service.
+fn tolerate(
+    r: Result<(), RepoError>,
+    backoff: &mut Backoff,
+    what: &str,
+) -> Result<(), ServiceError> {
+    match r {
+        Ok(()) => {
+            backoff.succeeded();
+            Ok(())
+        }
+        Err(e) if repo_error_is_retryable(&e) => {
+            let d = backoff.failed();
+            tracing::error!(error = %e, retry_in = ?d, "{what} failed; kept, will retry");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// How long a shutdown waits for a base backup in progress.
@@ -861,6 +992,7 @@ async fn record_gap(
     checkpoint: &mut CheckpointManager,
     gap: Gap,
     summary: &mut RunSummary,
+    manifest_retry: &mut Backoff,
 ) -> Result<(), ServiceError> {
     tracing::error!(
         first_seq = gap.first_seq,
@@ -871,11 +1003,30 @@ async fn record_gap(
         gap.first_seq,
         gap.last_seq
     );
-    for e in shipper.close_and_upload().await? {
-        summary.segments += 1;
-        checkpoint.segment_uploaded(e);
+    // Everything before the gap must be uploaded before the gap is recorded: keep trying.
+    let mut upload_retry = Backoff::new();
+    loop {
+        match shipper.close_and_upload().await {
+            Ok(entries) => {
+                for e in entries {
+                    summary.segments += 1;
+                    checkpoint.segment_uploaded(e);
+                }
+                break;
+            }
+            Err(e) if is_retryable(&e) => {
+                let d = upload_retry.failed();
+                tracing::error!(error = %e, retry_in = ?d, "segment upload before a gap failed; will retry");
+                tokio::time::sleep(d).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
-    checkpoint.add_gap(gap).await?;
+    tolerate(
+        checkpoint.add_gap(gap).await,
+        manifest_retry,
+        "recording a gap",
+    )?;
     summary.gaps += 1;
     Ok(())
 }

@@ -413,17 +413,18 @@ impl Repository {
     /// create to another writer is [`RepoError::LostRace`].
     pub async fn write_generation(&self, g: &Generation) -> Result<(), RepoError> {
         let key = keys::generation_key(g.generation);
-        match self
-            .store
-            .put_if_absent(&key, Bytes::from(model::to_document_bytes(g)))
-            .await
-        {
+        let bytes = Bytes::from(model::to_document_bytes(g));
+        match self.store.put_if_absent(&key, bytes.clone()).await {
             Ok(_) => {}
             Err(StoreError::PreconditionFailed { .. }) => {
-                return Err(RepoError::LostRace {
-                    location: self.location(),
-                    generation: g.generation,
-                });
+                // Ours already, if an earlier attempt landed but its reply was lost.
+                let existing = self.store.get(&key).await?;
+                if existing != bytes {
+                    return Err(RepoError::LostRace {
+                        location: self.location(),
+                        generation: g.generation,
+                    });
+                }
             }
             Err(e) => return Err(e.into()),
         }

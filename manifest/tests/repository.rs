@@ -207,7 +207,8 @@ async fn a_stale_or_missing_hint_still_finds_the_newest_generation() {
 #[tokio::test]
 async fn a_second_writer_of_the_same_generation_loses() {
     let (_dir, repo) = populated().await;
-    let g = repo.read_generation(1).await.unwrap().unwrap();
+    let mut g = repo.read_generation(1).await.unwrap().unwrap();
+    g.writer.pid += 1;
     let err = repo.write_generation(&g).await.unwrap_err();
     assert!(
         matches!(err, RepoError::LostRace { generation: 1, .. }),
@@ -327,4 +328,18 @@ async fn rewriting_an_existing_segment_is_idempotent_but_a_different_one_conflic
     repo.write_segment(&segment(31, 5)).await.unwrap();
     let err = repo.write_segment(&segment(31, 6)).await.unwrap_err();
     assert!(matches!(err, RepoError::Conflict { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn sending_the_same_generation_again_is_not_a_race() {
+    let (_dir, repo) = populated().await;
+    let mut g2 = repo.read_generation(1).await.unwrap().unwrap();
+    g2.generation = 2;
+    repo.write_generation(&g2).await.unwrap();
+    // A retry of the very same document (its first reply was lost) succeeds.
+    repo.write_generation(&g2).await.unwrap();
+    // Different content under the same number is another writer.
+    g2.tail_start_seq += 1;
+    let err = repo.write_generation(&g2).await.unwrap_err();
+    assert!(matches!(err, RepoError::LostRace { generation: 2, .. }), "{err}");
 }

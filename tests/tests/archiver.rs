@@ -70,7 +70,10 @@ fn wait_for_db(db: &Path) -> Result<()> {
 
 /// Waits until the repository holds the oracle's last sequence.
 async fn wait_archived(store: &TestStore, last_seq: u64, archiver: &mut Proc) -> Result<()> {
-    let repo = store.open().await?;
+    let repo = store
+        .open_when_created()
+        .await
+        .with_context(|| archiver.log_tail())?;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(state) = repo.load().await

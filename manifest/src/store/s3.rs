@@ -37,6 +37,22 @@ const MAX_PARTS: u64 = 10_000;
 /// Region used with a custom endpoint when nothing else names one.
 const DEFAULT_ENDPOINT_REGION: &str = "us-east-1";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of [`S3Options::request_timeout_secs`].
+const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
+/// Largest accepted [`S3Options::request_timeout_secs`].
+const MAX_REQUEST_TIMEOUT_SECS: u64 = 3600;
+/// Uploads of at least this many bytes (and every multipart part) get time in proportion to
+/// their size instead of the small-request timeout.
+const LARGE_BODY: u64 = 8 * MIB;
+/// The upload rate large uploads are given time for: a modest 256 KiB/s.
+const SLOW_UPLOAD_BYTES_PER_SEC: u64 = 256 * 1024;
+/// Fixed allowance of a large upload, on top of its time at [`SLOW_UPLOAD_BYTES_PER_SEC`].
+const LARGE_UPLOAD_BASE: Duration = Duration::from_secs(60);
+/// Fixed allowance for completing a multipart upload: S3 may take minutes to assemble a large
+/// object (it keeps the connection alive meanwhile).
+const COMPLETE_BASE: Duration = Duration::from_secs(300);
+/// Assembly rate a multipart completion is given time for, on top of [`COMPLETE_BASE`].
+const COMPLETE_BYTES_PER_SEC: u64 = 16 * MIB;
 
 /// Server-side encryption for new objects.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +99,20 @@ pub struct S3Options {
     pub storage_class: Option<String>,
     /// Server-side encryption of new objects; `None` uses the bucket's default.
     pub sse: Option<Sse>,
+    /// Time limit, in seconds, of each attempt of a small request (1 to 3600; default 30):
+    /// HEAD, LIST, DELETE, starting or aborting a multipart upload, uploading a body of less
+    /// than 8 MiB (documents, segments), and getting a whole object or a range up to the
+    /// response headers. The same limit applies to every pause while a download's body
+    /// arrives, so a server that stops sending mid-body is noticed; the download as a whole
+    /// has no limit, since large objects take long.
+    ///
+    /// Uploads of 8 MiB or more and every multipart part instead get 60 s plus the time to
+    /// send the body at 256 KiB/s (but at least this limit); completing a multipart upload
+    /// gets 5 minutes plus 1 s per 16 MiB.
+    ///
+    /// An attempt that runs out of time fails as [`StoreError::Transient`], which
+    /// [`RetryStore`](super::RetryStore) retries.
+    pub request_timeout_secs: u64,
 }
 
 impl Default for S3Options {
@@ -96,6 +126,7 @@ impl Default for S3Options {
             part_concurrency: 4,
             storage_class: None,
             sse: None,
+            request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
         }
     }
 }
@@ -160,6 +191,13 @@ impl S3Options {
                 self.part_concurrency
             ));
         }
+        if !(1..=MAX_REQUEST_TIMEOUT_SECS).contains(&self.request_timeout_secs) {
+            return bad(format!(
+                "request_timeout_secs {} must be between 1 and {MAX_REQUEST_TIMEOUT_SECS} \
+                 seconds",
+                self.request_timeout_secs
+            ));
+        }
         if let Some(class) = &self.storage_class
             && !StorageClass::values().contains(&class.as_str())
         {
@@ -182,11 +220,65 @@ impl S3Options {
         self.part_size.max(len.div_ceil(MAX_PARTS))
     }
 
-    /// Read timeout (time to the first response byte) big enough for one part to go up at
-    /// a modest 256 KiB/s.
-    fn read_timeout(&self) -> Duration {
-        Duration::from_secs(60 + self.part_size.max(self.multipart_threshold) / (256 * 1024))
+    /// The small-request timeout ([`S3Options::request_timeout_secs`]).
+    fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
     }
+
+    /// The SDK timeouts of a request of the given kind.
+    ///
+    /// The connect and read timeouts select the SDK's HTTP connection pool, so they take
+    /// only two combinations (small: both set; large: no read timeout); the size-dependent
+    /// limit is the attempt timeout, which does not affect pooling.
+    fn timeouts(&self, budget: Budget) -> TimeoutConfig {
+        let small = self.request_timeout();
+        let base = TimeoutConfig::builder()
+            .connect_timeout(CONNECT_TIMEOUT.min(small))
+            .disable_operation_timeout();
+        let large = |limit: Duration| {
+            base.clone()
+                .disable_read_timeout()
+                .operation_attempt_timeout(limit.max(small))
+        };
+        match budget {
+            Budget::Upload(len) if len >= LARGE_BODY => large(upload_time(len)),
+            Budget::Part(len) => large(upload_time(len)),
+            Budget::Complete(len) => large(
+                COMPLETE_BASE.saturating_add(Duration::from_secs(len / COMPLETE_BYTES_PER_SEC)),
+            ),
+            Budget::Small | Budget::Upload(_) => base
+                .clone()
+                .read_timeout(small)
+                .operation_attempt_timeout(small),
+        }
+        .build()
+    }
+
+    /// The per-request configuration override carrying [`S3Options::timeouts`].
+    fn timeout_override(&self, budget: Budget) -> aws_sdk_s3::config::Builder {
+        aws_sdk_s3::config::Builder::default().timeout_config(self.timeouts(budget))
+    }
+}
+
+/// Time allowed to upload `len` bytes: [`LARGE_UPLOAD_BASE`] plus the time at
+/// [`SLOW_UPLOAD_BYTES_PER_SEC`].
+fn upload_time(len: u64) -> Duration {
+    LARGE_UPLOAD_BASE.saturating_add(Duration::from_secs(len / SLOW_UPLOAD_BYTES_PER_SEC))
+}
+
+/// What a request carries, for its time limits ([`S3Options::timeouts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Budget {
+    /// No body worth mentioning, or a response whose body is read separately (GET): the
+    /// small-request timeout per attempt.
+    Small,
+    /// A single PUT of a body of this many bytes: small below [`LARGE_BODY`], otherwise
+    /// scaled to the size.
+    Upload(u64),
+    /// A multipart part of this many bytes: always scaled to the size.
+    Part(u64),
+    /// Completing a multipart upload of an object of this many bytes.
+    Complete(u64),
 }
 
 /// The conditional header of a PUT.
@@ -211,6 +303,12 @@ enum Condition<'a> {
 ///   uploads orphaned by a crash are cleaned up.
 /// - The SDK's own retries are off: [`RetryStore`](super::RetryStore) is the one place that
 ///   retries, and logs each retry.
+/// - Every attempt has a time limit
+///   ([`request_timeout_secs`](S3Options::request_timeout_secs), 30 s by default, for small
+///   requests; more, in proportion to the size, for large uploads), and downloads fail when
+///   their data stops arriving for as long; either is a [`StoreError::Transient`] naming the
+///   operation and key, so an unresponsive server is reported within seconds to minutes, not
+///   hours.
 #[derive(Clone)]
 pub struct S3Store {
     client: Client,
@@ -273,12 +371,7 @@ impl S3Store {
         let mut config = aws_sdk_s3::config::Builder::from(sdk)
             .force_path_style(options.force_path_style)
             .retry_config(RetryConfig::disabled())
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .read_timeout(options.read_timeout())
-                    .build(),
-            );
+            .timeout_config(options.timeouts(Budget::Small));
         let region = match (&options.region, sdk.region(), &endpoint_url) {
             (Some(r), _, _) => r.clone(),
             (None, Some(r), _) => r.to_string(),
@@ -379,6 +472,12 @@ impl S3Store {
                 location,
                 format!("timed out talking to {} ({})", self.endpoint, chain(&err)),
             ),
+            // Connect and read timeouts.
+            SdkError::DispatchFailure(d) if d.is_timeout() => transient(
+                key,
+                location,
+                format!("timed out talking to {} ({})", self.endpoint, chain(&err)),
+            ),
             SdkError::ResponseError(_) => transient(
                 key,
                 location,
@@ -426,6 +525,7 @@ impl S3Store {
         condition: Condition<'_>,
     ) -> StoreResult<ETag> {
         validate_key(key)?;
+        let budget = Budget::Upload(data.len() as u64);
         let len = data.len() as i64;
         let mut req = self
             .client
@@ -442,7 +542,12 @@ impl S3Store {
             Condition::IfNoneMatch => req.if_none_match("*"),
             Condition::IfMatch(etag) => req.if_match(etag.as_str()),
         };
-        let out = req.send().await.map_err(|e| self.map_err(op, key, e))?;
+        let out = req
+            .customize()
+            .config_override(self.options.timeout_override(budget))
+            .send()
+            .await
+            .map_err(|e| self.map_err(op, key, e))?;
         self.etag(op, key, out.e_tag())
     }
 
@@ -478,6 +583,8 @@ impl S3Store {
         }
     }
 
+    /// Sends a GET. The small-request timeout covers it up to the response headers; the
+    /// body is the caller's to read, chunk by chunk through [`S3Store::next_chunk`].
     async fn get_object(
         &self,
         op: StoreOp,
@@ -504,6 +611,31 @@ impl S3Store {
         }
     }
 
+    /// The next chunk of a response body. Waiting longer than the small-request timeout for
+    /// it is a transient failure; the body as a whole may take as long as it needs.
+    async fn next_chunk(
+        &self,
+        op: StoreOp,
+        key: &str,
+        body: &mut ByteStream,
+    ) -> StoreResult<Option<Bytes>> {
+        let idle = self.options.request_timeout();
+        match tokio::time::timeout(idle, body.try_next()).await {
+            Ok(chunk) => chunk.map_err(|e| self.body_error(op, key, e)),
+            Err(_) => Err(StoreError::Transient {
+                op,
+                key: key.to_owned(),
+                location: self.location(key),
+                source: format!(
+                    "download stalled: no data from {} for {} s",
+                    self.endpoint,
+                    idle.as_secs()
+                )
+                .into(),
+            }),
+        }
+    }
+
     async fn read_body(
         &self,
         op: StoreOp,
@@ -513,11 +645,7 @@ impl S3Store {
     ) -> StoreResult<Bytes> {
         let capacity = expected.and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
         let mut buf = BytesMut::with_capacity(capacity);
-        while let Some(chunk) = body
-            .try_next()
-            .await
-            .map_err(|e| self.body_error(op, key, e))?
-        {
+        while let Some(chunk) = self.next_chunk(op, key, &mut body).await? {
             buf.extend_from_slice(&chunk);
         }
         self.check_length(op, key, buf.len() as u64, expected)?;
@@ -604,6 +732,8 @@ impl S3Store {
                             .set_parts(Some(parts))
                             .build(),
                     )
+                    .customize()
+                    .config_override(self.options.timeout_override(Budget::Complete(len)))
                     .send()
                     .await
                     .map_err(|e| self.map_err(op, key, e))
@@ -665,6 +795,8 @@ impl S3Store {
             .content_length(size as i64)
             .checksum_algorithm(ChecksumAlgorithm::Crc32)
             .body(body)
+            .customize()
+            .config_override(self.options.timeout_override(Budget::Part(size)))
             .send()
             .await
             .map_err(|e| self.map_err(op, key, e))?;
@@ -693,11 +825,7 @@ impl S3Store {
             .await
             .map_err(local)?;
         let mut written = 0u64;
-        while let Some(chunk) = body
-            .try_next()
-            .await
-            .map_err(|e| self.body_error(op, key, e))?
-        {
+        while let Some(chunk) = self.next_chunk(op, key, &mut body).await? {
             file.write_all(&chunk).await.map_err(local)?;
             written += chunk.len() as u64;
         }
@@ -901,6 +1029,8 @@ impl ObjectStore for S3Store {
             .set_storage_class(self.storage_class())
             .set_server_side_encryption(self.sse())
             .set_ssekms_key_id(self.kms_key())
+            .customize()
+            .config_override(self.options.timeout_override(Budget::Upload(len)))
             .send()
             .await
             .map_err(|e| self.map_err(op, key, e))?;
@@ -1154,6 +1284,80 @@ mod tests {
         let huge = 1024 * 1024 * MIB; // 1 TiB
         let size = o.part_size_for(huge);
         assert!(huge.div_ceil(size) <= MAX_PARTS);
+    }
+
+    #[test]
+    fn request_timeout_is_configurable_and_checked() {
+        let o: S3Options = serde_json::from_str(r#"{"request_timeout_secs":5}"#).unwrap();
+        o.validate().unwrap();
+        assert_eq!(o.request_timeout(), Duration::from_secs(5));
+        assert_eq!(S3Options::default().request_timeout_secs, 30);
+        for bad in [0, MAX_REQUEST_TIMEOUT_SECS + 1] {
+            let e = S3Options {
+                request_timeout_secs: bad,
+                ..S3Options::default()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("request_timeout_secs"), "{e}");
+        }
+    }
+
+    #[test]
+    fn timeouts_fit_the_request() {
+        let secs = Duration::from_secs;
+        let o = S3Options::default();
+        let small = o.timeouts(Budget::Small);
+        assert_eq!(small.operation_attempt_timeout(), Some(secs(30)));
+        assert_eq!(small.read_timeout(), Some(secs(30)));
+        assert_eq!(small.connect_timeout(), Some(CONNECT_TIMEOUT));
+        assert_eq!(small.operation_timeout(), None);
+        // Documents and segments are small uploads.
+        assert_eq!(o.timeouts(Budget::Upload(300)), small);
+        assert_eq!(o.timeouts(Budget::Upload(LARGE_BODY - 1)), small);
+
+        // Large bodies: 60 s plus the time at 256 KiB/s, and no separate read timeout.
+        let large = o.timeouts(Budget::Upload(64 * MIB));
+        assert_eq!(large.operation_attempt_timeout(), Some(secs(60 + 256)));
+        assert_eq!(large.read_timeout(), None);
+        assert_eq!(large.operation_timeout(), None);
+        let part = o.timeouts(Budget::Part(16 * MIB));
+        assert_eq!(part.operation_attempt_timeout(), Some(secs(60 + 64)));
+        let tail = o.timeouts(Budget::Part(1000));
+        assert_eq!(tail.operation_attempt_timeout(), Some(secs(60)));
+        let complete = o.timeouts(Budget::Complete(1024 * MIB));
+        assert_eq!(complete.operation_attempt_timeout(), Some(secs(300 + 64)));
+
+        // The SDK keeps one connection pool per (connect, read) timeout pair: large requests
+        // of any size share one.
+        for t in [&part, &tail, &complete] {
+            assert_eq!(
+                (t.connect_timeout(), t.read_timeout()),
+                (large.connect_timeout(), large.read_timeout())
+            );
+        }
+
+        // Scaled limits never undercut a longer small-request limit.
+        let patient = S3Options {
+            request_timeout_secs: 600,
+            ..S3Options::default()
+        };
+        assert_eq!(
+            patient
+                .timeouts(Budget::Part(5 * MIB))
+                .operation_attempt_timeout(),
+            Some(secs(600))
+        );
+        // A short one also bounds connecting.
+        let quick = S3Options {
+            request_timeout_secs: 2,
+            ..S3Options::default()
+        };
+        assert_eq!(
+            quick.timeouts(Budget::Small).connect_timeout(),
+            Some(secs(2))
+        );
     }
 
     fn store(endpoint: Option<&str>, region: Option<&str>) -> StoreResult<S3Store> {
