@@ -60,17 +60,60 @@ async fn silent_server() -> u16 {
     port
 }
 
-/// Reads one request's head (up to the blank line); requests here have no body.
-async fn read_request_head(socket: &mut TcpStream) -> bool {
-    let mut head = Vec::new();
+/// Reads one request's head (up to the blank line) and returns it, with any body bytes
+/// that came along; `None` when the connection ends first.
+async fn read_request_head(socket: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut data = Vec::new();
     let mut buf = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).into_owned();
+            return Some((head, data[end + 4..].to_vec()));
+        }
         match socket.read(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Ok(0) | Err(_) => return None,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
         }
     }
-    true
+}
+
+/// The Content-Length of a request head (0 when there is none).
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A server that reads each request in full, then waits `delay` before answering
+/// `200 OK` with an ETag and no body.
+async fn slow_answer_server(delay: Duration) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                while let Some((head, mut body)) = read_request_head(&mut socket).await {
+                    let len = content_length(&head);
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while body.len() < len {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => body.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    tokio::time::sleep(delay).await;
+                    let answer =
+                        "HTTP/1.1 200 OK\r\nETag: \"0123abcd\"\r\nContent-Length: 0\r\n\r\n";
+                    if socket.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
 }
 
 /// A server answering every GET with a `len`-byte body of `b'x'`, sent in `chunk`-byte
@@ -81,27 +124,29 @@ async fn body_server(len: usize, chunk: usize, pause: Duration, stop_after: usiz
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
             tokio::spawn(async move {
-                if !read_request_head(&mut socket).await {
-                    return;
-                }
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nETag: \"0123abcd\"\r\n\
-                     Content-Type: application/octet-stream\r\n\r\n"
-                );
-                if socket.write_all(head.as_bytes()).await.is_err() {
-                    return;
-                }
-                let mut sent = 0;
-                while sent < len.min(stop_after) {
-                    let n = chunk.min(len.min(stop_after) - sent);
-                    if socket.write_all(&vec![b'x'; n]).await.is_err() {
+                // One request after another on the connection, as HTTP/1.1 keep-alive wants.
+                while read_request_head(&mut socket).await.is_some() {
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nETag: \"0123abcd\"\r\n\
+                         Content-Type: application/octet-stream\r\n\r\n"
+                    );
+                    if socket.write_all(head.as_bytes()).await.is_err() {
                         return;
                     }
-                    sent += n;
-                    tokio::time::sleep(pause).await;
+                    let mut sent = 0;
+                    while sent < len.min(stop_after) {
+                        let n = chunk.min(len.min(stop_after) - sent);
+                        if socket.write_all(&vec![b'x'; n]).await.is_err() {
+                            return;
+                        }
+                        sent += n;
+                        tokio::time::sleep(pause).await;
+                    }
+                    if sent < len {
+                        // Stalled: keep the connection open without a further byte.
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
                 }
-                // Stalled (or done): keep the connection open without a further byte.
-                tokio::time::sleep(Duration::from_secs(3600)).await;
             });
         }
     });
@@ -126,6 +171,7 @@ fn assert_quick_transient(
     key: &str,
 ) {
     let err = result.expect_err(what);
+    eprintln!("{what} failed after {elapsed:?}: {err}");
     assert!(
         elapsed < BOUND,
         "{what} took {elapsed:?}, more than {BOUND:?}: {err}"
@@ -270,6 +316,22 @@ async fn a_slow_but_steady_download_is_not_cut_off() {
     assert_eq!(r.unwrap(), len as u64);
     assert_eq!(std::fs::read(&dest).unwrap(), vec![b'x'; len]);
     assert!(t > Duration::from_secs(2 * TIMEOUT_SECS), "too fast: {t:?}");
+}
+
+#[tokio::test]
+async fn large_uploads_get_time_in_proportion_to_their_size() {
+    // The server answers each upload 2 s after receiving it: too late for a small one under
+    // the 1 s request timeout, in time for a large one.
+    let store = store_at(slow_answer_server(Duration::from_secs(2)).await);
+    let key = "segments/000005.seg";
+
+    let (r, t) = timed("small put", store.put(key, Bytes::from(vec![1u8; 20_000]))).await;
+    assert_quick_transient("small put", r, t, StoreOp::Put, key);
+
+    let large = Bytes::from(vec![2u8; 9 * 1024 * 1024]);
+    let (r, t) = timed("large put", store.put(key, large)).await;
+    assert_eq!(r.unwrap().as_str(), "\"0123abcd\"");
+    assert!(t >= Duration::from_secs(2), "too fast: {t:?}");
 }
 
 fn leftovers(dir: &Path) -> usize {

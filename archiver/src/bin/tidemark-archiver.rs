@@ -157,8 +157,10 @@ fn options(args: RunArgs) -> anyhow::Result<ArchiverOptions> {
 fn init_logs(json: bool) {
     let filter = EnvFilter::try_from_env("TIDEMARK_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
+    // Colours only on a terminal: not in log files, pipes or the journal.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -307,8 +307,7 @@ enum Condition<'a> {
 ///   ([`request_timeout_secs`](S3Options::request_timeout_secs), 30 s by default, for small
 ///   requests; more, in proportion to the size, for large uploads), and downloads fail when
 ///   their data stops arriving for as long; either is a [`StoreError::Transient`] naming the
-///   operation and key, so an unresponsive server is reported within seconds to minutes, not
-///   hours.
+///   operation and key, so an unresponsive server is noticed, and retried, quickly.
 #[derive(Clone)]
 pub struct S3Store {
     client: Client,
