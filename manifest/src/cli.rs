@@ -29,6 +29,9 @@ pub struct StoreArgs {
     /// KMS key id, ARN or alias for --sse aws:kms.
     #[arg(long, env = "TIDEMARK_SSE_KMS_KEY_ID", value_name = "KEY")]
     pub sse_kms_key_id: Option<String>,
+    /// Seconds one attempt of a small request may take before it is retried (default 30).
+    #[arg(long, env = "TIDEMARK_REQUEST_TIMEOUT", value_name = "SECONDS")]
+    pub request_timeout: Option<u64>,
 }
 
 impl StoreArgs {
@@ -56,13 +59,17 @@ impl StoreArgs {
                 )));
             }
         };
+        let defaults = S3Options::default();
         let opts = S3Options {
+            request_timeout_secs: self
+                .request_timeout
+                .unwrap_or(defaults.request_timeout_secs),
             endpoint_url: self.endpoint_url.clone(),
             region: self.region.clone(),
             force_path_style: self.path_style,
             storage_class: self.storage_class.clone(),
             sse,
-            ..S3Options::default()
+            ..defaults
         };
         opts.validate()?;
         Ok(opts)

@@ -138,6 +138,7 @@ fn options(args: RunArgs) -> anyhow::Result<ArchiverOptions> {
     o.store.storage_class = s.storage_class.or(o.store.storage_class);
     o.store.sse = s.sse.or(o.store.sse);
     o.store.sse_kms_key_id = s.sse_kms_key_id.or(o.store.sse_kms_key_id);
+    o.store.request_timeout = s.request_timeout.or(o.store.request_timeout);
     if o.db.as_os_str().is_empty() {
         anyhow::bail!(
             "no database given: pass --db PATH (or TIDEMARK_DB, or db = \"...\" in --config)"
