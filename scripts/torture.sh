@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# The long version of the point-in-time recovery test (tests/tests/pitr.rs): a load generator
+# writes for minutes while the archiver is killed with SIGKILL and restarted 100 times, then
+# 1000 random targets (and every base's and the window's edges) are restored with
+# tidemark-restore and compared key by key with what was written. Builds, starts its own S3
+# server, and writes a JSON summary to bench/torture/<date>.json (also printed).
+#
+#   scripts/torture.sh
+#
+# Environment (defaults in brackets):
+#   TIDEMARK_PITR_TARGETS  random restore targets over all variants [1000]
+#   TIDEMARK_PITR_KILLS    archiver kills over all variants [100]
+#   TIDEMARK_PITR_SECONDS  seconds of writes per S3 variant; the local one writes 60% [120]
+#   TIDEMARK_PITR_SEED     seed of the workloads and target choices [random, printed]
+#   TIDEMARK_TORTURE_DIR   where the summary goes [bench/torture]
+# Exits non-zero if any target did not restore exactly as expected.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+eval "$(scripts/setup.sh)"
+export TIDEMARK_CACHE CARGO_TARGET_DIR
+
+export TIDEMARK_PITR_TARGETS="${TIDEMARK_PITR_TARGETS:-1000}"
+export TIDEMARK_PITR_KILLS="${TIDEMARK_PITR_KILLS:-100}"
+export TIDEMARK_PITR_SECONDS="${TIDEMARK_PITR_SECONDS:-120}"
+# One seed for every variant, so that one number repeats the whole run's choices.
+export TIDEMARK_PITR_SEED="${TIDEMARK_PITR_SEED:-$(od -An -N7 -tu8 /dev/urandom | tr -d ' ')}"
+out_dir="${TIDEMARK_TORTURE_DIR:-bench/torture}"
+
+started_at="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+started="$(date +%s)"
+
+echo "== build (target directory: $CARGO_TARGET_DIR)"
+cargo build --workspace --bins --locked
+cargo test -p tidemark-tests --locked --test pitr --no-run
+
+echo "== S3 server"
+run_dir="$(mktemp -d "${TMPDIR:-/tmp}/tidemark-torture.XXXXXX")"
+export TIDEMARK_RUN_DIR="$run_dir"
+cleanup() { scripts/s3-server.sh stop || true; rm -rf "$run_dir"; }
+trap cleanup EXIT
+scripts/s3-server.sh start
+eval "$(scripts/s3-server.sh env)"
+export TIDEMARK_REQUIRE_S3=1
+
+echo "== point-in-time recovery: $TIDEMARK_PITR_TARGETS random targets, $TIDEMARK_PITR_KILLS kills, $TIDEMARK_PITR_SECONDS s of writes per variant, seed $TIDEMARK_PITR_SEED"
+export TIDEMARK_PITR_SUMMARY="$run_dir/pitr-runs.json"
+set +e
+cargo test -p tidemark-tests --locked --test pitr -- --nocapture --test-threads=1
+status=$?
+set -e
+finished="$(date +%s)"
+
+mkdir -p "$out_dir"
+day="$(date -u +%Y-%m-%d)"
+summary="$out_dir/$day.json"
+[ -e "$summary" ] && summary="$out_dir/$day-$(date -u +%H%M%S).json"
+
+python3 - "$TIDEMARK_PITR_SUMMARY" "$summary" "$started_at" "$((finished - started))" "$status" <<'EOF'
+import json, os, platform, subprocess, sys
+
+runs_path, out_path, started_at, duration, status = sys.argv[1:]
+try:
+    runs = json.load(open(runs_path))["runs"]
+except (OSError, ValueError, KeyError):
+    runs = []
+
+def meminfo(field):
+    for line in open("/proc/meminfo"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+def git(*args):
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+total = lambda f: sum(f(r) for r in runs)
+summary = {
+    "date": started_at,
+    "machine": {
+        "nproc": os.cpu_count(),
+        "memory_bytes": meminfo("MemTotal"),
+        "cpu": cpu_model(),
+        "kernel": platform.release(),
+    },
+    "commit": git("rev-parse", "HEAD"),
+    "uncommitted_changes": bool(git("status", "--porcelain")),
+    "parameters": {
+        "random_targets": int(os.environ["TIDEMARK_PITR_TARGETS"]),
+        "kills": int(os.environ["TIDEMARK_PITR_KILLS"]),
+        "write_seconds": float(os.environ["TIDEMARK_PITR_SECONDS"]),
+        "seed": int(os.environ["TIDEMARK_PITR_SEED"]),
+    },
+    "targets_checked": total(lambda r: r["targets"]["checked"]),
+    "random_targets_checked": total(lambda r: r["targets"]["random_seq"] + r["targets"]["random_time"]),
+    "targets_refused_as_expected": total(lambda r: r["targets"]["refused_as_expected"]),
+    "kills_survived": total(lambda r: r["kills"]["total"]),
+    "faults_injected": 0,
+    "mismatches": total(lambda r: r["mismatches"]),
+    "variants_run": len(runs),
+    "test_exit_status": int(status),
+    "passed": int(status) == 0 and len(runs) == 3 and total(lambda r: r["mismatches"]) == 0,
+    "duration_s": int(duration),
+    "runs": runs,
+}
+with open(out_path, "w") as f:
+    json.dump(summary, f, indent=2)
+    f.write("\n")
+print(json.dumps(summary, indent=2))
+EOF
+echo "summary: $summary"
+exit "$status"
