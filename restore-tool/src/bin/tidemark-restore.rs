@@ -258,11 +258,23 @@ fn time_spec(
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).context("cannot serialize the report")?
-    );
+    let text = serde_json::to_string_pretty(value).context("cannot serialize the report")?;
+    emit(&format!("{text}\n"));
     Ok(())
+}
+
+/// Writes to standard output. A reader that went away (`tidemark-restore list | head`) ends
+/// the program quietly with the conventional status 141 instead of a panic.
+fn emit(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
 }
 
 fn terminal_width() -> usize {
@@ -283,7 +295,7 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
             if json {
                 print_json(&report)?;
             } else {
-                print!("{}", report.render(width.unwrap_or_else(terminal_width)));
+                emit(&report.render(width.unwrap_or_else(terminal_width)));
             }
             Ok(exit_code::OK)
         }
@@ -314,7 +326,7 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
             if json {
                 print_json(&report)?;
             } else {
-                print!("{}", report.render());
+                emit(&report.render());
             }
             Ok(exit_code::OK)
         }
@@ -350,7 +362,7 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
             if json {
                 print_json(&report)?;
             } else {
-                print!("{}", report.render());
+                emit(&report.render());
             }
             Ok(if report.ok() {
                 exit_code::OK
@@ -402,12 +414,12 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
             if json {
                 print_json(&outcome)?;
             } else {
-                print!("{}", outcome.render());
+                emit(&outcome.render());
             }
             if let Some(path) = &report {
                 outcome.write(path)?;
                 if !json {
-                    println!("  report        {}", path.display());
+                    emit(&format!("  report        {}\n", path.display()));
                 }
             }
             Ok(if outcome.passed() {
@@ -490,7 +502,7 @@ fn main() -> ExitCode {
             };
             if json {
                 let doc = serde_json::json!({ "error": message, "exit_code": code });
-                println!("{doc:#}");
+                emit(&format!("{doc:#}\n"));
             }
             progress.println(&format!("error: {message}"));
             ExitCode::from(code)
