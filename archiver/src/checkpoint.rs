@@ -8,6 +8,7 @@
 //! are merged in tiers (sixteen pages of one tier become one page of the next) so that a
 //! generation stays small however long the history grows.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tidemark_manifest::model::{
@@ -16,6 +17,8 @@ use tidemark_manifest::model::{
 };
 use tidemark_manifest::repo::{RepoError, RepoState, Repository};
 use time::OffsetDateTime;
+
+use crate::metrics::Metrics;
 
 /// When to write a generation for pending segments.
 #[derive(Debug, Clone)]
@@ -70,6 +73,7 @@ pub struct CheckpointManager {
     pending_since: Option<Instant>,
     queued: Vec<Change>,
     unsent: Option<Unsent>,
+    metrics: Arc<Metrics>,
 }
 
 impl CheckpointManager {
@@ -106,7 +110,14 @@ impl CheckpointManager {
             pending_since,
             queued: Vec::new(),
             unsent: None,
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Reports generations written and gaps detected to `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> CheckpointManager {
+        self.metrics = metrics;
+        self
     }
 
     /// The newest generation written (or read at start).
@@ -173,6 +184,7 @@ impl CheckpointManager {
     /// segments are found by the tail walk from `gap.last_seq + 1`, so this must be written
     /// before them; other gaps cover records that are archived, and move nothing.
     pub async fn add_gap(&mut self, gap: Gap) -> Result<(), RepoError> {
+        self.metrics.gap_detected();
         self.queued.push(Change::Gap(gap));
         self.write().await
     }
@@ -235,6 +247,7 @@ impl CheckpointManager {
             tail_start_seq = generation.tail_start_seq,
             "wrote manifest generation"
         );
+        self.metrics.generation_written(generation.generation);
         self.current = generation;
         self.pending.drain(..pending_used);
         if self.pending.is_empty() {
@@ -372,7 +385,9 @@ mod tests {
         };
         repo.create_config(&config).await.unwrap();
         let state = repo.load().await.unwrap();
-        let mut cp = CheckpointManager::new(repo.clone(), &state, CheckpointOptions::default());
+        let metrics = Arc::new(Metrics::new());
+        let mut cp = CheckpointManager::new(repo.clone(), &state, CheckpointOptions::default())
+            .with_metrics(Arc::clone(&metrics));
         cp.ensure_started(1).await.unwrap();
         faults.inject(
             FaultRule::new(Fault::Transient)
@@ -401,6 +416,25 @@ mod tests {
         cp.flush().await.unwrap();
         let g = repo.current_generation().await.unwrap().unwrap();
         assert_eq!((g.generation, g.bases.len()), (4, 3));
+        // The metrics saw each generation once it was written, and the gap once.
+        let sample = |name: &str| -> f64 {
+            let text = metrics.render();
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap()
+        };
+        assert_eq!(sample("tidemark_manifest_generation"), 4.0);
+        cp.add_gap(Gap {
+            first_seq: 2,
+            last_seq: 9,
+            kind: GapKind::MissingWal,
+            detected_at: time_from_micros(2),
+            detail: "test".into(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(sample("tidemark_manifest_generation"), 5.0);
+        assert_eq!(sample("tidemark_gaps_detected_total"), 1.0);
     }
 
     #[test]

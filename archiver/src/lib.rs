@@ -13,13 +13,15 @@
 //!
 //! Beside it, [`base`] takes base backups (a careful external copy of the live database,
 //! SSTs uploaded content-addressed), [`lease`] keeps a second archiver off the same
-//! repository, and [`service`] runs it all as a long-lived process.
+//! repository, [`service`] runs it all as a long-lived process, and [`metrics`] reports on
+//! it to Prometheus.
 
 pub mod base;
 pub mod check;
 pub mod checkpoint;
 pub mod follow;
 pub mod lease;
+pub mod metrics;
 pub mod service;
 pub mod ship;
 pub mod status;

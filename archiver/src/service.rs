@@ -29,6 +29,7 @@ use crate::check::{CheckError, check_database};
 use crate::checkpoint::{CheckpointManager, CheckpointOptions};
 use crate::follow::{FollowError, FollowEvent, StartPosition, WalFollower};
 use crate::lease::{LeaseError, LeaseHandle};
+use crate::metrics::{Metrics, Phase};
 use crate::ship::{ShipError, ShipOptions, Shipper};
 use crate::watch::{WatchError, Watcher};
 
@@ -71,6 +72,9 @@ pub struct ArchiverOptions {
     pub exit_when_caught_up: bool,
     /// Take a base backup at start even if the last one is recent.
     pub base_at_start: bool,
+    /// Serve Prometheus metrics (`/metrics`) and a health check (`/health`) over HTTP on
+    /// this `HOST:PORT`. Off when unset.
+    pub metrics_addr: Option<String>,
     /// How to reach the store.
     pub store: StoreArgs,
 }
@@ -92,6 +96,7 @@ impl Default for ArchiverOptions {
             upload_concurrency: 4,
             exit_when_caught_up: false,
             base_at_start: false,
+            metrics_addr: None,
             store: StoreArgs::default(),
         }
     }
@@ -140,6 +145,12 @@ pub enum ServiceError {
          new repository URL"
     )]
     Diverged { archived: u64, found: u64 },
+    #[error("cannot serve metrics on {addr}: {source}; pass a free HOST:PORT as --metrics-addr")]
+    MetricsAddr {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -150,6 +161,7 @@ impl ServiceError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ServiceError::Check(_) | ServiceError::Diverged { .. } => 2,
+            ServiceError::MetricsAddr { .. } => 2,
             ServiceError::Store(StoreError::Config { .. }) => 2,
             ServiceError::Repo(RepoError::WrongDatabase { .. }) => 2,
             ServiceError::Lease(LeaseError::Held { .. } | LeaseError::Lost { .. }) => 3,
@@ -393,11 +405,35 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     mut base_requests: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> Result<RunSummary, ServiceError> {
+    let metrics = Arc::new(Metrics::new());
+    let _metrics_server = match &opts.metrics_addr {
+        Some(addr) => Some(
+            crate::metrics::serve(addr, Arc::clone(&metrics))
+                .await
+                .map_err(|source| ServiceError::MetricsAddr {
+                    addr: addr.clone(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let check = check_database(&opts.db, opts.wal_dir.as_deref())?;
     let repo = opts.store.open(&opts.to, true).await?;
     tracing::info!(db = %opts.db.display(), to = %repo.location(), "starting");
     let lease = LeaseHandle::acquire(&repo, opts.lease_ttl).await?;
-    let result = run_with_lease(&opts, &check, &repo, lease, shutdown, &mut base_requests).await;
+    metrics.lease_held_until(Some(lease.lease().expires_at));
+    let result = run_with_lease(
+        &opts,
+        &check,
+        &repo,
+        lease,
+        shutdown,
+        &mut base_requests,
+        &metrics,
+    )
+    .await;
+    metrics.lease_held_until(None);
+    metrics.set_phase(Phase::Stopped);
     if let Err(e) = &result {
         tracing::error!(error = %e, "archiver stopped");
     }
@@ -411,6 +447,7 @@ async fn run_with_lease(
     mut lease: LeaseHandle,
     shutdown: impl Future<Output = ()>,
     base_requests: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
+    metrics: &Arc<Metrics>,
 ) -> Result<RunSummary, ServiceError> {
     let config = match repo.read_config().await? {
         Some(c) => c,
@@ -467,7 +504,8 @@ async fn run_with_lease(
             max_segment_bytes: opts.max_segment_bytes,
             zstd_level: opts.zstd_level,
         },
-    );
+    )
+    .with_metrics(Arc::clone(metrics));
     let mut checkpoint = CheckpointManager::new(
         repo.clone(),
         &state,
@@ -475,7 +513,8 @@ async fn run_with_lease(
             interval: opts.checkpoint_interval,
             ..CheckpointOptions::default()
         },
-    );
+    )
+    .with_metrics(Arc::clone(metrics));
     let times = Arc::new(Mutex::new(RecentTimes::default()));
     let mut cf_watch = CfWatch::new(
         &opts.db,
@@ -498,6 +537,8 @@ async fn run_with_lease(
             Some(Instant::now() + opts.base_interval.saturating_sub(age))
         }
     };
+    // True while the pending base is only the periodic one (not asked for, not a gap).
+    let mut base_on_schedule = last_base_at.is_some() && !opts.base_at_start;
     let mut base_task: Option<JoinHandle<Result<BaseResult, BaseError>>> = None;
     let mut summary = RunSummary {
         last_seq: history_start.map(|s| s.saturating_sub(1)),
@@ -509,6 +550,13 @@ async fn run_with_lease(
     let mut renew_retry_at: Option<OffsetDateTime> = None;
     let mut retry_delay = Duration::from_secs(1);
     let mut bases_done_this_run = 0u64;
+    metrics.resumed(
+        summary.last_seq,
+        min_time,
+        checkpoint.current().generation,
+        last_base_at,
+    );
+    metrics.set_phase(Phase::Running);
     tokio::pin!(shutdown);
 
     loop {
@@ -548,6 +596,7 @@ async fn run_with_lease(
                                 )
                                 .await?;
                                 base_due = Some(Instant::now());
+                                base_on_schedule = false;
                             }
                             Some(_) => {}
                             None => tolerate(
@@ -599,6 +648,7 @@ async fn run_with_lease(
                         .await?;
                         expected = Some(found_seq);
                         base_due = Some(Instant::now());
+                        base_on_schedule = false;
                     }
                     FollowEvent::Rotated { from_log, to_log } => {
                         tracing::debug!(from_log, to_log, "WAL rotated");
@@ -622,6 +672,7 @@ async fn run_with_lease(
         ) && base_task.is_none()
         {
             base_due = Some(Instant::now());
+            base_on_schedule = false;
         }
 
         // 2. Ship a due segment (or retry an upload).
@@ -671,6 +722,7 @@ async fn run_with_lease(
                         duration_ms = result.stats.duration.as_millis() as u64,
                         "base backup taken"
                     );
+                    metrics.base_finished(result.summary.created_at, result.stats.duration);
                     // The base is only useful once the WAL up to its earliest point is
                     // shipped; ship the open segment first so its generation is complete.
                     if let Ok(entries) = shipper.close_and_upload().await {
@@ -680,11 +732,13 @@ async fn run_with_lease(
                         }
                     }
                     base_due = Some(Instant::now() + opts.base_interval);
+                    base_on_schedule = true;
                     if cf_watch.changed_from.is_some()
                         && !cf_watch.base_matches_live(&result.summary)
                     {
                         // Started before the change: another base is needed.
                         base_due = Some(Instant::now());
+                        base_on_schedule = false;
                     } else if let Some(from) = cf_watch.changed_from.take() {
                         let last = result.summary.earliest_seq.saturating_sub(1);
                         if from <= last {
@@ -711,14 +765,33 @@ async fn run_with_lease(
                     bases_done_this_run += 1;
                 }
                 Ok(Err(e)) => {
+                    metrics.base_failed();
                     tracing::error!(error = %e, "base backup failed; retrying in a minute");
                     base_due = Some(Instant::now() + Duration::from_secs(60));
                 }
                 Err(e) => return Err(ServiceError::Other(format!("base backup task failed: {e}"))),
             }
         }
+        // A base on schedule is skipped when nothing was written since the newest base:
+        // it would restore to the same point.
+        let newest_base_seq = checkpoint
+            .current()
+            .bases
+            .iter()
+            .map(|b| b.earliest_seq)
+            .max();
+        if base_task.is_none()
+            && base_on_schedule
+            && base_due.is_some_and(|d| d <= Instant::now())
+            && newest_base_seq.is_some_and(|b| summary.last_seq.unwrap_or(0) <= b)
+            && !checkpoint.has_unwritten()
+        {
+            tracing::debug!("nothing written since the newest base; the scheduled base is skipped");
+            base_due = Some(Instant::now() + opts.base_interval);
+        }
         if base_task.is_none() && base_due.is_some_and(|d| d <= Instant::now()) {
             base_due = None;
+            base_on_schedule = false;
             let (db, wal, scratch, repo2) = (
                 opts.db.clone(),
                 check.wal_dir.clone(),
@@ -747,7 +820,10 @@ async fn run_with_lease(
         let now = OffsetDateTime::now_utc();
         if now >= lease.renew_due() && renew_retry_at.is_none_or(|t| now >= t) {
             match lease.renew().await {
-                Ok(()) => renew_retry_at = None,
+                Ok(()) => {
+                    renew_retry_at = None;
+                    metrics.lease_held_until(Some(lease.lease().expires_at));
+                }
                 Err(e @ LeaseError::Lost { .. }) => return Err(e.into()),
                 Err(e) if now >= lease.lease().expires_at => {
                     return Err(ServiceError::Other(format!(
@@ -810,12 +886,14 @@ async fn run_with_lease(
             Some(()) = base_requests.recv() => {
                 tracing::info!("base backup requested");
                 base_due = Some(Instant::now());
+                base_on_schedule = false;
             }
         }
     }
 
     // Shutdown: let a base backup in progress finish for a while, ship what is open,
     // write the last generation, release the lease.
+    metrics.set_phase(Phase::Stopping);
     let finished_base = match base_task.take() {
         Some(mut task) => {
             tracing::info!(
@@ -869,6 +947,7 @@ async fn run_with_lease(
                 summary.gaps += 1;
             }
         }
+        metrics.base_finished(result.summary.created_at, result.stats.duration);
         tolerate(
             checkpoint.add_base(result.summary).await,
             &mut manifest_retry,

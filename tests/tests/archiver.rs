@@ -709,3 +709,28 @@ async fn backup_signals_a_running_archiver_or_runs_once_and_status_checks_thresh
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_database_gets_no_new_scheduled_bases() -> Result<()> {
+    let s = Setup {
+        dir: tempfile::tempdir()?,
+        store: TestStore::local()?,
+    };
+    let mut writer = s.loadgen(&["--batches", "300"])?;
+    ensure!(writer.wait_timeout(Duration::from_secs(60))?.success());
+    let mut arch = s.archiver("idle.log", &["--base-interval", "500ms"])?;
+    let repo = s.store.open_when_created().await?;
+    wait_for_history(&repo, |st| !st.history.bases.is_empty()).await?;
+    // Several base intervals pass with nothing written.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    arch.signal("TERM")?;
+    ensure!(arch.wait_timeout(Duration::from_secs(30))?.success());
+    let state = repo.load().await?;
+    ensure!(
+        state.history.bases.len() == 1,
+        "an idle database got {} bases; log:\n{}",
+        state.history.bases.len(),
+        arch.log_tail()
+    );
+    Ok(())
+}

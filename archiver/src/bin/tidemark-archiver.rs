@@ -73,6 +73,10 @@ struct RunArgs {
     /// Stop once caught up with the WAL and a base backup exists.
     #[arg(long)]
     exit_when_caught_up: bool,
+    /// Serve Prometheus metrics (/metrics) and a health check (/health) on HOST:PORT
+    /// (e.g. 127.0.0.1:9187; port 0 picks a free port, logged at start). Off by default.
+    #[arg(long, env = "TIDEMARK_METRICS_ADDR", value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -131,6 +135,9 @@ fn options(args: RunArgs) -> anyhow::Result<ArchiverOptions> {
         o.scratch_dir = args.scratch_dir;
     }
     o.exit_when_caught_up |= args.exit_when_caught_up;
+    if args.metrics_addr.is_some() {
+        o.metrics_addr = args.metrics_addr;
+    }
     let s = args.store;
     o.store.endpoint_url = s.endpoint_url.or(o.store.endpoint_url);
     o.store.region = s.region.or(o.store.region);
