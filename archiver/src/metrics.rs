@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tidemark_manifest::model::{SegmentEntry, micros_from_time};
+use tidemark_manifest::model::{BaseSummary, SegmentEntry, micros_from_time};
 use tidemark_manifest::segment::Record;
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -83,6 +83,7 @@ struct State {
     last_upload_us: Option<i64>,
     upload_seconds: Histogram,
     last_base_us: Option<i64>,
+    last_base_seq: u64,
     last_base_seconds: f64,
     archived_bytes: u64,
     stored_bytes: u64,
@@ -130,20 +131,21 @@ impl Metrics {
     }
 
     /// What the repository holds when the service starts: the newest archived sequence and
-    /// its record's time, the manifest generation and the newest base backup's time.
+    /// its record's time, the manifest generation and the base backups.
     pub fn resumed(
         &self,
         last_seq: Option<u64>,
         last_time_us: Option<i64>,
         generation: u64,
-        newest_base: Option<OffsetDateTime>,
+        bases: &[BaseSummary],
     ) {
         self.with(|s| {
             s.newest_read_seq = last_seq.unwrap_or(0);
             s.newest_durable_seq = last_seq.unwrap_or(0);
             s.newest_durable_time_us = last_time_us;
             s.generation = generation;
-            s.last_base_us = newest_base.map(micros_from_time);
+            s.last_base_us = bases.iter().map(|b| micros_from_time(b.created_at)).max();
+            s.last_base_seq = bases.iter().map(|b| b.earliest_seq).max().unwrap_or(0);
         });
     }
 
@@ -170,7 +172,7 @@ impl Metrics {
         self.with(|s| {
             s.newest_durable_seq = s.newest_durable_seq.max(entry.last_seq);
             s.newest_durable_time_us = Some(micros_from_time(entry.last_time));
-            let _ = waiting_since_us;
+            s.waiting_since_us = waiting_since_us;
             s.last_upload_us = Some(now);
             s.upload_seconds.observe(took.as_secs_f64());
             s.archived_bytes += entry.raw_size;
@@ -190,11 +192,12 @@ impl Metrics {
         self.with(|s| s.gaps += 1);
     }
 
-    /// A base backup taken at `created_at` finished in `took`.
-    pub fn base_finished(&self, created_at: OffsetDateTime, took: Duration) {
+    /// A base backup finished in `took`.
+    pub fn base_finished(&self, base: &BaseSummary, took: Duration) {
         self.with(|s| {
-            let at = micros_from_time(created_at);
+            let at = micros_from_time(base.created_at);
             s.last_base_us = Some(s.last_base_us.map_or(at, |t| t.max(at)));
+            s.last_base_seq = s.last_base_seq.max(base.earliest_seq);
             s.last_base_seconds = took.as_secs_f64();
             s.bases += 1;
         });
@@ -262,6 +265,12 @@ impl Metrics {
                 "When the newest base backup in the repository was taken, in seconds since the \
                  epoch (0: none).",
                 secs(s.last_base_us),
+            );
+            out.gauge(
+                "tidemark_last_base_backup_sequence",
+                "The newest base backup's earliest point: the last sequence number its files hold \
+                 (0: none). No base is taken on schedule while nothing is written after it.",
+                s.last_base_seq as f64,
             );
             out.gauge(
                 "tidemark_base_backup_duration_seconds",
@@ -581,7 +590,7 @@ fn respond(head: &[u8], metrics: &Metrics) -> Response {
 mod tests {
     use super::*;
     use std::collections::{BTreeMap, BTreeSet};
-    use tidemark_manifest::model::{TimeSource, time_from_micros};
+    use tidemark_manifest::model::{ObjectRef, TimeSource, time_from_micros};
     use tidemark_manifest::segment::RecordTime;
 
     const T0: i64 = 1_767_225_600_000_000; // 2026-01-01T00:00:00Z in µs
@@ -597,6 +606,24 @@ mod tests {
             log_number: 1,
             log_offset: seq * 100,
             batch,
+        }
+    }
+
+    fn base(created_us: i64, earliest_seq: u64) -> BaseSummary {
+        BaseSummary {
+            id: format!("b{earliest_seq}"),
+            created_at: time_from_micros(created_us),
+            descriptor: ObjectRef {
+                key: format!("bases/b{earliest_seq}/base.json"),
+                size: 1,
+                sha256: "00".into(),
+            },
+            min_log_number: 1,
+            replay_from_seq: 1,
+            earliest_seq,
+            earliest_time: time_from_micros(created_us),
+            column_families: vec![],
+            total_size: 0,
         }
     }
 
@@ -708,6 +735,7 @@ mod tests {
             ("tidemark_last_segment_upload_timestamp_seconds", "gauge"),
             ("tidemark_segment_upload_duration_seconds", "histogram"),
             ("tidemark_last_base_backup_timestamp_seconds", "gauge"),
+            ("tidemark_last_base_backup_sequence", "gauge"),
             ("tidemark_base_backup_duration_seconds", "gauge"),
             ("tidemark_archived_bytes_total", "counter"),
             ("tidemark_stored_bytes_total", "counter"),
@@ -723,7 +751,7 @@ mod tests {
         ] {
             assert_eq!(p.types.get(name).map(String::as_str), Some(kind), "{name}");
         }
-        assert_eq!(p.types.len(), 19);
+        assert_eq!(p.types.len(), 20);
         for (series, v) in &p.samples {
             assert_eq!(*v, 0.0, "{series}");
         }
@@ -736,18 +764,25 @@ mod tests {
             Some(10),
             Some(T0 - 5_000_000),
             7,
-            Some(time_from_micros(T0 - 3_600_000_000)),
+            &[base(T0 - 3_600_000_000, 5), base(T0 - 7_200_000_000, 3)],
         );
+        let p = parse(&m.render_at(T0, 0));
+        assert_eq!(p.samples["tidemark_newest_durable_sequence"], 10.0);
+        assert_eq!(p.samples["tidemark_newest_read_sequence"], 10.0);
+        assert_eq!(p.samples["tidemark_manifest_generation"], 7.0);
+        assert_eq!(p.samples["tidemark_last_base_backup_sequence"], 5.0);
+        assert_eq!(
+            p.samples["tidemark_last_base_backup_timestamp_seconds"],
+            (T0 - 3_600_000_000) as f64 / 1e6
+        );
+        assert_eq!(p.samples["tidemark_base_backups_total"], 0.0);
         m.lease_held_until(Some(time_from_micros(T0 + 60_000_000)));
         m.record_read(&record(11, 10, T0), Some(T0));
         m.segment_uploaded(&entry(11, 12, 1, T0), Duration::from_millis(300), None);
         m.segment_uploaded(&entry(13, 20, 4, T0 + 1), Duration::from_secs(3), None);
         m.upload_failed();
         m.gap_detected();
-        m.base_finished(
-            time_from_micros(T0 - 1_000_000),
-            Duration::from_millis(2500),
-        );
+        m.base_finished(&base(T0 - 1_000_000, 15), Duration::from_millis(2500));
         m.base_failed();
         m.generation_written(9);
         m.generation_written(8); // an older one never goes back
@@ -774,6 +809,7 @@ mod tests {
             v("tidemark_last_base_backup_timestamp_seconds"),
             (T0 - 1_000_000) as f64 / 1e6
         );
+        assert_eq!(v("tidemark_last_base_backup_sequence"), 15.0);
         assert_eq!(v("tidemark_manifest_generation"), 9.0);
         assert_eq!(v("tidemark_lease_held"), 1.0);
         assert!(v("tidemark_last_segment_upload_timestamp_seconds") > 0.0);

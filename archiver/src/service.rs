@@ -554,7 +554,7 @@ async fn run_with_lease(
         summary.last_seq,
         min_time,
         checkpoint.current().generation,
-        last_base_at,
+        &state.history.bases,
     );
     metrics.set_phase(Phase::Running);
     tokio::pin!(shutdown);
@@ -722,7 +722,7 @@ async fn run_with_lease(
                         duration_ms = result.stats.duration.as_millis() as u64,
                         "base backup taken"
                     );
-                    metrics.base_finished(result.summary.created_at, result.stats.duration);
+                    metrics.base_finished(&result.summary, result.stats.duration);
                     // The base is only useful once the WAL up to its earliest point is
                     // shipped; ship the open segment first so its generation is complete.
                     if let Ok(entries) = shipper.close_and_upload().await {
@@ -947,7 +947,7 @@ async fn run_with_lease(
                 summary.gaps += 1;
             }
         }
-        metrics.base_finished(result.summary.created_at, result.stats.duration);
+        metrics.base_finished(&result.summary, result.stats.duration);
         tolerate(
             checkpoint.add_base(result.summary).await,
             &mut manifest_retry,

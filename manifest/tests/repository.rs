@@ -341,5 +341,8 @@ async fn sending_the_same_generation_again_is_not_a_race() {
     // Different content under the same number is another writer.
     g2.tail_start_seq += 1;
     let err = repo.write_generation(&g2).await.unwrap_err();
-    assert!(matches!(err, RepoError::LostRace { generation: 2, .. }), "{err}");
+    assert!(
+        matches!(err, RepoError::LostRace { generation: 2, .. }),
+        "{err}"
+    );
 }

@@ -51,7 +51,7 @@ pub use self::url::StoreUrl;
 pub use error::{BoxError, StoreError, StoreOp};
 pub use local::LocalStore;
 pub use memory::MemoryStore;
-pub use retry::{RetryPolicy, RetryStore};
+pub use retry::{RetryPolicy, RetryStore, retries_total};
 pub use s3::{S3Options, S3Store, Sse};
 
 /// Result type of the store layer.

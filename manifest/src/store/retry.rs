@@ -4,7 +4,7 @@ use std::future::Future;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,6 +12,15 @@ use bytes::Bytes;
 use rand::Rng;
 
 use super::{ETag, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult};
+
+/// Retries of object store calls made so far by this process, under any policy.
+static RETRIES: AtomicU64 = AtomicU64::new(0);
+
+/// How many times this process has retried an object store call after a transient failure
+/// (every [`RetryPolicy::run`] counts here), for metrics.
+pub fn retries_total() -> u64 {
+    RETRIES.load(Ordering::Relaxed)
+}
 
 /// How often and how patiently to retry.
 ///
@@ -100,6 +109,7 @@ impl RetryPolicy {
                 });
             }
             let delay = self.delay(attempt - 1);
+            RETRIES.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 %op,
                 key,
@@ -295,7 +305,10 @@ mod tests {
             .await
             .unwrap();
         faults.inject(FaultRule::new(Fault::Transient).on(StoreOp::Get).times(3));
+        let retries_before = retries_total();
         let got = store.get("seg/1").await.unwrap();
+        // Other tests of this process may retry at the same time: at least these three.
+        assert!(retries_total() >= retries_before + 3);
         assert_eq!(&got[..], b"data");
         assert_eq!(
             faults.calls(StoreOp::Get),

@@ -1,0 +1,443 @@
+//! The archiver's metrics endpoint, scraped over plain TCP while the load generator writes
+//! to the database in another process: every metric is declared with HELP and TYPE, the
+//! counters and sequences move with the writes, the lag is consistent with what is read and
+//! durable in every scrape and returns to 0 once everything written is archived, and the
+//! final numbers agree with what the repository holds.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use tidemark_manifest::model::micros_from_time;
+use tidemark_tests::Oracle;
+use tidemark_tests::harness::{Proc, TestStore, bin, wait_for};
+
+/// Every metric the archiver exports, with its type.
+const FAMILIES: &[(&str, &str)] = &[
+    ("tidemark_archive_lag_seconds", "gauge"),
+    ("tidemark_newest_read_sequence", "gauge"),
+    ("tidemark_newest_durable_sequence", "gauge"),
+    ("tidemark_newest_durable_record_timestamp_seconds", "gauge"),
+    ("tidemark_last_segment_upload_timestamp_seconds", "gauge"),
+    ("tidemark_segment_upload_duration_seconds", "histogram"),
+    ("tidemark_last_base_backup_timestamp_seconds", "gauge"),
+    ("tidemark_last_base_backup_sequence", "gauge"),
+    ("tidemark_base_backup_duration_seconds", "gauge"),
+    ("tidemark_archived_bytes_total", "counter"),
+    ("tidemark_stored_bytes_total", "counter"),
+    ("tidemark_archived_records_total", "counter"),
+    ("tidemark_segments_uploaded_total", "counter"),
+    ("tidemark_upload_failures_total", "counter"),
+    ("tidemark_store_retries_total", "counter"),
+    ("tidemark_gaps_detected_total", "counter"),
+    ("tidemark_lease_held", "gauge"),
+    ("tidemark_base_backups_total", "counter"),
+    ("tidemark_base_backup_failures_total", "counter"),
+    ("tidemark_manifest_generation", "gauge"),
+];
+
+/// One HTTP exchange: (status, head, body).
+fn get(addr: SocketAddr, path: &str) -> Result<(u16, String, String)> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    // Only a guard against a server that never answers.
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no end of headers in {out:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    Ok((status, head.to_owned(), body.to_owned()))
+}
+
+/// A scrape: the samples by series (`name` or `name{labels}`).
+#[derive(Debug)]
+struct Scrape {
+    samples: BTreeMap<String, f64>,
+}
+
+impl Scrape {
+    fn get(&self, series: &str) -> f64 {
+        *self
+            .samples
+            .get(series)
+            .unwrap_or_else(|| panic!("{series} missing from the scrape"))
+    }
+}
+
+/// Scrapes `/metrics` and checks the exposition: the content type, HELP and TYPE for every
+/// family the archiver exports, no sample outside a declared family.
+fn scrape(addr: SocketAddr) -> Result<Scrape> {
+    let (status, head, body) = get(addr, "/metrics")?;
+    ensure!(status == 200, "/metrics answered {status}: {head}\n{body}");
+    ensure!(
+        head.to_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "not the text exposition format: {head}"
+    );
+    let mut types = BTreeMap::new();
+    let mut samples = BTreeMap::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').context("TYPE line")?;
+            types.insert(name.to_owned(), kind.to_owned());
+        } else if line.starts_with("# HELP ") {
+        } else {
+            let (series, value) = line
+                .rsplit_once(' ')
+                .with_context(|| format!("sample line {line:?}"))?;
+            let name = series.split('{').next().unwrap_or(series);
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| {
+                    name.strip_suffix(s)
+                        .filter(|f| types.get(*f).is_some_and(|k| k == "histogram"))
+                })
+                .unwrap_or(name);
+            ensure!(
+                types.contains_key(family),
+                "sample {line:?} before its TYPE line"
+            );
+            let v = match value {
+                "+Inf" => f64::INFINITY,
+                v => v.parse().with_context(|| format!("value in {line:?}"))?,
+            };
+            samples.insert(series.to_owned(), v);
+        }
+    }
+    for (name, kind) in FAMILIES {
+        ensure!(
+            body.contains(&format!("\n# HELP {name} "))
+                || body.starts_with(&format!("# HELP {name} ")),
+            "no HELP line for {name}"
+        );
+        ensure!(
+            types.get(*name).map(String::as_str) == Some(*kind),
+            "{name} must be a {kind}, TYPE says {:?}",
+            types.get(*name)
+        );
+    }
+    Ok(Scrape { samples })
+}
+
+/// The address the archiver logged as "metrics listening on ADDR".
+fn logged_metrics_addr(log: &Path) -> Option<SocketAddr> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let at = text.find("metrics listening on ")? + "metrics listening on ".len();
+    let addr: String = text[at..]
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"')
+        .collect();
+    addr.parse().ok()
+}
+
+/// Sequence numbers, counters and the lag must agree with each other in every scrape, and
+/// never go back between two scrapes of the same process.
+fn check_consistent(s: &Scrape, before: Option<&Scrape>) -> Result<()> {
+    let lag = s.get("tidemark_archive_lag_seconds");
+    let read = s.get("tidemark_newest_read_sequence");
+    let durable = s.get("tidemark_newest_durable_sequence");
+    ensure!(lag >= 0.0, "negative lag {lag}");
+    ensure!(durable <= read, "durable {durable} beyond read {read}");
+    // The lag counts the oldest record read but not durable: none waits when all is durable.
+    ensure!(
+        lag == 0.0 || read > durable,
+        "lag {lag} while everything read ({read}) is durable ({durable})"
+    );
+    ensure!(s.get("tidemark_lease_held") == 1.0, "the lease is held");
+    ensure!(s.get("tidemark_gaps_detected_total") == 0.0);
+    ensure!(s.get("tidemark_upload_failures_total") == 0.0);
+    if let Some(b) = before {
+        for name in [
+            "tidemark_newest_read_sequence",
+            "tidemark_newest_durable_sequence",
+            "tidemark_archived_records_total",
+            "tidemark_archived_bytes_total",
+            "tidemark_segments_uploaded_total",
+            "tidemark_manifest_generation",
+        ] {
+            ensure!(
+                s.get(name) >= b.get(name),
+                "{name} went back from {} to {}",
+                b.get(name),
+                s.get(name)
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn metrics_follow_a_live_database(store: TestStore) -> Result<()> {
+    eprintln!("archiving into {}", store.describe);
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("db");
+    let out = dir.path().join("oracle");
+    // Writes slowly until told to stop.
+    let mut writer = Proc::spawn(
+        &bin("tidemark-loadgen")?,
+        &[
+            "--db".to_owned(),
+            db.display().to_string(),
+            "--out".to_owned(),
+            out.display().to_string(),
+            "--rate".to_owned(),
+            "40".to_owned(),
+            "--seed".to_owned(),
+            "13".to_owned(),
+        ],
+        &[],
+        &dir.path().join("loadgen.log"),
+    )?;
+    wait_for(
+        Duration::from_secs(20),
+        "the load generator's database",
+        || db.join("CURRENT").exists().then_some(()),
+    )?;
+    let log = dir.path().join("archiver.log");
+    let args: Vec<String> = [
+        "run",
+        "--db",
+        &db.display().to_string(),
+        "--to",
+        &store.url,
+        // A segment stays open a second after its first record: records wait that long.
+        "--sync-interval",
+        "1s",
+        "--checkpoint-interval",
+        "1s",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut arch = Proc::spawn(&bin("tidemark-archiver")?, &args, &store.env, &log)?;
+    let addr = wait_for(
+        Duration::from_secs(30),
+        "\"metrics listening on\" in the archiver's log",
+        || logged_metrics_addr(&log),
+    )
+    .with_context(|| arch.log_tail())?;
+    ensure!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+
+    // Healthy once running.
+    wait_for(Duration::from_secs(30), "/health to answer 200", || {
+        get(addr, "/health")
+            .ok()
+            .filter(|(status, _, body)| *status == 200 && body == "ok\n")
+    })
+    .with_context(|| arch.log_tail())?;
+    let (status, _, _) = get(addr, "/nothing-here")?;
+    ensure!(status == 404, "an unknown path answered {status}");
+
+    // While the writer writes: scrape until records and sequences have moved and a record
+    // was seen waiting. The writer goes on until then, so all three come.
+    let first = scrape(addr)?;
+    check_consistent(&first, None)?;
+    let mut last = first;
+    let (mut records_moved, mut durable_moved, mut lag_seen) = (false, false, false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut scrapes = 1;
+    while !(records_moved && durable_moved && lag_seen) {
+        ensure!(
+            arch.running(),
+            "the archiver exited; its log:\n{}",
+            arch.log_tail()
+        );
+        ensure!(
+            writer.running(),
+            "the load generator exited; its log:\n{}",
+            writer.log_tail()
+        );
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "after {scrapes} scrapes: records moved {records_moved}, durable sequence moved \
+             {durable_moved}, lag seen {lag_seen}; archiver log:\n{}",
+            arch.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let s = scrape(addr)?;
+        scrapes += 1;
+        check_consistent(&s, Some(&last)).with_context(|| format!("scrape {scrapes}"))?;
+        records_moved |= s.get("tidemark_archived_records_total")
+            > last.get("tidemark_archived_records_total")
+            && last.get("tidemark_archived_records_total") > 0.0;
+        durable_moved |= s.get("tidemark_newest_durable_sequence")
+            > last.get("tidemark_newest_durable_sequence")
+            && last.get("tidemark_newest_durable_sequence") > 0.0;
+        lag_seen |= s.get("tidemark_archive_lag_seconds") > 0.0;
+        last = s;
+    }
+    eprintln!("metrics moved with the writes after {scrapes} scrapes");
+
+    // The writer stops; everything it wrote becomes durable and nothing waits any more.
+    writer.signal("TERM")?;
+    ensure!(
+        writer.wait_timeout(Duration::from_secs(60))?.success(),
+        "load generator failed:\n{}",
+        writer.log_tail()
+    );
+    let oracle = Oracle::open(&out)?;
+    let last_seq = oracle.last_seq() as f64;
+    let done = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let s = scrape(addr)?;
+            check_consistent(&s, Some(&last))?;
+            if s.get("tidemark_newest_durable_sequence") == last_seq
+                && s.get("tidemark_base_backups_total") >= 1.0
+            {
+                break s;
+            }
+            ensure!(
+                s.get("tidemark_newest_durable_sequence") < last_seq,
+                "durable sequence {} beyond the writer's last {last_seq}",
+                s.get("tidemark_newest_durable_sequence")
+            );
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the durable sequence did not reach {last_seq}: {:?}; archiver log:\n{}",
+                s.samples,
+                arch.log_tail()
+            );
+            last = s;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    ensure!(
+        done.get("tidemark_archive_lag_seconds") == 0.0,
+        "lag {} with everything written durable",
+        done.get("tidemark_archive_lag_seconds")
+    );
+    ensure!(done.get("tidemark_newest_read_sequence") == last_seq);
+
+    // The numbers agree with the repository (every segment in it was uploaded by this
+    // process, and none is uploaded after the last sequence).
+    let repo = store.open().await?;
+    let state = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let state = repo.load().await?;
+            if state.history.segments.last().map(|s| s.last_seq as f64) == Some(last_seq)
+                && !state.history.bases.is_empty()
+            {
+                break state;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the repository does not show sequence {last_seq} and a base"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let segments = &state.history.segments;
+    let sum = |f: fn(&tidemark_manifest::model::SegmentEntry) -> u64| -> f64 {
+        segments.iter().map(f).sum::<u64>() as f64
+    };
+    for (name, expected) in [
+        (
+            "tidemark_archived_records_total",
+            sum(|s| u64::from(s.record_count)),
+        ),
+        ("tidemark_archived_bytes_total", sum(|s| s.raw_size)),
+        ("tidemark_stored_bytes_total", sum(|s| s.stored_size)),
+        ("tidemark_segments_uploaded_total", segments.len() as f64),
+        (
+            "tidemark_segment_upload_duration_seconds_count",
+            segments.len() as f64,
+        ),
+        (
+            "tidemark_newest_durable_record_timestamp_seconds",
+            micros_from_time(segments.last().unwrap().last_time) as f64 / 1e6,
+        ),
+    ] {
+        ensure!(
+            done.get(name) == expected,
+            "{name} is {}, the repository says {expected}",
+            done.get(name)
+        );
+    }
+    let generation = state.generation.as_ref().map_or(0, |g| g.generation) as f64;
+    ensure!(
+        (1.0..=generation).contains(&done.get("tidemark_manifest_generation")),
+        "manifest generation {} scraped before the repository showed {generation}",
+        done.get("tidemark_manifest_generation")
+    );
+    // The base the repository shows was taken by this process, before it was recorded.
+    let after = scrape(addr)?;
+    let newest_base = state.history.bases.iter().map(|b| b.created_at).max();
+    ensure!(
+        after.get("tidemark_last_base_backup_timestamp_seconds")
+            == micros_from_time(newest_base.unwrap()) as f64 / 1e6,
+        "last base backup at {}, the repository's newest is {newest_base:?}",
+        after.get("tidemark_last_base_backup_timestamp_seconds")
+    );
+    let newest_base_seq = state.history.bases.iter().map(|b| b.earliest_seq).max();
+    ensure!(
+        Some(after.get("tidemark_last_base_backup_sequence") as u64) == newest_base_seq,
+        "last base backup sequence {}, the repository's newest is {newest_base_seq:?}",
+        after.get("tidemark_last_base_backup_sequence")
+    );
+    ensure!(after.get("tidemark_base_backup_duration_seconds") > 0.0);
+    ensure!(after.get("tidemark_last_segment_upload_timestamp_seconds") > 0.0);
+
+    let (status, _, body) = get(addr, "/health")?;
+    ensure!(status == 200 && body == "ok\n", "/health: {status} {body}");
+    arch.signal("TERM")?;
+    let status = arch.wait_timeout(Duration::from_secs(30))?;
+    ensure!(
+        status.success(),
+        "archiver exit {status}:\n{}",
+        arch.log_tail()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_follow_a_live_database_local() -> Result<()> {
+    metrics_follow_a_live_database(TestStore::local()?).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_follow_a_live_database_s3() -> Result<()> {
+    match TestStore::s3("metrics-live").await? {
+        Some(store) => metrics_follow_a_live_database(store).await,
+        None => Ok(()),
+    }
+}
+
+#[test]
+fn a_metrics_address_in_use_is_refused_with_exit_code_2() -> Result<()> {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?;
+    let dir = tempfile::tempdir()?;
+    let out = std::process::Command::new(bin("tidemark-archiver")?)
+        .args([
+            "run",
+            "--db",
+            &dir.path().join("db").display().to_string(),
+            "--to",
+            &format!("file://{}", dir.path().join("repo").display()),
+            "--metrics-addr",
+            &addr.to_string(),
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(2) && text.contains(&addr.to_string()),
+        "{:?}: {text}",
+        out.status
+    );
+    Ok(())
+}
