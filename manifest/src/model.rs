@@ -23,17 +23,49 @@ pub enum ModelError {
     Malformed { key: String, detail: String },
     #[error("{key}: {detail}")]
     Inconsistent { key: String, detail: String },
+    #[error("{key}: the document is corrupt: {detail}")]
+    Corrupt { key: String, detail: String },
 }
 
-/// Parses a repository document, checking `format_version` first.
+/// Every document starts with this, then 64 hex digits of sha256, then `",`: the sha256
+/// of everything after that prefix (FORMAT.md §3.1).
+const CHECKSUM_PREFIX: &[u8] = b"{\"checksum\":\"";
+const CHECKSUM_PREFIX_LEN: usize = CHECKSUM_PREFIX.len() + 64 + 2;
+
+/// Parses a repository document: its embedded checksum, then `format_version`, then the
+/// fields. A flipped byte anywhere is reported as corruption, naming the object.
 pub fn parse_document<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, ModelError> {
     #[derive(Deserialize)]
     struct VersionOnly {
         format_version: Option<serde_json::Value>,
     }
-    let probe: VersionOnly = serde_json::from_slice(bytes).map_err(|e| ModelError::Malformed {
+    let corrupt = |detail: String| ModelError::Corrupt {
         key: key.to_owned(),
-        detail: format!("invalid JSON: {e}"),
+        detail,
+    };
+    let checksum = if bytes.starts_with(CHECKSUM_PREFIX) && bytes.len() > CHECKSUM_PREFIX_LEN {
+        let hex = &bytes[CHECKSUM_PREFIX.len()..CHECKSUM_PREFIX.len() + 64];
+        let rest = &bytes[CHECKSUM_PREFIX_LEN..];
+        if &bytes[CHECKSUM_PREFIX.len() + 64..CHECKSUM_PREFIX_LEN] != b"\","
+            || crate::checksum::sha256_hex(rest).as_bytes() != hex
+        {
+            return Err(corrupt(
+                "its embedded sha256 does not match its content".to_owned(),
+            ));
+        }
+        true
+    } else {
+        false
+    };
+    let probe: VersionOnly = serde_json::from_slice(bytes).map_err(|e| {
+        if checksum {
+            ModelError::Malformed {
+                key: key.to_owned(),
+                detail: format!("invalid JSON: {e}"),
+            }
+        } else {
+            corrupt(format!("no valid checksum and invalid JSON: {e}"))
+        }
     })?;
     match probe.format_version {
         None => {
@@ -58,16 +90,33 @@ pub fn parse_document<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T,
             }
         },
     }
+    if !checksum {
+        return Err(corrupt(
+            "it does not start with its checksum, as every version 1 document does".to_owned(),
+        ));
+    }
     serde_json::from_slice(bytes).map_err(|e| ModelError::Malformed {
         key: key.to_owned(),
         detail: e.to_string(),
     })
 }
 
-/// Serializes a document as pretty JSON (documents are small and read by people too).
+/// Serializes a document as pretty JSON (documents are small and read by people too),
+/// prefixed with the sha256 of the rest.
 pub fn to_document_bytes<T: Serialize>(doc: &T) -> Vec<u8> {
-    let mut out = serde_json::to_vec_pretty(doc).expect("repository documents always serialize");
-    out.push(b'\n');
+    let mut body = serde_json::to_vec_pretty(doc).expect("repository documents always serialize");
+    body.push(b'\n');
+    assert_eq!(
+        body.first(),
+        Some(&b'{'),
+        "repository documents are JSON objects"
+    );
+    let rest = &body[1..];
+    let mut out = Vec::with_capacity(CHECKSUM_PREFIX_LEN + rest.len());
+    out.extend_from_slice(CHECKSUM_PREFIX);
+    out.extend_from_slice(crate::checksum::sha256_hex(rest).as_bytes());
+    out.extend_from_slice(b"\",");
+    out.extend_from_slice(rest);
     out
 }
 
@@ -404,8 +453,8 @@ mod tests {
 
     #[test]
     fn unknown_format_version_is_refused_with_the_version_named() {
-        let doc = br#"{"format_version": 7, "generation": 1}"#;
-        let err = parse_document::<LatestHint>("manifest/latest.json", doc).unwrap_err();
+        let doc = to_document_bytes(&serde_json::json!({"format_version": 7, "generation": 1}));
+        let err = parse_document::<LatestHint>("manifest/latest.json", &doc).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(
             err,
@@ -413,14 +462,49 @@ mod tests {
         ));
         assert!(msg.contains("version 7"), "{msg}");
         assert!(msg.contains("manifest/latest.json"), "{msg}");
+        // Also without a checksum (a newer format may checksum differently).
+        let err = parse_document::<LatestHint>("k", br#"{"format_version": 7}"#).unwrap_err();
+        assert!(matches!(
+            err,
+            ModelError::UnsupportedVersion { found: 7, .. }
+        ));
     }
 
     #[test]
-    fn missing_version_and_bad_json_are_malformed() {
-        let err = parse_document::<LatestHint>("k", br#"{"generation": 1}"#).unwrap_err();
+    fn missing_version_missing_checksum_and_bad_json_are_refused() {
+        let doc = to_document_bytes(&serde_json::json!({"generation": 1}));
+        let err = parse_document::<LatestHint>("k", &doc).unwrap_err();
         assert!(err.to_string().contains("no format_version"), "{err}");
         let err = parse_document::<LatestHint>("k", b"{not json").unwrap_err();
-        assert!(err.to_string().contains("invalid JSON"), "{err}");
+        assert!(err.to_string().contains("corrupt"), "{err}");
+        let err = parse_document::<LatestHint>("k", br#"{"format_version":1,"generation":1}"#)
+            .unwrap_err();
+        assert!(matches!(err, ModelError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn documents_round_trip() {
+        let hint = LatestHint {
+            format_version: FORMAT_VERSION,
+            generation: 42,
+        };
+        let bytes = to_document_bytes(&hint);
+        assert!(bytes.starts_with(b"{\"checksum\":\""));
+        assert_eq!(parse_document::<LatestHint>("k", &bytes).unwrap(), hint);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn prop_any_flipped_byte_in_a_document_is_refused(
+            generation in 0u64..u64::MAX, pos in proptest::sample::select((0usize..200).collect::<Vec<_>>()),
+            bit in 0u8..8,
+        ) {
+            let hint = LatestHint { format_version: FORMAT_VERSION, generation };
+            let mut bytes = to_document_bytes(&hint);
+            let i = pos % bytes.len();
+            bytes[i] ^= 1 << bit;
+            proptest::prop_assert!(parse_document::<LatestHint>("k", &bytes).is_err(), "flip at {}", i);
+        }
     }
 
     #[test]

@@ -189,7 +189,10 @@ async fn a_stale_or_missing_hint_still_finds_the_newest_generation() {
     repo.store()
         .put(
             keys::LATEST_HINT,
-            Bytes::from_static(br#"{"format_version":1,"generation":1}"#),
+            Bytes::from(model::to_document_bytes(&model::LatestHint {
+                format_version: FORMAT_VERSION,
+                generation: 1,
+            })),
         )
         .await
         .unwrap();
@@ -289,7 +292,7 @@ async fn unknown_version_missing_object_and_missing_repository_are_clear() {
     repo.store()
         .put(
             &keys::generation_key(2),
-            Bytes::from(serde_json::to_vec(&g2).unwrap()),
+            Bytes::from(model::to_document_bytes(&g2)),
         )
         .await
         .unwrap();
@@ -345,4 +348,19 @@ async fn sending_the_same_generation_again_is_not_a_race() {
         matches!(err, RepoError::LostRace { generation: 2, .. }),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_a_manifest_generation_is_named() {
+    let (dir, repo) = populated().await;
+    let key = keys::generation_key(1);
+    let path = dir.path().join(&key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // A digit inside the document: still valid JSON, so only the checksum can tell.
+    let i = bytes.iter().rposition(|b| b.is_ascii_digit()).unwrap();
+    bytes[i] = if bytes[i] == b'9' { b'8' } else { bytes[i] + 1 };
+    std::fs::write(&path, &bytes).unwrap();
+    let err = repo.load().await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(&key) && msg.contains("corrupt"), "{msg}");
 }
