@@ -734,6 +734,7 @@ fn archive(a: ArchiveArgs) -> Result<Value> {
             Arc::clone(&target),
         ))
     });
+    let objects0 = rt.block_on(object_etags(&store))?;
     let wal0 = wal_bytes(&db_path)?;
     let log_from = log_offset(&a.request_log)?;
     let cpu0 = sample_proc(pid, ticks)?;
@@ -794,8 +795,17 @@ fn archive(a: ArchiveArgs) -> Result<Value> {
         Some(p) => Some(count_requests(p, log_from)?.0),
         None => None,
     };
+    let objects1 = rt.block_on(object_etags(&store))?;
     let exit = archiver.stop()?;
     drop(db);
+    let created = objects1
+        .keys()
+        .filter(|k| !objects0.contains_key(*k))
+        .count();
+    let replaced = objects1
+        .iter()
+        .filter(|(k, e)| objects0.get(*k).is_some_and(|b| b != *e))
+        .count();
 
     let mut lags = Vec::with_capacity(commits.len());
     let mut missing = 0u64;
@@ -853,6 +863,11 @@ fn archive(a: ArchiveArgs) -> Result<Value> {
         "stored_bytes": d.stored_bytes,
         "stored_over_wal": (wal_written > 0).then(|| d.stored_bytes as f64 / wal_written as f64),
         "per_hour": d.segments as f64 / window_secs.max(1e-9) * 3600.0,
+    });
+    out["objects"] = json!({
+        "created": created,
+        "replaced": replaced,
+        "created_per_hour": created as f64 / window_secs.max(1e-9) * 3600.0,
     });
     out["requests"] = match requests {
         Some(r) => {
