@@ -986,6 +986,7 @@ fn replay_from_seq(
     min_log: u64,
     first_held: u64,
     earliest_seq: u64,
+    manifest_last: u64,
 ) -> Result<u64, BaseError> {
     let newest_known = wals.keys().next_back().copied().unwrap_or(0);
     // Log number 0: no WAL is recorded yet (a database that never flushed); every WAL is
@@ -1009,11 +1010,35 @@ fn replay_from_seq(
                 );
             }
             None => {
-                return Err(BaseError::WalDeleted {
-                    log_number: min_log,
-                    wal_dir: wal_dir.to_path_buf(),
-                    during_copy: min_log >= first_held,
-                });
+                // Log numbers share a counter with other files: RocksDB may record a log
+                // number no WAL ever had (reopening after an empty WAL does). Nothing is
+                // missing if the next WAL's first record follows what the MANIFEST says is
+                // in the table files; otherwise a needed WAL was deleted.
+                let mut next_first = None;
+                for wal in wals.range(min_log..).map(|(_, w)| w) {
+                    if let Some(seq) = wal.first_sequence()? {
+                        next_first = Some(seq);
+                        break;
+                    }
+                }
+                match next_first {
+                    Some(seq) if seq <= manifest_last.saturating_add(1) => {
+                        tracing::debug!(
+                            min_log,
+                            first_seq = seq,
+                            "no WAL has the MANIFEST's log number; replay starts at the next WAL"
+                        );
+                        return Ok(seq);
+                    }
+                    None if min_log >= first_held => return Ok(earliest_seq + 1),
+                    _ => {
+                        return Err(BaseError::WalDeleted {
+                            log_number: min_log,
+                            wal_dir: wal_dir.to_path_buf(),
+                            during_copy: min_log >= first_held,
+                        });
+                    }
+                }
             }
         }
     }
@@ -1114,7 +1139,14 @@ fn copy_once(
         }
     }
     let earliest_seq = wal_last.map_or(manifest_last, |w| w.max(manifest_last));
-    let replay_from = replay_from_seq(&mut wals, wal_dir, min_log, first_wal, earliest_seq)?;
+    let replay_from = replay_from_seq(
+        &mut wals,
+        wal_dir,
+        min_log,
+        first_wal,
+        earliest_seq,
+        manifest_last,
+    )?;
     if replay_from > earliest_seq + 1 {
         return Err(BaseError::Inconsistent {
             replay_from_seq: replay_from,
@@ -1408,12 +1440,24 @@ mod tests {
         write_wal(dir.path(), 8, &[(6, 2), (8, 1)]);
         write_wal(dir.path(), 11, &[]);
         let mut wals = held(dir.path(), &[4, 8, 11]);
-        assert_eq!(replay_from_seq(&mut wals, dir.path(), 8, 4, 8).unwrap(), 6);
-        assert_eq!(replay_from_seq(&mut wals, dir.path(), 4, 4, 8).unwrap(), 1);
+        assert_eq!(
+            replay_from_seq(&mut wals, dir.path(), 8, 4, 8, 0).unwrap(),
+            6
+        );
+        assert_eq!(
+            replay_from_seq(&mut wals, dir.path(), 4, 4, 8, 0).unwrap(),
+            1
+        );
         // The needed WAL holds no record yet: replay starts after the copy's last sequence.
-        assert_eq!(replay_from_seq(&mut wals, dir.path(), 11, 4, 8).unwrap(), 9);
+        assert_eq!(
+            replay_from_seq(&mut wals, dir.path(), 11, 4, 8, 0).unwrap(),
+            9
+        );
         // Not created yet.
-        assert_eq!(replay_from_seq(&mut wals, dir.path(), 12, 4, 8).unwrap(), 9);
+        assert_eq!(
+            replay_from_seq(&mut wals, dir.path(), 12, 4, 8, 0).unwrap(),
+            9
+        );
     }
 
     #[test]
@@ -1425,12 +1469,12 @@ mod tests {
         write_wal(dir.path(), 9, &[(22, 1)]);
         let mut wals = held(dir.path(), &[9]);
         assert_eq!(
-            replay_from_seq(&mut wals, dir.path(), 3, 9, 22).unwrap(),
+            replay_from_seq(&mut wals, dir.path(), 3, 9, 22, 0).unwrap(),
             20
         );
         // Deleted before the copy began: no retry helps.
         let mut wals = held(dir.path(), &[9]);
-        let err = replay_from_seq(&mut wals, dir.path(), 5, 9, 22).unwrap_err();
+        let err = replay_from_seq(&mut wals, dir.path(), 5, 9, 22, 0).unwrap_err();
         assert!(
             matches!(err, BaseError::WalDeleted { log_number: 5, .. }),
             "{err}"
@@ -1443,12 +1487,19 @@ mod tests {
         assert!(!err.is_race());
         // Deleted while the copy was made: another copy may not need it.
         let mut wals = held(dir.path(), &[9]);
-        let err = replay_from_seq(&mut wals, dir.path(), 5, 4, 22).unwrap_err();
+        let err = replay_from_seq(&mut wals, dir.path(), 5, 4, 22, 0).unwrap_err();
         assert!(err.is_race(), "{err}");
+        // A log number no WAL ever had (RocksDB reopened after an empty WAL): the next
+        // WAL's first record follows what the MANIFEST says the tables hold.
+        let mut wals = held(dir.path(), &[9]);
+        assert_eq!(
+            replay_from_seq(&mut wals, dir.path(), 5, 9, 22, 21).unwrap(),
+            22
+        );
         // Log number 0: nothing flushed yet, replay from the first WAL held.
         let mut wals = held(dir.path(), &[9]);
         assert_eq!(
-            replay_from_seq(&mut wals, dir.path(), 0, 9, 22).unwrap(),
+            replay_from_seq(&mut wals, dir.path(), 0, 9, 22, 0).unwrap(),
             22
         );
     }

@@ -734,3 +734,50 @@ async fn an_idle_database_gets_no_new_scheduled_bases() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_base_is_taken_after_a_reopen_whose_log_number_no_wal_ever_had() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db_path = dir.path().join("db");
+    let store = TestStore::local()?;
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    opts.set_wal_ttl_seconds(3600);
+    {
+        // Bulk load with the WAL off, then flush: the WAL stays empty.
+        let db = rocksdb::DB::open(&opts, &db_path)?;
+        let mut w = rocksdb::WriteOptions::default();
+        w.disable_wal(true);
+        for i in 0..500u32 {
+            db.put_opt(format!("k{i}"), b"v", &w)?;
+        }
+        db.flush()?;
+    }
+    // Reopened: a few writes, no flush.
+    let db = rocksdb::DB::open(&opts, &db_path)?;
+    for i in 0..10u32 {
+        db.put(format!("n{i}"), b"v")?;
+    }
+    let (code, text) = run_archiver(
+        &[
+            "backup",
+            "--db",
+            &db_path.display().to_string(),
+            "--to",
+            &store.url,
+        ],
+        &[],
+    )?;
+    ensure!(code == 0, "backup after a reopen: {code} {text}");
+    let state = store.open().await?.load().await?;
+    ensure!(state.history.bases.len() == 1, "{:?}", state.history.bases);
+    ensure!(
+        state
+            .history
+            .plan(Target::Seq(db.latest_sequence_number()))
+            .is_ok(),
+        "the latest point must be restorable: {}",
+        state.history.window()
+    );
+    Ok(())
+}
