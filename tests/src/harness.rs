@@ -7,7 +7,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use tempfile::TempDir;
 use tidemark_manifest::repo::Repository;
 use tidemark_manifest::store::{LocalStore, ObjectStore, OpenOptions, S3Options, StoreUrl};
@@ -287,4 +287,62 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Checks the final repository: loads without problems (contiguous segments, no overlap,
+/// no duplicate), several bases, and the latest point is the writer's last sequence.
+pub async fn check_history(
+    store: &TestStore,
+    oracle: &crate::Oracle,
+    min_bases: usize,
+) -> Result<()> {
+    let repo = store.open().await?;
+    let state = repo
+        .load()
+        .await
+        .context("the repository must load without problems")?;
+    let h = &state.history;
+    ensure!(h.gaps.is_empty(), "unexpected gaps: {:?}", h.gaps);
+    ensure!(
+        h.bases.len() >= min_bases,
+        "expected at least {min_bases} bases, found {}",
+        h.bases.len()
+    );
+    for w in h.segments.windows(2) {
+        ensure!(
+            w[1].first_seq == w[0].last_seq + 1,
+            "segments {} and {} are not contiguous",
+            w[0].key,
+            w[1].key
+        );
+    }
+    let first_base = h.bases.iter().min_by_key(|b| b.earliest_seq).unwrap();
+    let first_seg = h.segments.first().context("no segments")?;
+    ensure!(
+        first_seg.first_seq <= first_base.replay_from_seq,
+        "the history starts at {} but the first base needs records from {}",
+        first_seg.first_seq,
+        first_base.replay_from_seq
+    );
+    let plan = h.plan(tidemark_manifest::plan::Target::Latest)?;
+    ensure!(
+        plan.max_seq == oracle.last_seq(),
+        "latest restorable point {} != the writer's last sequence {}",
+        plan.max_seq,
+        oracle.last_seq()
+    );
+    // Every segment verifies (sha256 or trailer, every frame).
+    let scratch = tempfile::tempdir()?;
+    for s in &h.segments {
+        let path = repo.fetch_segment(s, scratch.path()).await?;
+        std::fs::remove_file(path)?;
+    }
+    eprintln!(
+        "history: {} segments, {} bases, sequences {}..={}",
+        h.segments.len(),
+        h.bases.len(),
+        first_seg.first_seq,
+        plan.max_seq
+    );
+    Ok(())
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use tidemark_manifest::plan::Target;
 use tidemark_tests::Oracle;
-use tidemark_tests::harness::{Proc, TestStore, bin, wait_for};
+use tidemark_tests::harness::{Proc, TestStore, bin, check_history, wait_for};
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -94,53 +94,6 @@ async fn wait_archived(store: &TestStore, last_seq: u64, archiver: &mut Proc) ->
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Checks the final repository: loads without problems (contiguous segments, no overlap,
-/// no duplicate), several bases, and the latest point is the writer's last sequence.
-async fn check_history(store: &TestStore, oracle: &Oracle, min_bases: usize) -> Result<()> {
-    let repo = store.open().await?;
-    let state = repo
-        .load()
-        .await
-        .context("the repository must load without problems")?;
-    let h = &state.history;
-    ensure!(h.gaps.is_empty(), "unexpected gaps: {:?}", h.gaps);
-    ensure!(
-        h.bases.len() >= min_bases,
-        "expected at least {min_bases} bases, found {}",
-        h.bases.len()
-    );
-    for w in h.segments.windows(2) {
-        ensure!(
-            w[1].first_seq == w[0].last_seq + 1,
-            "segments {} and {} are not contiguous",
-            w[0].key,
-            w[1].key
-        );
-    }
-    let first_base = h.bases.iter().min_by_key(|b| b.earliest_seq).unwrap();
-    let first_seg = h.segments.first().context("no segments")?;
-    ensure!(
-        first_seg.first_seq <= first_base.replay_from_seq,
-        "the history starts at {} but the first base needs records from {}",
-        first_seg.first_seq,
-        first_base.replay_from_seq
-    );
-    let plan = h.plan(Target::Latest)?;
-    ensure!(
-        plan.max_seq == oracle.last_seq(),
-        "latest restorable point {} != the writer's last sequence {}",
-        plan.max_seq,
-        oracle.last_seq()
-    );
-    // Every segment verifies (sha256 or trailer, every frame).
-    let scratch = tempfile::tempdir()?;
-    for s in &h.segments {
-        let path = repo.fetch_segment(s, scratch.path()).await?;
-        std::fs::remove_file(path)?;
-    }
-    Ok(())
 }
 
 async fn archives_a_live_database(store: TestStore) -> Result<()> {

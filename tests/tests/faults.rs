@@ -12,10 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use tidemark_manifest::plan::Target;
 use tidemark_tests::Oracle;
 use tidemark_tests::faultproxy::{FaultCounts, FaultKind, FaultPlan, FaultProxy};
-use tidemark_tests::harness::{Proc, TestStore, bin, wait_for};
+use tidemark_tests::harness::{Proc, TestStore, bin, check_history, wait_for};
 
 /// What the retry layer logs for each retried call.
 const RETRY_MESSAGE: &str = "object store call failed temporarily; retrying";
@@ -177,56 +176,6 @@ async fn wait_archived(
     }
 }
 
-/// The final repository, read directly: loads without problems (contiguous, no overlap, no
-/// duplicate), no gap, a base the history reaches back to, the latest point is the writer's
-/// last sequence, and every segment verifies.
-async fn check_history(store: &TestStore, oracle: &Oracle) -> Result<()> {
-    let repo = store.open().await?;
-    let state = repo
-        .load()
-        .await
-        .context("the repository must load without problems")?;
-    let h = &state.history;
-    ensure!(h.gaps.is_empty(), "unexpected gaps: {:?}", h.gaps);
-    ensure!(!h.bases.is_empty(), "no base backup");
-    for w in h.segments.windows(2) {
-        ensure!(
-            w[1].first_seq == w[0].last_seq + 1,
-            "segments {} and {} are not contiguous",
-            w[0].key,
-            w[1].key
-        );
-    }
-    let first_base = h.bases.iter().min_by_key(|b| b.earliest_seq).unwrap();
-    let first_seg = h.segments.first().context("no segments")?;
-    ensure!(
-        first_seg.first_seq <= first_base.replay_from_seq,
-        "the history starts at {} but the first base needs records from {}",
-        first_seg.first_seq,
-        first_base.replay_from_seq
-    );
-    let plan = h.plan(Target::Latest)?;
-    ensure!(
-        plan.max_seq == oracle.last_seq(),
-        "latest restorable point {} != the writer's last sequence {}",
-        plan.max_seq,
-        oracle.last_seq()
-    );
-    let scratch = tempfile::tempdir()?;
-    for seg in &h.segments {
-        let path = repo.fetch_segment(seg, scratch.path()).await?;
-        std::fs::remove_file(path)?;
-    }
-    eprintln!(
-        "history: {} segments, {} bases, sequences {}..={}",
-        h.segments.len(),
-        h.bases.len(),
-        first_seg.first_seq,
-        plan.max_seq
-    );
-    Ok(())
-}
-
 /// Stops the archiver with SIGTERM; it must exit cleanly.
 fn stop_archiver(arch: &mut Proc) -> Result<()> {
     arch.signal("TERM")?;
@@ -347,7 +296,7 @@ async fn rides_out_faults(s: Setup) -> Result<()> {
         "the archiver's log shows no retried store call; proxy: {injected}"
     );
     stop_archiver(&mut arch)?;
-    check_history(&s.direct, &oracle).await?;
+    check_history(&s.direct, &oracle, 1).await?;
     eprintln!("proxy at the end: {}", s.proxy.counts());
     Ok(())
 }
@@ -460,7 +409,7 @@ async fn rides_out_an_outage(s: Setup) -> Result<()> {
         "the archiver's log shows no retried store call"
     );
     stop_archiver(&mut arch)?;
-    check_history(&s.direct, &oracle).await?;
+    check_history(&s.direct, &oracle, 1).await?;
     eprintln!("proxy at the end: {}", s.proxy.counts());
     Ok(())
 }
