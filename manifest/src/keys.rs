@@ -55,6 +55,13 @@ pub fn index_page_key(first_seq: u64, last_seq: u64) -> String {
     format!("{INDEX_PREFIX}{first_seq:016x}-{last_seq:016x}.json")
 }
 
+/// The `(first, last)` sequences of an index page key, if `key` is one.
+pub fn parse_index_page_key(key: &str) -> Option<(u64, u64)> {
+    let rest = key.strip_prefix(INDEX_PREFIX)?.strip_suffix(".json")?;
+    let (a, b) = rest.split_once('-')?;
+    Some((parse_hex16(a)?, parse_hex16(b)?))
+}
+
 /// `bases/<id>/base.json`.
 pub fn base_descriptor_key(base_id: &str) -> String {
     format!("{BASES_PREFIX}{base_id}/base.json")

@@ -10,6 +10,8 @@
 //! - [`segment`]: the WAL segment encoding (framed records, zstd, crc32c, sha256 trailer).
 //! - [`plan`]: which base backup and which segments restore a sequence number or a time, and
 //!   validation of a repository's history (overlaps, holes, gaps).
+//! - [`retention`]: which bases and segments a retention policy keeps, and which objects a
+//!   pruning sweep may delete.
 //! - [`repo`]: a repository on a store: finding the current state without listing, and
 //!   writing objects in the order FORMAT.md requires.
 //! - [`cli`]: the store flags both programs share.
@@ -25,6 +27,7 @@ pub mod keys;
 pub mod model;
 pub mod plan;
 pub mod repo;
+pub mod retention;
 pub mod rocks;
 pub mod segment;
 pub mod store;

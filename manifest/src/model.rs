@@ -259,16 +259,26 @@ pub struct IndexPageRef {
 }
 
 /// Why a sequence range cannot be restored to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GapKind {
     /// Records that were never archived.
     MissingWal,
     /// Records archived, but no base knows the column families they belong to.
     ColumnFamilyChange,
+    /// Records archived once and removed by retention: outside every retained range.
+    Pruned,
     /// A kind written by a newer writer: unrestorable all the same.
     #[serde(other)]
     Unknown,
+}
+
+impl GapKind {
+    /// True for gaps that no segment covers (missing or pruned records): the history has a
+    /// hole there instead of segments.
+    pub fn has_no_segments(self) -> bool {
+        matches!(self, GapKind::MissingWal | GapKind::Pruned)
+    }
 }
 
 /// An inclusive sequence range that cannot be restored to.
@@ -287,8 +297,9 @@ pub struct Gap {
 pub struct Retention {
     #[serde(default)]
     pub pins: Vec<Pin>,
-    #[serde(default)]
-    pub pending_deletes: Vec<PendingDelete>,
+    /// The newest pruning run that changed this history, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_prune: Option<PruneRecord>,
 }
 
 /// A base that retention must keep.
@@ -300,12 +311,15 @@ pub struct Pin {
     pub until: Option<OffsetDateTime>,
 }
 
-/// An object scheduled for deletion after a grace period.
+/// What a pruning run removed from the history (FORMAT.md §4.6).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PendingDelete {
-    pub key: String,
+pub struct PruneRecord {
     #[serde(with = "rfc3339")]
-    pub after: OffsetDateTime,
+    pub at: OffsetDateTime,
+    /// The policy, in words, e.g. `keep_last=2 pitr_window=7days`.
+    pub policy: String,
+    pub bases_removed: u64,
+    pub segments_removed: u64,
 }
 
 /// `manifest/latest.json`: the advisory newest-generation hint (FORMAT.md §4.3).

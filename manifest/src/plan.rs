@@ -4,7 +4,7 @@
 //! Everything here works on a [`History`]: the bases, segments and gaps of one manifest
 //! generation plus the segments found after it. Nothing here touches a store.
 
-use crate::model::{BaseSummary, Gap, GapKind, SegmentEntry, micros_from_time, time_from_micros};
+use crate::model::{BaseSummary, Gap, SegmentEntry, micros_from_time, time_from_micros};
 use crate::segment::Record;
 use std::fmt;
 use time::OffsetDateTime;
@@ -224,7 +224,7 @@ pub struct History {
 
 impl History {
     /// Checks the history: segments in order without overlaps, every hole recorded as a
-    /// gap, no segment inside a missing-WAL gap, bases with sane ranges.
+    /// gap, no segment inside a missing or pruned range, bases with sane ranges.
     pub fn problems(&self) -> Vec<HistoryProblem> {
         let mut out = Vec::new();
         for w in self.segments.windows(2) {
@@ -239,7 +239,7 @@ impl History {
             } else if b.first_seq != a.last_seq + 1 {
                 let (first, last) = (a.last_seq + 1, b.first_seq - 1);
                 let covered = self.gaps.iter().any(|g| {
-                    g.kind == GapKind::MissingWal && g.first_seq <= first && last <= g.last_seq
+                    g.kind.has_no_segments() && g.first_seq <= first && last <= g.last_seq
                 });
                 if !covered {
                     out.push(HistoryProblem::Hole {
@@ -251,7 +251,7 @@ impl History {
                 }
             }
         }
-        for g in self.gaps.iter().filter(|g| g.kind == GapKind::MissingWal) {
+        for g in self.gaps.iter().filter(|g| g.kind.has_no_segments()) {
             for s in &self.segments {
                 if s.first_seq <= g.last_seq && g.first_seq <= s.last_seq {
                     out.push(HistoryProblem::SegmentInGap {
@@ -296,12 +296,12 @@ impl History {
         (self.segments[i].last_seq, Some(i))
     }
 
-    /// The first gap of a kind that cuts a base's range (anything but a missing-WAL gap,
+    /// The first gap of a kind that cuts a base's range (anything but a missing or pruned range,
     /// whose effect already shows as missing segments) starting in `from..=to`.
     fn cutting_gap(&self, from: u64, to: u64) -> Option<&Gap> {
         self.gaps
             .iter()
-            .filter(|g| g.kind != GapKind::MissingWal)
+            .filter(|g| !g.kind.has_no_segments())
             .filter(|g| from <= g.first_seq && g.first_seq <= to)
             .min_by_key(|g| g.first_seq)
     }
@@ -455,7 +455,7 @@ impl History {
                 // Records lost in a gap right after this segment may have been committed
                 // before t: the state at t is unknown.
                 if let Some(g) = self.gaps.iter().find(|g| {
-                    g.kind == GapKind::MissingWal
+                    g.kind.has_no_segments()
                         && g.first_seq <= s.last_seq + 1
                         && s.last_seq < g.last_seq
                 }) {
@@ -491,7 +491,7 @@ pub fn record_time(r: &Record) -> OffsetDateTime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ObjectRef, TimeSource, time_from_micros};
+    use crate::model::{GapKind, ObjectRef, TimeSource, time_from_micros};
 
     const T0: i64 = 1_800_000_000_000_000;
 

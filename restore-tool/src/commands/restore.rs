@@ -14,7 +14,6 @@
 //! 6. only then is the old target (if any) renamed aside and the result renamed into place;
 //!    nothing is ever deleted except the tool's own staging and scratch directories.
 
-use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -438,7 +437,6 @@ async fn restore(
     let descriptor = repo.read_base(generation.generation, &plan.base).await?;
     check_descriptor(&plan, &descriptor, &state.config.database_identity)?;
     fetch::check_base_files(&descriptor.files)?;
-    check_not_pending_delete(&plan, &descriptor, generation)?;
     let base_bytes: u64 = descriptor.files.iter().map(|f| f.size).sum();
     let seg_bytes = plan.segment_bytes();
     let mut report = RestoreReport {
@@ -777,36 +775,6 @@ fn check_descriptor(
     Ok(())
 }
 
-/// FORMAT.md §4.2: a reader must not use an object a pruning run is about to delete.
-fn check_not_pending_delete(
-    plan: &RestorePlan,
-    d: &BaseDescriptor,
-    g: &tidemark_manifest::model::Generation,
-) -> Result<(), RestoreError> {
-    let pending: BTreeSet<&str> = g
-        .retention
-        .pending_deletes
-        .iter()
-        .map(|p| p.key.as_str())
-        .collect();
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let needed = std::iter::once(plan.base.descriptor.key.as_str())
-        .chain(d.files.iter().map(|f| f.key.as_str()))
-        .chain(plan.segments.iter().map(|s| s.key.as_str()));
-    for key in needed {
-        if pending.contains(key) {
-            return Err(RestoreError::NotRestorable(format!(
-                "{} is scheduled for deletion by retention and must not be used; {} cannot be \
-                 restored from base {}",
-                key, plan.target, plan.base.id
-            )));
-        }
-    }
-    Ok(())
-}
-
 impl RestoreReport {
     /// The report as text for people.
     pub fn render(&self) -> String {
@@ -996,7 +964,7 @@ mod tests {
     use super::*;
     use tidemark_manifest::model::{
         BaseColumnFamily, BaseFile, BaseSummary, ColumnFamily, FORMAT_VERSION, Generation,
-        ObjectRef, PendingDelete, Retention, SegmentEntry, Writer, time_from_micros,
+        ObjectRef, Retention, SegmentEntry, Writer, time_from_micros,
     };
     use tidemark_manifest::plan::Target;
 
@@ -1081,21 +1049,6 @@ mod tests {
             retention: Retention::default(),
         };
         (plan, descriptor, generation)
-    }
-
-    #[test]
-    fn objects_pending_deletion_are_never_used() {
-        let (plan, d, mut g) = fixtures();
-        check_not_pending_delete(&plan, &d, &g).unwrap();
-        for key in ["sst/ab", "wal/0000000000000001.seg", "bases/b1/base.json"] {
-            g.retention.pending_deletes = vec![PendingDelete {
-                key: key.into(),
-                after: g.written_at,
-            }];
-            let e = check_not_pending_delete(&plan, &d, &g).unwrap_err();
-            assert_eq!(e.class(), crate::ErrorClass::NotRestorable, "{e}");
-            assert!(e.to_string().contains(key), "{e}");
-        }
     }
 
     #[test]

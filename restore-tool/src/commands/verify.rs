@@ -458,28 +458,6 @@ pub async fn run(
         "the manifest, {} index pages and the history were checked when loading",
         state.generation.as_ref().map_or(0, |g| g.index_pages.len())
     ));
-    if let Some(g) = &state.generation {
-        let pending: BTreeSet<&str> = g
-            .retention
-            .pending_deletes
-            .iter()
-            .map(|p| p.key.as_str())
-            .collect();
-        if let VerifyScope::Target(_) = opts.scope {
-            for key in bases
-                .iter()
-                .map(|b| b.descriptor.key.as_str())
-                .chain(segments.iter().map(|s| s.key.as_str()))
-                .filter(|k| pending.contains(k))
-            {
-                problems.push(problem(
-                    key,
-                    "scheduled for deletion by retention; a restore must not use it",
-                ));
-            }
-        }
-    }
-
     let scratch = Scratch::create()?;
     let generation = state.generation.as_ref().map_or(0, |g| g.generation);
     let bar = progress.phase("verify", 0, Unit::Objects);
