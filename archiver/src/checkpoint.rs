@@ -189,6 +189,29 @@ impl CheckpointManager {
         self.write().await
     }
 
+    /// Writes `next`, built from the current generation elsewhere (pruning), as the next
+    /// generation. Whatever waits is written first; if that moves the current generation
+    /// on, `next` is stale and refused.
+    pub async fn write_built(&mut self, next: Generation) -> Result<(), RepoError> {
+        self.write().await?;
+        if next.generation != self.current.generation + 1 {
+            return Err(tidemark_manifest::model::ModelError::Inconsistent {
+                key: tidemark_manifest::keys::generation_key(next.generation),
+                detail: format!(
+                    "built on generation {}, but the current one is {} now",
+                    next.generation - 1,
+                    self.current.generation
+                ),
+            }
+            .into());
+        }
+        self.unsent = Some(Unsent {
+            generation: next,
+            pending_used: 0,
+        });
+        self.send_unsent().await
+    }
+
     /// Sends a generation built earlier, then builds and sends one for what waits now.
     async fn write(&mut self) -> Result<(), RepoError> {
         self.send_unsent().await?;

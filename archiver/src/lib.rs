@@ -13,7 +13,7 @@
 //!
 //! Beside it, [`base`] takes base backups (a careful external copy of the live database,
 //! SSTs uploaded content-addressed), [`lease`] keeps a second archiver off the same
-//! repository, [`service`] runs it all as a long-lived process, and [`metrics`] reports on
+//! repository, [`prune`] applies a retention policy (mark, then sweep), [`service`] runs it all as a long-lived process, and [`metrics`] reports on
 //! it to Prometheus.
 
 pub mod base;
@@ -22,6 +22,7 @@ pub mod checkpoint;
 pub mod follow;
 pub mod lease;
 pub mod metrics;
+pub mod prune;
 pub mod service;
 pub mod ship;
 pub mod status;

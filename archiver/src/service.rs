@@ -30,6 +30,7 @@ use crate::checkpoint::{CheckpointManager, CheckpointOptions};
 use crate::follow::{FollowError, FollowEvent, StartPosition, WalFollower};
 use crate::lease::{LeaseError, LeaseHandle};
 use crate::metrics::{Metrics, Phase};
+use crate::prune::{PruneError, PruneOptions};
 use crate::ship::{ShipError, ShipOptions, Shipper};
 use crate::watch::{WatchError, Watcher};
 
@@ -75,6 +76,9 @@ pub struct ArchiverOptions {
     /// Serve Prometheus metrics (`/metrics`) and a health check (`/health`) over HTTP on
     /// this `HOST:PORT`. Off when unset.
     pub metrics_addr: Option<String>,
+    /// The retention policy, applied every `retention.interval` and after each base
+    /// backup. Nothing is ever deleted without one.
+    pub retention: Option<PruneOptions>,
     /// How to reach the store.
     pub store: StoreArgs,
 }
@@ -97,6 +101,7 @@ impl Default for ArchiverOptions {
             exit_when_caught_up: false,
             base_at_start: false,
             metrics_addr: None,
+            retention: None,
             store: StoreArgs::default(),
         }
     }
@@ -550,6 +555,11 @@ async fn run_with_lease(
     let mut renew_retry_at: Option<OffsetDateTime> = None;
     let mut retry_delay = Duration::from_secs(1);
     let mut bases_done_this_run = 0u64;
+    // Retention runs a little after start, every interval, and after each base backup.
+    let mut prune_due: Option<Instant> = opts
+        .retention
+        .as_ref()
+        .map(|_| Instant::now() + Duration::from_secs(30));
     metrics.resumed(
         summary.last_seq,
         min_time,
@@ -763,6 +773,9 @@ async fn run_with_lease(
                     )?;
                     summary.bases += 1;
                     bases_done_this_run += 1;
+                    if prune_due.is_some() {
+                        prune_due = Some(Instant::now());
+                    }
                 }
                 Ok(Err(e)) => {
                     metrics.base_failed();
@@ -816,7 +829,34 @@ async fn run_with_lease(
             }));
         }
 
-        // 5. Lease.
+        // 5. Retention, between base backups and with every closed segment shipped.
+        if let Some(policy) = &opts.retention
+            && base_task.is_none()
+            && prune_due.is_some_and(|d| d <= Instant::now())
+            && !shipper.has_unsent()
+            && manifest_retry.ready()
+        {
+            prune_due = Some(Instant::now() + policy.interval);
+            match crate::prune::prune_with_checkpoint(repo, &mut checkpoint, policy).await {
+                Ok(report) => tracing::info!(
+                    generation = ?report.mark.generation_after,
+                    bases_removed = report.mark.removed_bases.len(),
+                    segments_removed = report.mark.segments_removed,
+                    objects_deleted = report.sweep.deleted.values().map(|c| c.objects).sum::<u64>(),
+                    objects_in_grace = report.sweep.deferred.objects,
+                    window = %report.mark.window_after,
+                    "retention applied"
+                ),
+                Err(PruneError::Repo(e @ RepoError::LostRace { .. })) => return Err(e.into()),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    retry_in = ?policy.interval,
+                    "applying the retention policy failed; archiving goes on"
+                ),
+            }
+        }
+
+        // 6. Lease.
         let now = OffsetDateTime::now_utc();
         if now >= lease.renew_due() && renew_retry_at.is_none_or(|t| now >= t) {
             match lease.renew().await {
@@ -838,7 +878,7 @@ async fn run_with_lease(
             }
         }
 
-        // 6. Sleep until something happens.
+        // 7. Sleep until something happens.
         let mut wake = Instant::now() + Duration::from_secs(5);
         for t in [
             shipper.due_at(),
@@ -846,6 +886,7 @@ async fn run_with_lease(
             retry_at,
             manifest_retry.at,
             base_due,
+            prune_due,
             base_task
                 .as_ref()
                 .map(|_| Instant::now() + Duration::from_millis(200)),

@@ -3,7 +3,8 @@
 //! Exit codes: 0 success; 1 a runtime failure (store unreachable after retries, I/O error);
 //! 2 bad usage or an unarchivable database (the message says what to change); 3 another
 //! archiver holds the repository (or took it over); 4 (`status` only) a threshold given on
-//! the command line was exceeded.
+//! the command line was exceeded. `prune` exits 2 for an invalid policy and 3 while an
+//! archiver holds the repository.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +12,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use tidemark_archiver::lease::LeaseError;
+use tidemark_archiver::prune::{self, PruneError, PruneOptions};
 use tidemark_archiver::service::{self, ArchiverOptions};
 use tidemark_archiver::status;
 use tidemark_manifest::cli::StoreArgs;
@@ -39,6 +42,9 @@ enum Command {
     Backup(RunArgs),
     /// Show what a repository can restore and how fresh it is.
     Status(StatusArgs),
+    /// Apply a retention policy: drop base backups and WAL the policy does not keep, then
+    /// delete objects no manifest generation within the grace period references.
+    Prune(PruneArgs),
 }
 
 #[derive(Debug, Args)]
@@ -99,15 +105,136 @@ struct StatusArgs {
     store: StoreArgs,
 }
 
+#[derive(Debug, Args)]
+struct PruneArgs {
+    /// The repository: s3://BUCKET/PREFIX or file:///ABSOLUTE/DIR.
+    #[arg(long, env = "TIDEMARK_TO", value_name = "URL")]
+    to: Option<String>,
+    /// The archiver's TOML config: its `to`, `[store]` and `[retention]` apply (flags win).
+    #[arg(long, env = "TIDEMARK_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Keep the newest N base backups.
+    #[arg(long, value_name = "N")]
+    keep_last: Option<usize>,
+    /// Keep every point of this much recent history restorable (e.g. 7d).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pitr_window: Option<Duration>,
+    /// Also keep the newest base of each day for this long (e.g. 7d).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    keep_daily_for: Option<Duration>,
+    /// Also keep the newest base of each ISO week for this long (e.g. 30d).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    keep_weekly_for: Option<Duration>,
+    /// Also keep the newest base of each month for this long (e.g. 90d).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    keep_monthly_for: Option<Duration>,
+    /// Keep unreferenced objects this long, for restores already under way (default 24h).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    grace: Option<Duration>,
+    /// Print what would be dropped and deleted; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// Reads a TOML config file.
+fn read_config(path: &std::path::Path) -> anyhow::Result<ArchiverOptions> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str::<ArchiverOptions>(&text)
+        .with_context(|| format!("invalid config file {}", path.display()))
+}
+
+/// Store flags and environment over what a config file says.
+fn merge_store(o: &mut StoreArgs, s: StoreArgs) {
+    o.endpoint_url = s.endpoint_url.or(o.endpoint_url.take());
+    o.region = s.region.or(o.region.take());
+    o.path_style |= s.path_style;
+    o.storage_class = s.storage_class.or(o.storage_class.take());
+    o.sse = s.sse.or(o.sse.take());
+    o.sse_kms_key_id = s.sse_kms_key_id.or(o.sse_kms_key_id.take());
+    o.request_timeout = s.request_timeout.or(o.request_timeout.take());
+}
+
+/// The repository and policy for `prune`: config file, then flags and environment.
+fn prune_options(args: PruneArgs) -> anyhow::Result<(String, StoreArgs, PruneOptions, Duration)> {
+    let file = match &args.config {
+        Some(path) => read_config(path)?,
+        None => ArchiverOptions::default(),
+    };
+    let mut store = file.store;
+    merge_store(&mut store, args.store);
+    let to = args.to.unwrap_or(file.to);
+    if to.is_empty() {
+        anyhow::bail!(
+            "no repository given: pass --to s3://BUCKET/PREFIX or --to file:///ABSOLUTE/DIR"
+        );
+    }
+    let mut p = file.retention.unwrap_or_default();
+    let from_flags = args.keep_last.is_some()
+        || args.pitr_window.is_some()
+        || args.keep_daily_for.is_some()
+        || args.keep_weekly_for.is_some()
+        || args.keep_monthly_for.is_some();
+    if from_flags {
+        // A policy on the command line replaces the config's, as a whole.
+        p = PruneOptions {
+            grace: p.grace,
+            interval: p.interval,
+            ..PruneOptions::default()
+        };
+        p.keep_last = args.keep_last;
+        p.pitr_window = args.pitr_window;
+        p.keep_daily_for = args.keep_daily_for;
+        p.keep_weekly_for = args.keep_weekly_for;
+        p.keep_monthly_for = args.keep_monthly_for;
+    }
+    if let Some(g) = args.grace {
+        p.grace = g;
+    }
+    p.rules()?;
+    Ok((to, store, p, file.lease_ttl))
+}
+
+async fn prune_cmd(args: PruneArgs) -> anyhow::Result<ExitCode> {
+    let (dry_run, json) = (args.dry_run, args.json);
+    let (to, store, policy, lease_ttl) = match prune_options(args) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("tidemark-archiver prune: {e:#}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let repo = store.open(&to, false).await?;
+    match prune::prune_repository(&repo, &policy, dry_run, lease_ttl).await {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("tidemark-archiver prune: {e}");
+            let code = match &e {
+                PruneError::Policy(_) => 2,
+                PruneError::Lease(LeaseError::Held { .. } | LeaseError::Lost { .. }) => 3,
+                _ => 1,
+            };
+            Ok(ExitCode::from(code))
+        }
+    }
+}
+
 /// Options from the config file, then flags and environment on top.
 fn options(args: RunArgs) -> anyhow::Result<ArchiverOptions> {
     let mut o = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read config file {}", path.display()))?;
-            toml::from_str::<ArchiverOptions>(&text)
-                .with_context(|| format!("invalid config file {}", path.display()))?
-        }
+        Some(path) => read_config(path)?,
         None => ArchiverOptions::default(),
     };
     if let Some(v) = args.db {
@@ -138,14 +265,7 @@ fn options(args: RunArgs) -> anyhow::Result<ArchiverOptions> {
     if args.metrics_addr.is_some() {
         o.metrics_addr = args.metrics_addr;
     }
-    let s = args.store;
-    o.store.endpoint_url = s.endpoint_url.or(o.store.endpoint_url);
-    o.store.region = s.region.or(o.store.region);
-    o.store.path_style |= s.path_style;
-    o.store.storage_class = s.storage_class.or(o.store.storage_class);
-    o.store.sse = s.sse.or(o.store.sse);
-    o.store.sse_kms_key_id = s.sse_kms_key_id.or(o.store.sse_kms_key_id);
-    o.store.request_timeout = s.request_timeout.or(o.store.request_timeout);
+    merge_store(&mut o.store, args.store);
     if o.db.as_os_str().is_empty() {
         anyhow::bail!(
             "no database given: pass --db PATH (or TIDEMARK_DB, or db = \"...\" in --config)"
@@ -158,6 +278,9 @@ fn options(args: RunArgs) -> anyhow::Result<ArchiverOptions> {
     }
     if o.sync_interval.is_zero() || o.base_interval.is_zero() || o.checkpoint_interval.is_zero() {
         anyhow::bail!("intervals must be greater than zero");
+    }
+    if let Some(r) = &o.retention {
+        r.rules()?;
     }
     Ok(o)
 }
@@ -300,6 +423,7 @@ async fn main() -> ExitCode {
             }
         },
         Command::Status(args) => status_cmd(args).await,
+        Command::Prune(args) => prune_cmd(args).await,
     };
     match result {
         Ok(code) => code,

@@ -539,7 +539,21 @@ impl ObjectStore for LocalStore {
                 Err(e) if is_missing(&e) => return Ok(()),
                 Err(e) => return Err(on_io(e)),
             }
-            sync_dir(path.parent().unwrap_or(&s.root)).map_err(on_io)
+            sync_dir(path.parent().unwrap_or(&s.root)).map_err(on_io)?;
+            // A base's directory is never written again once its files go: remove it when
+            // empty, so that pruned bases leave nothing behind. (Directories shared by
+            // objects written later, like `wal/`, stay.)
+            if k.starts_with(crate::keys::BASES_PREFIX) {
+                let stop = s.root.join(crate::keys::BASES_PREFIX);
+                let mut dir = path.parent();
+                while let Some(d) = dir.filter(|d| d.starts_with(&stop) && *d != stop) {
+                    if fs::remove_dir(d).is_err() {
+                        break; // not empty (or already gone)
+                    }
+                    dir = d.parent();
+                }
+            }
+            Ok(())
         })
         .await
     }

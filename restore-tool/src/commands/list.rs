@@ -249,7 +249,7 @@ impl ListReport {
 
         let _ = writeln!(w, "Gaps ({}):", self.gaps.len());
         for g in &self.gaps {
-            let kind = serde_json::to_value(&g.kind)
+            let kind = serde_json::to_value(g.kind)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_else(|| format!("{:?}", g.kind));

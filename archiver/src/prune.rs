@@ -1,0 +1,716 @@
+//! Pruning: applying a retention policy to a repository (FORMAT.md §4.6).
+//!
+//! Two steps, each safe to interrupt at any instant:
+//!
+//! 1. [`mark`] decides what the policy keeps ([`tidemark_manifest::retention::decide`]),
+//!    writes index pages for what is kept of partly pruned pages, and builds the next
+//!    generation, which no longer references the dropped bases and segments. The caller
+//!    writes it: the service through its checkpoint manager, `tidemark-archiver prune`
+//!    directly, holding the lease.
+//! 2. [`sweep`] lists the repository and deletes every repository object that neither the
+//!    current generation nor any generation that was current within the grace period
+//!    references. A restore that planned against a generation superseded less than the grace
+//!    period ago therefore still finds everything it needs; objects dropped by the mark step
+//!    go in a later sweep, once the grace period has passed.
+//!
+//! Objects whose keys are not part of the repository layout are never deleted; they are
+//! reported.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use tidemark_manifest::model::{Generation, IndexPageRef, PruneRecord};
+use tidemark_manifest::plan::fmt_time;
+use tidemark_manifest::repo::{RepoError, RepoState, Repository};
+use tidemark_manifest::retention::{self, KeyClass, ObjectKind, Protection, Repage, Rules};
+use tidemark_manifest::store::StoreError;
+use time::OffsetDateTime;
+
+use crate::checkpoint::writer;
+
+/// A retention policy: `[retention]` in the service's config, or `tidemark-archiver prune`'s
+/// flags. Durations are written like `36h`, `7d`, `90days`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PruneOptions {
+    /// Keep the newest N base backups (and, without `pitr_window`, every point from the
+    /// oldest of them on).
+    pub keep_last: Option<usize>,
+    /// Keep every point of this much recent history restorable.
+    #[serde(with = "opt_duration")]
+    pub pitr_window: Option<Duration>,
+    /// Also keep the newest base of each day for this long (restorable to its own point).
+    #[serde(with = "opt_duration")]
+    pub keep_daily_for: Option<Duration>,
+    /// Also keep the newest base of each ISO week for this long.
+    #[serde(with = "opt_duration")]
+    pub keep_weekly_for: Option<Duration>,
+    /// Also keep the newest base of each month for this long.
+    #[serde(with = "opt_duration")]
+    pub keep_monthly_for: Option<Duration>,
+    /// How long objects stay after no manifest generation references them any more, so
+    /// that restores planned against an earlier generation finish. Longer than your
+    /// longest restore.
+    #[serde(with = "duration")]
+    pub grace: Duration,
+    /// How often the service applies the policy (also after every base backup).
+    #[serde(with = "duration")]
+    pub interval: Duration,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions {
+            keep_last: None,
+            pitr_window: None,
+            keep_daily_for: None,
+            keep_weekly_for: None,
+            keep_monthly_for: None,
+            grace: Duration::from_secs(24 * 3600),
+            interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl PruneOptions {
+    /// The rules these options describe, checked.
+    pub fn rules(&self) -> Result<Rules, PruneError> {
+        let d = |v: Option<Duration>| -> Result<Option<time::Duration>, PruneError> {
+            v.map(|d| {
+                time::Duration::try_from(d)
+                    .map_err(|_| PruneError::Policy(format!("{d:?} is too long")))
+            })
+            .transpose()
+        };
+        let rules = Rules {
+            keep_last: self.keep_last,
+            pitr_window: d(self.pitr_window)?,
+            keep_daily_for: d(self.keep_daily_for)?,
+            keep_weekly_for: d(self.keep_weekly_for)?,
+            keep_monthly_for: d(self.keep_monthly_for)?,
+        };
+        rules
+            .validate()
+            .map_err(|e| PruneError::Policy(e.to_string()))?;
+        if self.interval.is_zero() {
+            return Err(PruneError::Policy(
+                "retention interval must be longer than zero (e.g. 1h)".to_owned(),
+            ));
+        }
+        Ok(rules)
+    }
+}
+
+/// Why pruning failed. Nothing is deleted that a generation within the grace period
+/// references, whatever the error.
+#[derive(Debug, thiserror::Error)]
+pub enum PruneError {
+    #[error("invalid retention policy: {0}")]
+    Policy(String),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(
+        "{0} (a running archiver applies retention itself when its config has a [retention] \
+         table; --dry-run works beside it)"
+    )]
+    Lease(#[from] crate::lease::LeaseError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "refusing to prune {location}: {detail}. Nothing was changed; check the repository with \
+         `tidemark-restore verify`"
+    )]
+    Unsafe { location: String, detail: String },
+}
+
+/// What the mark step decided.
+#[derive(Debug, Clone, Serialize)]
+pub struct MarkReport {
+    pub policy: String,
+    pub generation_before: Option<u64>,
+    /// The generation that records the pruned history (written, or that would be).
+    pub generation_after: Option<u64>,
+    pub kept_bases: Vec<BaseLine>,
+    pub removed_bases: Vec<BaseLine>,
+    pub segments_removed: u64,
+    pub segment_bytes_removed: u64,
+    pub window_before: String,
+    pub window_after: String,
+}
+
+/// One base in a report.
+#[derive(Debug, Clone, Serialize)]
+pub struct BaseLine {
+    pub id: String,
+    pub created_at: String,
+    pub earliest_seq: u64,
+    pub reasons: Vec<String>,
+}
+
+/// The mark step's result: the report, and the generation to write (none when the policy
+/// drops nothing).
+#[derive(Debug, Clone)]
+pub struct Marked {
+    pub report: MarkReport,
+    pub next: Option<Generation>,
+}
+
+/// Decides what `rules` keep of `state` at `now` and builds the next generation. Unless
+/// `dry_run`, writes the index pages it references (never the generation itself).
+pub async fn mark(
+    repo: &Repository,
+    state: &RepoState,
+    rules: &Rules,
+    now: OffsetDateTime,
+    dry_run: bool,
+) -> Result<Marked, PruneError> {
+    let window_before = state.history.window().to_string();
+    let Some(current) = &state.generation else {
+        return Ok(Marked {
+            report: MarkReport {
+                policy: rules.to_string(),
+                generation_before: None,
+                generation_after: None,
+                kept_bases: Vec::new(),
+                removed_bases: Vec::new(),
+                segments_removed: 0,
+                segment_bytes_removed: 0,
+                window_after: window_before.clone(),
+                window_before,
+            },
+            next: None,
+        });
+    };
+    let decision = retention::decide(&state.history, &current.retention.pins, rules, now)
+        .map_err(|e| PruneError::Policy(e.to_string()))?;
+    let after = decision.history();
+    check_safe(repo, state, &decision, &after)?;
+
+    let mut report = MarkReport {
+        policy: rules.to_string(),
+        generation_before: Some(current.generation),
+        generation_after: None,
+        kept_bases: decision
+            .kept
+            .iter()
+            .map(|k| BaseLine {
+                id: k.base.id.clone(),
+                created_at: fmt_time(k.base.created_at),
+                earliest_seq: k.base.earliest_seq,
+                reasons: k.reasons.clone(),
+            })
+            .collect(),
+        removed_bases: decision
+            .removed
+            .iter()
+            .map(|b| BaseLine {
+                id: b.id.clone(),
+                created_at: fmt_time(b.created_at),
+                earliest_seq: b.earliest_seq,
+                reasons: Vec::new(),
+            })
+            .collect(),
+        segments_removed: decision.removed_segments.len() as u64,
+        segment_bytes_removed: decision
+            .removed_segments
+            .iter()
+            .map(|s| s.stored_size)
+            .sum(),
+        window_before,
+        window_after: after.window().to_string(),
+    };
+    if decision.is_noop() {
+        return Ok(Marked { report, next: None });
+    }
+
+    let indexed: Vec<_> = decision
+        .kept_segments
+        .iter()
+        .filter(|s| s.first_seq < current.tail_start_seq)
+        .cloned()
+        .collect();
+    let mut pages: Vec<IndexPageRef> = Vec::new();
+    for p in retention::repage(&current.index_pages, &indexed, &decision.gaps) {
+        match p {
+            Repage::Keep(r) => pages.push(r),
+            Repage::Write(segments) => {
+                let page = tidemark_manifest::model::IndexPage {
+                    format_version: tidemark_manifest::model::FORMAT_VERSION,
+                    first_seq: segments[0].first_seq,
+                    last_seq: segments[segments.len() - 1].last_seq,
+                    segments,
+                };
+                if dry_run {
+                    pages.push(unwritten_ref(&page));
+                } else {
+                    pages.push(repo.write_index_page(&page).await?);
+                }
+            }
+        }
+    }
+    let mut next = current.clone();
+    next.generation += 1;
+    next.written_at = now;
+    next.writer = writer();
+    next.bases = decision.kept.iter().map(|k| k.base.clone()).collect();
+    next.index_pages = pages;
+    next.gaps = decision.gaps.clone();
+    next.retention.last_prune = Some(PruneRecord {
+        at: now,
+        policy: rules.to_string(),
+        bases_removed: decision.removed.len() as u64,
+        segments_removed: decision.removed_segments.len() as u64,
+    });
+    report.generation_after = Some(next.generation);
+    Ok(Marked {
+        report,
+        next: Some(next),
+    })
+}
+
+/// A page reference for a dry run: the key and range are what a sweep looks at.
+fn unwritten_ref(page: &tidemark_manifest::model::IndexPage) -> IndexPageRef {
+    IndexPageRef {
+        key: tidemark_manifest::keys::index_page_key(page.first_seq, page.last_seq),
+        first_seq: page.first_seq,
+        last_seq: page.last_seq,
+        segment_count: page.segments.len() as u64,
+        first_time: page.segments[0].first_time,
+        last_time: page.segments[page.segments.len() - 1].last_time,
+        size: 0,
+        sha256: String::new(),
+    }
+}
+
+/// Refuses a decision that would lose the newest point or leave a kept base unrestorable,
+/// or that drops segments a writer may still be adding to.
+fn check_safe(
+    repo: &Repository,
+    state: &RepoState,
+    decision: &retention::Decision,
+    after: &tidemark_manifest::plan::History,
+) -> Result<(), PruneError> {
+    let unsafe_ = |detail: String| PruneError::Unsafe {
+        location: repo.location(),
+        detail,
+    };
+    let problems = after.problems();
+    if !problems.is_empty() {
+        return Err(unsafe_(format!(
+            "the pruned history would not hold together: {}",
+            problems
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )));
+    }
+    if after.latest_seq() != state.history.latest_seq() {
+        return Err(unsafe_(format!(
+            "the newest restorable point would move from {:?} to {:?}",
+            state.history.latest_seq(),
+            after.latest_seq()
+        )));
+    }
+    let tail_start = state
+        .generation
+        .as_ref()
+        .map_or(u64::MAX, |g| g.tail_start_seq);
+    if let Some(s) = decision
+        .removed_segments
+        .iter()
+        .find(|s| s.first_seq >= tail_start)
+    {
+        return Err(unsafe_(format!(
+            "segment {} is after the newest generation's index and would be dropped",
+            s.key
+        )));
+    }
+    for k in &decision.kept {
+        if after
+            .plan(tidemark_manifest::plan::Target::Seq(k.base.earliest_seq))
+            .is_err()
+            && state
+                .history
+                .plan(tidemark_manifest::plan::Target::Seq(k.base.earliest_seq))
+                .is_ok()
+        {
+            return Err(unsafe_(format!(
+                "kept base {} would no longer restore to its own point (sequence {})",
+                k.base.id, k.base.earliest_seq
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What a sweep deleted (or would delete).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SweepReport {
+    /// Generations whose references were kept: the current one and those superseded
+    /// within the grace period.
+    pub protected_generations: Vec<u64>,
+    /// Objects deleted (or that a dry run would delete), by kind: count and bytes.
+    pub deleted: BTreeMap<String, KindCount>,
+    /// Objects no longer referenced by the newest generation but kept for the grace period.
+    pub deferred: KindCount,
+    /// When the deferred objects become deletable, at the latest.
+    pub deferred_until: Option<String>,
+    /// Keys that are not part of the repository layout: left alone.
+    pub foreign_keys: Vec<String>,
+}
+
+/// A count of objects and their bytes.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct KindCount {
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+/// Deletes (unless `dry_run`) every repository object that neither `newest` nor a
+/// generation current within `grace` before `now` references.
+pub async fn sweep(
+    repo: &Repository,
+    newest: &Generation,
+    grace: Duration,
+    now: OffsetDateTime,
+    dry_run: bool,
+) -> Result<SweepReport, PruneError> {
+    let grace_start = now - time::Duration::try_from(grace).unwrap_or(time::Duration::MAX);
+    let mut protected = vec![newest.clone()];
+    loop {
+        let newer = protected.last().expect("not empty");
+        if newer.written_at <= grace_start || newer.generation <= 1 {
+            break;
+        }
+        match repo.read_generation(newer.generation - 1).await? {
+            Some(g) => protected.push(g),
+            None => break,
+        }
+    }
+    let full = protection(repo, &protected).await?;
+    let only_newest = protection(repo, &protected[..1]).await?;
+
+    let mut report = SweepReport {
+        protected_generations: protected.iter().map(|g| g.generation).collect(),
+        ..SweepReport::default()
+    };
+    let mut doomed: Vec<(ObjectKind, String, u64)> = Vec::new();
+    for meta in repo.store().list("").await? {
+        match full.classify(&meta.key) {
+            KeyClass::Protected => {
+                if matches!(only_newest.classify(&meta.key), KeyClass::Unreferenced(_))
+                    && meta.key != tidemark_manifest::keys::generation_key(newest.generation)
+                {
+                    report.deferred.objects += 1;
+                    report.deferred.bytes += meta.size;
+                }
+            }
+            KeyClass::Unreferenced(kind) => doomed.push((kind, meta.key, meta.size)),
+            KeyClass::Foreign => report.foreign_keys.push(meta.key),
+        }
+    }
+    if report.deferred.objects > 0 {
+        report.deferred_until = Some(fmt_time(
+            newest.written_at + time::Duration::try_from(grace).unwrap_or(time::Duration::MAX),
+        ));
+    }
+    // Generations last, oldest first: a crash part-way leaves the newest ones.
+    doomed.sort_by_key(|(kind, key, _)| (*kind == ObjectKind::Generation, key.clone()));
+    for (kind, _, size) in &doomed {
+        let c = report.deleted.entry(kind.to_string()).or_default();
+        c.objects += 1;
+        c.bytes += size;
+    }
+    if dry_run {
+        return Ok(report);
+    }
+    let (generations, others): (Vec<_>, Vec<_>) = doomed
+        .into_iter()
+        .partition(|(kind, _, _)| *kind == ObjectKind::Generation);
+    delete_all(repo, others).await?;
+    delete_all(repo, generations).await?;
+    if !report.deleted.is_empty() {
+        tracing::info!(
+            deleted = report.deleted.values().map(|c| c.objects).sum::<u64>(),
+            bytes = report.deleted.values().map(|c| c.bytes).sum::<u64>(),
+            deferred = report.deferred.objects,
+            "pruned unreferenced objects"
+        );
+    }
+    Ok(report)
+}
+
+async fn delete_all(
+    repo: &Repository,
+    objects: Vec<(ObjectKind, String, u64)>,
+) -> Result<(), PruneError> {
+    let store = repo.store();
+    let mut results = futures::stream::iter(
+        objects
+            .into_iter()
+            .map(|(_, key, _)| async move { store.delete(&key).await.map(|()| key) }),
+    )
+    .buffer_unordered(8);
+    while let Some(r) = results.next().await {
+        let key = r?;
+        tracing::debug!(key, "deleted");
+    }
+    Ok(())
+}
+
+/// What `generations` reference, table files included.
+async fn protection(
+    repo: &Repository,
+    generations: &[Generation],
+) -> Result<Protection, PruneError> {
+    let mut p = Protection::new();
+    let mut summaries = BTreeMap::new();
+    for g in generations {
+        p.add_generation(g);
+        for b in &g.bases {
+            summaries
+                .entry(b.id.clone())
+                .or_insert_with(|| (g.generation, b.clone()));
+        }
+    }
+    for (generation, summary) in summaries.values() {
+        let d = repo
+            .read_base(*generation, summary)
+            .await
+            .map_err(|e| PruneError::Unsafe {
+                location: repo.location(),
+                detail: format!(
+                    "cannot tell which table files base {} needs ({e})",
+                    summary.id
+                ),
+            })?;
+        p.add_base(&d);
+    }
+    Ok(p)
+}
+
+/// One pruning run outside the service (`tidemark-archiver prune`): takes the lease (unless
+/// `dry_run`), marks, writes the generation, sweeps, releases the lease.
+pub async fn prune_repository(
+    repo: &Repository,
+    opts: &PruneOptions,
+    dry_run: bool,
+    lease_ttl: Duration,
+) -> Result<PruneReport, PruneError> {
+    let rules = opts.rules()?;
+    let lease = if dry_run {
+        None
+    } else {
+        Some(crate::lease::LeaseHandle::acquire(repo, lease_ttl).await?)
+    };
+    let result = prune_holding_lease(repo, opts, &rules, dry_run).await;
+    if let Some(lease) = lease
+        && let Err(e) = lease.release().await
+    {
+        tracing::warn!(error = %e, "could not release the lease; it expires by itself");
+    }
+    result
+}
+
+async fn prune_holding_lease(
+    repo: &Repository,
+    opts: &PruneOptions,
+    rules: &Rules,
+    dry_run: bool,
+) -> Result<PruneReport, PruneError> {
+    let state = repo.load().await?;
+    if state.tail_segments > 0 {
+        tracing::info!(
+            segments = state.tail_segments,
+            "segments after the newest generation stay as they are (the archiver indexes them)"
+        );
+    }
+    let now = OffsetDateTime::now_utc();
+    let marked = mark(repo, &state, rules, now, dry_run).await?;
+    let newest = match (&marked.next, &state.generation) {
+        (Some(next), _) => {
+            if !dry_run {
+                repo.write_generation(next).await?;
+                tracing::info!(generation = next.generation, "wrote the pruned generation");
+            }
+            next.clone()
+        }
+        (None, Some(current)) => current.clone(),
+        (None, None) => {
+            return Ok(PruneReport {
+                dry_run,
+                location: repo.location(),
+                grace: humantime::format_duration(opts.grace).to_string(),
+                mark: marked.report,
+                sweep: SweepReport::default(),
+            });
+        }
+    };
+    let sweep = sweep(repo, &newest, opts.grace, now, dry_run).await?;
+    Ok(PruneReport {
+        dry_run,
+        location: repo.location(),
+        grace: humantime::format_duration(opts.grace).to_string(),
+        mark: marked.report,
+        sweep,
+    })
+}
+
+/// One pruning run inside the service: whatever waits is written first, then the
+/// generation is written through the service's checkpoint manager, its only writer.
+pub async fn prune_with_checkpoint(
+    repo: &Repository,
+    checkpoint: &mut crate::checkpoint::CheckpointManager,
+    opts: &PruneOptions,
+) -> Result<PruneReport, PruneError> {
+    let rules = opts.rules()?;
+    checkpoint.flush().await?;
+    let state = repo.load().await?;
+    let loaded = state.generation.as_ref().map(|g| g.generation);
+    let current = checkpoint.current().generation;
+    if loaded != Some(current) && !(loaded.is_none() && current == 0) {
+        return Err(PruneError::Unsafe {
+            location: repo.location(),
+            detail: format!(
+                "the store's newest generation is {loaded:?}, this archiver wrote {current}"
+            ),
+        });
+    }
+    let now = OffsetDateTime::now_utc();
+    let marked = mark(repo, &state, &rules, now, false).await?;
+    if let Some(next) = marked.next.clone() {
+        checkpoint.write_built(next).await?;
+    }
+    let report = PruneReport {
+        dry_run: false,
+        location: repo.location(),
+        grace: humantime::format_duration(opts.grace).to_string(),
+        mark: marked.report,
+        sweep: if current == 0 {
+            SweepReport::default()
+        } else {
+            sweep(repo, checkpoint.current(), opts.grace, now, false).await?
+        },
+    };
+    Ok(report)
+}
+
+/// The report of one pruning run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneReport {
+    pub dry_run: bool,
+    pub location: String,
+    pub grace: String,
+    pub mark: MarkReport,
+    pub sweep: SweepReport,
+}
+
+impl fmt::Display for PruneReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = &self.mark;
+        let would = if self.dry_run { "would be " } else { "" };
+        writeln!(f, "repository: {}", self.location)?;
+        writeln!(f, "policy:     {} (grace {})", m.policy, self.grace)?;
+        if self.dry_run {
+            writeln!(f, "dry run:    nothing was changed")?;
+        }
+        writeln!(f, "window before: {}", m.window_before)?;
+        writeln!(f, "window after:  {}", m.window_after)?;
+        writeln!(f, "kept base backups ({}):", m.kept_bases.len())?;
+        for b in &m.kept_bases {
+            writeln!(
+                f,
+                "  {}  {}  [{}]",
+                b.id,
+                b.created_at,
+                b.reasons.join("; ")
+            )?;
+        }
+        writeln!(
+            f,
+            "base backups {}dropped ({}):",
+            would,
+            m.removed_bases.len()
+        )?;
+        for b in &m.removed_bases {
+            writeln!(f, "  {}  {}", b.id, b.created_at)?;
+        }
+        writeln!(
+            f,
+            "WAL segments {}dropped: {} ({} bytes)",
+            would, m.segments_removed, m.segment_bytes_removed
+        )?;
+        match m.generation_after {
+            Some(g) => writeln!(f, "manifest generation {}written: {g}", would)?,
+            None => writeln!(f, "manifest: unchanged (the policy drops nothing)")?,
+        }
+        let s = &self.sweep;
+        if s.deleted.is_empty() {
+            writeln!(f, "objects {}deleted now: none", would)?;
+        } else {
+            writeln!(f, "objects {}deleted now:", would)?;
+            for (kind, c) in &s.deleted {
+                writeln!(f, "  {kind}: {} ({} bytes)", c.objects, c.bytes)?;
+            }
+        }
+        if let Some(until) = &s.deferred_until {
+            writeln!(
+                f,
+                "kept for the grace period: {} objects ({} bytes), deletable by a run after {until}",
+                s.deferred.objects, s.deferred.bytes
+            )?;
+        }
+        if !s.foreign_keys.is_empty() {
+            writeln!(
+                f,
+                "not Tidemark objects, left alone ({}): {}",
+                s.foreign_keys.len(),
+                s.foreign_keys
+                    .iter()
+                    .take(10)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+mod duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?}: {e} (examples: 30m, 36h, 7d, 90days)"
+            ))
+        })
+    }
+}
+
+mod opt_duration {
+    use serde::{Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
+}
