@@ -77,6 +77,10 @@ struct RunArgs {
     /// (e.g. 127.0.0.1:9187; port 0 picks a free port, logged at start). Off by default.
     #[arg(long, env = "TIDEMARK_METRICS_ADDR", value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
+    /// Base backup files uploaded at once (1 to 64, default 4). Large files go up in
+    /// parts, at most 4 parts at once for the whole process.
+    #[arg(long, env = "TIDEMARK_UPLOAD_CONCURRENCY", value_name = "N")]
+    upload_concurrency: Option<usize>,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -143,6 +147,20 @@ fn options(args: RunArgs) -> anyhow::Result<ArchiverOptions> {
     o.store.region = s.region.or(o.store.region);
     o.store.path_style |= s.path_style;
     o.store.storage_class = s.storage_class.or(o.store.storage_class);
+    o.store.base_storage_class = s.base_storage_class.or(o.store.base_storage_class);
+    o.store.wal_storage_class = s.wal_storage_class.or(o.store.wal_storage_class);
+    o.store.max_upload_rate = s.max_upload_rate.or(o.store.max_upload_rate);
+    if let Some(v) = args.upload_concurrency {
+        o.upload_concurrency = v;
+    }
+    if !(1..=64).contains(&o.upload_concurrency) {
+        anyhow::bail!(
+            "upload concurrency {} is out of range: give --upload-concurrency (or \
+             upload_concurrency in --config) a number of base files to upload at once from 1 \
+             to 64",
+            o.upload_concurrency
+        );
+    }
     o.store.sse = s.sse.or(o.store.sse);
     o.store.sse_kms_key_id = s.sse_kms_key_id.or(o.store.sse_kms_key_id);
     o.store.request_timeout = s.request_timeout.or(o.store.request_timeout);
