@@ -174,6 +174,8 @@ fn options(args: RunArgs) -> anyhow::Result<ArchiverOptions> {
             "no repository given: pass --to s3://BUCKET/PREFIX or --to file:///ABSOLUTE/DIR"
         );
     }
+    // Bad store options are bad usage, whatever the command does first.
+    o.store.s3_options()?;
     if o.sync_interval.is_zero() || o.base_interval.is_zero() || o.checkpoint_interval.is_zero() {
         anyhow::bail!("intervals must be greater than zero");
     }
