@@ -66,7 +66,7 @@ pub struct ArchiverOptions {
     /// Where base backups copy the database (must be on its file system for hard links).
     /// Default: a hidden directory beside the database directory.
     pub scratch_dir: Option<PathBuf>,
-    /// Table files uploaded at once during a base backup.
+    /// Base backup files uploaded at once (1 to 64; `--upload-concurrency`).
     pub upload_concurrency: usize,
     /// Stop once the WAL has been read to its end and a base backup exists (one-shot use:
     /// `tidemark-archiver backup` without a running service, tests, the demo).

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::repo::Repository;
-use crate::store::{OpenOptions, S3Options, Sse, StoreError, StoreUrl, open_store_with};
+use crate::store::{OpenOptions, Rate, S3Options, Sse, StoreError, StoreUrl, open_store_with};
 
 /// How to reach the object store.
 #[derive(Debug, Clone, Default, clap::Args, serde::Serialize, serde::Deserialize)]
@@ -20,9 +20,21 @@ pub struct StoreArgs {
     /// Path-style bucket addressing (most S3-compatible servers need it).
     #[arg(long, env = "TIDEMARK_PATH_STYLE")]
     pub path_style: bool,
-    /// Storage class of new objects, e.g. STANDARD_IA.
+    /// Storage class of new data objects (base files, WAL segments), e.g. STANDARD_IA;
+    /// documents always get the bucket's default. GLACIER and DEEP_ARCHIVE are refused.
     #[arg(long, env = "TIDEMARK_STORAGE_CLASS", value_name = "CLASS")]
     pub storage_class: Option<String>,
+    /// Storage class of base backups' files (sst/, bases/*/files/), e.g. STANDARD_IA
+    /// (default: --storage-class).
+    #[arg(long, env = "TIDEMARK_BASE_STORAGE_CLASS", value_name = "CLASS")]
+    pub base_storage_class: Option<String>,
+    /// Storage class of WAL segments (wal/), e.g. STANDARD (default: --storage-class).
+    #[arg(long, env = "TIDEMARK_WAL_STORAGE_CLASS", value_name = "CLASS")]
+    pub wal_storage_class: Option<String>,
+    /// Limit the process's uploads to this rate, e.g. 50MiB/s, 500KB/s or 100Mbit/s (at
+    /// least 64KiB/s; default: no limit). WAL segments and documents go ahead of base files.
+    #[arg(long, env = "TIDEMARK_MAX_UPLOAD_RATE", value_name = "RATE")]
+    pub max_upload_rate: Option<Rate>,
     /// Server-side encryption of new objects: AES256 or aws:kms.
     #[arg(long, env = "TIDEMARK_SSE", value_name = "AES256|aws:kms")]
     pub sse: Option<String>,
@@ -68,6 +80,8 @@ impl StoreArgs {
             region: self.region.clone(),
             force_path_style: self.path_style,
             storage_class: self.storage_class.clone(),
+            base_storage_class: self.base_storage_class.clone(),
+            wal_storage_class: self.wal_storage_class.clone(),
             sse,
             ..defaults
         };
@@ -84,6 +98,7 @@ impl StoreArgs {
             &OpenOptions {
                 s3: self.s3_options()?,
                 create_local_root: create,
+                max_upload_rate: self.max_upload_rate,
                 ..OpenOptions::default()
             },
         )

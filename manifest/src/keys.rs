@@ -20,6 +20,46 @@ pub const BASES_PREFIX: &str = "bases/";
 /// Prefix of content-addressed table files.
 pub const SST_PREFIX: &str = "sst/";
 
+/// What an object is, by its key (FORMAT.md §2): what its storage class and its upload
+/// priority are decided by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ObjectKind {
+    /// `wal/<first>.seg`.
+    Segment,
+    /// A base's data: `sst/<sha256>` and `bases/<id>/files/<name>`.
+    BaseData,
+    /// The small JSON documents: `tidemark.json`, `lease.json`, `manifest/…`, `index/…`,
+    /// `bases/<id>/base.json`.
+    Document,
+    /// Anything outside the layout.
+    Other,
+}
+
+/// The kind of the object at `key`.
+pub fn object_kind(key: &str) -> ObjectKind {
+    if key == CONFIG
+        || key == LEASE
+        || key.starts_with(MANIFEST_PREFIX)
+        || key.starts_with(INDEX_PREFIX)
+    {
+        return ObjectKind::Document;
+    }
+    if key.starts_with(WAL_PREFIX) {
+        return ObjectKind::Segment;
+    }
+    if key.starts_with(SST_PREFIX) {
+        return ObjectKind::BaseData;
+    }
+    if let Some(rest) = key.strip_prefix(BASES_PREFIX) {
+        match rest.split_once('/') {
+            Some((_, "base.json")) => return ObjectKind::Document,
+            Some((_, file)) if file.starts_with("files/") => return ObjectKind::BaseData,
+            _ => {}
+        }
+    }
+    ObjectKind::Other
+}
+
 /// A key or file name that breaks the layout rules.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid name {name:?} in the repository: {reason}")]

@@ -83,6 +83,10 @@ struct RunArgs {
     /// (e.g. 127.0.0.1:9187; port 0 picks a free port, logged at start). Off by default.
     #[arg(long, env = "TIDEMARK_METRICS_ADDR", value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
+    /// Base backup files uploaded at once (1 to 64, default 4). Large files go up in
+    /// parts, at most 4 parts at once for the whole process.
+    #[arg(long, env = "TIDEMARK_UPLOAD_CONCURRENCY", value_name = "N")]
+    upload_concurrency: Option<usize>,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -155,6 +159,9 @@ fn merge_store(o: &mut StoreArgs, s: StoreArgs) {
     o.region = s.region.or(o.region.take());
     o.path_style |= s.path_style;
     o.storage_class = s.storage_class.or(o.storage_class.take());
+    o.base_storage_class = s.base_storage_class.or(o.base_storage_class.take());
+    o.wal_storage_class = s.wal_storage_class.or(o.wal_storage_class.take());
+    o.max_upload_rate = s.max_upload_rate.or(o.max_upload_rate.take());
     o.sse = s.sse.or(o.sse.take());
     o.sse_kms_key_id = s.sse_kms_key_id.or(o.sse_kms_key_id.take());
     o.request_timeout = s.request_timeout.or(o.request_timeout.take());
@@ -266,6 +273,17 @@ fn options(args: RunArgs) -> anyhow::Result<ArchiverOptions> {
         o.metrics_addr = args.metrics_addr;
     }
     merge_store(&mut o.store, args.store);
+    if let Some(v) = args.upload_concurrency {
+        o.upload_concurrency = v;
+    }
+    if !(1..=64).contains(&o.upload_concurrency) {
+        anyhow::bail!(
+            "upload concurrency {} is out of range: give --upload-concurrency (or \
+             upload_concurrency in --config) a number of base files to upload at once from 1 \
+             to 64",
+            o.upload_concurrency
+        );
+    }
     if o.db.as_os_str().is_empty() {
         anyhow::bail!(
             "no database given: pass --db PATH (or TIDEMARK_DB, or db = \"...\" in --config)"
@@ -276,6 +294,8 @@ fn options(args: RunArgs) -> anyhow::Result<ArchiverOptions> {
             "no repository given: pass --to s3://BUCKET/PREFIX or --to file:///ABSOLUTE/DIR"
         );
     }
+    // Bad store options are bad usage, whatever the command does first.
+    o.store.s3_options()?;
     if o.sync_interval.is_zero() || o.base_interval.is_zero() || o.checkpoint_interval.is_zero() {
         anyhow::bail!("intervals must be greater than zero");
     }

@@ -10,13 +10,15 @@
 //!   parallel multipart uploads and ranged reads.
 //! - [`MemoryStore`]: in memory, for tests.
 //!
-//! and two decorators that wrap an `Arc<dyn ObjectStore>`:
+//! and decorators that wrap an `Arc<dyn ObjectStore>`:
 //!
 //! - [`RetryStore`]: retries transient failures with exponential backoff and full jitter.
+//! - [`ThrottleStore`]: limits the upload rate with a token bucket shared by all uploads,
+//!   segments and documents ahead of base files ([`throttle`]).
 //! - [`fault::FaultStore`]: injects failures, for tests and failure drills.
 //!
 //! [`StoreUrl`] parses store URLs and [`open_store`] turns one into a ready store (wrapped
-//! in the retry layer).
+//! in the retry layer, and the throttle when an upload rate is set).
 //!
 //! ## Keys
 //!
@@ -37,6 +39,7 @@ mod local;
 mod memory;
 mod retry;
 mod s3;
+pub mod throttle;
 mod url;
 
 use std::fmt;
@@ -53,6 +56,7 @@ pub use local::LocalStore;
 pub use memory::MemoryStore;
 pub use retry::{RetryPolicy, RetryStore, retries_total};
 pub use s3::{S3Options, S3Store, Sse};
+pub use throttle::{Pacer, Priority, Rate, RateLimiter, ThrottleStore};
 
 /// Result type of the store layer.
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -120,6 +124,16 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// Uploads a local file, streaming it from disk (large files go up in parallel parts on
     /// S3). Replaces any existing object.
     async fn put_file(&self, key: &str, path: &Path) -> StoreResult<ETag>;
+
+    /// Like [`ObjectStore::put_file`], sending no byte before `pacer` allows it. Stores
+    /// that stream from disk pace the body chunk by chunk as it is sent (S3); the default
+    /// waits for the whole file's size, then uploads it.
+    async fn put_file_paced(&self, key: &str, path: &Path, pacer: &Pacer) -> StoreResult<ETag> {
+        // A missing file is reported by `put_file` itself.
+        let len = tokio::fs::metadata(path).await.map_or(0, |m| m.len());
+        pacer.wait(len).await;
+        self.put_file(key, path).await
+    }
 
     /// Reads a whole object together with its metadata (the ETag belongs to exactly the bytes
     /// returned). [`StoreError::NotFound`] if it does not exist.
@@ -246,6 +260,9 @@ pub struct OpenOptions {
     /// Off by default, so a mistyped path is reported instead of silently creating a new,
     /// empty repository.
     pub create_local_root: bool,
+    /// Limit uploads (of this store, from every task of the process using it) to this
+    /// rate; `None` for no limit.
+    pub max_upload_rate: Option<Rate>,
 }
 
 /// Opens the store a URL names, wrapped in a [`RetryStore`] with the default policy.
@@ -262,7 +279,8 @@ pub async fn open_store(url: &StoreUrl, s3: &S3Options) -> StoreResult<Arc<dyn O
     .await
 }
 
-/// Opens the store a URL names with explicit options, wrapped in a [`RetryStore`].
+/// Opens the store a URL names with explicit options, wrapped in a [`RetryStore`] (and a
+/// [`ThrottleStore`] below it when [`OpenOptions::max_upload_rate`] is set).
 pub async fn open_store_with(
     url: &StoreUrl,
     options: &OpenOptions,
@@ -282,6 +300,13 @@ pub async fn open_store_with(
         ),
     };
     tracing::debug!(store = %inner.describe(), "opened object store");
+    let inner: Arc<dyn ObjectStore> = match options.max_upload_rate {
+        Some(rate) => {
+            tracing::info!(%rate, "limiting uploads");
+            Arc::new(ThrottleStore::new(inner, RateLimiter::new(rate)))
+        }
+        None => inner,
+    };
     Ok(Arc::new(RetryStore::new(inner, options.retry.clone())))
 }
 

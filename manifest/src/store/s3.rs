@@ -3,6 +3,7 @@
 use std::fmt;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,7 +14,7 @@ use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::primitives::{ByteStream, Length, SdkBody};
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ServerSideEncryption, StorageClass,
 };
@@ -21,11 +22,14 @@ use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
+use tokio::sync::Semaphore;
 
+use super::throttle::{self, PacedBody, Pacer};
 use super::{
     ETag, ObjectMeta, ObjectStore, RetryPolicy, StoreError, StoreOp, StoreResult, validate_key,
     validate_prefix,
 };
+use crate::keys::{self, ObjectKind};
 
 const MIB: u64 = 1024 * 1024;
 /// S3's smallest part (all but the last).
@@ -92,11 +96,21 @@ pub struct S3Options {
     /// Size of each part (5 MiB to 5 GiB); raised automatically if a file would need more
     /// than 10,000 parts.
     pub part_size: u64,
-    /// How many parts are uploaded at once (1 to 64).
+    /// How many parts are uploaded at once (1 to 64), by all multipart uploads of the store
+    /// together.
     pub part_concurrency: usize,
-    /// Storage class of new objects (`STANDARD`, `STANDARD_IA`, `INTELLIGENT_TIERING`, …);
-    /// `None` uses the bucket's default.
+    /// Storage class of new data objects (`STANDARD`, `STANDARD_IA`, `GLACIER_IR`,
+    /// `INTELLIGENT_TIERING`, …) unless a class for their kind is set; `None` uses the
+    /// bucket's default. Documents (`tidemark.json`, `lease.json`, `manifest/`, `index/`,
+    /// `bases/<id>/base.json`) are small, often read and in part overwritten: they always
+    /// get the bucket's default (`STANDARD` on AWS). Classes whose objects must be restored
+    /// before they can be read (`GLACIER`, `DEEP_ARCHIVE`) are refused.
     pub storage_class: Option<String>,
+    /// Storage class of a base's files (`sst/…`, `bases/<id>/files/…`); `None` uses
+    /// [`S3Options::storage_class`].
+    pub base_storage_class: Option<String>,
+    /// Storage class of WAL segments (`wal/…`); `None` uses [`S3Options::storage_class`].
+    pub wal_storage_class: Option<String>,
     /// Server-side encryption of new objects; `None` uses the bucket's default.
     pub sse: Option<Sse>,
     /// Time limit, in seconds, of each attempt of a small request (1 to 3600; default 30):
@@ -125,6 +139,8 @@ impl Default for S3Options {
             part_size: 16 * MIB,
             part_concurrency: 4,
             storage_class: None,
+            base_storage_class: None,
+            wal_storage_class: None,
             sse: None,
             request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
         }
@@ -198,13 +214,16 @@ impl S3Options {
                 self.request_timeout_secs
             ));
         }
-        if let Some(class) = &self.storage_class
-            && !StorageClass::values().contains(&class.as_str())
-        {
-            return bad(format!(
-                "unknown storage class '{class}'; use one of {}",
-                StorageClass::values().join(", ")
-            ));
+        for (option, class) in [
+            ("storage_class", &self.storage_class),
+            ("base_storage_class", &self.base_storage_class),
+            ("wal_storage_class", &self.wal_storage_class),
+        ] {
+            if let Some(class) = class
+                && let Err(why) = check_storage_class(class)
+            {
+                return bad(format!("{option}: {why}"));
+            }
         }
         if let Some(Sse::Kms { key_id: Some(k) }) = &self.sse
             && k.is_empty()
@@ -212,6 +231,23 @@ impl S3Options {
             return bad("the SSE-KMS key id is empty; give a key id/ARN/alias or none".into());
         }
         Ok(())
+    }
+
+    /// The storage class of a new object at `key`, by its kind (FORMAT.md §2).
+    fn storage_class_for(&self, key: &str) -> Option<&str> {
+        match keys::object_kind(key) {
+            ObjectKind::Document => None,
+            ObjectKind::Segment => self
+                .wal_storage_class
+                .as_ref()
+                .or(self.storage_class.as_ref()),
+            ObjectKind::BaseData => self
+                .base_storage_class
+                .as_ref()
+                .or(self.storage_class.as_ref()),
+            ObjectKind::Other => self.storage_class.as_ref(),
+        }
+        .map(String::as_str)
     }
 
     /// The part size used for a file of `len` bytes: the configured one, raised so the file
@@ -243,6 +279,7 @@ impl S3Options {
         match budget {
             Budget::Upload(len) if len >= LARGE_BODY => large(upload_time(len)),
             Budget::Part(len) => large(upload_time(len)),
+            Budget::Paced { len, rate } => large(paced_upload_time(len, rate)),
             Budget::Complete(len) => large(
                 COMPLETE_BASE.saturating_add(Duration::from_secs(len / COMPLETE_BYTES_PER_SEC)),
             ),
@@ -260,10 +297,50 @@ impl S3Options {
     }
 }
 
+/// Storage classes whose objects cannot be read until they are restored, which takes
+/// minutes to hours: a repository in them cannot be restored when it is needed.
+const ARCHIVE_CLASSES: [&str; 2] = ["GLACIER", "DEEP_ARCHIVE"];
+
+/// Checks a storage class name: known to S3 and readable at once.
+fn check_storage_class(class: &str) -> Result<(), String> {
+    if ARCHIVE_CLASSES.contains(&class) {
+        return Err(format!(
+            "storage class {class} is refused: its objects must be restored (minutes to hours) \
+             before they can be read, so a restore could not download them when it is needed; \
+             for cheaper storage that reads at once use GLACIER_IR, STANDARD_IA or ONEZONE_IA"
+        ));
+    }
+    if !StorageClass::values().contains(&class) {
+        return Err(format!(
+            "unknown storage class '{class}'; use one of {}",
+            StorageClass::values()
+                .iter()
+                .filter(|c| !ARCHIVE_CLASSES.contains(c))
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Ok(())
+}
+
 /// Time allowed to upload `len` bytes: [`LARGE_UPLOAD_BASE`] plus the time at
 /// [`SLOW_UPLOAD_BYTES_PER_SEC`].
 fn upload_time(len: u64) -> Duration {
     LARGE_UPLOAD_BASE.saturating_add(Duration::from_secs(len / SLOW_UPLOAD_BYTES_PER_SEC))
+}
+
+/// Paced uploads share the limiter's rate with up to this many other streams (base files
+/// and multipart parts in flight), so one is given time for this fraction of the rate.
+const PACED_STREAMS: u64 = 16;
+
+/// Time allowed to upload `len` bytes through a limiter of `rate` bytes per second: as
+/// [`upload_time`], at `rate / 16` when that is slower than 256 KiB/s. Segments and
+/// documents go first, so a paced base file can still wait longer when the WAL alone needs
+/// most of the rate; its attempt then times out and is retried.
+fn paced_upload_time(len: u64, rate: u64) -> Duration {
+    let bps = (rate / PACED_STREAMS).clamp(1, SLOW_UPLOAD_BYTES_PER_SEC);
+    LARGE_UPLOAD_BASE.saturating_add(Duration::from_secs(len / bps))
 }
 
 /// What a request carries, for its time limits ([`S3Options::timeouts`]).
@@ -277,6 +354,9 @@ enum Budget {
     Upload(u64),
     /// A multipart part of this many bytes: always scaled to the size.
     Part(u64),
+    /// A file body (whole or a part) of `len` bytes paced by a limiter of `rate` bytes per
+    /// second: scaled to the size at the rate a paced stream may get.
+    Paced { len: u64, rate: u64 },
     /// Completing a multipart upload of an object of this many bytes.
     Complete(u64),
 }
@@ -317,6 +397,9 @@ pub struct S3Store {
     options: S3Options,
     endpoint: String,
     part_retry: RetryPolicy,
+    /// Permits for multipart parts in flight, shared by all uploads of this store (and its
+    /// clones): [`S3Options::part_concurrency`].
+    parts_in_flight: Arc<Semaphore>,
 }
 
 impl fmt::Debug for S3Store {
@@ -401,6 +484,7 @@ impl S3Store {
             options: options.clone(),
             endpoint,
             part_retry: RetryPolicy::default(),
+            parts_in_flight: Arc::new(Semaphore::new(options.part_concurrency)),
         })
     }
 
@@ -533,7 +617,7 @@ impl S3Store {
             .key(self.full_key(key))
             .content_length(len)
             .body(ByteStream::from(data))
-            .set_storage_class(self.storage_class())
+            .set_storage_class(self.storage_class(key))
             .set_server_side_encryption(self.sse())
             .set_ssekms_key_id(self.kms_key());
         req = match condition {
@@ -561,11 +645,8 @@ impl S3Store {
         })
     }
 
-    fn storage_class(&self) -> Option<StorageClass> {
-        self.options
-            .storage_class
-            .as_deref()
-            .map(StorageClass::from)
+    fn storage_class(&self, key: &str) -> Option<StorageClass> {
+        self.options.storage_class_for(key).map(StorageClass::from)
     }
 
     fn sse(&self) -> Option<ServerSideEncryption> {
@@ -669,7 +750,13 @@ impl S3Store {
         }
     }
 
-    async fn put_file_multipart(&self, key: &str, path: &Path, len: u64) -> StoreResult<ETag> {
+    async fn put_file_multipart(
+        &self,
+        key: &str,
+        path: &Path,
+        len: u64,
+        pacer: Option<&Pacer>,
+    ) -> StoreResult<ETag> {
         let op = StoreOp::PutFile;
         let part_size = self.options.part_size_for(len);
         let parts = len.div_ceil(part_size);
@@ -680,7 +767,7 @@ impl S3Store {
             .bucket(&self.bucket)
             .key(&full_key)
             .checksum_algorithm(ChecksumAlgorithm::Crc32)
-            .set_storage_class(self.storage_class())
+            .set_storage_class(self.storage_class(key))
             .set_server_side_encryption(self.sse())
             .set_ssekms_key_id(self.kms_key())
             .send()
@@ -707,9 +794,20 @@ impl S3Store {
                 async move {
                     let offset = (number - 1) * part_size;
                     let size = part_size.min(len - offset);
+                    let _permit = self
+                        .parts_in_flight
+                        .acquire()
+                        .await
+                        .map_err(|_| self.other(op, key, "the part semaphore was closed"))?;
                     self.part_retry
                         .run(op, key, || {
-                            self.upload_part(key, full_key, upload_id, path, number, offset, size)
+                            let part = FilePart {
+                                path,
+                                number,
+                                offset,
+                                size,
+                            };
+                            self.upload_part(key, full_key, upload_id, part, pacer)
                         })
                         .await
                 }
@@ -763,25 +861,24 @@ impl S3Store {
         completed
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn upload_part(
         &self,
         key: &str,
         full_key: &str,
         upload_id: &str,
-        path: &Path,
-        number: u64,
-        offset: u64,
-        size: u64,
+        part: FilePart<'_>,
+        pacer: Option<&Pacer>,
     ) -> StoreResult<CompletedPart> {
         let op = StoreOp::PutFile;
+        let FilePart {
+            path,
+            number,
+            offset,
+            size,
+        } = part;
         let part_number = i32::try_from(number)
             .map_err(|_| self.other(op, key, format!("part number {number} is too large")))?;
-        let body = ByteStream::read_from()
-            .path(path)
-            .offset(offset)
-            .length(Length::Exact(size))
-            .build()
+        let body = file_body(path, offset, size, pacer)
             .await
             .map_err(|e| Self::local_error(op, key, path, std::io::Error::other(chain(&e))))?;
         let out = self
@@ -795,7 +892,10 @@ impl S3Store {
             .checksum_algorithm(ChecksumAlgorithm::Crc32)
             .body(body)
             .customize()
-            .config_override(self.options.timeout_override(Budget::Part(size)))
+            .config_override(self.options.timeout_override(match pacer {
+                Some(_) => body_budget(size, pacer),
+                None => Budget::Part(size),
+            }))
             .send()
             .await
             .map_err(|e| self.map_err(op, key, e))?;
@@ -804,6 +904,51 @@ impl S3Store {
             .e_tag(self.etag(op, key, out.e_tag())?.as_str())
             .set_checksum_crc32(out.checksum_crc32().map(str::to_owned))
             .build())
+    }
+
+    /// [`ObjectStore::put_file`], the body paced by `pacer` if there is one.
+    async fn put_file_with(
+        &self,
+        key: &str,
+        path: &Path,
+        pacer: Option<&Pacer>,
+    ) -> StoreResult<ETag> {
+        validate_key(key)?;
+        let op = StoreOp::PutFile;
+        let meta = tokio::fs::metadata(path)
+            .await
+            .map_err(|e| Self::local_error(op, key, path, e))?;
+        if !meta.is_file() {
+            return Err(Self::local_error(
+                op,
+                key,
+                path,
+                std::io::Error::other("not a regular file"),
+            ));
+        }
+        let len = meta.len();
+        if len >= self.options.multipart_threshold {
+            return self.put_file_multipart(key, path, len, pacer).await;
+        }
+        let body = file_body(path, 0, len, pacer)
+            .await
+            .map_err(|e| Self::local_error(op, key, path, std::io::Error::other(chain(&e))))?;
+        let out = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .content_length(len as i64)
+            .body(body)
+            .set_storage_class(self.storage_class(key))
+            .set_server_side_encryption(self.sse())
+            .set_ssekms_key_id(self.kms_key())
+            .customize()
+            .config_override(self.options.timeout_override(body_budget(len, pacer)))
+            .send()
+            .await
+            .map_err(|e| self.map_err(op, key, e))?;
+        self.etag(op, key, out.e_tag())
     }
 
     async fn download_to(
@@ -841,6 +986,54 @@ impl S3Store {
             .map_err(local)?;
         Ok(written)
     }
+}
+
+/// One part of a multipart upload: `size` bytes of `path` from `offset`.
+#[derive(Debug, Clone, Copy)]
+struct FilePart<'a> {
+    path: &'a Path,
+    number: u64,
+    offset: u64,
+    size: u64,
+}
+
+/// The time budget of a file body of `len` bytes sent whole.
+fn body_budget(len: u64, pacer: Option<&Pacer>) -> Budget {
+    match pacer {
+        Some(p) => Budget::Paced {
+            len,
+            rate: p.rate().get(),
+        },
+        None => Budget::Upload(len),
+    }
+}
+
+/// Chunk size of a file body read from disk (and of each paced grant).
+const FILE_BUFFER: usize = throttle::CHUNK as usize;
+
+/// A request body streaming `len` bytes of `path` from `offset`, each chunk waiting for
+/// `pacer` (if any) before it is sent. Rebuilt for each attempt, so a retried request is
+/// paced again.
+async fn file_body(
+    path: &Path,
+    offset: u64,
+    len: u64,
+    pacer: Option<&Pacer>,
+) -> Result<ByteStream, aws_smithy_types::byte_stream::error::Error> {
+    let body = ByteStream::read_from()
+        .path(path)
+        .offset(offset)
+        .length(Length::Exact(len))
+        .buffer_size(FILE_BUFFER)
+        .build()
+        .await?;
+    Ok(match pacer {
+        None => body,
+        Some(pacer) => {
+            let pacer = pacer.clone();
+            body.map(move |inner| SdkBody::from_body_1_x(PacedBody::new(inner, pacer.clone())))
+        }
+    })
 }
 
 /// `CODE: message (HTTP status)`.
@@ -995,45 +1188,11 @@ impl ObjectStore for S3Store {
     }
 
     async fn put_file(&self, key: &str, path: &Path) -> StoreResult<ETag> {
-        validate_key(key)?;
-        let op = StoreOp::PutFile;
-        let meta = tokio::fs::metadata(path)
-            .await
-            .map_err(|e| Self::local_error(op, key, path, e))?;
-        if !meta.is_file() {
-            return Err(Self::local_error(
-                op,
-                key,
-                path,
-                std::io::Error::other("not a regular file"),
-            ));
-        }
-        let len = meta.len();
-        if len >= self.options.multipart_threshold {
-            return self.put_file_multipart(key, path, len).await;
-        }
-        let body = ByteStream::read_from()
-            .path(path)
-            .length(Length::Exact(len))
-            .build()
-            .await
-            .map_err(|e| Self::local_error(op, key, path, std::io::Error::other(chain(&e))))?;
-        let out = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(self.full_key(key))
-            .content_length(len as i64)
-            .body(body)
-            .set_storage_class(self.storage_class())
-            .set_server_side_encryption(self.sse())
-            .set_ssekms_key_id(self.kms_key())
-            .customize()
-            .config_override(self.options.timeout_override(Budget::Upload(len)))
-            .send()
-            .await
-            .map_err(|e| self.map_err(op, key, e))?;
-        self.etag(op, key, out.e_tag())
+        self.put_file_with(key, path, None).await
+    }
+
+    async fn put_file_paced(&self, key: &str, path: &Path, pacer: &Pacer) -> StoreResult<ETag> {
+        self.put_file_with(key, path, Some(pacer)).await
     }
 
     async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
@@ -1050,7 +1209,6 @@ impl ObjectStore for S3Store {
         };
         Ok((data, meta))
     }
-
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
         validate_key(key)?;
         let op = StoreOp::GetToFile;
@@ -1274,6 +1432,113 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn storage_classes_follow_the_kind_of_object() {
+        let o = S3Options {
+            storage_class: Some("ONEZONE_IA".into()),
+            base_storage_class: Some("STANDARD_IA".into()),
+            wal_storage_class: Some("GLACIER_IR".into()),
+            ..S3Options::default()
+        };
+        o.validate().unwrap();
+        for (key, class) in [
+            ("sst/0f3a", Some("STANDARD_IA")),
+            (
+                "bases/b20261123T133000Z-0a1b2c3d/files/CURRENT",
+                Some("STANDARD_IA"),
+            ),
+            ("wal/0000000000000001.seg", Some("GLACIER_IR")),
+            ("bases/b20261123T133000Z-0a1b2c3d/base.json", None),
+            ("manifest/0000000000000001.json", None),
+            ("manifest/latest.json", None),
+            ("index/0000000000000001-0000000000000002.json", None),
+            ("lease.json", None),
+            ("tidemark.json", None),
+            ("other/key", Some("ONEZONE_IA")),
+        ] {
+            assert_eq!(o.storage_class_for(key), class, "{key}");
+        }
+        // Without per-kind classes, the general one covers the data objects.
+        let o = S3Options {
+            storage_class: Some("STANDARD_IA".into()),
+            ..S3Options::default()
+        };
+        assert_eq!(
+            o.storage_class_for("wal/0000000000000001.seg"),
+            Some("STANDARD_IA")
+        );
+        assert_eq!(o.storage_class_for("sst/0f3a"), Some("STANDARD_IA"));
+        assert_eq!(o.storage_class_for("lease.json"), None);
+        assert_eq!(S3Options::default().storage_class_for("sst/0f3a"), None);
+    }
+
+    #[test]
+    fn classes_a_restore_cannot_read_at_once_are_refused() {
+        for class in ["GLACIER", "DEEP_ARCHIVE"] {
+            for o in [
+                S3Options {
+                    storage_class: Some(class.into()),
+                    ..S3Options::default()
+                },
+                S3Options {
+                    base_storage_class: Some(class.into()),
+                    ..S3Options::default()
+                },
+                S3Options {
+                    wal_storage_class: Some(class.into()),
+                    ..S3Options::default()
+                },
+            ] {
+                let e = o.validate().unwrap_err().to_string();
+                assert!(
+                    e.contains(&format!("storage class {class} is refused")),
+                    "{e}"
+                );
+                assert!(
+                    e.contains("must be restored") && e.contains("GLACIER_IR"),
+                    "{e}"
+                );
+            }
+        }
+        let e = S3Options {
+            wal_storage_class: Some("standard".into()),
+            ..S3Options::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("wal_storage_class: unknown storage class 'standard'"),
+            "{e}"
+        );
+        assert!(!e.contains("DEEP_ARCHIVE"), "{e}");
+    }
+
+    #[test]
+    fn paced_uploads_get_time_for_their_share_of_the_rate() {
+        let secs = Duration::from_secs;
+        let o = S3Options::default();
+        // A fast limit changes nothing: 256 KiB/s is still the slowest rate allowed for.
+        let fast = o.timeouts(Budget::Paced {
+            len: 16 * MIB,
+            rate: 64 * MIB,
+        });
+        assert_eq!(fast, o.timeouts(Budget::Part(16 * MIB)));
+        // At 1 MiB/s a stream may get a sixteenth: 64 KiB/s.
+        let slow = o.timeouts(Budget::Paced {
+            len: 16 * MIB,
+            rate: MIB,
+        });
+        assert_eq!(slow.operation_attempt_timeout(), Some(secs(60 + 256)));
+        assert_eq!(slow.read_timeout(), None);
+        // Small paced files get it too, not the small-request limit.
+        let small = o.timeouts(Budget::Paced {
+            len: 4 * MIB,
+            rate: MIB,
+        });
+        assert_eq!(small.operation_attempt_timeout(), Some(secs(60 + 64)));
     }
 
     #[test]
