@@ -252,7 +252,7 @@ impl FleetConfig {
             let endpoint = o.store.endpoint_url.as_deref();
             for (other, other_endpoint, other_url) in &repos {
                 if *other_endpoint == endpoint && nested(other_url, &url) {
-                    let how = if other_url.to_string() == url.to_string() {
+                    let how = if same(other_url, &url) {
                         "the same repository"
                     } else {
                         "repositories inside one another"
@@ -304,6 +304,16 @@ fn same_dir_key(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// True when both are the same repository.
+fn same(a: &StoreUrl, b: &StoreUrl) -> bool {
+    match (a, b) {
+        (StoreUrl::Local { root: ra }, StoreUrl::Local { root: rb }) => {
+            same_dir_key(ra) == same_dir_key(rb)
+        }
+        _ => a == b,
+    }
 }
 
 /// True when one repository is the other or lies inside it.
@@ -532,7 +542,7 @@ async fn supervise(
                     run: Some(run),
                 };
             }
-            Ok(Err(e)) => format!("{e} (exit code {})", e.exit_code()),
+            Ok(Err(e)) => e.to_string(),
             Err(e) if e.is_panic() => {
                 let payload = e.into_panic();
                 let msg = payload
