@@ -504,13 +504,34 @@ fn dispatch_base_request(requests: &[(String, PathBuf, mpsc::UnboundedSender<()>
     }
 }
 
+/// A future that resolves when the service is to stop.
+type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// Runs one database until asked to stop, starting it again after each failure.
 async fn supervise(
     db: Database,
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
-    mut requests: mpsc::UnboundedReceiver<()>,
+    requests: mpsc::UnboundedReceiver<()>,
 ) -> DatabaseSummary {
+    supervise_with(db, metrics, stop, requests, |o, m, shutdown, rx| {
+        service::run_with_metrics(o, m, shutdown, rx)
+    })
+    .await
+}
+
+/// [`supervise`] with the service given by `start`.
+async fn supervise_with<F, Fut>(
+    db: Database,
+    metrics: Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+    mut requests: mpsc::UnboundedReceiver<()>,
+    start: F,
+) -> DatabaseSummary
+where
+    F: Fn(ArchiverOptions, Arc<Metrics>, Shutdown, mpsc::UnboundedReceiver<()>) -> Fut,
+    Fut: Future<Output = Result<RunSummary, ServiceError>> + Send + 'static,
+{
     let one_shot = db.options.exit_when_caught_up;
     let mut failures = 0u64;
     let mut delay = RETRY_MIN;
@@ -519,12 +540,11 @@ async fn supervise(
         let started = Instant::now();
         let (tx, rx) = mpsc::unbounded_channel();
         let mut stopped = stop.clone();
-        let shutdown = async move {
+        let shutdown: Shutdown = Box::pin(async move {
             let _ = stopped.wait_for(|s| *s).await;
-        };
+        });
         let mut task = tokio::spawn(
-            service::run_with_metrics(db.options.clone(), Arc::clone(&metrics), shutdown, rx)
-                .in_current_span(),
+            start(db.options.clone(), Arc::clone(&metrics), shutdown, rx).in_current_span(),
         );
         let outcome = loop {
             tokio::select! {
@@ -794,6 +814,92 @@ mod tests {
         assert!(nested(&u("file:///srv/r"), &u("file:///srv/r/t")));
         assert!(!nested(&u("file:///srv/r"), &u("file:///srv/rt")));
         assert!(!nested(&u("file:///srv/r"), &u("s3://srv/r")));
+    }
+
+    /// A service that panics at its first start, fails at its second, and runs until told
+    /// to stop at its third.
+    fn flaky(
+        attempts: Arc<std::sync::atomic::AtomicU32>,
+    ) -> impl Fn(
+        ArchiverOptions,
+        Arc<Metrics>,
+        Shutdown,
+        mpsc::UnboundedReceiver<()>,
+    )
+        -> std::pin::Pin<Box<dyn Future<Output = Result<RunSummary, ServiceError>> + Send>> {
+        move |_, m, shutdown, _| {
+            let n = attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                match n {
+                    0 => panic!("a bug"),
+                    1 => Err(ServiceError::Other("the store is down".into())),
+                    _ => {
+                        m.set_phase(Phase::Running);
+                        shutdown.await;
+                        m.set_phase(Phase::Stopped);
+                        Ok(RunSummary::default())
+                    }
+                }
+            })
+        }
+    }
+
+    fn database() -> Database {
+        Database {
+            name: "a".into(),
+            options: ArchiverOptions::default(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_database_that_panics_or_fails_is_started_again_until_it_runs() {
+        let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let metrics = Arc::new(Metrics::new());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (_requests, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(supervise_with(
+            database(),
+            Arc::clone(&metrics),
+            stop_rx,
+            rx,
+            flaky(Arc::clone(&attempts)),
+        ));
+        while metrics.phase() != Phase::Running {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (failures, error) = metrics.failures();
+        assert_eq!(failures, 2);
+        assert_eq!(error.as_deref(), Some("the store is down"));
+        stop_tx.send(true).unwrap();
+        let summary = task.await.unwrap();
+        assert_eq!(summary.status, "ok");
+        assert_eq!(summary.failures, 2);
+        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_one_shot_run_is_not_retried_and_a_panic_is_reported() {
+        let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let metrics = Arc::new(Metrics::new());
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let (_requests, rx) = mpsc::unbounded_channel();
+        let mut db = database();
+        db.options.exit_when_caught_up = true;
+        let summary = supervise_with(
+            db,
+            Arc::clone(&metrics),
+            stop_rx,
+            rx,
+            flaky(Arc::clone(&attempts)),
+        )
+        .await;
+        assert_eq!(summary.status, "failed");
+        assert_eq!(
+            summary.error.as_deref(),
+            Some("the archiving task panicked: a bug")
+        );
+        assert_eq!(metrics.phase(), Phase::Failed);
+        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]
