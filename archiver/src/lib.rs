@@ -13,12 +13,14 @@
 //!
 //! Beside it, [`base`] takes base backups (a careful external copy of the live database,
 //! SSTs uploaded content-addressed), [`lease`] keeps a second archiver off the same
-//! repository, [`prune`] applies a retention policy (mark, then sweep), [`service`] runs it all as a long-lived process, and [`metrics`] reports on
-//! it to Prometheus.
+//! repository, [`prune`] applies a retention policy (mark, then sweep), [`service`] runs it
+//! all as a long-lived process, [`fleet`] runs several databases in one process, each on its
+//! own, and [`metrics`] reports on it to Prometheus.
 
 pub mod base;
 pub mod check;
 pub mod checkpoint;
+pub mod fleet;
 pub mod follow;
 pub mod lease;
 pub mod metrics;

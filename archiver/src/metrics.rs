@@ -37,6 +37,9 @@ pub enum Phase {
     Stopping,
     /// Stopped (cleanly or with an error); the process is about to exit.
     Stopped,
+    /// Stopped with an error and waiting to be started again (one of several databases
+    /// archived by one process, see [`crate::fleet`]).
+    Failed,
 }
 
 impl std::fmt::Display for Phase {
@@ -46,6 +49,7 @@ impl std::fmt::Display for Phase {
             Phase::Running => "running",
             Phase::Stopping => "stopping",
             Phase::Stopped => "stopped",
+            Phase::Failed => "failed",
         })
     }
 }
@@ -95,6 +99,9 @@ struct State {
     base_failures: u64,
     lease_expires_us: Option<i64>,
     generation: u64,
+    /// Times the service failed and was started again (several databases per process).
+    failures: u64,
+    last_error: Option<String>,
 }
 
 /// The archiver's metrics, shared (in an `Arc`) by the service, its shipper and checkpoint
@@ -128,6 +135,21 @@ impl Metrics {
     /// Where the service is.
     pub fn phase(&self) -> Phase {
         self.with(|s| s.phase)
+    }
+
+    /// The service stopped with `error` and will be started again: phase
+    /// [`Phase::Failed`], one more failure counted.
+    pub fn failed(&self, error: &str) {
+        self.with(|s| {
+            s.phase = Phase::Failed;
+            s.failures += 1;
+            s.last_error = Some(error.to_owned());
+        });
+    }
+
+    /// How often the service failed, and the last error.
+    pub fn failures(&self) -> (u64, Option<String>) {
+        self.with(|s| (s.failures, s.last_error.clone()))
     }
 
     /// What the repository holds when the service starts: the newest archived sequence and
@@ -224,11 +246,26 @@ impl Metrics {
     }
 
     fn render_at(&self, now_us: i64, store_retries: u64) -> String {
+        let mut out = Exposition::default();
+        self.write_to(&mut out, "", now_us, Some(store_retries));
+        out.finish()
+    }
+
+    /// Writes this registry's samples into `out`, each series with `labels`
+    /// (`database="orders"`, or none); the process-wide store retries counter only when
+    /// `store_retries` is given, without labels.
+    fn write_to(
+        &self,
+        out: &mut Exposition,
+        labels: &str,
+        now_us: i64,
+        store_retries: Option<u64>,
+    ) {
         let secs = |us: Option<i64>| us.map_or(0.0, |t| t as f64 / 1e6);
         self.with(|s| {
-            let mut out = Exposition::default();
             out.gauge(
                 "tidemark_archive_lag_seconds",
+                labels,
                 "Seconds since the time of the oldest record read from the WAL that is not durable \
                  in the repository yet (its time marker, or when it was read); 0 when every \
                  record read is durable.",
@@ -237,86 +274,104 @@ impl Metrics {
             );
             out.gauge(
                 "tidemark_newest_read_sequence",
+                labels,
                 "The last sequence number read from the WAL (0: none).",
                 s.newest_read_seq as f64,
             );
             out.gauge(
                 "tidemark_newest_durable_sequence",
+                labels,
                 "The last sequence number durable in the repository (0: none).",
                 s.newest_durable_seq as f64,
             );
             out.gauge(
                 "tidemark_newest_durable_record_timestamp_seconds",
+                labels,
                 "Time of the newest durable record, in seconds since the epoch (0: none).",
                 secs(s.newest_durable_time_us),
             );
             out.gauge(
                 "tidemark_last_segment_upload_timestamp_seconds",
+                labels,
                 "When this process last uploaded a segment, in seconds since the epoch (0: not yet).",
                 secs(s.last_upload_us),
             );
             out.histogram(
                 "tidemark_segment_upload_duration_seconds",
+                labels,
                 "Time taken to upload one segment, the store's retries included.",
                 &s.upload_seconds,
             );
             out.gauge(
                 "tidemark_last_base_backup_timestamp_seconds",
+                labels,
                 "When the newest base backup in the repository was taken, in seconds since the \
                  epoch (0: none).",
                 secs(s.last_base_us),
             );
             out.gauge(
                 "tidemark_last_base_backup_sequence",
+                labels,
                 "The newest base backup's earliest point: the last sequence number its files hold \
                  (0: none). No base is taken on schedule while nothing is written after it.",
                 s.last_base_seq as f64,
             );
             out.gauge(
                 "tidemark_base_backup_duration_seconds",
+                labels,
                 "How long the last base backup taken by this process took (0: none yet).",
                 s.last_base_seconds,
             );
             out.counter(
                 "tidemark_archived_bytes_total",
+                labels,
                 "WAL bytes (uncompressed records) in the segments this process uploaded.",
                 s.archived_bytes,
             );
             out.counter(
                 "tidemark_stored_bytes_total",
+                labels,
                 "Bytes of the segment objects this process uploaded (compressed).",
                 s.stored_bytes,
             );
             out.counter(
                 "tidemark_archived_records_total",
+                labels,
                 "WAL records in the segments this process uploaded.",
                 s.archived_records,
             );
             out.counter(
                 "tidemark_segments_uploaded_total",
+                labels,
                 "Segments this process uploaded.",
                 s.segments,
             );
             out.counter(
                 "tidemark_upload_failures_total",
+                labels,
                 "Segment uploads that failed after the store's own retries (the segment is kept \
                  and uploaded again).",
                 s.upload_failures,
             );
-            out.counter(
-                "tidemark_store_retries_total",
-                "Object store requests retried after a transient failure (throttling, timeouts, \
-                 resets, 5xx).",
-                store_retries,
-            );
+            if let Some(n) = store_retries {
+                out.counter(
+                    "tidemark_store_retries_total",
+                    "",
+                    "Object store requests retried after a transient failure (throttling, \
+                     timeouts, resets, 5xx), any request of the process.",
+                    n,
+                );
+            }
             out.counter(
                 "tidemark_gaps_detected_total",
+                labels,
                 "Gaps (WAL lost before it was archived, column family changes) this process \
                  detected.",
                 s.gaps,
             );
             out.gauge(
                 "tidemark_lease_held",
+                labels,
                 "1 while this process holds the repository's writer lease, else 0.",
                 if s.lease_expires_us.is_some_and(|t| now_us < t) {
                     1.0
@@ -326,63 +381,211 @@ impl Metrics {
             );
             out.counter(
                 "tidemark_base_backups_total",
+                labels,
                 "Base backups this process took.",
                 s.bases,
             );
             out.counter(
                 "tidemark_base_backup_failures_total",
+                labels,
                 "Base backups that failed in this process (each is tried again a minute later).",
                 s.base_failures,
             );
             out.gauge(
                 "tidemark_manifest_generation",
+                labels,
                 "The newest manifest generation written or read.",
                 s.generation as f64,
             );
-            out.text
         })
     }
 }
 
+/// What the HTTP server answers: the metrics and the health check.
+pub trait Exporter: Send + Sync + 'static {
+    /// `/metrics`: the text exposition format 0.0.4, as of now.
+    fn render(&self) -> String;
+    /// `/health`: healthy or not, and the body.
+    fn health(&self) -> (bool, String);
+}
+
+impl Exporter for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
+    }
+
+    fn health(&self) -> (bool, String) {
+        match self.phase() {
+            Phase::Running => (true, "ok\n".to_owned()),
+            phase => (false, format!("{phase}\n")),
+        }
+    }
+}
+
+/// The metrics of several databases archived by one process: every series of a database's
+/// registry carries the label `database="<name>"`, the store retries counter (which belongs
+/// to the whole process) has none, and two families say how each database fares:
+/// `tidemark_database_up` and `tidemark_database_failures_total`.
+#[derive(Debug, Default)]
+pub struct FleetMetrics {
+    databases: Vec<(String, Arc<Metrics>)>,
+}
+
+impl FleetMetrics {
+    /// The registries of the databases, by name, in the order they are shown.
+    pub fn new(databases: Vec<(String, Arc<Metrics>)>) -> FleetMetrics {
+        FleetMetrics { databases }
+    }
+
+    fn render_at(&self, now_us: i64, store_retries: u64) -> String {
+        let mut out = Exposition::default();
+        for (i, (name, m)) in self.databases.iter().enumerate() {
+            let retries = (i == 0).then_some(store_retries);
+            m.write_to(&mut out, &label("database", name), now_us, retries);
+        }
+        for (name, m) in &self.databases {
+            let labels = label("database", name);
+            let (failures, _) = m.failures();
+            out.gauge(
+                "tidemark_database_up",
+                &labels,
+                "1 while the database is being archived (lease held, following the WAL), 0 \
+                 while it starts, stops, or failed and waits to be started again.",
+                if m.phase() == Phase::Running {
+                    1.0
+                } else {
+                    0.0
+                },
+            );
+            out.counter(
+                "tidemark_database_failures_total",
+                &labels,
+                "Times archiving the database failed (it is started again after a backoff).",
+                failures,
+            );
+        }
+        out.finish()
+    }
+}
+
+impl Exporter for FleetMetrics {
+    fn render(&self) -> String {
+        self.render_at(now_us(), tidemark_manifest::store::retries_total())
+    }
+
+    /// Healthy when every database is being archived. The body's first line is `ok` or
+    /// `unhealthy`, then one line per database: `NAME: PHASE`, and for a failed one how
+    /// often it failed and the last error.
+    fn health(&self) -> (bool, String) {
+        let mut healthy = true;
+        let mut lines = String::new();
+        for (name, m) in &self.databases {
+            let phase = m.phase();
+            healthy &= phase == Phase::Running;
+            let _ = write!(lines, "{name}: {phase}");
+            if phase == Phase::Failed {
+                let (failures, error) = m.failures();
+                let error = error.unwrap_or_default().replace('\n', " ");
+                let _ = write!(lines, " ({failures} failures, retrying): {error}");
+            }
+            lines.push('\n');
+        }
+        let head = if healthy { "ok" } else { "unhealthy" };
+        (healthy, format!("{head}\n{lines}"))
+    }
+}
+
 /// Builds text in the exposition format: a `# HELP` and a `# TYPE` line, then the samples of
-/// each family.
+/// each family (of every label set written into it), families in the order first written.
 #[derive(Debug, Default)]
 struct Exposition {
-    text: String,
+    families: Vec<Family>,
+}
+
+#[derive(Debug)]
+struct Family {
+    name: String,
+    kind: &'static str,
+    help: String,
+    samples: Vec<String>,
 }
 
 impl Exposition {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let help = help.replace('\\', "\\\\").replace('\n', "\\n");
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+    fn family(&mut self, name: &str, kind: &'static str, help: &str) -> &mut Vec<String> {
+        let i = match self.families.iter().position(|f| f.name == name) {
+            Some(i) => i,
+            None => {
+                self.families.push(Family {
+                    name: name.to_owned(),
+                    kind,
+                    help: help.replace('\\', "\\\\").replace('\n', "\\n"),
+                    samples: Vec::new(),
+                });
+                self.families.len() - 1
+            }
+        };
+        &mut self.families[i].samples
     }
 
-    fn gauge(&mut self, name: &str, help: &str, v: f64) {
-        self.family(name, "gauge", help);
-        let _ = writeln!(self.text, "{name} {}", fmt_value(v));
+    fn gauge(&mut self, name: &str, labels: &str, help: &str, v: f64) {
+        let line = format!("{name}{} {}", braces(labels), fmt_value(v));
+        self.family(name, "gauge", help).push(line);
     }
 
-    fn counter(&mut self, name: &str, help: &str, v: u64) {
-        self.family(name, "counter", help);
-        let _ = writeln!(self.text, "{name} {v}");
+    fn counter(&mut self, name: &str, labels: &str, help: &str, v: u64) {
+        let line = format!("{name}{} {v}", braces(labels));
+        self.family(name, "counter", help).push(line);
     }
 
-    fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
-        self.family(name, "histogram", help);
+    fn histogram(&mut self, name: &str, labels: &str, help: &str, h: &Histogram) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut lines = Vec::new();
         let mut cumulative = 0;
         for (bound, n) in UPLOAD_BUCKETS.iter().zip(h.counts) {
             cumulative += n;
-            let _ = writeln!(
-                self.text,
-                "{name}_bucket{{le=\"{}\"}} {cumulative}",
+            lines.push(format!(
+                "{name}_bucket{{{labels}{sep}le=\"{}\"}} {cumulative}",
                 fmt_value(*bound)
-            );
+            ));
         }
-        let _ = writeln!(self.text, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
-        let _ = writeln!(self.text, "{name}_sum {}", fmt_value(h.sum));
-        let _ = writeln!(self.text, "{name}_count {}", h.count);
+        lines.push(format!(
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            h.count
+        ));
+        lines.push(format!("{name}_sum{} {}", braces(labels), fmt_value(h.sum)));
+        lines.push(format!("{name}_count{} {}", braces(labels), h.count));
+        self.family(name, "histogram", help).extend(lines);
     }
+
+    fn finish(&self) -> String {
+        let mut text = String::new();
+        for f in &self.families {
+            let _ = writeln!(text, "# HELP {} {}", f.name, f.help);
+            let _ = writeln!(text, "# TYPE {} {}", f.name, f.kind);
+            for line in &f.samples {
+                let _ = writeln!(text, "{line}");
+            }
+        }
+        text
+    }
+}
+
+/// `{labels}`, or nothing for no labels.
+fn braces(labels: &str) -> String {
+    if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    }
+}
+
+/// One label pair, `name="value"`, with the value escaped as the format wants.
+fn label(name: &str, value: &str) -> String {
+    let value = value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!("{name}=\"{value}\"")
 }
 
 /// A sample value as the exposition format spells it.
@@ -427,7 +630,7 @@ impl Drop for MetricsServer {
 
 /// Listens on `addr` (`HOST:PORT`; port 0 picks a free one, logged as "metrics listening on
 /// ADDR") and serves `metrics` until the returned server is dropped.
-pub async fn serve(addr: &str, metrics: Arc<Metrics>) -> io::Result<MetricsServer> {
+pub async fn serve<E: Exporter>(addr: &str, metrics: Arc<E>) -> io::Result<MetricsServer> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     tracing::info!("metrics listening on {local}");
@@ -435,7 +638,7 @@ pub async fn serve(addr: &str, metrics: Arc<Metrics>) -> io::Result<MetricsServe
     Ok(MetricsServer { addr: local, task })
 }
 
-async fn accept_loop(listener: TcpListener, metrics: Arc<Metrics>) {
+async fn accept_loop<E: Exporter>(listener: TcpListener, metrics: Arc<E>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
@@ -453,13 +656,13 @@ async fn accept_loop(listener: TcpListener, metrics: Arc<Metrics>) {
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             let _slot = slot;
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, handle(stream, &metrics)).await;
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, handle(stream, &*metrics)).await;
         });
     }
 }
 
 /// Reads one request, answers it and closes the connection.
-async fn handle(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
+async fn handle(mut stream: TcpStream, metrics: &dyn Exporter) -> io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let response = loop {
@@ -551,7 +754,7 @@ impl Response {
 }
 
 /// The answer to a request head.
-fn respond(head: &[u8], metrics: &Metrics) -> Response {
+fn respond(head: &[u8], metrics: &dyn Exporter) -> Response {
     let bad = || Response::text(400, "Bad Request", "bad request\n");
     let Ok(text) = std::str::from_utf8(head) else {
         return bad();
@@ -572,9 +775,9 @@ fn respond(head: &[u8], metrics: &Metrics) -> Response {
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             ..Response::text(200, "OK", &metrics.render())
         },
-        ("GET" | "HEAD", "/health") => match metrics.phase() {
-            Phase::Running => Response::text(200, "OK", "ok\n"),
-            phase => Response::text(503, "Service Unavailable", &format!("{phase}\n")),
+        ("GET" | "HEAD", "/health") => match metrics.health() {
+            (true, body) => Response::text(200, "OK", &body),
+            (false, body) => Response::text(503, "Service Unavailable", &body),
         },
         (_, "/metrics" | "/health") => Response {
             allow: true,
@@ -868,6 +1071,66 @@ mod tests {
     }
 
     #[test]
+    fn several_databases_render_one_family_each_with_a_label_per_database() {
+        let (a, b) = (Arc::new(Metrics::new()), Arc::new(Metrics::new()));
+        let fleet = FleetMetrics::new(vec![
+            ("orders".into(), Arc::clone(&a)),
+            ("users".into(), Arc::clone(&b)),
+        ]);
+        a.set_phase(Phase::Running);
+        a.segment_uploaded(&entry(1, 4, 2, T0), Duration::from_millis(300), None);
+        b.failed("cannot read /srv/users: gone");
+        let p = parse(&fleet.render_at(T0, 7));
+        let v = |s: &str| *p.samples.get(s).unwrap_or_else(|| panic!("no {s}"));
+        assert_eq!(
+            v("tidemark_newest_durable_sequence{database=\"orders\"}"),
+            4.0
+        );
+        assert_eq!(
+            v("tidemark_newest_durable_sequence{database=\"users\"}"),
+            0.0
+        );
+        assert_eq!(
+            v("tidemark_segment_upload_duration_seconds_bucket{database=\"orders\",le=\"0.5\"}"),
+            1.0
+        );
+        assert_eq!(
+            v("tidemark_segment_upload_duration_seconds_count{database=\"users\"}"),
+            0.0
+        );
+        // The store's retries belong to the process: one series, no label.
+        assert_eq!(v("tidemark_store_retries_total"), 7.0);
+        assert!(
+            !p.samples
+                .keys()
+                .any(|k| k.starts_with("tidemark_store_retries_total{"))
+        );
+        assert_eq!(v("tidemark_database_up{database=\"orders\"}"), 1.0);
+        assert_eq!(v("tidemark_database_up{database=\"users\"}"), 0.0);
+        assert_eq!(
+            v("tidemark_database_failures_total{database=\"users\"}"),
+            1.0
+        );
+        assert_eq!(p.types.len(), 22);
+        // Every other series carries the database label, once per database.
+        for series in p.samples.keys() {
+            if series != "tidemark_store_retries_total" {
+                assert!(series.contains("database=\""), "{series}");
+            }
+        }
+        let (head, body) = request(&fleet, "GET /health HTTP/1.1\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+        assert_eq!(
+            body,
+            "unhealthy\norders: running\nusers: failed (1 failures, retrying): cannot read /srv/users: gone\n"
+        );
+        b.set_phase(Phase::Running);
+        let (head, body) = request(&fleet, "GET /health HTTP/1.1\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert_eq!(body, "ok\norders: running\nusers: running\n");
+    }
+
+    #[test]
     fn values_are_spelled_as_the_format_wants() {
         assert_eq!(fmt_value(f64::INFINITY), "+Inf");
         assert_eq!(fmt_value(f64::NEG_INFINITY), "-Inf");
@@ -875,11 +1138,13 @@ mod tests {
         assert_eq!(fmt_value(0.25), "0.25");
         assert_eq!(fmt_value(1767225600.123456), "1767225600.123456");
         let mut e = Exposition::default();
-        e.gauge("x", "a \\ b\nc", 1.0);
-        assert!(e.text.starts_with("# HELP x a \\\\ b\\nc\n"), "{}", e.text);
+        e.gauge("x", "", "a \\ b\nc", 1.0);
+        let text = e.finish();
+        assert!(text.starts_with("# HELP x a \\\\ b\\nc\n"), "{text}");
+        assert_eq!(label("database", "a\"b\\c\nd"), r#"database="a\"b\\c\nd""#);
     }
 
-    fn request(m: &Metrics, head: &str) -> (String, String) {
+    fn request(m: &dyn Exporter, head: &str) -> (String, String) {
         let bytes = respond(head.as_bytes(), m).to_bytes();
         let text = String::from_utf8(bytes).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();

@@ -383,7 +383,7 @@ async fn resume_position(
     ))
 }
 
-fn default_scratch(db: &Path) -> PathBuf {
+pub(crate) fn default_scratch(db: &Path) -> PathBuf {
     let name = db
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -408,7 +408,7 @@ fn is_retryable(e: &ShipError) -> bool {
 pub async fn run(
     opts: ArchiverOptions,
     shutdown: impl Future<Output = ()>,
-    mut base_requests: tokio::sync::mpsc::UnboundedReceiver<()>,
+    base_requests: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> Result<RunSummary, ServiceError> {
     let metrics = Arc::new(Metrics::new());
     let _metrics_server = match &opts.metrics_addr {
@@ -422,6 +422,17 @@ pub async fn run(
         ),
         None => None,
     };
+    run_with_metrics(opts, metrics, shutdown, base_requests).await
+}
+
+/// What [`run`] does, reporting to `metrics` without serving them (`opts.metrics_addr` is
+/// not used): the caller serves them, as [`crate::fleet`] does for several databases.
+pub async fn run_with_metrics(
+    opts: ArchiverOptions,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+    mut base_requests: tokio::sync::mpsc::UnboundedReceiver<()>,
+) -> Result<RunSummary, ServiceError> {
     let check = check_database(&opts.db, opts.wal_dir.as_deref())?;
     let repo = opts.store.open(&opts.to, true).await?;
     tracing::info!(db = %opts.db.display(), to = %repo.location(), "starting");
@@ -824,9 +835,9 @@ async fn run_with_lease(
                 ..BaseOptions::default()
             };
             tracing::info!("taking a base backup");
-            base_task = Some(tokio::spawn(async move {
-                take_base_backup(&db, &wal, &scratch, &repo2, &base_opts).await
-            }));
+            base_task = Some(tokio::spawn(tracing::Instrument::in_current_span(
+                async move { take_base_backup(&db, &wal, &scratch, &repo2, &base_opts).await },
+            )));
         }
 
         // 5. Retention, between base backups and with every closed segment shipped.

@@ -4,7 +4,9 @@
 //! 2 bad usage or an unarchivable database (the message says what to change); 3 another
 //! archiver holds the repository (or took it over); 4 (`status` only) a threshold given on
 //! the command line was exceeded. `prune` exits 2 for an invalid policy and 3 while an
-//! archiver holds the repository.
+//! archiver holds the repository. With a config file that lists `[[databases]]`, `run` and
+//! `backup` exit 0 when every database ended cleanly and 1 when any had failed (the JSON
+//! summary on standard output names them); 2 still means bad usage, nothing started.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use tidemark_archiver::fleet::{self, FleetConfig};
 use tidemark_archiver::lease::LeaseError;
 use tidemark_archiver::prune::{self, PruneError, PruneOptions};
 use tidemark_archiver::service::{self, ArchiverOptions};
@@ -35,11 +38,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the archiver service until SIGTERM or SIGINT. SIGUSR1 takes a base backup now.
+    /// Run the archiver service until SIGTERM or SIGINT. SIGUSR1 takes a base backup now
+    /// (of every database, when the config file lists several).
     Run(RunArgs),
     /// Take a base backup now: signals the archiver running on this host, or, if none runs,
     /// archives the WAL up to now, takes the base backup and exits.
-    Backup(RunArgs),
+    Backup(BackupArgs),
     /// Show what a repository can restore and how fresh it is.
     Status(StatusArgs),
     /// Apply a retention policy: drop base backups and WAL the policy does not keep, then
@@ -92,6 +96,15 @@ struct RunArgs {
 }
 
 #[derive(Debug, Args)]
+struct BackupArgs {
+    /// Only this database of a config file that lists several ([[databases]] name).
+    #[arg(long, value_name = "NAME")]
+    database: Option<String>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Args)]
 struct StatusArgs {
     /// The repository: s3://BUCKET/PREFIX or file:///ABSOLUTE/DIR.
     #[arg(long, env = "TIDEMARK_TO", value_name = "URL")]
@@ -117,6 +130,9 @@ struct PruneArgs {
     /// The archiver's TOML config: its `to`, `[store]` and `[retention]` apply (flags win).
     #[arg(long, env = "TIDEMARK_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    /// With a config that lists `[[databases]]`: the database whose repository to prune.
+    #[arg(long, value_name = "NAME")]
+    database: Option<String>,
     /// Keep the newest N base backups.
     #[arg(long, value_name = "N")]
     keep_last: Option<usize>,
@@ -169,9 +185,35 @@ fn merge_store(o: &mut StoreArgs, s: StoreArgs) {
 
 /// The repository and policy for `prune`: config file, then flags and environment.
 fn prune_options(args: PruneArgs) -> anyhow::Result<(String, StoreArgs, PruneOptions, Duration)> {
-    let file = match &args.config {
-        Some(path) => read_config(path)?,
-        None => ArchiverOptions::default(),
+    let file = match (&args.config, &args.database) {
+        (Some(path), database) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            let invalid = || format!("invalid config file {}", path.display());
+            if fleet::lists_databases(&text).with_context(invalid)? {
+                let Some(name) = database else {
+                    anyhow::bail!(
+                        "{} lists [[databases]]: say which one to prune with --database NAME",
+                        path.display()
+                    );
+                };
+                let mut config = FleetConfig::parse(&text).with_context(invalid)?;
+                config.select(name).with_context(invalid)?;
+                config.databases.remove(0).options
+            } else if let Some(name) = database {
+                anyhow::bail!(
+                    "--database {name} needs a config file that lists [[databases]] (--config FILE)"
+                );
+            } else {
+                read_config(path)?
+            }
+        }
+        (None, Some(name)) => {
+            anyhow::bail!(
+                "--database {name} needs a config file that lists [[databases]] (--config FILE)"
+            )
+        }
+        (None, None) => ArchiverOptions::default(),
     };
     let mut store = file.store;
     merge_store(&mut store, args.store);
@@ -238,21 +280,98 @@ async fn prune_cmd(args: PruneArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Options from the config file, then flags and environment on top.
-fn options(args: RunArgs) -> anyhow::Result<ArchiverOptions> {
-    let mut o = match &args.config {
-        Some(path) => read_config(path)?,
-        None => ArchiverOptions::default(),
+/// What `run` and `backup` archive: one database, or the `[[databases]]` of the config file.
+enum Plan {
+    One(Box<ArchiverOptions>),
+    Many(FleetConfig),
+}
+
+/// Options from the config file, then flags and environment on top. `database` keeps one
+/// database of a config file that lists several.
+fn options(args: RunArgs, database: Option<&str>) -> anyhow::Result<Plan> {
+    let text = match &args.config {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?,
+        ),
+        None => None,
     };
-    if let Some(v) = args.db {
-        o.db = v;
+    if let (Some(path), Some(text)) = (&args.config, &text)
+        && fleet::lists_databases(text)
+            .with_context(|| format!("invalid config file {}", path.display()))?
+    {
+        if args.db.is_some() || args.to.is_some() || args.wal_dir.is_some() {
+            anyhow::bail!(
+                "--db, --to and --wal-dir (or TIDEMARK_DB, TIDEMARK_TO, TIDEMARK_WAL_DIR) cannot \
+                 be used with {}, which lists [[databases]]: each database sets its own in its table",
+                path.display()
+            );
+        }
+        let invalid = || format!("invalid config file {}", path.display());
+        let mut config = FleetConfig::parse(text).with_context(invalid)?;
+        if let Some(name) = database {
+            config.select(name).with_context(invalid)?;
+        }
+        for d in &mut config.databases {
+            apply_flags(&args, &mut d.options);
+            if let Some(dir) = &args.scratch_dir {
+                d.options.scratch_dir = Some(dir.join(&d.name));
+            }
+        }
+        if args.metrics_addr.is_some() {
+            config.metrics_addr = args.metrics_addr.clone();
+        }
+        config.validate().with_context(invalid)?;
+        for d in &config.databases {
+            validate(&d.options).with_context(|| format!("database {}", d.name))?;
+        }
+        return Ok(Plan::Many(config));
     }
-    if let Some(v) = args.to {
-        o.to = v;
+    if let Some(name) = database {
+        anyhow::bail!(
+            "--database {name} needs a config file that lists [[databases]] (--config FILE)"
+        );
+    }
+    let mut o = match (&args.config, &text) {
+        (Some(path), Some(text)) => toml::from_str::<ArchiverOptions>(text)
+            .with_context(|| format!("invalid config file {}", path.display()))?,
+        _ => ArchiverOptions::default(),
+    };
+    apply_flags(&args, &mut o);
+    if let Some(v) = &args.db {
+        o.db = v.clone();
+    }
+    if let Some(v) = &args.to {
+        o.to = v.clone();
     }
     if args.wal_dir.is_some() {
-        o.wal_dir = args.wal_dir;
+        o.wal_dir = args.wal_dir.clone();
     }
+    if args.scratch_dir.is_some() {
+        o.scratch_dir = args.scratch_dir.clone();
+    }
+    if args.metrics_addr.is_some() {
+        o.metrics_addr = args.metrics_addr.clone();
+    }
+    if o.db.as_os_str().is_empty() {
+        anyhow::bail!(
+            "no database given: pass --db PATH (or TIDEMARK_DB, or db = \"...\" in --config)"
+        );
+    }
+    if o.to.is_empty() {
+        anyhow::bail!(
+            "no repository given: pass --to s3://BUCKET/PREFIX or --to file:///ABSOLUTE/DIR"
+        );
+    }
+    if o.sync_interval.is_zero() || o.base_interval.is_zero() || o.checkpoint_interval.is_zero() {
+        anyhow::bail!("intervals must be greater than zero");
+    }
+    validate(&o)?;
+    Ok(Plan::One(Box::new(o)))
+}
+
+/// The flags every database shares, over what the config file says.
+fn apply_flags(args: &RunArgs, o: &mut ArchiverOptions) {
     if let Some(v) = args.sync_interval {
         o.sync_interval = v;
     }
@@ -265,17 +384,16 @@ fn options(args: RunArgs) -> anyhow::Result<ArchiverOptions> {
     if let Some(v) = args.max_segment_bytes {
         o.max_segment_bytes = v;
     }
-    if args.scratch_dir.is_some() {
-        o.scratch_dir = args.scratch_dir;
-    }
     o.exit_when_caught_up |= args.exit_when_caught_up;
-    if args.metrics_addr.is_some() {
-        o.metrics_addr = args.metrics_addr;
-    }
-    merge_store(&mut o.store, args.store);
+    merge_store(&mut o.store, args.store.clone());
     if let Some(v) = args.upload_concurrency {
         o.upload_concurrency = v;
     }
+}
+
+/// Checks one database's options once flags are applied (each of a config's
+/// `[[databases]]` too).
+fn validate(o: &ArchiverOptions) -> anyhow::Result<()> {
     if !(1..=64).contains(&o.upload_concurrency) {
         anyhow::bail!(
             "upload concurrency {} is out of range: give --upload-concurrency (or \
@@ -284,25 +402,12 @@ fn options(args: RunArgs) -> anyhow::Result<ArchiverOptions> {
             o.upload_concurrency
         );
     }
-    if o.db.as_os_str().is_empty() {
-        anyhow::bail!(
-            "no database given: pass --db PATH (or TIDEMARK_DB, or db = \"...\" in --config)"
-        );
-    }
-    if o.to.is_empty() {
-        anyhow::bail!(
-            "no repository given: pass --to s3://BUCKET/PREFIX or --to file:///ABSOLUTE/DIR"
-        );
-    }
     // Bad store options are bad usage, whatever the command does first.
     o.store.s3_options()?;
-    if o.sync_interval.is_zero() || o.base_interval.is_zero() || o.checkpoint_interval.is_zero() {
-        anyhow::bail!("intervals must be greater than zero");
-    }
     if let Some(r) = &o.retention {
         r.rules()?;
     }
-    Ok(o)
+    Ok(())
 }
 
 fn init_logs(json: bool) {
@@ -330,7 +435,8 @@ async fn shutdown_signal() {
     }
 }
 
-async fn run_service(o: ArchiverOptions) -> Result<ExitCode, anyhow::Error> {
+/// SIGUSR1, as a stream of base backup requests.
+fn base_requests() -> anyhow::Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
         .context("cannot install the SIGUSR1 handler")?;
@@ -341,6 +447,11 @@ async fn run_service(o: ArchiverOptions) -> Result<ExitCode, anyhow::Error> {
             }
         }
     });
+    Ok(rx)
+}
+
+async fn run_service(o: ArchiverOptions) -> Result<ExitCode, anyhow::Error> {
+    let rx = base_requests()?;
     match service::run(o, shutdown_signal(), rx).await {
         Ok(summary) => {
             println!("{}", serde_json::to_string(&summary)?);
@@ -353,8 +464,33 @@ async fn run_service(o: ArchiverOptions) -> Result<ExitCode, anyhow::Error> {
     }
 }
 
-/// `backup`: signal a running archiver on this host, or do it in one shot.
-async fn backup(o: ArchiverOptions) -> anyhow::Result<ExitCode> {
+/// Several databases: a summary line of JSON on standard output; exit code 0 when every
+/// database ended cleanly, 1 when any had failed.
+async fn run_fleet(config: FleetConfig) -> Result<ExitCode, anyhow::Error> {
+    let rx = base_requests()?;
+    match fleet::run(config, shutdown_signal(), rx).await {
+        Ok(summary) => {
+            println!("{}", serde_json::to_string(&summary)?);
+            let failed = summary.failed();
+            if !failed.is_empty() {
+                eprintln!(
+                    "tidemark-archiver: {} of {} databases had failed: {}",
+                    failed.len(),
+                    summary.databases.len(),
+                    failed.join(", ")
+                );
+            }
+            Ok(ExitCode::from(summary.exit_code()))
+        }
+        Err(e) => {
+            eprintln!("tidemark-archiver: {e}");
+            Ok(ExitCode::from(e.exit_code() as u8))
+        }
+    }
+}
+
+/// The pid of the archiver holding this repository's lease on this host, if one runs.
+async fn running_archiver(o: &ArchiverOptions) -> anyhow::Result<Option<u32>> {
     let repo = o.store.open(&o.to, true).await?;
     if let Some(report) = status::status(&repo).await.ok().and_then(|s| s.lease)
         && !report.expired
@@ -367,23 +503,74 @@ async fn backup(o: ArchiverOptions) -> anyhow::Result<ExitCode> {
                 report.pid
             );
         }
-        let status = std::process::Command::new("kill")
-            .args(["-USR1", &report.pid.to_string()])
-            .status()
-            .context("cannot run kill")?;
-        if !status.success() {
-            anyhow::bail!("could not signal the archiver (pid {})", report.pid);
-        }
-        println!(
-            "asked the running archiver (pid {}) for a base backup",
-            report.pid
-        );
+        return Ok(Some(report.pid));
+    }
+    Ok(None)
+}
+
+fn signal_base_backup(pid: u32) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .args(["-USR1", &pid.to_string()])
+        .status()
+        .context("cannot run kill")?;
+    if !status.success() {
+        anyhow::bail!("could not signal the archiver (pid {pid})");
+    }
+    Ok(())
+}
+
+/// `backup`: signal a running archiver on this host, or do it in one shot.
+async fn backup(o: ArchiverOptions) -> anyhow::Result<ExitCode> {
+    if let Some(pid) = running_archiver(&o).await? {
+        signal_base_backup(pid)?;
+        println!("asked the running archiver (pid {pid}) for a base backup");
         return Ok(ExitCode::SUCCESS);
     }
     let mut o = o;
     o.exit_when_caught_up = true;
     o.base_at_start = true;
     run_service(o).await
+}
+
+/// `backup` with several databases: those archived by a process on this host are asked
+/// through it (only the one named by `--database`, if given); the others are archived up to
+/// now, given a base backup, and left.
+async fn backup_many(config: FleetConfig, named: bool) -> anyhow::Result<ExitCode> {
+    let mut idle = Vec::new();
+    let mut pids = std::collections::BTreeSet::new();
+    for d in config.databases {
+        match running_archiver(&d.options).await? {
+            Some(pid) => {
+                if named {
+                    let file = fleet::request_base(&d.options).with_context(|| {
+                        format!("cannot write the base backup request for {}", d.name)
+                    })?;
+                    tracing::debug!(file = %file.display(), "request written");
+                }
+                println!(
+                    "{}: asked the running archiver (pid {pid}) for a base backup",
+                    d.name
+                );
+                pids.insert(pid);
+            }
+            None => idle.push(d),
+        }
+    }
+    for pid in pids {
+        signal_base_backup(pid)?;
+    }
+    if idle.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for d in &mut idle {
+        d.options.exit_when_caught_up = true;
+        d.options.base_at_start = true;
+    }
+    run_fleet(FleetConfig {
+        databases: idle,
+        metrics_addr: None,
+    })
+    .await
 }
 
 async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
@@ -428,15 +615,17 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_json);
     let result = match cli.command {
-        Command::Run(args) => match options(args) {
-            Ok(o) => run_service(o).await,
+        Command::Run(args) => match options(args, None) {
+            Ok(Plan::One(o)) => run_service(*o).await,
+            Ok(Plan::Many(config)) => run_fleet(config).await,
             Err(e) => {
                 eprintln!("tidemark-archiver: {e:#}");
                 return ExitCode::from(2);
             }
         },
-        Command::Backup(args) => match options(args) {
-            Ok(o) => backup(o).await,
+        Command::Backup(args) => match options(args.run, args.database.as_deref()) {
+            Ok(Plan::One(o)) => backup(*o).await,
+            Ok(Plan::Many(config)) => backup_many(config, args.database.is_some()).await,
             Err(e) => {
                 eprintln!("tidemark-archiver: {e:#}");
                 return ExitCode::from(2);
