@@ -816,17 +816,15 @@ mod tests {
         assert!(!nested(&u("file:///srv/r"), &u("s3://srv/r")));
     }
 
+    type ServiceFuture =
+        std::pin::Pin<Box<dyn Future<Output = Result<RunSummary, ServiceError>> + Send>>;
+
     /// A service that panics at its first start, fails at its second, and runs until told
     /// to stop at its third.
     fn flaky(
         attempts: Arc<std::sync::atomic::AtomicU32>,
-    ) -> impl Fn(
-        ArchiverOptions,
-        Arc<Metrics>,
-        Shutdown,
-        mpsc::UnboundedReceiver<()>,
-    )
-        -> std::pin::Pin<Box<dyn Future<Output = Result<RunSummary, ServiceError>> + Send>> {
+    ) -> impl Fn(ArchiverOptions, Arc<Metrics>, Shutdown, mpsc::UnboundedReceiver<()>) -> ServiceFuture
+    {
         move |_, m, shutdown, _| {
             let n = attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Box::pin(async move {
