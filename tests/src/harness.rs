@@ -30,6 +30,49 @@ pub fn bin(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Runs `program` to completion, at most `limit` (then it is killed and this fails with its
+/// output): exit code, stdout, stderr.
+pub fn run_with_timeout(
+    program: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    limit: Duration,
+) -> Result<(i32, String, String)> {
+    let dir = tempfile::tempdir()?;
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = Command::new(program)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path)?)
+        .stderr(File::create(&err_path)?)
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))?;
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{} {} did not finish within {limit:?}; its output:\n{}\n{}",
+                program.display(),
+                args.join(" "),
+                std::fs::read_to_string(&out_path).unwrap_or_default(),
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok((
+        status.code().unwrap_or(-1),
+        std::fs::read_to_string(&out_path)?,
+        std::fs::read_to_string(&err_path)?,
+    ))
+}
+
 /// A child process that is killed when dropped; its output goes to a log file.
 #[derive(Debug)]
 pub struct Proc {

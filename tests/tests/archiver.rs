@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use tidemark_manifest::plan::Target;
 use tidemark_tests::Oracle;
-use tidemark_tests::harness::{Proc, TestStore, bin, check_history, wait_for};
+use tidemark_tests::harness::{Proc, TestStore, bin, check_history, run_with_timeout, wait_for};
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -201,18 +201,16 @@ async fn survives_kill_9_at_random_moments_s3() -> Result<()> {
     }
 }
 
-/// Runs the archiver to completion and returns (exit code, output).
+/// Runs the archiver to completion (at most three minutes) and returns (exit code, output).
 fn run_archiver(args: &[&str], env: &[(String, String)]) -> Result<(i32, String)> {
-    let out = std::process::Command::new(bin("tidemark-archiver")?)
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok((out.status.code().unwrap_or(-1), text))
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let (code, out, err) = run_with_timeout(
+        &bin("tidemark-archiver")?,
+        &args,
+        env,
+        Duration::from_secs(180),
+    )?;
+    Ok((code, format!("{out}{err}")))
 }
 
 #[tokio::test(flavor = "multi_thread")]

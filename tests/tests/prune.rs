@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use tidemark_manifest::keys;
 use tidemark_manifest::repo::{RepoState, Repository};
-use tidemark_tests::harness::{Proc, TestStore, bin, wait_for};
+use tidemark_tests::harness::{Proc, TestStore, bin, run_with_timeout, wait_for};
 use tidemark_tests::{Oracle, read_db_state_and_seq};
 
 struct Setup {
@@ -122,18 +122,16 @@ impl Setup {
 
     /// Runs `tidemark-archiver prune --to URL ARGS`: exit code, stdout, stderr.
     fn prune(&self, args: &[&str]) -> Result<(i32, String, String)> {
-        let out = Command::new(bin("tidemark-archiver")?)
-            .args(["prune", "--to", &self.store.url])
-            .args(args)
-            .envs(self.store.env.iter().map(|(k, v)| (k, v)))
-            .env("TIDEMARK_LOG", "info,aws=warn")
-            .output()
-            .context("running tidemark-archiver prune")?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
+        let mut a: Vec<String> = vec!["prune".into(), "--to".into(), self.store.url.clone()];
+        a.extend(args.iter().map(|s| s.to_string()));
+        let mut env = self.store.env.clone();
+        env.push(("TIDEMARK_LOG".into(), "info,aws=warn".into()));
+        run_with_timeout(
+            &bin("tidemark-archiver")?,
+            &a,
+            &env,
+            Duration::from_secs(120),
+        )
     }
 
     /// Restores to sequence `seq`: `Ok(None)` when the tool refuses (exit 3), else the
