@@ -2,10 +2,17 @@
 //! Each flag can also come from the environment (`TIDEMARK_*`), so the archiver's service
 //! unit and the restore tool's drills are configured the same way.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::repo::Repository;
-use crate::store::{OpenOptions, S3Options, Sse, StoreError, StoreUrl, open_store_with};
+use crate::repo::{RepoError, Repository};
+use crate::store::{
+    EncryptionKey, KeyError, OpenOptions, S3Options, Sse, StoreError, StoreUrl, open_store_with,
+};
+
+/// The environment variable that may hold the encryption key itself (there is no flag for
+/// it, so that the key never shows in a process listing).
+pub const ENCRYPTION_KEY_ENV: &str = "TIDEMARK_ENCRYPTION_KEY";
 
 /// How to reach the object store.
 #[derive(Debug, Clone, Default, clap::Args, serde::Serialize, serde::Deserialize)]
@@ -32,6 +39,16 @@ pub struct StoreArgs {
     /// Seconds one attempt of a small request may take before it is retried (default 30).
     #[arg(long, env = "TIDEMARK_REQUEST_TIMEOUT", value_name = "SECONDS")]
     pub request_timeout: Option<u64>,
+    /// Encrypt the repository's objects client-side with the 32-byte key in this file (64 hex
+    /// digits, base64, or 32 raw bytes; not readable by other users). The key may instead be
+    /// given in the TIDEMARK_ENCRYPTION_KEY environment variable.
+    #[arg(long, env = "TIDEMARK_ENCRYPTION_KEY_FILE", value_name = "PATH")]
+    pub encryption_key_file: Option<PathBuf>,
+    /// The key itself, for programs that hold it already; takes precedence over the file and
+    /// the environment. Shown by `Debug` only as its key id, never serialized.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub encryption_key: Option<EncryptionKey>,
 }
 
 impl StoreArgs {
@@ -75,9 +92,31 @@ impl StoreArgs {
         Ok(opts)
     }
 
+    /// The encryption key, if one is given: [`StoreArgs::encryption_key`], else the key file,
+    /// else `TIDEMARK_ENCRYPTION_KEY`. A file and the variable together are refused.
+    pub fn load_encryption_key(&self) -> Result<Option<EncryptionKey>, KeyError> {
+        if let Some(key) = &self.encryption_key {
+            return Ok(Some(key.clone()));
+        }
+        let from_env = std::env::var(ENCRYPTION_KEY_ENV)
+            .ok()
+            .filter(|v| !v.is_empty());
+        match (&self.encryption_key_file, from_env) {
+            (Some(_), Some(_)) => Err(KeyError::Ambiguous),
+            (Some(path), None) => EncryptionKey::from_file(path).map(Some),
+            (None, Some(text)) => EncryptionKey::parse(&text, ENCRYPTION_KEY_ENV).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
     /// Opens the repository at `url`. `create` creates a missing local directory (the
-    /// archiver does; the restore tool must not, so that a typo is reported).
-    pub async fn open(&self, url: &str, create: bool) -> Result<Repository, StoreError> {
+    /// archiver does; the restore tool must not, so that a typo is reported). With an
+    /// encryption key, the repository's objects are encrypted (see [`Repository::open`]);
+    /// a missing, wrong or unexpected key is refused here, before anything is written.
+    pub async fn open(&self, url: &str, create: bool) -> Result<Repository, RepoError> {
+        let key = self
+            .load_encryption_key()
+            .map_err(|e| StoreError::config(e.to_string()))?;
         let url = StoreUrl::parse(url)?;
         let store = open_store_with(
             &url,
@@ -88,6 +127,6 @@ impl StoreArgs {
             },
         )
         .await?;
-        Ok(Repository::new(Arc::clone(&store)))
+        Repository::open(Arc::clone(&store), key.as_ref()).await
     }
 }

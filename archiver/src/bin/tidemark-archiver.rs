@@ -146,6 +146,7 @@ fn options(args: RunArgs) -> anyhow::Result<ArchiverOptions> {
     o.store.sse = s.sse.or(o.store.sse);
     o.store.sse_kms_key_id = s.sse_kms_key_id.or(o.store.sse_kms_key_id);
     o.store.request_timeout = s.request_timeout.or(o.store.request_timeout);
+    o.store.encryption_key_file = s.encryption_key_file.or(o.store.encryption_key_file);
     if o.db.as_os_str().is_empty() {
         anyhow::bail!(
             "no database given: pass --db PATH (or TIDEMARK_DB, or db = \"...\" in --config)"

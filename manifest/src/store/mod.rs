@@ -10,9 +10,11 @@
 //!   parallel multipart uploads and ranged reads.
 //! - [`MemoryStore`]: in memory, for tests.
 //!
-//! and two decorators that wrap an `Arc<dyn ObjectStore>`:
+//! and decorators that wrap an `Arc<dyn ObjectStore>`:
 //!
 //! - [`RetryStore`]: retries transient failures with exponential backoff and full jitter.
+//! - [`CryptStore`]: client-side authenticated encryption of every object but
+//!   `tidemark.json` (FORMAT.md §10), transparent to the layers above.
 //! - [`fault::FaultStore`]: injects failures, for tests and failure drills.
 //!
 //! [`StoreUrl`] parses store URLs and [`open_store`] turns one into a ready store (wrapped
@@ -31,6 +33,7 @@
 //! is still the one given, which is what leases and compare-and-swap pointers are built on.
 //! ETags are only comparable within one store.
 
+pub mod crypt;
 mod error;
 pub mod fault;
 mod local;
@@ -48,6 +51,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use self::url::StoreUrl;
+pub use crypt::{CryptError, CryptStore, EncryptionKey, KeyError};
 pub use error::{BoxError, StoreError, StoreOp};
 pub use local::LocalStore;
 pub use memory::MemoryStore;
