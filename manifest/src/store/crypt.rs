@@ -704,7 +704,14 @@ impl ObjectStore for CryptStore {
                     let guard = TempFile(dst.clone());
                     match crypt.encrypt_file(&k, &src, &dst) {
                         Ok(()) => return Ok(guard),
-                        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => last = Some(e),
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
+                            ) =>
+                        {
+                            last = Some(e)
+                        }
                         Err(e) => return Err(e),
                     }
                 }
