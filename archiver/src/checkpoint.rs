@@ -405,6 +405,7 @@ mod tests {
                 parent: None,
             },
             segment_compression: Compression::Zstd,
+            encryption: None,
         };
         repo.create_config(&config).await.unwrap();
         let state = repo.load().await.unwrap();

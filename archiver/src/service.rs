@@ -168,7 +168,13 @@ impl ServiceError {
             ServiceError::Check(_) | ServiceError::Diverged { .. } => 2,
             ServiceError::MetricsAddr { .. } => 2,
             ServiceError::Store(StoreError::Config { .. }) => 2,
-            ServiceError::Repo(RepoError::WrongDatabase { .. }) => 2,
+            ServiceError::Repo(
+                RepoError::WrongDatabase { .. }
+                | RepoError::KeyRequired { .. }
+                | RepoError::WrongKey { .. }
+                | RepoError::NotEncrypted { .. }
+                | RepoError::UnsupportedEncryption { .. },
+            ) => 2,
             ServiceError::Lease(LeaseError::Held { .. } | LeaseError::Lost { .. }) => 3,
             ServiceError::Repo(RepoError::LostRace { .. } | RepoError::Conflict { .. }) => 3,
             _ => 1,
@@ -479,6 +485,7 @@ async fn run_with_lease(
                     parent: None,
                 },
                 segment_compression: Compression::Zstd,
+                encryption: repo.encryption().cloned(),
             })
             .await?
         }

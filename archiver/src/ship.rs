@@ -222,6 +222,7 @@ mod tests {
                 parent: None,
             },
             segment_compression: Compression::Zstd,
+            encryption: None,
         })
         .await
         .unwrap();

@@ -284,6 +284,7 @@ async fn new_repo(root: &Path, db_dir: &Path) -> Repository {
             parent: None,
         },
         segment_compression: Compression::Zstd,
+        encryption: None,
     })
     .await
     .unwrap();

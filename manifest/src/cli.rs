@@ -2,10 +2,18 @@
 //! Each flag can also come from the environment (`TIDEMARK_*`), so the archiver's service
 //! unit and the restore tool's drills are configured the same way.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::repo::Repository;
-use crate::store::{OpenOptions, Rate, S3Options, Sse, StoreError, StoreUrl, open_store_with};
+use crate::repo::{RepoError, Repository};
+use crate::store::{
+    EncryptionKey, KeyError, OpenOptions, Rate, S3Options, Sse, StoreError, StoreUrl,
+    open_store_with,
+};
+
+/// The environment variable that may hold the encryption key itself (there is no flag for
+/// it, so that the key never shows in a process listing).
+pub const ENCRYPTION_KEY_ENV: &str = "TIDEMARK_ENCRYPTION_KEY";
 
 /// How to reach the object store.
 #[derive(Debug, Clone, Default, clap::Args, serde::Serialize, serde::Deserialize)]
@@ -44,9 +52,56 @@ pub struct StoreArgs {
     /// Seconds one attempt of a small request may take before it is retried (default 30).
     #[arg(long, env = "TIDEMARK_REQUEST_TIMEOUT", value_name = "SECONDS")]
     pub request_timeout: Option<u64>,
+    /// Encrypt the repository's objects client-side with the 32-byte key in this file (64 hex
+    /// digits, base64, or 32 raw bytes; not readable by other users). The key may instead be
+    /// given in the TIDEMARK_ENCRYPTION_KEY environment variable.
+    #[arg(long, env = "TIDEMARK_ENCRYPTION_KEY_FILE", value_name = "PATH")]
+    pub encryption_key_file: Option<PathBuf>,
+    /// The key itself, for programs that hold it already; takes precedence over the file and
+    /// the environment. Shown by `Debug` only as its key id, never serialized.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub encryption_key: Option<EncryptionKey>,
 }
 
 impl StoreArgs {
+    /// Puts `flags` (the command line and environment) over these settings (a config file's
+    /// `[store]`): each one given there wins.
+    pub fn overlay(&mut self, flags: StoreArgs) {
+        // Destructured, so that a new field cannot be forgotten here.
+        let StoreArgs {
+            endpoint_url,
+            region,
+            path_style,
+            storage_class,
+            base_storage_class,
+            wal_storage_class,
+            max_upload_rate,
+            sse,
+            sse_kms_key_id,
+            request_timeout,
+            encryption_key_file,
+            encryption_key,
+        } = flags;
+        fn over<T>(slot: &mut Option<T>, v: Option<T>) {
+            if v.is_some() {
+                *slot = v;
+            }
+        }
+        over(&mut self.endpoint_url, endpoint_url);
+        over(&mut self.region, region);
+        self.path_style |= path_style;
+        over(&mut self.storage_class, storage_class);
+        over(&mut self.base_storage_class, base_storage_class);
+        over(&mut self.wal_storage_class, wal_storage_class);
+        over(&mut self.max_upload_rate, max_upload_rate);
+        over(&mut self.sse, sse);
+        over(&mut self.sse_kms_key_id, sse_kms_key_id);
+        over(&mut self.request_timeout, request_timeout);
+        over(&mut self.encryption_key_file, encryption_key_file);
+        over(&mut self.encryption_key, encryption_key);
+    }
+
     /// The S3 options these flags describe.
     pub fn s3_options(&self) -> Result<S3Options, StoreError> {
         let sse = match (self.sse.as_deref(), &self.sse_kms_key_id) {
@@ -89,9 +144,31 @@ impl StoreArgs {
         Ok(opts)
     }
 
+    /// The encryption key, if one is given: [`StoreArgs::encryption_key`], else the key file,
+    /// else `TIDEMARK_ENCRYPTION_KEY`. A file and the variable together are refused.
+    pub fn load_encryption_key(&self) -> Result<Option<EncryptionKey>, KeyError> {
+        if let Some(key) = &self.encryption_key {
+            return Ok(Some(key.clone()));
+        }
+        let from_env = std::env::var(ENCRYPTION_KEY_ENV)
+            .ok()
+            .filter(|v| !v.is_empty());
+        match (&self.encryption_key_file, from_env) {
+            (Some(_), Some(_)) => Err(KeyError::Ambiguous),
+            (Some(path), None) => EncryptionKey::from_file(path).map(Some),
+            (None, Some(text)) => EncryptionKey::parse(&text, ENCRYPTION_KEY_ENV).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
     /// Opens the repository at `url`. `create` creates a missing local directory (the
-    /// archiver does; the restore tool must not, so that a typo is reported).
-    pub async fn open(&self, url: &str, create: bool) -> Result<Repository, StoreError> {
+    /// archiver does; the restore tool must not, so that a typo is reported). With an
+    /// encryption key, the repository's objects are encrypted (see [`Repository::open`]);
+    /// a missing, wrong or unexpected key is refused here, before anything is written.
+    pub async fn open(&self, url: &str, create: bool) -> Result<Repository, RepoError> {
+        let key = self
+            .load_encryption_key()
+            .map_err(|e| StoreError::config(e.to_string()))?;
         let url = StoreUrl::parse(url)?;
         let store = open_store_with(
             &url,
@@ -103,6 +180,6 @@ impl StoreArgs {
             },
         )
         .await?;
-        Ok(Repository::new(Arc::clone(&store)))
+        Repository::open(Arc::clone(&store), key.as_ref()).await
     }
 }

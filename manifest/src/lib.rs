@@ -18,8 +18,8 @@
 //! - [`checksum`]: sha256 helpers used for every object.
 //! - [`rocks`]: RocksDB's own on-disk formats that Tidemark reads and writes: the log (WAL)
 //!   format, WriteBatch records, VersionEdits in a MANIFEST, OPTIONS files.
-//! - [`store`]: the object stores (local directory, S3) behind one async trait, with a retry
-//!   decorator and URL parsing.
+//! - [`store`]: the object stores (local directory, S3) behind one async trait, with retry
+//!   and client-side encryption decorators and URL parsing.
 
 pub mod checksum;
 pub mod cli;

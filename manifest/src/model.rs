@@ -139,6 +139,21 @@ pub struct RepositoryConfig {
     pub database_identity: String,
     pub lineage: Lineage,
     pub segment_compression: Compression,
+    /// Client-side encryption of the repository's objects (FORMAT.md §10); absent when
+    /// they are stored in the clear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// How a repository's objects are encrypted (FORMAT.md §10). Never the key itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// `xchacha20-poly1305`.
+    pub algorithm: String,
+    /// Plaintext bytes per sealed chunk.
+    pub chunk_size: u32,
+    /// The key's one-way fingerprint (16 hex digits).
+    pub key_id: String,
 }
 
 /// A repository's lineage and, for a restored database, where it came from.

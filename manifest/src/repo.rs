@@ -5,11 +5,12 @@
 use crate::checksum::{self, ChecksumMismatch};
 use crate::keys;
 use crate::model::{
-    self, BaseDescriptor, BaseSummary, FORMAT_VERSION, Generation, IndexPage, IndexPageRef,
-    LatestHint, ModelError, ObjectRef, RepositoryConfig, SegmentEntry,
+    self, BaseDescriptor, BaseSummary, Encryption, FORMAT_VERSION, Generation, IndexPage,
+    IndexPageRef, LatestHint, ModelError, ObjectRef, RepositoryConfig, SegmentEntry,
 };
 use crate::plan::{History, HistoryProblem};
 use crate::segment::{EncodedSegment, HEADER_LEN, SegmentError, SegmentHeader, SegmentReader};
+use crate::store::crypt::{self, CryptStore, EncryptionKey};
 use crate::store::{ObjectStore, StoreError};
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,32 @@ pub enum RepoError {
         location: String,
         problems: Vec<HistoryProblem>,
     },
+    #[error(
+        "the repository at {location} is encrypted (key id {key_id}); pass its key with \
+         --encryption-key-file PATH (or TIDEMARK_ENCRYPTION_KEY_FILE) or TIDEMARK_ENCRYPTION_KEY"
+    )]
+    KeyRequired { location: String, key_id: String },
+    #[error(
+        "the encryption key given (key id {given}) is not the key of the repository at \
+         {location} (key id {expected}); pass the key the repository was created with"
+    )]
+    WrongKey {
+        location: String,
+        expected: String,
+        given: String,
+    },
+    #[error(
+        "the repository at {location} is not encrypted, but an encryption key was given (key id \
+         {given}); drop the key to use it, or archive to a new URL to get an encrypted \
+         repository (an existing one is never encrypted in place)"
+    )]
+    NotEncrypted { location: String, given: String },
+    #[error(
+        "the repository at {location} is encrypted with {algorithm}, which this Tidemark does not \
+         support (it knows {known})",
+        known = crypt::ALGORITHM
+    )]
+    UnsupportedEncryption { location: String, algorithm: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -89,12 +116,69 @@ impl RepoState {
 #[derive(Debug, Clone)]
 pub struct Repository {
     store: Arc<dyn ObjectStore>,
+    /// How its objects are encrypted (`store` is then a [`CryptStore`]).
+    encryption: Option<Encryption>,
 }
 
 impl Repository {
-    /// The repository at the root of `store`.
+    /// The repository at the root of `store`, its objects in the clear.
     pub fn new(store: Arc<dyn ObjectStore>) -> Repository {
-        Repository { store }
+        Repository {
+            store,
+            encryption: None,
+        }
+    }
+
+    /// The repository at the root of `store`, with the encryption key the caller has (or
+    /// none). An existing repository's `tidemark.json` decides: an encrypted one needs its
+    /// own key, an unencrypted one takes none. Where there is no repository yet, one created
+    /// through the result is encrypted exactly when a key is given (FORMAT.md §10).
+    pub async fn open(
+        store: Arc<dyn ObjectStore>,
+        key: Option<&EncryptionKey>,
+    ) -> Result<Repository, RepoError> {
+        let plain = Repository::new(Arc::clone(&store));
+        let recorded = match plain.get_optional(keys::CONFIG).await? {
+            Some(b) => {
+                Some(model::parse_document::<RepositoryConfig>(keys::CONFIG, &b)?.encryption)
+            }
+            None => None,
+        };
+        let location = plain.location();
+        let encryption = match (recorded, key) {
+            (Some(None) | None, None) => return Ok(plain),
+            (Some(Some(e)), None) => {
+                return Err(RepoError::KeyRequired {
+                    location,
+                    key_id: e.key_id,
+                });
+            }
+            (Some(None), Some(k)) => {
+                return Err(RepoError::NotEncrypted {
+                    location,
+                    given: k.key_id(),
+                });
+            }
+            (Some(Some(e)), Some(_)) => e,
+            (None, Some(k)) => Encryption {
+                algorithm: crypt::ALGORITHM.to_owned(),
+                chunk_size: crypt::DEFAULT_CHUNK_SIZE,
+                key_id: k.key_id(),
+            },
+        };
+        let key = key.expect("only a key reaches here");
+        check_key(&location, Some(&encryption), Some(key))?;
+        let crypt = CryptStore::new(store, key, encryption.chunk_size)?;
+        Ok(Repository {
+            store: Arc::new(crypt),
+            encryption: Some(encryption),
+        })
+    }
+
+    /// How the repository's objects are encrypted, `None` when they are not. A new
+    /// repository's `tidemark.json` must record exactly this.
+    pub fn encryption(&self) -> Option<&Encryption> {
+        self.encryption.as_ref()
     }
 
     /// The underlying store.
@@ -117,9 +201,52 @@ impl Repository {
 
     /// Reads `tidemark.json`, or `None` if there is no repository yet.
     pub async fn read_config(&self) -> Result<Option<RepositoryConfig>, RepoError> {
-        match self.get_optional(keys::CONFIG).await? {
-            Some(b) => Ok(Some(model::parse_document(keys::CONFIG, &b)?)),
-            None => Ok(None),
+        let Some(b) = self.get_optional(keys::CONFIG).await? else {
+            return Ok(None);
+        };
+        let config: RepositoryConfig = model::parse_document(keys::CONFIG, &b)?;
+        self.check_encryption(&config)?;
+        Ok(Some(config))
+    }
+
+    /// Checks that a config records the encryption this repository was opened with.
+    fn check_encryption(&self, config: &RepositoryConfig) -> Result<(), RepoError> {
+        let location = self.location();
+        match (&config.encryption, &self.encryption) {
+            (None, None) => Ok(()),
+            (Some(e), None) => Err(RepoError::KeyRequired {
+                location,
+                key_id: e.key_id.clone(),
+            }),
+            (None, Some(ours)) => Err(RepoError::NotEncrypted {
+                location,
+                given: ours.key_id.clone(),
+            }),
+            (Some(e), Some(ours)) if e != ours => {
+                if e.algorithm != ours.algorithm {
+                    Err(RepoError::UnsupportedEncryption {
+                        location,
+                        algorithm: e.algorithm.clone(),
+                    })
+                } else if e.key_id != ours.key_id {
+                    Err(RepoError::WrongKey {
+                        location,
+                        expected: e.key_id.clone(),
+                        given: ours.key_id.clone(),
+                    })
+                } else {
+                    Err(ModelError::Inconsistent {
+                        key: keys::CONFIG.to_owned(),
+                        detail: format!(
+                            "its encryption chunk size changed from {} to {} since the \
+                             repository was opened",
+                            ours.chunk_size, e.chunk_size
+                        ),
+                    }
+                    .into())
+                }
+            }
+            (Some(_), Some(_)) => Ok(()),
         }
     }
 
@@ -129,6 +256,7 @@ impl Repository {
         &self,
         config: &RepositoryConfig,
     ) -> Result<RepositoryConfig, RepoError> {
+        self.check_encryption(config)?;
         let bytes = Bytes::from(model::to_document_bytes(config));
         match self.store.put_if_absent(keys::CONFIG, bytes).await {
             Ok(_) => Ok(config.clone()),
@@ -489,4 +617,29 @@ pub fn verify_segment_file(
     let mut reader = SegmentReader::new(key, file, Some(size))?;
     while reader.next_record()?.is_some() {}
     Ok(*reader.header())
+}
+
+/// Checks a key against the encryption a repository records.
+fn check_key(
+    location: &str,
+    recorded: Option<&Encryption>,
+    key: Option<&EncryptionKey>,
+) -> Result<(), RepoError> {
+    if let (Some(e), Some(k)) = (recorded, key) {
+        if e.algorithm != crypt::ALGORITHM {
+            return Err(RepoError::UnsupportedEncryption {
+                location: location.to_owned(),
+                algorithm: e.algorithm.clone(),
+            });
+        }
+        let given = k.key_id();
+        if e.key_id != given {
+            return Err(RepoError::WrongKey {
+                location: location.to_owned(),
+                expected: e.key_id.clone(),
+                given,
+            });
+        }
+    }
+    Ok(())
 }

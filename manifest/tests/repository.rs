@@ -53,6 +53,7 @@ fn config() -> RepositoryConfig {
             parent: None,
         },
         segment_compression: Compression::Zstd,
+        encryption: None,
     }
 }
 

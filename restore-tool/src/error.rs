@@ -225,7 +225,10 @@ fn store_class(e: &StoreError) -> ErrorClass {
 
 fn repo_class(e: &RepoError) -> ErrorClass {
     match e {
-        RepoError::NoRepository { .. } => ErrorClass::Usage,
+        RepoError::NoRepository { .. }
+        | RepoError::KeyRequired { .. }
+        | RepoError::WrongKey { .. }
+        | RepoError::NotEncrypted { .. } => ErrorClass::Usage,
         RepoError::MissingObject { .. }
         | RepoError::History { .. }
         | RepoError::Segment(_)

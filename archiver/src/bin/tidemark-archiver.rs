@@ -170,17 +170,8 @@ fn read_config(path: &std::path::Path) -> anyhow::Result<ArchiverOptions> {
 }
 
 /// Store flags and environment over what a config file says.
-fn merge_store(o: &mut StoreArgs, s: StoreArgs) {
-    o.endpoint_url = s.endpoint_url.or(o.endpoint_url.take());
-    o.region = s.region.or(o.region.take());
-    o.path_style |= s.path_style;
-    o.storage_class = s.storage_class.or(o.storage_class.take());
-    o.base_storage_class = s.base_storage_class.or(o.base_storage_class.take());
-    o.wal_storage_class = s.wal_storage_class.or(o.wal_storage_class.take());
-    o.max_upload_rate = s.max_upload_rate.or(o.max_upload_rate.take());
-    o.sse = s.sse.or(o.sse.take());
-    o.sse_kms_key_id = s.sse_kms_key_id.or(o.sse_kms_key_id.take());
-    o.request_timeout = s.request_timeout.or(o.request_timeout.take());
+fn merge_store(o: &mut StoreArgs, flags: StoreArgs) {
+    o.overlay(flags);
 }
 
 /// The repository and policy for `prune`: config file, then flags and environment.

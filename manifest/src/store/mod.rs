@@ -15,6 +15,8 @@
 //! - [`RetryStore`]: retries transient failures with exponential backoff and full jitter.
 //! - [`ThrottleStore`]: limits the upload rate with a token bucket shared by all uploads,
 //!   segments and documents ahead of base files ([`throttle`]).
+//! - [`CryptStore`]: client-side authenticated encryption of every object but
+//!   `tidemark.json` (FORMAT.md §10), transparent to the layers above.
 //! - [`fault::FaultStore`]: injects failures, for tests and failure drills.
 //!
 //! [`StoreUrl`] parses store URLs and [`open_store`] turns one into a ready store (wrapped
@@ -33,6 +35,7 @@
 //! is still the one given, which is what leases and compare-and-swap pointers are built on.
 //! ETags are only comparable within one store.
 
+pub mod crypt;
 mod error;
 pub mod fault;
 mod local;
@@ -51,6 +54,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use self::url::StoreUrl;
+pub use crypt::{CryptError, CryptStore, EncryptionKey, KeyError};
 pub use error::{BoxError, StoreError, StoreOp};
 pub use local::LocalStore;
 pub use memory::MemoryStore;

@@ -135,6 +135,7 @@ impl Archive {
                 parent: None,
             },
             segment_compression: Compression::Zstd,
+            encryption: None,
         })
         .await?;
         let state = repo.load().await?;

@@ -1,0 +1,1316 @@
+//! Client-side authenticated encryption of a repository's objects (FORMAT.md §10).
+//!
+//! [`CryptStore`] wraps an `Arc<dyn ObjectStore>` like [`RetryStore`](super::RetryStore) does
+//! and is transparent to the repository layer: puts encrypt, gets decrypt, and `head` / `list`
+//! report the size of the plaintext. Every object except `tidemark.json` is stored as
+//!
+//! ```text
+//! header (40 bytes) ‖ chunk 0 ‖ chunk 1 ‖ … ‖ chunk n-1
+//! ```
+//!
+//! where each chunk is up to [`DEFAULT_CHUNK_SIZE`] plaintext bytes sealed with
+//! XChaCha20-Poly1305 under its own nonce (the object's random nonce prefix and the chunk
+//! index), with the header, the chunk index, a last-chunk flag and the object's key as
+//! associated data. So a ranged read fetches and opens only the chunks it needs, large files
+//! are encrypted and decrypted as a stream, and a chunk moved within or between objects, a
+//! truncated or extended object, or one object's content stored under another key all fail
+//! authentication.
+//!
+//! [`EncryptionKey`] is the 32-byte key: read from a file or an environment variable, never
+//! shown by `Debug`, never serialized, and wiped from memory when dropped. It is known by its
+//! key id, a one-way fingerprint.
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use bytes::Bytes;
+use chacha20poly1305::aead::{AeadInOut, KeyInit};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use super::local::local_temp_path;
+use super::{ETag, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult};
+
+/// Length of an encryption key in bytes.
+pub const KEY_LEN: usize = 32;
+/// Length of the header of an encrypted object.
+pub const HEADER_LEN: usize = 40;
+/// Length of the authentication tag that follows each chunk's ciphertext.
+pub const TAG_LEN: usize = 16;
+/// Plaintext bytes per chunk that this implementation writes.
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
+/// The algorithm's name in `tidemark.json`.
+pub const ALGORITHM: &str = "xchacha20-poly1305";
+/// The keys that stay plaintext in an encrypted repository: `tidemark.json`, which says
+/// that the repository is encrypted and with which key.
+pub const PLAINTEXT_KEYS: [&str; 1] = [crate::keys::CONFIG];
+
+const MAGIC: &[u8; 8] = b"TDMKENC\0";
+const VERSION: u8 = 1;
+const ALGORITHM_XCHACHA20_POLY1305: u8 = 1;
+const KEY_ID_DOMAIN: &[u8] = b"tidemark key id v1\0";
+const AAD_DOMAIN: &[u8] = b"tidemark chunk v1\0";
+/// Chunks read and written per step when streaming files (4 MiB with 64 KiB chunks).
+const STREAM_CHUNKS: usize = 64;
+
+/// Why a key could not be loaded. Messages say where the key came from and what is wrong,
+/// never what the key is.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error(
+        "the encryption key in {source_name} is not a 32-byte key: give 64 hex digits or the \
+         base64 of 32 bytes (a key file may also hold the 32 bytes themselves); create one \
+         with `openssl rand -hex 32`"
+    )]
+    Malformed { source_name: String },
+    #[error("cannot read the encryption key file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the encryption key file {path} can be read or written by other users (mode {mode:04o}); \
+         restrict it with `chmod 600 {path}` (or 640 for a group the service runs in)"
+    )]
+    Permissions { path: String, mode: u32 },
+    #[error(
+        "the encryption key is given twice (--encryption-key-file / TIDEMARK_ENCRYPTION_KEY_FILE \
+         and TIDEMARK_ENCRYPTION_KEY); give it one way"
+    )]
+    Ambiguous,
+}
+
+/// A 32-byte repository encryption key. `Debug` shows only its key id; it has no `Display`
+/// and no serde implementation, and its bytes are zeroed when it is dropped.
+#[derive(Clone)]
+pub struct EncryptionKey {
+    bytes: Zeroizing<[u8; KEY_LEN]>,
+}
+
+impl fmt::Debug for EncryptionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncryptionKey")
+            .field("key_id", &self.key_id())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl EncryptionKey {
+    /// The key made of these bytes.
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> EncryptionKey {
+        EncryptionKey {
+            bytes: Zeroizing::new(bytes),
+        }
+    }
+
+    /// A new random key (from the operating system's generator).
+    pub fn generate() -> EncryptionKey {
+        let mut bytes = [0u8; KEY_LEN];
+        rand::fill(&mut bytes);
+        EncryptionKey::from_bytes(bytes)
+    }
+
+    /// Parses a key written as text: 64 hex digits (either case), or standard base64 (with
+    /// or without padding) of 32 bytes. Surrounding whitespace is ignored. `source_name`
+    /// says where the text came from, for the message.
+    pub fn parse(text: &str, source_name: &str) -> Result<EncryptionKey, KeyError> {
+        let text = text.trim();
+        let malformed = || KeyError::Malformed {
+            source_name: source_name.to_owned(),
+        };
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        if text.len() == 2 * KEY_LEN && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            hex::decode_to_slice(text, bytes.as_mut()).map_err(|_| malformed())?;
+            return Ok(EncryptionKey { bytes });
+        }
+        let decoded = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(text))
+                .map_err(|_| malformed())?,
+        );
+        if decoded.len() != KEY_LEN {
+            return Err(malformed());
+        }
+        bytes.copy_from_slice(&decoded);
+        Ok(EncryptionKey { bytes })
+    }
+
+    /// Reads a key file: 32 raw bytes, or the key as text (see [`EncryptionKey::parse`]).
+    /// The file must not be readable or writable by other users (its group may read it).
+    pub fn from_file(path: &Path) -> Result<EncryptionKey, KeyError> {
+        let shown = path.display().to_string();
+        let read = |source| KeyError::Read {
+            path: shown.clone(),
+            source,
+        };
+        let mut file = File::open(path).map_err(read)?;
+        let mode = {
+            use std::os::unix::fs::PermissionsExt as _;
+            file.metadata().map_err(read)?.permissions().mode()
+        };
+        if mode & 0o006 != 0 {
+            return Err(KeyError::Permissions {
+                path: shown,
+                mode: mode & 0o7777,
+            });
+        }
+        let mut content = Zeroizing::new(Vec::with_capacity(128));
+        // A key file is small; refuse to read a huge one into memory.
+        Read::by_ref(&mut file)
+            .take(4096)
+            .read_to_end(&mut content)
+            .map_err(read)?;
+        if content.len() == KEY_LEN {
+            let mut bytes = [0u8; KEY_LEN];
+            bytes.copy_from_slice(&content);
+            return Ok(EncryptionKey::from_bytes(bytes));
+        }
+        let source_name = format!("file {shown}");
+        let text = std::str::from_utf8(&content).map_err(|_| KeyError::Malformed {
+            source_name: source_name.clone(),
+        })?;
+        EncryptionKey::parse(text, &source_name)
+    }
+
+    /// The key id: a one-way fingerprint of the key, 16 hex digits (the first 8 bytes of
+    /// `sha256("tidemark key id v1\0" ‖ key)`). Safe to log and to store.
+    pub fn key_id(&self) -> String {
+        hex::encode(self.key_id_bytes())
+    }
+
+    fn key_id_bytes(&self) -> [u8; 8] {
+        let mut h = Sha256::new();
+        h.update(KEY_ID_DOMAIN);
+        h.update(self.bytes.as_ref());
+        let digest = h.finalize();
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&digest[..8]);
+        id
+    }
+
+    /// The key as 64 hex digits, for tooling that writes key files. Handle with care.
+    pub fn to_hex(&self) -> Zeroizing<String> {
+        Zeroizing::new(hex::encode(self.bytes.as_ref()))
+    }
+
+    /// The key's bytes. Handle with care.
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.bytes
+    }
+}
+
+/// What is wrong with an encrypted object; carried as the source of a
+/// [`StoreError::Other`] that names the operation and the object.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptError {
+    #[error(
+        "it was encrypted with key id {object_key_id}, but the key given has id {key_id}; \
+         pass the repository's key (--encryption-key-file or TIDEMARK_ENCRYPTION_KEY)"
+    )]
+    WrongKey {
+        object_key_id: String,
+        key_id: String,
+    },
+    #[error(
+        "it is not an encrypted object (no TDMKENC header) although the repository is \
+         encrypted: it was written without the key, or it is damaged"
+    )]
+    NotEncrypted,
+    #[error(
+        "its header is not supported: {detail}; it was written by a newer Tidemark, or it is \
+         damaged"
+    )]
+    Unsupported { detail: String },
+    #[error(
+        "its size, {size} bytes, is not the size of any encrypted object: it was truncated or \
+         extended"
+    )]
+    BadSize { size: u64 },
+    #[error(
+        "chunk {chunk} failed authentication: the object was modified, truncated or extended, \
+         or it holds another object's content"
+    )]
+    Tampered { chunk: u64 },
+}
+
+/// The layout of encrypted objects with one chunk size: offsets and sizes.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    chunk: u64,
+}
+
+impl Layout {
+    fn stored_chunk(&self) -> u64 {
+        self.chunk + TAG_LEN as u64
+    }
+
+    /// Number of chunks of a plaintext of `plain` bytes (an empty one has one empty chunk).
+    fn chunks(&self, plain: u64) -> u64 {
+        plain.div_ceil(self.chunk).max(1)
+    }
+
+    /// Size of the encrypted object of a plaintext of `plain` bytes.
+    fn stored_size(&self, plain: u64) -> u64 {
+        HEADER_LEN as u64 + plain + self.chunks(plain) * TAG_LEN as u64
+    }
+
+    /// Size of the plaintext of an encrypted object of `stored` bytes, if that is a size an
+    /// encrypted object can have.
+    fn plain_size(&self, stored: u64) -> Option<u64> {
+        let body = stored.checked_sub(HEADER_LEN as u64)?;
+        let (full, rest) = (body / self.stored_chunk(), body % self.stored_chunk());
+        let tag = TAG_LEN as u64;
+        match (full, rest) {
+            (0, 0) => None,
+            (n, 0) => Some(n * self.chunk),
+            (0, r) if r == tag => Some(0),
+            (n, r) if r > tag => Some(n * self.chunk + r - tag),
+            _ => None,
+        }
+    }
+
+    /// The plaintext range of chunk `i` of an object of `plain` bytes.
+    fn chunk_range(&self, i: u64, plain: u64) -> Range<u64> {
+        let start = i * self.chunk;
+        start..(start + self.chunk).min(plain)
+    }
+
+    /// Where chunk `i` (tag included) is stored.
+    fn stored_offset(&self, i: u64) -> u64 {
+        HEADER_LEN as u64 + i * self.stored_chunk()
+    }
+}
+
+/// The parsed header of an encrypted object.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    bytes: [u8; HEADER_LEN],
+}
+
+impl Header {
+    fn new(chunk_log2: u8, key_id: [u8; 8]) -> Header {
+        let mut bytes = [0u8; HEADER_LEN];
+        bytes[..8].copy_from_slice(MAGIC);
+        bytes[8] = VERSION;
+        bytes[9] = ALGORITHM_XCHACHA20_POLY1305;
+        bytes[10] = chunk_log2;
+        bytes[16..24].copy_from_slice(&key_id);
+        let mut prefix = [0u8; 16];
+        rand::fill(&mut prefix);
+        bytes[24..40].copy_from_slice(&prefix);
+        Header { bytes }
+    }
+
+    fn parse(data: &[u8], crypt: &Crypt) -> Result<Header, CryptError> {
+        if data.len() < HEADER_LEN || &data[..8] != MAGIC {
+            return Err(CryptError::NotEncrypted);
+        }
+        let mut bytes = [0u8; HEADER_LEN];
+        bytes.copy_from_slice(&data[..HEADER_LEN]);
+        let h = Header { bytes };
+        if bytes[8] != VERSION {
+            return Err(CryptError::Unsupported {
+                detail: format!(
+                    "version {} (this Tidemark reads version {VERSION})",
+                    bytes[8]
+                ),
+            });
+        }
+        if bytes[9] != ALGORITHM_XCHACHA20_POLY1305 {
+            return Err(CryptError::Unsupported {
+                detail: format!(
+                    "algorithm {} (this Tidemark knows 1, {ALGORITHM})",
+                    bytes[9]
+                ),
+            });
+        }
+        if bytes[16..24] != crypt.key_id {
+            return Err(CryptError::WrongKey {
+                object_key_id: hex::encode(&bytes[16..24]),
+                key_id: hex::encode(crypt.key_id),
+            });
+        }
+        if bytes[10] != crypt.chunk_log2 || bytes[11..16] != [0u8; 5] {
+            return Err(CryptError::Unsupported {
+                detail: format!(
+                    "chunk size 2^{} (the repository's is 2^{})",
+                    bytes[10], crypt.chunk_log2
+                ),
+            });
+        }
+        Ok(h)
+    }
+
+    fn nonce(&self, chunk: u64) -> XNonce {
+        let mut n = [0u8; 24];
+        n[..16].copy_from_slice(&self.bytes[24..40]);
+        n[16..].copy_from_slice(&chunk.to_le_bytes());
+        XNonce::from(n)
+    }
+}
+
+/// The key and layout, shared by the async methods and the blocking file work.
+struct Crypt {
+    cipher: XChaCha20Poly1305,
+    key_id: [u8; 8],
+    chunk_log2: u8,
+    layout: Layout,
+}
+
+impl Crypt {
+    fn aad(header: &Header, chunk: u64, last: bool, key: &str) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(AAD_DOMAIN.len() + HEADER_LEN + 9 + key.len());
+        aad.extend_from_slice(AAD_DOMAIN);
+        aad.extend_from_slice(&header.bytes);
+        aad.extend_from_slice(&chunk.to_le_bytes());
+        aad.push(u8::from(last));
+        aad.extend_from_slice(key.as_bytes());
+        aad
+    }
+
+    /// Appends chunk `i` of `plain` sealed to `out`.
+    fn seal(&self, h: &Header, key: &str, i: u64, last: bool, plain: &[u8], out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(plain);
+        let tag = self
+            .cipher
+            .encrypt_inout_detached(
+                &h.nonce(i),
+                &Self::aad(h, i, last, key),
+                (&mut out[start..]).into(),
+            )
+            .expect("a 64 KiB chunk is within XChaCha20-Poly1305's limits");
+        out.extend_from_slice(tag.as_slice());
+    }
+
+    /// Opens chunk `i` in place (`sealed` is ciphertext ‖ tag) and returns the plaintext.
+    fn open<'a>(
+        &self,
+        h: &Header,
+        key: &str,
+        i: u64,
+        last: bool,
+        sealed: &'a mut [u8],
+    ) -> Result<&'a [u8], CryptError> {
+        let n = sealed
+            .len()
+            .checked_sub(TAG_LEN)
+            .ok_or(CryptError::Tampered { chunk: i })?;
+        let (msg, tag) = sealed.split_at_mut(n);
+        let tag = Tag::try_from(&*tag).map_err(|_| CryptError::Tampered { chunk: i })?;
+        self.cipher
+            .decrypt_inout_detached(&h.nonce(i), &Self::aad(h, i, last, key), msg.into(), &tag)
+            .map_err(|_| CryptError::Tampered { chunk: i })?;
+        Ok(msg)
+    }
+
+    fn encrypt(&self, key: &str, plain: &[u8]) -> Vec<u8> {
+        let h = Header::new(self.chunk_log2, self.key_id);
+        let size = plain.len() as u64;
+        let mut out = Vec::with_capacity(self.layout.stored_size(size) as usize);
+        out.extend_from_slice(&h.bytes);
+        let n = self.layout.chunks(size);
+        for i in 0..n {
+            let r = self.layout.chunk_range(i, size);
+            self.seal(
+                &h,
+                key,
+                i,
+                i + 1 == n,
+                &plain[r.start as usize..r.end as usize],
+                &mut out,
+            );
+        }
+        out
+    }
+
+    fn decrypt(&self, key: &str, mut stored: Vec<u8>) -> Result<Vec<u8>, CryptError> {
+        let h = Header::parse(&stored, self)?;
+        let size = stored.len() as u64;
+        let plain = self
+            .layout
+            .plain_size(size)
+            .ok_or(CryptError::BadSize { size })?;
+        let n = self.layout.chunks(plain);
+        let mut out = Vec::with_capacity(plain as usize);
+        for i in 0..n {
+            let r = self.layout.chunk_range(i, plain);
+            let start = self.layout.stored_offset(i) as usize;
+            let end = start + (r.end - r.start) as usize + TAG_LEN;
+            out.extend_from_slice(self.open(&h, key, i, i + 1 == n, &mut stored[start..end])?);
+        }
+        Ok(out)
+    }
+
+    /// Encrypts the file `src` into `dst` (created), chunk by chunk.
+    fn encrypt_file(&self, key: &str, src: &Path, dst: &Path) -> io::Result<()> {
+        let mut input = File::open(src)?;
+        let size = input.metadata()?.len();
+        let mut output = io::BufWriter::with_capacity(1 << 20, File::create_new(dst)?);
+        let h = Header::new(self.chunk_log2, self.key_id);
+        output.write_all(&h.bytes)?;
+        let n = self.layout.chunks(size);
+        let mut plain = vec![0u8; self.layout.chunk as usize];
+        let mut sealed = Vec::with_capacity(self.layout.stored_chunk() as usize);
+        for i in 0..n {
+            let r = self.layout.chunk_range(i, size);
+            let buf = &mut plain[..(r.end - r.start) as usize];
+            input.read_exact(buf).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("the file changed while it was being encrypted: {e}"),
+                )
+            })?;
+            sealed.clear();
+            self.seal(&h, key, i, i + 1 == n, buf, &mut sealed);
+            output.write_all(&sealed)?;
+        }
+        let mut probe = [0u8; 1];
+        if input.read(&mut probe)? != 0 {
+            return Err(io::Error::other(
+                "the file grew while it was being encrypted",
+            ));
+        }
+        output.into_inner().map_err(|e| e.into_error())?.sync_all()
+    }
+
+    /// Decrypts the encrypted file `src` into `dst` (created), chunk by chunk; returns the
+    /// plaintext size.
+    fn decrypt_file(
+        &self,
+        key: &str,
+        src: &Path,
+        dst: &Path,
+    ) -> Result<u64, Result<CryptError, io::Error>> {
+        let mut input = io::BufReader::with_capacity(1 << 20, File::open(src).map_err(Err)?);
+        let size = input.get_ref().metadata().map_err(Err)?.len();
+        let mut head = [0u8; HEADER_LEN];
+        if size < HEADER_LEN as u64 {
+            return Err(Ok(CryptError::BadSize { size }));
+        }
+        input.read_exact(&mut head).map_err(Err)?;
+        let h = Header::parse(&head, self).map_err(Ok)?;
+        let plain = self
+            .layout
+            .plain_size(size)
+            .ok_or(Ok(CryptError::BadSize { size }))?;
+        let mut output = File::create_new(dst).map_err(Err)?;
+        let n = self.layout.chunks(plain);
+        let mut buf = vec![0u8; STREAM_CHUNKS * self.layout.stored_chunk() as usize];
+        let mut out = Vec::with_capacity(STREAM_CHUNKS * self.layout.chunk as usize);
+        let mut i = 0;
+        while i < n {
+            out.clear();
+            let batch_end = (i + STREAM_CHUNKS as u64).min(n);
+            let stored_len =
+                (self.layout.stored_offset(batch_end) - self.layout.stored_offset(i)) as usize;
+            let stored_len = if batch_end == n {
+                (size - self.layout.stored_offset(i)) as usize
+            } else {
+                stored_len
+            };
+            let batch = &mut buf[..stored_len];
+            input.read_exact(batch).map_err(Err)?;
+            let mut at = 0;
+            for j in i..batch_end {
+                let r = self.layout.chunk_range(j, plain);
+                let len = (r.end - r.start) as usize + TAG_LEN;
+                out.extend_from_slice(
+                    self.open(&h, key, j, j + 1 == n, &mut batch[at..at + len])
+                        .map_err(Ok)?,
+                );
+                at += len;
+            }
+            output.write_all(&out).map_err(Err)?;
+            i = batch_end;
+        }
+        output.sync_all().map_err(Err)?;
+        Ok(plain)
+    }
+}
+
+/// The encryption decorator: see the module documentation.
+pub struct CryptStore {
+    inner: Arc<dyn ObjectStore>,
+    crypt: Arc<Crypt>,
+}
+
+impl fmt::Debug for CryptStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CryptStore")
+            .field("inner", &self.inner)
+            .field("key_id", &hex::encode(self.crypt.key_id))
+            .field("chunk_size", &self.crypt.layout.chunk)
+            .finish()
+    }
+}
+
+impl CryptStore {
+    /// Encrypts everything written to `inner` (but `tidemark.json`) with `key`, in chunks of
+    /// `chunk_size` plaintext bytes: a power of two from 4 KiB to 16 MiB.
+    pub fn new(
+        inner: Arc<dyn ObjectStore>,
+        key: &EncryptionKey,
+        chunk_size: u32,
+    ) -> StoreResult<CryptStore> {
+        if !chunk_size.is_power_of_two() || !(4096..=16 << 20).contains(&chunk_size) {
+            return Err(StoreError::config(format!(
+                "the encryption chunk size {chunk_size} is not supported: it must be a power of \
+                 two from 4096 to 16777216"
+            )));
+        }
+        let cipher = XChaCha20Poly1305::new_from_slice(key.as_bytes())
+            .expect("an encryption key is 32 bytes");
+        Ok(CryptStore {
+            inner,
+            crypt: Arc::new(Crypt {
+                cipher,
+                key_id: key.key_id_bytes(),
+                chunk_log2: chunk_size.trailing_zeros() as u8,
+                layout: Layout {
+                    chunk: u64::from(chunk_size),
+                },
+            }),
+        })
+    }
+
+    /// The store this one encrypts for.
+    pub fn inner(&self) -> &Arc<dyn ObjectStore> {
+        &self.inner
+    }
+
+    /// The size an object of `plain` bytes takes in the store.
+    pub fn stored_size(&self, plain: u64) -> u64 {
+        self.crypt.layout.stored_size(plain)
+    }
+
+    fn plaintext(key: &str) -> bool {
+        PLAINTEXT_KEYS.contains(&key)
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!("{}/{key}", self.inner.describe().trim_end_matches('/'))
+    }
+
+    fn fail(&self, op: StoreOp, key: &str, e: CryptError) -> StoreError {
+        StoreError::Other {
+            op,
+            key: key.to_owned(),
+            location: self.location(key),
+            source: Box::new(e),
+        }
+    }
+
+    fn local(op: StoreOp, key: &str, path: &Path, source: io::Error) -> StoreError {
+        StoreError::LocalFile {
+            op,
+            key: key.to_owned(),
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    /// The plaintext size of an object of `stored` bytes, or the error for a size no
+    /// encrypted object has.
+    fn plain_size(&self, op: StoreOp, key: &str, stored: u64) -> StoreResult<u64> {
+        self.crypt
+            .layout
+            .plain_size(stored)
+            .ok_or_else(|| self.fail(op, key, CryptError::BadSize { size: stored }))
+    }
+
+    fn meta(&self, op: StoreOp, meta: ObjectMeta) -> StoreResult<ObjectMeta> {
+        if Self::plaintext(&meta.key) {
+            return Ok(meta);
+        }
+        let size = self.plain_size(op, &meta.key, meta.size)?;
+        Ok(ObjectMeta { size, ..meta })
+    }
+
+    fn seal(&self, key: &str, data: Bytes) -> Bytes {
+        if Self::plaintext(key) {
+            data
+        } else {
+            Bytes::from(self.crypt.encrypt(key, &data))
+        }
+    }
+}
+
+/// Removes a temporary file when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("encryption work does not panic")
+}
+
+#[async_trait]
+impl ObjectStore for CryptStore {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
+        super::validate_key(key)?;
+        self.inner.put(key, self.seal(key, data)).await
+    }
+
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
+        super::validate_key(key)?;
+        self.inner.put_if_absent(key, self.seal(key, data)).await
+    }
+
+    async fn put_if_match(&self, key: &str, data: Bytes, etag: &ETag) -> StoreResult<ETag> {
+        super::validate_key(key)?;
+        self.inner
+            .put_if_match(key, self.seal(key, data), etag)
+            .await
+    }
+
+    async fn put_file(&self, key: &str, path: &Path) -> StoreResult<ETag> {
+        super::validate_key(key)?;
+        if Self::plaintext(key) {
+            return self.inner.put_file(key, path).await;
+        }
+        // Encrypt to a temporary file beside the source (the same file system, which holds
+        // the source already), falling back to the system's temporary directory.
+        let op = StoreOp::PutFile;
+        let temp = {
+            let crypt = Arc::clone(&self.crypt);
+            let (k, src) = (key.to_owned(), path.to_owned());
+            blocking(move || {
+                let mut last = None;
+                let beside = local_temp_path(&src).map(|(_, t)| t);
+                let fallback = std::env::temp_dir()
+                    .join(format!(".tidemark-enc-{:016x}", rand::random::<u64>()));
+                for dst in beside.into_iter().chain([fallback]) {
+                    let guard = TempFile(dst.clone());
+                    match crypt.encrypt_file(&k, &src, &dst) {
+                        Ok(()) => return Ok(guard),
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
+                            ) =>
+                        {
+                            last = Some(e)
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(last.expect("at least one place was tried"))
+            })
+            .await
+            .map_err(|e| Self::local(op, key, path, e))?
+        };
+        self.inner.put_file(key, &temp.0).await
+    }
+
+    async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
+        super::validate_key(key)?;
+        let (data, meta) = self.inner.get_with_meta(key).await?;
+        if Self::plaintext(key) {
+            return Ok((data, meta));
+        }
+        let plain = self
+            .crypt
+            .decrypt(key, Vec::from(data))
+            .map_err(|e| self.fail(StoreOp::Get, key, e))?;
+        let meta = ObjectMeta {
+            size: plain.len() as u64,
+            ..meta
+        };
+        Ok((Bytes::from(plain), meta))
+    }
+
+    async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
+        super::validate_key(key)?;
+        if Self::plaintext(key) {
+            return self.inner.get_to_file(key, path).await;
+        }
+        let op = StoreOp::GetToFile;
+        let local = |e| Self::local(op, key, path, e);
+        let (dir, sealed) = local_temp_path(path).map_err(local)?;
+        let sealed = TempFile(sealed);
+        self.inner.get_to_file(key, &sealed.0).await?;
+        let (_, plain) = local_temp_path(path).map_err(local)?;
+        let plain = TempFile(plain);
+        let crypt = Arc::clone(&self.crypt);
+        let (k, src, dst) = (key.to_owned(), sealed.0.clone(), plain.0.clone());
+        let size = blocking(move || crypt.decrypt_file(&k, &src, &dst))
+            .await
+            .map_err(|e| match e {
+                Ok(c) => self.fail(op, key, c),
+                Err(io) => local(io),
+            })?;
+        fs::rename(&plain.0, path).map_err(local)?;
+        if let Ok(d) = File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(size)
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        super::validate_key(key)?;
+        if Self::plaintext(key) {
+            return self.inner.get_range(key, range).await;
+        }
+        let op = StoreOp::GetRange;
+        let stored = self
+            .inner
+            .head(key)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                op,
+                key: key.to_owned(),
+                location: self.location(key),
+            })?
+            .size;
+        let plain = self.plain_size(op, key, stored)?;
+        if range.start > range.end || range.end > plain {
+            return Err(StoreError::InvalidRange {
+                op,
+                key: key.to_owned(),
+                location: self.location(key),
+                start: range.start,
+                end: range.end,
+                size: Some(plain),
+            });
+        }
+        if range.start == range.end {
+            return Ok(Bytes::new());
+        }
+        let layout = self.crypt.layout;
+        let n = layout.chunks(plain);
+        let first = range.start / layout.chunk;
+        let last = (range.end - 1) / layout.chunk;
+        let end = if last + 1 == n {
+            stored
+        } else {
+            layout.stored_offset(last + 1)
+        };
+        // The header and the chunks: one read when the range starts in the first chunk.
+        let (header, mut chunks) = if first == 0 {
+            let all = self.inner.get_range(key, 0..end).await?;
+            (all.slice(..HEADER_LEN), Vec::from(all.slice(HEADER_LEN..)))
+        } else {
+            let (h, c) = futures::try_join!(
+                self.inner.get_range(key, 0..HEADER_LEN as u64),
+                self.inner.get_range(key, layout.stored_offset(first)..end)
+            )?;
+            (h, Vec::from(c))
+        };
+        let h = Header::parse(&header, &self.crypt).map_err(|e| self.fail(op, key, e))?;
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        let mut at = 0usize;
+        for i in first..=last {
+            let r = layout.chunk_range(i, plain);
+            let len = (r.end - r.start) as usize + TAG_LEN;
+            let Some(sealed) = chunks.get_mut(at..at + len) else {
+                return Err(self.fail(op, key, CryptError::Tampered { chunk: i }));
+            };
+            let opened = self
+                .crypt
+                .open(&h, key, i, i + 1 == n, sealed)
+                .map_err(|e| self.fail(op, key, e))?;
+            let from = range.start.max(r.start) - r.start;
+            let to = range.end.min(r.end) - r.start;
+            out.extend_from_slice(&opened[from as usize..to as usize]);
+            at += len;
+        }
+        Ok(Bytes::from(out))
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+        super::validate_key(key)?;
+        match self.inner.head(key).await? {
+            Some(meta) => Ok(Some(self.meta(StoreOp::Head, meta)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
+        self.inner
+            .list(prefix)
+            .await?
+            .into_iter()
+            .map(|m| self.meta(StoreOp::List, m))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    const CHUNK: u32 = 4096;
+
+    fn key(n: u8) -> EncryptionKey {
+        EncryptionKey::from_bytes([n; KEY_LEN])
+    }
+
+    fn stores(k: &EncryptionKey) -> (Arc<MemoryStore>, CryptStore) {
+        let raw = Arc::new(MemoryStore::new());
+        let crypt = CryptStore::new(raw.clone(), k, CHUNK).unwrap();
+        (raw, crypt)
+    }
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    const SIZES: [usize; 9] = [0, 1, 100, 4095, 4096, 4097, 8192, 3 * 4096 + 5, 70_000];
+
+    #[test]
+    fn sizes_map_both_ways() {
+        for chunk in [4096u64, 65536] {
+            let l = Layout { chunk };
+            for plain in (0..3 * chunk + 40).chain([10 * chunk, 10 * chunk + 1]) {
+                let stored = l.stored_size(plain);
+                assert_eq!(l.plain_size(stored), Some(plain), "{plain}");
+            }
+            // Sizes no encrypted object has: too short, or a partial last chunk without
+            // a byte of plaintext.
+            for stored in [0, 1, 40, 55, 40 + chunk + 16 + 16, 40 + chunk + 16 + 3] {
+                assert_eq!(l.plain_size(stored), None, "{stored}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trip_and_sizes() {
+        let (raw, s) = stores(&key(1));
+        for len in SIZES {
+            let k = format!("wal/{len:016x}.seg");
+            let plain = data(len);
+            s.put(&k, Bytes::from(plain.clone())).await.unwrap();
+            let stored = raw.get(&k).await.unwrap();
+            assert_eq!(stored.len() as u64, s.stored_size(len as u64));
+            assert_eq!(&stored[..8], MAGIC);
+            if len >= 16 {
+                assert!(
+                    !stored.windows(16).any(|w| w == &plain[..16]),
+                    "plaintext visible at rest ({len} bytes)"
+                );
+            }
+            assert_eq!(s.get(&k).await.unwrap(), plain);
+            let (got, meta) = s.get_with_meta(&k).await.unwrap();
+            assert_eq!(got, plain);
+            assert_eq!(meta.size, len as u64);
+            assert_eq!(s.head(&k).await.unwrap().unwrap().size, len as u64);
+        }
+        let listed = s.list("wal/").await.unwrap();
+        let mut sizes: Vec<u64> = listed.iter().map(|m| m.size).collect();
+        sizes.sort_unstable();
+        assert_eq!(sizes, SIZES.map(|n| n as u64).to_vec());
+    }
+
+    #[tokio::test]
+    async fn the_config_stays_plaintext() {
+        let (raw, s) = stores(&key(1));
+        s.put_if_absent(crate::keys::CONFIG, Bytes::from_static(b"{\"x\":1}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            raw.get(crate::keys::CONFIG).await.unwrap(),
+            &b"{\"x\":1}"[..]
+        );
+        assert_eq!(s.head(crate::keys::CONFIG).await.unwrap().unwrap().size, 7);
+    }
+
+    #[tokio::test]
+    async fn ranges_across_chunk_boundaries() {
+        let (_raw, s) = stores(&key(2));
+        let plain = data(3 * 4096 + 100);
+        s.put("o", Bytes::from(plain.clone())).await.unwrap();
+        let n = plain.len() as u64;
+        let mut ranges = vec![
+            0..128,
+            0..n,
+            4000..4200,
+            4095..4097,
+            4096..8192,
+            100..12000,
+            n - 1..n,
+            n - 100..n,
+            8191..8193,
+            12_288..n,
+        ];
+        for _ in 0..200 {
+            let a = rand::random_range(0..n);
+            let b = rand::random_range(a..=n);
+            ranges.push(a..b);
+        }
+        for r in ranges {
+            let got = s.get_range("o", r.clone()).await.unwrap();
+            assert_eq!(got, plain[r.start as usize..r.end as usize], "{r:?}");
+        }
+        assert!(s.get_range("o", 5..5).await.unwrap().is_empty());
+        let err = s.get_range("o", 10..n + 1).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::InvalidRange { size: Some(s), .. } if s == n),
+            "{err}"
+        );
+        assert!(
+            s.get_range("missing", 0..1)
+                .await
+                .unwrap_err()
+                .is_not_found()
+        );
+        // An empty object.
+        s.put("e", Bytes::new()).await.unwrap();
+        assert!(s.get_range("e", 0..0).await.unwrap().is_empty());
+        assert!(matches!(
+            s.get_range("e", 0..1).await.unwrap_err(),
+            StoreError::InvalidRange { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn files_stream_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let (raw, s) = stores(&key(3));
+        for len in SIZES.into_iter().chain([64 * 4096 + 3, 200 * 4096]) {
+            let src = dir.path().join(format!("src-{len}"));
+            let plain = data(len);
+            fs::write(&src, &plain).unwrap();
+            let k = format!("sst/{len}");
+            s.put_file(&k, &src).await.unwrap();
+            assert_eq!(
+                raw.head(&k).await.unwrap().unwrap().size,
+                s.stored_size(len as u64)
+            );
+            let dst = dir.path().join(format!("dst-{len}"));
+            assert_eq!(s.get_to_file(&k, &dst).await.unwrap(), len as u64);
+            assert_eq!(fs::read(&dst).unwrap(), plain);
+            assert_eq!(s.get(&k).await.unwrap(), plain);
+        }
+        // No temporary files are left beside the sources and destinations.
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    /// The messages of failed reads (whole, to a file, ranged), which must name the object.
+    async fn read_error(s: &CryptStore, k: &str) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("out");
+        // A ranged read checks the chunks it reads: read them all.
+        let whole_range = match s.head(k).await {
+            Ok(meta) => s.get_range(k, 0..meta.unwrap().size).await,
+            Err(e) => Err(e),
+        };
+        let errors = vec![
+            s.get(k).await.unwrap_err(),
+            s.get_to_file(k, &dst).await.unwrap_err(),
+            whole_range.unwrap_err(),
+        ];
+        assert!(!dst.exists(), "a failed download left {}", dst.display());
+        errors
+            .into_iter()
+            .map(|e| {
+                let msg = e.to_string();
+                let full = format!("{msg}: {}", std::error::Error::source(&e).unwrap());
+                assert!(msg.contains(&format!("'{k}'")), "{msg}");
+                full
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn tampering_is_detected() {
+        let (raw, s) = stores(&key(4));
+        let plain = data(3 * 4096 + 10);
+        s.put("wal/a", Bytes::from(plain.clone())).await.unwrap();
+        let stored = raw.get("wal/a").await.unwrap().to_vec();
+        // One flipped bit anywhere after the magic: in the header, a chunk or a tag.
+        for at in [
+            9usize,
+            20,
+            30,
+            40,
+            41,
+            4096,
+            40 + 4096 + 16,
+            stored.len() - 1,
+        ] {
+            let mut bad = stored.clone();
+            bad[at] ^= 1;
+            raw.put("wal/a", Bytes::from(bad)).await.unwrap();
+            for msg in read_error(&s, "wal/a").await {
+                assert!(
+                    msg.contains("failed authentication")
+                        || msg.contains("not supported")
+                        || msg.contains("key id"),
+                    "byte {at}: {msg}"
+                );
+            }
+        }
+        // Truncated at a chunk boundary (the last chunk dropped): the new last chunk was
+        // not sealed as the last one.
+        let cut = 40 + 3 * (4096 + 16);
+        raw.put("wal/a", Bytes::from(stored[..cut].to_vec()))
+            .await
+            .unwrap();
+        for msg in read_error(&s, "wal/a").await {
+            assert!(msg.contains("chunk 2 failed authentication"), "{msg}");
+        }
+        // Truncated inside a chunk, and extended.
+        for bad in [stored[..stored.len() - 5].to_vec(), {
+            let mut v = stored.clone();
+            v.extend_from_slice(&[0; 7]);
+            v
+        }] {
+            raw.put("wal/a", Bytes::from(bad)).await.unwrap();
+            for msg in read_error(&s, "wal/a").await {
+                assert!(msg.contains("failed authentication"), "{msg}");
+            }
+        }
+        // Two chunks swapped.
+        let mut swapped = stored.clone();
+        let c = 4096 + 16;
+        let (a, b) = swapped[40..40 + 2 * c].split_at_mut(c);
+        a.swap_with_slice(b);
+        raw.put("wal/a", Bytes::from(swapped)).await.unwrap();
+        for msg in read_error(&s, "wal/a").await {
+            assert!(msg.contains("chunk 0 failed authentication"), "{msg}");
+        }
+        // An object stored in the clear.
+        raw.put("wal/a", Bytes::from(plain)).await.unwrap();
+        for msg in read_error(&s, "wal/a").await {
+            assert!(msg.contains("not an encrypted object"), "{msg}");
+        }
+    }
+
+    #[tokio::test]
+    async fn objects_cannot_be_swapped() {
+        let (raw, s) = stores(&key(5));
+        s.put("wal/0000000000000001.seg", Bytes::from(data(5000)))
+            .await
+            .unwrap();
+        s.put("wal/0000000000000064.seg", Bytes::from(data(5000)))
+            .await
+            .unwrap();
+        let other = raw.get("wal/0000000000000001.seg").await.unwrap();
+        raw.put("wal/0000000000000064.seg", other).await.unwrap();
+        for msg in read_error(&s, "wal/0000000000000064.seg").await {
+            assert!(msg.contains("chunk 0 failed authentication"), "{msg}");
+        }
+        assert_eq!(s.get("wal/0000000000000001.seg").await.unwrap(), data(5000));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_key_is_named() {
+        let (raw, s) = stores(&key(6));
+        s.put("manifest/x.json", Bytes::from_static(b"secret"))
+            .await
+            .unwrap();
+        let other = CryptStore::new(raw, &key(7), CHUNK).unwrap();
+        for msg in read_error(&other, "manifest/x.json").await {
+            assert!(msg.contains(&key(6).key_id()), "{msg}");
+            assert!(msg.contains(&key(7).key_id()), "{msg}");
+        }
+    }
+
+    #[tokio::test]
+    async fn conditional_writes_keep_working() {
+        let (_raw, s) = stores(&key(8));
+        let e1 = s
+            .put_if_absent("lease.json", Bytes::from_static(b"one"))
+            .await
+            .unwrap();
+        assert!(
+            s.put_if_absent("lease.json", Bytes::from_static(b"two"))
+                .await
+                .unwrap_err()
+                .is_precondition_failed()
+        );
+        let (got, meta) = s.get_with_meta("lease.json").await.unwrap();
+        assert_eq!(got, &b"one"[..]);
+        assert_eq!(meta.etag, e1);
+        assert_eq!(s.head("lease.json").await.unwrap().unwrap().etag, e1);
+        let e2 = s
+            .put_if_match("lease.json", Bytes::from_static(b"three"), &e1)
+            .await
+            .unwrap();
+        assert!(
+            s.put_if_match("lease.json", Bytes::from_static(b"four"), &e1)
+                .await
+                .unwrap_err()
+                .is_precondition_failed()
+        );
+        assert_eq!(s.get("lease.json").await.unwrap(), &b"three"[..]);
+        assert_eq!(s.head("lease.json").await.unwrap().unwrap().etag, e2);
+    }
+
+    #[test]
+    fn keys_parse_from_hex_base64_and_raw_files() {
+        let k = EncryptionKey::generate();
+        let hex = k.to_hex();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(k.as_bytes());
+        for text in [
+            hex.to_string(),
+            hex.to_uppercase(),
+            format!("  {}\n", *hex),
+            b64.clone(),
+            b64.trim_end_matches('=').to_owned(),
+        ] {
+            assert_eq!(
+                EncryptionKey::parse(&text, "test").unwrap().as_bytes(),
+                k.as_bytes()
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let chmod = |p: &Path, mode| {
+            use std::os::unix::fs::PermissionsExt as _;
+            fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+        };
+        for (name, content) in [
+            ("raw", k.as_bytes().to_vec()),
+            ("hex", format!("{}\n", *hex).into_bytes()),
+            ("b64", b64.clone().into_bytes()),
+        ] {
+            let p = dir.path().join(name);
+            fs::write(&p, &content).unwrap();
+            chmod(&p, 0o600);
+            assert_eq!(
+                EncryptionKey::from_file(&p).unwrap().as_bytes(),
+                k.as_bytes()
+            );
+            chmod(&p, 0o640);
+            assert!(EncryptionKey::from_file(&p).is_ok());
+            chmod(&p, 0o644);
+            let msg = EncryptionKey::from_file(&p).unwrap_err().to_string();
+            assert!(msg.contains("chmod 600") && msg.contains("0644"), "{msg}");
+        }
+        // Malformed keys: the message says what is accepted and never echoes the input.
+        for text in [
+            &hex[..63],
+            "zz",
+            "",
+            &format!("{}00", *hex),
+            &b64[..40],
+            "not a key at all, but a passphrase",
+        ] {
+            let msg = EncryptionKey::parse(text, "TIDEMARK_ENCRYPTION_KEY")
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains("64 hex digits"), "{msg}");
+            assert!(msg.contains("TIDEMARK_ENCRYPTION_KEY"), "{msg}");
+            if text.len() > 3 {
+                assert!(!msg.contains(text), "{msg}");
+            }
+        }
+        let missing = EncryptionKey::from_file(&dir.path().join("none"))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("none"), "{missing}");
+    }
+
+    #[test]
+    fn the_key_never_shows() {
+        let k = EncryptionKey::generate();
+        let shown = format!("{k:?} {:?}", stores(&k).1);
+        assert!(!shown.contains(k.to_hex().as_str()), "{shown}");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(k.as_bytes());
+        assert!(!shown.contains(&b64), "{shown}");
+        assert!(shown.contains(&k.key_id()), "{shown}");
+        assert_eq!(k.key_id().len(), 16);
+        assert_ne!(k.key_id(), EncryptionKey::generate().key_id());
+        assert!(!k.to_hex().starts_with(&k.key_id()));
+    }
+
+    #[test]
+    fn unsupported_chunk_sizes_are_refused() {
+        let raw: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        for bad in [0, 1000, 2048, 4097, 32 << 20] {
+            assert!(CryptStore::new(raw.clone(), &key(1), bad).is_err(), "{bad}");
+        }
+        CryptStore::new(raw, &key(1), DEFAULT_CHUNK_SIZE).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod repository_tests {
+    use super::*;
+    use crate::model::{Compression, FORMAT_VERSION, Lineage, RepositoryConfig};
+    use crate::repo::{RepoError, Repository};
+    use crate::store::MemoryStore;
+
+    fn config(repo: &Repository) -> RepositoryConfig {
+        RepositoryConfig {
+            format_version: FORMAT_VERSION,
+            repository_id: "r".into(),
+            created_at: time::OffsetDateTime::now_utc(),
+            database_identity: "db".into(),
+            lineage: Lineage {
+                id: "l".into(),
+                parent: None,
+            },
+            segment_compression: Compression::Zstd,
+            encryption: repo.encryption().cloned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn opening_checks_the_key_against_the_config() {
+        let raw: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let (k, wrong) = (EncryptionKey::generate(), EncryptionKey::generate());
+        let repo = Repository::open(raw.clone(), Some(&k)).await.unwrap();
+        let created = repo.create_config(&config(&repo)).await.unwrap();
+        let recorded = created.encryption.unwrap();
+        assert_eq!(recorded.key_id, k.key_id());
+        assert_eq!(recorded.algorithm, ALGORITHM);
+        assert_eq!(recorded.chunk_size, DEFAULT_CHUNK_SIZE);
+        // tidemark.json is readable without the key and never holds it.
+        let text = String::from_utf8(raw.get(crate::keys::CONFIG).await.unwrap().to_vec()).unwrap();
+        assert!(text.contains(&k.key_id()), "{text}");
+        assert!(!text.contains(k.to_hex().as_str()), "{text}");
+
+        Repository::open(raw.clone(), Some(&k)).await.unwrap();
+        let err = Repository::open(raw.clone(), None).await.unwrap_err();
+        assert!(matches!(err, RepoError::KeyRequired { .. }), "{err}");
+        assert!(err.to_string().contains("--encryption-key-file"), "{err}");
+        let err = Repository::open(raw.clone(), Some(&wrong))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RepoError::WrongKey { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&k.key_id()) && msg.contains(&wrong.key_id()),
+            "{msg}"
+        );
+
+        // A plain repository refuses a key.
+        let plain: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let repo = Repository::open(plain.clone(), None).await.unwrap();
+        repo.create_config(&config(&repo)).await.unwrap();
+        let err = Repository::open(plain, Some(&k)).await.unwrap_err();
+        assert!(matches!(err, RepoError::NotEncrypted { .. }), "{err}");
+    }
+}
