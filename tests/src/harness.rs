@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use tempfile::TempDir;
 use tidemark_manifest::repo::Repository;
-use tidemark_manifest::store::{LocalStore, ObjectStore, OpenOptions, S3Options, StoreUrl};
+use tidemark_manifest::store::{
+    EncryptionKey, LocalStore, ObjectStore, OpenOptions, S3Options, StoreUrl,
+};
 
 /// A workspace binary, built by `cargo build --workspace` (scripts/test.sh does).
 pub fn bin(name: &str) -> Result<PathBuf> {
@@ -173,6 +175,8 @@ pub struct TestStore {
     pub s3: S3Options,
     /// A human description for logs.
     pub describe: String,
+    /// The client-side encryption key, for a store made with [`TestStore::encrypted`].
+    pub key: Option<EncryptionKey>,
     _dir: Option<TempDir>,
 }
 
@@ -186,6 +190,7 @@ impl TestStore {
             env: Vec::new(),
             s3: S3Options::default(),
             describe: format!("local directory {}", root.display()),
+            key: None,
             _dir: Some(dir),
         })
     }
@@ -219,6 +224,7 @@ impl TestStore {
                 ..S3Options::default()
             },
             describe: format!("S3 server {endpoint}"),
+            key: None,
             _dir: None,
         }))
     }
@@ -248,8 +254,20 @@ impl TestStore {
                 ..self.s3.clone()
             },
             describe: format!("{} through {endpoint}", self.describe),
+            key: self.key.clone(),
             _dir: None,
         })
+    }
+
+    /// The same store, with a new client-side encryption key that the programs get in
+    /// `TIDEMARK_ENCRYPTION_KEY` and [`TestStore::open`] uses.
+    pub fn encrypted(mut self) -> TestStore {
+        let key = EncryptionKey::generate();
+        self.env
+            .push(("TIDEMARK_ENCRYPTION_KEY".into(), key.to_hex().to_string()));
+        self.describe = format!("{} (encrypted, key id {})", self.describe, key.key_id());
+        self.key = Some(key);
+        self
     }
 
     /// The local directory of a `file://` store.
@@ -284,7 +302,7 @@ impl TestStore {
                 .await?
             }
         };
-        Ok(Repository::new(store))
+        Ok(Repository::open(store, self.key.as_ref()).await?)
     }
 }
 

@@ -339,8 +339,9 @@ async fn prune_keeps_exactly_what_the_policy_says_local() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn prune_keeps_exactly_what_the_policy_says_s3() -> Result<()> {
+    // Encrypted: pruning reads and deletes through the encryption layer.
     match TestStore::s3("prune-policy").await? {
-        Some(store) => prune_keeps_exactly_what_the_policy_says(store).await,
+        Some(store) => prune_keeps_exactly_what_the_policy_says(store.encrypted()).await,
         None => Ok(()),
     }
 }
