@@ -851,12 +851,23 @@ impl ObjectStore for CryptStore {
     }
 
     async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
-        self.inner
+        // A listing reports every object: one whose size no sealed object can have (a
+        // foreign file, a truncated object) keeps its stored size, and reading it fails
+        // with a message that names it. Maintenance (pruning, `verify --all`) thus sees it
+        // instead of stopping at it.
+        Ok(self
+            .inner
             .list(prefix)
             .await?
             .into_iter()
-            .map(|m| self.meta(StoreOp::List, m))
-            .collect()
+            .map(|m| match self.meta(StoreOp::List, m.clone()) {
+                Ok(plain) => plain,
+                Err(e) => {
+                    tracing::warn!(key = %m.key, error = %e, "listed an object that is not sealed with this repository's format");
+                    m
+                }
+            })
+            .collect())
     }
 }
 
@@ -925,6 +936,20 @@ mod tests {
         let mut sizes: Vec<u64> = listed.iter().map(|m| m.size).collect();
         sizes.sort_unstable();
         assert_eq!(sizes, SIZES.map(|n| n as u64).to_vec());
+    }
+
+    #[tokio::test]
+    async fn a_foreign_object_is_listed_and_refused_when_read() {
+        let (raw, s) = stores(&key(1));
+        s.put("wal/a.seg", Bytes::from(data(100))).await.unwrap();
+        raw.put("notes.txt", Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
+        let listed = s.list("").await.unwrap();
+        let keys: Vec<(&str, u64)> = listed.iter().map(|m| (m.key.as_str(), m.size)).collect();
+        assert_eq!(keys, vec![("notes.txt", 5), ("wal/a.seg", 100)]);
+        let e = s.get("notes.txt").await.unwrap_err().to_string();
+        assert!(e.contains("notes.txt"), "{e}");
     }
 
     #[tokio::test]
