@@ -413,17 +413,9 @@ pub async fn run(
         .map(|d| (d.name.clone(), Arc::new(Metrics::new())))
         .collect();
     let fleet_metrics = Arc::new(FleetMetrics::new(registries.clone()));
-    let _server = match &config.metrics_addr {
-        Some(addr) => Some(
-            crate::metrics::serve(addr, Arc::clone(&fleet_metrics))
-                .await
-                .map_err(|source| ServiceError::MetricsAddr {
-                    addr: addr.clone(),
-                    source,
-                })?,
-        ),
-        None => None,
-    };
+    let _server =
+        crate::service::serve_metrics(config.metrics_addr.as_deref(), Arc::clone(&fleet_metrics))
+            .await?;
     tracing::info!(
         databases = config.databases.len(),
         names = ?config.databases.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),

@@ -99,6 +99,10 @@ struct State {
     base_failures: u64,
     lease_expires_us: Option<i64>,
     generation: u64,
+    last_prune_us: Option<i64>,
+    prune_failures: u64,
+    pruned_objects: u64,
+    pruned_bytes: u64,
     /// Times the service failed and was started again (several databases per process).
     failures: u64,
     last_error: Option<String>,
@@ -228,6 +232,20 @@ impl Metrics {
     /// A base backup failed (it is tried again later).
     pub fn base_failed(&self) {
         self.with(|s| s.base_failures += 1);
+    }
+
+    /// The retention policy was applied: `objects` of `bytes` deleted.
+    pub fn prune_finished(&self, objects: u64, bytes: u64) {
+        self.with(|s| {
+            s.last_prune_us = Some(now_us());
+            s.pruned_objects += objects;
+            s.pruned_bytes += bytes;
+        });
+    }
+
+    /// Applying the retention policy failed (it is tried again at the next interval).
+    pub fn prune_failed(&self) {
+        self.with(|s| s.prune_failures += 1);
     }
 
     /// The lease is held until `expires_at` (acquired or renewed), or not at all (`None`).
@@ -396,6 +414,30 @@ impl Metrics {
                 labels,
                 "The newest manifest generation written or read.",
                 s.generation as f64,
+            );
+            out.gauge(
+                "tidemark_last_prune_timestamp_seconds",
+                labels,
+                "When this process last applied the retention policy (0: not yet, or no policy).",
+                s.last_prune_us.map_or(0.0, |t| t as f64 / 1e6),
+            );
+            out.counter(
+                "tidemark_prune_failures_total",
+                labels,
+                "Times applying the retention policy failed (tried again at the next interval).",
+                s.prune_failures,
+            );
+            out.counter(
+                "tidemark_pruned_objects_total",
+                labels,
+                "Objects the retention policy deleted in this process.",
+                s.pruned_objects,
+            );
+            out.counter(
+                "tidemark_pruned_bytes_total",
+                labels,
+                "Bytes of the objects the retention policy deleted in this process.",
+                s.pruned_bytes,
             );
         })
     }
@@ -951,10 +993,14 @@ mod tests {
             ("tidemark_base_backups_total", "counter"),
             ("tidemark_base_backup_failures_total", "counter"),
             ("tidemark_manifest_generation", "gauge"),
+            ("tidemark_last_prune_timestamp_seconds", "gauge"),
+            ("tidemark_prune_failures_total", "counter"),
+            ("tidemark_pruned_objects_total", "counter"),
+            ("tidemark_pruned_bytes_total", "counter"),
         ] {
             assert_eq!(p.types.get(name).map(String::as_str), Some(kind), "{name}");
         }
-        assert_eq!(p.types.len(), 20);
+        assert_eq!(p.types.len(), 24);
         for (series, v) in &p.samples {
             assert_eq!(*v, 0.0, "{series}");
         }

@@ -54,10 +54,10 @@ pub struct PruneOptions {
     /// How long objects stay after no manifest generation references them any more, so
     /// that restores planned against an earlier generation finish. Longer than your
     /// longest restore.
-    #[serde(with = "duration")]
+    #[serde(with = "crate::service::humantime_serde")]
     pub grace: Duration,
     /// How often the service applies the policy (also after every base backup).
-    #[serde(with = "duration")]
+    #[serde(with = "crate::service::humantime_serde")]
     pub interval: Duration,
 }
 
@@ -681,36 +681,20 @@ impl fmt::Display for PruneReport {
     }
 }
 
-mod duration {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "invalid duration {s:?}: {e} (examples: 30m, 36h, 7d, 90days)"
-            ))
-        })
-    }
-}
-
 mod opt_duration {
     use serde::{Deserializer, Serializer};
     use std::time::Duration;
 
+    use crate::service::humantime_serde as duration;
+
     pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
-            Some(d) => super::duration::serialize(d, s),
+            Some(d) => duration::serialize(d, s),
             None => s.serialize_none(),
         }
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        super::duration::deserialize(d).map(Some)
+        duration::deserialize(d).map(Some)
     }
 }

@@ -107,7 +107,7 @@ impl Default for ArchiverOptions {
     }
 }
 
-mod humantime_serde {
+pub(crate) mod humantime_serde {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
@@ -119,7 +119,7 @@ mod humantime_serde {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s).map_err(|e| {
             serde::de::Error::custom(format!(
-                "invalid duration {s:?}: {e} (examples: 500ms, 1s, 15m, 24h)"
+                "invalid duration {s:?}: {e} (examples: 500ms, 1s, 15m, 24h, 7d)"
             ))
         })
     }
@@ -417,18 +417,25 @@ pub async fn run(
     base_requests: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> Result<RunSummary, ServiceError> {
     let metrics = Arc::new(Metrics::new());
-    let _metrics_server = match &opts.metrics_addr {
-        Some(addr) => Some(
-            crate::metrics::serve(addr, Arc::clone(&metrics))
-                .await
-                .map_err(|source| ServiceError::MetricsAddr {
-                    addr: addr.clone(),
-                    source,
-                })?,
-        ),
-        None => None,
-    };
+    let _metrics_server = serve_metrics(opts.metrics_addr.as_deref(), Arc::clone(&metrics)).await?;
     run_with_metrics(opts, metrics, shutdown, base_requests).await
+}
+
+/// Serves `exporter` on `addr` when one is configured; the server stops when dropped.
+pub(crate) async fn serve_metrics<E: crate::metrics::Exporter>(
+    addr: Option<&str>,
+    exporter: Arc<E>,
+) -> Result<Option<crate::metrics::MetricsServer>, ServiceError> {
+    match addr {
+        Some(addr) => crate::metrics::serve(addr, exporter)
+            .await
+            .map(Some)
+            .map_err(|source| ServiceError::MetricsAddr {
+                addr: addr.to_owned(),
+                source,
+            }),
+        None => Ok(None),
+    }
 }
 
 /// What [`run`] does, reporting to `metrics` without serving them (`opts.metrics_addr` is
@@ -539,6 +546,14 @@ async fn run_with_lease(
     )
     .with_metrics(Arc::clone(metrics));
     let times = Arc::new(Mutex::new(RecentTimes::default()));
+    if let (Some(t), Some(next)) = (min_time, history_start) {
+        // A base taken before anything new is read restores to the last archived record:
+        // its time is known from the repository, not from this process's reading.
+        times
+            .lock()
+            .expect("times lock")
+            .push(next.saturating_sub(1), t);
+    }
     let mut cf_watch = CfWatch::new(
         &opts.db,
         state
@@ -856,7 +871,12 @@ async fn run_with_lease(
         {
             prune_due = Some(Instant::now() + policy.interval);
             match crate::prune::prune_with_checkpoint(repo, &mut checkpoint, policy).await {
-                Ok(report) => tracing::info!(
+                Ok(report) => {
+                    metrics.prune_finished(
+                        report.sweep.deleted.values().map(|c| c.objects).sum(),
+                        report.sweep.deleted.values().map(|c| c.bytes).sum(),
+                    );
+                    tracing::info!(
                     generation = ?report.mark.generation_after,
                     bases_removed = report.mark.removed_bases.len(),
                     segments_removed = report.mark.segments_removed,
@@ -864,13 +884,17 @@ async fn run_with_lease(
                     objects_in_grace = report.sweep.deferred.objects,
                     window = %report.mark.window_after,
                     "retention applied"
-                ),
+                    )
+                }
                 Err(PruneError::Repo(e @ RepoError::LostRace { .. })) => return Err(e.into()),
-                Err(e) => tracing::error!(
-                    error = %e,
-                    retry_in = ?policy.interval,
-                    "applying the retention policy failed; archiving goes on"
-                ),
+                Err(e) => {
+                    metrics.prune_failed();
+                    tracing::error!(
+                        error = %e,
+                        retry_in = ?policy.interval,
+                        "applying the retention policy failed; archiving goes on"
+                    )
+                }
             }
         }
 
