@@ -286,10 +286,15 @@ impl TestStore {
         self.open().await
     }
 
-    /// Opens the repository in-process.
+    /// Opens the repository in-process (with the store's encryption key, if it has one).
     pub async fn open(&self) -> Result<Repository> {
+        Ok(Repository::open(self.open_raw().await?, self.key.as_ref()).await?)
+    }
+
+    /// The store itself, as the bytes lie in it (no decryption).
+    pub async fn open_raw(&self) -> Result<Arc<dyn ObjectStore>> {
         let url = StoreUrl::parse(&self.url)?;
-        let store: Arc<dyn ObjectStore> = match &url {
+        Ok(match &url {
             StoreUrl::Local { root } => Arc::new(LocalStore::open(root)?),
             _ => {
                 tidemark_manifest::store::open_store_with(
@@ -301,8 +306,7 @@ impl TestStore {
                 )
                 .await?
             }
-        };
-        Ok(Repository::open(store, self.key.as_ref()).await?)
+        })
     }
 }
 
@@ -334,6 +338,82 @@ async fn ensure_bucket(endpoint: &str) -> Result<String> {
         })
         .await
         .cloned()
+}
+
+/// Waits until `store` holds `last_seq` (its newest segment ends there) and a base backup,
+/// while `archiver` keeps running; at most `limit`.
+pub async fn wait_archived(
+    store: &TestStore,
+    last_seq: u64,
+    archiver: &mut Proc,
+    limit: Duration,
+) -> Result<()> {
+    let repo = store
+        .open_when_created()
+        .await
+        .with_context(|| archiver.log_tail())?;
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(state) = repo.load().await
+            && state.history.segments.last().map(|s| s.last_seq) == Some(last_seq)
+            && !state.history.bases.is_empty()
+        {
+            return Ok(());
+        }
+        ensure!(
+            archiver.running(),
+            "the archiver exited early; its log:\n{}",
+            archiver.log_tail()
+        );
+        ensure!(
+            Instant::now() < deadline,
+            "{} did not reach sequence {last_seq} within {limit:?}; archiver log:\n{}",
+            store.describe,
+            archiver.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One HTTP GET to a metrics server: (status, head, body).
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s =
+        std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    // Only a guard against a server that never answers.
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no end of headers in {out:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    Ok((status, head.to_owned(), body.to_owned()))
+}
+
+/// The address an archiver logged as "metrics listening on ADDR" in `log`.
+pub fn logged_metrics_addr(log: &Path) -> Option<std::net::SocketAddr> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let at = text.find("metrics listening on ")? + "metrics listening on ".len();
+    let addr: String = text[at..]
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"')
+        .collect();
+    addr.parse().ok()
+}
+
+/// The value of one series (`name` or `name{labels}`) in a `/metrics` body, if present.
+pub fn metric_sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// Polls `f` until it returns `Some`, at most `limit`.

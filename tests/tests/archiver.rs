@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use tidemark_manifest::plan::Target;
 use tidemark_tests::Oracle;
-use tidemark_tests::harness::{Proc, TestStore, bin, check_history, run_with_timeout, wait_for};
+use tidemark_tests::harness::{
+    Proc, TestStore, bin, check_history, run_with_timeout, wait_archived, wait_for,
+};
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -68,34 +70,6 @@ fn wait_for_db(db: &Path) -> Result<()> {
     )
 }
 
-/// Waits until the repository holds the oracle's last sequence.
-async fn wait_archived(store: &TestStore, last_seq: u64, archiver: &mut Proc) -> Result<()> {
-    let repo = store
-        .open_when_created()
-        .await
-        .with_context(|| archiver.log_tail())?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(state) = repo.load().await
-            && state.history.segments.last().map(|s| s.last_seq) == Some(last_seq)
-            && !state.history.bases.is_empty()
-        {
-            return Ok(());
-        }
-        ensure!(
-            archiver.running(),
-            "the archiver exited early; its log:\n{}",
-            archiver.log_tail()
-        );
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "the repository did not reach sequence {last_seq}; archiver log:\n{}",
-            archiver.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn archives_a_live_database(store: TestStore) -> Result<()> {
     eprintln!("archiving into {}", store.describe);
     let s = Setup {
@@ -112,7 +86,13 @@ async fn archives_a_live_database(store: TestStore) -> Result<()> {
         writer.log_tail()
     );
     let oracle = Oracle::open(&s.out())?;
-    wait_archived(&s.store, oracle.last_seq(), &mut arch).await?;
+    wait_archived(
+        &s.store,
+        oracle.last_seq(),
+        &mut arch,
+        Duration::from_secs(60),
+    )
+    .await?;
     arch.signal("TERM")?;
     let status = arch.wait_timeout(Duration::from_secs(30))?;
     ensure!(
@@ -177,7 +157,13 @@ async fn survives_kill_9(store: TestStore, kills: usize) -> Result<()> {
     );
     let oracle = Oracle::open(&s.out())?;
     let mut arch = s.archiver("archiver-final.log", &["--base-interval", "1h"])?;
-    wait_archived(&s.store, oracle.last_seq(), &mut arch).await?;
+    wait_archived(
+        &s.store,
+        oracle.last_seq(),
+        &mut arch,
+        Duration::from_secs(60),
+    )
+    .await?;
     arch.signal("TERM")?;
     let status = arch.wait_timeout(Duration::from_secs(30))?;
     ensure!(

@@ -150,7 +150,7 @@ impl Setup {
     /// The store without the key (what an attacker with the bucket sees) and the repository
     /// with it.
     async fn stores(&self) -> Result<(Arc<dyn ObjectStore>, Repository)> {
-        let raw = Arc::clone(self.store.open().await?.store());
+        let raw = self.store.open_raw().await?;
         let repo = Repository::open(Arc::clone(&raw), Some(&self.key)).await?;
         Ok((raw, repo))
     }

@@ -6,52 +6,19 @@
 //! label and in `/health`; `backup --database NAME` takes a base of that database alone;
 //! SIGTERM stops them all, and the exit code and the summary name the failed one.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use tidemark_tests::harness::{Proc, TestStore, bin, check_history, wait_for};
+use tidemark_tests::harness::{
+    Proc, TestStore, bin, check_history, http_get, logged_metrics_addr, metric_sample,
+    wait_archived, wait_for,
+};
 use tidemark_tests::{Oracle, read_db_state_and_seq};
-
-/// One HTTP GET: (status, body).
-fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    // Only a guard against a server that never answers.
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let (head, body) = out.split_once("\r\n\r\n").context("no end of headers")?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("no status in {head:?}"))?;
-    Ok((status, body.to_owned()))
-}
-
-/// The value of one series (`name{labels}`) in a scrape, if present.
-fn sample(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
 
 fn series(name: &str, db: &str) -> String {
     format!("{name}{{database=\"{db}\"}}")
-}
-
-/// The address the archiver logged as "metrics listening on ADDR".
-fn logged_metrics_addr(log: &Path) -> Option<SocketAddr> {
-    let text = std::fs::read_to_string(log).ok()?;
-    let at = text.find("metrics listening on ")? + "metrics listening on ".len();
-    let addr: String = text[at..]
-        .chars()
-        .take_while(|c| !c.is_whitespace() && *c != '"')
-        .collect();
-    addr.parse().ok()
 }
 
 /// A database the test writes: its directory, its oracle and its repository.
@@ -100,36 +67,6 @@ impl Db {
             self.db().display(),
             self.store.url
         )
-    }
-}
-
-/// Waits until the repository holds `last_seq` and a base.
-async fn wait_archived(db: &Db, last_seq: u64, arch: &mut Proc) -> Result<()> {
-    let repo = db
-        .store
-        .open_when_created()
-        .await
-        .with_context(|| arch.log_tail())?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Ok(state) = repo.load().await
-            && state.history.segments.last().map(|s| s.last_seq) == Some(last_seq)
-            && !state.history.bases.is_empty()
-        {
-            return Ok(());
-        }
-        ensure!(
-            arch.running(),
-            "the archiver exited early:\n{}",
-            arch.log_tail()
-        );
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "{} did not reach sequence {last_seq}:\n{}",
-            db.name,
-            arch.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -239,17 +176,17 @@ async fn many_databases(stores: [TestStore; 3], broken_to: String) -> Result<()>
         Duration::from_secs(60),
         "gamma and delta reported as failed",
         || {
-            let (_, body) = get(addr, "/metrics").ok()?;
+            let (_, _, body) = http_get(addr, "/metrics").ok()?;
             let failed = |db: &str| {
-                sample(&body, &series("tidemark_database_failures_total", db))
+                metric_sample(&body, &series("tidemark_database_failures_total", db))
                     .is_some_and(|n| n >= 1.0)
-                    && sample(&body, &series("tidemark_database_up", db)) == Some(0.0)
+                    && metric_sample(&body, &series("tidemark_database_up", db)) == Some(0.0)
             };
             (failed("gamma") && failed("delta")).then_some(())
         },
     )
     .with_context(|| arch.log_tail())?;
-    let (status, body) = get(addr, "/health")?;
+    let (status, _, body) = http_get(addr, "/health")?;
     ensure!(
         status == 503 && body.starts_with("unhealthy\n") && body.contains("\ndelta: failed ("),
         "/health with failed databases: {status} {body:?}"
@@ -263,16 +200,22 @@ async fn many_databases(stores: [TestStore; 3], broken_to: String) -> Result<()>
     let mut oracles = Vec::new();
     for db in [&alpha, &beta, &gamma] {
         let oracle = Oracle::open(&db.out())?;
-        wait_archived(db, oracle.last_seq(), &mut arch).await?;
+        wait_archived(
+            &db.store,
+            oracle.last_seq(),
+            &mut arch,
+            Duration::from_secs(90),
+        )
+        .await?;
         oracles.push(oracle);
     }
 
     // One scrape: each healthy database durable up to its writer's last sequence, delta
     // down and counted as failed, the process-wide retry counter once and unlabelled.
-    let (status, body) = get(addr, "/metrics")?;
+    let (status, _, body) = http_get(addr, "/metrics")?;
     ensure!(status == 200, "/metrics answered {status}");
     for (db, oracle) in [&alpha, &beta, &gamma].iter().zip(&oracles) {
-        let durable = sample(&body, &series("tidemark_newest_durable_sequence", db.name));
+        let durable = metric_sample(&body, &series("tidemark_newest_durable_sequence", db.name));
         ensure!(
             durable == Some(oracle.last_seq() as f64),
             "{}: durable {durable:?}, written {}",
@@ -280,29 +223,29 @@ async fn many_databases(stores: [TestStore; 3], broken_to: String) -> Result<()>
             oracle.last_seq()
         );
         ensure!(
-            sample(&body, &series("tidemark_database_up", db.name)) == Some(1.0),
+            metric_sample(&body, &series("tidemark_database_up", db.name)) == Some(1.0),
             "{} is not up:\n{body}",
             db.name
         );
         ensure!(
-            sample(&body, &series("tidemark_lease_held", db.name)) == Some(1.0),
+            metric_sample(&body, &series("tidemark_lease_held", db.name)) == Some(1.0),
             "{} holds no lease",
             db.name
         );
     }
-    ensure!(sample(&body, &series("tidemark_database_up", "delta")) == Some(0.0));
+    ensure!(metric_sample(&body, &series("tidemark_database_up", "delta")) == Some(0.0));
     ensure!(
-        sample(&body, &series("tidemark_database_failures_total", "alpha")) == Some(0.0),
+        metric_sample(&body, &series("tidemark_database_failures_total", "alpha")) == Some(0.0),
         "alpha never failed"
     );
-    ensure!(sample(&body, "tidemark_store_retries_total").is_some());
+    ensure!(metric_sample(&body, "tidemark_store_retries_total").is_some());
     ensure!(
         body.matches("# TYPE tidemark_newest_durable_sequence ")
             .count()
             == 1,
         "one family for all databases"
     );
-    let (status, body) = get(addr, "/health")?;
+    let (status, _, body) = http_get(addr, "/health")?;
     ensure!(
         status == 503
             && body.contains("\nalpha: running\n")

@@ -5,15 +5,13 @@
 //! final numbers agree with what the repository holds.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use tidemark_manifest::model::micros_from_time;
 use tidemark_tests::Oracle;
-use tidemark_tests::harness::{Proc, TestStore, bin, wait_for};
+use tidemark_tests::harness::{Proc, TestStore, bin, http_get, logged_metrics_addr, wait_for};
 
 /// Every metric the archiver exports, with its type.
 const FAMILIES: &[(&str, &str)] = &[
@@ -39,28 +37,6 @@ const FAMILIES: &[(&str, &str)] = &[
     ("tidemark_manifest_generation", "gauge"),
 ];
 
-/// One HTTP exchange: (status, head, body).
-fn get(addr: SocketAddr, path: &str) -> Result<(u16, String, String)> {
-    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    // Only a guard against a server that never answers.
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let (head, body) = out
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no end of headers in {out:?}"))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("no status in {head:?}"))?;
-    Ok((status, head.to_owned(), body.to_owned()))
-}
-
 /// A scrape: the samples by series (`name` or `name{labels}`).
 #[derive(Debug)]
 struct Scrape {
@@ -79,7 +55,7 @@ impl Scrape {
 /// Scrapes `/metrics` and checks the exposition: the content type, HELP and TYPE for every
 /// family the archiver exports, no sample outside a declared family.
 fn scrape(addr: SocketAddr) -> Result<Scrape> {
-    let (status, head, body) = get(addr, "/metrics")?;
+    let (status, head, body) = http_get(addr, "/metrics")?;
     ensure!(status == 200, "/metrics answered {status}: {head}\n{body}");
     ensure!(
         head.to_lowercase()
@@ -129,17 +105,6 @@ fn scrape(addr: SocketAddr) -> Result<Scrape> {
         );
     }
     Ok(Scrape { samples })
-}
-
-/// The address the archiver logged as "metrics listening on ADDR".
-fn logged_metrics_addr(log: &Path) -> Option<SocketAddr> {
-    let text = std::fs::read_to_string(log).ok()?;
-    let at = text.find("metrics listening on ")? + "metrics listening on ".len();
-    let addr: String = text[at..]
-        .chars()
-        .take_while(|c| !c.is_whitespace() && *c != '"')
-        .collect();
-    addr.parse().ok()
 }
 
 /// Sequence numbers, counters and the lag must agree with each other in every scrape, and
@@ -233,12 +198,12 @@ async fn metrics_follow_a_live_database(store: TestStore) -> Result<()> {
 
     // Healthy once running.
     wait_for(Duration::from_secs(30), "/health to answer 200", || {
-        get(addr, "/health")
+        http_get(addr, "/health")
             .ok()
             .filter(|(status, _, body)| *status == 200 && body == "ok\n")
     })
     .with_context(|| arch.log_tail())?;
-    let (status, _, _) = get(addr, "/nothing-here")?;
+    let (status, _, _) = http_get(addr, "/nothing-here")?;
     ensure!(status == 404, "an unknown path answered {status}");
 
     // While the writer writes: scrape until records and sequences have moved and a record
@@ -392,7 +357,7 @@ async fn metrics_follow_a_live_database(store: TestStore) -> Result<()> {
     ensure!(after.get("tidemark_base_backup_duration_seconds") > 0.0);
     ensure!(after.get("tidemark_last_segment_upload_timestamp_seconds") > 0.0);
 
-    let (status, _, body) = get(addr, "/health")?;
+    let (status, _, body) = http_get(addr, "/health")?;
     ensure!(status == 200 && body == "ok\n", "/health: {status} {body}");
     arch.signal("TERM")?;
     let status = arch.wait_timeout(Duration::from_secs(30))?;

@@ -43,7 +43,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use tidemark_manifest::model::{micros_from_time, time_from_micros};
 use tidemark_manifest::repo::RepoState;
-use tidemark_tests::harness::{Proc, TestStore, bin, wait_for};
+use tidemark_tests::harness::{Proc, TestStore, bin, wait_archived, wait_for};
 use tidemark_tests::{Oracle, Replay, State, read_db_state_and_seq};
 
 /// How late after its commit the archiver may observe a batch while it runs.
@@ -287,31 +287,6 @@ fn wait_resumed(arch: &mut Proc) -> Result<i64> {
     }
 }
 
-/// Waits until the repository holds the oracle's last sequence and a base.
-async fn wait_archived(store: &TestStore, last_seq: u64, archiver: &mut Proc) -> Result<()> {
-    let repo = store.open().await?;
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        if let Ok(state) = repo.load().await
-            && state.history.segments.last().map(|s| s.last_seq) == Some(last_seq)
-            && !state.history.bases.is_empty()
-        {
-            return Ok(());
-        }
-        ensure!(
-            archiver.running(),
-            "the archiver exited early; its log:\n{}",
-            archiver.log_tail()
-        );
-        ensure!(
-            Instant::now() < deadline,
-            "the repository did not reach sequence {last_seq}; archiver log:\n{}",
-            archiver.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Writes for `seconds` while archivers run beside the writer and `kills` of them are
 /// killed at random moments; then the last archiver catches up and stops cleanly.
 async fn write_and_archive(
@@ -401,7 +376,13 @@ async fn write_and_archive(
         writer.log_tail()
     );
     let oracle = Oracle::open(&s.out())?;
-    wait_archived(&s.store, oracle.last_seq(), &mut arch).await?;
+    wait_archived(
+        &s.store,
+        oracle.last_seq(),
+        &mut arch,
+        Duration::from_secs(180),
+    )
+    .await?;
     arch.signal("TERM")?;
     let status = arch.wait_timeout(Duration::from_secs(60))?;
     ensure!(

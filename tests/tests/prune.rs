@@ -12,7 +12,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use tidemark_manifest::keys;
 use tidemark_manifest::repo::{RepoState, Repository};
-use tidemark_tests::harness::{Proc, TestStore, bin, run_with_timeout, wait_for};
+use tidemark_tests::harness::{
+    Proc, TestStore, bin, http_get, logged_metrics_addr, metric_sample, run_with_timeout,
+    wait_archived, wait_for,
+};
 use tidemark_tests::{Oracle, read_db_state_and_seq};
 
 struct Setup {
@@ -70,22 +73,13 @@ impl Setup {
             writer.log_tail()
         );
         let oracle = Oracle::open(&self.out())?;
-        let repo = self.store.open_when_created().await?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(s) = repo.load().await
-                && s.history.latest_seq() == Some(oracle.last_seq())
-            {
-                break;
-            }
-            ensure!(
-                arch.running() && std::time::Instant::now() < deadline,
-                "the repository did not reach sequence {}; archiver log:\n{}",
-                oracle.last_seq(),
-                arch.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_archived(
+            &self.store,
+            oracle.last_seq(),
+            &mut arch,
+            Duration::from_secs(60),
+        )
+        .await?;
         arch.signal("TERM")?;
         ensure!(
             arch.wait_timeout(Duration::from_secs(30))?.success(),
@@ -298,9 +292,16 @@ async fn prune_keeps_exactly_what_the_policy_says(store: TestStore) -> Result<()
     for b in &h.bases {
         s.restore_exactly(&oracle, b.earliest_seq)?;
     }
+    // The continuous range: its ends and points spread over it.
     let last = window.ranges.last().context("no window")?;
-    let mid = boundary_at_or_after(&oracle, (last.first_seq + last.last_seq) / 2);
-    for seq in [last.first_seq, mid, last.last_seq] {
+    let mut points = vec![last.first_seq, last.last_seq];
+    for k in 1..8 {
+        let seq = last.first_seq + (last.last_seq - last.first_seq) * k / 8;
+        points.push(boundary_at_or_after(&oracle, seq).min(last.last_seq));
+    }
+    points.sort_unstable();
+    points.dedup();
+    for seq in points {
         s.restore_exactly(&oracle, seq)?;
     }
     for g in h.gaps.iter().filter(|g| g.last_seq > g.first_seq) {
@@ -415,7 +416,10 @@ async fn the_service_applies_its_retention_policy_and_prune_refuses_while_it_run
     wait_for(Duration::from_secs(20), "the database", || {
         s.db().join("CURRENT").exists().then_some(())
     })?;
-    let mut arch = s.archiver("service.log", &["--config", &config_arg])?;
+    let mut arch = s.archiver(
+        "service.log",
+        &["--config", &config_arg, "--metrics-addr", "127.0.0.1:0"],
+    )?;
     let root = s.store.local_root().context("local store")?;
     wait_for(Duration::from_secs(30), "the lease", || {
         root.join(keys::LEASE).exists().then_some(())
@@ -457,6 +461,15 @@ async fn the_service_applies_its_retention_policy_and_prune_refuses_while_it_run
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The metrics tell that retention runs and what it deleted.
+    let addr = logged_metrics_addr(&s.path("service.log")).context("the metrics address")?;
+    let (_, _, body) = http_get(addr, "/metrics")?;
+    let deleted = metric_sample(&body, "tidemark_pruned_objects_total").unwrap_or(0.0);
+    let last = metric_sample(&body, "tidemark_last_prune_timestamp_seconds").unwrap_or(0.0);
+    ensure!(
+        deleted > 0.0 && last > 0.0,
+        "retention metrics: {deleted} objects deleted, last run at {last}"
+    );
     arch.signal("TERM")?;
     ensure!(arch.wait_timeout(Duration::from_secs(30))?.success());
     let log = std::fs::read_to_string(s.path("service.log"))?;
