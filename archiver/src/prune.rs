@@ -507,7 +507,17 @@ pub async fn prune_repository(
     } else {
         Some(crate::lease::LeaseHandle::acquire(repo, lease_ttl).await?)
     };
-    let result = prune_holding_lease(repo, opts, &rules, dry_run).await;
+    let mut result = prune_holding_lease(repo, opts, &rules, dry_run).await;
+    if dry_run
+        && let Ok(report) = &mut result
+        && let Some(holder) = live_lease(repo).await
+    {
+        report.note = Some(format!(
+            "an archiver ({holder}) is writing to this repository: objects it uploaded since \
+             its newest manifest generation (a base backup in progress) are listed as deleted \
+             here; a real run never deletes them (the archiver prunes between its own steps)"
+        ));
+    }
     if let Some(lease) = lease
         && let Err(e) = lease.release().await
     {
@@ -543,6 +553,7 @@ async fn prune_holding_lease(
         (None, None) => {
             return Ok(PruneReport {
                 dry_run,
+                note: None,
                 location: repo.location(),
                 grace: humantime::format_duration(opts.grace).to_string(),
                 mark: marked.report,
@@ -553,6 +564,7 @@ async fn prune_holding_lease(
     let sweep = sweep(repo, &newest, opts.grace, now, dry_run).await?;
     Ok(PruneReport {
         dry_run,
+        note: None,
         location: repo.location(),
         grace: humantime::format_duration(opts.grace).to_string(),
         mark: marked.report,
@@ -587,6 +599,7 @@ pub async fn prune_with_checkpoint(
     }
     let report = PruneReport {
         dry_run: false,
+        note: None,
         location: repo.location(),
         grace: humantime::format_duration(opts.grace).to_string(),
         mark: marked.report,
@@ -599,10 +612,26 @@ pub async fn prune_with_checkpoint(
     Ok(report)
 }
 
+/// Who holds a live writer lease on the repository, if anyone.
+async fn live_lease(repo: &Repository) -> Option<String> {
+    let bytes = repo
+        .store()
+        .get(tidemark_manifest::keys::LEASE)
+        .await
+        .ok()?;
+    let lease: tidemark_manifest::model::Lease =
+        tidemark_manifest::model::parse_document(tidemark_manifest::keys::LEASE, &bytes).ok()?;
+    (lease.expires_at > OffsetDateTime::now_utc())
+        .then(|| format!("host {}, pid {}", lease.host, lease.pid))
+}
+
 /// The report of one pruning run.
 #[derive(Debug, Clone, Serialize)]
 pub struct PruneReport {
     pub dry_run: bool,
+    /// Something the reader of a dry run should know.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     pub location: String,
     pub grace: String,
     pub mark: MarkReport,
@@ -617,6 +646,9 @@ impl fmt::Display for PruneReport {
         writeln!(f, "policy:     {} (grace {})", m.policy, self.grace)?;
         if self.dry_run {
             writeln!(f, "dry run:    nothing was changed")?;
+        }
+        if let Some(note) = &self.note {
+            writeln!(f, "note:       {note}")?;
         }
         writeln!(f, "window before: {}", m.window_before)?;
         writeln!(f, "window after:  {}", m.window_after)?;

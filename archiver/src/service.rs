@@ -168,13 +168,7 @@ impl ServiceError {
             ServiceError::Check(_) | ServiceError::Diverged { .. } => 2,
             ServiceError::MetricsAddr { .. } => 2,
             ServiceError::Store(StoreError::Config { .. }) => 2,
-            ServiceError::Repo(
-                RepoError::WrongDatabase { .. }
-                | RepoError::KeyRequired { .. }
-                | RepoError::WrongKey { .. }
-                | RepoError::NotEncrypted { .. }
-                | RepoError::UnsupportedEncryption { .. },
-            ) => 2,
+            ServiceError::Repo(e) if e.is_usage() => 2,
             ServiceError::Lease(LeaseError::Held { .. } | LeaseError::Lost { .. }) => 3,
             ServiceError::Repo(RepoError::LostRace { .. } | RepoError::Conflict { .. }) => 3,
             _ => 1,
@@ -448,7 +442,14 @@ pub async fn run_with_metrics(
 ) -> Result<RunSummary, ServiceError> {
     let check = check_database(&opts.db, opts.wal_dir.as_deref())?;
     let repo = opts.store.open(&opts.to, true).await?;
-    tracing::info!(db = %opts.db.display(), to = %repo.location(), "starting");
+    tracing::info!(
+        db = %opts.db.display(),
+        to = %repo.location(),
+        encryption = repo
+            .encryption()
+            .map_or_else(|| "none".to_owned(), |e| format!("client-side, key id {}", e.key_id)),
+        "starting"
+    );
     let lease = LeaseHandle::acquire(&repo, opts.lease_ttl).await?;
     metrics.lease_held_until(Some(lease.lease().expires_at));
     let result = run_with_lease(

@@ -52,9 +52,9 @@ pub struct StoreArgs {
     /// Seconds one attempt of a small request may take before it is retried (default 30).
     #[arg(long, env = "TIDEMARK_REQUEST_TIMEOUT", value_name = "SECONDS")]
     pub request_timeout: Option<u64>,
-    /// Encrypt the repository's objects client-side with the 32-byte key in this file (64 hex
-    /// digits, base64, or 32 raw bytes; not readable by other users). The key may instead be
-    /// given in the TIDEMARK_ENCRYPTION_KEY environment variable.
+    /// The repository's client-side encryption key: a file holding 32 bytes (64 hex digits,
+    /// base64, or raw; not readable by other users). A repository created with it is
+    /// encrypted. TIDEMARK_ENCRYPTION_KEY may hold the key itself instead.
     #[arg(long, env = "TIDEMARK_ENCRYPTION_KEY_FILE", value_name = "PATH")]
     pub encryption_key_file: Option<PathBuf>,
     /// The key itself, for programs that hold it already; takes precedence over the file and

@@ -91,6 +91,23 @@ pub enum RepoError {
     Checksum(#[from] ChecksumMismatch),
 }
 
+impl RepoError {
+    /// True for errors a person fixes by changing what was given (the URL, the key, the
+    /// store settings) rather than by trying again: programs exit with their usage code.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            RepoError::NoRepository { .. }
+                | RepoError::WrongDatabase { .. }
+                | RepoError::KeyRequired { .. }
+                | RepoError::WrongKey { .. }
+                | RepoError::NotEncrypted { .. }
+                | RepoError::UnsupportedEncryption { .. }
+                | RepoError::Store(StoreError::Config { .. })
+        )
+    }
+}
+
 /// What a reader knows about a repository after [`Repository::load`].
 #[derive(Debug, Clone)]
 pub struct RepoState {

@@ -383,6 +383,39 @@ async fn archive_and_restore(store: TestStore, delivery: Delivery) -> Result<()>
         outputs.push(out);
     }
 
+    // The archiver's read-only commands refuse the same way, as usage errors.
+    for (name, key) in [
+        ("wrong", Some((&other, other_file.as_path()))),
+        ("none", None),
+    ] {
+        for args in [
+            vec!["status", "--to", &s.store.url],
+            vec![
+                "prune",
+                "--to",
+                &s.store.url,
+                "--keep-last",
+                "1",
+                "--dry-run",
+            ],
+        ] {
+            let out = Command::new(bin("tidemark-archiver")?)
+                .args(&args)
+                .env_remove("TIDEMARK_ENCRYPTION_KEY")
+                .env_remove("TIDEMARK_ENCRYPTION_KEY_FILE")
+                .envs(s.env(key))
+                .output()?;
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            ensure!(
+                out.status.code() == Some(2) && err.contains(&s.key.key_id()),
+                "{} with {name} key: exit {:?}, expected 2 naming the key id:\n{err}",
+                args[0],
+                out.status.code()
+            );
+            outputs.push(err);
+        }
+    }
+
     // The right key restores exactly what was written.
     let target = s.path("restored");
     let (code, out) = s.restore(&target, Some((&s.key, &s.key_file)))?;

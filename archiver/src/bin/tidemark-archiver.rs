@@ -161,6 +161,13 @@ struct PruneArgs {
     store: StoreArgs,
 }
 
+/// Reports a repository that cannot be opened: exit 2 when what was given is wrong (URL,
+/// key, settings), 1 when the store failed.
+fn open_failed(command: &str, e: &tidemark_manifest::repo::RepoError) -> ExitCode {
+    eprintln!("tidemark-archiver {command}: {e}");
+    ExitCode::from(if e.is_usage() { 2 } else { 1 })
+}
+
 /// Reads a TOML config file.
 fn read_config(path: &std::path::Path) -> anyhow::Result<ArchiverOptions> {
     let text = std::fs::read_to_string(path)
@@ -249,7 +256,10 @@ async fn prune_cmd(args: PruneArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    let repo = store.open(&to, false).await?;
+    let repo = match store.open(&to, false).await {
+        Ok(r) => r,
+        Err(e) => return Ok(open_failed("prune", &e)),
+    };
     match prune::prune_repository(&repo, &policy, dry_run, lease_ttl).await {
         Ok(report) => {
             if json {
@@ -565,7 +575,10 @@ async fn backup_many(config: FleetConfig, named: bool) -> anyhow::Result<ExitCod
 }
 
 async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let repo = args.store.open(&args.to, false).await?;
+    let repo = match args.store.open(&args.to, false).await {
+        Ok(r) => r,
+        Err(e) => return Ok(open_failed("status", &e)),
+    };
     let report = status::status(&repo).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

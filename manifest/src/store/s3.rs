@@ -292,8 +292,20 @@ impl S3Options {
     }
 
     /// The per-request configuration override carrying [`S3Options::timeouts`].
+    ///
+    /// A paced upload pauses while the rate limiter holds it back (WAL segments go first),
+    /// which the SDK's stalled-stream protection would take for a dead connection and abort
+    /// after a few seconds. Its attempt timeout, sized to the rate, guards it instead.
     fn timeout_override(&self, budget: Budget) -> aws_sdk_s3::config::Builder {
-        aws_sdk_s3::config::Builder::default().timeout_config(self.timeouts(budget))
+        let builder = aws_sdk_s3::config::Builder::default().timeout_config(self.timeouts(budget));
+        match budget {
+            Budget::Paced { .. } => builder.stalled_stream_protection(
+                aws_sdk_s3::config::StalledStreamProtectionConfig::enabled()
+                    .upload_enabled(false)
+                    .build(),
+            ),
+            _ => builder,
+        }
     }
 }
 
@@ -307,7 +319,7 @@ fn check_storage_class(class: &str) -> Result<(), String> {
         return Err(format!(
             "storage class {class} is refused: its objects must be restored (minutes to hours) \
              before they can be read, so a restore could not download them when it is needed; \
-             for cheaper storage that reads at once use GLACIER_IR, STANDARD_IA or ONEZONE_IA"
+             for cheaper storage that reads at once use GLACIER_IR or STANDARD_IA"
         ));
     }
     if !StorageClass::values().contains(&class) {
@@ -1539,6 +1551,24 @@ mod tests {
             rate: MIB,
         });
         assert_eq!(small.operation_attempt_timeout(), Some(secs(60 + 64)));
+    }
+
+    #[test]
+    fn paced_uploads_are_not_taken_for_stalled_streams() {
+        let o = S3Options::default();
+        let paced = o
+            .timeout_override(Budget::Paced {
+                len: 16 * MIB,
+                rate: MIB,
+            })
+            .build();
+        let protection = paced
+            .stalled_stream_protection()
+            .expect("set for paced uploads");
+        assert!(!protection.upload_enabled());
+        assert!(protection.download_enabled());
+        let plain = o.timeout_override(Budget::Part(16 * MIB)).build();
+        assert!(plain.stalled_stream_protection().is_none());
     }
 
     #[test]

@@ -277,7 +277,7 @@ impl ListReport {
                 );
             }
             _ => {
-                let _ = writeln!(w, "WAL: no segments yet");
+                let _ = writeln!(w, "WAL: no segments");
             }
         }
         let _ = writeln!(w);
