@@ -50,6 +50,21 @@ pub struct LeaseHandle {
     ttl: Duration,
 }
 
+/// Holders of the leases this process holds now (live [`LeaseHandle`]s). A lease that names
+/// this process but no live handle was left by a task that ended without releasing it (a
+/// database's service that panicked, with several databases per process).
+static LIVE_HOLDERS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn live_holders() -> std::sync::MutexGuard<'static, Vec<String>> {
+    LIVE_HOLDERS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Drop for LeaseHandle {
+    fn drop(&mut self) {
+        live_holders().retain(|h| *h != self.lease.holder);
+    }
+}
+
 fn fmt(t: OffsetDateTime) -> String {
     tidemark_manifest::plan::fmt_time(t)
 }
@@ -104,6 +119,7 @@ impl LeaseHandle {
             Err(e) => return Err(e.into()),
         };
         tracing::info!(holder = %lease.holder, expires_at = %fmt(lease.expires_at), "lease acquired");
+        live_holders().push(lease.holder.clone());
         Ok(LeaseHandle {
             repo: repo.clone(),
             lease,
@@ -164,11 +180,15 @@ impl LeaseHandle {
 }
 
 /// True when the lease was taken on this host by a process that no longer runs (or is no
-/// longer an archiver): a crashed archiver restarted by its supervisor need not wait for the
-/// lease to expire.
+/// longer an archiver), or by this process through a handle that is gone: a crashed archiver
+/// restarted by its supervisor (or a database's task restarted in this process) need not
+/// wait for the lease to expire.
 fn holder_is_dead_here(lease: &Lease) -> bool {
-    if lease.host != crate::checkpoint::hostname() || lease.pid == std::process::id() {
+    if lease.host != crate::checkpoint::hostname() {
         return false;
+    }
+    if lease.pid == std::process::id() {
+        return !live_holders().contains(&lease.holder);
     }
     match std::fs::read(format!("/proc/{}/cmdline", lease.pid)) {
         Ok(cmdline) => !String::from_utf8_lossy(&cmdline).contains("tidemark"),
@@ -216,6 +236,29 @@ mod tests {
         assert!(matches!(
             short.renew().await.unwrap_err(),
             LeaseError::Lost { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_lease_whose_handle_this_process_dropped_is_taken_over_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = repo(dir.path());
+        // A task that ends without releasing (a panic) drops its handle.
+        let gone = LeaseHandle::acquire(&r, Duration::from_secs(600))
+            .await
+            .unwrap();
+        let gone_holder = gone.lease().holder.clone();
+        drop(gone);
+        let again = LeaseHandle::acquire(&r, Duration::from_secs(60))
+            .await
+            .expect("taken over without waiting for expiry");
+        assert_ne!(again.lease().holder, gone_holder);
+        // A live handle in this process still keeps others out.
+        assert!(matches!(
+            LeaseHandle::acquire(&r, Duration::from_secs(60))
+                .await
+                .unwrap_err(),
+            LeaseError::Held { .. }
         ));
     }
 }

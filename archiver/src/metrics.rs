@@ -1157,7 +1157,7 @@ mod tests {
             v("tidemark_database_failures_total{database=\"users\"}"),
             1.0
         );
-        assert_eq!(p.types.len(), 22);
+        assert_eq!(p.types.len(), 26);
         // Every other series carries the database label, once per database.
         for series in p.samples.keys() {
             if series != "tidemark_store_retries_total" {

@@ -223,10 +223,14 @@ async fn rides_out_faults(s: Setup) -> Result<()> {
     let started = Instant::now();
     let reader_repo = s.proxied.open().await?;
     let (mut loads, mut statuses, mut status_retries) = (0, 0, 0);
-    while started.elapsed() < Duration::from_secs(8) || !all_kinds_seen(&s.proxy.counts(), &kinds) {
+    while started.elapsed() < Duration::from_secs(8)
+        || !all_kinds_seen(&s.proxy.counts(), &kinds)
+        || loads == 0
+    {
         ensure!(
-            started.elapsed() < Duration::from_secs(20),
-            "not every fault kind was injected within 20 s: {}",
+            started.elapsed() < Duration::from_secs(30),
+            "within 30 s, not every fault kind was injected or nothing was archived for a \
+             reader to load ({loads} loads): {}",
             s.proxy.counts()
         );
         ensure!(
