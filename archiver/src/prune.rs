@@ -347,6 +347,9 @@ fn check_safe(
     Ok(())
 }
 
+/// Generations read at once while finding those within the grace period.
+const READ_BATCH: u64 = 16;
+
 /// What a sweep deleted (or would delete).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SweepReport {
@@ -380,16 +383,28 @@ pub async fn sweep(
     dry_run: bool,
 ) -> Result<SweepReport, PruneError> {
     let grace_start = now - time::Duration::try_from(grace).unwrap_or(time::Duration::MAX);
+    // Generation g is protected while the one after it was written within the grace
+    // period. Read downwards in concurrent batches: a day of grace is ~1,500 generations.
     let mut protected = vec![newest.clone()];
-    loop {
-        let newer = protected.last().expect("not empty");
-        if newer.written_at <= grace_start || newer.generation <= 1 {
-            break;
+    let mut next = newest.generation.saturating_sub(1);
+    'walk: while next >= 1 {
+        let low = next.saturating_sub(READ_BATCH - 1).max(1);
+        let batch: Vec<Option<Generation>> =
+            futures::stream::iter((low..=next).rev().map(|g| repo.read_generation(g)))
+                .buffered(READ_BATCH as usize)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?;
+        for g in batch {
+            let newer = protected.last().expect("not empty");
+            let Some(g) = g else { break 'walk };
+            if newer.written_at <= grace_start {
+                break 'walk;
+            }
+            protected.push(g);
         }
-        match repo.read_generation(newer.generation - 1).await? {
-            Some(g) => protected.push(g),
-            None => break,
-        }
+        next = low - 1;
     }
     let full = protection(repo, &protected).await?;
     let only_newest = protection(repo, &protected[..1]).await?;
@@ -728,5 +743,70 @@ mod opt_duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         duration::deserialize(d).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tidemark_manifest::model::{FORMAT_VERSION, Retention, TimeSource};
+    use tidemark_manifest::store::MemoryStore;
+
+    fn generation(n: u64, written_at: OffsetDateTime) -> Generation {
+        Generation {
+            format_version: FORMAT_VERSION,
+            generation: n,
+            repository_id: "r".into(),
+            written_at,
+            writer: writer(),
+            time_precision: TimeSource::Observed,
+            bases: Vec::new(),
+            index_pages: Vec::new(),
+            tail_start_seq: 1,
+            gaps: Vec::new(),
+            retention: Retention::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_grace_period_protects_each_generation_that_was_current_within_it() {
+        let repo = Repository::new(Arc::new(MemoryStore::new()));
+        let now = OffsetDateTime::now_utc();
+        // Generation g was written 40 - g minutes ago: more than two read batches.
+        for g in 1..=40u64 {
+            let at = now - time::Duration::minutes(40 - g as i64);
+            repo.write_generation(&generation(g, at)).await.unwrap();
+        }
+        let newest = repo.read_generation(40).await.unwrap().unwrap();
+        // 10 minutes: g is protected while g + 1 was written less than 10 minutes ago.
+        let report = sweep(&repo, &newest, Duration::from_secs(600), now, true)
+            .await
+            .unwrap();
+        assert_eq!(
+            report.protected_generations,
+            (30..=40).rev().collect::<Vec<_>>()
+        );
+        assert_eq!(report.deleted["manifest generations"].objects, 29);
+        // Deleting for real leaves exactly the protected ones (and the hint).
+        sweep(&repo, &newest, Duration::from_secs(600), now, false)
+            .await
+            .unwrap();
+        let left: Vec<String> = repo
+            .store()
+            .list("manifest/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        assert_eq!(left.len(), 12, "{left:?}");
+        assert!(repo.read_generation(29).await.unwrap().is_none());
+        assert!(repo.read_generation(30).await.unwrap().is_some());
+        // No grace: only the newest.
+        let report = sweep(&repo, &newest, Duration::ZERO, now, true)
+            .await
+            .unwrap();
+        assert_eq!(report.protected_generations, vec![40]);
     }
 }
