@@ -587,13 +587,17 @@ async fn prune_holding_lease(
     })
 }
 
-/// One pruning run inside the service: whatever waits is written first, then the
-/// generation is written through the service's checkpoint manager, its only writer.
-pub async fn prune_with_checkpoint(
+/// The mark step inside the service: whatever waits is written first, then the pruned
+/// generation is written through the service's checkpoint manager, its only writer. Returns
+/// the report and the generation a sweep starts from (none before the first generation).
+/// The service runs [`sweep`] in the background afterwards: it never deletes what a writer
+/// may be adding (segments and index pages at or after the tail, generations after the
+/// newest), and the service takes no base backup while it runs.
+pub async fn mark_with_checkpoint(
     repo: &Repository,
     checkpoint: &mut crate::checkpoint::CheckpointManager,
     opts: &PruneOptions,
-) -> Result<PruneReport, PruneError> {
+) -> Result<(MarkReport, Option<Generation>, OffsetDateTime), PruneError> {
     let rules = opts.rules()?;
     checkpoint.flush().await?;
     let state = repo.load().await?;
@@ -612,19 +616,8 @@ pub async fn prune_with_checkpoint(
     if let Some(next) = marked.next.clone() {
         checkpoint.write_built(next).await?;
     }
-    let report = PruneReport {
-        dry_run: false,
-        note: None,
-        location: repo.location(),
-        grace: humantime::format_duration(opts.grace).to_string(),
-        mark: marked.report,
-        sweep: if current == 0 {
-            SweepReport::default()
-        } else {
-            sweep(repo, checkpoint.current(), opts.grace, now, false).await?
-        },
-    };
-    Ok(report)
+    let newest = (checkpoint.current().generation > 0).then(|| checkpoint.current().clone());
+    Ok((marked.report, newest, now))
 }
 
 /// Who holds a live writer lease on the repository, if anyone.

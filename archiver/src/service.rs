@@ -590,6 +590,7 @@ async fn run_with_lease(
     let mut retry_delay = Duration::from_secs(1);
     let mut bases_done_this_run = 0u64;
     // Retention runs a little after start, every interval, and after each base backup.
+    let mut sweep_task: Option<JoinHandle<Result<crate::prune::SweepReport, PruneError>>> = None;
     let mut prune_due: Option<Instant> = opts
         .retention
         .as_ref()
@@ -836,7 +837,10 @@ async fn run_with_lease(
             tracing::debug!("nothing written since the newest base; the scheduled base is skipped");
             base_due = Some(Instant::now() + opts.base_interval);
         }
-        if base_task.is_none() && base_due.is_some_and(|d| d <= Instant::now()) {
+        if base_task.is_none()
+            && sweep_task.is_none()
+            && base_due.is_some_and(|d| d <= Instant::now())
+        {
             base_due = None;
             base_on_schedule = false;
             let (db, wal, scratch, repo2) = (
@@ -863,29 +867,61 @@ async fn run_with_lease(
             )));
         }
 
-        // 5. Retention, between base backups and with every closed segment shipped.
+        // 5. Retention: mark between base backups with every closed segment shipped, then
+        //    sweep in the background (no base backup starts meanwhile).
+        if let Some(task) = &sweep_task
+            && task.is_finished()
+        {
+            match sweep_task.take().expect("checked").await {
+                Ok(Ok(report)) => {
+                    let (objects, bytes) = report
+                        .deleted
+                        .values()
+                        .fold((0, 0), |(o, b), c| (o + c.objects, b + c.bytes));
+                    metrics.prune_finished(objects, bytes);
+                    tracing::info!(
+                        objects_deleted = objects,
+                        bytes_deleted = bytes,
+                        objects_in_grace = report.deferred.objects,
+                        "retention applied"
+                    );
+                }
+                Ok(Err(e)) => {
+                    metrics.prune_failed();
+                    tracing::error!(
+                        error = %e,
+                        "deleting unreferenced objects failed; the next run tries again"
+                    );
+                }
+                Err(e) => {
+                    metrics.prune_failed();
+                    tracing::error!(error = %e, "the retention sweep task failed");
+                }
+            }
+        }
         if let Some(policy) = &opts.retention
             && base_task.is_none()
+            && sweep_task.is_none()
             && prune_due.is_some_and(|d| d <= Instant::now())
             && !shipper.has_unsent()
             && manifest_retry.ready()
         {
             prune_due = Some(Instant::now() + policy.interval);
-            match crate::prune::prune_with_checkpoint(repo, &mut checkpoint, policy).await {
-                Ok(report) => {
-                    metrics.prune_finished(
-                        report.sweep.deleted.values().map(|c| c.objects).sum(),
-                        report.sweep.deleted.values().map(|c| c.bytes).sum(),
-                    );
+            match crate::prune::mark_with_checkpoint(repo, &mut checkpoint, policy).await {
+                Ok((report, newest, now)) => {
                     tracing::info!(
-                    generation = ?report.mark.generation_after,
-                    bases_removed = report.mark.removed_bases.len(),
-                    segments_removed = report.mark.segments_removed,
-                    objects_deleted = report.sweep.deleted.values().map(|c| c.objects).sum::<u64>(),
-                    objects_in_grace = report.sweep.deferred.objects,
-                    window = %report.mark.window_after,
-                    "retention applied"
-                    )
+                        generation = ?report.generation_after,
+                        bases_removed = report.removed_bases.len(),
+                        segments_removed = report.segments_removed,
+                        window = %report.window_after,
+                        "retention: history marked; sweeping unreferenced objects"
+                    );
+                    if let Some(newest) = newest {
+                        let (repo2, grace) = (repo.clone(), policy.grace);
+                        sweep_task = Some(tokio::spawn(async move {
+                            crate::prune::sweep(&repo2, &newest, grace, now, false).await
+                        }));
+                    }
                 }
                 Err(PruneError::Repo(e @ RepoError::LostRace { .. })) => return Err(e.into()),
                 Err(e) => {
@@ -933,6 +969,9 @@ async fn run_with_lease(
             base_task
                 .as_ref()
                 .map(|_| Instant::now() + Duration::from_millis(200)),
+            sweep_task
+                .as_ref()
+                .map(|_| Instant::now() + Duration::from_millis(200)),
         ]
         .into_iter()
         .flatten()
@@ -976,8 +1015,12 @@ async fn run_with_lease(
     }
 
     // Shutdown: let a base backup in progress finish for a while, ship what is open,
-    // write the last generation, release the lease.
+    // write the last generation, release the lease. A sweep in progress is stopped: it only
+    // deletes unreferenced objects, and the next one finishes its work.
     metrics.set_phase(Phase::Stopping);
+    if let Some(task) = sweep_task.take() {
+        task.abort();
+    }
     let finished_base = match base_task.take() {
         Some(mut task) => {
             tracing::info!(

@@ -462,8 +462,9 @@ impl Protection {
                 KeyClass::Unreferenced(ObjectKind::Segment)
             };
         }
-        if keys::parse_index_page_key(key).is_some() {
-            return if self.page_keys.contains(key) {
+        if let Some((_, last)) = keys::parse_index_page_key(key) {
+            // A page reaching the tail may be one a writer is about to reference.
+            return if self.page_keys.contains(key) || last >= self.tail_from {
                 KeyClass::Protected
             } else {
                 KeyClass::Unreferenced(ObjectKind::IndexPage)
@@ -874,6 +875,11 @@ mod tests {
         assert_eq!(
             p.classify(&keys::index_page_key(1, 1000)),
             KeyClass::Protected
+        );
+        assert_eq!(
+            p.classify(&keys::index_page_key(900, 1001)),
+            KeyClass::Protected,
+            "a page reaching the tail may be about to be referenced"
         );
         assert_eq!(
             p.classify(&keys::sst_key(&"a".repeat(64))),

@@ -466,14 +466,15 @@ async fn the_service_applies_its_retention_policy_and_prune_refuses_while_it_run
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The metrics tell that retention runs and what it deleted.
+    // (The sweep runs in the background after the mark: wait for its first report.)
     let addr = logged_metrics_addr(&s.path("service.log")).context("the metrics address")?;
-    let (_, _, body) = http_get(addr, "/metrics")?;
-    let deleted = metric_sample(&body, "tidemark_pruned_objects_total").unwrap_or(0.0);
-    let last = metric_sample(&body, "tidemark_last_prune_timestamp_seconds").unwrap_or(0.0);
-    ensure!(
-        deleted > 0.0 && last > 0.0,
-        "retention metrics: {deleted} objects deleted, last run at {last}"
-    );
+    wait_for(Duration::from_secs(30), "retention metrics", || {
+        let (_, _, body) = http_get(addr, "/metrics").ok()?;
+        let deleted = metric_sample(&body, "tidemark_pruned_objects_total")?;
+        let last = metric_sample(&body, "tidemark_last_prune_timestamp_seconds")?;
+        (deleted > 0.0 && last > 0.0).then_some(())
+    })
+    .with_context(|| arch.log_tail())?;
     arch.signal("TERM")?;
     ensure!(arch.wait_timeout(Duration::from_secs(30))?.success());
     let log = std::fs::read_to_string(s.path("service.log"))?;
