@@ -72,10 +72,26 @@ fn fmt(t: OffsetDateTime) -> String {
 impl LeaseHandle {
     /// Takes the lease for `ttl`, or says who holds it.
     pub async fn acquire(repo: &Repository, ttl: Duration) -> Result<LeaseHandle, LeaseError> {
+        // Registered before the attempt: another task of this process that finds the lease
+        // must see its holder as alive, even before this call returns.
+        let holder = uuid::Uuid::new_v4().to_string();
+        live_holders().push(holder.clone());
+        let result = Self::attempt(repo, ttl, &holder).await;
+        if !matches!(&result, Ok(h) if h.lease.holder == holder) {
+            live_holders().retain(|h| *h != holder);
+        }
+        result
+    }
+
+    async fn attempt(
+        repo: &Repository,
+        ttl: Duration,
+        holder: &str,
+    ) -> Result<LeaseHandle, LeaseError> {
         let now = OffsetDateTime::now_utc();
         let lease = Lease {
             format_version: FORMAT_VERSION,
-            holder: uuid::Uuid::new_v4().to_string(),
+            holder: holder.to_owned(),
             host: crate::checkpoint::hostname(),
             pid: std::process::id(),
             acquired_at: now,
@@ -119,7 +135,6 @@ impl LeaseHandle {
             Err(e) => return Err(e.into()),
         };
         tracing::info!(holder = %lease.holder, expires_at = %fmt(lease.expires_at), "lease acquired");
-        live_holders().push(lease.holder.clone());
         Ok(LeaseHandle {
             repo: repo.clone(),
             lease,
