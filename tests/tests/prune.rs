@@ -385,6 +385,51 @@ async fn dropped_objects_stay_for_the_grace_period() -> Result<()> {
     );
     ensure!(repo.read_generation(old_gen.generation).await?.is_none());
     s.restore_exactly(&oracle, oracle.last_seq())?;
+
+    // `status` and `prune` find one database's repository in a config that lists several.
+    let config = s.path("many.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[databases]]\nname = \"orders\"\ndb = \"{}\"\nto = \"{}\"\n\
+             [[databases]]\nname = \"other\"\ndb = \"/nonexistent/other\"\n\
+             to = \"file:///nonexistent/other\"\n",
+            s.db().display(),
+            s.store.url
+        ),
+    )?;
+    let config = config.display().to_string();
+    let status = |extra: &[&str]| -> Result<(i32, String, String)> {
+        let mut a: Vec<String> = ["status", "--config", &config, "--json"]
+            .map(String::from)
+            .to_vec();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        run_with_timeout(
+            &bin("tidemark-archiver")?,
+            &a,
+            &s.store.env,
+            Duration::from_secs(60),
+        )
+    };
+    let (code, out, err) = status(&["--database", "orders"])?;
+    ensure!(code == 0, "status --database orders: exit {code}: {err}");
+    let report: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(report["bases"].as_u64() == Some(1), "{report}");
+    let (code, _, err) = status(&[])?;
+    ensure!(
+        code == 2 && err.contains("--database NAME"),
+        "status without --database: exit {code}: {err}"
+    );
+    let (code, _, err) = s.prune(&[
+        "--config",
+        &config,
+        "--database",
+        "orders",
+        "--dry-run",
+        "--keep-last",
+        "1",
+    ])?;
+    ensure!(code == 0, "prune --database orders: exit {code}: {err}");
     Ok(())
 }
 

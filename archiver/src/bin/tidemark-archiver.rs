@@ -108,7 +108,13 @@ struct BackupArgs {
 struct StatusArgs {
     /// The repository: s3://BUCKET/PREFIX or file:///ABSOLUTE/DIR.
     #[arg(long, env = "TIDEMARK_TO", value_name = "URL")]
-    to: String,
+    to: Option<String>,
+    /// The archiver's TOML config: its `to` and `[store]` apply (flags win).
+    #[arg(long, env = "TIDEMARK_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// With a config that lists `[[databases]]`: the database whose repository to show.
+    #[arg(long, value_name = "NAME")]
+    database: Option<String>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -182,45 +188,66 @@ fn merge_store(o: &mut StoreArgs, flags: StoreArgs) {
 }
 
 /// The repository and policy for `prune`: config file, then flags and environment.
-fn prune_options(args: PruneArgs) -> anyhow::Result<(String, StoreArgs, PruneOptions, Duration)> {
-    let file = match (&args.config, &args.database) {
-        (Some(path), database) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read config file {}", path.display()))?;
-            let invalid = || format!("invalid config file {}", path.display());
-            if fleet::lists_databases(&text).with_context(invalid)? {
-                let Some(name) = database else {
-                    anyhow::bail!(
-                        "{} lists [[databases]]: say which one to prune with --database NAME",
-                        path.display()
-                    );
-                };
-                let mut config = FleetConfig::parse(&text).with_context(invalid)?;
-                config.select(name).with_context(invalid)?;
-                config.databases.remove(0).options
-            } else if let Some(name) = database {
-                anyhow::bail!(
-                    "--database {name} needs a config file that lists [[databases]] (--config FILE)"
-                );
-            } else {
-                read_config(path)?
-            }
-        }
-        (None, Some(name)) => {
-            anyhow::bail!(
-                "--database {name} needs a config file that lists [[databases]] (--config FILE)"
-            )
-        }
-        (None, None) => ArchiverOptions::default(),
+/// One database's options from `--config` (and `--database` when the file lists several),
+/// for the commands that work on its repository (`status`, `prune`).
+fn database_options(
+    command: &str,
+    config: Option<&std::path::Path>,
+    database: Option<&str>,
+) -> anyhow::Result<ArchiverOptions> {
+    let needs_list = |name: &str| {
+        anyhow::anyhow!(
+            "--database {name} needs a config file that lists [[databases]] (--config FILE)"
+        )
     };
-    let mut store = file.store;
-    merge_store(&mut store, args.store);
-    let to = args.to.unwrap_or(file.to);
+    let Some(path) = config else {
+        return match database {
+            Some(name) => Err(needs_list(name)),
+            None => Ok(ArchiverOptions::default()),
+        };
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let invalid = || format!("invalid config file {}", path.display());
+    if !fleet::lists_databases(&text).with_context(invalid)? {
+        return match database {
+            Some(name) => Err(needs_list(name)),
+            None => read_config(path),
+        };
+    }
+    let Some(name) = database else {
+        anyhow::bail!(
+            "{} lists [[databases]]: say which one to {command} with --database NAME",
+            path.display()
+        );
+    };
+    let mut fleet = FleetConfig::parse(&text).with_context(invalid)?;
+    fleet.select(name).with_context(invalid)?;
+    Ok(fleet.databases.remove(0).options)
+}
+
+/// The repository and store settings: flags and environment over the config's.
+fn repository_of(
+    file: &ArchiverOptions,
+    to: Option<String>,
+    flags: StoreArgs,
+) -> anyhow::Result<(String, StoreArgs)> {
+    let mut store = file.store.clone();
+    merge_store(&mut store, flags);
+    let to = to.unwrap_or_else(|| file.to.clone());
     if to.is_empty() {
         anyhow::bail!(
-            "no repository given: pass --to s3://BUCKET/PREFIX or --to file:///ABSOLUTE/DIR"
+            "no repository given: pass --to s3://BUCKET/PREFIX or --to file:///ABSOLUTE/DIR \
+             (or --config FILE)"
         );
     }
+    Ok((to, store))
+}
+
+/// The repository and policy for `prune`: config file, then flags and environment.
+fn prune_options(args: PruneArgs) -> anyhow::Result<(String, StoreArgs, PruneOptions, Duration)> {
+    let file = database_options("prune", args.config.as_deref(), args.database.as_deref())?;
+    let (to, store) = repository_of(&file, args.to, args.store)?;
     let mut p = file.retention.unwrap_or_default();
     let from_flags = args.keep_last.is_some()
         || args.pitr_window.is_some()
@@ -575,7 +602,16 @@ async fn backup_many(config: FleetConfig, named: bool) -> anyhow::Result<ExitCod
 }
 
 async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let repo = match args.store.open(&args.to, false).await {
+    let resolved = database_options("show", args.config.as_deref(), args.database.as_deref())
+        .and_then(|file| repository_of(&file, args.to.clone(), args.store.clone()));
+    let (to, store) = match resolved {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("tidemark-archiver status: {e:#}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let repo = match store.open(&to, false).await {
         Ok(r) => r,
         Err(e) => return Ok(open_failed("status", &e)),
     };
