@@ -35,6 +35,10 @@ const FAMILIES: &[(&str, &str)] = &[
     ("tidemark_base_backups_total", "counter"),
     ("tidemark_base_backup_failures_total", "counter"),
     ("tidemark_manifest_generation", "gauge"),
+    ("tidemark_last_prune_timestamp_seconds", "gauge"),
+    ("tidemark_prune_failures_total", "counter"),
+    ("tidemark_pruned_objects_total", "counter"),
+    ("tidemark_pruned_bytes_total", "counter"),
 ];
 
 /// A scrape: the samples by series (`name` or `name{labels}`).
