@@ -190,6 +190,114 @@ pub fn check_base_id(id: &str) -> Result<(), KeyError> {
     }
 }
 
+/// An object key of the repository layout (FORMAT.md §2), as a listing returns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayoutKey<'a> {
+    /// `tidemark.json`.
+    Config,
+    /// `lease.json`.
+    Lease,
+    /// `manifest/latest.json`.
+    LatestHint,
+    /// `manifest/<gen>.json`.
+    Generation(u64),
+    /// `index/<first>-<last>.json`.
+    IndexPage { first_seq: u64, last_seq: u64 },
+    /// `wal/<first>.seg`.
+    Segment(u64),
+    /// `bases/<id>/base.json`.
+    BaseDescriptor { id: &'a str },
+    /// `bases/<id>/files/<name>`.
+    BaseFile { id: &'a str, name: &'a str },
+    /// `sst/<sha256>`.
+    Table { sha256: &'a str },
+}
+
+/// A listed key that is not part of the repository layout: maintenance names it, leaves it
+/// alone, and goes on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key:?} is not an object of the repository layout: {reason}")]
+pub struct ForeignKey {
+    pub key: String,
+    pub reason: String,
+}
+
+/// Parses a key a listing returned. Only a valid object key that matches one row of the
+/// layout exactly is a repository object; anything else (another program's file, a key no
+/// store accepts such as `bases/x//y`) is a [`ForeignKey`] saying why.
+pub fn parse_listed_key(key: &str) -> Result<LayoutKey<'_>, ForeignKey> {
+    let foreign = |reason: &str| ForeignKey {
+        key: key.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if let Err(e) = crate::store::validate_key(key) {
+        let reason = match e {
+            crate::store::StoreError::InvalidKey { reason, .. } => reason,
+            other => other.to_string(),
+        };
+        return Err(foreign(&format!("not a valid object key ({reason})")));
+    }
+    match key {
+        CONFIG => return Ok(LayoutKey::Config),
+        LEASE => return Ok(LayoutKey::Lease),
+        LATEST_HINT => return Ok(LayoutKey::LatestHint),
+        _ => {}
+    }
+    if key.starts_with(MANIFEST_PREFIX) {
+        return parse_generation_key(key)
+            .map(LayoutKey::Generation)
+            .ok_or_else(|| foreign("manifest keys are manifest/<16 hex digits>.json"));
+    }
+    if key.starts_with(INDEX_PREFIX) {
+        return match parse_index_page_key(key) {
+            Some((first_seq, last_seq)) if first_seq <= last_seq => Ok(LayoutKey::IndexPage {
+                first_seq,
+                last_seq,
+            }),
+            _ => Err(foreign(
+                "index page keys are index/<first>-<last>.json, 16 hex digits each, first <= last",
+            )),
+        };
+    }
+    if key.starts_with(WAL_PREFIX) {
+        return parse_segment_key(key)
+            .map(LayoutKey::Segment)
+            .ok_or_else(|| foreign("segment keys are wal/<16 hex digits>.seg"));
+    }
+    if let Some(hash) = key.strip_prefix(SST_PREFIX) {
+        let ok = hash.len() == 64
+            && hash
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        return if ok {
+            Ok(LayoutKey::Table { sha256: hash })
+        } else {
+            Err(foreign("table keys are sst/<64 lower-case hex digits>"))
+        };
+    }
+    if let Some(rest) = key.strip_prefix(BASES_PREFIX) {
+        let bad = || {
+            foreign(
+                "base keys are bases/<id>/base.json or bases/<id>/files/<CURRENT, MANIFEST-<n> \
+                 or OPTIONS-<n>>",
+            )
+        };
+        let (id, tail) = rest.split_once('/').ok_or_else(bad)?;
+        check_base_id(id).map_err(|_| bad())?;
+        if tail == "base.json" {
+            return Ok(LayoutKey::BaseDescriptor { id });
+        }
+        let name = tail.strip_prefix("files/").ok_or_else(bad)?;
+        return match check_base_file_name(name) {
+            Ok(()) if !is_table_file(name) => Ok(LayoutKey::BaseFile { id, name }),
+            _ => Err(bad()),
+        };
+    }
+    Err(foreign(
+        "not under manifest/, index/, wal/, bases/ or sst/, and not tidemark.json or lease.json",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,5 +342,62 @@ mod tests {
         }
         check_base_id(&new_base_id(time::OffsetDateTime::now_utc())).unwrap();
         assert!(check_base_id("a/b").is_err());
+    }
+    #[test]
+    fn listed_keys_outside_the_layout_are_foreign_and_say_why() {
+        let id = "b20261123T133000Z-1a2b3c4d";
+        let sha = "ab".repeat(32);
+        let ok = [
+            (CONFIG.to_owned(), LayoutKey::Config),
+            (LEASE.to_owned(), LayoutKey::Lease),
+            (LATEST_HINT.to_owned(), LayoutKey::LatestHint),
+            (generation_key(7), LayoutKey::Generation(7)),
+            (segment_key(42), LayoutKey::Segment(42)),
+            (
+                index_page_key(1, 9),
+                LayoutKey::IndexPage {
+                    first_seq: 1,
+                    last_seq: 9,
+                },
+            ),
+            (base_descriptor_key(id), LayoutKey::BaseDescriptor { id }),
+            (
+                base_file_key(id, "MANIFEST-000031"),
+                LayoutKey::BaseFile {
+                    id,
+                    name: "MANIFEST-000031",
+                },
+            ),
+            (sst_key(&sha), LayoutKey::Table { sha256: &sha }),
+        ];
+        for (key, expected) in &ok {
+            assert_eq!(parse_listed_key(key).as_ref(), Ok(expected), "{key}");
+        }
+        let bad: Vec<(String, &str)> = vec![
+            ("bases/x//y".into(), "empty path segment"),
+            ("bases/x/y".into(), "base keys are"),
+            (format!("bases/{id}/notes.txt"), "base keys are"),
+            (format!("bases/{id}/files/000001.sst"), "base keys are"),
+            (format!("bases/{id}/files/../x"), "not a valid object key"),
+            ("bases/a b/base.json".into(), "base keys are"),
+            ("bases".into(), "not under"),
+            ("wal/README".into(), "segment keys are"),
+            ("wal/000000000000002A.seg".into(), "segment keys are"),
+            ("wal/a\\b".into(), "backslash"),
+            (
+                "index/0000000000000009-0000000000000001.json".into(),
+                "first <= last",
+            ),
+            ("manifest/latest.json.bak".into(), "manifest keys are"),
+            ("sst/not-a-hash".into(), "table keys are"),
+            (format!("sst/{}", "AB".repeat(32)), "table keys are"),
+            ("notes/readme.txt".into(), "not under"),
+        ];
+        for (bad, why) in &bad {
+            let bad = bad.as_str();
+            let e = parse_listed_key(bad).unwrap_err();
+            assert_eq!(e.key, bad);
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
     }
 }

@@ -9,6 +9,7 @@ use crate::model::{
     IndexPageRef, LatestHint, ModelError, ObjectRef, RepositoryConfig, SegmentEntry,
 };
 use crate::plan::{History, HistoryProblem};
+use crate::retention::{KeyClass, Protection};
 use crate::segment::{EncodedSegment, HEADER_LEN, SegmentError, SegmentHeader, SegmentReader};
 use crate::store::crypt::{self, CryptStore, EncryptionKey};
 use crate::store::{ObjectStore, StoreError};
@@ -81,6 +82,26 @@ pub enum RepoError {
         known = crypt::ALGORITHM
     )]
     UnsupportedEncryption { location: String, algorithm: String },
+    #[error(
+        "{location} has no manifest generation {generation} (the newest is {newest}); \
+         `list` shows the generation it reads, and pruning deletes old ones"
+    )]
+    NoSuchGeneration {
+        location: String,
+        generation: u64,
+        newest: u64,
+    },
+    #[error(
+        "{location}: {corrupt} is corrupt, and reading the generation before it ({generation}) \
+         failed too: {source}"
+    )]
+    FallbackFailed {
+        location: String,
+        corrupt: String,
+        generation: u64,
+        #[source]
+        source: Box<RepoError>,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -103,8 +124,67 @@ impl RepoError {
                 | RepoError::WrongKey { .. }
                 | RepoError::NotEncrypted { .. }
                 | RepoError::UnsupportedEncryption { .. }
+                | RepoError::NoSuchGeneration { .. }
                 | RepoError::Store(StoreError::Config { .. })
         )
+    }
+
+    /// True when the error says that an object is damaged (a checksum, a document that does
+    /// not parse or contradicts its key, an encrypted object that fails authentication),
+    /// as opposed to missing, unreadable for now, or of a newer format.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            RepoError::Model(ModelError::UnsupportedVersion { .. }) => false,
+            RepoError::Model(_) | RepoError::Checksum(_) | RepoError::Segment(_) => true,
+            RepoError::Store(StoreError::Other { source, .. }) => {
+                source.downcast_ref::<crypt::CryptError>().is_some_and(|c| {
+                    matches!(
+                        c,
+                        crypt::CryptError::Tampered { .. }
+                            | crypt::CryptError::BadSize { .. }
+                            | crypt::CryptError::NotEncrypted
+                    )
+                })
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Where a reader starts reading a repository's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadFrom {
+    /// The newest intact generation: newer ones that are corrupt are named and passed over
+    /// (FORMAT.md §4.4).
+    #[default]
+    NewestIntact,
+    /// Exactly this generation (an operator's choice: `--generation N`).
+    Generation(u64),
+}
+
+/// Something a reader found while loading and worked around, naming the object.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LoadWarning {
+    /// The object concerned, when there is one.
+    pub object: Option<String>,
+    pub message: String,
+    /// True when an object is damaged (the repository needs repair); false for advisory
+    /// findings such as a stale hint.
+    pub damage: bool,
+}
+
+impl LoadWarning {
+    fn new(object: Option<String>, message: String, damage: bool) -> LoadWarning {
+        if damage {
+            tracing::warn!(object = object.as_deref().unwrap_or(""), "{message}");
+        } else {
+            tracing::info!(object = object.as_deref().unwrap_or(""), "{message}");
+        }
+        LoadWarning {
+            object,
+            message,
+            damage,
+        }
     }
 }
 
@@ -118,6 +198,12 @@ pub struct RepoState {
     pub history: History,
     /// How many segments the tail walk found after the current generation.
     pub tail_segments: usize,
+    /// The newest generation that exists (`generation` is older when newer ones are corrupt
+    /// or an older one was asked for); 0 if none.
+    pub newest_generation: u64,
+    /// What the reader found and worked around: corrupt generations passed over, a stale
+    /// hint, segments an older generation cannot reach.
+    pub warnings: Vec<LoadWarning>,
 }
 
 impl RepoState {
@@ -126,6 +212,11 @@ impl RepoState {
         let from_segments = self.history.segments.last().map(|s| s.last_seq + 1);
         let from_generation = self.generation.as_ref().map(|g| g.tail_start_seq);
         from_segments.max(from_generation)
+    }
+
+    /// True when a damaged object was found (and worked around) while loading.
+    pub fn damaged(&self) -> bool {
+        self.warnings.iter().any(|w| w.damage)
     }
 }
 
@@ -298,46 +389,136 @@ impl Repository {
         }
     }
 
-    /// Finds and reads the current generation (FORMAT.md §4.4 steps 2–3).
+    /// Finds and reads the current generation (FORMAT.md §4.4 steps 2–3): the newest one,
+    /// which must be intact.
     pub async fn current_generation(&self) -> Result<Option<Generation>, RepoError> {
-        let hint = match self.get_optional(keys::LATEST_HINT).await? {
-            Some(b) => model::parse_document::<LatestHint>(keys::LATEST_HINT, &b)?.generation,
-            None => self.generation_from_listing().await?,
-        };
-        let mut current: Option<Generation> = None;
-        if hint > 0 {
-            current = Some(self.read_generation(hint).await?.ok_or_else(|| {
-                RepoError::Model(ModelError::Inconsistent {
-                    key: keys::LATEST_HINT.to_owned(),
-                    detail: format!("it names generation {hint}, which does not exist"),
-                })
-            })?);
-        }
-        let mut next = hint + 1;
-        while let Some(g) = self.read_generation(next).await? {
-            current = Some(g);
-            next += 1;
-        }
-        Ok(current)
+        let newest = self.newest_generation_number(&mut Vec::new()).await?;
+        self.read_newest(newest).await
     }
 
-    /// Without a hint: the newest generation a listing shows (maintenance fallback).
+    async fn read_newest(&self, newest: u64) -> Result<Option<Generation>, RepoError> {
+        if newest == 0 {
+            return Ok(None);
+        }
+        let g = self
+            .read_generation(newest)
+            .await?
+            .ok_or_else(|| RepoError::NoSuchGeneration {
+                location: self.location(),
+                generation: newest,
+                newest,
+            })?;
+        Ok(Some(g))
+    }
+
+    /// The number of the newest generation that exists, 0 if there is none (FORMAT.md §4.4
+    /// steps 2–3). The hint is advisory: one that is missing, unreadable or names a
+    /// generation that does not exist is noted, and a listing finds where to probe from.
+    async fn newest_generation_number(
+        &self,
+        warnings: &mut Vec<LoadWarning>,
+    ) -> Result<u64, RepoError> {
+        let hint_key = keys::LATEST_HINT;
+        let hint = match self.get_optional(hint_key).await? {
+            None => None,
+            Some(b) => match model::parse_document::<LatestHint>(hint_key, &b) {
+                Ok(h) => Some(h.generation),
+                Err(e) => {
+                    warnings.push(LoadWarning::new(
+                        Some(hint_key.to_owned()),
+                        format!(
+                            "{e}; the hint is advisory: the newest generation was found by \
+                             listing"
+                        ),
+                        !matches!(e, ModelError::UnsupportedVersion { .. }),
+                    ));
+                    None
+                }
+            },
+        };
+        let start = match hint {
+            Some(0) => 0,
+            Some(n) if self.generation_exists(n).await? => n,
+            Some(n) => {
+                let listed = self.generation_from_listing().await?;
+                warnings.push(LoadWarning::new(
+                    Some(hint_key.to_owned()),
+                    format!(
+                        "it names generation {n}, which does not exist; the hint is advisory: \
+                         the newest generation was found by listing"
+                    ),
+                    false,
+                ));
+                listed
+            }
+            None => {
+                let listed = self.generation_from_listing().await?;
+                if listed > 0 && warnings.is_empty() {
+                    warnings.push(LoadWarning::new(
+                        Some(hint_key.to_owned()),
+                        "it is missing although manifest generations exist; the newest was \
+                         found by listing"
+                            .to_owned(),
+                        false,
+                    ));
+                }
+                listed
+            }
+        };
+        let mut newest = start;
+        while self.generation_exists(newest + 1).await? {
+            newest += 1;
+        }
+        Ok(newest)
+    }
+
+    async fn generation_exists(&self, n: u64) -> Result<bool, RepoError> {
+        Ok(self.store.head(&keys::generation_key(n)).await?.is_some())
+    }
+
+    /// The newest generation a listing shows (the loud fallback of FORMAT.md §4.4).
     async fn generation_from_listing(&self) -> Result<u64, RepoError> {
         let listed = self.store.list(keys::MANIFEST_PREFIX).await?;
-        let newest = listed
+        Ok(listed
             .iter()
             .filter_map(|m| keys::parse_generation_key(&m.key))
             .max()
-            .unwrap_or(0);
-        if newest > 0 {
-            tracing::warn!(
-                location = %self.location(),
-                generation = newest,
-                "{} is missing although manifest generations exist; found the newest by listing",
-                keys::LATEST_HINT
-            );
+            .unwrap_or(0))
+    }
+
+    /// The newest intact generation at or below `newest`. Corrupt ones are passed over,
+    /// each named in `warnings`; if no intact one is left, the first damage is the error.
+    async fn newest_intact(
+        &self,
+        newest: u64,
+        warnings: &mut Vec<LoadWarning>,
+    ) -> Result<Option<Generation>, RepoError> {
+        let mut first_damage = None;
+        let mut n = newest;
+        while n > 0 {
+            match self.read_generation(n).await {
+                Ok(Some(g)) => return Ok(Some(g)),
+                Ok(None) => break,
+                Err(e) if e.is_damage() => {
+                    warnings.push(LoadWarning::new(
+                        Some(keys::generation_key(n)),
+                        format!(
+                            "manifest generation {n} is corrupt ({e}); it was passed over and \
+                             the repository read from the generation before it, whose \
+                             segments after it are found by the tail walk"
+                        ),
+                        true,
+                    ));
+                    first_damage.get_or_insert(e);
+                    n -= 1;
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(newest)
+        match first_damage {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
     }
 
     /// Reads generation `n`, or `None` if it does not exist.
@@ -454,17 +635,72 @@ impl Repository {
         Ok(out)
     }
 
-    /// Loads the repository's current state: config, generation, index pages, tail.
-    /// Fails if the history does not hold together.
+    /// Loads the repository's current state: config, the newest generation, its index
+    /// pages, the tail. Fails if the newest generation is corrupt or the history does not
+    /// hold together: what a writer needs before it adds to the history.
     pub async fn load(&self) -> Result<RepoState, RepoError> {
-        let config = self
-            .read_config()
+        let config = self.require_config().await?;
+        let mut warnings = Vec::new();
+        let newest = self.newest_generation_number(&mut warnings).await?;
+        let generation = self.read_newest(newest).await?;
+        self.state_from(config, generation, newest, warnings).await
+    }
+
+    /// Loads the repository's state for reading (list, restore, verify): from the newest
+    /// intact generation, or from the one `from` names (FORMAT.md §4.4, reader rules).
+    /// Everything passed over is in [`RepoState::warnings`], and logged.
+    pub async fn load_for_reading(&self, from: ReadFrom) -> Result<RepoState, RepoError> {
+        let config = self.require_config().await?;
+        let mut warnings = Vec::new();
+        let newest = self.newest_generation_number(&mut warnings).await?;
+        let generation = match from {
+            ReadFrom::NewestIntact => self.newest_intact(newest, &mut warnings).await?,
+            ReadFrom::Generation(n) => {
+                let g = self.read_generation(n).await?;
+                Some(g.ok_or_else(|| RepoError::NoSuchGeneration {
+                    location: self.location(),
+                    generation: n,
+                    newest,
+                })?)
+            }
+        };
+        let fell_back = warnings
+            .iter()
+            .find(|w| w.damage)
+            .and_then(|w| w.object.clone());
+        let read = generation.as_ref().map(|g| g.generation);
+        let result = self.state_from(config, generation, newest, warnings).await;
+        match (result, fell_back, read) {
+            (Err(e), Some(corrupt), Some(generation)) if generation < newest => {
+                Err(RepoError::FallbackFailed {
+                    location: self.location(),
+                    corrupt,
+                    generation,
+                    source: Box::new(e),
+                })
+            }
+            (result, _, _) => result,
+        }
+    }
+
+    async fn require_config(&self) -> Result<RepositoryConfig, RepoError> {
+        self.read_config()
             .await?
             .ok_or_else(|| RepoError::NoRepository {
                 location: self.location(),
                 key: keys::CONFIG.to_owned(),
-            })?;
-        let generation = self.current_generation().await?;
+            })
+    }
+
+    /// The state `generation` describes: its index pages, then the tail walk from its
+    /// `tail_start_seq`.
+    async fn state_from(
+        &self,
+        config: RepositoryConfig,
+        generation: Option<Generation>,
+        newest: u64,
+        mut warnings: Vec<LoadWarning>,
+    ) -> Result<RepoState, RepoError> {
         let mut history = History::default();
         let mut tail_from = 1;
         if let Some(g) = &generation {
@@ -496,11 +732,95 @@ impl Repository {
                 problems,
             });
         }
+        let read = generation.as_ref().map_or(0, |g| g.generation);
+        if read < newest {
+            let walked_to = history
+                .segments
+                .last()
+                .map_or(tail_from, |s| s.last_seq + 1);
+            warnings.push(self.older_generation_note(read, newest, walked_to).await);
+        }
         Ok(RepoState {
             config,
             generation,
             history,
             tail_segments,
+            newest_generation: newest,
+            warnings,
+        })
+    }
+
+    /// What reading generation `read` rather than the newest, `newest`, leaves out: the walk
+    /// found every segment up to `walked_to`; segments after a gap or a pruned hole that a
+    /// newer generation recorded are found only by listing, and named here.
+    async fn older_generation_note(&self, read: u64, newest: u64, walked_to: u64) -> LoadWarning {
+        let mut message = format!(
+            "read from manifest generation {read}, not the newest ({newest}); the tail walk \
+             found the segments written after it, up to sequence {}",
+            walked_to.saturating_sub(1)
+        );
+        match self.store.list(keys::WAL_PREFIX).await {
+            Ok(listed) => {
+                let beyond: Vec<(u64, String)> = listed
+                    .into_iter()
+                    .filter_map(|m| Some((keys::parse_segment_key(&m.key)?, m.key)))
+                    .filter(|&(s, _)| s >= walked_to)
+                    .collect();
+                // One starting right there continues the walk: uploaded since, not cut off.
+                let continues = beyond.first().is_some_and(|&(s, _)| s == walked_to);
+                if let Some((_, first)) = beyond.first().filter(|_| !continues) {
+                    message.push_str(&format!(
+                        "; {} segments after that, from {first}, are out of reach without a \
+                         newer generation (it records the gap before them)",
+                        beyond.len()
+                    ));
+                }
+            }
+            Err(e) => message.push_str(&format!(
+                "; whether segments exist after that could not be checked: {e}"
+            )),
+        }
+        LoadWarning::new(None, message, false)
+    }
+
+    /// Whether the repository was pruned under a reader that planned from generation
+    /// `planned` and then found `key`, which that generation references, missing.
+    /// `Some(what happened)` when the planned generation has been deleted since, or a newer
+    /// generation no longer references `key` (pruning then deletes it once the grace period
+    /// is over); `None` when `key` should still exist, so that it is missing or damaged.
+    pub async fn pruned_since(&self, planned: u64, key: &str) -> Result<Option<String>, RepoError> {
+        if !self.generation_exists(planned).await? {
+            return Ok(Some(format!(
+                "manifest generation {planned}, which it planned from, has been deleted since"
+            )));
+        }
+        let newest = self.newest_generation_number(&mut Vec::new()).await?;
+        let Some(g) = self.newest_intact(newest, &mut Vec::new()).await? else {
+            return Ok(None);
+        };
+        if g.generation <= planned {
+            return Ok(None);
+        }
+        let mut p = Protection::new();
+        p.add_generation(&g);
+        if key.starts_with(keys::SST_PREFIX) {
+            for b in &g.bases {
+                match self.read_base(g.generation, b).await {
+                    Ok(d) => p.add_base(&d),
+                    Err(_) => return Ok(None),
+                }
+            }
+        }
+        Ok(match p.classify(key) {
+            KeyClass::Unreferenced(_) => Some(format!(
+                "manifest generation {}, written at {} after generation {planned} it planned \
+                 from, no longer references {key}",
+                g.generation,
+                g.written_at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default()
+            )),
+            KeyClass::Protected | KeyClass::Foreign => None,
         })
     }
 

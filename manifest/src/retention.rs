@@ -13,7 +13,7 @@ use std::fmt;
 
 use time::OffsetDateTime;
 
-use crate::keys;
+use crate::keys::{self, LayoutKey};
 use crate::model::{BaseDescriptor, BaseSummary, Gap, GapKind, Generation, Pin, SegmentEntry};
 use crate::plan::History;
 
@@ -438,61 +438,46 @@ impl Protection {
         self.base_ids.iter().map(String::as_str)
     }
 
-    /// Classifies a listed key.
+    /// Classifies a listed key. A key outside the layout (FORMAT.md §2) is
+    /// [`KeyClass::Foreign`]: it is logged with the reason and never deleted, and the sweep
+    /// goes on with the other keys.
     pub fn classify(&self, key: &str) -> KeyClass {
-        if key == keys::CONFIG || key == keys::LEASE || key == keys::LATEST_HINT {
+        let layout = match keys::parse_listed_key(key) {
+            Ok(layout) => layout,
+            Err(e) => {
+                tracing::warn!(key = %key, reason = %e.reason, "not a Tidemark object; left alone");
+                return KeyClass::Foreign;
+            }
+        };
+        let referenced = match layout {
+            LayoutKey::Config | LayoutKey::Lease | LayoutKey::LatestHint => true,
+            LayoutKey::Generation(g) => g >= self.oldest_generation,
+            LayoutKey::Segment(first) => {
+                first >= self.tail_from
+                    || self
+                        .segment_ranges
+                        .iter()
+                        .any(|&(a, b)| a <= first && first <= b)
+            }
+            // A page reaching the tail may be one a writer is about to reference.
+            LayoutKey::IndexPage { last_seq, .. } => {
+                self.page_keys.contains(key) || last_seq >= self.tail_from
+            }
+            LayoutKey::BaseDescriptor { id } | LayoutKey::BaseFile { id, .. } => {
+                self.base_ids.contains(id)
+            }
+            LayoutKey::Table { .. } => self.sst_keys.contains(key),
+        };
+        if referenced {
             return KeyClass::Protected;
         }
-        if let Some(g) = keys::parse_generation_key(key) {
-            return if g >= self.oldest_generation {
-                KeyClass::Protected
-            } else {
-                KeyClass::Unreferenced(ObjectKind::Generation)
-            };
-        }
-        if let Some(first) = keys::parse_segment_key(key) {
-            let referenced = first >= self.tail_from
-                || self
-                    .segment_ranges
-                    .iter()
-                    .any(|&(a, b)| a <= first && first <= b);
-            return if referenced {
-                KeyClass::Protected
-            } else {
-                KeyClass::Unreferenced(ObjectKind::Segment)
-            };
-        }
-        if let Some((_, last)) = keys::parse_index_page_key(key) {
-            // A page reaching the tail may be one a writer is about to reference.
-            return if self.page_keys.contains(key) || last >= self.tail_from {
-                KeyClass::Protected
-            } else {
-                KeyClass::Unreferenced(ObjectKind::IndexPage)
-            };
-        }
-        if let Some(rest) = key.strip_prefix(keys::BASES_PREFIX)
-            && let Some((id, _)) = rest.split_once('/')
-            && keys::check_base_id(id).is_ok()
-        {
-            return if self.base_ids.contains(id) {
-                KeyClass::Protected
-            } else {
-                KeyClass::Unreferenced(ObjectKind::Base)
-            };
-        }
-        if let Some(hash) = key.strip_prefix(keys::SST_PREFIX)
-            && hash.len() == 64
-            && hash
-                .bytes()
-                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-        {
-            return if self.sst_keys.contains(key) {
-                KeyClass::Protected
-            } else {
-                KeyClass::Unreferenced(ObjectKind::Table)
-            };
-        }
-        KeyClass::Foreign
+        KeyClass::Unreferenced(match layout {
+            LayoutKey::Generation(_) => ObjectKind::Generation,
+            LayoutKey::Segment(_) => ObjectKind::Segment,
+            LayoutKey::IndexPage { .. } => ObjectKind::IndexPage,
+            LayoutKey::Table { .. } => ObjectKind::Table,
+            _ => ObjectKind::Base,
+        })
     }
 }
 
@@ -886,6 +871,17 @@ mod tests {
             unref(ObjectKind::Table)
         );
         assert_eq!(p.classify("notes/readme.txt"), KeyClass::Foreign);
+        // Keys no store accepts, or that only look like the layout, are never deleted.
+        for foreign in [
+            "bases/x//y".to_owned(),
+            "bases/x/y".to_owned(),
+            format!("bases/{}/notes.txt", g.bases[0].id),
+            "bases/b20200101T000000Z-0000abcd/files/x\\y".to_owned(),
+            "wal/0000000000000001.seg.tmp".to_owned(),
+            "manifest/0000000000000001.json.old".to_owned(),
+        ] {
+            assert_eq!(p.classify(&foreign), KeyClass::Foreign, "{foreign}");
+        }
         assert_eq!(p.classify("sst/not-a-hash"), KeyClass::Foreign);
         assert_eq!(p.classify(keys::LATEST_HINT), KeyClass::Protected);
         let id = &g.bases[0].id;

@@ -65,6 +65,9 @@ pub mod exit_code {
     pub const VERIFICATION_FAILED: u8 = 4;
     /// `drill`: the drill ran and failed (its report says in which phase and why).
     pub const DRILL_FAILED: u8 = 5;
+    /// `verify`: no problem found, but the content of some objects was not read (sizes
+    /// only, the default on S3); `--deep` reads every byte.
+    pub const CONTENT_NOT_CHECKED: u8 = 6;
 }
 
 /// Everything that can go wrong in a list, restore or verify.
@@ -110,6 +113,12 @@ pub enum RestoreError {
     Rocks { what: String, detail: String },
     #[error("interrupted; nothing was changed in the target directory")]
     Interrupted,
+    #[error(
+        "the repository was pruned while this restore ran: {key} is gone because {why}; \
+         nothing was changed in the target directory; run the restore again (it plans from \
+         the current manifest), and make the pruning grace period longer than a restore takes"
+    )]
+    PrunedDuringRestore { key: String, why: String },
 }
 
 impl RestoreError {
@@ -136,9 +145,24 @@ impl RestoreError {
             RestoreError::Time(_)
             | RestoreError::Usage(_)
             | RestoreError::TargetNotEmpty { .. } => ErrorClass::Usage,
-            RestoreError::Io { .. } | RestoreError::Rocks { .. } | RestoreError::Interrupted => {
-                ErrorClass::Failure
-            }
+            RestoreError::Io { .. }
+            | RestoreError::Rocks { .. }
+            | RestoreError::Interrupted
+            | RestoreError::PrunedDuringRestore { .. } => ErrorClass::Failure,
+        }
+    }
+
+    /// True when the error is an object that does not exist (as opposed to one that is
+    /// damaged or could not be read).
+    pub fn is_missing_object(&self) -> bool {
+        match self {
+            RestoreError::Store(e) => e.is_not_found(),
+            RestoreError::Repository(e) => match e.as_ref() {
+                RepoError::MissingObject { .. } => true,
+                RepoError::Store(s) => s.is_not_found(),
+                _ => false,
+            },
+            _ => false,
         }
     }
 }
@@ -149,6 +173,7 @@ impl RestoreError {
     pub fn object(&self) -> Option<String> {
         let structured = match self {
             RestoreError::Checksum(e) => Some(e.key.clone()),
+            RestoreError::PrunedDuringRestore { key, .. } => Some(key.clone()),
             RestoreError::Store(e) => e.key().map(str::to_owned),
             RestoreError::Repository(e) => match e.as_ref() {
                 RepoError::MissingObject { key, .. } => Some(key.clone()),
@@ -228,7 +253,9 @@ fn repo_class(e: &RepoError) -> ErrorClass {
         RepoError::NoRepository { .. }
         | RepoError::KeyRequired { .. }
         | RepoError::WrongKey { .. }
-        | RepoError::NotEncrypted { .. } => ErrorClass::Usage,
+        | RepoError::NotEncrypted { .. }
+        | RepoError::NoSuchGeneration { .. } => ErrorClass::Usage,
+        RepoError::FallbackFailed { source, .. } => repo_class(source),
         RepoError::MissingObject { .. }
         | RepoError::History { .. }
         | RepoError::Segment(_)

@@ -170,25 +170,37 @@ async fn corrupt_and_missing_objects_are_named_and_nothing_is_left_behind() -> R
     );
     assert_untouched(out.path(), &[]);
 
-    // `verify` finds it too, without restoring: by size it looks fine, --deep finds it.
+    // `verify` finds it too, without restoring: on a local directory the default reads
+    // every object (a size check alone would call the repository fine), and so does --deep.
     let quick = verify::run(
         &f.repo,
         &VerifyOptions {
             scope: VerifyScope::All,
             deep: false,
             parallelism: 4,
+            generation: None,
         },
         &Progress::hidden(),
         &Cancel::new(),
     )
     .await?;
-    assert!(quick.ok(), "{}", quick.render());
+    assert!(!quick.ok(), "{}", quick.render());
+    assert_eq!(quick.exit_code(), 4);
+    assert!(
+        quick
+            .problems
+            .iter()
+            .any(|p| p.object.as_deref() == Some(key.as_str())),
+        "{}",
+        quick.render()
+    );
     let deep = verify::run(
         &f.repo,
         &VerifyOptions {
             scope: VerifyScope::All,
             deep: true,
             parallelism: 4,
+            generation: None,
         },
         &Progress::hidden(),
         &Cancel::new(),
@@ -216,6 +228,7 @@ async fn corrupt_and_missing_objects_are_named_and_nothing_is_left_behind() -> R
             scope: VerifyScope::All,
             deep: false,
             parallelism: 4,
+            generation: None,
         },
         &Progress::hidden(),
         &Cancel::new(),
@@ -351,6 +364,7 @@ async fn verify_checks_what_a_target_needs() -> Result<()> {
                     scope,
                     deep,
                     parallelism: 3,
+                    generation: None,
                 },
                 &Progress::hidden(),
                 &Cancel::new(),
@@ -366,6 +380,7 @@ async fn verify_checks_what_a_target_needs() -> Result<()> {
             scope: VerifyScope::Target(TargetSpec::Seq(f.gap.first_seq)),
             deep: false,
             parallelism: 3,
+            generation: None,
         },
         &Progress::hidden(),
         &Cancel::new(),

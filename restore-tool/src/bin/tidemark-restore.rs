@@ -11,6 +11,7 @@
 //! | 3 | the target is not restorable from this repository (before or after the window, in a gap) |
 //! | 4 | verification failed: a missing or corrupt object, a broken WAL chain, a restored database that does not end where planned, or problems found by `verify` |
 //! | 5 | `drill`: the drill ran and failed (its report says in which phase and why) |
+//! | 6 | `verify`: no problem found, but the content of some objects was not read (sizes only, the default on S3; `--deep` reads every byte) |
 //!
 //! `drill` exits with 0, 5, 2 (bad usage: the drill did not start) or 1 (it could not run
 //! at all, e.g. its scratch directory cannot be created or its report cannot be written).
@@ -24,6 +25,7 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use time::{OffsetDateTime, UtcOffset};
 use tracing_subscriber::EnvFilter;
 
+use tidemark_manifest::repo::ReadFrom;
 use tidemark_restore::commands::drill::{self, DrillOptions, TargetPoint};
 use tidemark_restore::commands::list::{self};
 use tidemark_restore::commands::restore::{self, RestoreOptions};
@@ -45,7 +47,9 @@ Exit codes:
   4  verification failed: a missing or corrupt object, a broken WAL chain, a restored database
      that does not end where planned, or problems found by `verify`
   5  drill: the drill ran and failed; its report says in which phase and why
-     (drill otherwise exits with 0, 2 for bad usage, or 1 when it could not run at all)";
+     (drill otherwise exits with 0, 2 for bad usage, or 1 when it could not run at all)
+  6  verify: no problem found, but the content of some objects was not read (sizes only,
+     the default on S3); --deep reads every byte";
 
 const DRILL_HELP: &str = "The check command is run as /bin/sh -c CMD with the restored database's directory in TIDEMARK_DRILL_DB (and as $1), its last sequence number in TIDEMARK_DRILL_SEQ, the time of its last record in TIDEMARK_DRILL_TIME and the repository URL in TIDEMARK_DRILL_REPOSITORY. Exit status 0 passes; anything else, or running past --check-timeout, fails the drill.
 
@@ -119,6 +123,10 @@ enum Command {
         /// Timeline width in columns (default: the terminal's width).
         #[arg(long, value_name = "COLUMNS")]
         width: Option<usize>,
+        /// Read the repository from manifest generation N instead of the newest intact one
+        /// (segments written after it are still found by the tail walk).
+        #[arg(long, value_name = "N")]
+        generation: Option<u64>,
     },
     /// Restore the database into a new directory.
     Restore {
@@ -150,6 +158,10 @@ enum Command {
         /// Print a JSON summary on standard output.
         #[arg(long)]
         json: bool,
+        /// Read the repository from manifest generation N instead of the newest intact one
+        /// (segments written after it are still found by the tail walk).
+        #[arg(long, value_name = "N")]
+        generation: Option<u64>,
     },
     /// Check that the repository holds intact everything a restore needs.
     Verify {
@@ -160,7 +172,9 @@ enum Command {
         /// Fixed UTC offset for --time values without one.
         #[arg(long, value_name = "ZONE")]
         tz: Option<String>,
-        /// Download everything: check every sha256, frame and record.
+        /// Download everything: check every sha256, frame and record (the default on a
+        /// local directory; on S3 the default checks existence and sizes only, and exits
+        /// with 6 when nothing else is wrong).
         #[arg(long)]
         deep: bool,
         /// Concurrent downloads.
@@ -169,6 +183,10 @@ enum Command {
         /// Print JSON on standard output.
         #[arg(long)]
         json: bool,
+        /// Read the repository from manifest generation N instead of the newest intact one
+        /// (segments written after it are still found by the tail walk).
+        #[arg(long, value_name = "N")]
+        generation: Option<u64>,
     },
     /// Run a recovery drill: restore into a scratch directory with full verification, run
     /// a check command against the result, measure the RTO and the RPO, write a report,
@@ -257,6 +275,11 @@ fn time_spec(
     Ok(seq.map(TargetSpec::Seq))
 }
 
+/// Where to read the repository from: `--generation N`, or the newest intact generation.
+fn read_from(generation: Option<u64>) -> ReadFrom {
+    generation.map_or(ReadFrom::NewestIntact, ReadFrom::Generation)
+}
+
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value).context("cannot serialize the report")?;
     emit(&format!("{text}\n"));
@@ -289,9 +312,14 @@ fn terminal_width() -> usize {
 
 async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8> {
     match cli.command {
-        Command::List { store, json, width } => {
+        Command::List {
+            store,
+            json,
+            width,
+            generation,
+        } => {
             let repo = store.open().await?;
-            let report = list::run(&repo).await?;
+            let report = list::run_from(&repo, read_from(generation)).await?;
             if json {
                 print_json(&report)?;
             } else {
@@ -309,6 +337,7 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
             parallelism,
             verify,
             json,
+            generation,
         } => {
             let spec = match time_spec(point.time.as_deref(), point.seq, tz.as_deref())? {
                 Some(spec) => spec,
@@ -322,7 +351,13 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
                 parallelism,
                 verify,
             };
-            let report = restore::run_from(&store, &opts, &progress, &cancel).await?;
+            let report = match generation {
+                None => restore::run_from(&store, &opts, &progress, &cancel).await?,
+                Some(_) => {
+                    let from = read_from(generation);
+                    restore::run_from_generation(&store, &opts, from, &progress, &cancel).await?
+                }
+            };
             if json {
                 print_json(&report)?;
             } else {
@@ -337,6 +372,7 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
             deep,
             parallelism,
             json,
+            generation,
         } => {
             let scope = if scope.all {
                 if tz.is_some() {
@@ -357,6 +393,7 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
                 scope,
                 deep,
                 parallelism,
+                generation,
             };
             let report = verify::run(&repo, &opts, &progress, &cancel).await?;
             if json {
@@ -364,11 +401,7 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
             } else {
                 emit(&report.render());
             }
-            Ok(if report.ok() {
-                exit_code::OK
-            } else {
-                exit_code::VERIFICATION_FAILED
-            })
+            Ok(report.exit_code())
         }
         Command::Drill {
             store,

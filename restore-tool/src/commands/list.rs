@@ -8,9 +8,9 @@ use time::OffsetDateTime;
 
 use tidemark_manifest::model::{Gap, LineageParent, TimeSource, micros_from_time};
 use tidemark_manifest::plan::{History, Window};
-use tidemark_manifest::repo::{RepoState, Repository};
+use tidemark_manifest::repo::{LoadWarning, ReadFrom, RepoState, Repository};
 
-use super::{load, short_time};
+use super::{load_from, short_time};
 use crate::{RestoreError, human_bytes, human_duration};
 
 /// Options of `list`.
@@ -76,9 +76,15 @@ pub struct ListReport {
     pub database_identity: String,
     pub lineage: String,
     pub parent: Option<LineageParent>,
+    /// The generation read: the newest intact one, or the one asked for.
     pub generation: Option<u64>,
+    /// The newest generation that exists (newer than `generation` when that one was passed
+    /// over as corrupt, or an older one was asked for).
+    pub newest_generation: u64,
     #[serde(with = "time::serde::rfc3339::option")]
     pub generation_written_at: Option<OffsetDateTime>,
+    /// What was found damaged or unusual while reading, and worked around.
+    pub warnings: Vec<LoadWarning>,
     /// Where record times come from: `observed`, `marker` or `mixed`.
     pub time_precision: Option<TimeSource>,
     pub bases: Vec<BaseRow>,
@@ -94,7 +100,12 @@ pub struct ListReport {
 
 /// Reads the repository's state and sums it up.
 pub async fn run(repo: &Repository) -> Result<ListReport, RestoreError> {
-    let state = load(repo).await?;
+    run_from(repo, ReadFrom::NewestIntact).await
+}
+
+/// Reads the repository's state from the generation `from` says and sums it up.
+pub async fn run_from(repo: &Repository, from: ReadFrom) -> Result<ListReport, RestoreError> {
+    let state = load_from(repo, from).await?;
     Ok(report(repo.location(), &state))
 }
 
@@ -111,7 +122,9 @@ pub fn report(location: String, state: &RepoState) -> ListReport {
         lineage: state.config.lineage.id.clone(),
         parent: state.config.lineage.parent.clone(),
         generation: g.map(|g| g.generation),
+        newest_generation: state.newest_generation,
         generation_written_at: g.map(|g| g.written_at),
+        warnings: state.warnings.clone(),
         time_precision: g.map(|g| g.time_precision),
         bases: h
             .bases
@@ -178,6 +191,16 @@ impl ListReport {
     pub fn render(&self, width: usize) -> String {
         let mut out = String::new();
         let w = &mut out;
+        for warning in &self.warnings {
+            let label = if warning.damage { "DAMAGED" } else { "Note" };
+            let _ = match &warning.object {
+                Some(o) => writeln!(w, "{label}: {o}: {}", warning.message),
+                None => writeln!(w, "{label}: {}", warning.message),
+            };
+        }
+        if !self.warnings.is_empty() {
+            let _ = writeln!(w);
+        }
         let _ = writeln!(w, "Repository  {}", self.location);
         let _ = writeln!(
             w,
@@ -193,7 +216,16 @@ impl ListReport {
         }
         match (self.generation, self.generation_written_at) {
             (Some(g), Some(at)) => {
-                let _ = writeln!(w, "Manifest    generation {g}, written {}", short_time(at));
+                let newest = if self.newest_generation > g {
+                    format!(" (the newest is {})", self.newest_generation)
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(
+                    w,
+                    "Manifest    generation {g}{newest}, written {}",
+                    short_time(at)
+                );
             }
             _ => {
                 let _ = writeln!(w, "Manifest    none yet: nothing has been archived");

@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 
 use tidemark_manifest::cli::StoreArgs;
 use tidemark_manifest::plan::Target;
-use tidemark_manifest::repo::{RepoState, Repository};
+use tidemark_manifest::repo::{ReadFrom, RepoState, Repository};
 use tidemark_manifest::store::{S3Options, StoreUrl};
 
 use crate::RestoreError;
@@ -99,9 +99,16 @@ impl TargetSpec {
     }
 }
 
-/// Loads a repository's current state, logging where it came from.
+/// Loads a repository's current state (from its newest intact generation), logging where
+/// it came from.
 pub async fn load(repo: &Repository) -> Result<RepoState, RestoreError> {
-    let state = repo.load().await?;
+    load_from(repo, ReadFrom::NewestIntact).await
+}
+
+/// Loads a repository's state from the generation `from` says (FORMAT.md §4.4, reader
+/// rules), logging where it came from.
+pub async fn load_from(repo: &Repository, from: ReadFrom) -> Result<RepoState, RestoreError> {
+    let state = repo.load_for_reading(from).await?;
     tracing::debug!(
         location = %repo.location(),
         generation = state.generation.as_ref().map(|g| g.generation),

@@ -25,10 +25,10 @@ use tokio::sync::{Semaphore, mpsc};
 
 use tidemark_manifest::model::{BaseDescriptor, TimeSource};
 use tidemark_manifest::plan::RestorePlan;
-use tidemark_manifest::repo::{RepoState, Repository};
+use tidemark_manifest::repo::{ReadFrom, RepoState, Repository};
 use tidemark_manifest::store::StoreUrl;
 
-use super::{StoreOptions, TargetSpec, load, short_time};
+use super::{StoreOptions, TargetSpec, load, load_from, short_time};
 use crate::fetch::{self, FetchedSegment, SegmentFetch};
 use crate::progress::{Progress, Unit};
 use crate::replay::{self, RecordPoint, Replayer, RoundedDown, WalFileReport};
@@ -341,6 +341,28 @@ pub async fn run_from(
     run(&repo, opts, progress, cancel).await
 }
 
+/// Like [`run_from`], planning from the generation `from` says (`--generation N`).
+pub async fn run_from_generation(
+    store: &StoreOptions,
+    opts: &RestoreOptions,
+    from: ReadFrom,
+    progress: &Progress,
+    cancel: &Cancel,
+) -> Result<RestoreReport, RestoreError> {
+    check_target_outside_store(store, &opts.target_dir)?;
+    let repo = store.open().await?;
+    let state = load_from(&repo, from).await?;
+    run_logged(
+        &repo,
+        Some(&state),
+        opts,
+        progress,
+        cancel,
+        &PhaseLog::new(),
+    )
+    .await
+}
+
 /// Refuses a target directory inside (or containing) the local repository `store` names.
 pub fn check_target_outside_store(
     store: &StoreOptions,
@@ -434,7 +456,10 @@ async fn restore(
     let generation = state.generation.as_ref().ok_or_else(|| {
         RestoreError::Integrity("the repository lists bases but has no manifest generation".into())
     })?;
-    let descriptor = repo.read_base(generation.generation, &plan.base).await?;
+    let descriptor = match repo.read_base(generation.generation, &plan.base).await {
+        Ok(d) => d,
+        Err(e) => return Err(explain_missing(repo, generation.generation, e.into()).await),
+    };
     check_descriptor(&plan, &descriptor, &state.config.database_identity)?;
     fetch::check_base_files(&descriptor.files)?;
     let base_bytes: u64 = descriptor.files.iter().map(|f| f.size).sum();
@@ -479,6 +504,13 @@ async fn restore(
         notes: Vec::new(),
         durations_ms: Durations::default(),
     };
+    // What loading passed over (a corrupt generation, a stale hint) stays in the report.
+    report
+        .warnings
+        .extend(state.warnings.iter().map(|w| match &w.object {
+            Some(o) => format!("{o}: {}", w.message),
+            None => w.message.clone(),
+        }));
     if matches!(opts.target, TargetSpec::Time(_)) && generation.time_precision != TimeSource::Marker
     {
         report
@@ -610,6 +642,7 @@ async fn restore(
     let outcome = match pick_error(base_result.err(), seg_result.err(), consumed) {
         Ok(outcome) => outcome,
         Err((phase, e)) => {
+            let e = explain_missing(repo, generation.generation, e).await;
             for bar in [&base_bar, &wal_bar, &replay_bar] {
                 bar.abandon();
             }
@@ -711,6 +744,26 @@ async fn restore(
         outcome.cutoff_seq
     );
     Ok(report)
+}
+
+/// An object the plan needs is missing: when the repository was pruned since the restore
+/// planned from generation `planned` (a grace period shorter than the restore), says so
+/// instead of reporting a missing object. Any other error is returned as it is.
+async fn explain_missing(repo: &Repository, planned: u64, e: RestoreError) -> RestoreError {
+    if !e.is_missing_object() {
+        return e;
+    }
+    let Some(key) = e.object() else {
+        return e;
+    };
+    match repo.pruned_since(planned, &key).await {
+        Ok(Some(why)) => RestoreError::PrunedDuringRestore { key, why },
+        Ok(None) => e,
+        Err(check) => {
+            tracing::debug!(error = %check, "cannot tell whether the repository was pruned");
+            e
+        }
+    }
 }
 
 /// The error to report when several phases failed: the root cause, not an "interrupted"
