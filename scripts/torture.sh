@@ -2,8 +2,10 @@
 # The long version of the point-in-time recovery test (tests/tests/pitr.rs): a load generator
 # writes for minutes while the archiver is killed with SIGKILL and restarted 100 times, then
 # 1000 random targets (and every base's and the window's edges) are restored with
-# tidemark-restore and compared key by key with what was written. Builds, starts its own S3
-# server, and writes a JSON summary to bench/torture/<date>.json (also printed).
+# tidemark-restore and compared key by key with what was written. First, every parser of the
+# format gets many more hostile inputs than in CI (manifest/tests/hostile_input.rs). Builds,
+# starts its own S3 server, and writes a JSON summary to bench/torture/<date>.json (also
+# printed).
 #
 #   scripts/torture.sh
 #
@@ -13,7 +15,8 @@
 #   TIDEMARK_PITR_SECONDS  seconds of writes per S3 variant; the local one writes 60% [120]
 #   TIDEMARK_PITR_SEED     seed of the workloads and target choices [random, printed]
 #   TIDEMARK_TORTURE_DIR   where the summary goes [bench/torture]
-# Exits non-zero if any target did not restore exactly as expected.
+#   PROPTEST_CASES         hostile inputs per parser property [20000; CI runs 256]
+# Exits non-zero if any parser failed or any target did not restore exactly as expected.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +29,7 @@ export TIDEMARK_PITR_SECONDS="${TIDEMARK_PITR_SECONDS:-120}"
 # One seed for every variant, so that one number repeats the whole run's choices.
 export TIDEMARK_PITR_SEED="${TIDEMARK_PITR_SEED:-$(od -An -N7 -tu8 /dev/urandom | tr -d ' ')}"
 out_dir="${TIDEMARK_TORTURE_DIR:-bench/torture}"
+export PROPTEST_CASES="${PROPTEST_CASES:-20000}"
 
 started_at="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 started="$(date +%s)"
@@ -33,6 +37,12 @@ started="$(date +%s)"
 echo "== build (target directory: $CARGO_TARGET_DIR)"
 cargo build --workspace --bins --locked
 cargo test -p tidemark-tests --locked --test pitr --no-run
+
+echo "== hostile input: $PROPTEST_CASES cases per parser property"
+set +e
+cargo test -p tidemark-manifest --locked --test hostile_input
+parsers_status=$?
+set -e
 
 echo "== S3 server"
 run_dir="$(mktemp -d "${TMPDIR:-/tmp}/tidemark-torture.XXXXXX")"
@@ -49,6 +59,7 @@ set +e
 cargo test -p tidemark-tests --locked --test pitr -- --nocapture --test-threads=1
 status=$?
 set -e
+[ "$status" -eq 0 ] && status=$parsers_status
 finished="$(date +%s)"
 
 mkdir -p "$out_dir"
@@ -102,6 +113,7 @@ summary = {
         "kills": int(os.environ["TIDEMARK_PITR_KILLS"]),
         "write_seconds": float(os.environ["TIDEMARK_PITR_SECONDS"]),
         "seed": int(os.environ["TIDEMARK_PITR_SEED"]),
+        "hostile_input_cases_per_property": int(os.environ["PROPTEST_CASES"]),
     },
     "targets_checked": total(lambda r: r["targets"]["checked"]),
     "random_targets_checked": total(lambda r: r["targets"]["random_seq"] + r["targets"]["random_time"]),

@@ -27,6 +27,11 @@ pub enum ModelError {
     Corrupt { key: String, detail: String },
 }
 
+/// The largest repository document a reader accepts, in bytes (FORMAT.md §3.1): far above
+/// any real one (a manifest generation of thousands of bases, an index page of thousands of
+/// segments are a few MiB), and a bound on the memory a corrupt or hostile one can take.
+pub const MAX_DOCUMENT_LEN: usize = 64 << 20;
+
 /// Every document starts with this, then 64 hex digits of sha256, then `",`: the sha256
 /// of everything after that prefix (FORMAT.md §3.1).
 const CHECKSUM_PREFIX: &[u8] = b"{\"checksum\":\"";
@@ -43,6 +48,13 @@ pub fn parse_document<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T,
         key: key.to_owned(),
         detail,
     };
+    if bytes.len() > MAX_DOCUMENT_LEN {
+        return Err(corrupt(format!(
+            "it is {} bytes long, more than the {MAX_DOCUMENT_LEN} bytes any repository \
+             document may have",
+            bytes.len()
+        )));
+    }
     let checksum = if bytes.starts_with(CHECKSUM_PREFIX) && bytes.len() > CHECKSUM_PREFIX_LEN {
         let hex = &bytes[CHECKSUM_PREFIX.len()..CHECKSUM_PREFIX.len() + 64];
         let rest = &bytes[CHECKSUM_PREFIX_LEN..];
@@ -509,6 +521,36 @@ mod tests {
         let err = parse_document::<LatestHint>("k", br#"{"format_version":1,"generation":1}"#)
             .unwrap_err();
         assert!(matches!(err, ModelError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_document_over_the_size_cap_is_refused() {
+        let hint = LatestHint {
+            format_version: FORMAT_VERSION,
+            generation: 42,
+        };
+        // A valid document padded with trailing whitespace (valid JSON) to `len` bytes.
+        let padded = |len: usize| {
+            let doc = to_document_bytes(&hint);
+            let mut rest = doc[CHECKSUM_PREFIX_LEN..].to_vec();
+            rest.resize(len - CHECKSUM_PREFIX_LEN, b' ');
+            let mut out = CHECKSUM_PREFIX.to_vec();
+            out.extend_from_slice(crate::checksum::sha256_hex(&rest).as_bytes());
+            out.extend_from_slice(b"\",");
+            out.extend_from_slice(&rest);
+            out
+        };
+        let at_cap = padded(MAX_DOCUMENT_LEN);
+        assert_eq!(parse_document::<LatestHint>("k", &at_cap).unwrap(), hint);
+        let over = padded(MAX_DOCUMENT_LEN + 1);
+        let err = parse_document::<LatestHint>("manifest/latest.json", &over).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ModelError::Corrupt { .. }), "{msg}");
+        assert!(msg.contains("manifest/latest.json"), "{msg}");
+        assert!(
+            msg.contains("67108865 bytes long, more than the 67108864"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -263,7 +263,7 @@ impl History {
             }
         }
         for b in &self.bases {
-            if b.replay_from_seq > b.earliest_seq + 1 {
+            if b.replay_from_seq > b.earliest_seq.saturating_add(1) {
                 out.push(HistoryProblem::Base {
                     base: b.id.clone(),
                     detail: format!(
@@ -289,7 +289,7 @@ impl History {
             return (from.saturating_sub(1), None);
         };
         while i + 1 < self.segments.len()
-            && self.segments[i + 1].first_seq == self.segments[i].last_seq + 1
+            && self.segments[i].last_seq.checked_add(1) == Some(self.segments[i + 1].first_seq)
         {
             i += 1;
         }
@@ -313,8 +313,8 @@ impl History {
             Some(i) => self.segments[i].last_time,
             None => b.earliest_time,
         };
-        if let Some(g) = self.cutting_gap(b.earliest_seq + 1, last) {
-            last = g.first_seq - 1;
+        if let Some(g) = self.cutting_gap(b.earliest_seq.saturating_add(1), last) {
+            last = g.first_seq.saturating_sub(1);
             // The time of `last` is at most the time of the segment that holds it.
             last_time = self
                 .segment_holding(last)
@@ -339,7 +339,7 @@ impl History {
         let mut merged: Vec<WindowRange> = Vec::new();
         for r in ranges {
             match merged.last_mut() {
-                Some(m) if r.first_seq <= m.last_seq + 1 => {
+                Some(m) if r.first_seq <= m.last_seq.saturating_add(1) => {
                     if r.last_seq > m.last_seq {
                         m.last_seq = r.last_seq;
                         m.last_time = r.last_time;
@@ -456,7 +456,7 @@ impl History {
                 // before t: the state at t is unknown.
                 if let Some(g) = self.gaps.iter().find(|g| {
                     g.kind.has_no_segments()
-                        && g.first_seq <= s.last_seq + 1
+                        && g.first_seq <= s.last_seq.saturating_add(1)
                         && s.last_seq < g.last_seq
                 }) {
                     return Err(PlanError::InGap {
@@ -558,6 +558,32 @@ mod tests {
             ],
             gaps: vec![gap(201, 300, GapKind::MissingWal)],
         }
+    }
+
+    /// Sequence numbers at the top of the range (from a corrupt or hostile index page):
+    /// every computation answers, none overflows.
+    #[test]
+    fn extreme_sequence_numbers_never_overflow() {
+        const M: u64 = u64::MAX;
+        let h = History {
+            bases: vec![base("top", M, M, 5), base("low", 1, 5, 1)],
+            segments: vec![
+                seg(1, 10, 0, 1),
+                seg(M - 5, M, 2, 3),
+                seg(M, M, 3, 4), // overlaps: a problem, not a panic
+            ],
+            gaps: vec![
+                gap(20, M - 6, GapKind::MissingWal),
+                gap(M, M, GapKind::ColumnFamilyChange),
+            ],
+        };
+        assert!(!h.problems().is_empty());
+        let w = h.window();
+        assert!(!w.ranges.is_empty());
+        let _ = h.plan(Target::Latest);
+        let _ = h.plan(Target::Seq(M));
+        let _ = h.plan(Target::Time(t(3)));
+        let _ = h.plan(Target::Time(t(1)));
     }
 
     #[test]

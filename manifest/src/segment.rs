@@ -23,6 +23,15 @@ pub const TRAILER_MAGIC: &[u8; 8] = b"TDMKEND\0";
 pub const SEGMENT_VERSION: u16 = 1;
 /// Fixed part of a record payload: seq, count, time, time source, log number, log offset.
 pub const PAYLOAD_FIXED_LEN: usize = 8 + 4 + 8 + 1 + 8 + 8;
+/// Shortest payload: the fixed part and a WriteBatch's 12-byte header.
+pub const MIN_PAYLOAD_LEN: usize = PAYLOAD_FIXED_LEN + 12;
+/// Longest payload: what the 4-byte length field holds (FORMAT.md §6.2). A reader never
+/// reserves memory for a frame beyond the bytes it has actually read.
+pub const MAX_PAYLOAD_LEN: u64 = u32::MAX as u64;
+/// Shortest frame: length, the shortest payload, crc32c.
+const MIN_FRAME_LEN: u64 = 4 + MIN_PAYLOAD_LEN as u64 + 4;
+/// The largest body length a header may state: any object fits in an `i64` of bytes.
+const MAX_BODY_LEN: u64 = i64::MAX as u64 - (HEADER_LEN + TRAILER_LEN) as u64;
 
 /// Errors encoding or decoding a segment. Each names the segment's key.
 #[derive(Debug, thiserror::Error)]
@@ -114,9 +123,10 @@ pub struct Record {
 }
 
 impl Record {
-    /// The sequence number that follows this record.
+    /// The sequence number that follows this record (saturating: a decoded segment never
+    /// holds a record whose sequence overflows, see [`SegmentReader`]).
     pub fn next_seq(&self) -> u64 {
-        self.seq + u64::from(self.count)
+        self.seq.saturating_add(u64::from(self.count))
     }
 
     fn payload_len(&self) -> usize {
@@ -247,6 +257,9 @@ impl SegmentHeader {
             raw_size: u64_at(h, 64),
             body_len: u64_at(h, 72),
         };
+        if header.body_len > MAX_BODY_LEN {
+            return Err(corrupt("its body length is impossibly large"));
+        }
         if header.record_count == 0
             || header.first_seq > header.last_seq
             || header.first_time_us > header.last_time_us
@@ -637,17 +650,23 @@ impl<R: Read> SegmentReader<R> {
             self.finish()?;
             return Ok(None);
         }
-        let mut len = [0u8; 4];
-        self.read_body(&mut len)?;
-        let len = u32::from_le_bytes(len) as u64;
-        let remaining = self.header.raw_size - self.raw_read - 4;
-        if len < (PAYLOAD_FIXED_LEN + 12) as u64 || len + 4 > remaining {
+        // `raw_read` only grows by frames that fit, so it never passes `raw_size`.
+        let left = self.header.raw_size.saturating_sub(self.raw_read);
+        if left < MIN_FRAME_LEN {
             return Err(self.record_err(format!(
-                "frame length {len} is impossible here ({remaining} bytes left in the stream)"
+                "the stream has {left} bytes left, too few for a record"
             )));
         }
-        let mut payload = vec![0u8; len as usize];
-        self.read_body(&mut payload)?;
+        let mut len = [0u8; 4];
+        self.read_body(&mut len)?;
+        let len = u64::from(u32::from_le_bytes(len));
+        let room = left - 8; // the frame's length and crc32c
+        if len < MIN_PAYLOAD_LEN as u64 || len > room {
+            return Err(self.record_err(format!(
+                "frame length {len} is impossible here ({room} bytes left for a payload)"
+            )));
+        }
+        let mut payload = self.read_payload(len)?;
         let mut crc = [0u8; 4];
         self.read_body(&mut crc)?;
         self.raw_read += 8 + len;
@@ -673,6 +692,20 @@ impl<R: Read> SegmentReader<R> {
             .map_err(|detail| self.record_err(detail))?;
         self.index += 1;
         Ok(Some(record))
+    }
+
+    /// Reads `len` payload bytes, growing the buffer only as they arrive: a lying length
+    /// costs no more memory than the bytes actually there.
+    fn read_payload(&mut self, len: u64) -> Result<Vec<u8>, SegmentError> {
+        let mut payload = Vec::with_capacity(usize::try_from(len.min(1 << 20)).unwrap_or(0));
+        let read = (&mut self.body)
+            .take(len)
+            .read_to_end(&mut payload)
+            .map_err(|e| self.record_err(format!("cannot decompress: {e}")))?;
+        if read as u64 != len {
+            return Err(self.record_err("the body ends early (truncated object)"));
+        }
+        Ok(payload)
     }
 
     fn read_body(&mut self, buf: &mut [u8]) -> Result<(), SegmentError> {
@@ -764,7 +797,7 @@ impl<R: Read> SegmentReader<R> {
                 return Err(SegmentError::WrongLength {
                     key,
                     expected: self.header.object_len(),
-                    found: self.header.object_len() + 1,
+                    found: self.header.object_len().saturating_add(1),
                 });
             }
             Err(source) => return Err(SegmentError::Io { key, source }),
@@ -799,7 +832,10 @@ fn read_exact_or_truncated(
 /// Decodes and verifies a whole in-memory segment.
 pub fn decode_all(key: &str, bytes: &[u8]) -> Result<(SegmentHeader, Vec<Record>), SegmentError> {
     let mut reader = SegmentReader::new(key, bytes, Some(bytes.len() as u64))?;
-    let mut records = Vec::with_capacity(reader.header().record_count as usize);
+    // The header's count is a claim: reserve no more than the bytes could hold.
+    let fits = bytes.len() as u64 / MIN_FRAME_LEN;
+    let claimed = u64::from(reader.header().record_count);
+    let mut records = Vec::with_capacity(usize::try_from(claimed.min(fits)).unwrap_or(0));
     while let Some(r) = reader.next_record()? {
         records.push(r);
     }
@@ -918,6 +954,63 @@ mod tests {
             matches!(err, SegmentError::UnsupportedVersion { found: 2, .. }),
             "{err}"
         );
+    }
+
+    /// A segment of `header` and `body`, with a correct header crc and trailer: only the
+    /// fields the test changed are wrong.
+    fn sealed(header: &SegmentHeader, body: &[u8]) -> Vec<u8> {
+        let mut bytes = header.encode().to_vec();
+        bytes.extend_from_slice(body);
+        let inner = Sha256::digest(&bytes);
+        bytes.extend_from_slice(TRAILER_MAGIC);
+        bytes.extend_from_slice(&inner);
+        bytes
+    }
+
+    fn plain_segment() -> (SegmentHeader, Vec<u8>) {
+        let seg = encode(&records(1, &[(1, 10), (2, 20)]), Compression::None);
+        let body = seg.bytes[HEADER_LEN..seg.bytes.len() - TRAILER_LEN].to_vec();
+        (seg.header, body)
+    }
+
+    #[test]
+    fn a_stream_ending_inside_a_frame_length_is_corrupt_not_an_underflow() {
+        for extra in 1..4u64 {
+            let (mut h, mut body) = plain_segment();
+            // The raw size says `extra` bytes follow the last frame; the body holds more.
+            h.raw_size += extra;
+            body.extend_from_slice(&[0xff; 8]);
+            h.body_len = body.len() as u64;
+            let err = decode_all("wal/k.seg", &sealed(&h, &body)).unwrap_err();
+            assert!(
+                matches!(err, SegmentError::CorruptRecord { index: 2, .. }),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains(&format!("{extra} bytes left")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_claimed_record_count_reserves_nothing() {
+        let (mut h, body) = plain_segment();
+        h.record_count = u32::MAX;
+        let err = decode_all("wal/k.seg", &sealed(&h, &body)).unwrap_err();
+        assert!(matches!(err, SegmentError::Inconsistent { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_impossible_body_length_is_a_corrupt_header() {
+        let (mut h, body) = plain_segment();
+        for len in [u64::MAX, u64::MAX - 100, i64::MAX as u64] {
+            h.body_len = len;
+            let bytes = sealed(&h, &body);
+            let err = decode_all("wal/k.seg", &bytes).unwrap_err();
+            assert!(err.to_string().contains("impossibly large"), "{err}");
+            assert!(SegmentReader::new("k", &bytes[..], None).is_err());
+        }
     }
 
     fn fully_decodes(bytes: &[u8], known_len: bool) -> bool {

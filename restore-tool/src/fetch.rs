@@ -19,7 +19,7 @@ use tidemark_manifest::checksum;
 use tidemark_manifest::keys;
 use tidemark_manifest::model::{BaseFile, SegmentEntry};
 use tidemark_manifest::repo::Repository;
-use tidemark_manifest::store::ObjectStore;
+use tidemark_manifest::store::{ObjectStore, StoreError};
 
 use crate::progress::PhaseBar;
 use crate::{Cancel, RestoreError};
@@ -62,7 +62,15 @@ pub async fn fetch_base_file(
 ) -> Result<u64, RestoreError> {
     keys::check_base_file_name(&file.name)?;
     let path = dir.join(&file.name);
-    store.get_to_file(&file.key, &path).await?;
+    // Never more than the base declares (+1 byte to tell "too long"): a corrupt or hostile
+    // object cannot fill the disk.
+    store
+        .get_to_file_max(&file.key, &path, file.size)
+        .await
+        .map_err(|e| match e {
+            StoreError::TooLarge { .. } => RestoreError::Integrity(e.to_string()),
+            e => e.into(),
+        })?;
     let key = file.key.clone();
     let expected = file.sha256.clone();
     let size = file.size;
@@ -321,6 +329,27 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, RestoreError::Checksum(_)), "{e}");
         assert!(e.to_string().contains(&sst_key), "{e}");
+
+        // An object longer than the base says is stopped, named, and not kept.
+        store
+            .put(&sst_key, Bytes::from(vec![7u8; 50_000]))
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let e = fetch_base_files(
+            store.clone(),
+            files.clone(),
+            dir.path().to_path_buf(),
+            Arc::new(Semaphore::new(2)),
+            Cancel::new(),
+            PhaseBar::hidden(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.class(), crate::ErrorClass::VerificationFailed, "{e}");
+        assert!(e.to_string().contains(&sst_key), "{e}");
+        assert!(e.to_string().contains("longer than the 5000 bytes"), "{e}");
+        assert!(!dir.path().join("000009.sst").exists());
 
         // A missing object is named too.
         store.delete(&sst_key).await.unwrap();

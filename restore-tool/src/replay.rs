@@ -179,7 +179,7 @@ pub fn check_plan(plan: &RestorePlan) -> Result<(), ChainError> {
     }
     for pair in plan.segments.windows(2) {
         let (a, b) = (&pair[0], &pair[1]);
-        if b.first_seq != a.last_seq + 1 {
+        if a.last_seq.checked_add(1) != Some(b.first_seq) {
             return Err(ChainError::Hole {
                 before: a.key.clone(),
                 before_last: a.last_seq,
@@ -368,7 +368,7 @@ impl WalFiles {
             .map_err(|e| RestoreError::io("cannot write the WAL file", &w.tmp, e))?;
         w.report.records += 1;
         w.report.bytes = end;
-        w.report.last_seq = r.next_seq() - 1;
+        w.report.last_seq = r.next_seq().saturating_sub(1);
         Ok(())
     }
 
@@ -473,7 +473,9 @@ impl RecordPoint {
 
     /// The last sequence number of the batch.
     pub fn last_seq(&self) -> u64 {
-        (self.seq + u64::from(self.count)).saturating_sub(1)
+        self.seq
+            .saturating_add(u64::from(self.count))
+            .saturating_sub(1)
     }
 }
 
@@ -954,6 +956,21 @@ mod tests {
             check_plan(&plan).unwrap_err(),
             ChainError::NoStartSegment { .. }
         ));
+    }
+
+    #[test]
+    fn a_plan_at_the_top_of_the_sequence_range_is_a_hole_not_an_overflow() {
+        let f = fixture(base(7, 7, 9));
+        let mut plan = f.history.plan(Target::Latest).unwrap();
+        plan.segments[0].last_seq = u64::MAX;
+        let e = check_plan(&plan).unwrap_err();
+        assert!(matches!(e, ChainError::Hole { .. }), "{e}");
+        let top = RecordPoint::of(&Record {
+            seq: u64::MAX,
+            count: 3,
+            ..rec(1, 1, 1, 0)
+        });
+        assert_eq!(top.last_seq(), u64::MAX - 1);
     }
 
     #[test]

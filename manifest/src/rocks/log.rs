@@ -676,13 +676,27 @@ impl<R: Read + Seek> LogReader<R> {
                     // RocksDB writes nothing compressed for an empty record.
                     return Ok(payload);
                 }
-                zstd::stream::decode_all(payload.as_slice()).map_err(|source| {
-                    LogError::Decompress {
-                        path: self.path.clone(),
-                        offset: start,
-                        source,
-                    }
-                })
+                let fail = |source| LogError::Decompress {
+                    path: self.path.clone(),
+                    offset: start,
+                    source,
+                };
+                // Bounded: a record no segment frame could hold is refused before it
+                // takes more memory (a few compressed bytes can claim gigabytes).
+                let limit = crate::segment::MAX_PAYLOAD_LEN;
+                let mut out = Vec::new();
+                zstd::stream::read::Decoder::new(payload.as_slice())
+                    .map_err(fail)?
+                    .take(limit + 1)
+                    .read_to_end(&mut out)
+                    .map_err(fail)?;
+                if out.len() as u64 > limit {
+                    return Err(fail(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("the record decompresses to more than {limit} bytes"),
+                    )));
+                }
+                Ok(out)
             }
         }
     }

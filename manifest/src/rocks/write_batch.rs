@@ -295,9 +295,10 @@ impl BatchHeader {
         }
     }
 
-    /// The sequence number following the batch (`sequence + count`).
+    /// The sequence number following the batch (`sequence + count`; saturating, for a
+    /// header a corrupt batch makes up).
     pub fn next_sequence(&self) -> u64 {
-        self.sequence + u64::from(self.count)
+        self.sequence.saturating_add(u64::from(self.count))
     }
 
     /// The last sequence number in use once the batch is applied: that of its last entry, or
@@ -796,6 +797,15 @@ mod tests {
             db.get_cf(&one, b"built").unwrap().as_deref(),
             Some(&b"yes"[..])
         );
+    }
+
+    #[test]
+    fn a_header_at_the_top_of_the_sequence_range_does_not_overflow() {
+        let mut data = u64::MAX.to_le_bytes().to_vec();
+        data.extend_from_slice(&7u32.to_le_bytes());
+        let h = BatchHeader::parse(&data).unwrap();
+        assert_eq!(h.next_sequence(), u64::MAX);
+        assert_eq!(h.last_sequence(), u64::MAX - 1);
     }
 
     #[test]

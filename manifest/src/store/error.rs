@@ -239,6 +239,24 @@ pub enum StoreError {
         size: Option<u64>,
     },
 
+    /// A download of an object whose size is known in advance was stopped: more bytes
+    /// arrived than it may have ([`ObjectStore::get_to_file_max`](super::ObjectStore::get_to_file_max)).
+    #[error(
+        "{op} '{key}' at {location}: the object is longer than the {limit} bytes the \
+         repository records for it, so it is corrupt or was replaced; the download was \
+         stopped and nothing was kept"
+    )]
+    TooLarge {
+        /// The operation.
+        op: StoreOp,
+        /// The key, relative to the store.
+        key: String,
+        /// The object's full location.
+        location: String,
+        /// The most bytes the object may have.
+        limit: u64,
+    },
+
     /// A local file given to `put_file` / `get_to_file` could not be read or written.
     #[error("{op} '{key}': local file '{path}': {source}")]
     LocalFile {
@@ -318,6 +336,7 @@ impl StoreError {
             | StoreError::RetriesExhausted { op, .. }
             | StoreError::InvalidRange { op, .. }
             | StoreError::LocalFile { op, .. }
+            | StoreError::TooLarge { op, .. }
             | StoreError::Other { op, .. } => Some(*op),
             StoreError::InvalidKey { .. } | StoreError::Config { .. } => None,
         }
@@ -336,6 +355,7 @@ impl StoreError {
             | StoreError::InvalidKey { key, .. }
             | StoreError::InvalidRange { key, .. }
             | StoreError::LocalFile { key, .. }
+            | StoreError::TooLarge { key, .. }
             | StoreError::Other { key, .. } => Some(key),
             StoreError::Config { .. } => None,
         }

@@ -274,6 +274,11 @@ impl ObjectStore for FaultStore {
             .await
     }
 
+    async fn get_to_file_max(&self, key: &str, path: &Path, max_len: u64) -> StoreResult<u64> {
+        let inner = self.inner.get_to_file_max(key, path, max_len);
+        self.around(StoreOp::GetToFile, key, inner).await
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.around(StoreOp::GetRange, key, self.inner.get_range(key, range))
             .await

@@ -3,7 +3,7 @@
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Read, Write};
 use std::ops::Range;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    ETag, ObjectMeta, ObjectStore, RESERVED_SEGMENT_PREFIX, StoreError, StoreOp, StoreResult,
-    validate_key, validate_prefix,
+    ETag, ObjectMeta, ObjectStore, PREALLOC_MAX, RESERVED_SEGMENT_PREFIX, StoreError, StoreOp,
+    StoreResult, validate_key, validate_prefix,
 };
 
 /// Name of the lock file that serialises `put_if_match` and `delete` across processes.
@@ -45,6 +45,13 @@ const COPY_BUF: usize = 1 << 20;
 /// - Files and directories whose names start with `.tidemark-` (temporary and lock files) are
 ///   never visible as objects; keys cannot contain such segments. Stray temporary files
 ///   left by a crash are inert and may be deleted while no writer runs.
+///
+/// - **No symbolic links inside the repository.** The root may be a link (the operator's
+///   choice), but no operation follows a link below it: `list` skips a link with a warning,
+///   every other operation refuses it with an error naming its path. Objects are opened with
+///   `O_NOFOLLOW` and directories are checked with `lstat`, so a link planted in the
+///   repository (say `bases/x/files -> /var/lib/app/db`) can never make a prune delete, or a
+///   restore read, files outside it.
 ///
 /// A key and keys below it (`a` and `a/b`) cannot both exist here, unlike on S3; Tidemark's
 /// key layout never needs that.
@@ -134,6 +141,56 @@ impl LocalStore {
         }
     }
 
+    /// The refusal of a symbolic link found at `link` on the way to `key`.
+    fn link_error(&self, op: StoreOp, key: &str, link: &Path) -> StoreError {
+        StoreError::Other {
+            op,
+            key: key.to_owned(),
+            location: self.location(key),
+            source: format!(
+                "'{}' is a symbolic link; the local store never follows links inside the \
+                 repository (one could lead it to read or delete files outside it): remove \
+                 the link, and put the data itself in the repository if it belongs there",
+                link.display()
+            )
+            .into(),
+        }
+    }
+
+    /// Checks the directories between the root and `key`'s object: none may be a symbolic
+    /// link (the root itself may be). Stops at the first one that does not exist.
+    fn check_parents(&self, op: StoreOp, key: &str) -> StoreResult<()> {
+        let Some((parents, _)) = key.rsplit_once('/') else {
+            return Ok(());
+        };
+        let mut dir = (*self.root).clone();
+        for segment in parents.split('/') {
+            dir.push(segment);
+            match fs::symlink_metadata(&dir) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(self.link_error(op, key, &dir));
+                }
+                Ok(_) => {}
+                Err(e) if is_missing(&e) => return Ok(()),
+                Err(e) => return Err(self.io_error(op, key, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The metadata of whatever is at `key` (never following a link), `None` if nothing is.
+    /// A symbolic link, there or on the way, is an error.
+    fn entry_meta(&self, op: StoreOp, key: &str) -> StoreResult<Option<Metadata>> {
+        self.check_parents(op, key)?;
+        let path = self.path_of(key);
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => Err(self.link_error(op, key, &path)),
+            Ok(m) => Ok(Some(m)),
+            Err(e) if is_missing(&e) => Ok(None),
+            Err(e) => Err(self.io_error(op, key, e)),
+        }
+    }
+
     fn not_found(&self, op: StoreOp, key: &str) -> StoreError {
         StoreError::NotFound {
             op,
@@ -162,8 +219,9 @@ impl LocalStore {
     }
 
     /// Creates the directories leading to `key` (fsyncing each new one into its parent) and
-    /// returns the object's directory.
-    fn ensure_parent(&self, key: &str) -> io::Result<PathBuf> {
+    /// returns the object's directory. An existing one that is a symbolic link is refused.
+    fn ensure_parent(&self, op: StoreOp, key: &str) -> StoreResult<PathBuf> {
+        let on_io = |e| self.io_error(op, key, e);
         let mut dir = (*self.root).clone();
         let Some((parents, _)) = key.rsplit_once('/') else {
             return Ok(dir);
@@ -171,9 +229,14 @@ impl LocalStore {
         for segment in parents.split('/') {
             dir.push(segment);
             match fs::create_dir(&dir) {
-                Ok(()) => sync_dir(dir.parent().unwrap_or(&self.root))?,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
+                Ok(()) => sync_dir(dir.parent().unwrap_or(&self.root)).map_err(on_io)?,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let m = fs::symlink_metadata(&dir).map_err(on_io)?;
+                    if m.file_type().is_symlink() {
+                        return Err(self.link_error(op, key, &dir));
+                    }
+                }
+                Err(e) => return Err(on_io(e)),
             }
         }
         Ok(dir)
@@ -214,6 +277,7 @@ impl LocalStore {
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(self.root.join(LOCK_FILE))?;
         file.lock()?;
         Ok(file)
@@ -228,7 +292,9 @@ impl LocalStore {
         expected: Option<&ETag>,
     ) -> StoreResult<ETag> {
         let on_io = |e| self.io_error(op, key, e);
-        let dir = self.ensure_parent(key).map_err(on_io)?;
+        let dir = self.ensure_parent(op, key)?;
+        // Never replace a link (nor write through one): refuse it, naming it.
+        self.entry_meta(op, key)?;
         let (tmp, meta) = Self::write_temp(&dir, fill, on_io)?;
         let etag = etag_of(&meta);
         let dest = self.path_of(key);
@@ -245,11 +311,9 @@ impl LocalStore {
                 Err(e) => Err(on_io(e)),
             },
             StoreOp::PutIfMatch => self.lock().map_err(on_io).and_then(|_guard| {
-                let current = match fs::metadata(&dest) {
-                    Ok(m) if m.is_file() => etag_of(&m),
-                    Ok(_) => return Err(self.not_found(op, key)),
-                    Err(e) if is_missing(&e) => return Err(self.not_found(op, key)),
-                    Err(e) => return Err(on_io(e)),
+                let current = match self.entry_meta(op, key)? {
+                    Some(m) if m.is_file() => etag_of(&m),
+                    _ => return Err(self.not_found(op, key)),
                 };
                 if Some(&current) != expected {
                     return Err(StoreError::PreconditionFailed {
@@ -273,7 +337,19 @@ impl LocalStore {
     }
 
     fn open_object(&self, op: StoreOp, key: &str) -> StoreResult<(File, Metadata)> {
-        let file = File::open(self.path_of(key)).map_err(|e| self.io_error(op, key, e))?;
+        self.check_parents(op, key)?;
+        let path = self.path_of(key);
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    self.link_error(op, key, &path)
+                } else {
+                    self.io_error(op, key, e)
+                }
+            })?;
         let meta = file.metadata().map_err(|e| self.io_error(op, key, e))?;
         if !meta.is_file() {
             return Err(self.not_found(op, key));
@@ -281,11 +357,46 @@ impl LocalStore {
         Ok((file, meta))
     }
 
+    /// `get_to_file`, stopping with [`StoreError::TooLarge`] after `max_len + 1` bytes.
+    async fn download(&self, key: &str, path: &Path, max_len: u64) -> StoreResult<u64> {
+        validate_key(key)?;
+        let k = key.to_owned();
+        let dest = path.to_owned();
+        self.run(StoreOp::GetToFile, key, move |s| {
+            let op = StoreOp::GetToFile;
+            let (src, _meta) = s.open_object(op, &k)?;
+            let local = |e: io::Error| StoreError::LocalFile {
+                op,
+                key: k.clone(),
+                path: dest.display().to_string(),
+                source: e,
+            };
+            // One byte more than allowed tells "too long" from "exactly the limit".
+            let mut src = src.take(max_len.saturating_add(1));
+            write_local_file(&dest, local, |out| {
+                let n = copy(&mut src, out, |e| s.io_error(op, &k, e), local)?;
+                if n > max_len {
+                    return Err(StoreError::TooLarge {
+                        op,
+                        key: k.clone(),
+                        location: s.location(&k),
+                        limit: max_len,
+                    });
+                }
+                Ok(n)
+            })
+        })
+        .await
+    }
+
     fn list_blocking(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
         let op = StoreOp::List;
         // Start at the deepest directory the prefix names completely.
         let start = prefix.rsplit_once('/').map_or("", |(dir, _)| dir);
         let mut out = Vec::new();
+        if !start.is_empty() && !self.real_directory(start)? {
+            return Ok(out);
+        }
         let mut pending = vec![start.to_owned()];
         while let Some(rel_dir) = pending.pop() {
             let entries = match fs::read_dir(self.root.join(&rel_dir)) {
@@ -312,13 +423,15 @@ impl LocalStore {
                 } else {
                     format!("{rel_dir}/{name}")
                 };
-                // Follows symlinks, like `get` does.
-                let meta = match fs::metadata(entry.path()) {
+                // Never follows a link (`DirEntry::metadata` does not).
+                let meta = match entry.metadata() {
                     Ok(m) => m,
                     Err(e) if is_missing(&e) => continue, // deleted meanwhile
                     Err(e) => return Err(self.io_error(op, &rel, e)),
                 };
-                if meta.is_dir() {
+                if meta.file_type().is_symlink() {
+                    warn_link(&entry.path());
+                } else if meta.is_dir() {
                     let as_dir = format!("{rel}/");
                     if as_dir.starts_with(prefix) || prefix.starts_with(&as_dir) {
                         pending.push(rel);
@@ -335,6 +448,35 @@ impl LocalStore {
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
+
+    /// For `list`: true when the directory `rel` exists and neither it nor a directory on
+    /// the way to it is a symbolic link (a link is reported and skipped).
+    fn real_directory(&self, rel: &str) -> StoreResult<bool> {
+        let mut dir = (*self.root).clone();
+        for segment in rel.split('/') {
+            dir.push(segment);
+            match fs::symlink_metadata(&dir) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    warn_link(&dir);
+                    return Ok(false);
+                }
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Ok(false),
+                Err(e) if is_missing(&e) => return Ok(false),
+                Err(e) => return Err(self.io_error(StoreOp::List, rel, e)),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Reports a symbolic link that `list` skips.
+fn warn_link(path: &Path) {
+    tracing::warn!(
+        link = %path.display(),
+        "skipping a symbolic link inside the repository: the local store never follows \
+         links (one could lead it to read or delete files outside the repository); remove it"
+    );
 }
 
 #[async_trait]
@@ -364,7 +506,7 @@ impl ObjectStore for LocalStore {
         self.run(StoreOp::PutIfAbsent, key, move |s| {
             let op = StoreOp::PutIfAbsent;
             // Cheap early answer; the hard link below is what decides.
-            if s.path_of(&k).exists() {
+            if s.entry_meta(op, &k)?.is_some() {
                 return Err(StoreError::PreconditionFailed {
                     op,
                     key: k.clone(),
@@ -439,7 +581,9 @@ impl ObjectStore for LocalStore {
         self.run(StoreOp::Get, key, move |s| {
             let op = StoreOp::Get;
             let (mut file, meta) = s.open_object(op, &k)?;
-            let mut data = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+            // The file's length is a hint only (it may change, or be a sparse giant).
+            let hint = usize::try_from(meta.len()).unwrap_or(0).min(PREALLOC_MAX);
+            let mut data = Vec::with_capacity(hint);
             file.read_to_end(&mut data)
                 .map_err(|e| s.io_error(op, &k, e))?;
             let meta = ObjectMeta {
@@ -453,23 +597,11 @@ impl ObjectStore for LocalStore {
     }
 
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
-        validate_key(key)?;
-        let k = key.to_owned();
-        let dest = path.to_owned();
-        self.run(StoreOp::GetToFile, key, move |s| {
-            let op = StoreOp::GetToFile;
-            let (mut src, _meta) = s.open_object(op, &k)?;
-            let local = |e: io::Error| StoreError::LocalFile {
-                op,
-                key: k.clone(),
-                path: dest.display().to_string(),
-                source: e,
-            };
-            write_local_file(&dest, local, |out| {
-                copy(&mut src, out, |e| s.io_error(op, &k, e), local)
-            })
-        })
-        .await
+        self.download(key, path, u64::MAX).await
+    }
+
+    async fn get_to_file_max(&self, key: &str, path: &Path, max_len: u64) -> StoreResult<u64> {
+        self.download(key, path, max_len).await
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
@@ -506,15 +638,13 @@ impl ObjectStore for LocalStore {
         validate_key(key)?;
         let k = key.to_owned();
         self.run(StoreOp::Head, key, move |s| {
-            match fs::metadata(s.path_of(&k)) {
-                Ok(m) if m.is_file() => Ok(Some(ObjectMeta {
+            match s.entry_meta(StoreOp::Head, &k)? {
+                Some(m) if m.is_file() => Ok(Some(ObjectMeta {
                     key: k,
                     size: m.len(),
                     etag: etag_of(&m),
                 })),
-                Ok(_) => Ok(None),
-                Err(e) if is_missing(&e) => Ok(None),
-                Err(e) => Err(s.io_error(StoreOp::Head, &k, e)),
+                _ => Ok(None),
             }
         })
         .await
@@ -528,11 +658,9 @@ impl ObjectStore for LocalStore {
             let on_io = |e| s.io_error(op, &k, e);
             let path = s.path_of(&k);
             let _guard = s.lock().map_err(on_io)?;
-            match fs::metadata(&path) {
-                Ok(m) if m.is_file() => {}
-                Ok(_) => return Ok(()), // a directory is not an object
-                Err(e) if is_missing(&e) => return Ok(()),
-                Err(e) => return Err(on_io(e)),
+            match s.entry_meta(op, &k)? {
+                Some(m) if m.is_file() => {}
+                _ => return Ok(()), // missing, or a directory: not an object
             }
             match fs::remove_file(&path) {
                 Ok(()) => {}
@@ -603,7 +731,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 
 /// Copies `src` to `dst`, attributing read and write errors to their own side.
 fn copy(
-    src: &mut File,
+    src: &mut impl Read,
     dst: &mut File,
     on_read: impl Fn(io::Error) -> StoreError,
     on_write: impl Fn(io::Error) -> StoreError,
@@ -726,6 +854,170 @@ mod tests {
             assert_eq!(store.head("k").await.unwrap().unwrap().etag, etag);
             assert!(seen.insert(etag), "an ETag was reused");
         }
+    }
+
+    /// A repository with `bases/x/files -> OUTSIDE` (a directory holding `CURRENT`) and
+    /// `wal/1.seg -> OUTSIDE/CURRENT`; returns the guard, the store and OUTSIDE.
+    async fn planted() -> (tempfile::TempDir, LocalStore, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("live-db");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("CURRENT"), b"live").unwrap();
+        let store = LocalStore::create(dir.path().join("repo")).unwrap();
+        store
+            .put("bases/y/files/CURRENT", Bytes::from_static(b"ok"))
+            .await
+            .unwrap();
+        fs::create_dir_all(dir.path().join("repo/bases/x")).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.path().join("repo/bases/x/files")).unwrap();
+        fs::create_dir(dir.path().join("repo/wal")).unwrap();
+        std::os::unix::fs::symlink(outside.join("CURRENT"), dir.path().join("repo/wal/1.seg"))
+            .unwrap();
+        (dir, store, outside)
+    }
+
+    fn names_link(e: StoreError, link: &str) -> String {
+        let msg = e.to_string();
+        assert!(msg.contains("symbolic link") && msg.contains(link), "{msg}");
+        msg
+    }
+
+    #[tokio::test]
+    async fn list_skips_links_inside_the_repository() {
+        let (_dir, store, outside) = planted().await;
+        let keys: Vec<String> = store
+            .list("")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        assert_eq!(keys, ["bases/y/files/CURRENT"]);
+        // A prefix that names the link's directory, or goes through it, lists nothing.
+        for prefix in ["bases/x/files/", "bases/x/files/CUR", "bases/x/", "wal/"] {
+            assert!(store.list(prefix).await.unwrap().is_empty(), "{prefix}");
+        }
+        assert_eq!(fs::read(outside.join("CURRENT")).unwrap(), b"live");
+    }
+
+    #[tokio::test]
+    async fn delete_never_goes_through_a_link() {
+        let (_dir, store, outside) = planted().await;
+        let e = store.delete("bases/x/files/CURRENT").await.unwrap_err();
+        names_link(e, "bases/x/files'");
+        let e = store.delete("wal/1.seg").await.unwrap_err();
+        names_link(e, "wal/1.seg'");
+        assert_eq!(fs::read(outside.join("CURRENT")).unwrap(), b"live");
+        assert!(fs::symlink_metadata(store.root().join("wal/1.seg")).is_ok());
+        store.delete("bases/y/files/CURRENT").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn reads_refuse_links() {
+        let (dir, store, _outside) = planted().await;
+        let dest = dir.path().join("restored");
+        for key in ["bases/x/files/CURRENT", "wal/1.seg"] {
+            let link = if key.starts_with("wal") {
+                "wal/1.seg'"
+            } else {
+                "bases/x/files'"
+            };
+            names_link(store.get(key).await.unwrap_err(), link);
+            names_link(store.head(key).await.unwrap_err(), link);
+            names_link(store.get_range(key, 0..1).await.unwrap_err(), link);
+            names_link(store.get_to_file(key, &dest).await.unwrap_err(), link);
+        }
+        assert!(!dest.exists());
+    }
+
+    #[tokio::test]
+    async fn writes_refuse_links() {
+        let (_dir, store, outside) = planted().await;
+        let data = Bytes::from_static(b"new");
+        for key in [
+            "bases/x/files/CURRENT",
+            "bases/x/files/MANIFEST-1",
+            "wal/1.seg",
+        ] {
+            let link = if key.starts_with("wal") {
+                "wal/1.seg'"
+            } else {
+                "bases/x/files'"
+            };
+            names_link(store.put(key, data.clone()).await.unwrap_err(), link);
+            names_link(
+                store.put_if_absent(key, data.clone()).await.unwrap_err(),
+                link,
+            );
+            let etag = ETag::new("x");
+            names_link(
+                store
+                    .put_if_match(key, data.clone(), &etag)
+                    .await
+                    .unwrap_err(),
+                link,
+            );
+        }
+        assert_eq!(fs::read(outside.join("CURRENT")).unwrap(), b"live");
+        assert_eq!(
+            fs::read_dir(&outside).unwrap().count(),
+            1,
+            "nothing written outside"
+        );
+        assert!(
+            fs::symlink_metadata(store.root().join("wal/1.seg"))
+                .unwrap()
+                .is_symlink()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bounded_download_stops_after_one_byte_too_many() {
+        let (dir, store) = store();
+        store
+            .put("k", Bytes::from(vec![5u8; 10_000]))
+            .await
+            .unwrap();
+        let dest = dir.path().join("out");
+        assert_eq!(
+            store.get_to_file_max("k", &dest, 10_000).await.unwrap(),
+            10_000
+        );
+        assert_eq!(
+            store.get_to_file_max("k", &dest, 20_000).await.unwrap(),
+            10_000
+        );
+        fs::remove_file(&dest).unwrap();
+        let e = store.get_to_file_max("k", &dest, 9_999).await.unwrap_err();
+        assert!(
+            matches!(e, StoreError::TooLarge { limit: 9_999, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("longer than the 9999 bytes"), "{e}");
+        assert!(!dest.exists());
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            !left
+                .iter()
+                .any(|n| n.to_string_lossy().contains("tidemark-part")),
+            "{left:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_root_itself_may_be_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("repo")).unwrap();
+        let store = LocalStore::open(dir.path().join("repo")).unwrap();
+        store.put("a/b", Bytes::from_static(b"1")).await.unwrap();
+        assert_eq!(store.get("a/b").await.unwrap(), Bytes::from_static(b"1"));
+        assert_eq!(store.list("a/").await.unwrap().len(), 1);
+        store.delete("a/b").await.unwrap();
+        assert!(store.list("").await.unwrap().is_empty());
     }
 
     #[tokio::test]

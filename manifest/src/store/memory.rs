@@ -161,6 +161,20 @@ impl ObjectStore for MemoryStore {
         }
     }
 
+    async fn get_to_file_max(&self, key: &str, path: &Path, max_len: u64) -> StoreResult<u64> {
+        validate_key(key)?;
+        let (data, _) = self.lookup(StoreOp::GetToFile, key)?;
+        if data.len() as u64 > max_len {
+            return Err(StoreError::TooLarge {
+                op: StoreOp::GetToFile,
+                key: key.to_owned(),
+                location: Self::location(key),
+                limit: max_len,
+            });
+        }
+        self.get_to_file(key, path).await
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         validate_key(key)?;
         let op = StoreOp::GetRange;

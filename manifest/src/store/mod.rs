@@ -154,6 +154,27 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// so `path` never holds a partial object. Returns the number of bytes written.
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64>;
 
+    /// Like [`ObjectStore::get_to_file`], for an object whose size the repository records:
+    /// fails with [`StoreError::TooLarge`] once the object proves longer than `max_len`
+    /// bytes, leaving nothing at `path`, so a corrupt or hostile object cannot fill the
+    /// disk. (Shorter is not an error here: the caller checks the size and checksum.)
+    ///
+    /// The default downloads the whole object, then checks; the stores override it to
+    /// stop at `max_len` (the local and memory stores, S3) or pass it on (decorators).
+    async fn get_to_file_max(&self, key: &str, path: &Path, max_len: u64) -> StoreResult<u64> {
+        let n = self.get_to_file(key, path).await?;
+        if n > max_len {
+            let _ = tokio::fs::remove_file(path).await;
+            return Err(StoreError::TooLarge {
+                op: StoreOp::GetToFile,
+                key: key.to_owned(),
+                location: format!("{} (key {key})", self.describe()),
+                limit: max_len,
+            });
+        }
+        Ok(n)
+    }
+
     /// Reads the bytes `range.start..range.end` of an object. The range must lie inside the
     /// object, otherwise [`StoreError::InvalidRange`].
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes>;
@@ -176,6 +197,10 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
 /// Prefix reserved for the stores' own files (temporary files, lock files). No key segment
 /// may start with it, so those files can never be mistaken for objects.
 pub const RESERVED_SEGMENT_PREFIX: &str = ".tidemark-";
+
+/// The most memory a store reserves ahead of a whole-object read from a length it was told
+/// (a `Content-Length`, a file's size): beyond it, the buffer grows only as bytes arrive.
+pub(crate) const PREALLOC_MAX: usize = 8 << 20;
 
 /// Longest accepted key, in bytes (S3's limit).
 pub const MAX_KEY_LEN: usize = 1024;

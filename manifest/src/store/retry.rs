@@ -250,6 +250,14 @@ impl ObjectStore for RetryStore {
             .await
     }
 
+    async fn get_to_file_max(&self, key: &str, path: &Path, max_len: u64) -> StoreResult<u64> {
+        self.policy
+            .run(StoreOp::GetToFile, key, || {
+                self.inner.get_to_file_max(key, path, max_len)
+            })
+            .await
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.policy
             .run(StoreOp::GetRange, key, || {

@@ -735,10 +735,16 @@ impl S3Store {
         mut body: ByteStream,
         expected: Option<i64>,
     ) -> StoreResult<Bytes> {
+        // Content-Length is the server's word: a hint for a first buffer, never a size to
+        // reserve in full, and a limit the body may not go past.
         let capacity = expected.and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
-        let mut buf = BytesMut::with_capacity(capacity);
+        let mut buf = BytesMut::with_capacity(capacity.min(super::PREALLOC_MAX));
+        let limit = expected.and_then(|n| u64::try_from(n).ok());
         while let Some(chunk) = self.next_chunk(op, key, &mut body).await? {
             buf.extend_from_slice(&chunk);
+            if limit.is_some_and(|n| buf.len() as u64 > n) {
+                break; // reported by `check_length`
+            }
         }
         self.check_length(op, key, buf.len() as u64, expected)?;
         Ok(buf.freeze())
@@ -752,6 +758,11 @@ impl S3Store {
         expected: Option<i64>,
     ) -> StoreResult<()> {
         match expected {
+            Some(n) if u64::try_from(n).is_ok_and(|n| got > n) => Err(self.other(
+                op,
+                key,
+                format!("the server sent more than the {n} bytes its Content-Length announced"),
+            )),
             Some(n) if u64::try_from(n).ok() != Some(got) => Err(StoreError::Transient {
                 op,
                 key: key.to_owned(),
@@ -969,10 +980,23 @@ impl S3Store {
         dest: &Path,
         tmp: &Path,
         out: aws_sdk_s3::operation::get_object::GetObjectOutput,
+        max_len: u64,
     ) -> StoreResult<u64> {
         let op = StoreOp::GetToFile;
         let local = |e| Self::local_error(op, key, dest, e);
+        let too_large = || StoreError::TooLarge {
+            op,
+            key: key.to_owned(),
+            location: self.location(key),
+            limit: max_len,
+        };
         let expected = out.content_length();
+        if expected
+            .and_then(|n| u64::try_from(n).ok())
+            .is_some_and(|n| n > max_len)
+        {
+            return Err(too_large());
+        }
         let mut body = out.body;
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
@@ -982,8 +1006,11 @@ impl S3Store {
             .map_err(local)?;
         let mut written = 0u64;
         while let Some(chunk) = self.next_chunk(op, key, &mut body).await? {
+            written = written.saturating_add(chunk.len() as u64);
+            if written > max_len {
+                return Err(too_large());
+            }
             file.write_all(&chunk).await.map_err(local)?;
-            written += chunk.len() as u64;
         }
         self.check_length(op, key, written, expected)?;
         file.sync_all().await.map_err(local)?;
@@ -1222,12 +1249,16 @@ impl ObjectStore for S3Store {
         Ok((data, meta))
     }
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
+        self.get_to_file_max(key, path, u64::MAX).await
+    }
+
+    async fn get_to_file_max(&self, key: &str, path: &Path, max_len: u64) -> StoreResult<u64> {
         validate_key(key)?;
         let op = StoreOp::GetToFile;
         let (_, tmp) =
             super::local::local_temp_path(path).map_err(|e| Self::local_error(op, key, path, e))?;
         let out = self.get_object(op, key, None).await?;
-        let result = self.download_to(key, path, &tmp, out).await;
+        let result = self.download_to(key, path, &tmp, out, max_len).await;
         if result.is_err() {
             let _ = tokio::fs::remove_file(&tmp).await;
         }

@@ -448,6 +448,10 @@ impl ObjectStore for ThrottleStore {
         self.inner.get_to_file(key, path).await
     }
 
+    async fn get_to_file_max(&self, key: &str, path: &Path, max_len: u64) -> StoreResult<u64> {
+        self.inner.get_to_file_max(key, path, max_len).await
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.inner.get_range(key, range).await
     }
