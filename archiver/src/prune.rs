@@ -54,10 +54,10 @@ pub struct PruneOptions {
     /// How long objects stay after no manifest generation references them any more, so
     /// that restores planned against an earlier generation finish. Longer than your
     /// longest restore.
-    #[serde(with = "crate::service::humantime_serde")]
+    #[serde(with = "crate::duration_format")]
     pub grace: Duration,
     /// How often the service applies the policy (also after every base backup).
-    #[serde(with = "crate::service::humantime_serde")]
+    #[serde(with = "crate::duration_format")]
     pub interval: Duration,
 }
 
@@ -725,7 +725,7 @@ mod opt_duration {
     use serde::{Deserializer, Serializer};
     use std::time::Duration;
 
-    use crate::service::humantime_serde as duration;
+    use crate::duration_format as duration;
 
     pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
