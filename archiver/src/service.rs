@@ -214,7 +214,7 @@ async fn run_holding_lease(
         Pipeline::resume(repo, &check.wal_dir, &scratch, opts, &state, metrics).await?;
     let wal_dir = check.wal_dir.clone();
     let mut bases = Bases::new(opts, wal_dir, scratch, repo, &state, metrics);
-    let mut retention = Retention::new(opts.retention.clone(), repo, metrics);
+    let mut retention = Retention::new(opts.retention.clone(), repo, keeper.fence(), metrics);
     metrics.set_phase(Phase::Running);
     tokio::pin!(shutdown);
 

@@ -15,7 +15,7 @@ use tokio::task::JoinError;
 
 use super::ServiceError;
 use super::pipeline::Pipeline;
-use crate::base::{BaseError, BaseOptions, BaseResult, take_base_backup};
+use crate::base::{BaseError, BaseOptions, BaseResult, ReusableTables, take_base_backup};
 use crate::metrics::Metrics;
 use crate::options::ArchiverOptions;
 use crate::task::{OwnedTask, join_slot};
@@ -123,13 +123,15 @@ impl Bases {
             self.scratch.clone(),
             self.repo.clone(),
         );
-        let opts = BaseOptions {
+        let current = pipeline.current().clone();
+        let mut opts = BaseOptions {
             upload_concurrency: self.upload_concurrency,
             earliest_time: Some(pipeline.observed_times()),
             ..BaseOptions::default()
         };
         tracing::info!("taking a base backup");
         self.task = Some(OwnedTask::spawn(async move {
+            opts.reusable = ReusableTables::referenced_by(&repo, &current).await?;
             take_base_backup(&db, &wal, &scratch, &repo, &opts).await
         }));
     }

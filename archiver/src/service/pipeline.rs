@@ -8,7 +8,9 @@
 //!
 //! A store that fails for now is ridden out: a segment upload or a generation write that
 //! fails is kept and retried later with a backoff, the WAL staying on the database's disk
-//! meanwhile.
+//! meanwhile. Two changes come before any segment after them (FORMAT.md §4.5 rule 4): the
+//! first generation of a new repository, and a missing-WAL gap. Until the generation holding
+//! one is written, no later segment is uploaded and nothing more is read.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -151,9 +153,10 @@ impl Pipeline {
         Ok(step)
     }
 
-    /// True while the WAL is read: not while a closed segment still waits for the store.
+    /// True while the WAL is read: not while a closed segment, or a generation segments
+    /// depend on, still waits for the store.
     fn reading(&self) -> bool {
-        !self.shipper.has_unsent()
+        !self.shipper.has_unsent() && !self.checkpoint.segments_must_wait()
     }
 
     /// True when more of the WAL can be read at once (catching up).
@@ -265,9 +268,23 @@ impl Pipeline {
         Ok(gap)
     }
 
-    /// Closes the open segment and uploads everything closed. True when everything was
-    /// uploaded; false when the store failed for now (kept, retried later).
+    /// Closes the open segment and uploads everything closed, after writing the generation
+    /// of a change that must come first. True when everything was uploaded; false when the
+    /// store failed for now (kept, retried later).
     async fn try_ship(&mut self) -> Result<bool, ServiceError> {
+        if self.checkpoint.segments_must_wait() {
+            if !self.manifest_retry.ready() {
+                return Ok(false);
+            }
+            tolerate(
+                self.checkpoint.flush().await,
+                &mut self.manifest_retry,
+                "writing the generation that later segments depend on",
+            )?;
+            if self.checkpoint.segments_must_wait() {
+                return Ok(false);
+            }
+        }
         match self.shipper.close_and_upload().await {
             Ok(entries) => {
                 self.upload_retry.succeeded();
@@ -286,7 +303,8 @@ impl Pipeline {
         }
     }
 
-    /// Ships everything before the gap, then records it (before any segment after it).
+    /// Ships everything before the gap, then records it. Segments after it wait until the
+    /// generation recording it is written.
     async fn record_gap(&mut self, gap: Gap) -> Result<(), ServiceError> {
         tracing::error!(
             first_seq = gap.first_seq,
@@ -299,7 +317,11 @@ impl Pipeline {
         );
         // Everything before the gap must be uploaded before the gap is recorded: keep trying.
         while !self.try_ship().await? {
-            let at = self.upload_retry.at.unwrap_or_else(Instant::now);
+            let at = [self.upload_retry.at, self.manifest_retry.at]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or_else(Instant::now);
             tokio::time::sleep_until(at.into()).await;
         }
         tolerate(
@@ -571,6 +593,127 @@ fn missing_gap(expected: u64, found: u64, detail: &str) -> Gap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::fs::File;
+
+    use tidemark_manifest::model::{Compression, FORMAT_VERSION, Lineage, RepositoryConfig};
+    use tidemark_manifest::rocks::DbFile;
+    use tidemark_manifest::rocks::log::LogWriter;
+    use tidemark_manifest::store::fault::{Fault, FaultRule, FaultStore};
+    use tidemark_manifest::store::{MemoryStore, StoreOp};
+
+    fn write_wal(dir: &Path, number: u64, batches: &[(u64, u32)]) {
+        let path = dir.join(DbFile::Wal(number).file_name().unwrap());
+        let mut w = LogWriter::new(File::create(&path).unwrap());
+        for &(seq, count) in batches {
+            // A write batch header: sequence, count (no operations are needed here).
+            let mut b = seq.to_le_bytes().to_vec();
+            b.extend_from_slice(&count.to_le_bytes());
+            w.add_record(&b).unwrap();
+        }
+        w.flush().unwrap();
+    }
+
+    async fn segment_firsts(repo: &Repository) -> Vec<u64> {
+        let mut out: Vec<u64> = repo
+            .store()
+            .list(tidemark_manifest::keys::WAL_PREFIX)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| {
+                let name = m.key.strip_prefix("wal/")?.strip_suffix(".seg")?.to_owned();
+                u64::from_str_radix(&name, 16)
+                    .ok()
+                    .or_else(|| name.parse().ok())
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn no_segment_after_a_gap_ships_until_the_generation_recording_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("wal");
+        std::fs::create_dir_all(&wal).unwrap();
+        let faults = Arc::new(FaultStore::new(Arc::new(MemoryStore::new())));
+        let repo = Repository::new(faults.clone());
+        repo.create_config(&RepositoryConfig {
+            format_version: FORMAT_VERSION,
+            repository_id: "r".into(),
+            created_at: OffsetDateTime::now_utc(),
+            database_identity: "db".into(),
+            lineage: Lineage {
+                id: "l".into(),
+                parent: None,
+            },
+            segment_compression: Compression::Zstd,
+            encryption: None,
+        })
+        .await
+        .unwrap();
+        let state = repo.load().await.unwrap();
+        let opts = ArchiverOptions {
+            db: wal.clone(),
+            sync_interval: Duration::ZERO,
+            checkpoint_interval: Duration::from_secs(3600),
+            ..ArchiverOptions::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let scratch = dir.path().join("scratch");
+        let mut p = Pipeline::resume(&repo, &wal, &scratch, &opts, &state, &metrics)
+            .await
+            .unwrap();
+        write_wal(&wal, 5, &[(1, 1), (2, 1), (3, 1)]);
+        p.step().await.unwrap();
+        assert_eq!(segment_firsts(&repo).await, vec![1, 2, 3]);
+
+        // Records 4..=9 are lost; the generation recording that cannot be written for now.
+        faults.inject(
+            FaultRule::new(Fault::Transient)
+                .on(StoreOp::PutIfAbsent)
+                .key_prefix("manifest/"),
+        );
+        write_wal(&wal, 6, &[(10, 1), (11, 1)]);
+        for _ in 0..15 {
+            p.step().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            segment_firsts(&repo).await,
+            vec![1, 2, 3],
+            "a segment after the gap was uploaded before the gap was recorded"
+        );
+        assert!(p.current().gaps.is_empty());
+
+        // The store recovers: the gap is recorded, then the segment after it ships.
+        faults.clear();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !segment_firsts(&repo).await.contains(&10) {
+            assert!(
+                Instant::now() < deadline,
+                "the segment after the gap never shipped"
+            );
+            p.step().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(segment_firsts(&repo).await, vec![1, 2, 3, 10]);
+        let loaded = repo.load().await.unwrap();
+        let g = loaded.generation.unwrap();
+        assert_eq!(
+            g.gaps
+                .iter()
+                .map(|g| (g.first_seq, g.last_seq))
+                .collect::<Vec<_>>(),
+            vec![(4, 9)]
+        );
+        assert_eq!(
+            loaded.history.segments.last().map(|s| s.last_seq),
+            Some(11),
+            "readers find the segment after the gap"
+        );
+    }
 
     #[test]
     fn recent_times_find_the_record_holding_a_sequence() {

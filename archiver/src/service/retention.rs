@@ -3,7 +3,8 @@
 //!
 //! The policy runs a little after start, every `retention.interval`, and after each base
 //! backup. Marking waits until no base backup runs and nothing waits for the store; no base
-//! backup starts while the sweep runs.
+//! backup starts while the sweep runs, and the sweep stops deleting the moment the lease is
+//! lost (it asks the lease's fence before each deletion).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,8 +14,9 @@ use tokio::task::JoinError;
 
 use super::ServiceError;
 use super::pipeline::Pipeline;
+use crate::lease_keeper::LeaseFence;
 use crate::metrics::Metrics;
-use crate::prune::{self, PruneError, PruneOptions, SweepReport};
+use crate::prune::{self, PruneError, PruneOptions, SweepMode, SweepReport};
 use crate::task::{OwnedTask, join_slot};
 
 /// A sweep's outcome, as its task ends.
@@ -26,6 +28,7 @@ pub(crate) struct Retention {
     due: Option<Instant>,
     sweep: Option<OwnedTask<Result<SweepReport, PruneError>>>,
     repo: Repository,
+    fence: LeaseFence,
     metrics: Arc<Metrics>,
 }
 
@@ -34,6 +37,7 @@ impl Retention {
     pub fn new(
         policy: Option<PruneOptions>,
         repo: &Repository,
+        fence: LeaseFence,
         metrics: &Arc<Metrics>,
     ) -> Retention {
         Retention {
@@ -43,6 +47,7 @@ impl Retention {
             policy,
             sweep: None,
             repo: repo.clone(),
+            fence,
             metrics: Arc::clone(metrics),
         }
     }
@@ -91,9 +96,10 @@ impl Retention {
                     "retention: history marked; sweeping unreferenced objects"
                 );
                 if let Some(newest) = newest {
-                    let (repo, grace) = (self.repo.clone(), policy.grace);
+                    let (repo, grace, fence) =
+                        (self.repo.clone(), policy.grace, self.fence.clone());
                     self.sweep = Some(OwnedTask::spawn(async move {
-                        prune::sweep(&repo, &newest, grace, now, false).await
+                        prune::sweep(&repo, &newest, grace, now, SweepMode::Delete(&fence)).await
                     }));
                 }
                 Ok(())
