@@ -23,9 +23,15 @@
 //! the oldest WAL RocksDB's recovery of the copy would read.
 //!
 //! The referenced files are then uploaded: table and blob files content-addressed under
-//! `sst/<sha256>` (a file the repository already holds is not uploaded again), `CURRENT`,
+//! `sst/<sha256>`, `CURRENT`,
 //! `MANIFEST-*` and `OPTIONS-*` under `bases/<id>/files/`, and `bases/<id>/base.json` last,
 //! create-only. Adding the base to a manifest generation is the caller's job.
+//!
+//! A table or blob file is not uploaded again when a base of the current generation already
+//! lists it ([`ReusableTables`]): such an object was checked when that base was taken, and no
+//! sweep deletes it. Any other object under its key is never trusted, whatever its size (an
+//! abandoned base's object, which a sweep may be deleting, or a damaged one): the file is
+//! uploaded again over it (FORMAT.md §4.6).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -78,6 +84,69 @@ pub struct BaseOptions {
     /// pass). Zero in normal operation; failure drills set it to widen the windows in which
     /// the database changes under the copy.
     pub step_pause: Duration,
+    /// Table and blob files already in the repository that this base may list without
+    /// uploading them. Empty by default: everything is uploaded.
+    pub reusable: ReusableTables,
+}
+
+/// Table and blob files a base may reuse without uploading them again: those listed by the
+/// bases of the current generation, by key and size (the key is the content's sha256).
+#[derive(Debug, Clone, Default)]
+pub struct ReusableTables {
+    sizes: Arc<BTreeMap<String, u64>>,
+}
+
+impl ReusableTables {
+    /// The table and blob files the bases of `generation` list (their descriptors are read
+    /// and checked against the generation).
+    pub async fn referenced_by(
+        repo: &Repository,
+        generation: &model::Generation,
+    ) -> Result<ReusableTables, RepoError> {
+        let n = generation.generation;
+        let reads: Vec<_> = generation
+            .bases
+            .iter()
+            .cloned()
+            .map(|b| {
+                let repo = repo.clone();
+                async move { repo.read_base(n, &b).await }
+            })
+            .collect();
+        let descriptors: Vec<BaseDescriptor> =
+            stream::iter(reads).buffered(8).try_collect().await?;
+        Ok(ReusableTables::from_descriptors(&descriptors))
+    }
+
+    /// The table and blob files `descriptors` list.
+    pub fn from_descriptors<'a>(
+        descriptors: impl IntoIterator<Item = &'a BaseDescriptor>,
+    ) -> ReusableTables {
+        let sizes = descriptors
+            .into_iter()
+            .flat_map(|d| &d.files)
+            .filter(|f| f.key == keys::sst_key(&f.sha256))
+            .map(|f| (f.key.clone(), f.size))
+            .collect();
+        ReusableTables {
+            sizes: Arc::new(sizes),
+        }
+    }
+
+    /// True when the object `key` of `size` bytes is listed.
+    fn reuses(&self, key: &str, size: u64) -> bool {
+        self.sizes.get(key) == Some(&size)
+    }
+
+    /// How many objects are listed.
+    pub fn len(&self) -> usize {
+        self.sizes.len()
+    }
+
+    /// True when nothing is listed.
+    pub fn is_empty(&self) -> bool {
+        self.sizes.is_empty()
+    }
 }
 
 impl Default for BaseOptions {
@@ -88,6 +157,7 @@ impl Default for BaseOptions {
             retry_delay: Duration::from_millis(200),
             earliest_time: None,
             step_pause: Duration::ZERO,
+            reusable: ReusableTables::default(),
         }
     }
 }
@@ -106,6 +176,7 @@ impl fmt::Debug for BaseOptions {
                     .map(|_| "<observed-time lookup>"),
             )
             .field("step_pause", &self.step_pause)
+            .field("reusable", &self.reusable.len())
             .finish()
     }
 }
@@ -417,7 +488,14 @@ async fn run(
         "consistent copy made; uploading"
     );
 
-    let uploaded = upload(repo.store(), id, &copy, opts.upload_concurrency.max(1)).await?;
+    let uploaded = upload(
+        repo.store(),
+        id,
+        &copy,
+        &opts.reusable,
+        opts.upload_concurrency.max(1),
+    )
+    .await?;
 
     let earliest_time = opts
         .earliest_time
@@ -1079,38 +1157,14 @@ fn copy_once(
     // Hold the WAL files open from here on: one RocksDB deletes after the MANIFEST copy
     // stays readable.
     let mut wals: BTreeMap<u64, HeldWal> = BTreeMap::new();
-    for (n, _) in list_wals(wal_dir)?.range(first_wal..) {
-        if let Some((path, file)) = open_wal(wal_dir, *n)? {
-            wals.insert(
-                *n,
-                HeldWal {
-                    path,
-                    file,
-                    limit: None,
-                },
-            );
-        }
-    }
+    hold_wals(wal_dir, first_wal, &mut wals)?;
 
     // (3) CURRENT, then the MANIFEST it names; then at once how far the WAL reached (the
     // MANIFEST's table files hold nothing newer) and (4) the second pass over the table and
     // blob files: a file the MANIFEST references but that is not linked yet was created
     // after the first pass, and the owner may delete it again at any moment.
     let manifest_name = copy_current_and_manifest(db_dir, scratch)?;
-    for (n, _) in list_wals(wal_dir)?.range(first_wal..) {
-        if !wals.contains_key(n)
-            && let Some((path, file)) = open_wal(wal_dir, *n)?
-        {
-            wals.insert(
-                *n,
-                HeldWal {
-                    path,
-                    file,
-                    limit: None,
-                },
-            );
-        }
-    }
+    hold_wals(wal_dir, first_wal, &mut wals)?;
     for wal in wals.values_mut() {
         wal.measure()?;
     }
@@ -1209,6 +1263,29 @@ fn copy_once(
     })
 }
 
+/// Opens the WAL files from `first_wal` on that are not held yet.
+fn hold_wals(
+    wal_dir: &Path,
+    first_wal: u64,
+    wals: &mut BTreeMap<u64, HeldWal>,
+) -> Result<(), BaseError> {
+    for (n, _) in list_wals(wal_dir)?.range(first_wal..) {
+        if !wals.contains_key(n)
+            && let Some((path, file)) = open_wal(wal_dir, *n)?
+        {
+            wals.insert(
+                *n,
+                HeldWal {
+                    path,
+                    file,
+                    limit: None,
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Checks that a file the MANIFEST references is in the copy, complete, and returns its path
 /// in the scratch directory.
 fn check_held(
@@ -1279,6 +1356,7 @@ async fn upload(
     store: &Arc<dyn ObjectStore>,
     id: &str,
     copy: &DbCopy,
+    reusable: &ReusableTables,
     concurrency: usize,
 ) -> Result<Uploaded, BaseError> {
     let jobs: Vec<(usize, String, PathBuf, bool)> = copy
@@ -1308,20 +1386,9 @@ async fn upload(
                 } else {
                     keys::base_file_key(&id, &name)
                 };
-                let mut deduplicated = false;
-                if is_table {
-                    match store.head(&key).await? {
-                        Some(meta) if meta.size == size => deduplicated = true,
-                        Some(meta) => tracing::warn!(
-                            key = %key,
-                            stored = meta.size,
-                            expected = size,
-                            "the stored table file has the wrong size for its content key; \
-                             replacing it"
-                        ),
-                        None => {}
-                    }
-                }
+                // Only what a base of the current generation lists is trusted; anything else
+                // under this key (an abandoned base's object, a damaged one) is replaced.
+                let deduplicated = is_table && reusable.reuses(&key, size);
                 if !deduplicated {
                     store.put_file(&key, &path).await?;
                 }

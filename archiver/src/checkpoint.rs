@@ -58,6 +58,9 @@ struct Unsent {
     generation: Generation,
     /// How many of the pending segments it indexes.
     pending_used: usize,
+    /// It records a change that segments after it depend on (see
+    /// [`CheckpointManager::segments_must_wait`]).
+    barrier: bool,
 }
 
 /// Writes manifest generations for one repository. The only writer of generations.
@@ -135,6 +138,14 @@ impl CheckpointManager {
         self.unsent.is_some() || !self.queued.is_empty()
     }
 
+    /// True while a change that later segments depend on waits to be written: the start of
+    /// a new repository (readers find its first segments from it) or a missing-WAL gap
+    /// (segments after it are found from its end). No segment may be uploaded until it is
+    /// (FORMAT.md §4.5 rule 4).
+    pub fn segments_must_wait(&self) -> bool {
+        self.unsent.as_ref().is_some_and(|u| u.barrier) || self.queued.iter().any(is_barrier)
+    }
+
     /// Before the first segment of a new repository is uploaded: writes generation 1 with
     /// `tail_start_seq` at that segment's first sequence, so that readers can find it.
     pub async fn ensure_started(&mut self, first_seq: u64) -> Result<(), RepoError> {
@@ -208,6 +219,7 @@ impl CheckpointManager {
         self.unsent = Some(Unsent {
             generation: next,
             pending_used: 0,
+            barrier: false,
         });
         self.send_unsent().await
     }
@@ -235,6 +247,7 @@ impl CheckpointManager {
             next.index_pages.push(r);
             self.merge_pages(&mut next).await?;
         }
+        let barrier = self.queued.iter().any(is_barrier);
         for change in self.queued.drain(..) {
             match change {
                 Change::Start(first_seq) => next.tail_start_seq = first_seq,
@@ -250,6 +263,7 @@ impl CheckpointManager {
         self.unsent = Some(Unsent {
             generation: next,
             pending_used: self.pending.len(),
+            barrier,
         });
         self.send_unsent().await
     }
@@ -262,6 +276,7 @@ impl CheckpointManager {
         let Unsent {
             generation,
             pending_used,
+            ..
         } = self.unsent.take().expect("checked above");
         tracing::info!(
             generation = generation.generation,
@@ -315,6 +330,15 @@ impl CheckpointManager {
             g.index_pages.truncate(n - fanout);
             g.index_pages.push(merged);
         }
+    }
+}
+
+/// A change that segments after it depend on.
+fn is_barrier(change: &Change) -> bool {
+    match change {
+        Change::Start(_) => true,
+        Change::Gap(gap) => gap.kind == GapKind::MissingWal,
+        Change::Base(_) => false,
     }
 }
 

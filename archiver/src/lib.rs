@@ -13,19 +13,24 @@
 //!
 //! Beside it, [`base`] takes base backups (a careful external copy of the live database,
 //! SSTs uploaded content-addressed), [`lease`] keeps a second archiver off the same
-//! repository, [`prune`] applies a retention policy (mark, then sweep), [`service`] runs it
-//! all as a long-lived process, [`fleet`] runs several databases in one process, each on its
-//! own, and [`metrics`] reports on it to Prometheus.
+//! repository and [`lease_keeper`] renews it while its holder works, [`prune`] applies a
+//! retention policy (mark, then sweep), [`service`] runs it all as a long-lived process
+//! (its [`options`]; every background task an [`task::OwnedTask`]), [`fleet`] runs several
+//! databases in one process, each on its own, and [`metrics`] reports on it to Prometheus.
 
 pub mod base;
 pub mod check;
 pub mod checkpoint;
+pub(crate) mod duration_format;
 pub mod fleet;
 pub mod follow;
 pub mod lease;
+pub mod lease_keeper;
 pub mod metrics;
+pub mod options;
 pub mod prune;
 pub mod service;
 pub mod ship;
 pub mod status;
+pub mod task;
 pub mod watch;

@@ -9,7 +9,9 @@
 //!    directly, holding the lease.
 //! 2. [`sweep`] lists the repository and deletes every repository object that neither the
 //!    current generation nor any generation that was current within the grace period
-//!    references. A restore that planned against a generation superseded less than the grace
+//!    references. It deletes only while its holder keeps the writer lease (it asks a
+//!    [`LeaseFence`] before each deletion), so that a base backup, which may reuse objects
+//!    the sweep's listing found unreferenced, never runs meanwhile. A restore that planned against a generation superseded less than the grace
 //!    period ago therefore still finds everything it needs; objects dropped by the mark step
 //!    go in a later sweep, once the grace period has passed.
 //!
@@ -30,6 +32,7 @@ use tidemark_manifest::store::StoreError;
 use time::OffsetDateTime;
 
 use crate::checkpoint::writer;
+use crate::lease_keeper::{LeaseFence, LeaseKeeper};
 
 /// A retention policy: `[retention]` in the service's config, or `tidemark-archiver prune`'s
 /// flags. Durations are written like `36h`, `7d`, `90days`.
@@ -54,10 +57,10 @@ pub struct PruneOptions {
     /// How long objects stay after no manifest generation references them any more, so
     /// that restores planned against an earlier generation finish. Longer than your
     /// longest restore.
-    #[serde(with = "crate::service::humantime_serde")]
+    #[serde(with = "crate::duration_format")]
     pub grace: Duration,
     /// How often the service applies the policy (also after every base backup).
-    #[serde(with = "crate::service::humantime_serde")]
+    #[serde(with = "crate::duration_format")]
     pub interval: Duration,
 }
 
@@ -373,14 +376,23 @@ pub struct KindCount {
     pub bytes: u64,
 }
 
-/// Deletes (unless `dry_run`) every repository object that neither `newest` nor a
+/// Whether a sweep deletes.
+#[derive(Debug, Clone, Copy)]
+pub enum SweepMode<'a> {
+    /// Report what would be deleted; delete nothing.
+    DryRun,
+    /// Delete, each object only while the fence holds (the writer lease is held).
+    Delete(&'a LeaseFence),
+}
+
+/// Deletes (or, in a dry run, reports) every repository object that neither `newest` nor a
 /// generation current within `grace` before `now` references.
 pub async fn sweep(
     repo: &Repository,
     newest: &Generation,
     grace: Duration,
     now: OffsetDateTime,
-    dry_run: bool,
+    mode: SweepMode<'_>,
 ) -> Result<SweepReport, PruneError> {
     let grace_start = now - time::Duration::try_from(grace).unwrap_or(time::Duration::MAX);
     // Generation g is protected while the one after it was written within the grace
@@ -440,14 +452,15 @@ pub async fn sweep(
         c.objects += 1;
         c.bytes += size;
     }
-    if dry_run {
+    let SweepMode::Delete(fence) = mode else {
         return Ok(report);
-    }
+    };
+    drill_hold().await;
     let (generations, others): (Vec<_>, Vec<_>) = doomed
         .into_iter()
         .partition(|(kind, _, _)| *kind == ObjectKind::Generation);
-    delete_all(repo, others).await?;
-    delete_all(repo, generations).await?;
+    delete_all(repo, others, fence).await?;
+    delete_all(repo, generations, fence).await?;
     if !report.deleted.is_empty() {
         tracing::info!(
             deleted = report.deleted.values().map(|c| c.objects).sum::<u64>(),
@@ -459,16 +472,37 @@ pub async fn sweep(
     Ok(report)
 }
 
+/// For failure drills and tests: with `TIDEMARK_DRILL_SWEEP_HOLD` set to a path, a sweep
+/// that deletes creates that file once it has listed the repository, and waits until the
+/// file is removed before deleting anything.
+async fn drill_hold() {
+    let Some(path) = std::env::var_os("TIDEMARK_DRILL_SWEEP_HOLD") else {
+        return;
+    };
+    let path = std::path::PathBuf::from(path);
+    if let Err(e) = std::fs::write(&path, b"listed\n") {
+        tracing::warn!(path = %path.display(), error = %e, "drill: cannot create the hold file");
+        return;
+    }
+    tracing::warn!(path = %path.display(), "drill: the sweep waits until this file is removed");
+    while path.exists() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Deletes `objects`, asking `fence` before each: nothing more is deleted once the lease is
+/// lost or about to expire.
 async fn delete_all(
     repo: &Repository,
     objects: Vec<(ObjectKind, String, u64)>,
+    fence: &LeaseFence,
 ) -> Result<(), PruneError> {
     let store = repo.store();
-    let mut results = futures::stream::iter(
-        objects
-            .into_iter()
-            .map(|(_, key, _)| async move { store.delete(&key).await.map(|()| key) }),
-    )
+    let mut results = futures::stream::iter(objects.into_iter().map(|(_, key, _)| async move {
+        fence.check()?;
+        store.delete(&key).await?;
+        Ok::<_, PruneError>(key)
+    }))
     .buffer_unordered(8);
     while let Some(r) = results.next().await {
         let key = r?;
@@ -509,7 +543,8 @@ async fn protection(
 }
 
 /// One pruning run outside the service (`tidemark-archiver prune`): takes the lease (unless
-/// `dry_run`), marks, writes the generation, sweeps, releases the lease.
+/// `dry_run`) and renews it throughout, marks, writes the generation, sweeps, releases the
+/// lease.
 pub async fn prune_repository(
     repo: &Repository,
     opts: &PruneOptions,
@@ -517,12 +552,18 @@ pub async fn prune_repository(
     lease_ttl: Duration,
 ) -> Result<PruneReport, PruneError> {
     let rules = opts.rules()?;
-    let lease = if dry_run {
+    let keeper = if dry_run {
         None
     } else {
-        Some(crate::lease::LeaseHandle::acquire(repo, lease_ttl).await?)
+        let lease = crate::lease::LeaseHandle::acquire(repo, lease_ttl).await?;
+        Some(LeaseKeeper::start(repo, lease, lease_ttl, None))
     };
-    let mut result = prune_holding_lease(repo, opts, &rules, dry_run).await;
+    let fence = keeper.as_ref().map(|k| k.fence());
+    let mode = match &fence {
+        Some(fence) => SweepMode::Delete(fence),
+        None => SweepMode::DryRun,
+    };
+    let mut result = prune_holding_lease(repo, opts, &rules, mode).await;
     if dry_run
         && let Ok(report) = &mut result
         && let Some(holder) = live_lease(repo).await
@@ -533,10 +574,15 @@ pub async fn prune_repository(
              here; a real run never deletes them (the archiver prunes between its own steps)"
         ));
     }
-    if let Some(lease) = lease
-        && let Err(e) = lease.release().await
-    {
-        tracing::warn!(error = %e, "could not release the lease; it expires by itself");
+    if let Some(keeper) = keeper {
+        match keeper.stop().await {
+            Ok(lease) => {
+                if let Err(e) = lease.release().await {
+                    tracing::warn!(error = %e, "could not release the lease; it expires by itself");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "the lease was gone when pruning ended"),
+        }
     }
     result
 }
@@ -545,8 +591,9 @@ async fn prune_holding_lease(
     repo: &Repository,
     opts: &PruneOptions,
     rules: &Rules,
-    dry_run: bool,
+    mode: SweepMode<'_>,
 ) -> Result<PruneReport, PruneError> {
+    let dry_run = matches!(mode, SweepMode::DryRun);
     let state = repo.load().await?;
     if state.tail_segments > 0 {
         tracing::info!(
@@ -576,7 +623,7 @@ async fn prune_holding_lease(
             });
         }
     };
-    let sweep = sweep(repo, &newest, opts.grace, now, dry_run).await?;
+    let sweep = sweep(repo, &newest, opts.grace, now, mode).await?;
     Ok(PruneReport {
         dry_run,
         note: None,
@@ -592,7 +639,8 @@ async fn prune_holding_lease(
 /// the report and the generation a sweep starts from (none before the first generation).
 /// The service runs [`sweep`] in the background afterwards: it never deletes what a writer
 /// may be adding (segments and index pages at or after the tail, generations after the
-/// newest), and the service takes no base backup while it runs.
+/// newest), the service takes no base backup while it runs, and it stops deleting when the
+/// service's lease is lost.
 pub async fn mark_with_checkpoint(
     repo: &Repository,
     checkpoint: &mut crate::checkpoint::CheckpointManager,
@@ -725,7 +773,7 @@ mod opt_duration {
     use serde::{Deserializer, Serializer};
     use std::time::Duration;
 
-    use crate::service::humantime_serde as duration;
+    use crate::duration_format as duration;
 
     pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
@@ -773,18 +821,37 @@ mod tests {
         }
         let newest = repo.read_generation(40).await.unwrap().unwrap();
         // 10 minutes: g is protected while g + 1 was written less than 10 minutes ago.
-        let report = sweep(&repo, &newest, Duration::from_secs(600), now, true)
-            .await
-            .unwrap();
+        let report = sweep(
+            &repo,
+            &newest,
+            Duration::from_secs(600),
+            now,
+            SweepMode::DryRun,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             report.protected_generations,
             (30..=40).rev().collect::<Vec<_>>()
         );
         assert_eq!(report.deleted["manifest generations"].objects, 29);
         // Deleting for real leaves exactly the protected ones (and the hint).
-        sweep(&repo, &newest, Duration::from_secs(600), now, false)
+        let ttl = Duration::from_secs(60);
+        let lease = crate::lease::LeaseHandle::acquire(&repo, ttl)
             .await
             .unwrap();
+        let keeper = LeaseKeeper::start(&repo, lease, ttl, None);
+        let fence = keeper.fence();
+        sweep(
+            &repo,
+            &newest,
+            Duration::from_secs(600),
+            now,
+            SweepMode::Delete(&fence),
+        )
+        .await
+        .unwrap();
+        keeper.stop().await.unwrap().release().await.unwrap();
         let left: Vec<String> = repo
             .store()
             .list("manifest/")
@@ -797,9 +864,54 @@ mod tests {
         assert!(repo.read_generation(29).await.unwrap().is_none());
         assert!(repo.read_generation(30).await.unwrap().is_some());
         // No grace: only the newest.
-        let report = sweep(&repo, &newest, Duration::ZERO, now, true)
+        let report = sweep(&repo, &newest, Duration::ZERO, now, SweepMode::DryRun)
             .await
             .unwrap();
         assert_eq!(report.protected_generations, vec![40]);
+    }
+
+    #[tokio::test]
+    async fn a_sweep_deletes_nothing_once_its_lease_is_lost() {
+        let repo = Repository::new(Arc::new(MemoryStore::new()));
+        let now = OffsetDateTime::now_utc();
+        for g in 1..=5u64 {
+            let at = now - time::Duration::hours(10 - g as i64);
+            repo.write_generation(&generation(g, at)).await.unwrap();
+        }
+        let newest = repo.read_generation(5).await.unwrap().unwrap();
+        let ttl = Duration::from_millis(600);
+        let lease = crate::lease::LeaseHandle::acquire(&repo, ttl)
+            .await
+            .unwrap();
+        let mut keeper = LeaseKeeper::start(&repo, lease, ttl, None);
+        let fence = keeper.fence();
+        // Another writer took the lease over.
+        repo.store()
+            .delete(tidemark_manifest::keys::LEASE)
+            .await
+            .unwrap();
+        keeper.gone().await;
+        let err = sweep(
+            &repo,
+            &newest,
+            Duration::ZERO,
+            now,
+            SweepMode::Delete(&fence),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PruneError::Lease(crate::lease::LeaseError::Lost { .. })
+            ),
+            "{err}"
+        );
+        for g in 1..=5 {
+            assert!(
+                repo.read_generation(g).await.unwrap().is_some(),
+                "{g} deleted"
+            );
+        }
     }
 }

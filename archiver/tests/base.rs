@@ -23,7 +23,9 @@ use std::thread;
 use std::time::Duration;
 
 use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, MergeOperands, Options, WriteBatch};
-use tidemark_archiver::base::{BaseError, BaseOptions, BaseResult, take_base_backup};
+use tidemark_archiver::base::{
+    BaseError, BaseOptions, BaseResult, ReusableTables, take_base_backup,
+};
 use tidemark_manifest::checksum;
 use tidemark_manifest::model::{Compression, FORMAT_VERSION, Lineage, RepositoryConfig};
 use tidemark_manifest::repo::Repository;
@@ -559,8 +561,13 @@ async fn bases_under_heavy_writes(scratch: &Path, rounds: usize) -> Vec<BaseResu
         let first = take_base_backup(&db_dir, &db_dir, scratch, &repo, &opts)
             .await
             .expect("base backup");
-        // A second base right after the first shares most of its table files.
-        let second = take_base_backup(&db_dir, &db_dir, scratch, &repo, &opts)
+        // A second base right after the first shares most of its table files (reused
+        // once the first is in the current generation).
+        let reuse = BaseOptions {
+            reusable: ReusableTables::from_descriptors([&first.descriptor]),
+            ..opts.clone()
+        };
+        let second = take_base_backup(&db_dir, &db_dir, scratch, &repo, &reuse)
             .await
             .expect("second base backup");
         assert!(
@@ -693,7 +700,11 @@ async fn a_quiet_database_is_backed_up_exactly_and_deduplicated_completely() {
     assert_eq!(first.summary.earliest_seq, db.latest_sequence_number());
     assert!(first.stats.table_files > 0);
     assert_eq!(first.stats.tables_deduplicated, 0);
-    let second = take_base_backup(&db_dir, &db_dir, &scratch, &repo, &opts)
+    let reuse = BaseOptions {
+        reusable: ReusableTables::from_descriptors([&first.descriptor]),
+        ..opts.clone()
+    };
+    let second = take_base_backup(&db_dir, &db_dir, &scratch, &repo, &reuse)
         .await
         .unwrap();
     assert_eq!(second.stats.tables_uploaded, 0, "{:?}", second.stats);
@@ -811,4 +822,57 @@ async fn a_repository_of_another_database_is_refused() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("no Tidemark repository"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_tables_a_current_base_lists_are_reused_never_a_stray_object_of_the_same_size() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let db_dir = tmp.path().join("db");
+    let scratch = tmp.path().join("scratch");
+    let db = open_source(&db_dir, None, false);
+    let repo = new_repo(&tmp.path().join("repo"), &db_dir).await;
+    for i in 0..500 {
+        write_batch(&db, i);
+    }
+    for cf in ["default", "plain"] {
+        db.flush_cf(db.cf_handle(cf).unwrap()).unwrap();
+    }
+    // Objects under the keys of the database's table files, of the right size but damaged
+    // (as a base abandoned mid-upload, or a bad disk, may leave them), that no base lists.
+    let mut strays = Vec::new();
+    for entry in std::fs::read_dir(&db_dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "sst") {
+            let (sha, size) = tidemark_manifest::checksum::sha256_file(&path).unwrap();
+            let key = tidemark_manifest::keys::sst_key(&sha);
+            repo.store()
+                .put(&key, bytes::Bytes::from(vec![0u8; size as usize]))
+                .await
+                .unwrap();
+            strays.push(key);
+        }
+    }
+    assert!(!strays.is_empty(), "the flushes made table files");
+    let base = take_base_backup(&db_dir, &db_dir, &scratch, &repo, &BaseOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(base.stats.tables_deduplicated, 0, "{:?}", base.stats);
+    for key in &strays {
+        let stored = repo.store().get(key).await.unwrap();
+        assert_eq!(
+            tidemark_manifest::keys::sst_key(&tidemark_manifest::checksum::sha256_hex(&stored)),
+            *key,
+            "the damaged object under {key} was reused"
+        );
+    }
+    // Listed by a base of the current generation: reused without uploading.
+    let again = BaseOptions {
+        reusable: ReusableTables::from_descriptors([&base.descriptor]),
+        ..BaseOptions::default()
+    };
+    let second = take_base_backup(&db_dir, &db_dir, &scratch, &repo, &again)
+        .await
+        .unwrap();
+    assert_eq!(second.stats.tables_uploaded, 0, "{:?}", second.stats);
 }

@@ -548,6 +548,202 @@ async fn the_service_applies_its_retention_policy_and_prune_refuses_while_it_run
     Ok(())
 }
 
+/// Rewrites every table file of the stopped database with a full compaction (its data and
+/// sequence numbers stay; the new files are in no base), then stores their contents under
+/// their keys, as a base backup abandoned after its uploads leaves them. Returns the keys.
+async fn tables_of_an_abandoned_base(s: &Setup, repo: &Repository) -> Result<Vec<String>> {
+    {
+        let db = tidemark_tests::open_db(&s.db())?;
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        for name in tidemark_tests::COLUMN_FAMILIES {
+            let cf = db.cf_handle(name).context("a column family")?;
+            db.compact_range_cf_opt(&cf, None::<&[u8]>, None::<&[u8]>, &opts);
+        }
+    }
+    let referenced = referenced_keys(repo, &repo.load().await?).await?;
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(s.db())? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "sst") {
+            let (sha, _) = tidemark_manifest::checksum::sha256_file(&path)?;
+            let key = keys::sst_key(&sha);
+            if !referenced.contains(&key) {
+                repo.store().put_file(&key, &path).await?;
+                out.push(key);
+            }
+        }
+    }
+    ensure!(
+        !out.is_empty(),
+        "the compaction made table files no base lists"
+    );
+    Ok(out)
+}
+
+/// Every object the newest base lists is in the store, with the content it names.
+async fn newest_base_is_whole(repo: &Repository) -> Result<()> {
+    let state = repo.load().await?;
+    let g = state.generation.as_ref().context("no generation")?;
+    let newest = g
+        .bases
+        .iter()
+        .max_by_key(|b| b.created_at)
+        .context("no base")?;
+    let d = repo.read_base(g.generation, newest).await?;
+    for f in &d.files {
+        let bytes = repo
+            .store()
+            .get(&f.key)
+            .await
+            .with_context(|| format!("the newest base {} lists {}", newest.id, f.key))?;
+        ensure!(
+            tidemark_manifest::checksum::sha256_hex(&bytes) == f.sha256,
+            "{} does not hold what the newest base {} lists",
+            f.key,
+            newest.id
+        );
+    }
+    Ok(())
+}
+
+/// A history, objects of an abandoned base, and `prune` holding still between its listing
+/// (which finds them unreferenced) and its deletions. Lease time to live: 2 s.
+struct HeldSweep {
+    s: Setup,
+    oracle: Oracle,
+    repo: Repository,
+    config: String,
+    hold: PathBuf,
+    prune: Proc,
+}
+
+impl HeldSweep {
+    async fn start() -> Result<HeldSweep> {
+        let s = Setup::new(TestStore::local()?)?;
+        let oracle = s.history_with_many_bases("3", &[]).await?;
+        let repo = s.store.open().await?;
+        tables_of_an_abandoned_base(&s, &repo).await?;
+        let config = s.path("short-lease.toml");
+        std::fs::write(
+            &config,
+            "lease_ttl = \"2s\"\nbase_at_start = true\nexit_when_caught_up = true\n",
+        )?;
+        let config = config.display().to_string();
+        let hold = s.path("sweep-hold");
+        let mut env = s.store.env.clone();
+        env.push((
+            "TIDEMARK_DRILL_SWEEP_HOLD".into(),
+            hold.display().to_string(),
+        ));
+        let args = [
+            "prune",
+            "--to",
+            &s.store.url,
+            "--config",
+            &config,
+            "--keep-last",
+            "100",
+            "--grace",
+            "0s",
+        ]
+        .map(String::from);
+        let prune = Proc::spawn(
+            &bin("tidemark-archiver")?,
+            &args,
+            &env,
+            &s.path("prune.log"),
+        )?;
+        wait_for(Duration::from_secs(60), "the sweep's listing", || {
+            hold.exists().then_some(())
+        })
+        .with_context(|| prune.log_tail())?;
+        Ok(HeldSweep {
+            s,
+            oracle,
+            repo,
+            config,
+            hold,
+            prune,
+        })
+    }
+
+    /// A one-shot archiver run that takes a base backup: exit code and stderr.
+    fn base_backup(&self) -> Result<(i32, String)> {
+        let a = [
+            "run",
+            "--db",
+            &self.s.db().display().to_string(),
+            "--to",
+            &self.s.store.url,
+            "--config",
+            &self.config,
+        ]
+        .map(String::from);
+        let mut env = self.s.store.env.clone();
+        env.push(("TIDEMARK_LOG".into(), "info,aws=warn".into()));
+        let (code, _, err) = run_with_timeout(
+            &bin("tidemark-archiver")?,
+            &a,
+            &env,
+            Duration::from_secs(120),
+        )?;
+        Ok((code, err))
+    }
+
+    /// The newest base holds together and restores exactly.
+    async fn check_newest_base(&self) -> Result<()> {
+        newest_base_is_whole(&self.repo).await?;
+        self.s.restore_exactly(&self.oracle, self.oracle.last_seq())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_base_backup_runs_while_prune_sweeps_however_long_it_takes() -> Result<()> {
+    let mut h = HeldSweep::start().await?;
+    // Several lease lifetimes pass while the sweep holds its listing.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (code, err) = h.base_backup()?;
+    ensure!(
+        code == 3 && err.contains("another archiver"),
+        "a base backup started while prune was sweeping (exit {code}): {err}"
+    );
+    std::fs::remove_file(&h.hold)?;
+    ensure!(
+        h.prune.wait_timeout(Duration::from_secs(60))?.success(),
+        "prune:\n{}",
+        h.prune.log_tail()
+    );
+    // The sweep deleted the abandoned objects; the next base uploads its files again.
+    let (code, err) = h.base_backup()?;
+    ensure!(code == 0, "base backup after the sweep: exit {code}: {err}");
+    h.check_newest_base().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sweep_that_lost_its_lease_deletes_nothing_more() -> Result<()> {
+    let mut h = HeldSweep::start().await?;
+    // The pruner stalls (a paused process, a partition) past its lease's expiry; an
+    // archiver takes the lease over and takes a base that needs the abandoned base's files.
+    h.prune.signal("STOP")?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let taken = h.base_backup();
+    h.prune.signal("CONT")?;
+    let (code, err) = taken?;
+    ensure!(
+        code == 0,
+        "base backup after the lease expired: exit {code}: {err}"
+    );
+    std::fs::remove_file(&h.hold)?;
+    let status = h.prune.wait_timeout(Duration::from_secs(60))?;
+    ensure!(
+        status.code() == Some(3),
+        "prune must stop deleting once its lease is lost ({status}):\n{}",
+        h.prune.log_tail()
+    );
+    h.check_newest_base().await
+}
+
 #[test]
 fn the_config_examples_parse() -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

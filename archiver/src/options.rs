@@ -1,0 +1,83 @@
+//! The service's options: everything `tidemark-archiver run` can be told, from flags,
+//! environment or a TOML file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tidemark_manifest::cli::StoreArgs;
+
+use crate::prune::PruneOptions;
+
+/// Everything `tidemark-archiver run` can be told, from flags, environment or a TOML file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ArchiverOptions {
+    /// The database directory.
+    pub db: PathBuf,
+    /// The repository URL (`s3://bucket/prefix` or `file:///dir`).
+    pub to: String,
+    /// The WAL directory, when the database sets `wal_dir`.
+    pub wal_dir: Option<PathBuf>,
+    /// Close a segment this long after its first record.
+    #[serde(with = "crate::duration_format")]
+    pub sync_interval: Duration,
+    /// Close a segment when its records reach this many bytes.
+    pub max_segment_bytes: u64,
+    /// Take a base backup this often.
+    #[serde(with = "crate::duration_format")]
+    pub base_interval: Duration,
+    /// Write a manifest generation at least this often while segments are pending.
+    #[serde(with = "crate::duration_format")]
+    pub checkpoint_interval: Duration,
+    /// Look at the WAL directory at least this often, events or not.
+    #[serde(with = "crate::duration_format")]
+    pub poll_interval: Duration,
+    /// How long the lease lasts without renewal.
+    #[serde(with = "crate::duration_format")]
+    pub lease_ttl: Duration,
+    /// zstd level of segments.
+    pub zstd_level: i32,
+    /// Where base backups copy the database (must be on its file system for hard links).
+    /// Default: a hidden directory beside the database directory.
+    pub scratch_dir: Option<PathBuf>,
+    /// Base backup files uploaded at once (1 to 64; `--upload-concurrency`).
+    pub upload_concurrency: usize,
+    /// Stop once the WAL has been read to its end and a base backup exists (one-shot use:
+    /// `tidemark-archiver backup` without a running service, tests, the demo).
+    pub exit_when_caught_up: bool,
+    /// Take a base backup at start even if the last one is recent.
+    pub base_at_start: bool,
+    /// Serve Prometheus metrics (`/metrics`) and a health check (`/health`) over HTTP on
+    /// this `HOST:PORT`. Off when unset.
+    pub metrics_addr: Option<String>,
+    /// The retention policy, applied every `retention.interval` and after each base
+    /// backup. Nothing is ever deleted without one.
+    pub retention: Option<PruneOptions>,
+    /// How to reach the store.
+    pub store: StoreArgs,
+}
+
+impl Default for ArchiverOptions {
+    fn default() -> Self {
+        ArchiverOptions {
+            db: PathBuf::new(),
+            to: String::new(),
+            wal_dir: None,
+            sync_interval: Duration::from_secs(1),
+            max_segment_bytes: 64 << 20,
+            base_interval: Duration::from_secs(24 * 3600),
+            checkpoint_interval: Duration::from_secs(60),
+            poll_interval: Duration::from_millis(250),
+            lease_ttl: Duration::from_secs(60),
+            zstd_level: 3,
+            scratch_dir: None,
+            upload_concurrency: 4,
+            exit_when_caught_up: false,
+            base_at_start: false,
+            metrics_addr: None,
+            retention: None,
+            store: StoreArgs::default(),
+        }
+    }
+}

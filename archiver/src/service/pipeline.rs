@@ -1,0 +1,729 @@
+//! The archiving pipeline: watch → follow → ship → checkpoint.
+//!
+//! One [`Pipeline::step`] reads what the WAL holds now ([`crate::follow`], woken by
+//! [`crate::watch`]), packs the records into segments and uploads them ([`crate::ship`]),
+//! and records uploaded segments, gaps and bases in manifest generations
+//! ([`crate::checkpoint`]). Beside it the pipeline keeps the recent (sequence, time) pairs a
+//! base backup asks for, and the column-family watch.
+//!
+//! A store that fails for now is ridden out: a segment upload or a generation write that
+//! fails is kept and retried later with a backoff, the WAL staying on the database's disk
+//! meanwhile. Two changes come before any segment after them (FORMAT.md §4.5 rule 4): the
+//! first generation of a new repository, and a missing-WAL gap. Until the generation holding
+//! one is written, no later segment is uploaded and nothing more is read.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tidemark_manifest::model::{Gap, GapKind, Generation, time_from_micros};
+use tidemark_manifest::repo::{RepoError, RepoState, Repository};
+use tidemark_manifest::segment::{Record, SegmentReader};
+use tidemark_manifest::store::StoreError;
+use time::OffsetDateTime;
+
+use super::cf_watch::{AfterBase, CfWatch};
+use super::{RunSummary, ServiceError};
+use crate::base::{BaseResult, ObservedTimeFn};
+use crate::checkpoint::{CheckpointManager, CheckpointOptions};
+use crate::follow::{FollowEvent, StartPosition, WalFollower};
+use crate::metrics::Metrics;
+use crate::options::ArchiverOptions;
+use crate::ship::{ShipError, ShipOptions, Shipper};
+use crate::watch::Watcher;
+
+/// What one step found that the owners beside the pipeline act on.
+#[derive(Debug, Default)]
+pub(crate) struct Step {
+    /// The WAL was read to its end.
+    pub caught_up: bool,
+    /// A gap was found: a base backup is needed at once.
+    pub gap: bool,
+    /// Column families were created or dropped since the newest base: a base is needed.
+    pub cf_changed: bool,
+}
+
+/// Follow → ship → checkpoint, for one database and repository.
+pub(crate) struct Pipeline {
+    /// Lent to a blocking task during each read.
+    follower: Option<WalFollower>,
+    watcher: Watcher,
+    shipper: Shipper,
+    checkpoint: CheckpointManager,
+    times: Arc<Mutex<RecentTimes>>,
+    cf_watch: CfWatch,
+    /// The sequence the next record must have (`None` before the first record ever).
+    expected: Option<u64>,
+    upload_retry: Backoff,
+    manifest_retry: Backoff,
+    summary: RunSummary,
+    metrics: Arc<Metrics>,
+}
+
+impl Pipeline {
+    /// Continues the repository's history right after its last archived record.
+    pub async fn resume(
+        repo: &Repository,
+        wal_dir: &Path,
+        scratch: &Path,
+        opts: &ArchiverOptions,
+        state: &RepoState,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Pipeline, ServiceError> {
+        let (start, min_time) = resume_position(repo, state, scratch).await?;
+        // With no segment yet but a generation, nothing before its tail start belongs to
+        // the history (the first record ever read set it).
+        let history_start = state.next_seq();
+        tracing::info!(
+            generation = state.generation.as_ref().map_or(0, |g| g.generation),
+            segments = state.history.segments.len(),
+            bases = state.history.bases.len(),
+            next_seq = ?history_start,
+            start = ?start,
+            "resuming"
+        );
+        let mut follower = WalFollower::new(wal_dir, start)?;
+        if let Some(t) = min_time {
+            follower = follower.with_min_time(t);
+        }
+        let ship = ShipOptions {
+            sync_interval: opts.sync_interval,
+            max_segment_bytes: opts.max_segment_bytes,
+            zstd_level: opts.zstd_level,
+        };
+        let checkpoint = CheckpointOptions {
+            interval: opts.checkpoint_interval,
+            ..CheckpointOptions::default()
+        };
+        let mut times = RecentTimes::default();
+        if let (Some(t), Some(next)) = (min_time, history_start) {
+            // A base taken before anything new is read restores to the last archived
+            // record: its time is known from the repository, not from this process's reading.
+            times.push(next.saturating_sub(1), t);
+        }
+        let newest_base_seq = state.history.bases.iter().map(|b| b.earliest_seq).max();
+        let pipeline = Pipeline {
+            follower: Some(follower),
+            watcher: Watcher::new(wal_dir, opts.poll_interval)?,
+            shipper: Shipper::new(repo.clone(), ship).with_metrics(Arc::clone(metrics)),
+            checkpoint: CheckpointManager::new(repo.clone(), state, checkpoint)
+                .with_metrics(Arc::clone(metrics)),
+            times: Arc::new(Mutex::new(times)),
+            cf_watch: CfWatch::new(&opts.db, newest_base_seq.unwrap_or(0)),
+            expected: history_start,
+            upload_retry: Backoff::new(),
+            manifest_retry: Backoff::new(),
+            summary: RunSummary {
+                last_seq: history_start.map(|s| s.saturating_sub(1)),
+                ..RunSummary::default()
+            },
+            metrics: Arc::clone(metrics),
+        };
+        metrics.resumed(
+            pipeline.summary.last_seq,
+            min_time,
+            pipeline.checkpoint.current().generation,
+            &state.history.bases,
+        );
+        Ok(pipeline)
+    }
+
+    /// One round: read what is new, ship a due segment (or retry one), write a generation
+    /// when one is due.
+    pub async fn step(&mut self) -> Result<Step, ServiceError> {
+        let mut step = Step::default();
+        if self.reading() {
+            step = self.read().await?;
+        }
+        step.cf_changed = self.cf_watch.observe(
+            self.checkpoint.current().bases.last(),
+            self.summary.last_seq.unwrap_or(0),
+        );
+        if (self.shipper.should_close() || self.shipper.has_unsent()) && self.upload_retry.ready() {
+            self.try_ship().await?;
+        }
+        if self.checkpoint.due() && !self.shipper.has_unsent() && self.manifest_retry.ready() {
+            tolerate(
+                self.checkpoint.flush().await,
+                &mut self.manifest_retry,
+                "writing a manifest generation",
+            )?;
+        }
+        Ok(step)
+    }
+
+    /// True while the WAL is read: not while a closed segment, or a generation segments
+    /// depend on, still waits for the store.
+    fn reading(&self) -> bool {
+        !self.shipper.has_unsent() && !self.checkpoint.segments_must_wait()
+    }
+
+    /// True when more of the WAL can be read at once (catching up).
+    pub fn more_ready(&self) -> bool {
+        self.reading() && self.follower.as_ref().is_some_and(|f| f.more_ready())
+    }
+
+    /// Resolves when the WAL directory changes (or at the polling interval); never while
+    /// nothing would be read.
+    pub async fn wal_changed(&mut self) {
+        if self.reading() {
+            self.watcher.wait().await
+        } else {
+            std::future::pending().await
+        }
+    }
+
+    /// The next instant the pipeline has something to do by time.
+    pub fn wake_at(&self) -> Option<Instant> {
+        [
+            self.shipper.due_at(),
+            self.checkpoint.due_at(),
+            self.upload_retry.at,
+            self.manifest_retry.at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    async fn read(&mut self) -> Result<Step, ServiceError> {
+        let mut follower = self
+            .follower
+            .take()
+            .expect("the follower is back after each read");
+        let (follower, polled) = tokio::task::spawn_blocking(move || {
+            let r = follower.poll();
+            (follower, r)
+        })
+        .await
+        .map_err(|e| ServiceError::Other(format!("WAL reader task failed: {e}")))?;
+        self.follower = Some(follower);
+        let events = polled?;
+        let mut step = Step {
+            caught_up: events.is_empty(),
+            ..Step::default()
+        };
+        for ev in events {
+            match ev {
+                FollowEvent::Record(r) => step.gap |= self.record(&r).await?,
+                FollowEvent::Gap {
+                    expected_seq,
+                    found_seq,
+                    detail,
+                } => {
+                    self.record_gap(missing_gap(expected_seq, found_seq, &detail))
+                        .await?;
+                    self.expected = Some(found_seq);
+                    step.gap = true;
+                }
+                FollowEvent::Rotated { from_log, to_log } => {
+                    tracing::debug!(from_log, to_log, "WAL rotated");
+                }
+            }
+        }
+        Ok(step)
+    }
+
+    /// Adds a record to the open segment; true when a gap before it was found.
+    async fn record(&mut self, r: &Record) -> Result<bool, ServiceError> {
+        let mut gap = false;
+        match self.expected {
+            Some(exp) if r.seq < exp => {
+                if r.next_seq() > exp {
+                    return Err(ServiceError::Diverged {
+                        archived: exp - 1,
+                        found: r.seq,
+                    });
+                }
+                // Before the history's start: not part of it.
+                return Ok(false);
+            }
+            Some(exp) if r.seq > exp => {
+                let gap_found = missing_gap(exp, r.seq, "the WAL continues after a hole");
+                self.record_gap(gap_found).await?;
+                gap = true;
+            }
+            Some(_) => {}
+            None => tolerate(
+                self.checkpoint.ensure_started(r.seq).await,
+                &mut self.manifest_retry,
+                "writing the first manifest generation",
+            )?,
+        }
+        self.expected = Some(r.next_seq());
+        self.times
+            .lock()
+            .expect("times lock")
+            .push(r.next_seq().saturating_sub(1), r.time_us);
+        self.shipper.push(r)?;
+        self.summary.records += 1;
+        if r.count > 0 {
+            self.summary.last_seq = Some(r.next_seq() - 1);
+        }
+        if self.shipper.should_close() && !self.shipper.has_unsent() {
+            // Keep memory bounded while catching up: ship full segments now.
+            self.try_ship().await?;
+        }
+        Ok(gap)
+    }
+
+    /// Closes the open segment and uploads everything closed, after writing the generation
+    /// of a change that must come first. True when everything was uploaded; false when the
+    /// store failed for now (kept, retried later).
+    async fn try_ship(&mut self) -> Result<bool, ServiceError> {
+        if self.checkpoint.segments_must_wait() {
+            if !self.manifest_retry.ready() {
+                return Ok(false);
+            }
+            tolerate(
+                self.checkpoint.flush().await,
+                &mut self.manifest_retry,
+                "writing the generation that later segments depend on",
+            )?;
+            if self.checkpoint.segments_must_wait() {
+                return Ok(false);
+            }
+        }
+        match self.shipper.close_and_upload().await {
+            Ok(entries) => {
+                self.upload_retry.succeeded();
+                for e in entries {
+                    self.summary.segments += 1;
+                    self.checkpoint.segment_uploaded(e);
+                }
+                Ok(true)
+            }
+            Err(e) if is_retryable(&e) => {
+                let d = self.upload_retry.failed();
+                tracing::error!(error = %e, retry_in = ?d, "segment upload failed; will retry");
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Ships everything before the gap, then records it. Segments after it wait until the
+    /// generation recording it is written.
+    async fn record_gap(&mut self, gap: Gap) -> Result<(), ServiceError> {
+        tracing::error!(
+            first_seq = gap.first_seq,
+            last_seq = gap.last_seq,
+            detail = %gap.detail,
+            "GAP: sequence numbers {}..={} were lost before they could be archived; a new base \
+             backup will be taken so that archiving resumes after them",
+            gap.first_seq,
+            gap.last_seq
+        );
+        // Everything before the gap must be uploaded before the gap is recorded: keep trying.
+        while !self.try_ship().await? {
+            let at = [self.upload_retry.at, self.manifest_retry.at]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or_else(Instant::now);
+            tokio::time::sleep_until(at.into()).await;
+        }
+        tolerate(
+            self.checkpoint.add_gap(gap).await,
+            &mut self.manifest_retry,
+            "recording a gap",
+        )?;
+        self.summary.gaps += 1;
+        Ok(())
+    }
+
+    /// Records a finished base backup (after shipping the open segment, so that its
+    /// generation holds the WAL up to the base's earliest point when it can). True when the
+    /// base started before a column family change and another base is needed.
+    pub async fn record_base(&mut self, result: BaseResult) -> Result<bool, ServiceError> {
+        // A failure here is retried by the next step; the base is recorded regardless.
+        let _ = self.try_ship().await;
+        let stale = match self.cf_watch.base_taken(&result.summary) {
+            AfterBase::Stale => true,
+            AfterBase::Current { gap } => {
+                self.record_cf_gap(gap).await?;
+                false
+            }
+        };
+        tolerate(
+            self.checkpoint.add_base(result.summary).await,
+            &mut self.manifest_retry,
+            "recording the base backup",
+        )?;
+        self.summary.bases += 1;
+        Ok(stale)
+    }
+
+    async fn record_cf_gap(&mut self, gap: Option<Gap>) -> Result<(), ServiceError> {
+        if let Some(gap) = gap {
+            tolerate(
+                self.checkpoint.add_gap(gap).await,
+                &mut self.manifest_retry,
+                "recording a column family change",
+            )?;
+            self.summary.gaps += 1;
+        }
+        Ok(())
+    }
+
+    /// At shutdown: ships what is open, records `base` (a base backup that finished in
+    /// time) unless column families changed under it, and writes the last generation.
+    pub async fn finish(mut self, base: Option<BaseResult>) -> Result<RunSummary, ServiceError> {
+        let unshipped = "could not ship the last segment; its records stay in the WAL and are \
+                         shipped at the next start";
+        match self.try_ship().await {
+            Ok(true) => {}
+            Ok(false) => tracing::error!("{unshipped}"),
+            Err(e) => tracing::error!(error = %e, "{unshipped}"),
+        }
+        if let Some(result) = base
+            && let AfterBase::Current { gap } = self.cf_watch.base_taken(&result.summary)
+        {
+            self.record_cf_gap(gap).await?;
+            self.metrics
+                .base_finished(&result.summary, result.stats.duration);
+            tolerate(
+                self.checkpoint.add_base(result.summary).await,
+                &mut self.manifest_retry,
+                "recording the base backup",
+            )?;
+            self.summary.bases += 1;
+        }
+        if let Err(e) = self.checkpoint.flush().await {
+            if !repo_error_is_retryable(&e) {
+                return Err(e.into());
+            }
+            tracing::error!(
+                error = %e,
+                "could not write the last manifest generation; the uploaded segments are found \
+                 by readers all the same, and the next start records them"
+            );
+        }
+        Ok(self.summary)
+    }
+
+    /// The newest generation written (or read at start).
+    pub fn current(&self) -> &Generation {
+        self.checkpoint.current()
+    }
+
+    /// The checkpoint manager, for the retention's mark step (its only other writer).
+    pub fn checkpoint(&mut self) -> &mut CheckpointManager {
+        &mut self.checkpoint
+    }
+
+    /// True when nothing waits for the store: the moment for the retention's mark step.
+    pub fn settled(&self) -> bool {
+        !self.shipper.has_unsent() && self.manifest_retry.ready()
+    }
+
+    /// True when a base would restore to the same point as the newest one: nothing was
+    /// read past it and nothing waits to be written.
+    pub fn nothing_new_since_newest_base(&self) -> bool {
+        let newest = self.current().bases.iter().map(|b| b.earliest_seq).max();
+        newest.is_some_and(|b| self.summary.last_seq.unwrap_or(0) <= b)
+            && !self.checkpoint.has_unwritten()
+    }
+
+    /// The observed time of the record holding a sequence, for a base's `earliest_time`.
+    pub fn observed_times(&self) -> ObservedTimeFn {
+        let times = Arc::clone(&self.times);
+        Arc::new(move |seq| {
+            times
+                .lock()
+                .expect("times lock")
+                .lookup(seq)
+                .map(time_from_micros)
+        })
+    }
+}
+
+/// Recent (last sequence, time) pairs, so that a base backup can learn the observed time of
+/// its earliest restorable sequence.
+#[derive(Debug, Default)]
+struct RecentTimes {
+    entries: VecDeque<(u64, i64)>,
+}
+
+impl RecentTimes {
+    const KEEP: usize = 200_000;
+
+    fn push(&mut self, last_seq: u64, time_us: i64) {
+        if self.entries.len() == Self::KEEP {
+            self.entries.pop_front();
+        }
+        self.entries.push_back((last_seq, time_us));
+    }
+
+    /// The time of the record holding `seq`.
+    fn lookup(&self, seq: u64) -> Option<i64> {
+        let i = self.entries.partition_point(|(last, _)| *last < seq);
+        self.entries.get(i).map(|(_, t)| *t)
+    }
+}
+
+/// The resume point: right after the last archived record.
+async fn resume_position(
+    repo: &Repository,
+    state: &RepoState,
+    scratch: &Path,
+) -> Result<(StartPosition, Option<i64>), ServiceError> {
+    let Some(last) = state.history.segments.last() else {
+        return Ok((StartPosition::Oldest, None));
+    };
+    std::fs::create_dir_all(scratch).map_err(|e| {
+        ServiceError::Other(format!(
+            "cannot create scratch directory {}: {e}",
+            scratch.display()
+        ))
+    })?;
+    let path = repo.fetch_segment(last, scratch).await?;
+    let key = last.key.clone();
+    let record = tokio::task::spawn_blocking(move || -> Result<Option<Record>, RepoError> {
+        let file = std::io::BufReader::new(std::fs::File::open(&path).map_err(|source| {
+            tidemark_manifest::segment::SegmentError::Io {
+                key: key.clone(),
+                source,
+            }
+        })?);
+        let mut reader = SegmentReader::new(&key, file, None)?;
+        let mut last = None;
+        while let Some(r) = reader.next_record()? {
+            last = Some(r);
+        }
+        let _ = std::fs::remove_file(&path);
+        Ok(last)
+    })
+    .await
+    .map_err(|e| ServiceError::Other(e.to_string()))??;
+    let r = record.ok_or_else(|| ServiceError::Other(format!("segment {} is empty", last.key)))?;
+    Ok((
+        StartPosition::After {
+            log_number: r.log_number,
+            record_offset: r.log_offset,
+            next_seq: r.next_seq(),
+        },
+        Some(r.time_us),
+    ))
+}
+
+/// Whether an error is worth retrying later rather than stopping for.
+fn is_retryable(e: &ShipError) -> bool {
+    match e {
+        ShipError::Repo(RepoError::Store(s)) => {
+            !matches!(s, StoreError::Config { .. } | StoreError::InvalidKey { .. })
+        }
+        _ => false,
+    }
+}
+
+/// Whether a repository error is the store failing for now (retry later) rather than a
+/// reason to stop.
+pub(crate) fn repo_error_is_retryable(e: &RepoError) -> bool {
+    matches!(
+        e,
+        RepoError::Store(s) if !matches!(s, StoreError::Config { .. } | StoreError::InvalidKey { .. })
+    )
+}
+
+/// Backoff for retrying the store: doubles up to 30 s.
+#[derive(Debug)]
+struct Backoff {
+    at: Option<Instant>,
+    delay: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff {
+            at: None,
+            delay: Duration::from_secs(1),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.at.is_none_or(|t| t <= Instant::now())
+    }
+
+    fn failed(&mut self) -> Duration {
+        let d = self.delay;
+        self.at = Some(Instant::now() + d);
+        self.delay = (self.delay * 2).min(Duration::from_secs(30));
+        d
+    }
+
+    fn succeeded(&mut self) {
+        self.at = None;
+        self.delay = Duration::from_secs(1);
+    }
+}
+
+/// A manifest write that failed for now is kept by the checkpoint manager and retried
+/// later; anything else stops the service.
+fn tolerate(
+    r: Result<(), RepoError>,
+    backoff: &mut Backoff,
+    what: &str,
+) -> Result<(), ServiceError> {
+    match r {
+        Ok(()) => {
+            backoff.succeeded();
+            Ok(())
+        }
+        Err(e) if repo_error_is_retryable(&e) => {
+            let d = backoff.failed();
+            tracing::error!(error = %e, retry_in = ?d, "{what} failed; kept, will retry");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn missing_gap(expected: u64, found: u64, detail: &str) -> Gap {
+    Gap {
+        first_seq: expected,
+        last_seq: found - 1,
+        kind: GapKind::MissingWal,
+        detected_at: OffsetDateTime::now_utc(),
+        detail: detail.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::fs::File;
+
+    use tidemark_manifest::model::{Compression, FORMAT_VERSION, Lineage, RepositoryConfig};
+    use tidemark_manifest::rocks::DbFile;
+    use tidemark_manifest::rocks::log::LogWriter;
+    use tidemark_manifest::store::fault::{Fault, FaultRule, FaultStore};
+    use tidemark_manifest::store::{MemoryStore, StoreOp};
+
+    fn write_wal(dir: &Path, number: u64, batches: &[(u64, u32)]) {
+        let path = dir.join(DbFile::Wal(number).file_name().unwrap());
+        let mut w = LogWriter::new(File::create(&path).unwrap());
+        for &(seq, count) in batches {
+            // A write batch header: sequence, count (no operations are needed here).
+            let mut b = seq.to_le_bytes().to_vec();
+            b.extend_from_slice(&count.to_le_bytes());
+            w.add_record(&b).unwrap();
+        }
+        w.flush().unwrap();
+    }
+
+    async fn segment_firsts(repo: &Repository) -> Vec<u64> {
+        let mut out: Vec<u64> = repo
+            .store()
+            .list(tidemark_manifest::keys::WAL_PREFIX)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| {
+                let name = m.key.strip_prefix("wal/")?.strip_suffix(".seg")?.to_owned();
+                u64::from_str_radix(&name, 16)
+                    .ok()
+                    .or_else(|| name.parse().ok())
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn no_segment_after_a_gap_ships_until_the_generation_recording_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("wal");
+        std::fs::create_dir_all(&wal).unwrap();
+        let faults = Arc::new(FaultStore::new(Arc::new(MemoryStore::new())));
+        let repo = Repository::new(faults.clone());
+        repo.create_config(&RepositoryConfig {
+            format_version: FORMAT_VERSION,
+            repository_id: "r".into(),
+            created_at: OffsetDateTime::now_utc(),
+            database_identity: "db".into(),
+            lineage: Lineage {
+                id: "l".into(),
+                parent: None,
+            },
+            segment_compression: Compression::Zstd,
+            encryption: None,
+        })
+        .await
+        .unwrap();
+        let state = repo.load().await.unwrap();
+        let opts = ArchiverOptions {
+            db: wal.clone(),
+            sync_interval: Duration::ZERO,
+            checkpoint_interval: Duration::from_secs(3600),
+            ..ArchiverOptions::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let scratch = dir.path().join("scratch");
+        let mut p = Pipeline::resume(&repo, &wal, &scratch, &opts, &state, &metrics)
+            .await
+            .unwrap();
+        write_wal(&wal, 5, &[(1, 1), (2, 1), (3, 1)]);
+        p.step().await.unwrap();
+        assert_eq!(segment_firsts(&repo).await, vec![1, 2, 3]);
+
+        // Records 4..=9 are lost; the generation recording that cannot be written for now.
+        faults.inject(
+            FaultRule::new(Fault::Transient)
+                .on(StoreOp::PutIfAbsent)
+                .key_prefix("manifest/"),
+        );
+        write_wal(&wal, 6, &[(10, 1), (11, 1)]);
+        for _ in 0..15 {
+            p.step().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            segment_firsts(&repo).await,
+            vec![1, 2, 3],
+            "a segment after the gap was uploaded before the gap was recorded"
+        );
+        assert!(p.current().gaps.is_empty());
+
+        // The store recovers: the gap is recorded, then the segment after it ships.
+        faults.clear();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !segment_firsts(&repo).await.contains(&10) {
+            assert!(
+                Instant::now() < deadline,
+                "the segment after the gap never shipped"
+            );
+            p.step().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(segment_firsts(&repo).await, vec![1, 2, 3, 10]);
+        let loaded = repo.load().await.unwrap();
+        let g = loaded.generation.unwrap();
+        assert_eq!(
+            g.gaps
+                .iter()
+                .map(|g| (g.first_seq, g.last_seq))
+                .collect::<Vec<_>>(),
+            vec![(4, 9)]
+        );
+        assert_eq!(
+            loaded.history.segments.last().map(|s| s.last_seq),
+            Some(11),
+            "readers find the segment after the gap"
+        );
+    }
+
+    #[test]
+    fn recent_times_find_the_record_holding_a_sequence() {
+        let mut t = RecentTimes::default();
+        t.push(10, 100);
+        t.push(15, 200);
+        t.push(30, 300);
+        assert_eq!(t.lookup(5), Some(100));
+        assert_eq!(t.lookup(11), Some(200));
+        assert_eq!(t.lookup(30), Some(300));
+        assert_eq!(t.lookup(31), None);
+    }
+}
