@@ -1,10 +1,14 @@
 //! Metrics and health for monitoring: a [`Metrics`] registry the service updates as it works,
-//! rendered in Prometheus' text exposition format 0.0.4, and a small HTTP/1.1 server that
-//! answers `GET /metrics` and `GET /health` on the address it is given (`--metrics-addr`).
+//! and an HTTP/1.1 server that answers `GET /metrics` and `GET /health` on the address it is
+//! given (`--metrics-addr`).
 //!
-//! The registry is one mutex around plain numbers. Updates are a few stores; a scrape renders
-//! under the same lock, so the values of one scrape belong together: the lag is 0 exactly
-//! when every sequence number read from the WAL is durable
+//! `/metrics` is Prometheus' text format 0.0.4 (`text/plain; version=0.0.4`), which every
+//! Prometheus scrapes, written by the Prometheus project's `prometheus-client` crate;
+//! [`FAMILIES`] lists what it holds. The server is hyper's HTTP/1 server (see `http`).
+//!
+//! The registry is one mutex around plain numbers. Updates are a few stores; a scrape copies
+//! them under the same lock and renders the copy, so the values of one scrape belong
+//! together: the lag is 0 exactly when every sequence number read from the WAL is durable
 //! (`tidemark_newest_read_sequence == tidemark_newest_durable_sequence`).
 //!
 //! Counters count what this process did since it started (Prometheus' `rate()` and
@@ -12,18 +16,20 @@
 //! record time, newest base backup, manifest generation) start from what the repository
 //! held when the service started.
 
+mod exposition;
+mod http;
+
+pub use exposition::{FAMILIES, Family, Kind, Scope};
+pub use http::{MetricsServer, serve};
+
 use std::fmt::Write as _;
-use std::io;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use exposition::Snapshot;
 use tidemark_manifest::model::{BaseSummary, SegmentEntry, micros_from_time};
 use tidemark_manifest::segment::Record;
 use time::OffsetDateTime;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 
 /// Where the service is in its life, for `/health`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -57,8 +63,8 @@ impl std::fmt::Display for Phase {
 /// Upper bounds (seconds) of the segment upload duration histogram's buckets.
 const UPLOAD_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
 
-/// A cumulative histogram with fixed buckets.
-#[derive(Debug, Default)]
+/// A histogram with fixed buckets.
+#[derive(Debug, Default, Clone, Copy)]
 struct Histogram {
     /// Observations that fell into each bucket (not cumulative; the rest are above the last).
     counts: [u64; UPLOAD_BUCKETS.len()],
@@ -76,7 +82,7 @@ impl Histogram {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct State {
     phase: Phase,
     newest_read_seq: u64,
@@ -258,194 +264,27 @@ impl Metrics {
         self.with(|s| s.generation = s.generation.max(generation));
     }
 
-    /// The metrics in the text exposition format 0.0.4, as of now.
+    /// The metrics in Prometheus' text format 0.0.4, as of now.
     pub fn render(&self) -> String {
         self.render_at(now_us(), tidemark_manifest::store::retries_total())
     }
 
     fn render_at(&self, now_us: i64, store_retries: u64) -> String {
-        let mut out = Exposition::default();
-        self.write_to(&mut out, "", now_us, Some(store_retries));
-        out.finish()
+        exposition::render(vec![self.snapshot(None)], false, now_us, store_retries)
     }
 
-    /// Writes this registry's samples into `out`, each series with `labels`
-    /// (`database="orders"`, or none); the process-wide store retries counter only when
-    /// `store_retries` is given, without labels.
-    fn write_to(
-        &self,
-        out: &mut Exposition,
-        labels: &str,
-        now_us: i64,
-        store_retries: Option<u64>,
-    ) {
-        let secs = |us: Option<i64>| us.map_or(0.0, |t| t as f64 / 1e6);
-        self.with(|s| {
-            out.gauge(
-                "tidemark_archive_lag_seconds",
-                labels,
-                "Seconds since the time of the oldest record read from the WAL that is not durable \
-                 in the repository yet (its time marker, or when it was read); 0 when every \
-                 record read is durable.",
-                s.waiting_since_us
-                    .map_or(0.0, |t| now_us.saturating_sub(t).max(0) as f64 / 1e6),
-            );
-            out.gauge(
-                "tidemark_newest_read_sequence",
-                labels,
-                "The last sequence number read from the WAL (0: none).",
-                s.newest_read_seq as f64,
-            );
-            out.gauge(
-                "tidemark_newest_durable_sequence",
-                labels,
-                "The last sequence number durable in the repository (0: none).",
-                s.newest_durable_seq as f64,
-            );
-            out.gauge(
-                "tidemark_newest_durable_record_timestamp_seconds",
-                labels,
-                "Time of the newest durable record, in seconds since the epoch (0: none).",
-                secs(s.newest_durable_time_us),
-            );
-            out.gauge(
-                "tidemark_last_segment_upload_timestamp_seconds",
-                labels,
-                "When this process last uploaded a segment, in seconds since the epoch (0: not yet).",
-                secs(s.last_upload_us),
-            );
-            out.histogram(
-                "tidemark_segment_upload_duration_seconds",
-                labels,
-                "Time taken to upload one segment, the store's retries included.",
-                &s.upload_seconds,
-            );
-            out.gauge(
-                "tidemark_last_base_backup_timestamp_seconds",
-                labels,
-                "When the newest base backup in the repository was taken, in seconds since the \
-                 epoch (0: none).",
-                secs(s.last_base_us),
-            );
-            out.gauge(
-                "tidemark_last_base_backup_sequence",
-                labels,
-                "The newest base backup's earliest point: the last sequence number its files hold \
-                 (0: none). No base is taken on schedule while nothing is written after it.",
-                s.last_base_seq as f64,
-            );
-            out.gauge(
-                "tidemark_base_backup_duration_seconds",
-                labels,
-                "How long the last base backup taken by this process took (0: none yet).",
-                s.last_base_seconds,
-            );
-            out.counter(
-                "tidemark_archived_bytes_total",
-                labels,
-                "WAL bytes (uncompressed records) in the segments this process uploaded.",
-                s.archived_bytes,
-            );
-            out.counter(
-                "tidemark_stored_bytes_total",
-                labels,
-                "Bytes of the segment objects this process uploaded (compressed).",
-                s.stored_bytes,
-            );
-            out.counter(
-                "tidemark_archived_records_total",
-                labels,
-                "WAL records in the segments this process uploaded.",
-                s.archived_records,
-            );
-            out.counter(
-                "tidemark_segments_uploaded_total",
-                labels,
-                "Segments this process uploaded.",
-                s.segments,
-            );
-            out.counter(
-                "tidemark_upload_failures_total",
-                labels,
-                "Segment uploads that failed after the store's own retries (the segment is kept \
-                 and uploaded again).",
-                s.upload_failures,
-            );
-            if let Some(n) = store_retries {
-                out.counter(
-                    "tidemark_store_retries_total",
-                    "",
-                    "Object store requests retried after a transient failure (throttling, \
-                     timeouts, resets, 5xx), any request of the process.",
-                    n,
-                );
-            }
-            out.counter(
-                "tidemark_gaps_detected_total",
-                labels,
-                "Gaps (WAL lost before it was archived, column family changes) this process \
-                 detected.",
-                s.gaps,
-            );
-            out.gauge(
-                "tidemark_lease_held",
-                labels,
-                "1 while this process holds the repository's writer lease, else 0.",
-                if s.lease_expires_us.is_some_and(|t| now_us < t) {
-                    1.0
-                } else {
-                    0.0
-                },
-            );
-            out.counter(
-                "tidemark_base_backups_total",
-                labels,
-                "Base backups this process took.",
-                s.bases,
-            );
-            out.counter(
-                "tidemark_base_backup_failures_total",
-                labels,
-                "Base backups that failed in this process (each is tried again a minute later).",
-                s.base_failures,
-            );
-            out.gauge(
-                "tidemark_manifest_generation",
-                labels,
-                "The newest manifest generation written or read.",
-                s.generation as f64,
-            );
-            out.gauge(
-                "tidemark_last_prune_timestamp_seconds",
-                labels,
-                "When this process last applied the retention policy (0: not yet, or no policy).",
-                s.last_prune_us.map_or(0.0, |t| t as f64 / 1e6),
-            );
-            out.counter(
-                "tidemark_prune_failures_total",
-                labels,
-                "Times applying the retention policy failed (tried again at the next interval).",
-                s.prune_failures,
-            );
-            out.counter(
-                "tidemark_pruned_objects_total",
-                labels,
-                "Objects the retention policy deleted in this process.",
-                s.pruned_objects,
-            );
-            out.counter(
-                "tidemark_pruned_bytes_total",
-                labels,
-                "Bytes of the objects the retention policy deleted in this process.",
-                s.pruned_bytes,
-            );
-        })
+    /// A copy of the state, taken under the lock: the values of one moment.
+    fn snapshot(&self, database: Option<&str>) -> Snapshot {
+        Snapshot {
+            database: database.map(str::to_owned),
+            state: self.with(|s| s.clone()),
+        }
     }
 }
 
 /// What the HTTP server answers: the metrics and the health check.
 pub trait Exporter: Send + Sync + 'static {
-    /// `/metrics`: the text exposition format 0.0.4, as of now.
+    /// `/metrics`: Prometheus' text format 0.0.4, as of now.
     fn render(&self) -> String;
     /// `/health`: healthy or not, and the body.
     fn health(&self) -> (bool, String);
@@ -480,33 +319,12 @@ impl FleetMetrics {
     }
 
     fn render_at(&self, now_us: i64, store_retries: u64) -> String {
-        let mut out = Exposition::default();
-        for (i, (name, m)) in self.databases.iter().enumerate() {
-            let retries = (i == 0).then_some(store_retries);
-            m.write_to(&mut out, &label("database", name), now_us, retries);
-        }
-        for (name, m) in &self.databases {
-            let labels = label("database", name);
-            let (failures, _) = m.failures();
-            out.gauge(
-                "tidemark_database_up",
-                &labels,
-                "1 while the database is being archived (lease held, following the WAL), 0 \
-                 while it starts, stops, or failed and waits to be started again.",
-                if m.phase() == Phase::Running {
-                    1.0
-                } else {
-                    0.0
-                },
-            );
-            out.counter(
-                "tidemark_database_failures_total",
-                &labels,
-                "Times archiving the database failed (it is started again after a backoff).",
-                failures,
-            );
-        }
-        out.finish()
+        let databases = self
+            .databases
+            .iter()
+            .map(|(name, m)| m.snapshot(Some(name)))
+            .collect();
+        exposition::render(databases, true, now_us, store_retries)
     }
 }
 
@@ -535,300 +353,6 @@ impl Exporter for FleetMetrics {
         let head = if healthy { "ok" } else { "unhealthy" };
         (healthy, format!("{head}\n{lines}"))
     }
-}
-
-/// Builds text in the exposition format: a `# HELP` and a `# TYPE` line, then the samples of
-/// each family (of every label set written into it), families in the order first written.
-#[derive(Debug, Default)]
-struct Exposition {
-    families: Vec<Family>,
-}
-
-#[derive(Debug)]
-struct Family {
-    name: String,
-    kind: &'static str,
-    help: String,
-    samples: Vec<String>,
-}
-
-impl Exposition {
-    fn family(&mut self, name: &str, kind: &'static str, help: &str) -> &mut Vec<String> {
-        let i = match self.families.iter().position(|f| f.name == name) {
-            Some(i) => i,
-            None => {
-                self.families.push(Family {
-                    name: name.to_owned(),
-                    kind,
-                    help: help.replace('\\', "\\\\").replace('\n', "\\n"),
-                    samples: Vec::new(),
-                });
-                self.families.len() - 1
-            }
-        };
-        &mut self.families[i].samples
-    }
-
-    fn gauge(&mut self, name: &str, labels: &str, help: &str, v: f64) {
-        let line = format!("{name}{} {}", braces(labels), fmt_value(v));
-        self.family(name, "gauge", help).push(line);
-    }
-
-    fn counter(&mut self, name: &str, labels: &str, help: &str, v: u64) {
-        let line = format!("{name}{} {v}", braces(labels));
-        self.family(name, "counter", help).push(line);
-    }
-
-    fn histogram(&mut self, name: &str, labels: &str, help: &str, h: &Histogram) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut lines = Vec::new();
-        let mut cumulative = 0;
-        for (bound, n) in UPLOAD_BUCKETS.iter().zip(h.counts) {
-            cumulative += n;
-            lines.push(format!(
-                "{name}_bucket{{{labels}{sep}le=\"{}\"}} {cumulative}",
-                fmt_value(*bound)
-            ));
-        }
-        lines.push(format!(
-            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
-            h.count
-        ));
-        lines.push(format!("{name}_sum{} {}", braces(labels), fmt_value(h.sum)));
-        lines.push(format!("{name}_count{} {}", braces(labels), h.count));
-        self.family(name, "histogram", help).extend(lines);
-    }
-
-    fn finish(&self) -> String {
-        let mut text = String::new();
-        for f in &self.families {
-            let _ = writeln!(text, "# HELP {} {}", f.name, f.help);
-            let _ = writeln!(text, "# TYPE {} {}", f.name, f.kind);
-            for line in &f.samples {
-                let _ = writeln!(text, "{line}");
-            }
-        }
-        text
-    }
-}
-
-/// `{labels}`, or nothing for no labels.
-fn braces(labels: &str) -> String {
-    if labels.is_empty() {
-        String::new()
-    } else {
-        format!("{{{labels}}}")
-    }
-}
-
-/// One label pair, `name="value"`, with the value escaped as the format wants.
-fn label(name: &str, value: &str) -> String {
-    let value = value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n");
-    format!("{name}=\"{value}\"")
-}
-
-/// A sample value as the exposition format spells it.
-fn fmt_value(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".to_owned()
-    } else if v == f64::INFINITY {
-        "+Inf".to_owned()
-    } else if v == f64::NEG_INFINITY {
-        "-Inf".to_owned()
-    } else {
-        v.to_string()
-    }
-}
-
-/// The largest request head accepted (request line and headers).
-const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// Connections served at once; more wait in the listen queue.
-const MAX_CONNECTIONS: usize = 16;
-/// A connection that has not sent its request and taken the answer in this time is closed.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The HTTP server; stops accepting connections when dropped.
-#[derive(Debug)]
-pub struct MetricsServer {
-    addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl MetricsServer {
-    /// The address it listens on (the port chosen, when asked for port 0).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Listens on `addr` (`HOST:PORT`; port 0 picks a free one, logged as "metrics listening on
-/// ADDR") and serves `metrics` until the returned server is dropped.
-pub async fn serve<E: Exporter>(addr: &str, metrics: Arc<E>) -> io::Result<MetricsServer> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    tracing::info!("metrics listening on {local}");
-    let task = tokio::spawn(accept_loop(listener, metrics));
-    Ok(MetricsServer { addr: local, task })
-}
-
-async fn accept_loop<E: Exporter>(listener: TcpListener, metrics: Arc<E>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors and the like: wait instead of spinning.
-                tracing::warn!(error = %e, "metrics: cannot accept a connection");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            let _slot = slot;
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, handle(stream, &*metrics)).await;
-        });
-    }
-}
-
-/// Reads one request, answers it and closes the connection.
-async fn handle(mut stream: TcpStream, metrics: &dyn Exporter) -> io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    let response = loop {
-        if let Some(end) = head_end(&buf) {
-            break respond(&buf[..end], metrics);
-        }
-        if buf.len() >= MAX_REQUEST_BYTES {
-            break Response::text(
-                431,
-                "Request Header Fields Too Large",
-                "request too large\n",
-            );
-        }
-        let room = (MAX_REQUEST_BYTES - buf.len()).min(chunk.len());
-        let n = stream.read(&mut chunk[..room]).await?;
-        if n == 0 {
-            return Ok(()); // closed before a whole request arrived
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    stream.write_all(&response.to_bytes()).await?;
-    stream.shutdown().await?;
-    if response.status >= 400 {
-        // The client may still be sending (an oversized head, a body): read it away before
-        // closing, so that the close does not reset the connection before the client has
-        // read the answer.
-        let mut drained = 0;
-        while drained < 64 * 1024 {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => drained += n,
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The length of the request head (through the blank line), once it is complete.
-fn head_end(buf: &[u8]) -> Option<usize> {
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-#[derive(Debug)]
-struct Response {
-    status: u16,
-    reason: &'static str,
-    content_type: &'static str,
-    body: String,
-    /// HEAD: headers only.
-    head_only: bool,
-    allow: bool,
-}
-
-impl Response {
-    fn text(status: u16, reason: &'static str, body: &str) -> Response {
-        Response {
-            status,
-            reason,
-            content_type: "text/plain; charset=utf-8",
-            body: body.to_owned(),
-            head_only: false,
-            allow: false,
-        }
-    }
-
-    fn to_bytes(&self) -> Vec<u8> {
-        let mut head = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
-            self.status,
-            self.reason,
-            self.content_type,
-            self.body.len()
-        );
-        if self.allow {
-            head.push_str("Allow: GET, HEAD\r\n");
-        }
-        head.push_str("\r\n");
-        let mut bytes = head.into_bytes();
-        if !self.head_only {
-            bytes.extend_from_slice(self.body.as_bytes());
-        }
-        bytes
-    }
-}
-
-/// The answer to a request head.
-fn respond(head: &[u8], metrics: &dyn Exporter) -> Response {
-    let bad = || Response::text(400, "Bad Request", "bad request\n");
-    let Ok(text) = std::str::from_utf8(head) else {
-        return bad();
-    };
-    let line = text.lines().next().unwrap_or("");
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return bad();
-    };
-    if !version.starts_with("HTTP/1.") {
-        return bad();
-    }
-    let path = target.split('?').next().unwrap_or(target);
-    let mut response = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => Response {
-            content_type: "text/plain; version=0.0.4; charset=utf-8",
-            ..Response::text(200, "OK", &metrics.render())
-        },
-        ("GET" | "HEAD", "/health") => match metrics.health() {
-            (true, body) => Response::text(200, "OK", &body),
-            (false, body) => Response::text(503, "Service Unavailable", &body),
-        },
-        (_, "/metrics" | "/health") => Response {
-            allow: true,
-            ..Response::text(405, "Method Not Allowed", "method not allowed\n")
-        },
-        _ => Response::text(404, "Not Found", "not found\n"),
-    };
-    response.head_only = method == "HEAD";
-    response
 }
 
 #[cfg(test)]
@@ -972,33 +496,11 @@ mod tests {
     fn a_fresh_registry_renders_every_family_with_zeroes() {
         let m = Metrics::new();
         let p = parse(&m.render_at(T0, 0));
-        for (name, kind) in [
-            ("tidemark_archive_lag_seconds", "gauge"),
-            ("tidemark_newest_read_sequence", "gauge"),
-            ("tidemark_newest_durable_sequence", "gauge"),
-            ("tidemark_newest_durable_record_timestamp_seconds", "gauge"),
-            ("tidemark_last_segment_upload_timestamp_seconds", "gauge"),
-            ("tidemark_segment_upload_duration_seconds", "histogram"),
-            ("tidemark_last_base_backup_timestamp_seconds", "gauge"),
-            ("tidemark_last_base_backup_sequence", "gauge"),
-            ("tidemark_base_backup_duration_seconds", "gauge"),
-            ("tidemark_archived_bytes_total", "counter"),
-            ("tidemark_stored_bytes_total", "counter"),
-            ("tidemark_archived_records_total", "counter"),
-            ("tidemark_segments_uploaded_total", "counter"),
-            ("tidemark_upload_failures_total", "counter"),
-            ("tidemark_store_retries_total", "counter"),
-            ("tidemark_gaps_detected_total", "counter"),
-            ("tidemark_lease_held", "gauge"),
-            ("tidemark_base_backups_total", "counter"),
-            ("tidemark_base_backup_failures_total", "counter"),
-            ("tidemark_manifest_generation", "gauge"),
-            ("tidemark_last_prune_timestamp_seconds", "gauge"),
-            ("tidemark_prune_failures_total", "counter"),
-            ("tidemark_pruned_objects_total", "counter"),
-            ("tidemark_pruned_bytes_total", "counter"),
-        ] {
-            assert_eq!(p.types.get(name).map(String::as_str), Some(kind), "{name}");
+        // One family for each of the list, as its TYPE says; a fleet's only with several.
+        for f in FAMILIES {
+            let kind = (f.scope != Scope::Fleet).then_some(f.kind.as_str());
+            let name = f.name;
+            assert_eq!(p.types.get(name).map(String::as_str), kind, "{name}");
         }
         assert_eq!(p.types.len(), 24);
         for (series, v) in &p.samples {
@@ -1073,7 +575,7 @@ mod tests {
         assert!((v(&format!("{h}_sum")) - 3.3).abs() < 1e-9);
         let mut last = 0.0;
         for b in UPLOAD_BUCKETS {
-            let n = v(&format!("{h}_bucket{{le=\"{}\"}}", fmt_value(b)));
+            let n = v(&format!("{h}_bucket{{le=\"{b}\"}}"));
             assert!(n >= last, "buckets are cumulative");
             last = n;
         }
@@ -1164,146 +666,32 @@ mod tests {
                 assert!(series.contains("database=\""), "{series}");
             }
         }
-        let (head, body) = request(&fleet, "GET /health HTTP/1.1\r\n\r\n");
-        assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+        let (healthy, body) = fleet.health();
+        assert!(!healthy);
         assert_eq!(
             body,
             "unhealthy\norders: running\nusers: failed (1 failures, retrying): cannot read /srv/users: gone\n"
         );
         b.set_phase(Phase::Running);
-        let (head, body) = request(&fleet, "GET /health HTTP/1.1\r\n\r\n");
-        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-        assert_eq!(body, "ok\norders: running\nusers: running\n");
+        assert_eq!(
+            fleet.health(),
+            (true, "ok\norders: running\nusers: running\n".to_owned())
+        );
     }
 
     #[test]
-    fn values_are_spelled_as_the_format_wants() {
-        assert_eq!(fmt_value(f64::INFINITY), "+Inf");
-        assert_eq!(fmt_value(f64::NEG_INFINITY), "-Inf");
-        assert_eq!(fmt_value(f64::NAN), "NaN");
-        assert_eq!(fmt_value(0.25), "0.25");
-        assert_eq!(fmt_value(1767225600.123456), "1767225600.123456");
-        let mut e = Exposition::default();
-        e.gauge("x", "", "a \\ b\nc", 1.0);
-        let text = e.finish();
-        assert!(text.starts_with("# HELP x a \\\\ b\\nc\n"), "{text}");
-        assert_eq!(label("database", "a\"b\\c\nd"), r#"database="a\"b\\c\nd""#);
-    }
-
-    fn request(m: &dyn Exporter, head: &str) -> (String, String) {
-        let bytes = respond(head.as_bytes(), m).to_bytes();
-        let text = String::from_utf8(bytes).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        (head.to_owned(), body.to_owned())
-    }
-
-    #[test]
-    fn routes() {
-        let m = Metrics::new();
-        let (head, body) = request(&m, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-        assert!(head.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"));
-        assert!(head.contains(&format!("Content-Length: {}", body.len())));
-        assert!(head.contains("Connection: close"));
-        parse(&body);
-        let (head, _) = request(&m, "GET /metrics?x=1 HTTP/1.0\n\n");
-        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-        let (head, body) = request(&m, "HEAD /metrics HTTP/1.1\r\n\r\n");
-        assert!(
-            head.starts_with("HTTP/1.1 200 ") && body.is_empty(),
-            "{head}"
-        );
-
-        let (head, body) = request(&m, "GET /health HTTP/1.1\r\n\r\n");
-        assert!(
-            head.starts_with("HTTP/1.1 503 ") && body == "starting\n",
-            "{head}"
-        );
-        m.set_phase(Phase::Running);
-        let (head, body) = request(&m, "GET /health HTTP/1.1\r\n\r\n");
-        assert!(
-            head.starts_with("HTTP/1.1 200 ") && body == "ok\n",
-            "{head}"
-        );
-        m.set_phase(Phase::Stopping);
-        let (head, body) = request(&m, "GET /health HTTP/1.1\r\n\r\n");
-        assert!(
-            head.starts_with("HTTP/1.1 503 ") && body == "stopping\n",
-            "{head}"
-        );
-
-        let (head, _) = request(&m, "GET / HTTP/1.1\r\n\r\n");
-        assert!(head.starts_with("HTTP/1.1 404 "), "{head}");
-        let (head, _) = request(&m, "GET /metricsx HTTP/1.1\r\n\r\n");
-        assert!(head.starts_with("HTTP/1.1 404 "), "{head}");
-        let (head, _) = request(&m, "POST /metrics HTTP/1.1\r\n\r\n");
-        assert!(head.starts_with("HTTP/1.1 405 ") && head.contains("Allow: GET, HEAD"));
-        for bad in [
-            "GET /metrics\r\n\r\n",
-            "GET  /metrics HTTP/1.1\r\n\r\n",
-            "x\r\n\r\n",
-        ] {
-            let (head, _) = request(&m, bad);
-            assert!(head.starts_with("HTTP/1.1 400 "), "{bad:?}: {head}");
-        }
-        let (head, _) = request(&m, "GET /metrics SPDY/3\r\n\r\n");
-        assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
-    }
-
-    #[test]
-    fn the_request_head_ends_at_the_blank_line() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some(18));
-        assert_eq!(head_end(b"GET / HTTP/1.1\n\n"), Some(16));
-    }
-
-    async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(request).await.unwrap();
-        let mut out = Vec::new();
-        // The server closes the connection after its answer: reading to the end returns.
-        s.read_to_end(&mut out).await.unwrap();
-        String::from_utf8(out).unwrap()
-    }
-
-    #[tokio::test]
-    async fn serves_over_tcp_and_closes_after_each_answer() {
+    fn help_and_label_values_are_escaped() {
         let m = Arc::new(Metrics::new());
-        m.set_phase(Phase::Running);
-        let server = serve("127.0.0.1:0", Arc::clone(&m)).await.unwrap();
-        let addr = server.local_addr();
-        assert!(addr.ip().is_loopback() && addr.port() != 0);
-        let text = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").await;
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
-        parse(body);
-        let text = exchange(addr, b"GET /health HTTP/1.1\r\n\r\n").await;
-        assert!(text.starts_with("HTTP/1.1 200 OK") && text.ends_with("\r\n\r\nok\n"));
-        // A request head that never ends within the limit is refused.
-        let mut big = b"GET /metrics HTTP/1.1\r\n".to_vec();
-        big.extend(std::iter::repeat_n(b'a', MAX_REQUEST_BYTES));
-        let text = exchange(addr, &big).await;
-        assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
-        // Sent in pieces, a request is answered once complete.
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /hea").await.unwrap();
-        s.flush().await.unwrap();
-        s.write_all(b"lth HTTP/1.1\r\n\r\n").await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
-        // Dropping the server stops it listening.
-        drop(server);
-        tokio::task::yield_now().await;
-        let mut refused = false;
-        for _ in 0..100 {
-            if TcpStream::connect(addr).await.is_err() {
-                refused = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let fleet = FleetMetrics::new(vec![("a\"b\\c\nd".into(), Arc::clone(&m))]);
+        let text = fleet.render_at(T0, 0);
+        let p = parse(&text);
+        let series = r#"tidemark_newest_read_sequence{database="a\"b\\c\nd"}"#;
+        assert_eq!(p.samples.get(series), Some(&0.0), "{text}");
+        // Every HELP text is one line of the exposition.
+        for f in FAMILIES {
+            assert!(!f.help.contains(['\n', '\\']), "{}", f.name);
+            assert!(text.contains(&format!("# HELP {} {}\n", f.name, f.help)));
         }
-        assert!(refused, "the listener is closed once the server is dropped");
     }
 
     #[test]
@@ -1312,13 +700,5 @@ mod tests {
         assert_eq!(ArchiverOptions::default().metrics_addr, None);
         let o: ArchiverOptions = toml::from_str("metrics_addr = \"127.0.0.1:9187\"").unwrap();
         assert_eq!(o.metrics_addr.as_deref(), Some("127.0.0.1:9187"));
-    }
-
-    #[tokio::test]
-    async fn an_address_in_use_is_an_error() {
-        let m = Arc::new(Metrics::new());
-        let first = serve("127.0.0.1:0", Arc::clone(&m)).await.unwrap();
-        let err = serve(&first.local_addr().to_string(), m).await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
     }
 }

@@ -4,42 +4,16 @@
 //! durable in every scrape and returns to 0 once everything written is archived, and the
 //! final numbers agree with what the repository holds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use tidemark_archiver::metrics::{FAMILIES, Kind, Scope};
 use tidemark_manifest::model::micros_from_time;
 use tidemark_tests::Oracle;
 use tidemark_tests::harness::{Proc, TestStore, bin, http_get, logged_metrics_addr, wait_for};
-
-/// Every metric the archiver exports, with its type.
-const FAMILIES: &[(&str, &str)] = &[
-    ("tidemark_archive_lag_seconds", "gauge"),
-    ("tidemark_newest_read_sequence", "gauge"),
-    ("tidemark_newest_durable_sequence", "gauge"),
-    ("tidemark_newest_durable_record_timestamp_seconds", "gauge"),
-    ("tidemark_last_segment_upload_timestamp_seconds", "gauge"),
-    ("tidemark_segment_upload_duration_seconds", "histogram"),
-    ("tidemark_last_base_backup_timestamp_seconds", "gauge"),
-    ("tidemark_last_base_backup_sequence", "gauge"),
-    ("tidemark_base_backup_duration_seconds", "gauge"),
-    ("tidemark_archived_bytes_total", "counter"),
-    ("tidemark_stored_bytes_total", "counter"),
-    ("tidemark_archived_records_total", "counter"),
-    ("tidemark_segments_uploaded_total", "counter"),
-    ("tidemark_upload_failures_total", "counter"),
-    ("tidemark_store_retries_total", "counter"),
-    ("tidemark_gaps_detected_total", "counter"),
-    ("tidemark_lease_held", "gauge"),
-    ("tidemark_base_backups_total", "counter"),
-    ("tidemark_base_backup_failures_total", "counter"),
-    ("tidemark_manifest_generation", "gauge"),
-    ("tidemark_last_prune_timestamp_seconds", "gauge"),
-    ("tidemark_prune_failures_total", "counter"),
-    ("tidemark_pruned_objects_total", "counter"),
-    ("tidemark_pruned_bytes_total", "counter"),
-];
 
 /// A scrape: the samples by series (`name` or `name{labels}`).
 #[derive(Debug)]
@@ -96,16 +70,18 @@ fn scrape(addr: SocketAddr) -> Result<Scrape> {
             samples.insert(series.to_owned(), v);
         }
     }
-    for (name, kind) in FAMILIES {
+    // Every family of one database's archiver (the fleet's are shown with several).
+    for family in FAMILIES.iter().filter(|f| f.scope != Scope::Fleet) {
+        let (name, kind) = (family.name, family.kind.as_str());
         ensure!(
             body.contains(&format!("\n# HELP {name} "))
                 || body.starts_with(&format!("# HELP {name} ")),
             "no HELP line for {name}"
         );
         ensure!(
-            types.get(*name).map(String::as_str) == Some(*kind),
+            types.get(name).map(String::as_str) == Some(kind),
             "{name} must be a {kind}, TYPE says {:?}",
-            types.get(*name)
+            types.get(name)
         );
     }
     Ok(Scrape { samples })
@@ -408,5 +384,62 @@ fn a_metrics_address_in_use_is_refused_with_exit_code_2() -> Result<()> {
         "{:?}: {text}",
         out.status
     );
+    Ok(())
+}
+
+/// The metric names the README and the operations guide mention (the table of metrics, the
+/// alert rules) are the names the archiver exports, with the type the table gives: a
+/// renamed metric cannot leave a documented alert querying nothing.
+#[test]
+fn the_documented_metric_names_are_the_exported_ones() -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md"))?;
+    let guide = std::fs::read_to_string(root.join("docs/operations.md"))?;
+    let mut documented = BTreeSet::new();
+    for text in [&readme, &guide] {
+        for (at, _) in text.match_indices("tidemark_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            // A Rust path (`tidemark_manifest::…`) is no metric.
+            if !text[at + name.len()..].starts_with("::") {
+                documented.insert(name);
+            }
+        }
+    }
+    let exported = |name: &str| {
+        FAMILIES.iter().any(|f| {
+            f.name == name
+                || (f.kind == Kind::Histogram
+                    && ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|s| name.strip_suffix(s) == Some(f.name)))
+        })
+    };
+    for name in &documented {
+        ensure!(exported(name), "{name} is documented but not exported");
+    }
+    for family in FAMILIES {
+        ensure!(
+            documented.contains(family.name),
+            "{} is exported but not documented",
+            family.name
+        );
+        if family.scope == Scope::Fleet {
+            continue; // described in the text on several databases, not in the table
+        }
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with("| ") && l.contains(&format!("`{}`", family.name)))
+            .with_context(|| format!("no row for {} in the README's table", family.name))?;
+        let kind = row.split('|').nth(2).map(str::trim);
+        ensure!(
+            kind == Some(family.kind.as_str()),
+            "the README says {} is a {kind:?}, it is a {}",
+            family.name,
+            family.kind.as_str()
+        );
+    }
     Ok(())
 }
