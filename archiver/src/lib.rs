@@ -15,7 +15,8 @@
 //! SSTs uploaded content-addressed), [`lease`] keeps a second archiver off the same
 //! repository, [`prune`] applies a retention policy (mark, then sweep), [`service`] runs it
 //! all as a long-lived process, [`fleet`] runs several databases in one process, each on its
-//! own, and [`metrics`] reports on it to Prometheus.
+//! own, [`settings`] refuses settings that cannot work, and [`metrics`] reports on it to
+//! Prometheus.
 
 pub mod base;
 pub mod check;
@@ -26,6 +27,7 @@ pub mod lease;
 pub mod metrics;
 pub mod prune;
 pub mod service;
+pub mod settings;
 pub mod ship;
 pub mod status;
 pub mod watch;
