@@ -15,8 +15,9 @@
 //! SSTs uploaded content-addressed), [`lease`] keeps a second archiver off the same
 //! repository and [`lease_keeper`] renews it while its holder works, [`prune`] applies a
 //! retention policy (mark, then sweep), [`service`] runs it all as a long-lived process
-//! (its [`options`]; every background task an [`task::OwnedTask`]), [`fleet`] runs several
-//! databases in one process, each on its own, and [`metrics`] reports on it to Prometheus.
+//! (its [`options`], checked by [`settings`]; every background task an [`task::OwnedTask`]),
+//! [`fleet`] runs several databases in one process, each on its own, and [`metrics`] reports
+//! on it to Prometheus.
 
 pub mod base;
 pub mod check;
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod options;
 pub mod prune;
 pub mod service;
+pub mod settings;
 pub mod ship;
 pub mod status;
 pub mod task;

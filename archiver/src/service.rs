@@ -165,7 +165,7 @@ pub async fn run_with_metrics(
             .map_or_else(|| "none".to_owned(), |e| format!("client-side, key id {}", e.key_id)),
         "starting"
     );
-    let lease = LeaseHandle::acquire(&repo, opts.lease_ttl).await?;
+    let lease = LeaseHandle::acquire_beside(&repo, opts.lease_ttl, &opts.db).await?;
     metrics.lease_held_until(Some(lease.lease().expires_at));
     let keeper = LeaseKeeper::start(&repo, lease, opts.lease_ttl, Some(Arc::clone(&metrics)));
     let result = run_holding_lease(

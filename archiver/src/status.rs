@@ -2,11 +2,8 @@
 //! people and for health checks.
 
 use serde::Serialize;
-use tidemark_manifest::keys;
-use tidemark_manifest::model::{self, Lease};
 use tidemark_manifest::plan::fmt_time;
 use tidemark_manifest::repo::{RepoError, Repository};
-use tidemark_manifest::store::StoreError;
 use time::OffsetDateTime;
 
 /// A repository's state as `status` reports it.
@@ -40,7 +37,10 @@ pub struct LeaseInfo {
     pub host: String,
     pub pid: u32,
     pub expires_at: String,
+    /// Neither live nor held: expired or released.
     pub expired: bool,
+    /// When the holder released it (a clean shutdown).
+    pub released_at: Option<String>,
 }
 
 fn age(t: OffsetDateTime) -> f64 {
@@ -52,19 +52,13 @@ pub async fn status(repo: &Repository) -> Result<StatusReport, RepoError> {
     let state = repo.load().await?;
     let newest = state.history.segments.last();
     let newest_base = state.history.bases.iter().map(|b| b.created_at).max();
-    let lease = match repo.store().get(keys::LEASE).await {
-        Ok(b) => {
-            let l: Lease = model::parse_document(keys::LEASE, &b)?;
-            Some(LeaseInfo {
-                host: l.host,
-                pid: l.pid,
-                expires_at: fmt_time(l.expires_at),
-                expired: l.expires_at <= OffsetDateTime::now_utc(),
-            })
-        }
-        Err(StoreError::NotFound { .. }) => None,
-        Err(e) => return Err(e.into()),
-    };
+    let lease = repo.read_lease().await?.map(|(l, _)| LeaseInfo {
+        expired: !l.is_live(OffsetDateTime::now_utc()),
+        host: l.host,
+        pid: l.pid,
+        expires_at: fmt_time(l.expires_at),
+        released_at: l.released_at.map(fmt_time),
+    });
     Ok(StatusReport {
         repository: repo.location(),
         database_identity: state.config.database_identity.clone(),
@@ -103,6 +97,15 @@ impl std::fmt::Display for StatusReport {
         }
         writeln!(f, "window:       {}", self.window)?;
         match &self.lease {
+            Some(LeaseInfo {
+                released_at: Some(at),
+                host,
+                pid,
+                ..
+            }) => writeln!(
+                f,
+                "archiver:     not running (released its lease at {at}; was {host} pid {pid})"
+            ),
             Some(l) => writeln!(
                 f,
                 "archiver:     {} pid {} (lease until {}{})",

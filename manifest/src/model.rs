@@ -425,7 +425,9 @@ pub struct BaseFile {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     pub format_version: u32,
+    /// Random, one per acquisition.
     pub holder: String,
+    /// For people only: host names and pids repeat across containers and reboots.
     pub host: String,
     pub pid: u32,
     #[serde(with = "rfc3339")]
@@ -434,6 +436,35 @@ pub struct Lease {
     pub renewed_at: OffsetDateTime,
     #[serde(with = "rfc3339")]
     pub expires_at: OffsetDateTime,
+    /// The holding process's instance id: random, one per process, shared by its tasks.
+    /// Absent in leases written before it existed: such a lease is only ever free once it
+    /// has expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// When the holder gave the lease up (a clean shutdown); a released lease is free.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "rfc3339::option"
+    )]
+    pub released_at: Option<OffsetDateTime>,
+}
+
+impl Lease {
+    /// Whether the lease keeps other writers out at `now`: neither released nor expired.
+    pub fn is_live(&self, now: OffsetDateTime) -> bool {
+        self.released_at.is_none() && self.expires_at > now
+    }
+
+    /// The lease as its holder leaves it on release: expired at `now` and marked released,
+    /// so that anyone may take it at once.
+    pub fn released(&self, now: OffsetDateTime) -> Lease {
+        Lease {
+            expires_at: now.min(self.expires_at),
+            released_at: Some(now),
+            ..self.clone()
+        }
+    }
 }
 
 /// Converts microseconds since the epoch (the binary time unit) to a timestamp.
@@ -584,6 +615,34 @@ mod tests {
                       "detected_at":"2026-11-23T13:30:00Z","detail":"x","extra":true}"#;
         let gap: Gap = serde_json::from_slice(doc).unwrap();
         assert_eq!(gap.kind, GapKind::Unknown);
+    }
+
+    #[test]
+    fn a_lease_without_the_new_fields_reads_as_one_without_proof() {
+        // As written before `instance` and `released_at` existed.
+        let old = to_document_bytes(&serde_json::json!({
+            "format_version": 1, "holder": "h", "host": "db-7", "pid": 1,
+            "acquired_at": "2026-11-23T13:30:00Z", "renewed_at": "2026-11-23T13:30:00Z",
+            "expires_at": "2026-11-23T13:31:00Z",
+        }));
+        let lease: Lease = parse_document("lease.json", &old).unwrap();
+        assert_eq!((lease.instance.as_deref(), lease.released_at), (None, None));
+        let at = |s: &str| {
+            OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap()
+        };
+        assert!(lease.is_live(at("2026-11-23T13:30:59Z")));
+        assert!(!lease.is_live(at("2026-11-23T13:31:00Z")));
+        // Released: free at once, and it reads back as such.
+        let released = lease.released(at("2026-11-23T13:30:10Z"));
+        assert!(!released.is_live(at("2026-11-23T13:30:11Z")));
+        let back: Lease = parse_document("lease.json", &to_document_bytes(&released)).unwrap();
+        assert_eq!(back, released);
+        // A live lease leaves the new optional fields out when they are unset.
+        let text = String::from_utf8(to_document_bytes(&lease)).unwrap();
+        assert!(
+            !text.contains("released_at") && !text.contains("instance"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::plan::{History, HistoryProblem};
 use crate::retention::{KeyClass, Protection};
 use crate::segment::{EncodedSegment, HEADER_LEN, SegmentError, SegmentHeader, SegmentReader};
 use crate::store::crypt::{self, CryptStore, EncryptionKey};
-use crate::store::{ObjectStore, StoreError};
+use crate::store::{ETag, ObjectStore, StoreError};
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -315,6 +315,19 @@ impl Repository {
         let config: RepositoryConfig = model::parse_document(keys::CONFIG, &b)?;
         self.check_encryption(&config)?;
         Ok(Some(config))
+    }
+
+    /// Reads `lease.json` (FORMAT.md §8) with its ETag, or `None` if there is none. The one
+    /// reader of the lease, for its holder and for those who report on it.
+    pub async fn read_lease(&self) -> Result<Option<(model::Lease, ETag)>, RepoError> {
+        match self.store.get_with_meta(keys::LEASE).await {
+            Ok((bytes, meta)) => Ok(Some((
+                model::parse_document(keys::LEASE, &bytes)?,
+                meta.etag,
+            ))),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Checks that a config records the encryption this repository was opened with.

@@ -46,7 +46,16 @@ pub enum RetentionError {
     KeepLastZero,
     #[error("{name} must be longer than zero")]
     ZeroDuration { name: &'static str },
+    #[error(
+        "{name} = {given} is longer than 100 years, the most any duration may be (times that \
+         far back cannot be represented); give the span you mean, e.g. 30d or 3650d"
+    )]
+    TooLong { name: &'static str, given: String },
 }
+
+/// The longest duration a policy (or any setting of the archiver) may have: 100 years.
+/// Anything longer is a mistake, and would take times past what can be represented.
+pub const MAX_DURATION: time::Duration = time::Duration::seconds(3_155_760_000);
 
 impl Rules {
     /// Checks that the rules are usable.
@@ -65,6 +74,12 @@ impl Rules {
         ] {
             if d.is_some_and(|d| d <= time::Duration::ZERO) {
                 return Err(RetentionError::ZeroDuration { name });
+            }
+            if let Some(d) = d.filter(|d| *d > MAX_DURATION) {
+                return Err(RetentionError::TooLong {
+                    name,
+                    given: fmt_duration(d),
+                });
             }
         }
         Ok(())
@@ -601,6 +616,43 @@ mod tests {
             decide(&history(), &[], &rules, now()).unwrap_err(),
             RetentionError::KeepLastZero
         );
+    }
+
+    #[test]
+    fn durations_past_a_century_are_refused_before_any_arithmetic() {
+        // 1000000000 years would overflow the time arithmetic of the first prune.
+        let absurd = time::Duration::days(365 * 1_000_000_000);
+        for (name, rules) in [
+            (
+                "pitr_window",
+                Rules {
+                    pitr_window: Some(absurd),
+                    ..Rules::default()
+                },
+            ),
+            (
+                "keep_monthly_for",
+                Rules {
+                    keep_last: Some(1),
+                    keep_monthly_for: Some(MAX_DURATION + time::Duration::SECOND),
+                    ..Rules::default()
+                },
+            ),
+        ] {
+            let e = rules.validate().unwrap_err();
+            assert!(
+                matches!(e, RetentionError::TooLong { name: n, .. } if n == name),
+                "{e}"
+            );
+            assert!(e.to_string().contains("100 years"), "{e}");
+            assert!(decide(&history(), &[], &rules, now()).is_err());
+        }
+        Rules {
+            pitr_window: Some(MAX_DURATION),
+            ..Rules::default()
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]

@@ -62,6 +62,17 @@ impl Setup {
     }
 }
 
+/// Whether `lease.json` holds a live lease (a released one stays after a clean stop).
+fn live_lease(path: &Path) -> bool {
+    std::fs::read(path).is_ok_and(|bytes| {
+        tidemark_manifest::model::parse_document::<tidemark_manifest::model::Lease>(
+            "lease.json",
+            &bytes,
+        )
+        .is_ok_and(|l| l.is_live(time::OffsetDateTime::now_utc()))
+    })
+}
+
 fn wait_for_db(db: &Path) -> Result<()> {
     wait_for(
         Duration::from_secs(20),
@@ -104,7 +115,9 @@ async fn archives_a_live_database(store: TestStore) -> Result<()> {
     // A clean shutdown released the lease.
     let repo = s.store.open().await?;
     ensure!(
-        repo.store().head("lease.json").await?.is_none(),
+        repo.read_lease()
+            .await?
+            .is_some_and(|(l, _)| l.released_at.is_some()),
         "the lease was not released"
     );
     Ok(())
@@ -285,7 +298,7 @@ async fn bad_starts_fail_fast_and_say_why() -> Result<()> {
     wait_for(
         Duration::from_secs(20),
         "the first archiver's lease",
-        || lease.exists().then_some(()),
+        || live_lease(&lease).then_some(()),
     )?;
     let (code, text) = run_archiver(
         &[
@@ -603,7 +616,7 @@ async fn backup_signals_a_running_archiver_or_runs_once_and_status_checks_thresh
     // An archiver running with a long base interval: `backup` asks it for one.
     let mut arch = s.archiver("running.log", &["--base-interval", "24h"])?;
     wait_for(Duration::from_secs(20), "the lease", || {
-        root.join("lease.json").exists().then_some(())
+        live_lease(&root.join("lease.json")).then_some(())
     })?;
     let (code, text) = run_archiver(&["backup", "--db", &db, "--to", &s.store.url], &[])?;
     ensure!(

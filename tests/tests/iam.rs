@@ -279,8 +279,10 @@ async fn archive(s: &Setup, store: &TestStore, key: &Key) -> Result<Oracle> {
         archiver.log_tail()
     );
     ensure!(
-        repo.store().head("lease.json").await?.is_none(),
-        "the lease was not released (DeleteObject)"
+        repo.read_lease()
+            .await?
+            .is_some_and(|(l, _)| l.released_at.is_some()),
+        "the lease was not released"
     );
     check_history(store, &oracle, 2).await?;
     Ok(oracle)

@@ -392,7 +392,9 @@ async fn write_and_archive(
     );
     let repo = s.store.open().await?;
     ensure!(
-        repo.store().head("lease.json").await?.is_none(),
+        repo.read_lease()
+            .await?
+            .is_some_and(|(l, _)| l.released_at.is_some()),
         "a clean shutdown must release the lease"
     );
     Ok((obs, stats))

@@ -18,7 +18,7 @@ use tidemark_archiver::fleet::{self, FleetConfig};
 use tidemark_archiver::lease::LeaseError;
 use tidemark_archiver::prune::{self, PruneError, PruneOptions};
 use tidemark_archiver::service::{self, ArchiverOptions};
-use tidemark_archiver::status;
+use tidemark_archiver::{settings, status};
 use tidemark_manifest::cli::StoreArgs;
 use tracing_subscriber::EnvFilter;
 
@@ -247,6 +247,8 @@ fn repository_of(
 /// The repository and policy for `prune`: config file, then flags and environment.
 fn prune_options(args: PruneArgs) -> anyhow::Result<(String, StoreArgs, PruneOptions, Duration)> {
     let file = database_options("prune", args.config.as_deref(), args.database.as_deref())?;
+    // A config file that cannot work is refused whatever the command.
+    settings::check_options(&file)?;
     let (to, store) = repository_of(&file, args.to, args.store)?;
     let mut p = file.retention.unwrap_or_default();
     let from_flags = args.keep_last.is_some()
@@ -270,6 +272,7 @@ fn prune_options(args: PruneArgs) -> anyhow::Result<(String, StoreArgs, PruneOpt
     if let Some(g) = args.grace {
         p.grace = g;
     }
+    settings::check_retention(&p)?;
     p.rules()?;
     Ok((to, store, p, file.lease_ttl))
 }
@@ -391,9 +394,6 @@ fn options(args: RunArgs, database: Option<&str>) -> anyhow::Result<Plan> {
             "no repository given: pass --to s3://BUCKET/PREFIX or --to file:///ABSOLUTE/DIR"
         );
     }
-    if o.sync_interval.is_zero() || o.base_interval.is_zero() || o.checkpoint_interval.is_zero() {
-        anyhow::bail!("intervals must be greater than zero");
-    }
     validate(&o)?;
     Ok(Plan::One(Box::new(o)))
 }
@@ -430,6 +430,8 @@ fn validate(o: &ArchiverOptions) -> anyhow::Result<()> {
             o.upload_concurrency
         );
     }
+    // Durations that cannot work, named by their keys.
+    settings::check_options(o)?;
     // Bad store options are bad usage, whatever the command does first.
     o.store.s3_options()?;
     if let Some(r) = &o.retention {

@@ -1,0 +1,248 @@
+//! The limits of the archiver's settings, checked once when they are loaded (config file,
+//! flags and environment merged), so that a value that cannot work stops the start with a
+//! message naming its key instead of failing, or panicking, hours later.
+//!
+//! Every duration is at most [`retention::MAX_DURATION`] (100 years); intervals are longer
+//! than zero; the lease lasts at least [`MIN_LEASE_TTL`]. The retention policy's own rules
+//! (FORMAT.md §4.6) are [`retention::Rules::validate`]'s.
+
+use std::time::Duration;
+
+use tidemark_manifest::retention;
+
+use crate::prune::PruneOptions;
+use crate::service::ArchiverOptions;
+
+/// The shortest lease: it is renewed a third of the way through its time, and retried every
+/// 2 s while the store fails, so a shorter one expires on a single slow store call.
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// A setting that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key} = \"{value}\" {problem}")]
+pub struct InvalidSetting {
+    /// The key as written in the config file (`retention.grace`).
+    pub key: String,
+    /// The value, as a duration.
+    pub value: String,
+    /// What is wrong and what to give instead.
+    pub problem: String,
+}
+
+/// What a duration may be.
+#[derive(Debug, Clone, Copy)]
+enum Bound {
+    /// Zero allowed (e.g. a grace period: delete at once).
+    ZeroOk,
+    /// Longer than zero.
+    Positive,
+    /// At least this long.
+    AtLeast(Duration),
+}
+
+fn check(key: &str, value: Duration, bound: Bound) -> Result<(), InvalidSetting> {
+    let invalid = |problem: String| InvalidSetting {
+        key: key.to_owned(),
+        value: humantime::format_duration(value).to_string(),
+        problem,
+    };
+    let max = retention::MAX_DURATION.unsigned_abs();
+    if value > max {
+        return Err(invalid(
+            "is longer than 100 years, the most any duration may be (times that far off \
+             cannot be represented); give the span you mean, e.g. 30d"
+                .to_owned(),
+        ));
+    }
+    match bound {
+        Bound::ZeroOk => Ok(()),
+        Bound::Positive if value.is_zero() => Err(invalid(
+            "must be longer than zero; give a duration such as 1s, 15m or 24h".to_owned(),
+        )),
+        Bound::Positive => Ok(()),
+        Bound::AtLeast(min) if value < min => Err(invalid(format!(
+            "is shorter than {}, the shortest that works: {}",
+            humantime::format_duration(min),
+            "the lease is renewed a third of the way through its time and retried every 2s \
+             while the store fails, so a shorter one expires on a single slow store call \
+             (the default is 60s)"
+        ))),
+        Bound::AtLeast(_) => Ok(()),
+    }
+}
+
+/// Checks one database's settings (each of a config's `[[databases]]` too), its retention
+/// policy included.
+pub fn check_options(o: &ArchiverOptions) -> Result<(), InvalidSetting> {
+    for (key, value) in [
+        ("sync_interval", o.sync_interval),
+        ("base_interval", o.base_interval),
+        ("checkpoint_interval", o.checkpoint_interval),
+        ("poll_interval", o.poll_interval),
+    ] {
+        check(key, value, Bound::Positive)?;
+    }
+    check("lease_ttl", o.lease_ttl, Bound::AtLeast(MIN_LEASE_TTL))?;
+    match &o.retention {
+        Some(r) => check_retention(r),
+        None => Ok(()),
+    }
+}
+
+/// Checks the durations of a retention policy (`[retention]`, or `prune`'s flags).
+pub fn check_retention(p: &PruneOptions) -> Result<(), InvalidSetting> {
+    for (key, value) in [
+        ("retention.pitr_window", p.pitr_window),
+        ("retention.keep_daily_for", p.keep_daily_for),
+        ("retention.keep_weekly_for", p.keep_weekly_for),
+        ("retention.keep_monthly_for", p.keep_monthly_for),
+    ] {
+        if let Some(value) = value {
+            check(key, value, Bound::Positive)?;
+        }
+    }
+    check("retention.grace", p.grace, Bound::ZeroOk)?;
+    check("retention.interval", p.interval, Bound::Positive)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YEAR: u64 = 31_557_600;
+
+    fn refused(o: &ArchiverOptions) -> String {
+        check_options(o).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_defaults_and_a_century_pass() {
+        check_options(&ArchiverOptions::default()).unwrap();
+        let century = Duration::from_secs(100 * YEAR);
+        check_options(&ArchiverOptions {
+            base_interval: century,
+            lease_ttl: MIN_LEASE_TTL,
+            retention: Some(PruneOptions {
+                pitr_window: Some(century),
+                keep_monthly_for: Some(century),
+                grace: Duration::ZERO,
+                ..PruneOptions::default()
+            }),
+            ..ArchiverOptions::default()
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn durations_past_a_century_are_refused_naming_the_key() {
+        let absurd = Duration::from_secs(1_000_000_000 * YEAR);
+        let retention = |p: PruneOptions| ArchiverOptions {
+            retention: Some(p),
+            ..ArchiverOptions::default()
+        };
+        for (key, o) in [
+            (
+                "base_interval",
+                ArchiverOptions {
+                    base_interval: absurd,
+                    ..ArchiverOptions::default()
+                },
+            ),
+            (
+                "lease_ttl",
+                ArchiverOptions {
+                    lease_ttl: absurd,
+                    ..ArchiverOptions::default()
+                },
+            ),
+            (
+                "retention.pitr_window",
+                retention(PruneOptions {
+                    pitr_window: Some(absurd),
+                    ..PruneOptions::default()
+                }),
+            ),
+            (
+                "retention.keep_weekly_for",
+                retention(PruneOptions {
+                    keep_last: Some(1),
+                    keep_weekly_for: Some(Duration::from_secs(100 * YEAR + 1)),
+                    ..PruneOptions::default()
+                }),
+            ),
+            (
+                "retention.grace",
+                retention(PruneOptions {
+                    keep_last: Some(1),
+                    grace: absurd,
+                    ..PruneOptions::default()
+                }),
+            ),
+        ] {
+            let msg = refused(&o);
+            assert!(msg.starts_with(&format!("{key} = \"")), "{key}: {msg}");
+            assert!(msg.contains("longer than 100 years"), "{key}: {msg}");
+        }
+    }
+
+    #[test]
+    fn zero_intervals_are_refused_naming_the_key() {
+        let zero = Duration::ZERO;
+        for (key, o) in [
+            (
+                "sync_interval",
+                ArchiverOptions {
+                    sync_interval: zero,
+                    ..ArchiverOptions::default()
+                },
+            ),
+            (
+                "poll_interval",
+                ArchiverOptions {
+                    poll_interval: zero,
+                    ..ArchiverOptions::default()
+                },
+            ),
+            (
+                "retention.interval",
+                ArchiverOptions {
+                    retention: Some(PruneOptions {
+                        keep_last: Some(1),
+                        interval: zero,
+                        ..PruneOptions::default()
+                    }),
+                    ..ArchiverOptions::default()
+                },
+            ),
+            (
+                "retention.pitr_window",
+                ArchiverOptions {
+                    retention: Some(PruneOptions {
+                        pitr_window: Some(zero),
+                        ..PruneOptions::default()
+                    }),
+                    ..ArchiverOptions::default()
+                },
+            ),
+        ] {
+            let msg = refused(&o);
+            assert!(
+                msg.starts_with(&format!("{key} = \"0s\" must be longer than zero")),
+                "{key}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_lease_too_short_to_renew_is_refused() {
+        let msg = refused(&ArchiverOptions {
+            lease_ttl: Duration::from_secs(3),
+            ..ArchiverOptions::default()
+        });
+        assert!(
+            msg.starts_with("lease_ttl = \"3s\" is shorter than 10s"),
+            "{msg}"
+        );
+        assert!(msg.contains("renewed"), "{msg}");
+    }
+}
