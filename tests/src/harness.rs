@@ -430,6 +430,24 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>
     }
 }
 
+/// Waits until a database the load generator is creating can be archived: `CURRENT` and an
+/// `OPTIONS-*` file exist (RocksDB writes OPTIONS after CURRENT; the archiver refuses a
+/// database without one).
+pub fn wait_for_database(db: &Path) -> Result<()> {
+    wait_for(
+        Duration::from_secs(20),
+        "the load generator's database",
+        || {
+            let has_options = std::fs::read_dir(db).ok()?.flatten().any(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with("OPTIONS-"))
+            });
+            (db.join("CURRENT").exists() && has_options).then_some(())
+        },
+    )
+}
+
 /// Checks the final repository: loads without problems (contiguous segments, no overlap,
 /// no duplicate), several bases, and the latest point is the writer's last sequence.
 pub async fn check_history(

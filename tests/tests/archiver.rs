@@ -11,6 +11,7 @@ use tidemark_manifest::plan::Target;
 use tidemark_tests::Oracle;
 use tidemark_tests::harness::{
     Proc, TestStore, bin, check_history, run_with_timeout, wait_archived, wait_for,
+    wait_for_database,
 };
 
 struct Setup {
@@ -74,11 +75,7 @@ fn live_lease(path: &Path) -> bool {
 }
 
 fn wait_for_db(db: &Path) -> Result<()> {
-    wait_for(
-        Duration::from_secs(20),
-        "the load generator's database",
-        || db.join("CURRENT").exists().then_some(()),
-    )
+    wait_for_database(&db)
 }
 
 async fn archives_a_live_database(store: TestStore) -> Result<()> {

@@ -20,7 +20,7 @@ use tidemark_manifest::repo::Repository;
 use tidemark_manifest::store::{
     EncryptionKey, ObjectStore, OpenOptions, S3Options, Sse, StoreUrl, open_store_with,
 };
-use tidemark_tests::harness::{Proc, TestStore, bin, wait_for};
+use tidemark_tests::harness::{Proc, TestStore, bin, wait_for, wait_for_database};
 use tidemark_tests::{Op, Oracle, read_db_state_and_seq};
 
 /// How the programs get the key.
@@ -230,9 +230,7 @@ async fn archive_and_restore(store: TestStore, delivery: Delivery) -> Result<()>
         &s.path("loadgen.log"),
     )?;
     let db = s.path("db");
-    wait_for(Duration::from_secs(20), "the database", || {
-        db.join("CURRENT").exists().then_some(())
-    })?;
+    wait_for_database(&db)?;
     let mut arch = s.archiver()?;
     let status = writer.wait_timeout(Duration::from_secs(60))?;
     ensure!(

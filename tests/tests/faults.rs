@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use tidemark_tests::Oracle;
 use tidemark_tests::faultproxy::{FaultCounts, FaultKind, FaultPlan, FaultProxy};
-use tidemark_tests::harness::{Proc, TestStore, bin, check_history, wait_for};
+use tidemark_tests::harness::{Proc, TestStore, bin, check_history, wait_for_database};
 
 /// What the retry layer logs for each retried call.
 const RETRY_MESSAGE: &str = "object store call failed temporarily; retrying";
@@ -136,11 +136,7 @@ impl Setup {
 }
 
 fn wait_for_db(db: &Path) -> Result<()> {
-    wait_for(
-        Duration::from_secs(20),
-        "the load generator's database",
-        || db.join("CURRENT").exists().then_some(()),
-    )
+    wait_for_database(&db)
 }
 
 /// Waits until the repository (read directly) holds `last_seq` and a base, while the

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use tidemark_tests::harness::{
     Proc, TestStore, bin, check_history, http_get, logged_metrics_addr, metric_sample,
-    wait_archived, wait_for,
+    wait_archived, wait_for, wait_for_database,
 };
 use tidemark_tests::{Oracle, read_db_state_and_seq};
 
@@ -130,11 +130,7 @@ async fn many_databases(stores: [TestStore; 3], broken_to: String) -> Result<()>
     eprintln!("archiving three databases into {}", alpha.store.describe);
     let mut writers = vec![alpha.loadgen(1)?, beta.loadgen(2)?];
     for db in [&alpha, &beta] {
-        wait_for(
-            Duration::from_secs(20),
-            "a load generator's database",
-            || db.db().join("CURRENT").exists().then_some(()),
-        )?;
+        wait_for_database(&db.db())?;
     }
     // delta: a database that exists, with a repository that cannot be written.
     let delta_db = dir.join("delta-db");

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use tidemark_manifest::keys;
-use tidemark_tests::harness::{Proc, TestStore, bin, run_with_timeout, wait_archived, wait_for};
+use tidemark_tests::harness::{
+    Proc, TestStore, bin, run_with_timeout, wait_archived, wait_for_database,
+};
 use tidemark_tests::{Oracle, read_db_state_and_seq};
 
 struct Setup {
@@ -53,9 +55,7 @@ impl Setup {
             &[],
             &self.path("loadgen.log"),
         )?;
-        wait_for(Duration::from_secs(20), "the database", || {
-            db.join("CURRENT").exists().then_some(())
-        })?;
+        wait_for_database(&db)?;
         let args = [
             "run",
             "--db",

@@ -32,7 +32,7 @@ use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use tidemark_manifest::store::{ObjectStore, S3Options, S3Store, StoreError};
-use tidemark_tests::harness::{Proc, TestStore, bin, check_history, wait_for};
+use tidemark_tests::harness::{Proc, TestStore, bin, check_history, wait_for_database};
 use tidemark_tests::{Oracle, read_db_state_and_seq};
 
 /// The workspace root (policies, scripts).
@@ -211,11 +211,7 @@ async fn archive(s: &Setup, store: &TestStore, key: &Key) -> Result<Oracle> {
         &s.path("loadgen.log"),
     )?;
     let db = s.db();
-    wait_for(
-        Duration::from_secs(20),
-        "the load generator's database",
-        || db.join("CURRENT").exists().then_some(()),
-    )?;
+    wait_for_database(&db)?;
     let mut archiver = Proc::spawn(
         &bin("tidemark-archiver")?,
         &[

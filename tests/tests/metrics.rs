@@ -13,7 +13,9 @@ use anyhow::{Context, Result, ensure};
 use tidemark_archiver::metrics::{FAMILIES, Kind, Scope};
 use tidemark_manifest::model::micros_from_time;
 use tidemark_tests::Oracle;
-use tidemark_tests::harness::{Proc, TestStore, bin, http_get, logged_metrics_addr, wait_for};
+use tidemark_tests::harness::{
+    Proc, TestStore, bin, http_get, logged_metrics_addr, wait_for, wait_for_database,
+};
 
 /// A scrape: the samples by series (`name` or `name{labels}`).
 #[derive(Debug)]
@@ -144,11 +146,7 @@ async fn metrics_follow_a_live_database(store: TestStore) -> Result<()> {
         &[],
         &dir.path().join("loadgen.log"),
     )?;
-    wait_for(
-        Duration::from_secs(20),
-        "the load generator's database",
-        || db.join("CURRENT").exists().then_some(()),
-    )?;
+    wait_for_database(&db)?;
     let log = dir.path().join("archiver.log");
     let args: Vec<String> = [
         "run",

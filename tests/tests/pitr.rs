@@ -43,7 +43,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use tidemark_manifest::model::{micros_from_time, time_from_micros};
 use tidemark_manifest::repo::RepoState;
-use tidemark_tests::harness::{Proc, TestStore, bin, wait_archived, wait_for};
+use tidemark_tests::harness::{Proc, TestStore, bin, wait_archived, wait_for_database};
 use tidemark_tests::{Oracle, Replay, State, read_db_state_and_seq};
 
 /// How late after its commit the archiver may observe a batch while it runs.
@@ -310,11 +310,7 @@ async fn write_and_archive(
         "700".into(),
     ])?;
     let db = s.db();
-    wait_for(
-        Duration::from_secs(20),
-        "the load generator's database",
-        || db.join("CURRENT").exists().then_some(()),
-    )?;
+    wait_for_database(&db)?;
     let mut obs = Observation::default();
     let mut stats = KillStats::default();
     // Spread the kills over the writes; each archiver lives at least 300 ms.

@@ -14,7 +14,7 @@ use tidemark_manifest::keys;
 use tidemark_manifest::repo::{RepoState, Repository};
 use tidemark_tests::harness::{
     Proc, TestStore, bin, http_get, logged_metrics_addr, metric_sample, run_with_timeout,
-    wait_archived, wait_for,
+    wait_archived, wait_for, wait_for_database,
 };
 use tidemark_tests::{Oracle, read_db_state_and_seq};
 
@@ -63,9 +63,7 @@ impl Setup {
             &[],
             &self.path("loadgen.log"),
         )?;
-        wait_for(Duration::from_secs(20), "the database", || {
-            self.db().join("CURRENT").exists().then_some(())
-        })?;
+        wait_for_database(&self.db())?;
         let mut arch = self.archiver("archiver.log", extra)?;
         ensure!(
             writer.wait_timeout(Duration::from_secs(90))?.success(),
@@ -458,9 +456,7 @@ async fn the_service_applies_its_retention_policy_and_prune_refuses_while_it_run
         &[],
         &s.path("loadgen.log"),
     )?;
-    wait_for(Duration::from_secs(20), "the database", || {
-        s.db().join("CURRENT").exists().then_some(())
-    })?;
+    wait_for_database(&s.db())?;
     let mut arch = s.archiver(
         "service.log",
         &["--config", &config_arg, "--metrics-addr", "127.0.0.1:0"],
