@@ -6,6 +6,12 @@
 //! fails clearly before writing anything; and no log line of either program, at debug level,
 //! holds the key in any accepted encoding or the S3 secret key. On S3, server-side
 //! encryption (`--sse`) reaches the objects as well.
+//!
+//! Two repositories sharing a key: objects and `tidemark.json` copied from one into the
+//! other, and edited configs, are refused by restore and verify. Secrets stay in: the
+//! drill's check command gets no key or credential unless named; an endpoint URL with
+//! credentials is refused from every source and never shown; a restored OPTIONS file whose
+//! path options point outside the restored database is reported.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
