@@ -13,7 +13,46 @@ use crate::store::{
 
 /// The environment variable that may hold the encryption key itself (there is no flag for
 /// it, so that the key never shows in a process listing).
+///
+/// Its text is wiped from Tidemark's memory once parsed, but the variable stays in the
+/// process's environment (`/proc/PID/environ`, readable by the same user and root): Rust
+/// can remove a variable only with `unsafe` code (`std::env::remove_var` is unsound while
+/// other threads may read the environment), which Tidemark forbids. What matters is that
+/// it goes no further: every process Tidemark starts gets only [`child_env`].
 pub const ENCRYPTION_KEY_ENV: &str = "TIDEMARK_ENCRYPTION_KEY";
+
+/// The variables a process that Tidemark starts (a drill's check command, `kill`) gets from
+/// Tidemark's environment, when they are set, besides the variables `LC_*`: enough to find
+/// programs and to run in the operator's locale, time zone and home directory. Nothing else
+/// passes unless asked for by name, in particular no encryption key and no cloud credential.
+pub const CHILD_ENV: [&str; 10] = [
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+];
+
+/// The environment of a process Tidemark starts: [`CHILD_ENV`], `LC_*`, and the variables
+/// named in `extra` (an explicit opt-in), with their values from Tidemark's environment.
+/// Start the process with `env_clear()` and then these.
+pub fn child_env(extra: &[String]) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    std::env::vars_os()
+        .filter(|(name, _)| {
+            name.to_str().is_some_and(|n| {
+                CHILD_ENV.contains(&n) || n.starts_with("LC_") || extra.iter().any(|e| e == n)
+            })
+        })
+        .collect()
+}
+
+/// Checks the names given to pass to a child process: each a plain variable name.
+pub fn check_env_names(names: &[String]) -> Result<(), String> {
+    for n in names {
+        if n.is_empty() || n.contains(['=', '\0']) {
+            return Err(format!(
+                "{n:?} is not an environment variable name; give a name such as PGPASSWORD"
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// How to reach the object store.
 #[derive(Debug, Clone, Default, clap::Args, serde::Serialize, serde::Deserialize)]
@@ -152,6 +191,7 @@ impl StoreArgs {
         }
         let from_env = std::env::var(ENCRYPTION_KEY_ENV)
             .ok()
+            .map(zeroize::Zeroizing::new)
             .filter(|v| !v.is_empty());
         match (&self.encryption_key_file, from_env) {
             (Some(_), Some(_)) => Err(KeyError::Ambiguous),

@@ -120,6 +120,34 @@ pub fn options_warnings(options: &OptionsFile) -> Vec<String> {
     out
 }
 
+/// The path options of a restored OPTIONS file that point outside the restored database
+/// at `target` (every non-empty one whose value is not inside `target`): an application
+/// that opens the restored database with that file's options would use those directories,
+/// which may hold another database's files (docs/operations.md).
+pub fn path_option_warnings(options: &OptionsFile, target: &Path) -> Vec<String> {
+    let target = std::path::absolute(target).unwrap_or_else(|_| target.to_path_buf());
+    let file = options.path.file_name().map_or_else(
+        || options.path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    options
+        .path_options()
+        .into_iter()
+        .filter(|o| !Path::new(&o.value).starts_with(&target))
+        .map(|o| {
+            format!(
+                "{file} sets {name} = {value} ([{section}]), outside the restored database: an \
+                 application that opens it with these options uses that directory, which may \
+                 hold another database's files; point {name} into the restored database (or \
+                 leave it empty) before opening it",
+                name = o.name,
+                value = o.value,
+                section = o.section,
+            )
+        })
+        .collect()
+}
+
 /// The newest OPTIONS file in `dir`, if one is there and readable.
 pub fn read_options(dir: &Path) -> Option<OptionsFile> {
     let path = newest_options_file(dir).ok().flatten()?;
@@ -624,5 +652,27 @@ mod tests {
         assert!(w[0].contains("/fast/wal"));
         let plain = OptionsFile::parse("[DBOptions]\n  wal_dir=\n", "OPTIONS-1").unwrap();
         assert!(options_warnings(&plain).is_empty());
+    }
+
+    #[test]
+    fn path_options_outside_the_database_are_named_with_their_value() {
+        let o = OptionsFile::parse(
+            "[DBOptions]\n  wal_dir=/srv/prod/wal\n  db_log_dir=/restored/db/logs\n  \
+             db_paths=\n[CFOptions \"default\"]\n  cf_paths=/elsewhere\n",
+            "/tmp/x/OPTIONS-000009",
+        )
+        .unwrap();
+        let w = path_option_warnings(&o, Path::new("/restored/db"));
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("OPTIONS-000009 sets wal_dir = /srv/prod/wal ([DBOptions])"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].contains("cf_paths = /elsewhere ([CFOptions \"default\"])"),
+            "{w:?}"
+        );
+        let plain = OptionsFile::parse("[DBOptions]\n  wal_dir=\n", "OPTIONS-1").unwrap();
+        assert!(path_option_warnings(&plain, Path::new("/r")).is_empty());
     }
 }

@@ -541,6 +541,8 @@ async fn running_archiver(o: &ArchiverOptions) -> anyhow::Result<Option<u32>> {
 fn signal_base_backup(pid: u32) -> anyhow::Result<()> {
     let status = std::process::Command::new("kill")
         .args(["-USR1", &pid.to_string()])
+        .env_clear()
+        .envs(tidemark_manifest::cli::child_env(&[]))
         .status()
         .context("cannot run kill")?;
     if !status.success() {

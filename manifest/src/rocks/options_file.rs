@@ -300,6 +300,50 @@ pub fn newest_options_file(db_dir: impl AsRef<Path>) -> Result<Option<PathBuf>, 
     Ok(best.map(|(_, p)| p))
 }
 
+/// An option naming a directory RocksDB uses instead of, or besides, the database's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathOption {
+    /// `DBOptions` or `CFOptions "name"`.
+    pub section: String,
+    /// `wal_dir`, `db_log_dir`, `db_paths` or `cf_paths`.
+    pub name: String,
+    /// The value as written (unescaped).
+    pub value: String,
+}
+
+/// The options that name directories, by section (RocksDB writes `wal_dir` and `db_log_dir`;
+/// `db_paths` and `cf_paths` are read too, should a version write them).
+const DB_PATH_OPTIONS: [&str; 3] = ["wal_dir", "db_log_dir", "db_paths"];
+const CF_PATH_OPTIONS: [&str; 1] = ["cf_paths"];
+
+impl OptionsFile {
+    /// Every path option set to a non-empty value (an empty one means the database's own
+    /// directory), in file order.
+    pub fn path_options(&self) -> Vec<PathOption> {
+        let mut out = Vec::new();
+        for section in &self.sections {
+            let names: &[&str] = match section.title.as_str() {
+                "DBOptions" => &DB_PATH_OPTIONS,
+                "CFOptions" => &CF_PATH_OPTIONS,
+                _ => continue,
+            };
+            for name in names {
+                if let Some(value) = section.get(name).filter(|v| !v.trim().is_empty()) {
+                    out.push(PathOption {
+                        section: match &section.argument {
+                            Some(a) => format!("{} \"{a}\"", section.title),
+                            None => section.title.clone(),
+                        },
+                        name: (*name).to_owned(),
+                        value: value.to_owned(),
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,11 +10,17 @@
 //!
 //! where each chunk is up to [`DEFAULT_CHUNK_SIZE`] plaintext bytes sealed with
 //! XChaCha20-Poly1305 under its own nonce (the object's random nonce prefix and the chunk
-//! index), with the header, the chunk index, a last-chunk flag and the object's key as
-//! associated data. So a ranged read fetches and opens only the chunks it needs, large files
-//! are encrypted and decrypted as a stream, and a chunk moved within or between objects, a
-//! truncated or extended object, or one object's content stored under another key all fail
-//! authentication.
+//! index), with the repository id, the header, the chunk index, a last-chunk flag and the
+//! object's key as associated data. So a ranged read fetches and opens only the chunks it
+//! needs, large files are encrypted and decrypted as a stream, and a chunk moved within or
+//! between objects, a truncated or extended object, one object's content stored under
+//! another key, or another repository's object (under the same key) all fail authentication.
+//!
+//! `tidemark.json` stays readable without the key but is authenticated: on its way to the
+//! store this decorator inserts an HMAC-SHA256 of the document under a key derived from the
+//! encryption key, and it checks that HMAC whenever it reads the document. The repository
+//! id the objects are bound to comes from the authenticated `tidemark.json` (read once, when
+//! the first object is sealed or opened, or when the document is written or read).
 //!
 //! [`EncryptionKey`] is the 32-byte key: read from a file or an environment variable, never
 //! shown by `Debug`, never serialized, and wiped from memory when dropped. It is known by its
@@ -32,6 +38,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use chacha20poly1305::aead::{AeadInOut, KeyInit};
 use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use hmac::Mac as _;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -49,14 +56,29 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 /// The algorithm's name in `tidemark.json`.
 pub const ALGORITHM: &str = "xchacha20-poly1305";
 /// The keys that stay plaintext in an encrypted repository: `tidemark.json`, which says
-/// that the repository is encrypted and with which key.
+/// that the repository is encrypted and with which key (it is authenticated instead).
 pub const PLAINTEXT_KEYS: [&str; 1] = [crate::keys::CONFIG];
+/// The keys sealed without the repository id: the lease, which a writer takes before it
+/// creates `tidemark.json` (FORMAT.md §10.2).
+pub const UNBOUND_KEYS: [&str; 1] = [crate::keys::LEASE];
 
 const MAGIC: &[u8; 8] = b"TDMKENC\0";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const ALGORITHM_XCHACHA20_POLY1305: u8 = 1;
 const KEY_ID_DOMAIN: &[u8] = b"tidemark key id v1\0";
-const AAD_DOMAIN: &[u8] = b"tidemark chunk v1\0";
+const AAD_DOMAIN: &[u8] = b"tidemark chunk v2\0";
+/// The input of the derivation of the key that authenticates `tidemark.json`.
+const CONFIG_KEY_INFO: &[u8] = b"tidemark config authentication key v1";
+const CONFIG_MAC_DOMAIN: &[u8] = b"tidemark config v1\0";
+/// How every repository document starts (FORMAT.md §3.1): this, 64 hex digits, `",`.
+const CHECKSUM_PREFIX: &[u8] = b"{\"checksum\":\"";
+const CHECKSUM_PREFIX_LEN: usize = CHECKSUM_PREFIX.len() + 64 + 2;
+/// What follows the checksum prefix in an authenticated `tidemark.json`: this, 64 hex
+/// digits of HMAC-SHA256, `",`.
+const AUTH_PREFIX: &[u8] = b"\"authentication\":\"";
+const AUTH_PREFIX_LEN: usize = AUTH_PREFIX.len() + 64 + 2;
+
+type HmacSha256 = hmac::Hmac<sha2_hmac::Sha256>;
 /// Chunks read and written per step when streaming files (4 MiB with 64 KiB chunks).
 const STREAM_CHUNKS: usize = 64;
 
@@ -198,6 +220,19 @@ impl EncryptionKey {
         id
     }
 
+    /// A 32-byte key for another purpose, named by `info`: the first block of HKDF-Expand
+    /// (RFC 5869) with SHA-256, the key as its pseudorandom key (it is uniformly random
+    /// already), i.e. `HMAC-SHA256(key, info ‖ 0x01)`.
+    fn derive(&self, info: &[u8]) -> Zeroizing<[u8; 32]> {
+        let mut mac = HmacSha256::new_from_slice(self.bytes.as_ref())
+            .expect("HMAC takes a key of any length");
+        mac.update(info);
+        mac.update(&[1]);
+        let mut out = Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(&mac.finalize().into_bytes());
+        out
+    }
+
     /// The key as 64 hex digits, for tooling that writes key files. Handle with care.
     pub fn to_hex(&self) -> Zeroizing<String> {
         Zeroizing::new(hex::encode(self.bytes.as_ref()))
@@ -238,9 +273,35 @@ pub enum CryptError {
     BadSize { size: u64 },
     #[error(
         "chunk {chunk} failed authentication: the object was modified, truncated or extended, \
-         or it holds another object's content"
+         or it holds another object's content, or it was copied from another repository \
+         encrypted with the same key"
     )]
     Tampered { chunk: u64 },
+    #[error(
+        "the repository has no tidemark.json, which holds the repository id every encrypted \
+         object is bound to; create the repository (start the archiver) before writing to it"
+    )]
+    ConfigMissing,
+    #[error(
+        "tidemark.json carries no authentication: it was written by a Tidemark that did not \
+         authenticate it (encrypted objects of version 1) or replaced by hand; this Tidemark \
+         reads only encrypted repositories whose tidemark.json it can authenticate (FORMAT.md \
+         §10.5)"
+    )]
+    ConfigUnauthenticated,
+    #[error(
+        "tidemark.json failed authentication with the key given: it was modified (its \
+         repository id, database identity, lineage or encryption settings), or it comes from \
+         another repository; restore the original tidemark.json"
+    )]
+    ConfigTampered,
+    #[error("tidemark.json is not a repository config: {detail}")]
+    ConfigMalformed { detail: String },
+    #[error(
+        "tidemark.json now names repository {now}, but this process works on repository {was}: \
+         it was replaced while in use"
+    )]
+    ConfigChanged { was: String, now: String },
 }
 
 /// The layout of encrypted objects with one chunk size: offsets and sizes.
@@ -318,6 +379,14 @@ impl Header {
         let mut bytes = [0u8; HEADER_LEN];
         bytes.copy_from_slice(&data[..HEADER_LEN]);
         let h = Header { bytes };
+        if bytes[8] == 1 {
+            return Err(CryptError::Unsupported {
+                detail: format!(
+                    "version 1, which does not bind an object to its repository (this Tidemark \
+                     reads version {VERSION}; FORMAT.md §10.6)"
+                ),
+            });
+        }
         if bytes[8] != VERSION {
             return Err(CryptError::Unsupported {
                 detail: format!(
@@ -359,34 +428,58 @@ impl Header {
     }
 }
 
+/// What a sealed chunk is bound to besides its header and position: the repository and the
+/// object's key.
+#[derive(Debug, Clone, Copy)]
+struct Object<'a> {
+    /// The repository id (empty for [`UNBOUND_KEYS`]).
+    repository: &'a str,
+    key: &'a str,
+}
+
 /// The key and layout, shared by the async methods and the blocking file work.
 struct Crypt {
     cipher: XChaCha20Poly1305,
+    /// The key that authenticates `tidemark.json`, derived from the encryption key.
+    config_key: Zeroizing<[u8; 32]>,
     key_id: [u8; 8],
     chunk_log2: u8,
     layout: Layout,
 }
 
 impl Crypt {
-    fn aad(header: &Header, chunk: u64, last: bool, key: &str) -> Vec<u8> {
-        let mut aad = Vec::with_capacity(AAD_DOMAIN.len() + HEADER_LEN + 9 + key.len());
+    fn aad(header: &Header, chunk: u64, last: bool, obj: Object<'_>) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(
+            AAD_DOMAIN.len() + 4 + obj.repository.len() + HEADER_LEN + 9 + obj.key.len(),
+        );
         aad.extend_from_slice(AAD_DOMAIN);
+        let repository_len = u32::try_from(obj.repository.len()).expect("a repository id is short");
+        aad.extend_from_slice(&repository_len.to_le_bytes());
+        aad.extend_from_slice(obj.repository.as_bytes());
         aad.extend_from_slice(&header.bytes);
         aad.extend_from_slice(&chunk.to_le_bytes());
         aad.push(u8::from(last));
-        aad.extend_from_slice(key.as_bytes());
+        aad.extend_from_slice(obj.key.as_bytes());
         aad
     }
 
     /// Appends chunk `i` of `plain` sealed to `out`.
-    fn seal(&self, h: &Header, key: &str, i: u64, last: bool, plain: &[u8], out: &mut Vec<u8>) {
+    fn seal(
+        &self,
+        h: &Header,
+        obj: Object<'_>,
+        i: u64,
+        last: bool,
+        plain: &[u8],
+        out: &mut Vec<u8>,
+    ) {
         let start = out.len();
         out.extend_from_slice(plain);
         let tag = self
             .cipher
             .encrypt_inout_detached(
                 &h.nonce(i),
-                &Self::aad(h, i, last, key),
+                &Self::aad(h, i, last, obj),
                 (&mut out[start..]).into(),
             )
             .expect("a 64 KiB chunk is within XChaCha20-Poly1305's limits");
@@ -397,7 +490,7 @@ impl Crypt {
     fn open<'a>(
         &self,
         h: &Header,
-        key: &str,
+        obj: Object<'_>,
         i: u64,
         last: bool,
         sealed: &'a mut [u8],
@@ -409,12 +502,65 @@ impl Crypt {
         let (msg, tag) = sealed.split_at_mut(n);
         let tag = Tag::try_from(&*tag).map_err(|_| CryptError::Tampered { chunk: i })?;
         self.cipher
-            .decrypt_inout_detached(&h.nonce(i), &Self::aad(h, i, last, key), msg.into(), &tag)
+            .decrypt_inout_detached(&h.nonce(i), &Self::aad(h, i, last, obj), msg.into(), &tag)
             .map_err(|_| CryptError::Tampered { chunk: i })?;
         Ok(msg)
     }
 
-    fn encrypt(&self, key: &str, plain: &[u8]) -> Vec<u8> {
+    /// The HMAC of the part of `tidemark.json` after its checksum and authentication.
+    fn config_mac(&self, rest: &[u8]) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(self.config_key.as_ref())
+            .expect("HMAC takes a key of any length");
+        mac.update(CONFIG_MAC_DOMAIN);
+        mac.update(rest);
+        mac
+    }
+
+    /// Inserts the authentication into a `tidemark.json` written as FORMAT.md §3.1 says,
+    /// and returns the new document and the repository id it names.
+    fn authenticate_config(&self, doc: &[u8]) -> Result<(Vec<u8>, String), CryptError> {
+        let rest = config_rest(doc)?;
+        if rest.starts_with(AUTH_PREFIX) {
+            return Err(CryptError::ConfigMalformed {
+                detail: "it is authenticated already".to_owned(),
+            });
+        }
+        let repository = config_repository_id(doc)?;
+        let mac = hex::encode(self.config_mac(rest).finalize().into_bytes());
+        let mut body = Vec::with_capacity(AUTH_PREFIX_LEN + rest.len());
+        body.extend_from_slice(AUTH_PREFIX);
+        body.extend_from_slice(mac.as_bytes());
+        body.extend_from_slice(b"\",");
+        body.extend_from_slice(rest);
+        let mut out = Vec::with_capacity(CHECKSUM_PREFIX_LEN + body.len());
+        out.extend_from_slice(CHECKSUM_PREFIX);
+        out.extend_from_slice(crate::checksum::sha256_hex(&body).as_bytes());
+        out.extend_from_slice(b"\",");
+        out.extend_from_slice(&body);
+        Ok((out, repository))
+    }
+
+    /// Checks the authentication of a `tidemark.json` and returns the repository id it
+    /// names. (Its checksum is the document parser's to check.)
+    fn verify_config(&self, doc: &[u8]) -> Result<String, CryptError> {
+        let body = config_rest(doc)?;
+        let Some(hex_mac) = body
+            .strip_prefix(AUTH_PREFIX)
+            .and_then(|b| b.get(..66))
+            .filter(|b| b.ends_with(b"\","))
+            .map(|b| &b[..64])
+        else {
+            return Err(CryptError::ConfigUnauthenticated);
+        };
+        let mut mac = [0u8; 32];
+        hex::decode_to_slice(hex_mac, &mut mac).map_err(|_| CryptError::ConfigTampered)?;
+        self.config_mac(&body[AUTH_PREFIX_LEN..])
+            .verify_slice(&mac)
+            .map_err(|_| CryptError::ConfigTampered)?;
+        config_repository_id(doc)
+    }
+
+    fn encrypt(&self, obj: Object<'_>, plain: &[u8]) -> Vec<u8> {
         let h = Header::new(self.chunk_log2, self.key_id);
         let size = plain.len() as u64;
         let mut out = Vec::with_capacity(self.layout.stored_size(size) as usize);
@@ -424,7 +570,7 @@ impl Crypt {
             let r = self.layout.chunk_range(i, size);
             self.seal(
                 &h,
-                key,
+                obj,
                 i,
                 i + 1 == n,
                 &plain[r.start as usize..r.end as usize],
@@ -434,7 +580,7 @@ impl Crypt {
         out
     }
 
-    fn decrypt(&self, key: &str, mut stored: Vec<u8>) -> Result<Vec<u8>, CryptError> {
+    fn decrypt(&self, obj: Object<'_>, mut stored: Vec<u8>) -> Result<Vec<u8>, CryptError> {
         let h = Header::parse(&stored, self)?;
         let size = stored.len() as u64;
         let plain = self
@@ -447,13 +593,13 @@ impl Crypt {
             let r = self.layout.chunk_range(i, plain);
             let start = self.layout.stored_offset(i) as usize;
             let end = start + (r.end - r.start) as usize + TAG_LEN;
-            out.extend_from_slice(self.open(&h, key, i, i + 1 == n, &mut stored[start..end])?);
+            out.extend_from_slice(self.open(&h, obj, i, i + 1 == n, &mut stored[start..end])?);
         }
         Ok(out)
     }
 
     /// Encrypts the file `src` into `dst` (created), chunk by chunk.
-    fn encrypt_file(&self, key: &str, src: &Path, dst: &Path) -> io::Result<()> {
+    fn encrypt_file(&self, obj: Object<'_>, src: &Path, dst: &Path) -> io::Result<()> {
         let mut input = File::open(src)?;
         let size = input.metadata()?.len();
         let mut output = io::BufWriter::with_capacity(1 << 20, File::create_new(dst)?);
@@ -472,7 +618,7 @@ impl Crypt {
                 )
             })?;
             sealed.clear();
-            self.seal(&h, key, i, i + 1 == n, buf, &mut sealed);
+            self.seal(&h, obj, i, i + 1 == n, buf, &mut sealed);
             output.write_all(&sealed)?;
         }
         let mut probe = [0u8; 1];
@@ -488,7 +634,7 @@ impl Crypt {
     /// plaintext size.
     fn decrypt_file(
         &self,
-        key: &str,
+        obj: Object<'_>,
         src: &Path,
         dst: &Path,
     ) -> Result<u64, Result<CryptError, io::Error>> {
@@ -526,7 +672,7 @@ impl Crypt {
                 let r = self.layout.chunk_range(j, plain);
                 let len = (r.end - r.start) as usize + TAG_LEN;
                 out.extend_from_slice(
-                    self.open(&h, key, j, j + 1 == n, &mut batch[at..at + len])
+                    self.open(&h, obj, j, j + 1 == n, &mut batch[at..at + len])
                         .map_err(Ok)?,
                 );
                 at += len;
@@ -539,10 +685,42 @@ impl Crypt {
     }
 }
 
+/// The part of a repository document after its checksum prefix (FORMAT.md §3.1).
+fn config_rest(doc: &[u8]) -> Result<&[u8], CryptError> {
+    let well_formed = doc.len() > CHECKSUM_PREFIX_LEN
+        && doc.starts_with(CHECKSUM_PREFIX)
+        && &doc[CHECKSUM_PREFIX_LEN - 2..CHECKSUM_PREFIX_LEN] == b"\",";
+    if !well_formed {
+        return Err(CryptError::ConfigMalformed {
+            detail: "it does not start with its checksum (FORMAT.md §3.1)".to_owned(),
+        });
+    }
+    Ok(&doc[CHECKSUM_PREFIX_LEN..])
+}
+
+/// The `repository_id` a `tidemark.json` names.
+fn config_repository_id(doc: &[u8]) -> Result<String, CryptError> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        repository_id: String,
+    }
+    let id: Id = serde_json::from_slice(doc).map_err(|e| CryptError::ConfigMalformed {
+        detail: e.to_string(),
+    })?;
+    if id.repository_id.is_empty() {
+        return Err(CryptError::ConfigMalformed {
+            detail: "its repository_id is empty".to_owned(),
+        });
+    }
+    Ok(id.repository_id)
+}
+
 /// The encryption decorator: see the module documentation.
 pub struct CryptStore {
     inner: Arc<dyn ObjectStore>,
     crypt: Arc<Crypt>,
+    /// The repository id objects are bound to, from the authenticated `tidemark.json`.
+    repository: tokio::sync::OnceCell<Arc<str>>,
 }
 
 impl fmt::Debug for CryptStore {
@@ -551,6 +729,7 @@ impl fmt::Debug for CryptStore {
             .field("inner", &self.inner)
             .field("key_id", &hex::encode(self.crypt.key_id))
             .field("chunk_size", &self.crypt.layout.chunk)
+            .field("repository", &self.repository.get())
             .finish()
     }
 }
@@ -573,8 +752,10 @@ impl CryptStore {
             .expect("an encryption key is 32 bytes");
         Ok(CryptStore {
             inner,
+            repository: tokio::sync::OnceCell::new(),
             crypt: Arc::new(Crypt {
                 cipher,
+                config_key: key.derive(CONFIG_KEY_INFO),
                 key_id: key.key_id_bytes(),
                 chunk_log2: chunk_size.trailing_zeros() as u8,
                 layout: Layout {
@@ -637,12 +818,100 @@ impl CryptStore {
         Ok(ObjectMeta { size, ..meta })
     }
 
-    fn seal(&self, key: &str, data: Bytes) -> Bytes {
-        if Self::plaintext(key) {
-            data
-        } else {
-            Bytes::from(self.crypt.encrypt(key, &data))
+    /// The repository id the object at `key` is bound to: read from `tidemark.json` (and
+    /// authenticated) the first time it is needed.
+    async fn bound(&self, op: StoreOp, key: &str) -> StoreResult<Arc<str>> {
+        if UNBOUND_KEYS.contains(&key) {
+            return Ok(Arc::from(""));
         }
+        let id = self
+            .repository
+            .get_or_try_init(|| async {
+                let config = crate::keys::CONFIG;
+                let doc = match self.inner.get(config).await {
+                    Ok(doc) => doc,
+                    Err(e) if e.is_not_found() => {
+                        return Err(self.fail(op, key, CryptError::ConfigMissing));
+                    }
+                    Err(e) => return Err(e),
+                };
+                let id = self
+                    .crypt
+                    .verify_config(&doc)
+                    .map_err(|e| self.fail(StoreOp::Get, config, e))?;
+                Ok(Arc::from(id))
+            })
+            .await?;
+        Ok(Arc::clone(id))
+    }
+
+    /// Records the repository id of a `tidemark.json` read or written, refusing one that
+    /// differs from the id objects were already bound to.
+    fn bind(&self, op: StoreOp, id: String) -> StoreResult<()> {
+        if self.repository.get().is_none() {
+            // A concurrent first binding may win; it is compared below like any other.
+            let _ = self.repository.set(Arc::from(id.as_str()));
+        }
+        match self.repository.get() {
+            Some(known) if **known != *id => Err(self.fail(
+                op,
+                crate::keys::CONFIG,
+                CryptError::ConfigChanged {
+                    was: known.to_string(),
+                    now: id,
+                },
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks a `tidemark.json` read from the store and binds its repository id.
+    fn check_config(&self, op: StoreOp, doc: &[u8]) -> StoreResult<()> {
+        let id = self
+            .crypt
+            .verify_config(doc)
+            .map_err(|e| self.fail(op, crate::keys::CONFIG, e))?;
+        self.bind(op, id)
+    }
+
+    /// The bytes to store for `data` at `key`: sealed, or for `tidemark.json`
+    /// authenticated (with the repository id it names, bound once the write succeeds).
+    async fn seal(
+        &self,
+        op: StoreOp,
+        key: &str,
+        data: Bytes,
+    ) -> StoreResult<(Bytes, Option<String>)> {
+        if Self::plaintext(key) {
+            let (doc, id) = self
+                .crypt
+                .authenticate_config(&data)
+                .map_err(|e| self.fail(op, key, e))?;
+            if let Some(known) = self.repository.get()
+                && **known != *id
+            {
+                let e = CryptError::ConfigChanged {
+                    was: known.to_string(),
+                    now: id,
+                };
+                return Err(self.fail(op, key, e));
+            }
+            return Ok((Bytes::from(doc), Some(id)));
+        }
+        let repository = self.bound(op, key).await?;
+        let obj = Object {
+            repository: &repository,
+            key,
+        };
+        Ok((Bytes::from(self.crypt.encrypt(obj, &data)), None))
+    }
+
+    /// A written object's tag, binding the repository id of a `tidemark.json` written.
+    fn written(&self, op: StoreOp, id: Option<String>, etag: ETag) -> StoreResult<ETag> {
+        if let Some(id) = id {
+            self.bind(op, id)?;
+        }
+        Ok(etag)
     }
 }
 
@@ -669,26 +938,38 @@ impl ObjectStore for CryptStore {
 
     async fn put(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
         super::validate_key(key)?;
-        self.inner.put(key, self.seal(key, data)).await
+        let op = StoreOp::Put;
+        let (sealed, id) = self.seal(op, key, data).await?;
+        let etag = self.inner.put(key, sealed).await?;
+        self.written(op, id, etag)
     }
 
     async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
         super::validate_key(key)?;
-        self.inner.put_if_absent(key, self.seal(key, data)).await
+        let op = StoreOp::PutIfAbsent;
+        let (sealed, id) = self.seal(op, key, data).await?;
+        let etag = self.inner.put_if_absent(key, sealed).await?;
+        self.written(op, id, etag)
     }
 
     async fn put_if_match(&self, key: &str, data: Bytes, etag: &ETag) -> StoreResult<ETag> {
         super::validate_key(key)?;
-        self.inner
-            .put_if_match(key, self.seal(key, data), etag)
-            .await
+        let op = StoreOp::PutIfMatch;
+        let (sealed, id) = self.seal(op, key, data).await?;
+        let etag = self.inner.put_if_match(key, sealed, etag).await?;
+        self.written(op, id, etag)
     }
 
     async fn put_file(&self, key: &str, path: &Path) -> StoreResult<ETag> {
         super::validate_key(key)?;
         if Self::plaintext(key) {
-            return self.inner.put_file(key, path).await;
+            // `tidemark.json` is small and must be authenticated on its way.
+            let data = tokio::fs::read(path)
+                .await
+                .map_err(|e| Self::local(StoreOp::PutFile, key, path, e))?;
+            return self.put(key, Bytes::from(data)).await;
         }
+        let repository = self.bound(StoreOp::PutFile, key).await?;
         // Encrypt to a temporary file beside the source (the same file system, which holds
         // the source already), falling back to the system's temporary directory.
         let op = StoreOp::PutFile;
@@ -696,13 +977,17 @@ impl ObjectStore for CryptStore {
             let crypt = Arc::clone(&self.crypt);
             let (k, src) = (key.to_owned(), path.to_owned());
             blocking(move || {
+                let obj = Object {
+                    repository: &repository,
+                    key: &k,
+                };
                 let mut last = None;
                 let beside = local_temp_path(&src).map(|(_, t)| t);
                 let fallback = std::env::temp_dir()
                     .join(format!(".tidemark-enc-{:016x}", rand::random::<u64>()));
                 for dst in beside.into_iter().chain([fallback]) {
                     let guard = TempFile(dst.clone());
-                    match crypt.encrypt_file(&k, &src, &dst) {
+                    match crypt.encrypt_file(obj, &src, &dst) {
                         Ok(()) => return Ok(guard),
                         Err(e)
                             if matches!(
@@ -727,11 +1012,17 @@ impl ObjectStore for CryptStore {
         super::validate_key(key)?;
         let (data, meta) = self.inner.get_with_meta(key).await?;
         if Self::plaintext(key) {
+            self.check_config(StoreOp::Get, &data)?;
             return Ok((data, meta));
         }
+        let repository = self.bound(StoreOp::Get, key).await?;
+        let obj = Object {
+            repository: &repository,
+            key,
+        };
         let plain = self
             .crypt
-            .decrypt(key, Vec::from(data))
+            .decrypt(obj, Vec::from(data))
             .map_err(|e| self.fail(StoreOp::Get, key, e))?;
         let meta = ObjectMeta {
             size: plain.len() as u64,
@@ -742,11 +1033,26 @@ impl ObjectStore for CryptStore {
 
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
         super::validate_key(key)?;
-        if Self::plaintext(key) {
-            return self.inner.get_to_file(key, path).await;
-        }
         let op = StoreOp::GetToFile;
         let local = |e| Self::local(op, key, path, e);
+        if Self::plaintext(key) {
+            // Checked whole, then written as every download is: a synced temporary file
+            // renamed into place.
+            let doc = self.get(key).await?;
+            let (_, temp) = local_temp_path(path).map_err(local)?;
+            let temp = TempFile(temp);
+            let (t, p, d) = (temp.0.clone(), path.to_owned(), doc.clone());
+            blocking(move || {
+                let mut f = File::create_new(&t)?;
+                f.write_all(&d)?;
+                f.sync_all()?;
+                fs::rename(&t, &p)
+            })
+            .await
+            .map_err(local)?;
+            return Ok(doc.len() as u64);
+        }
+        let repository = self.bound(op, key).await?;
         let (dir, sealed) = local_temp_path(path).map_err(local)?;
         let sealed = TempFile(sealed);
         self.inner.get_to_file(key, &sealed.0).await?;
@@ -754,12 +1060,18 @@ impl ObjectStore for CryptStore {
         let plain = TempFile(plain);
         let crypt = Arc::clone(&self.crypt);
         let (k, src, dst) = (key.to_owned(), sealed.0.clone(), plain.0.clone());
-        let size = blocking(move || crypt.decrypt_file(&k, &src, &dst))
-            .await
-            .map_err(|e| match e {
-                Ok(c) => self.fail(op, key, c),
-                Err(io) => local(io),
-            })?;
+        let size = blocking(move || {
+            let obj = Object {
+                repository: &repository,
+                key: &k,
+            };
+            crypt.decrypt_file(obj, &src, &dst)
+        })
+        .await
+        .map_err(|e| match e {
+            Ok(c) => self.fail(op, key, c),
+            Err(io) => local(io),
+        })?;
         fs::rename(&plain.0, path).map_err(local)?;
         if let Ok(d) = File::open(&dir) {
             let _ = d.sync_all();
@@ -769,10 +1081,28 @@ impl ObjectStore for CryptStore {
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         super::validate_key(key)?;
-        if Self::plaintext(key) {
-            return self.inner.get_range(key, range).await;
-        }
         let op = StoreOp::GetRange;
+        if Self::plaintext(key) {
+            // Only the whole document can be authenticated.
+            let doc = self.get(key).await?;
+            let size = doc.len() as u64;
+            if range.start > range.end || range.end > size {
+                return Err(StoreError::InvalidRange {
+                    op,
+                    key: key.to_owned(),
+                    location: self.location(key),
+                    start: range.start,
+                    end: range.end,
+                    size: Some(size),
+                });
+            }
+            return Ok(doc.slice(range.start as usize..range.end as usize));
+        }
+        let repository = self.bound(op, key).await?;
+        let obj = Object {
+            repository: &repository,
+            key,
+        };
         let stored = self
             .inner
             .head(key)
@@ -828,7 +1158,7 @@ impl ObjectStore for CryptStore {
             };
             let opened = self
                 .crypt
-                .open(&h, key, i, i + 1 == n, sealed)
+                .open(&h, obj, i, i + 1 == n, sealed)
                 .map_err(|e| self.fail(op, key, e))?;
             let from = range.start.max(r.start) - r.start;
             let to = range.end.min(r.end) - r.start;
@@ -882,10 +1212,39 @@ mod tests {
         EncryptionKey::from_bytes([n; KEY_LEN])
     }
 
+    /// A store on `raw` bound to repository `id` without a `tidemark.json`.
+    fn bound_store(raw: Arc<MemoryStore>, k: &EncryptionKey, id: &str) -> CryptStore {
+        let crypt = CryptStore::new(raw, k, CHUNK).unwrap();
+        crypt.repository.set(Arc::from(id)).unwrap();
+        crypt
+    }
+
     fn stores(k: &EncryptionKey) -> (Arc<MemoryStore>, CryptStore) {
         let raw = Arc::new(MemoryStore::new());
-        let crypt = CryptStore::new(raw.clone(), k, CHUNK).unwrap();
+        let crypt = bound_store(raw.clone(), k, "r");
         (raw, crypt)
+    }
+
+    /// A `tidemark.json` for repository `id`, as the repository layer writes it.
+    fn config_doc(id: &str, k: &EncryptionKey) -> Bytes {
+        use crate::model::{Compression, Encryption, FORMAT_VERSION, Lineage, RepositoryConfig};
+        let config = RepositoryConfig {
+            format_version: FORMAT_VERSION,
+            repository_id: id.into(),
+            created_at: time::OffsetDateTime::UNIX_EPOCH,
+            database_identity: "db".into(),
+            lineage: Lineage {
+                id: "l".into(),
+                parent: None,
+            },
+            segment_compression: Compression::Zstd,
+            encryption: Some(Encryption {
+                algorithm: ALGORITHM.into(),
+                chunk_size: CHUNK,
+                key_id: k.key_id(),
+            }),
+        };
+        Bytes::from(crate::model::to_document_bytes(&config))
     }
 
     fn data(len: usize) -> Vec<u8> {
@@ -953,16 +1312,168 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_config_stays_plaintext() {
-        let (raw, s) = stores(&key(1));
-        s.put_if_absent(crate::keys::CONFIG, Bytes::from_static(b"{\"x\":1}"))
+    async fn the_config_stays_readable_and_is_authenticated() {
+        let k = key(1);
+        let raw = Arc::new(MemoryStore::new());
+        let s = CryptStore::new(raw.clone(), &k, CHUNK).unwrap();
+        // Nothing is sealed before tidemark.json names the repository.
+        let msg = s.put("wal/a", Bytes::from_static(b"x")).await.unwrap_err();
+        assert!(msg.to_string().contains("'wal/a'"), "{msg}");
+        assert!(format!("{:?}", msg).contains("ConfigMissing"), "{msg:?}");
+        let doc = config_doc("repo-a", &k);
+        s.put_if_absent(crate::keys::CONFIG, doc.clone())
             .await
             .unwrap();
+        let stored = raw.get(crate::keys::CONFIG).await.unwrap();
+        // Readable without the key, as the same config, with its authentication in front.
+        let text = std::str::from_utf8(&stored).unwrap();
+        assert!(text.contains("\"authentication\":\""), "{text}");
+        assert!(text.contains("repo-a"), "{text}");
+        let parsed: crate::model::RepositoryConfig =
+            crate::model::parse_document(crate::keys::CONFIG, &stored).unwrap();
+        let original: crate::model::RepositoryConfig =
+            crate::model::parse_document(crate::keys::CONFIG, &doc).unwrap();
+        assert_eq!(parsed, original);
+        assert_eq!(s.get(crate::keys::CONFIG).await.unwrap(), stored);
         assert_eq!(
-            raw.get(crate::keys::CONFIG).await.unwrap(),
-            &b"{\"x\":1}"[..]
+            s.get_range(crate::keys::CONFIG, 0..13).await.unwrap(),
+            &stored[..13]
         );
-        assert_eq!(s.head(crate::keys::CONFIG).await.unwrap().unwrap().size, 7);
+        s.put("wal/a", Bytes::from_static(b"x")).await.unwrap();
+
+        // A fresh reader binds to the id the authenticated config names.
+        let fresh = CryptStore::new(raw.clone(), &k, CHUNK).unwrap();
+        assert_eq!(fresh.get("wal/a").await.unwrap(), &b"x"[..]);
+        assert_eq!(fresh.repository.get().map(|r| &**r), Some("repo-a"));
+    }
+
+    /// The message of reading `wal/a` through a fresh store over `raw`, whose
+    /// `tidemark.json` is `doc`.
+    async fn read_with_config(raw: &Arc<MemoryStore>, k: &EncryptionKey, doc: &[u8]) -> String {
+        raw.put(crate::keys::CONFIG, Bytes::copy_from_slice(doc))
+            .await
+            .unwrap();
+        let fresh = CryptStore::new(raw.clone(), k, CHUNK).unwrap();
+        let direct = fresh
+            .get(crate::keys::CONFIG)
+            .await
+            .unwrap_err()
+            .to_string();
+        let e = fresh.get("wal/a").await.unwrap_err();
+        let msg = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert!(msg.contains("'tidemark.json'"), "{msg}");
+        assert!(direct.contains("'tidemark.json'"), "{direct}");
+        msg
+    }
+
+    #[tokio::test]
+    async fn a_changed_config_is_refused() {
+        let k = key(1);
+        let raw = Arc::new(MemoryStore::new());
+        let s = CryptStore::new(raw.clone(), &k, CHUNK).unwrap();
+        s.put_if_absent(crate::keys::CONFIG, config_doc("repo-a", &k))
+            .await
+            .unwrap();
+        s.put("wal/a", Bytes::from_static(b"x")).await.unwrap();
+        let stored = raw.get(crate::keys::CONFIG).await.unwrap().to_vec();
+        let body = std::str::from_utf8(&stored[CHECKSUM_PREFIX_LEN..]).unwrap();
+        // Edited fields, each with a correct checksum (so only the authentication fails).
+        let rechecksummed = |body: String| {
+            let mut doc = CHECKSUM_PREFIX.to_vec();
+            doc.extend_from_slice(crate::checksum::sha256_hex(body.as_bytes()).as_bytes());
+            doc.extend_from_slice(b"\",");
+            doc.extend_from_slice(body.as_bytes());
+            doc
+        };
+        for (from, to) in [
+            ("repo-a", "repo-b"),
+            ("\"chunk_size\": 4096", "\"chunk_size\": 8192"),
+            (
+                "\"database_identity\": \"db\"",
+                "\"database_identity\": \"xx\"",
+            ),
+            (&k.key_id(), &key(9).key_id()),
+        ] {
+            assert!(body.contains(from), "{from} in {body}");
+            let doc = rechecksummed(body.replace(from, to));
+            let msg = read_with_config(&raw, &k, &doc).await;
+            assert!(msg.contains("tidemark.json failed authentication"), "{msg}");
+        }
+        // Without its authentication (as an older Tidemark wrote it).
+        let doc = rechecksummed(body[AUTH_PREFIX_LEN..].to_owned());
+        let msg = read_with_config(&raw, &k, &doc).await;
+        assert!(msg.contains("carries no authentication"), "{msg}");
+        // Authenticated with another key.
+        let other = CryptStore::new(Arc::new(MemoryStore::new()), &key(2), CHUNK).unwrap();
+        let (doc, _) = other
+            .crypt
+            .authenticate_config(&config_doc("repo-a", &k))
+            .unwrap();
+        let msg = read_with_config(&raw, &k, &doc).await;
+        assert!(msg.contains("tidemark.json failed authentication"), "{msg}");
+        // The original still works.
+        raw.put(crate::keys::CONFIG, Bytes::from(stored))
+            .await
+            .unwrap();
+        let fresh = CryptStore::new(raw.clone(), &k, CHUNK).unwrap();
+        assert_eq!(fresh.get("wal/a").await.unwrap(), &b"x"[..]);
+        // A store bound to one repository refuses a config naming another.
+        let msg = fresh
+            .put(crate::keys::CONFIG, config_doc("repo-b", &k))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("tidemark.json"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn objects_are_bound_to_their_repository() {
+        let k = key(3);
+        let raw_a = Arc::new(MemoryStore::new());
+        let a = bound_store(raw_a.clone(), &k, "repo-a");
+        let raw_b = Arc::new(MemoryStore::new());
+        let b = bound_store(raw_b.clone(), &k, "repo-b");
+        for (name, len) in [("wal/0000000000000001.seg", 5000), ("sst/x", 10)] {
+            a.put(name, Bytes::from(data(len))).await.unwrap();
+            b.put(name, Bytes::from(data(len))).await.unwrap();
+            assert_eq!(b.get(name).await.unwrap(), data(len));
+            // A's object under the same key in B.
+            raw_b
+                .put(name, raw_a.get(name).await.unwrap())
+                .await
+                .unwrap();
+            for msg in read_error(&b, name).await {
+                assert!(msg.contains("chunk 0 failed authentication"), "{msg}");
+                assert!(msg.contains("another repository"), "{msg}");
+            }
+        }
+        // The lease is not bound (a writer takes it before tidemark.json exists).
+        a.put(crate::keys::LEASE, Bytes::from_static(b"lease"))
+            .await
+            .unwrap();
+        raw_b
+            .put(
+                crate::keys::LEASE,
+                raw_a.get(crate::keys::LEASE).await.unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(b.get(crate::keys::LEASE).await.unwrap(), &b"lease"[..]);
+    }
+
+    #[tokio::test]
+    async fn version_1_objects_are_refused() {
+        let (raw, s) = stores(&key(1));
+        s.put("wal/a", Bytes::from(data(100))).await.unwrap();
+        let mut stored = raw.get("wal/a").await.unwrap().to_vec();
+        stored[8] = 1;
+        raw.put("wal/a", Bytes::from(stored)).await.unwrap();
+        for msg in read_error(&s, "wal/a").await {
+            assert!(
+                msg.contains("version 1, which does not bind an object to its repository"),
+                "{msg}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -1155,7 +1666,7 @@ mod tests {
         s.put("manifest/x.json", Bytes::from_static(b"secret"))
             .await
             .unwrap();
-        let other = CryptStore::new(raw, &key(7), CHUNK).unwrap();
+        let other = bound_store(raw, &key(7), "r");
         for msg in read_error(&other, "manifest/x.json").await {
             assert!(msg.contains(&key(6).key_id()), "{msg}");
             assert!(msg.contains(&key(7).key_id()), "{msg}");

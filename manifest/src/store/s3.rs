@@ -155,7 +155,8 @@ impl S3Options {
             match ::url::Url::parse(endpoint) {
                 Ok(u) if !matches!(u.scheme(), "http" | "https") => {
                     return bad(format!(
-                        "endpoint URL '{endpoint}' must start with http:// or https://"
+                        "endpoint URL '{}' must start with http:// or https://",
+                        super::url::redact(endpoint)
                     ));
                 }
                 Ok(u) if !u.username().is_empty() || u.password().is_some() => {
@@ -166,13 +167,17 @@ impl S3Options {
                     );
                 }
                 Ok(u) if u.host_str().is_none_or(str::is_empty) => {
-                    return bad(format!("endpoint URL '{endpoint}' has no host"));
+                    return bad(format!(
+                        "endpoint URL '{}' has no host",
+                        super::url::redact(endpoint)
+                    ));
                 }
                 Ok(_) => {}
                 Err(e) => {
                     return bad(format!(
-                        "endpoint URL '{endpoint}' is not a URL ({e}); write it like \
-                         http://127.0.0.1:9000"
+                        "endpoint URL '{}' is not a URL ({e}); write it like \
+                         http://127.0.0.1:9000",
+                        super::url::redact(endpoint)
                     ));
                 }
             }
@@ -457,6 +462,20 @@ impl S3Store {
             validate_key(prefix).map_err(|e| {
                 StoreError::config(format!("invalid key prefix for s3://{bucket}: {e}"))
             })?;
+        }
+        // The SDK's own endpoint settings must not carry credentials either: they would be
+        // printed in messages, and sent.
+        let service_endpoint = std::env::var("AWS_ENDPOINT_URL_S3").ok();
+        for url in sdk
+            .endpoint_url()
+            .into_iter()
+            .chain(service_endpoint.as_deref())
+        {
+            super::url::refuse_endpoint_credentials(
+                url,
+                "the AWS configuration: AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3 or a profile's \
+                 endpoint_url",
+            )?;
         }
         let endpoint_url = options
             .endpoint_url

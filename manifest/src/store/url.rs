@@ -103,15 +103,43 @@ fn bad(input: &str, reason: String) -> StoreError {
     ))
 }
 
-/// Hides a `user:password@` part, should someone put credentials into a URL.
-fn redact(input: &str) -> String {
-    if let Some((scheme, rest)) = input.split_once("://") {
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            return format!("{scheme}://***@{}", &rest[at + 1..]);
-        }
+/// Splits a URL into what precedes its authority (`scheme://`, or nothing), its userinfo
+/// (before the last `@` of the authority, if there is one) and the rest.
+fn split_userinfo(input: &str) -> (&str, Option<&str>, &str) {
+    let start = input.find("://").map_or(0, |i| i + 3);
+    let rest = &input[start..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => (&input[..start], Some(&rest[..at]), &rest[at + 1..]),
+        None => (&input[..start], None, rest),
     }
-    input.to_owned()
+}
+
+/// Hides a `user:password@` part, should someone put credentials into a URL: every URL a
+/// message or log shows passes through here.
+pub fn redact(input: &str) -> String {
+    match split_userinfo(input) {
+        (scheme, Some(_), rest) => format!("{scheme}***@{rest}"),
+        _ => input.to_owned(),
+    }
+}
+
+/// Whether a URL has a `user[:password]@` part.
+pub fn has_credentials(input: &str) -> bool {
+    split_userinfo(input).1.is_some()
+}
+
+/// Refuses an endpoint URL with credentials in it, from wherever it came (`source`: the
+/// flag, the AWS configuration); the message shows it redacted.
+pub fn refuse_endpoint_credentials(endpoint: &str, source: &str) -> StoreResult<()> {
+    if has_credentials(endpoint) {
+        return Err(StoreError::config(format!(
+            "the endpoint URL {} (from {source}) contains credentials; remove them and use the \
+             AWS credential chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE)",
+            redact(endpoint)
+        )));
+    }
+    Ok(())
 }
 
 fn unsupported_without_scheme(input: &str) -> StoreError {
@@ -325,6 +353,36 @@ mod tests {
         assert!(m.contains("credential chain"), "{m}");
         let m = err("ftp://user:hunter2@host/x");
         assert!(!m.contains("hunter2"), "{m}");
+    }
+
+    #[test]
+    fn endpoints_with_credentials_are_refused_redacted() {
+        for (url, shown) in [
+            ("https://user:hunter2@s3.example", "https://***@s3.example"),
+            (
+                "http://hunter2@127.0.0.1:9000/",
+                "http://***@127.0.0.1:9000/",
+            ),
+            ("user:hunter2@host", "***@host"),
+            ("https://a:b@c@host/p?q=@", "https://***@host/p?q=@"),
+        ] {
+            assert!(has_credentials(url), "{url}");
+            assert_eq!(redact(url), shown);
+            let m = refuse_endpoint_credentials(url, "AWS_ENDPOINT_URL")
+                .unwrap_err()
+                .to_string();
+            assert!(!m.contains("hunter2") && !m.contains(":b@"), "{m}");
+            assert!(m.contains(shown) && m.contains("AWS_ENDPOINT_URL"), "{m}");
+        }
+        for url in [
+            "https://s3.example",
+            "http://127.0.0.1:9000/p?x=a@b",
+            "host/a@b",
+        ] {
+            assert!(!has_credentials(url), "{url}");
+            assert_eq!(redact(url), url);
+            refuse_endpoint_credentials(url, "--endpoint-url").unwrap();
+        }
     }
 
     #[test]

@@ -51,9 +51,9 @@ Exit codes:
   6  verify: no problem found, but the content of some objects was not read (sizes only,
      the default on S3); --deep reads every byte";
 
-const DRILL_HELP: &str = "The check command is run as /bin/sh -c CMD with the restored database's directory in TIDEMARK_DRILL_DB (and as $1), its last sequence number in TIDEMARK_DRILL_SEQ, the time of its last record in TIDEMARK_DRILL_TIME and the repository URL in TIDEMARK_DRILL_REPOSITORY. Exit status 0 passes; anything else, or running past --check-timeout, fails the drill.
+const DRILL_HELP: &str = "The check command is run as /bin/sh -c CMD with the restored database's directory in TIDEMARK_DRILL_DB (and as $1), its last sequence number in TIDEMARK_DRILL_SEQ, the time of its last record in TIDEMARK_DRILL_TIME and the repository URL in TIDEMARK_DRILL_REPOSITORY. Of the drill's own environment it gets only PATH, HOME, USER, LOGNAME, SHELL, LANG, LANGUAGE, LC_*, TZ, TMPDIR and TERM, and the variables named with --check-env: never the encryption key or the store's credentials unless named. Exit status 0 passes; anything else, or running past --check-timeout, fails the drill.
 
-Every option can also come from the environment (TIDEMARK_FROM, TIDEMARK_DRILL_TARGET, TIDEMARK_DRILL_SCRATCH, TIDEMARK_DRILL_CHECK_COMMAND, TIDEMARK_DRILL_CHECK_TIMEOUT, TIDEMARK_DRILL_REPORT, TIDEMARK_DRILL_SEED, and the store's TIDEMARK_ENDPOINT_URL, TIDEMARK_REGION, TIDEMARK_PATH_STYLE), as in the systemd unit scripts/systemd/tidemark-drill@.service.";
+Every option can also come from the environment (TIDEMARK_FROM, TIDEMARK_DRILL_TARGET, TIDEMARK_DRILL_SCRATCH, TIDEMARK_DRILL_CHECK_COMMAND, TIDEMARK_DRILL_CHECK_TIMEOUT, TIDEMARK_DRILL_CHECK_ENV, TIDEMARK_DRILL_REPORT, TIDEMARK_DRILL_SEED, and the store's TIDEMARK_ENDPOINT_URL, TIDEMARK_REGION, TIDEMARK_PATH_STYLE), as in the systemd unit scripts/systemd/tidemark-drill@.service.";
 
 const TIME_HELP: &str = "\
 Restore every record committed at or before TIME. Accepted: RFC 3339 with an offset \
@@ -221,6 +221,17 @@ enum Command {
             env = "TIDEMARK_DRILL_CHECK_TIMEOUT"
         )]
         check_timeout: humantime::Duration,
+        /// Pass this variable of the drill's environment to the check command (repeat for
+        /// several; TIDEMARK_DRILL_CHECK_ENV takes a comma-separated list). Without it the
+        /// command gets only PATH, HOME, the locale and the TIDEMARK_DRILL_* variables: never
+        /// the encryption key or the store's credentials.
+        #[arg(
+            long,
+            value_name = "NAME",
+            env = "TIDEMARK_DRILL_CHECK_ENV",
+            value_delimiter = ','
+        )]
+        check_env: Vec<String>,
         /// Write the JSON report to FILE (atomically), passed or failed.
         #[arg(long, value_name = "FILE", env = "TIDEMARK_DRILL_REPORT")]
         report: Option<PathBuf>,
@@ -409,6 +420,7 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
             scratch,
             check_command,
             check_timeout,
+            check_env,
             report,
             keep,
             seed,
@@ -439,6 +451,7 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
                 scratch,
                 check_command,
                 check_timeout_secs: check_timeout.as_secs(),
+                check_env,
                 keep,
                 seed,
                 parallelism,

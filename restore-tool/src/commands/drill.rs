@@ -128,6 +128,10 @@ pub struct DrillOptions {
     /// The check command is killed after this many seconds, and the drill fails.
     #[serde(default = "default_check_timeout")]
     pub check_timeout_secs: u64,
+    /// Variables of the drill's environment passed to the check command besides the few it
+    /// always gets (see [`run_check`]).
+    #[serde(default)]
+    pub check_env: Vec<String>,
     /// Keep the drill's directory (and the restored database in it).
     #[serde(default)]
     pub keep: bool,
@@ -146,6 +150,7 @@ impl Default for DrillOptions {
             scratch: None,
             check_command: None,
             check_timeout_secs: DEFAULT_CHECK_TIMEOUT_SECS,
+            check_env: Vec::new(),
             keep: false,
             seed: None,
             parallelism: restore::DEFAULT_PARALLELISM,
@@ -658,6 +663,8 @@ fn prepare(store: &StoreOptions, opts: &DrillOptions) -> Result<PathBuf, Restore
             "--check-command is empty; give a command or leave it out".to_owned(),
         ));
     }
+    tidemark_manifest::cli::check_env_names(&opts.check_env)
+        .map_err(|e| RestoreError::Usage(format!("--check-env {e}")))?;
     store.url()?;
     store.s3()?;
     let parent = match &opts.scratch {
@@ -923,6 +930,7 @@ impl Drill {
                 seq: cutoff.map(|c| c.seq),
                 time: cutoff.map(|c| c.time),
                 repository: self.report.repository.clone(),
+                pass: opts.check_env.clone(),
             };
             let t = Instant::now();
             let timeout = Duration::from_secs(opts.check_timeout_secs);
@@ -1030,6 +1038,8 @@ pub struct CheckEnv {
     pub seq: Option<u64>,
     pub time: Option<OffsetDateTime>,
     pub repository: String,
+    /// Variables of the drill's own environment passed on by name (`--check-env`).
+    pub pass: Vec<String>,
 }
 
 /// The end of a stream: the last `limit` bytes read.
@@ -1088,8 +1098,11 @@ fn collect(
 /// - `TIDEMARK_DRILL_TIME`: the time of its last record (RFC 3339);
 /// - `TIDEMARK_DRILL_REPOSITORY`: the repository it came from;
 ///
-/// standard input from `/dev/null`, in its own process group. After `timeout`, or when the
-/// drill is cancelled, the whole group is killed. Exit status 0 passes.
+/// and of the drill's own environment only `PATH`, `HOME`, the locale and the few others of
+/// [`child_env`](tidemark_manifest::cli::child_env), plus the variables `env.pass` names:
+/// never the encryption key or the store's credentials unless named there. Standard input
+/// from `/dev/null`, in its own process group. After `timeout`, or when the drill is
+/// cancelled, the whole group is killed. Exit status 0 passes.
 pub async fn run_check(
     command: &str,
     env: &CheckEnv,
@@ -1102,6 +1115,8 @@ pub async fn run_check(
         .arg(command)
         .arg("tidemark-drill-check")
         .arg(&env.db)
+        .env_clear()
+        .envs(tidemark_manifest::cli::child_env(&env.pass))
         .env("TIDEMARK_DRILL_DB", &env.db)
         .env("TIDEMARK_DRILL_REPOSITORY", &env.repository)
         .stdin(Stdio::null())
@@ -1177,6 +1192,8 @@ fn kill_group(pid: Option<u32>) {
     if let Some(pid) = pid {
         let _ = std::process::Command::new("kill")
             .args(["-KILL", "--", &format!("-{pid}")])
+            .env_clear()
+            .envs(tidemark_manifest::cli::child_env(&[]))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -1305,6 +1322,7 @@ mod tests {
             seq: Some(42),
             time: Some(time::macros::datetime!(2026-11-23 13:30:00 UTC)),
             repository: "file:///r".into(),
+            pass: Vec::new(),
         };
         let ok = run_check(
             r#"test "$TIDEMARK_DRILL_DB" = "$1" && echo "seq=$TIDEMARK_DRILL_SEQ at $TIDEMARK_DRILL_TIME in $TIDEMARK_DRILL_DB""#,

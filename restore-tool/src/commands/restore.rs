@@ -698,6 +698,9 @@ async fn restore(
     let options = verify::read_options(staging.dir());
     if let Some(o) = &options {
         report.warnings.extend(verify::options_warnings(o));
+        report
+            .warnings
+            .extend(verify::path_option_warnings(o, &opts.target_dir));
     }
     let verification = {
         let dir = staging.dir().to_path_buf();
