@@ -53,9 +53,17 @@ impl Setup {
             &[],
             &self.path("loadgen.log"),
         )?;
-        wait_for(Duration::from_secs(20), "the database", || {
-            db.join("CURRENT").exists().then_some(())
-        })?;
+        wait_for(
+            Duration::from_secs(20),
+            "the database and its OPTIONS file",
+            || {
+                let options = std::fs::read_dir(&db)
+                    .ok()?
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("OPTIONS-"));
+                (db.join("CURRENT").exists() && options).then_some(())
+            },
+        )?;
         let args = [
             "run",
             "--db",
