@@ -209,7 +209,11 @@ pub struct RepoState {
 impl RepoState {
     /// The first sequence number not archived yet: where a writer continues.
     pub fn next_seq(&self) -> Option<u64> {
-        let from_segments = self.history.segments.last().map(|s| s.last_seq + 1);
+        let from_segments = self
+            .history
+            .segments
+            .last()
+            .map(|s| s.last_seq.saturating_add(1));
         let from_generation = self.generation.as_ref().map(|g| g.tail_start_seq);
         from_segments.max(from_generation)
     }
@@ -643,7 +647,7 @@ impl Repository {
         let mut next = from_seq;
         while let Some(h) = self.read_segment_header(next).await? {
             out.push(h.entry(&keys::segment_key(next), None));
-            next = h.last_seq + 1;
+            next = h.last_seq.saturating_add(1);
         }
         Ok(out)
     }
@@ -750,7 +754,7 @@ impl Repository {
             let walked_to = history
                 .segments
                 .last()
-                .map_or(tail_from, |s| s.last_seq + 1);
+                .map_or(tail_from, |s| s.last_seq.saturating_add(1));
             warnings.push(self.older_generation_note(read, newest, walked_to).await);
         }
         Ok(RepoState {
@@ -932,7 +936,11 @@ impl Repository {
                 detail: "not a segment key".to_owned(),
             })?;
         let path = dir.join(format!("{first:016x}.seg"));
-        let size = self.store.get_to_file(&entry.key, &path).await?;
+        // The header declares the object's length: a longer object stops there, not at a full disk.
+        let size = self
+            .store
+            .get_to_file_max(&entry.key, &path, entry.stored_size)
+            .await?;
         let key = entry.key.clone();
         let expected_sha = entry.sha256.clone();
         let stored_size = entry.stored_size;

@@ -271,7 +271,7 @@ async fn check_base_file(
     }
     out.read = true;
     let path = scratch.join(format!("{:08x}", rand::random::<u32>()));
-    match store.get_to_file(&f.key, &path).await {
+    match store.get_to_file_max(&f.key, &path, f.size).await {
         Ok(n) => {
             out.bytes = n;
             let hashed = path.clone();
