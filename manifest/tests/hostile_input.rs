@@ -443,6 +443,8 @@ fn documents() -> Vec<(&'static str, Vec<u8>)> {
         acquired_at: t(0),
         renewed_at: t(1),
         expires_at: t(60),
+        instance: Some("0123456789abcdef".into()),
+        released_at: Some(t(2)),
     };
     let hint = LatestHint {
         format_version: model::FORMAT_VERSION,

@@ -75,7 +75,7 @@ fn live_lease(path: &Path) -> bool {
 }
 
 fn wait_for_db(db: &Path) -> Result<()> {
-    wait_for_database(&db)
+    wait_for_database(db)
 }
 
 async fn archives_a_live_database(store: TestStore) -> Result<()> {

@@ -136,7 +136,7 @@ impl Setup {
 }
 
 fn wait_for_db(db: &Path) -> Result<()> {
-    wait_for_database(&db)
+    wait_for_database(db)
 }
 
 /// Waits until the repository (read directly) holds `last_seq` and a base, while the
