@@ -166,6 +166,8 @@ impl Setup {
     }
 }
 
+/// Every key in the store but the lease, which a released holder leaves behind on purpose
+/// (expired, marked released) and no sweep ever deletes.
 async fn all_keys(repo: &Repository) -> Result<BTreeSet<String>> {
     Ok(repo
         .store()
@@ -173,6 +175,7 @@ async fn all_keys(repo: &Repository) -> Result<BTreeSet<String>> {
         .await?
         .into_iter()
         .map(|m| m.key)
+        .filter(|k| k != keys::LEASE)
         .collect())
 }
 
@@ -604,7 +607,8 @@ async fn newest_base_is_whole(repo: &Repository) -> Result<()> {
 }
 
 /// A history, objects of an abandoned base, and `prune` holding still between its listing
-/// (which finds them unreferenced) and its deletions. Lease time to live: 2 s.
+/// (which finds them unreferenced) and its deletions. Lease time to live: 10 s, the shortest
+/// the archiver accepts.
 struct HeldSweep {
     s: Setup,
     oracle: Oracle,
@@ -623,7 +627,7 @@ impl HeldSweep {
         let config = s.path("short-lease.toml");
         std::fs::write(
             &config,
-            "lease_ttl = \"2s\"\nbase_at_start = true\nexit_when_caught_up = true\n",
+            "lease_ttl = \"10s\"\nbase_at_start = true\nexit_when_caught_up = true\n",
         )?;
         let config = config.display().to_string();
         let hold = s.path("sweep-hold");
@@ -697,8 +701,8 @@ impl HeldSweep {
 #[tokio::test(flavor = "multi_thread")]
 async fn no_base_backup_runs_while_prune_sweeps_however_long_it_takes() -> Result<()> {
     let mut h = HeldSweep::start().await?;
-    // Several lease lifetimes pass while the sweep holds its listing.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // More than a lease lifetime passes while the sweep holds its listing.
+    tokio::time::sleep(Duration::from_secs(12)).await;
     let (code, err) = h.base_backup()?;
     ensure!(
         code == 3 && err.contains("another archiver"),
@@ -722,7 +726,7 @@ async fn a_sweep_that_lost_its_lease_deletes_nothing_more() -> Result<()> {
     // The pruner stalls (a paused process, a partition) past its lease's expiry; an
     // archiver takes the lease over and takes a base that needs the abandoned base's files.
     h.prune.signal("STOP")?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
     let taken = h.base_backup();
     h.prune.signal("CONT")?;
     let (code, err) = taken?;
