@@ -310,24 +310,31 @@ impl TestStore {
     }
 }
 
+/// A plain S3 client for the test server at `endpoint` (path-style, the region from
+/// `AWS_REGION` or `us-east-1`, credentials from the environment): for tests that act on the
+/// store as another program would, beside Tidemark's own store.
+pub async fn raw_s3_client(endpoint: &str) -> aws_sdk_s3::Client {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(aws_config::Region::new(
+            std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
+        ))
+        .load()
+        .await;
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&conf)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
 /// The bucket the end-to-end tests share, created once per test process.
 async fn ensure_bucket(endpoint: &str) -> Result<String> {
     static BUCKET: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
     BUCKET
         .get_or_try_init(|| async {
             let bucket = format!("tidemark-e2e-{:08x}", rand::random::<u32>());
-            let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .endpoint_url(endpoint)
-                .region(aws_config::Region::new(
-                    std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
-                ))
-                .load()
-                .await;
-            let client = aws_sdk_s3::Client::from_conf(
-                aws_sdk_s3::config::Builder::from(&conf)
-                    .force_path_style(true)
-                    .build(),
-            );
+            let client = raw_s3_client(endpoint).await;
             client
                 .create_bucket()
                 .bucket(&bucket)

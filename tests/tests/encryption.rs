@@ -26,7 +26,7 @@ use tidemark_manifest::repo::Repository;
 use tidemark_manifest::store::{
     EncryptionKey, ObjectStore, OpenOptions, S3Options, Sse, StoreUrl, open_store_with,
 };
-use tidemark_tests::harness::{Proc, TestStore, bin, wait_for, wait_for_database};
+use tidemark_tests::harness::{Proc, TestStore, bin, raw_s3_client, wait_for, wait_for_database};
 use tidemark_tests::{Op, Oracle, read_db_state_and_seq};
 
 /// How the programs get the key.
@@ -466,18 +466,7 @@ fn bucket_and_prefix(url: &str) -> Result<(String, String)> {
 }
 
 async fn s3_client(s3: &S3Options) -> aws_sdk_s3::Client {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(s3.endpoint_url.clone().unwrap_or_default())
-        .region(aws_config::Region::new(
-            std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
-        ))
-        .load()
-        .await;
-    aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&conf)
-            .force_path_style(true)
-            .build(),
-    )
+    raw_s3_client(s3.endpoint_url.as_deref().unwrap_or_default()).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use tidemark_manifest::keys;
 use tidemark_tests::harness::{
-    Proc, TestStore, bin, run_with_timeout, wait_archived, wait_for_database,
+    Proc, TestStore, bin, raw_s3_client, run_with_timeout, wait_archived, wait_for_database,
 };
 use tidemark_tests::{Oracle, read_db_state_and_seq};
 
@@ -260,18 +260,8 @@ async fn a_corrupt_newest_generation_is_passed_over_loudly_and_nothing_is_lost()
 async fn s3_put_raw(store: &TestStore, key: &str, bytes: Vec<u8>) -> Result<()> {
     let rest = store.url.strip_prefix("s3://").context("not S3")?;
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(store.s3.endpoint_url.clone().context("endpoint")?)
-        .region(aws_config::Region::new(
-            std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
-        ))
-        .load()
-        .await;
-    let client = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&conf)
-            .force_path_style(true)
-            .build(),
-    );
+    let endpoint = store.s3.endpoint_url.as_deref().context("endpoint")?;
+    let client = raw_s3_client(endpoint).await;
     client
         .put_object()
         .bucket(bucket)

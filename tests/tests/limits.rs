@@ -13,7 +13,7 @@ use rand::RngCore;
 use sha2::Digest;
 use tidemark_manifest::keys::{self, ObjectKind};
 use tidemark_manifest::store::{ObjectStore, OpenOptions, Rate, S3Options, StoreUrl};
-use tidemark_tests::harness::{TestStore, bin};
+use tidemark_tests::harness::{TestStore, bin, raw_s3_client};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -58,19 +58,8 @@ fn make_db(path: &Path, bytes: u64) -> Result<()> {
 
 /// An SDK client for the test S3 server, to ask it what it stored.
 async fn s3_client(s3: &S3Options) -> Result<aws_sdk_s3::Client> {
-    let endpoint = s3.endpoint_url.clone().context("no endpoint")?;
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .region(aws_config::Region::new(
-            std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
-        ))
-        .load()
-        .await;
-    Ok(aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&conf)
-            .force_path_style(true)
-            .build(),
-    ))
+    let endpoint = s3.endpoint_url.as_deref().context("no endpoint")?;
+    Ok(raw_s3_client(endpoint).await)
 }
 
 /// Bucket and prefix (with its trailing `/`) of an `s3://` test store.
