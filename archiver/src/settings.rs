@@ -83,10 +83,24 @@ pub fn check_options(o: &ArchiverOptions) -> Result<(), InvalidSetting> {
         check(key, value, Bound::Positive)?;
     }
     check("lease_ttl", o.lease_ttl, Bound::AtLeast(MIN_LEASE_TTL))?;
-    match &o.retention {
-        Some(r) => check_retention(r),
-        None => Ok(()),
+    let Some(r) = &o.retention else {
+        return Ok(());
+    };
+    check_retention(r)?;
+    if r.grace.is_zero() {
+        // The service sweeps on its own, unattended: with no grace it would delete what a
+        // restore under way still reads. A one-shot `prune --grace 0s` stays possible.
+        return Err(InvalidSetting {
+            key: "retention.grace".to_owned(),
+            value: "0s".to_owned(),
+            problem: "would let the service delete objects that a restore under way still \
+                      reads; give at least the longest restore you expect (e.g. 24h), or \
+                      run `tidemark-archiver prune --grace 0s` once if you mean to delete at \
+                      once"
+                .to_owned(),
+        });
     }
+    Ok(())
 }
 
 /// Checks the durations of a retention policy (`[retention]`, or `prune`'s flags).
@@ -125,7 +139,7 @@ mod tests {
             retention: Some(PruneOptions {
                 pitr_window: Some(century),
                 keep_monthly_for: Some(century),
-                grace: Duration::ZERO,
+                grace: century,
                 ..PruneOptions::default()
             }),
             ..ArchiverOptions::default()
@@ -183,6 +197,22 @@ mod tests {
             assert!(msg.starts_with(&format!("{key} = \"")), "{key}: {msg}");
             assert!(msg.contains("longer than 100 years"), "{key}: {msg}");
         }
+    }
+
+    #[test]
+    fn the_service_refuses_a_zero_grace_period_the_prune_command_takes_it() {
+        let zero_grace = PruneOptions {
+            keep_last: Some(1),
+            grace: Duration::ZERO,
+            ..PruneOptions::default()
+        };
+        check_retention(&zero_grace).unwrap();
+        let msg = refused(&ArchiverOptions {
+            retention: Some(zero_grace),
+            ..ArchiverOptions::default()
+        });
+        assert!(msg.starts_with("retention.grace = \"0s\""), "{msg}");
+        assert!(msg.contains("restore under way"), "{msg}");
     }
 
     #[test]

@@ -54,6 +54,11 @@ fn durations_that_cannot_work_are_refused_at_start_naming_the_key() -> Result<()
             "retention.grace",
             "longer than 100 years",
         ),
+        (
+            "[retention]\nkeep_last = 2\ngrace = \"0s\"\n",
+            "retention.grace",
+            "restore under way",
+        ),
         ("lease_ttl = \"2s\"\n", "lease_ttl", "shorter than 10s"),
         (
             "poll_interval = \"0s\"\n",

@@ -440,7 +440,7 @@ async fn the_service_applies_its_retention_policy_and_prune_refuses_while_it_run
     let config = s.path("archiver.toml");
     std::fs::write(
         &config,
-        "[retention]\nkeep_last = 2\ninterval = \"1s\"\ngrace = \"0s\"\n",
+        "[retention]\nkeep_last = 2\ninterval = \"1s\"\ngrace = \"1s\"\n",
     )?;
     let config_arg = config.display().to_string();
     let mut writer = Proc::spawn(
