@@ -35,12 +35,15 @@ started_at="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 started="$(date +%s)"
 
 echo "== build (target directory: $CARGO_TARGET_DIR)"
-cargo build --workspace --bins --locked
-cargo test -p tidemark-tests --locked --test pitr --no-run
+# The same selection as scripts/test.sh, so that the build reuses its artifacts (building
+# only the binaries, or one package, resolves dependency features differently and compiles
+# the AWS SDK again).
+cargo build --workspace --all-targets --locked
+cargo test --workspace --locked --test pitr --no-run
 
 echo "== hostile input: $PROPTEST_CASES cases per parser property"
 set +e
-cargo test -p tidemark-manifest --locked --test hostile_input
+cargo test --workspace --locked --test hostile_input
 parsers_status=$?
 set -e
 
@@ -56,7 +59,7 @@ export TIDEMARK_REQUIRE_S3=1
 echo "== point-in-time recovery: $TIDEMARK_PITR_TARGETS random targets, $TIDEMARK_PITR_KILLS kills, $TIDEMARK_PITR_SECONDS s of writes per variant, seed $TIDEMARK_PITR_SEED"
 export TIDEMARK_PITR_SUMMARY="$run_dir/pitr-runs.json"
 set +e
-cargo test -p tidemark-tests --locked --test pitr -- --nocapture --test-threads=1
+cargo test --workspace --locked --test pitr -- --nocapture --test-threads=1
 status=$?
 set -e
 [ "$status" -eq 0 ] && status=$parsers_status
