@@ -123,8 +123,8 @@ impl Drop for LeaseHandle {
 struct LivenessLock {
     /// Kept open: closing it would drop the lock.
     _file: File,
-    /// The instance the lock file named when this process took the lock: gone.
-    previous: Option<String>,
+    /// The instances the lock file named when this process took the lock: all gone.
+    previous: Vec<String>,
 }
 
 /// The liveness locks this process holds, by path.
@@ -142,8 +142,13 @@ pub fn liveness_lock_path(db: &Path) -> PathBuf {
 }
 
 /// What the liveness lock proves: `None` when this process could not take it (then nothing
-/// is proven), else the instance that held it before (gone), if any.
-type Proof = Option<Option<String>>;
+/// is proven), else the instances that held it before (all gone).
+type Proof = Option<Vec<String>>;
+
+/// How many earlier instances the lock file remembers. Not one: a process killed after it
+/// took the lock but before it took the lease must not make its predecessor's lease
+/// unprovable.
+const LOCK_FILE_INSTANCES: usize = 16;
 
 /// Takes the liveness lock at `path` for the rest of this process's life (once; later
 /// calls return what the first found).
@@ -177,8 +182,8 @@ fn hold_liveness_lock(path: &Path) -> Proof {
     }
 }
 
-/// Locks the file (`None`: another process holds it), reads the instance it names, and
-/// writes this process's instance into it.
+/// Locks the file (`None`: another process holds it), reads the instances it names (every
+/// one held the lock once, so none runs now), and adds this process's instance to them.
 fn take_liveness_lock(path: &Path) -> std::io::Result<Option<LivenessLock>> {
     let mut file = std::fs::OpenOptions::new()
         .read(true)
@@ -193,14 +198,24 @@ fn take_liveness_lock(path: &Path) -> std::io::Result<Option<LivenessLock>> {
     }
     let mut text = Vec::new();
     file.read_to_end(&mut text)?;
-    let previous = String::from_utf8_lossy(&text).trim().to_owned();
+    let text = String::from_utf8_lossy(&text);
+    let mut previous: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let keep_from = previous.len().saturating_sub(LOCK_FILE_INSTANCES - 1);
+    previous.drain(..keep_from);
+    let mut content: String = previous.iter().map(|p| format!("{p}\n")).collect();
+    content.push_str(&format!("{}\n", instance_id()));
     file.set_len(0)?;
     file.rewind()?;
-    file.write_all(format!("{}\n", instance_id()).as_bytes())?;
+    file.write_all(content.as_bytes())?;
     file.sync_all()?;
     Ok(Some(LivenessLock {
         _file: file,
-        previous: (!previous.is_empty()).then_some(previous),
+        previous,
     }))
 }
 
@@ -212,7 +227,7 @@ fn holder_is_gone(lease: &Lease, proof: &Proof) -> Option<&'static str> {
         return (!live_holders().contains(&lease.holder))
             .then_some("ended without releasing it (a task of this process)");
     }
-    let lock_says_gone = matches!(proof, Some(Some(previous)) if previous == instance);
+    let lock_says_gone = matches!(proof, Some(previous) if previous.iter().any(|p| p == instance));
     (lock_says_gone && lease.host == this_host()).then_some("is gone (its liveness lock is free)")
 }
 
@@ -555,11 +570,29 @@ mod tests {
             .await
             .expect("the holder is proven gone");
         assert_eq!(h.lease().instance.as_deref(), Some(instance_id()));
-        // The lock file now names this process.
-        assert_eq!(
-            std::fs::read_to_string(&lock).unwrap().trim(),
-            instance_id()
-        );
+        // The lock file now names this process last.
+        let text = std::fs::read_to_string(&lock).unwrap();
+        assert_eq!(text.lines().last(), Some(instance_id()));
+    }
+
+    #[tokio::test]
+    async fn a_process_killed_before_it_took_the_lease_leaves_the_holder_provably_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = repo(dir.path());
+        let db = dir.path().join("db");
+        let lock = liveness_lock_path(&db);
+        let holder = uuid::Uuid::new_v4().to_string();
+        // The holder died; a successor took the lock, then died too before taking the lease.
+        let successor = uuid::Uuid::new_v4().to_string();
+        std::fs::write(&lock, format!("{holder}\n{successor}\n")).unwrap();
+        plant(&r, &this_host(), 1, Some(&holder), Duration::from_secs(600)).await;
+        let h = LeaseHandle::acquire_beside(&r, Duration::from_secs(60), &db)
+            .await
+            .expect("every instance the free lock names is gone");
+        assert_eq!(h.lease().instance.as_deref(), Some(instance_id()));
+        let text = std::fs::read_to_string(&lock).unwrap();
+        let named: Vec<&str> = text.lines().collect();
+        assert_eq!(named, [holder.as_str(), successor.as_str(), instance_id()]);
     }
 
     #[tokio::test]
