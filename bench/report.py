@@ -13,7 +13,11 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 from collections import OrderedDict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import check  # noqa: E402  (bench/check.py: the key ratios and the regression check)
 
 
 def sh(*cmd):
@@ -220,7 +224,24 @@ def mb(v):
     return None if v is None else v / 1e6
 
 
-def markdown(doc):
+def previous_section(doc, previous_path):
+    """The key ratios of this run beside those of the previous run of the same kind."""
+    if previous_path is None:
+        return ["## Key ratios", "", "No earlier run of the same kind to compare with.", ""]
+    with open(previous_path) as f:
+        prev = json.load(f)
+    rows = check.compare(doc, prev)
+    name = os.path.basename(previous_path)
+    L = ["## Key ratios, beside the previous run", "",
+         f"Each ratio divides a Tidemark figure by a baseline measured in the same run; the "
+         f"previous run is {name} (commit {prev.get('machine', {}).get('commit')}). "
+         f"`python3 bench/check.py` fails when one is worse by more than "
+         f"{check.TOLERANCE * 100:.0f} %.", ""]
+    L += [check.table(rows, name) if rows else "No ratio in common with the previous run.", ""]
+    return L
+
+
+def markdown(doc, previous_path=None):
     mc, summary, st = doc["machine"], doc["summary"], doc["settings"]
     L = []
     title = "Tidemark benchmark" + (" (quick smoke run: tiny sizes, not for quoting)" if doc["quick"] else "")
@@ -234,6 +255,7 @@ def markdown(doc):
           f"server CPU shared with everything else)",
           f"- every figure: median (min–max) of {st.get('REPS', '?')} runs unless marked",
           ""]
+    L += previous_section(doc, previous_path)
 
     # 1. Lag
     polls = {}
@@ -419,7 +441,7 @@ def main():
             json.dump(doc, f, indent=1)
             f.write("\n")
         with open(a.out + ".md", "w") as f:
-            f.write(markdown(doc))
+            f.write(markdown(doc, previous(a.out + ".json", doc)))
         return
     with open(a.results) as f:
         runs = [json.loads(line) for line in f if line.strip()]
@@ -434,7 +456,13 @@ def main():
         json.dump(doc, f, indent=1)
         f.write("\n")
     with open(a.out + ".md", "w") as f:
-        f.write(markdown(doc))
+        f.write(markdown(doc, previous(a.out + ".json", doc)))
+
+
+def previous(path, doc):
+    """The newest committed run of the same kind that finished before this one, or None."""
+    found = check.newest_baseline(path, before=doc.get("finished"))
+    return found
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@
 #   scripts/bench.sh --quick    a smoke run with tiny sizes (a few minutes; results go to
 #                               bench/results/<date>-quick.*)
 #
+# At the end, bench/check.py compares the run's key ratios (archiver ÷ writer, restore ÷
+# plain GET, base download ÷ plain GET, first open ÷ WAL-off ceiling) with the newest
+# committed run of the same kind and fails (exit 1) when one is worse by more than 20 %;
+# the Markdown report shows them beside the previous run's. Run the check by hand with
+# `python3 bench/check.py bench/results/NEW.json [--baseline bench/results/OLD.json]`.
+#
 # Measures:
 #   1. durable archive lag: a writer at a fixed rate with a time marker in every batch; the
 #      store is polled for new segments; a write's lag is from its commit to the moment a
@@ -382,3 +388,12 @@ python3 bench/report.py --results "$results" --out "bench/results/$stamp" \
   )"
 echo "results: bench/results/$stamp.json and bench/results/$stamp.md" >&2
 rm -rf "$src"
+
+say "Regression check (key ratios against the newest committed run of the same kind)"
+check_status=0
+python3 bench/check.py "bench/results/$stamp.json" || check_status=$?
+case "$check_status" in
+0) ;;
+2) echo "bench: nothing to compare with yet; the ratios above are the first of their kind" >&2 ;;
+*) echo "bench: a key ratio is worse by more than 20 % (see above)" >&2; exit 1 ;;
+esac
