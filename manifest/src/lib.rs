@@ -13,7 +13,8 @@
 //! - [`retention`]: which bases and segments a retention policy keeps, and which objects a
 //!   pruning sweep may delete.
 //! - [`repo`]: a repository on a store: finding the current state without listing, and
-//!   writing objects in the order FORMAT.md requires.
+//!   writing objects in the order FORMAT.md requires. The only way the programs read or
+//!   write a document; [`lease`] adds the writer lease's conditional writes.
 //! - [`cli`]: the store flags both programs share.
 //! - [`checksum`]: sha256 helpers used for every object.
 //! - [`rocks`]: RocksDB's own on-disk formats that Tidemark reads and writes: the log (WAL)
@@ -24,6 +25,7 @@
 pub mod checksum;
 pub mod cli;
 pub mod keys;
+pub mod lease;
 pub mod model;
 pub mod plan;
 pub mod repo;

@@ -682,18 +682,21 @@ async fn unreachable_segments(
     let known: BTreeSet<&str> = h.segments.iter().map(|s| s.key.as_str()).collect();
     let reach = h.segments.last().map_or(0, |s| s.last_seq);
     let mut beyond: Vec<(u64, String)> = Vec::new();
-    for meta in repo.store().list(keys::WAL_PREFIX).await? {
-        if known.contains(meta.key.as_str()) {
+    let listed = repo.list_segments().await?;
+    for (first, key) in listed.segments {
+        if known.contains(key.as_str()) {
             continue;
         }
-        match keys::parse_segment_key(&meta.key) {
-            Some(first) if first > reach => beyond.push((first, meta.key)),
-            Some(_) => notes.push(format!(
-                "{} is not referenced by the manifest (an orphan; pruning removes it)",
-                meta.key
-            )),
-            None => notes.push(format!("{} is not a segment key", meta.key)),
+        if first > reach {
+            beyond.push((first, key));
+        } else {
+            notes.push(format!(
+                "{key} is not referenced by the manifest (an orphan; pruning removes it)"
+            ));
         }
+    }
+    for key in listed.foreign {
+        notes.push(format!("{key} is not a segment key"));
     }
     if beyond.iter().any(|(first, _)| *first == reach + 1) {
         // The archiver is still writing: these continue the chain.
