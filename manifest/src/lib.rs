@@ -10,6 +10,7 @@
 //! - [`segment`]: the WAL segment encoding (framed records, zstd, crc32c, sha256 trailer).
 //! - [`plan`]: which base backup and which segments restore a sequence number or a time, and
 //!   validation of a repository's history (overlaps, holes, gaps).
+//! - [`chain`]: the record chain: each batch starts where the one before it ends.
 //! - [`retention`]: which bases and segments a retention policy keeps, and which objects a
 //!   pruning sweep may delete.
 //! - [`repo`]: a repository on a store: finding the current state without listing, and
@@ -22,6 +23,7 @@
 //! - [`store`]: the object stores (local directory, S3) behind one async trait, with retry
 //!   and client-side encryption decorators and URL parsing.
 
+pub mod chain;
 pub mod checksum;
 pub mod cli;
 pub mod keys;
