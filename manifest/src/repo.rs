@@ -1072,3 +1072,129 @@ fn check_key(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BaseFile, FORMAT_VERSION};
+    use crate::store::MemoryStore;
+
+    fn repo() -> Repository {
+        Repository::new(Arc::new(MemoryStore::new()))
+    }
+
+    fn descriptor(id: &str, files: Vec<BaseFile>) -> BaseDescriptor {
+        let t = time::OffsetDateTime::UNIX_EPOCH;
+        BaseDescriptor {
+            format_version: FORMAT_VERSION,
+            id: id.to_owned(),
+            created_at: t,
+            database_identity: "db".to_owned(),
+            min_log_number: 1,
+            replay_from_seq: 1,
+            earliest_seq: 1,
+            earliest_time: t,
+            next_file_number: 2,
+            column_families: Vec::new(),
+            files,
+        }
+    }
+
+    fn current(id: &str) -> BaseFile {
+        BaseFile {
+            name: "CURRENT".to_owned(),
+            size: 16,
+            sha256: "ab".repeat(32),
+            key: keys::base_file_key(id, "CURRENT"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_base_descriptor_is_checked_created_once_and_read_back() {
+        let r = repo();
+        let d = descriptor("b1", vec![current("b1")]);
+        let obj = r.put_base_descriptor(&d).await.unwrap();
+        assert_eq!(obj.key, "bases/b1/base.json");
+        let stored = r.store().get(&obj.key).await.unwrap();
+        checksum::check_bytes(&obj.key, &obj.sha256, obj.size, &stored).unwrap();
+        let e = r.put_base_descriptor(&d).await.unwrap_err();
+        assert!(matches!(e, RepoError::Conflict { .. }), "{e}");
+        // What a reader would refuse is never written.
+        let no_current = descriptor("b2", Vec::new());
+        let e = r.put_base_descriptor(&no_current).await.unwrap_err();
+        assert!(e.to_string().contains("no CURRENT"), "{e}");
+        let bad_id = descriptor("b/3", vec![current("b3")]);
+        assert!(r.put_base_descriptor(&bad_id).await.is_err());
+        assert!(
+            r.store()
+                .head("bases/b2/base.json")
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn only_base_data_keys_take_a_base_file() {
+        let r = repo();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"x").unwrap();
+        let sst = keys::base_object_key("b1", "000001.sst", &"cd".repeat(32));
+        r.put_base_file(&sst, &path).await.unwrap();
+        r.put_base_file(&keys::base_object_key("b1", "CURRENT", "-"), &path)
+            .await
+            .unwrap();
+        for key in [keys::LEASE, keys::CONFIG, "bases/b1/base.json", "wal/x"] {
+            let e = r.put_base_file(key, &path).await.unwrap_err();
+            assert!(
+                e.to_string().contains("a base's files go under"),
+                "{key}: {e}"
+            );
+        }
+        assert!(r.store().head(keys::LEASE).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_sweep_deletes_only_layout_objects_and_never_the_config_lease_or_hint() {
+        let r = repo();
+        let seg = keys::segment_key(7);
+        for key in [
+            keys::CONFIG,
+            keys::LEASE,
+            keys::LATEST_HINT,
+            "notes.txt",
+            &seg,
+        ] {
+            r.store().put(key, Bytes::from_static(b"x")).await.unwrap();
+        }
+        r.delete_unreferenced(&seg).await.unwrap();
+        assert!(r.store().head(&seg).await.unwrap().is_none());
+        for key in [keys::CONFIG, keys::LEASE, keys::LATEST_HINT, "notes.txt"] {
+            let e = r.delete_unreferenced(key).await.unwrap_err();
+            assert!(matches!(e, RepoError::NotDeletable { .. }), "{key}: {e}");
+            assert!(
+                r.store().head(key).await.unwrap().is_some(),
+                "{key} deleted"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn listed_segments_are_in_sequence_order_with_foreign_keys_apart() {
+        let r = repo();
+        for key in [
+            keys::segment_key(0x100),
+            keys::segment_key(3),
+            "wal/README".into(),
+        ] {
+            r.store().put(&key, Bytes::from_static(b"x")).await.unwrap();
+        }
+        let listed = r.list_segments().await.unwrap();
+        assert_eq!(
+            listed.segments,
+            vec![(3, keys::segment_key(3)), (0x100, keys::segment_key(0x100))]
+        );
+        assert_eq!(listed.foreign, vec!["wal/README".to_owned()]);
+    }
+}
