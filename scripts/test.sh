@@ -14,6 +14,7 @@ cargo build --workspace --all-targets --locked
 echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+scripts/check-layering.sh
 
 echo "== S3 server"
 run_dir="$(mktemp -d "${TMPDIR:-/tmp}/tidemark-test.XXXXXX")"

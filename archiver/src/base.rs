@@ -42,13 +42,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use tidemark_manifest::checksum;
 use tidemark_manifest::keys;
 use tidemark_manifest::model::{
     self, BaseColumnFamily, BaseDescriptor, BaseFile, BaseSummary, ColumnFamily, FORMAT_VERSION,
-    ObjectRef,
 };
 use tidemark_manifest::repo::{RepoError, Repository};
 use tidemark_manifest::rocks::DbFile;
@@ -56,7 +54,7 @@ use tidemark_manifest::rocks::log::{LogError, LogReader};
 use tidemark_manifest::rocks::options_file::OptionsFile;
 use tidemark_manifest::rocks::version_edit::{ManifestError, ManifestState};
 use tidemark_manifest::rocks::write_batch::{BatchError, BatchHeader};
-use tidemark_manifest::store::{ObjectStore, StoreError};
+use tidemark_manifest::store::StoreError;
 use time::OffsetDateTime;
 use tracing::Instrument;
 
@@ -397,13 +395,7 @@ async fn take(
 ) -> Result<BaseResult, BaseError> {
     tracing::info!(scratch = %scratch_dir.display(), "base backup started");
 
-    let config = repo
-        .read_config()
-        .await?
-        .ok_or_else(|| RepoError::NoRepository {
-            location: repo.location(),
-            key: keys::CONFIG.to_owned(),
-        })?;
+    let config = repo.require_config().await?;
 
     let scratch = {
         let scratch_dir = scratch_dir.to_path_buf();
@@ -489,7 +481,7 @@ async fn run(
     );
 
     let uploaded = upload(
-        repo.store(),
+        repo,
         id,
         &copy,
         &opts.reusable,
@@ -516,23 +508,16 @@ async fn run(
         column_families: copy.column_families.clone(),
         files: uploaded.files,
     };
-    let bytes = model::to_document_bytes(&descriptor);
-    let key = keys::base_descriptor_key(id);
-    let descriptor_ref = ObjectRef {
-        key: key.clone(),
-        size: bytes.len() as u64,
-        sha256: checksum::sha256_hex(&bytes),
-    };
-    match repo.store().put_if_absent(&key, Bytes::from(bytes)).await {
-        Ok(_) => {}
-        Err(StoreError::PreconditionFailed { .. }) => {
+    let descriptor_ref = match repo.put_base_descriptor(&descriptor).await {
+        Ok(r) => r,
+        Err(RepoError::Conflict { .. }) => {
             return Err(BaseError::IdTaken {
                 id: id.to_owned(),
                 location: repo.location(),
             });
         }
         Err(e) => return Err(e.into()),
-    }
+    };
     let total_size: u64 = descriptor.files.iter().map(|f| f.size).sum();
     let summary = BaseSummary {
         id: id.to_owned(),
@@ -1353,7 +1338,7 @@ struct UploadedFile {
 }
 
 async fn upload(
-    store: &Arc<dyn ObjectStore>,
+    repo: &Repository,
     id: &str,
     copy: &DbCopy,
     reusable: &ReusableTables,
@@ -1373,7 +1358,7 @@ async fn upload(
         .collect();
     let mut done: Vec<UploadedFile> = stream::iter(jobs)
         .map(|(index, name, path, is_table)| {
-            let store = Arc::clone(store);
+            let repo = repo.clone();
             let id = id.to_owned();
             async move {
                 let hashed = path.clone();
@@ -1381,16 +1366,12 @@ async fn upload(
                     checksum::sha256_file(&hashed).map_err(|e| BaseError::io("read", &hashed, e))
                 })
                 .await?;
-                let key = if is_table {
-                    keys::sst_key(&sha256)
-                } else {
-                    keys::base_file_key(&id, &name)
-                };
+                let key = keys::base_object_key(&id, &name, &sha256);
                 // Only what a base of the current generation lists is trusted; anything else
                 // under this key (an abandoned base's object, a damaged one) is replaced.
                 let deduplicated = is_table && reusable.reuses(&key, size);
                 if !deduplicated {
-                    store.put_file(&key, &path).await?;
+                    repo.put_base_file(&key, &path).await?;
                 }
                 tracing::debug!(file = %name, key = %key, size, deduplicated, "base file stored");
                 Ok::<_, BaseError>(UploadedFile {

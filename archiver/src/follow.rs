@@ -25,6 +25,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use tidemark_manifest::chain::{RecordChain, SeqBreak};
 use tidemark_manifest::rocks::DbFile;
 use tidemark_manifest::rocks::log::{LogError, LogReader};
 use tidemark_manifest::rocks::marker;
@@ -277,7 +278,8 @@ pub struct WalFollower {
     current: Option<OpenLog>,
     /// The log finished (or, on resume, missing) last: the next log is the first above it.
     after_log: Option<u64>,
-    expected_seq: Option<u64>,
+    /// The record chain (FORMAT.md §6.2): where the next record must start.
+    chain: RecordChain,
     last_time_us: i64,
     last: Option<WalPosition>,
     /// Context for the next gap: WAL files that vanished before they could be read.
@@ -314,7 +316,7 @@ impl WalFollower {
             listing: LogListing::new(wal_dir),
             current: None,
             after_log: None,
-            expected_seq: None,
+            chain: RecordChain::new(),
             last_time_us: i64::MIN,
             last: None,
             missing: Vec::new(),
@@ -384,7 +386,7 @@ impl WalFollower {
 
     /// The sequence number the next record must have, once known.
     pub fn next_seq(&self) -> Option<u64> {
-        self.expected_seq
+        self.chain.next_seq()
     }
 
     /// The log being read and the offset of its next unread record.
@@ -562,7 +564,7 @@ impl WalFollower {
         record_offset: u64,
         next_seq: u64,
     ) -> Result<(), FollowError> {
-        self.expected_seq = Some(next_seq);
+        self.chain = RecordChain::continuing_at(next_seq);
         self.last = Some(WalPosition {
             log_number,
             record_offset,
@@ -633,32 +635,35 @@ impl WalFollower {
                 offset: rec.start_offset,
                 source,
             })?;
-            if let Some(expected) = self.expected_seq
-                && header.sequence != expected
-            {
-                if header.sequence < expected {
+            // Taken on only once the record is: a follower that stops here resumes before it.
+            let mut chain = self.chain;
+            match chain.push(header.sequence, header.count) {
+                Ok(()) => {}
+                Err(SeqBreak::Overlap { expected, found }) => {
                     return Err(FollowError::SequenceWentBack {
                         path: log.reader.path().to_path_buf(),
                         offset: rec.start_offset,
                         expected,
-                        found: header.sequence,
+                        found,
                     });
                 }
-                let detail = gap_detail(
-                    expected,
-                    header.sequence,
-                    number,
-                    rec.start_offset,
-                    log.read_any,
-                    self.after_log,
-                    &self.missing,
-                );
-                tracing::warn!(expected, found = header.sequence, "{detail}");
-                events.push(FollowEvent::Gap {
-                    expected_seq: expected,
-                    found_seq: header.sequence,
-                    detail,
-                });
+                Err(SeqBreak::Gap { expected, found }) => {
+                    let detail = gap_detail(
+                        expected,
+                        found,
+                        number,
+                        rec.start_offset,
+                        log.read_any,
+                        self.after_log,
+                        &self.missing,
+                    );
+                    tracing::warn!(expected, found, "{detail}");
+                    events.push(FollowEvent::Gap {
+                        expected_seq: expected,
+                        found_seq: found,
+                        detail,
+                    });
+                }
             }
             self.missing.clear();
             log.read_any = true;
@@ -669,7 +674,7 @@ impl WalFollower {
             };
             let time_us = time_us.max(self.last_time_us);
             self.last_time_us = time_us;
-            self.expected_seq = Some(header.next_sequence());
+            self.chain = chain;
             self.last = Some(WalPosition {
                 log_number: number,
                 record_offset: rec.start_offset,

@@ -39,9 +39,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use bytes::Bytes;
-use tidemark_manifest::keys;
-use tidemark_manifest::model::{self, FORMAT_VERSION, Lease};
+use tidemark_manifest::model::{FORMAT_VERSION, Lease};
 use tidemark_manifest::repo::{RepoError, Repository};
 use tidemark_manifest::store::{ETag, StoreError};
 use time::OffsetDateTime;
@@ -299,11 +297,9 @@ impl LeaseHandle {
             instance: Some(instance_id().to_owned()),
             released_at: None,
         };
-        let bytes = Bytes::from(model::to_document_bytes(&lease));
-        let store = repo.store();
-        let etag = match store.put_if_absent(keys::LEASE, bytes.clone()).await {
-            Ok(etag) => etag,
-            Err(StoreError::PreconditionFailed { .. }) => {
+        let etag = match repo.create_lease(&lease).await? {
+            Some(etag) => etag,
+            None => {
                 let Some((current, current_etag)) = repo.read_lease().await? else {
                     return Ok(None);
                 };
@@ -330,15 +326,11 @@ impl LeaseHandle {
                         "taking over the lease of an archiver that {why}"
                     );
                 }
-                match store.put_if_match(keys::LEASE, bytes, &current_etag).await {
-                    Ok(etag) => etag,
-                    Err(StoreError::PreconditionFailed { .. } | StoreError::NotFound { .. }) => {
-                        return Ok(None);
-                    }
-                    Err(e) => return Err(e.into()),
+                match repo.replace_lease(&lease, &current_etag).await? {
+                    Some(etag) => etag,
+                    None => return Ok(None),
                 }
             }
-            Err(e) => return Err(e.into()),
         };
         tracing::info!(holder = %lease.holder, expires_at = %fmt(lease.expires_at), "lease acquired");
         Ok(Some(LeaseHandle {
@@ -365,43 +357,29 @@ impl LeaseHandle {
         let mut next = self.lease.clone();
         next.renewed_at = now;
         next.expires_at = now + self.ttl;
-        let bytes = Bytes::from(model::to_document_bytes(&next));
-        match self
-            .repo
-            .store()
-            .put_if_match(keys::LEASE, bytes, &self.etag)
-            .await
-        {
-            Ok(etag) => {
+        match self.repo.replace_lease(&next, &self.etag).await? {
+            Some(etag) => {
                 self.etag = etag;
                 self.lease = next;
                 Ok(())
             }
-            Err(StoreError::PreconditionFailed { .. } | StoreError::NotFound { .. }) => {
-                Err(LeaseError::Lost {
-                    location: self.repo.location(),
-                })
-            }
-            Err(e) => Err(e.into()),
+            None => Err(LeaseError::Lost {
+                location: self.repo.location(),
+            }),
         }
     }
 
     /// Gives the lease up: replaces it with a released lease if it is still ours, by
     /// compare-and-swap, so that a successor's lease is never touched.
     pub async fn release(self) -> Result<(), LeaseError> {
-        let released = self.lease.released(OffsetDateTime::now_utc());
-        let bytes = Bytes::from(model::to_document_bytes(&released));
+        let now = OffsetDateTime::now_utc();
         match self
             .repo
-            .store()
-            .put_if_match(keys::LEASE, bytes, &self.etag)
-            .await
+            .release_lease(&self.lease, &self.etag, now)
+            .await?
         {
-            Ok(_) => tracing::info!(holder = %self.lease.holder, "lease released"),
-            Err(StoreError::PreconditionFailed { .. } | StoreError::NotFound { .. }) => {
-                tracing::warn!("the lease was no longer ours at shutdown; left it alone")
-            }
-            Err(e) => return Err(e.into()),
+            Some(_) => tracing::info!(holder = %self.lease.holder, "lease released"),
+            None => tracing::warn!("the lease was no longer ours at shutdown; left it alone"),
         }
         Ok(())
     }
@@ -410,7 +388,10 @@ impl LeaseHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use std::sync::Arc;
+    use tidemark_manifest::keys;
+    use tidemark_manifest::model;
     use tidemark_manifest::store::fault::{Fault, FaultRule, FaultStore};
     use tidemark_manifest::store::{LocalStore, ObjectStore, StoreOp};
 

@@ -247,7 +247,7 @@ pub async fn mark(
                     segments,
                 };
                 if dry_run {
-                    pages.push(unwritten_ref(&page));
+                    pages.push(page.reference(None).map_err(RepoError::from)?);
                 } else {
                     pages.push(repo.write_index_page(&page).await?);
                 }
@@ -272,20 +272,6 @@ pub async fn mark(
         report,
         next: Some(next),
     })
-}
-
-/// A page reference for a dry run: the key and range are what a sweep looks at.
-fn unwritten_ref(page: &tidemark_manifest::model::IndexPage) -> IndexPageRef {
-    IndexPageRef {
-        key: tidemark_manifest::keys::index_page_key(page.first_seq, page.last_seq),
-        first_seq: page.first_seq,
-        last_seq: page.last_seq,
-        segment_count: page.segments.len() as u64,
-        first_time: page.segments[0].first_time,
-        last_time: page.segments[page.segments.len() - 1].last_time,
-        size: 0,
-        sha256: String::new(),
-    }
 }
 
 /// Refuses a decision that would lose the newest point or leave a kept base unrestorable,
@@ -430,7 +416,7 @@ pub async fn sweep(
         match full.classify(&meta.key) {
             KeyClass::Protected => {
                 if matches!(only_newest.classify(&meta.key), KeyClass::Unreferenced(_))
-                    && meta.key != tidemark_manifest::keys::generation_key(newest.generation)
+                    && meta.key != newest.key()
                 {
                     report.deferred.objects += 1;
                     report.deferred.bytes += meta.size;
@@ -497,10 +483,9 @@ async fn delete_all(
     objects: Vec<(ObjectKind, String, u64)>,
     fence: &LeaseFence,
 ) -> Result<(), PruneError> {
-    let store = repo.store();
     let mut results = futures::stream::iter(objects.into_iter().map(|(_, key, _)| async move {
         fence.check()?;
-        store.delete(&key).await?;
+        repo.delete_unreferenced(&key).await?;
         Ok::<_, PruneError>(key)
     }))
     .buffer_unordered(8);
@@ -670,15 +655,12 @@ pub async fn mark_with_checkpoint(
 
 /// Who holds a live writer lease on the repository, if anyone.
 async fn live_lease(repo: &Repository) -> Option<String> {
-    let bytes = repo
-        .store()
-        .get(tidemark_manifest::keys::LEASE)
+    let lease = repo
+        .live_lease(OffsetDateTime::now_utc())
         .await
-        .ok()?;
-    let lease: tidemark_manifest::model::Lease =
-        tidemark_manifest::model::parse_document(tidemark_manifest::keys::LEASE, &bytes).ok()?;
-    (lease.expires_at > OffsetDateTime::now_utc())
-        .then(|| format!("host {}, pid {}", lease.host, lease.pid))
+        .ok()
+        .flatten()?;
+    Some(format!("host {}, pid {}", lease.host, lease.pid))
 }
 
 /// The report of one pruning run.

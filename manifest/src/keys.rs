@@ -19,6 +19,14 @@ pub const INDEX_PREFIX: &str = "index/";
 pub const BASES_PREFIX: &str = "bases/";
 /// Prefix of content-addressed table files.
 pub const SST_PREFIX: &str = "sst/";
+/// Every prefix of the layout, for finding keys in text (messages that name an object).
+pub const LAYOUT_PREFIXES: [&str; 5] = [
+    WAL_PREFIX,
+    SST_PREFIX,
+    BASES_PREFIX,
+    INDEX_PREFIX,
+    MANIFEST_PREFIX,
+];
 
 /// What an object is, by its key (FORMAT.md §2): what its storage class and its upload
 /// priority are decided by.
@@ -115,6 +123,17 @@ pub fn base_file_key(base_id: &str, name: &str) -> String {
 /// `sst/<sha256>`.
 pub fn sst_key(sha256_hex: &str) -> String {
     format!("{SST_PREFIX}{sha256_hex}")
+}
+
+/// Where a base stores its file `name` of content `sha256_hex`: table and blob files
+/// content-addressed under `sst/<sha256>` (shared between bases), every other file under
+/// `bases/<id>/files/<name>` (FORMAT.md §2).
+pub fn base_object_key(base_id: &str, name: &str, sha256_hex: &str) -> String {
+    if is_table_file(name) {
+        sst_key(sha256_hex)
+    } else {
+        base_file_key(base_id, name)
+    }
 }
 
 /// A new base id: `b<YYYYMMDDTHHMMSSZ>-<8 hex>`.
@@ -341,6 +360,13 @@ mod tests {
             assert!(check_base_file_name(bad).is_err(), "{bad} accepted");
         }
         check_base_id(&new_base_id(time::OffsetDateTime::now_utc())).unwrap();
+        let sha = "ab".repeat(32);
+        assert_eq!(base_object_key("b1", "000012.sst", &sha), sst_key(&sha));
+        assert_eq!(base_object_key("b1", "7.blob", &sha), sst_key(&sha));
+        assert_eq!(
+            base_object_key("b1", "MANIFEST-000031", &sha),
+            "bases/b1/files/MANIFEST-000031"
+        );
         assert!(check_base_id("a/b").is_err());
     }
     #[test]

@@ -10,10 +10,12 @@
 //! - [`segment`]: the WAL segment encoding (framed records, zstd, crc32c, sha256 trailer).
 //! - [`plan`]: which base backup and which segments restore a sequence number or a time, and
 //!   validation of a repository's history (overlaps, holes, gaps).
+//! - [`chain`]: the record chain: each batch starts where the one before it ends.
 //! - [`retention`]: which bases and segments a retention policy keeps, and which objects a
 //!   pruning sweep may delete.
 //! - [`repo`]: a repository on a store: finding the current state without listing, and
-//!   writing objects in the order FORMAT.md requires.
+//!   writing objects in the order FORMAT.md requires. The only way the programs read or
+//!   write a document; [`lease`] adds the writer lease's conditional writes.
 //! - [`cli`]: the store flags both programs share.
 //! - [`checksum`]: sha256 helpers used for every object.
 //! - [`rocks`]: RocksDB's own on-disk formats that Tidemark reads and writes: the log (WAL)
@@ -21,9 +23,11 @@
 //! - [`store`]: the object stores (local directory, S3) behind one async trait, with retry
 //!   and client-side encryption decorators and URL parsing.
 
+pub mod chain;
 pub mod checksum;
 pub mod cli;
 pub mod keys;
+pub mod lease;
 pub mod model;
 pub mod plan;
 pub mod repo;

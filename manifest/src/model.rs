@@ -365,6 +365,38 @@ pub struct IndexPage {
     pub segments: Vec<SegmentEntry>,
 }
 
+impl Generation {
+    /// Its key, `manifest/<gen>.json`.
+    pub fn key(&self) -> String {
+        crate::keys::generation_key(self.generation)
+    }
+}
+
+impl IndexPage {
+    /// The reference a generation holds for this page once stored as `stored` (its document
+    /// bytes). With `None`, a reference for a dry run: sized 0 and without a checksum, only
+    /// its key and range mean anything. A page lists at least one segment.
+    pub fn reference(&self, stored: Option<&[u8]>) -> Result<IndexPageRef, ModelError> {
+        let key = crate::keys::index_page_key(self.first_seq, self.last_seq);
+        let (Some(first), Some(last)) = (self.segments.first(), self.segments.last()) else {
+            return Err(ModelError::Inconsistent {
+                key,
+                detail: "an index page must list at least one segment".to_owned(),
+            });
+        };
+        Ok(IndexPageRef {
+            key,
+            first_seq: self.first_seq,
+            last_seq: self.last_seq,
+            segment_count: self.segments.len() as u64,
+            first_time: first.first_time,
+            last_time: last.last_time,
+            size: stored.map_or(0, |b| b.len() as u64),
+            sha256: stored.map(crate::checksum::sha256_hex).unwrap_or_default(),
+        })
+    }
+}
+
 /// One segment as listed in an index page.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentEntry {
@@ -478,6 +510,54 @@ pub fn micros_from_time(t: OffsetDateTime) -> i64 {
     i64::try_from(t.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
 }
 
+/// A base's file list that breaks the rules of FORMAT.md §2 and §7.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BaseFilesError {
+    /// A name a base may not hold (the reason names it).
+    #[error("{0}")]
+    Name(String),
+    #[error("the base lists the file {name} twice")]
+    Twice { name: String },
+    #[error("table file {name} is stored at {key} but its content key is {expected}")]
+    TableKey {
+        name: String,
+        key: String,
+        expected: String,
+    },
+    #[error("the base has no CURRENT file")]
+    NoCurrent,
+}
+
+/// Checks a base's file list before anything is written from it: only names a base may
+/// hold, each once, `CURRENT` among them, and every table file stored under its content key
+/// (FORMAT.md §2, §7).
+pub fn check_base_files(files: &[BaseFile]) -> Result<(), BaseFilesError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for f in files {
+        crate::keys::check_base_file_name(&f.name)
+            .map_err(|e| BaseFilesError::Name(e.to_string()))?;
+        if !seen.insert(f.name.as_str()) {
+            return Err(BaseFilesError::Twice {
+                name: f.name.clone(),
+            });
+        }
+        if crate::keys::is_table_file(&f.name) {
+            let expected = crate::keys::sst_key(&f.sha256);
+            if f.key != expected {
+                return Err(BaseFilesError::TableKey {
+                    name: f.name.clone(),
+                    key: f.key.clone(),
+                    expected,
+                });
+            }
+        }
+    }
+    if !seen.contains("CURRENT") {
+        return Err(BaseFilesError::NoCurrent);
+    }
+    Ok(())
+}
+
 impl BaseDescriptor {
     /// Checks the descriptor against the summary a generation holds for it, and the file
     /// rules of FORMAT.md §2 and §7.
@@ -496,25 +576,7 @@ impl BaseDescriptor {
                 summary.id
             )));
         }
-        let mut has_current = false;
-        for f in &self.files {
-            crate::keys::check_base_file_name(&f.name).map_err(|e| bad(e.to_string()))?;
-            if f.name == "CURRENT" {
-                has_current = true;
-            }
-            if crate::keys::is_table_file(&f.name) {
-                let expected = crate::keys::sst_key(&f.sha256);
-                if f.key != expected {
-                    return Err(bad(format!(
-                        "table file {} is stored at {} but its content key is {expected}",
-                        f.name, f.key
-                    )));
-                }
-            }
-        }
-        if !has_current {
-            return Err(bad(format!("base {} has no CURRENT file", self.id)));
-        }
+        check_base_files(&self.files).map_err(|e| bad(e.to_string()))?;
         Ok(())
     }
 }
@@ -522,6 +584,37 @@ impl BaseDescriptor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_base_file_list_is_checked_before_anything_is_written_from_it() {
+        let sha = "cd".repeat(32);
+        let file = |name: &str, key: String| BaseFile {
+            name: name.to_owned(),
+            size: 1,
+            sha256: sha.clone(),
+            key,
+        };
+        let good = vec![
+            file("CURRENT", crate::keys::base_file_key("b1", "CURRENT")),
+            file("000009.sst", crate::keys::sst_key(&sha)),
+        ];
+        check_base_files(&good).unwrap();
+        let mut twice = good.clone();
+        twice.push(good[0].clone());
+        assert_eq!(
+            check_base_files(&twice),
+            Err(BaseFilesError::Twice {
+                name: "CURRENT".into()
+            })
+        );
+        let misplaced = vec![good[0].clone(), file("000009.sst", "sst/other".into())];
+        let e = check_base_files(&misplaced).unwrap_err();
+        assert!(matches!(e, BaseFilesError::TableKey { .. }), "{e}");
+        assert!(e.to_string().contains("content key is sst/cdcd"), "{e}");
+        assert_eq!(check_base_files(&good[1..]), Err(BaseFilesError::NoCurrent));
+        let e = check_base_files(&[file("../CURRENT", "x".into())]).unwrap_err();
+        assert!(matches!(e, BaseFilesError::Name(_)), "{e}");
+    }
 
     #[test]
     fn unknown_format_version_is_refused_with_the_version_named() {

@@ -12,7 +12,7 @@ use crate::plan::{History, HistoryProblem};
 use crate::retention::{KeyClass, Protection};
 use crate::segment::{EncodedSegment, HEADER_LEN, SegmentError, SegmentHeader, SegmentReader};
 use crate::store::crypt::{self, CryptStore, EncryptionKey};
-use crate::store::{ETag, ObjectStore, StoreError};
+use crate::store::{ObjectStore, StoreError};
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,6 +41,12 @@ pub enum RepoError {
     LostRace { location: String, generation: u64 },
     #[error("{key} already exists at {location} with different content; refusing to overwrite it")]
     Conflict { location: String, key: String },
+    #[error("refusing to delete {key} at {location}: {reason}")]
+    NotDeletable {
+        location: String,
+        key: String,
+        reason: String,
+    },
     #[error(
         "{location}: manifest generation {generation} references {key}, which is missing: {source}"
     )]
@@ -224,6 +230,15 @@ impl RepoState {
     }
 }
 
+/// What a listing of `wal/` shows ([`Repository::list_segments`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListedSegments {
+    /// `(first sequence, key)` of every segment key, in sequence order.
+    pub segments: Vec<(u64, String)>,
+    /// Keys under `wal/` that are not segment keys.
+    pub foreign: Vec<String>,
+}
+
 /// A repository on a store.
 #[derive(Debug, Clone)]
 pub struct Repository {
@@ -319,19 +334,6 @@ impl Repository {
         let config: RepositoryConfig = model::parse_document(keys::CONFIG, &b)?;
         self.check_encryption(&config)?;
         Ok(Some(config))
-    }
-
-    /// Reads `lease.json` (FORMAT.md §8) with its ETag, or `None` if there is none. The one
-    /// reader of the lease, for its holder and for those who report on it.
-    pub async fn read_lease(&self) -> Result<Option<(model::Lease, ETag)>, RepoError> {
-        match self.store.get_with_meta(keys::LEASE).await {
-            Ok((bytes, meta)) => Ok(Some((
-                model::parse_document(keys::LEASE, &bytes)?,
-                meta.etag,
-            ))),
-            Err(StoreError::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
     }
 
     /// Checks that a config records the encryption this repository was opened with.
@@ -700,7 +702,8 @@ impl Repository {
         }
     }
 
-    async fn require_config(&self) -> Result<RepositoryConfig, RepoError> {
+    /// Reads `tidemark.json`; there being none is [`RepoError::NoRepository`].
+    pub async fn require_config(&self) -> Result<RepositoryConfig, RepoError> {
         self.read_config()
             .await?
             .ok_or_else(|| RepoError::NoRepository {
@@ -776,11 +779,11 @@ impl Repository {
              found the segments written after it, up to sequence {}",
             walked_to.saturating_sub(1)
         );
-        match self.store.list(keys::WAL_PREFIX).await {
+        match self.list_segments().await {
             Ok(listed) => {
                 let beyond: Vec<(u64, String)> = listed
+                    .segments
                     .into_iter()
-                    .filter_map(|m| Some((keys::parse_segment_key(&m.key)?, m.key)))
                     .filter(|&(s, _)| s >= walked_to)
                     .collect();
                 // One starting right there continues the walk: uploaded since, not cut off.
@@ -866,27 +869,95 @@ impl Repository {
         }
     }
 
-    /// Uploads an index page and returns the reference a generation holds for it.
-    pub async fn write_index_page(&self, page: &IndexPage) -> Result<IndexPageRef, RepoError> {
-        let (Some(first), Some(last)) = (page.segments.first(), page.segments.last()) else {
-            return Err(ModelError::Inconsistent {
-                key: keys::INDEX_PREFIX.to_owned(),
-                detail: "an index page must list at least one segment".to_owned(),
-            }
-            .into());
-        };
-        let key = keys::index_page_key(page.first_seq, page.last_seq);
-        let bytes = model::to_document_bytes(page);
-        let r = IndexPageRef {
+    /// Creates a base's descriptor, `bases/<id>/base.json` (create-only; FORMAT.md §4.5:
+    /// after every file it lists), and returns the reference a generation holds for it. Its
+    /// id and files are checked as a reader checks them first. A descriptor already there is
+    /// [`RepoError::Conflict`]: two bases were given the same id.
+    pub async fn put_base_descriptor(&self, d: &BaseDescriptor) -> Result<ObjectRef, RepoError> {
+        let key = keys::base_descriptor_key(&d.id);
+        let bad = |detail: String| ModelError::Inconsistent {
             key: key.clone(),
-            first_seq: page.first_seq,
-            last_seq: page.last_seq,
-            segment_count: page.segments.len() as u64,
-            first_time: first.first_time,
-            last_time: last.last_time,
+            detail,
+        };
+        keys::check_base_id(&d.id).map_err(|e| bad(e.to_string()))?;
+        model::check_base_files(&d.files).map_err(|e| bad(e.to_string()))?;
+        let bytes = model::to_document_bytes(d);
+        let r = ObjectRef {
+            key: key.clone(),
             size: bytes.len() as u64,
             sha256: checksum::sha256_hex(&bytes),
         };
+        match self.store.put_if_absent(&key, Bytes::from(bytes)).await {
+            Ok(_) => Ok(r),
+            Err(StoreError::PreconditionFailed { .. }) => Err(RepoError::Conflict {
+                location: self.location(),
+                key,
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Uploads a base's file from `path` to `key`, which must be a key of a base's data
+    /// ([`keys::base_object_key`]). A plain put: whatever was under the key is replaced, as
+    /// FORMAT.md §4.6 requires of an object no base of the current generation lists.
+    pub async fn put_base_file(&self, key: &str, path: &Path) -> Result<(), RepoError> {
+        match keys::parse_listed_key(key) {
+            Ok(keys::LayoutKey::Table { .. } | keys::LayoutKey::BaseFile { .. }) => {}
+            _ => {
+                return Err(ModelError::Inconsistent {
+                    key: key.to_owned(),
+                    detail: "a base's files go under sst/<sha256> or bases/<id>/files/<name>"
+                        .to_owned(),
+                }
+                .into());
+            }
+        }
+        self.store.put_file(key, path).await?;
+        Ok(())
+    }
+
+    /// Deletes `key`, an object a pruning sweep found unreferenced (FORMAT.md §4.6). Only
+    /// keys of the layout are deleted, and never `tidemark.json`, `lease.json` or the hint:
+    /// anything else is [`RepoError::NotDeletable`], and nothing is deleted.
+    pub async fn delete_unreferenced(&self, key: &str) -> Result<(), RepoError> {
+        let refuse = |reason: String| RepoError::NotDeletable {
+            location: self.location(),
+            key: key.to_owned(),
+            reason,
+        };
+        match keys::parse_listed_key(key) {
+            Err(e) => return Err(refuse(e.reason)),
+            Ok(keys::LayoutKey::Config | keys::LayoutKey::Lease | keys::LayoutKey::LatestHint) => {
+                return Err(refuse(
+                    "the repository config, the lease and the hint are never deleted".to_owned(),
+                ));
+            }
+            Ok(_) => {}
+        }
+        self.store.delete(key).await?;
+        Ok(())
+    }
+
+    /// The segments a listing of `wal/` shows, by first sequence, in order, with the keys
+    /// that are not segment keys apart. A LIST: for maintenance and `verify --all`, never
+    /// for finding the current state.
+    pub async fn list_segments(&self) -> Result<ListedSegments, RepoError> {
+        let mut out = ListedSegments::default();
+        for meta in self.store.list(keys::WAL_PREFIX).await? {
+            match keys::parse_segment_key(&meta.key) {
+                Some(first) => out.segments.push((first, meta.key)),
+                None => out.foreign.push(meta.key),
+            }
+        }
+        out.segments.sort();
+        Ok(out)
+    }
+
+    /// Uploads an index page and returns the reference a generation holds for it.
+    pub async fn write_index_page(&self, page: &IndexPage) -> Result<IndexPageRef, RepoError> {
+        let bytes = model::to_document_bytes(page);
+        let r = page.reference(Some(&bytes))?;
+        let key = r.key.clone();
         self.store.put(&key, Bytes::from(bytes)).await?;
         Ok(r)
     }
@@ -1000,4 +1071,130 @@ fn check_key(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BaseFile, FORMAT_VERSION};
+    use crate::store::MemoryStore;
+
+    fn repo() -> Repository {
+        Repository::new(Arc::new(MemoryStore::new()))
+    }
+
+    fn descriptor(id: &str, files: Vec<BaseFile>) -> BaseDescriptor {
+        let t = time::OffsetDateTime::UNIX_EPOCH;
+        BaseDescriptor {
+            format_version: FORMAT_VERSION,
+            id: id.to_owned(),
+            created_at: t,
+            database_identity: "db".to_owned(),
+            min_log_number: 1,
+            replay_from_seq: 1,
+            earliest_seq: 1,
+            earliest_time: t,
+            next_file_number: 2,
+            column_families: Vec::new(),
+            files,
+        }
+    }
+
+    fn current(id: &str) -> BaseFile {
+        BaseFile {
+            name: "CURRENT".to_owned(),
+            size: 16,
+            sha256: "ab".repeat(32),
+            key: keys::base_file_key(id, "CURRENT"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_base_descriptor_is_checked_created_once_and_read_back() {
+        let r = repo();
+        let d = descriptor("b1", vec![current("b1")]);
+        let obj = r.put_base_descriptor(&d).await.unwrap();
+        assert_eq!(obj.key, "bases/b1/base.json");
+        let stored = r.store().get(&obj.key).await.unwrap();
+        checksum::check_bytes(&obj.key, &obj.sha256, obj.size, &stored).unwrap();
+        let e = r.put_base_descriptor(&d).await.unwrap_err();
+        assert!(matches!(e, RepoError::Conflict { .. }), "{e}");
+        // What a reader would refuse is never written.
+        let no_current = descriptor("b2", Vec::new());
+        let e = r.put_base_descriptor(&no_current).await.unwrap_err();
+        assert!(e.to_string().contains("no CURRENT"), "{e}");
+        let bad_id = descriptor("b/3", vec![current("b3")]);
+        assert!(r.put_base_descriptor(&bad_id).await.is_err());
+        assert!(
+            r.store()
+                .head("bases/b2/base.json")
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn only_base_data_keys_take_a_base_file() {
+        let r = repo();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"x").unwrap();
+        let sst = keys::base_object_key("b1", "000001.sst", &"cd".repeat(32));
+        r.put_base_file(&sst, &path).await.unwrap();
+        r.put_base_file(&keys::base_object_key("b1", "CURRENT", "-"), &path)
+            .await
+            .unwrap();
+        for key in [keys::LEASE, keys::CONFIG, "bases/b1/base.json", "wal/x"] {
+            let e = r.put_base_file(key, &path).await.unwrap_err();
+            assert!(
+                e.to_string().contains("a base's files go under"),
+                "{key}: {e}"
+            );
+        }
+        assert!(r.store().head(keys::LEASE).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_sweep_deletes_only_layout_objects_and_never_the_config_lease_or_hint() {
+        let r = repo();
+        let seg = keys::segment_key(7);
+        for key in [
+            keys::CONFIG,
+            keys::LEASE,
+            keys::LATEST_HINT,
+            "notes.txt",
+            &seg,
+        ] {
+            r.store().put(key, Bytes::from_static(b"x")).await.unwrap();
+        }
+        r.delete_unreferenced(&seg).await.unwrap();
+        assert!(r.store().head(&seg).await.unwrap().is_none());
+        for key in [keys::CONFIG, keys::LEASE, keys::LATEST_HINT, "notes.txt"] {
+            let e = r.delete_unreferenced(key).await.unwrap_err();
+            assert!(matches!(e, RepoError::NotDeletable { .. }), "{key}: {e}");
+            assert!(
+                r.store().head(key).await.unwrap().is_some(),
+                "{key} deleted"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn listed_segments_are_in_sequence_order_with_foreign_keys_apart() {
+        let r = repo();
+        for key in [
+            keys::segment_key(0x100),
+            keys::segment_key(3),
+            "wal/README".into(),
+        ] {
+            r.store().put(&key, Bytes::from_static(b"x")).await.unwrap();
+        }
+        let listed = r.list_segments().await.unwrap();
+        assert_eq!(
+            listed.segments,
+            vec![(3, keys::segment_key(3)), (0x100, keys::segment_key(0x100))]
+        );
+        assert_eq!(listed.foreign, vec!["wal/README".to_owned()]);
+    }
 }

@@ -192,7 +192,7 @@ impl RestoreError {
 /// The first repository key in a message (FORMAT.md §2: `wal/…`, `sst/…`, `bases/…`,
 /// `index/…`, `manifest/…`).
 fn object_in(message: &str) -> Option<String> {
-    const PREFIXES: [&str; 5] = ["wal/", "sst/", "bases/", "index/", "manifest/"];
+    const PREFIXES: [&str; 5] = tidemark_manifest::keys::LAYOUT_PREFIXES;
     let is_key_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '-' | '_');
     let mut rest = message;
     while !rest.is_empty() {

@@ -17,40 +17,17 @@ use tokio::task::JoinSet;
 
 use tidemark_manifest::checksum;
 use tidemark_manifest::keys;
-use tidemark_manifest::model::{BaseFile, SegmentEntry};
+use tidemark_manifest::model::{self, BaseFile, SegmentEntry};
 use tidemark_manifest::repo::Repository;
 use tidemark_manifest::store::{ObjectStore, StoreError};
 
 use crate::progress::PhaseBar;
 use crate::{Cancel, RestoreError};
 
-/// Checks every file name of a base before anything is written: only names a base may hold
-/// (FORMAT.md §2), no duplicates, and table files stored under their content key.
+/// Checks every file name of a base before anything is written: the rules of FORMAT.md §2
+/// and §7 ([`model::check_base_files`]).
 pub fn check_base_files(files: &[BaseFile]) -> Result<(), RestoreError> {
-    let mut seen = std::collections::BTreeSet::new();
-    for f in files {
-        keys::check_base_file_name(&f.name)?;
-        if !seen.insert(f.name.as_str()) {
-            return Err(RestoreError::Integrity(format!(
-                "the base lists the file {} twice",
-                f.name
-            )));
-        }
-        if keys::is_table_file(&f.name) && f.key != keys::sst_key(&f.sha256) {
-            return Err(RestoreError::Integrity(format!(
-                "table file {} is stored at {} but its content key is {}",
-                f.name,
-                f.key,
-                keys::sst_key(&f.sha256)
-            )));
-        }
-    }
-    if !seen.contains("CURRENT") {
-        return Err(RestoreError::Integrity(
-            "the base has no CURRENT file".to_owned(),
-        ));
-    }
-    Ok(())
+    model::check_base_files(files).map_err(|e| RestoreError::Integrity(e.to_string()))
 }
 
 /// Downloads one base file into `dir` under its (checked) name and verifies its size and
@@ -247,11 +224,7 @@ mod tests {
 
     fn file(name: &str, content: &[u8]) -> BaseFile {
         let sha = checksum::sha256_hex(content);
-        let key = if keys::is_table_file(name) {
-            keys::sst_key(&sha)
-        } else {
-            keys::base_file_key("b1", name)
-        };
+        let key = keys::base_object_key("b1", name, &sha);
         BaseFile {
             name: name.into(),
             size: content.len() as u64,

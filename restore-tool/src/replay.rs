@@ -7,11 +7,11 @@
 //! - [`check_plan`], before anything is downloaded: the planned segments are contiguous
 //!   from the one holding the base's `replay_from_seq` to the cutoff, and their log numbers
 //!   never decrease;
-//! - [`RecordChain`], record by record: the first record of a WAL numbered
+//! - [`BaseChain`], record by record: the first record of a WAL numbered
 //!   `min_log_number` or above is the base's first needed record (sequence
 //!   `replay_from_seq`), no record of an older WAL reaches past it, every later record
 //!   continues the previous one (`seq == prev.seq + prev.count`), and log numbers never
-//!   decrease. (The first record need not be in WAL `min_log_number` itself: a database that
+//!   decrease (the record chain, [`RecordChain`]). (The first record need not be in WAL `min_log_number` itself: a database that
 //!   never flushed has `min_log_number` 0, "every WAL", and a WAL created just before the
 //!   base may have stayed empty. The sequence checks alone prove that nothing is missing.)
 //!
@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use time::OffsetDateTime;
 
+use tidemark_manifest::chain::{RecordBreak, RecordChain};
 use tidemark_manifest::model::{BaseFile, BaseSummary, SegmentEntry, time_from_micros};
 use tidemark_manifest::plan::{CutoffFilter, RestorePlan, Target};
 use tidemark_manifest::rocks::DbFile;
@@ -107,22 +108,12 @@ pub enum ChainError {
         found_seq: u64,
         found_log: u64,
     },
-    #[error(
-        "{key}: a record is missing: sequence {found} follows the record ending before {expected}"
-    )]
-    RecordHole {
+    /// The records break the record chain (FORMAT.md §6.2).
+    #[error("{key}: {source}")]
+    Records {
         key: String,
-        expected: u64,
-        found: u64,
-    },
-    #[error(
-        "{key}: sequence {seq} is in WAL {log}, older than the WAL {prev_log} of the record before it"
-    )]
-    RecordLogBackwards {
-        key: String,
-        seq: u64,
-        log: u64,
-        prev_log: u64,
+        #[source]
+        source: RecordBreak,
     },
     #[error(
         "{key}: sequence {seq} is in WAL {log}, older than WAL {min_log_number} where base {base} \
@@ -208,24 +199,25 @@ pub fn check_plan(plan: &RestorePlan) -> Result<(), ChainError> {
     Ok(())
 }
 
-/// Record-by-record chain check for one base (see the module documentation).
+/// Record-by-record chain check for one base (see the module documentation): where the
+/// base's records start, then the record chain itself ([`RecordChain`]).
 #[derive(Debug, Clone)]
-pub struct RecordChain {
+pub struct BaseChain {
     base: String,
     min_log_number: u64,
     replay_from_seq: u64,
-    /// `(next expected sequence, log number)` of the last replayed record.
-    prev: Option<(u64, u64)>,
+    /// Started at the base's first needed record.
+    chain: Option<RecordChain>,
 }
 
-impl RecordChain {
+impl BaseChain {
     /// A check for replaying onto `base`.
-    pub fn new(base: &BaseSummary) -> RecordChain {
-        RecordChain {
+    pub fn new(base: &BaseSummary) -> BaseChain {
+        BaseChain {
             base: base.id.clone(),
             min_log_number: base.min_log_number,
             replay_from_seq: base.replay_from_seq,
-            prev: None,
+            chain: None,
         }
     }
 
@@ -233,23 +225,11 @@ impl RecordChain {
     /// base's WAL and is replayed (if the cutoff admits it); `Ok(false)`: it is older than
     /// the base's first WAL and skipped.
     pub fn check(&mut self, key: &str, r: &Record) -> Result<bool, ChainError> {
-        if let Some((expected, prev_log)) = self.prev {
-            if r.seq != expected {
-                return Err(ChainError::RecordHole {
-                    key: key.to_owned(),
-                    expected,
-                    found: r.seq,
-                });
-            }
-            if r.log_number < prev_log {
-                return Err(ChainError::RecordLogBackwards {
-                    key: key.to_owned(),
-                    seq: r.seq,
-                    log: r.log_number,
-                    prev_log,
-                });
-            }
-            self.prev = Some((r.next_seq(), r.log_number));
+        if let Some(chain) = &mut self.chain {
+            chain.push_record(r).map_err(|source| ChainError::Records {
+                key: key.to_owned(),
+                source,
+            })?;
             return Ok(true);
         }
         if r.log_number < self.min_log_number {
@@ -275,13 +255,17 @@ impl RecordChain {
                 found_log: r.log_number,
             });
         }
-        self.prev = Some((r.next_seq(), r.log_number));
+        let mut chain = RecordChain::new();
+        chain
+            .push_record(r)
+            .expect("the first record starts a chain");
+        self.chain = Some(chain);
         Ok(true)
     }
 
     /// The sequence number the next replayed record must have, once one was replayed.
     pub fn next_seq(&self) -> Option<u64> {
-        self.prev.map(|(n, _)| n)
+        self.chain.and_then(|c| c.next_seq())
     }
 }
 
@@ -513,7 +497,7 @@ pub struct Replayer {
     base: BaseSummary,
     max_seq: u64,
     min_seq: u64,
-    chain: RecordChain,
+    chain: BaseChain,
     filter: CutoffFilter,
     wal: WalFiles,
     last_record: Option<RecordPoint>,
@@ -536,7 +520,7 @@ impl Replayer {
             base: plan.base.clone(),
             max_seq: plan.max_seq,
             min_seq: plan.min_seq,
-            chain: RecordChain::new(&plan.base),
+            chain: BaseChain::new(&plan.base),
             filter: plan.filter(),
             wal: WalFiles::new(dir, base_files),
             last_record: None,
@@ -701,6 +685,7 @@ impl Replayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidemark_manifest::chain::SeqBreak;
     use tidemark_manifest::keys;
     use tidemark_manifest::model::{ColumnFamily, Compression, ObjectRef};
     use tidemark_manifest::plan::History;
@@ -976,30 +961,54 @@ mod tests {
     #[test]
     fn record_chain_finds_holes_and_backward_logs() {
         let b = base(4, 1, 2);
-        let mut c = RecordChain::new(&b);
+        let mut c = BaseChain::new(&b);
         assert!(c.check("k", &rec(1, 2, 4, 0)).unwrap());
+        assert_eq!(c.next_seq(), Some(3));
         let e = c.check("k", &rec(4, 1, 4, 0)).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                ChainError::RecordHole {
+        assert_eq!(
+            e,
+            ChainError::Records {
+                key: "k".into(),
+                source: RecordBreak::Seq(SeqBreak::Gap {
                     expected: 3,
-                    found: 4,
-                    ..
-                }
-            ),
-            "{e}"
+                    found: 4
+                })
+            }
         );
-        let mut c = RecordChain::new(&b);
+        assert!(e.to_string().starts_with("k: a record is missing"), "{e}");
+        let mut c = BaseChain::new(&b);
         let e = c.check("k", &rec(2, 1, 4, 0)).unwrap_err();
         assert!(
             matches!(e, ChainError::MissingStart { found_seq: 2, .. }),
             "{e}"
         );
-        let mut c = RecordChain::new(&base(5, 1, 2));
+        let mut c = BaseChain::new(&base(5, 1, 2));
         assert!(c.check("k", &rec(1, 2, 5, 0)).unwrap());
         let e = c.check("k", &rec(3, 1, 4, 0)).unwrap_err();
-        assert!(matches!(e, ChainError::RecordLogBackwards { .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                ChainError::Records {
+                    source: RecordBreak::LogBackwards { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // A record applied twice is an overlap, not replayed.
+        let mut c = BaseChain::new(&base(5, 1, 2));
+        assert!(c.check("k", &rec(1, 2, 5, 0)).unwrap());
+        let e = c.check("k", &rec(1, 2, 5, 0)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ChainError::Records {
+                    source: RecordBreak::Seq(SeqBreak::Overlap { .. }),
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]

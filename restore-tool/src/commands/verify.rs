@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, stream};
 use serde::{Deserialize, Serialize};
 
+use tidemark_manifest::chain::RecordChain;
 use tidemark_manifest::checksum;
 use tidemark_manifest::keys;
 use tidemark_manifest::model::{BaseFile, BaseSummary, SegmentEntry};
@@ -345,8 +346,8 @@ struct StartCheck {
 /// The record chain across every segment in scope (see the module documentation).
 #[derive(Debug, Default)]
 struct DeepChain {
-    /// `(next sequence, log number)` of the previous record, within a contiguous run.
-    prev: Option<(u64, u64)>,
+    /// The record chain within a contiguous run of segments.
+    chain: RecordChain,
     prev_segment_last: Option<u64>,
     starts: Vec<StartCheck>,
     problems: Vec<Problem>,
@@ -374,7 +375,7 @@ impl DeepChain {
             .prev_segment_last
             .is_none_or(|l| l + 1 != entry.first_seq)
         {
-            self.prev = None;
+            self.chain.reset();
         }
         self.prev_segment_last = Some(entry.last_seq);
         let key = entry.key.as_str();
@@ -399,35 +400,17 @@ impl DeepChain {
                 Ok(None) => break,
                 Err(e) => {
                     self.problems.push(problem(key, e.to_string()));
-                    self.prev = None;
+                    self.chain.reset();
                     return;
                 }
             };
-            if let Some((expected, prev_log)) = self.prev {
-                if r.seq != expected {
-                    self.problems.push(problem(
-                        key,
-                        replay::ChainError::RecordHole {
-                            key: key.to_owned(),
-                            expected,
-                            found: r.seq,
-                        }
-                        .to_string(),
-                    ));
-                } else if r.log_number < prev_log {
-                    self.problems.push(problem(
-                        key,
-                        replay::ChainError::RecordLogBackwards {
-                            key: key.to_owned(),
-                            seq: r.seq,
-                            log: r.log_number,
-                            prev_log,
-                        }
-                        .to_string(),
-                    ));
-                }
+            if let Err(source) = self.chain.push_record(&r) {
+                let e = replay::ChainError::Records {
+                    key: key.to_owned(),
+                    source,
+                };
+                self.problems.push(problem(key, e.to_string()));
             }
-            self.prev = Some((r.next_seq(), r.log_number));
             for s in self.starts.iter_mut().filter(|s| !s.done) {
                 if r.log_number >= s.min_log_number && r.seq < s.replay_from_seq {
                     s.done = true;
@@ -652,7 +635,7 @@ async fn check_segments(
             .expect("the record check does not panic");
         } else if read {
             // Without this segment the chain cannot be followed across it.
-            chain.prev = None;
+            chain.chain.reset();
             chain.prev_segment_last = None;
         }
     }
@@ -682,18 +665,21 @@ async fn unreachable_segments(
     let known: BTreeSet<&str> = h.segments.iter().map(|s| s.key.as_str()).collect();
     let reach = h.segments.last().map_or(0, |s| s.last_seq);
     let mut beyond: Vec<(u64, String)> = Vec::new();
-    for meta in repo.store().list(keys::WAL_PREFIX).await? {
-        if known.contains(meta.key.as_str()) {
+    let listed = repo.list_segments().await?;
+    for (first, key) in listed.segments {
+        if known.contains(key.as_str()) {
             continue;
         }
-        match keys::parse_segment_key(&meta.key) {
-            Some(first) if first > reach => beyond.push((first, meta.key)),
-            Some(_) => notes.push(format!(
-                "{} is not referenced by the manifest (an orphan; pruning removes it)",
-                meta.key
-            )),
-            None => notes.push(format!("{} is not a segment key", meta.key)),
+        if first > reach {
+            beyond.push((first, key));
+        } else {
+            notes.push(format!(
+                "{key} is not referenced by the manifest (an orphan; pruning removes it)"
+            ));
         }
+    }
+    for key in listed.foreign {
+        notes.push(format!("{key} is not a segment key"));
     }
     if beyond.iter().any(|(first, _)| *first == reach + 1) {
         // The archiver is still writing: these continue the chain.
