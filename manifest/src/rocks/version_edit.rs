@@ -184,7 +184,7 @@ pub struct VersionEdit {
 
 /// Errors decoding VersionEdits or folding a MANIFEST.
 #[derive(Debug, thiserror::Error)]
-pub enum ManifestError {
+pub enum RocksManifestError {
     #[error(transparent)]
     Log(#[from] LogError),
     #[error("cannot read {path}: {source}")]
@@ -699,13 +699,13 @@ impl ManifestState {
     }
 
     /// Reads the MANIFEST that `CURRENT` in `db_dir` names.
-    pub fn from_db_dir(db_dir: impl AsRef<Path>) -> Result<ManifestState, ManifestError> {
+    pub fn from_db_dir(db_dir: impl AsRef<Path>) -> Result<ManifestState, RocksManifestError> {
         Self::from_file(current_manifest(db_dir)?)
     }
 
     /// Reads a MANIFEST file. A torn record at its end (the owner was writing it) is ignored,
     /// as RocksDB does; so is an atomic group the file does not hold completely.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<ManifestState, ManifestError> {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<ManifestState, RocksManifestError> {
         let reader = LogReader::open(path.as_ref())?;
         Self::fold(reader)
     }
@@ -714,14 +714,14 @@ impl ManifestState {
     pub fn from_bytes(
         bytes: &[u8],
         name: impl Into<PathBuf>,
-    ) -> Result<ManifestState, ManifestError> {
+    ) -> Result<ManifestState, RocksManifestError> {
         let reader = LogReader::new(Cursor::new(bytes), name)?;
         Self::fold(reader)
     }
 
     fn fold<R: std::io::Read + std::io::Seek>(
         mut reader: LogReader<R>,
-    ) -> Result<ManifestState, ManifestError> {
+    ) -> Result<ManifestState, RocksManifestError> {
         let path = reader.path().to_path_buf();
         let mut state = ManifestState::new();
         let mut group: Vec<(u64, VersionEdit)> = Vec::new();
@@ -730,14 +730,15 @@ impl ManifestState {
         let mut has_last_sequence = false;
         while let Some(record) = reader.next_record()? {
             let offset = record.start_offset;
-            let edit = VersionEdit::decode(&record.bytes).map_err(|e| ManifestError::BadEdit {
-                path: path.clone(),
-                offset,
-                detail: e.to_string(),
-            })?;
+            let edit =
+                VersionEdit::decode(&record.bytes).map_err(|e| RocksManifestError::BadEdit {
+                    path: path.clone(),
+                    offset,
+                    detail: e.to_string(),
+                })?;
             has_next_file_number |= edit.next_file_number.is_some();
             has_last_sequence |= edit.last_sequence.is_some();
-            let inconsistent = |detail: String| ManifestError::Inconsistent {
+            let inconsistent = |detail: String| RocksManifestError::Inconsistent {
                 path: path.clone(),
                 offset,
                 detail,
@@ -756,13 +757,13 @@ impl ManifestState {
                     group.push((offset, edit));
                     if group.len() == group_size {
                         for (offset, edit) in group.drain(..) {
-                            state
-                                .apply(&edit)
-                                .map_err(|detail| ManifestError::Inconsistent {
+                            state.apply(&edit).map_err(|detail| {
+                                RocksManifestError::Inconsistent {
                                     path: path.clone(),
                                     offset,
                                     detail,
-                                })?;
+                                }
+                            })?;
                         }
                     }
                 }
@@ -778,7 +779,7 @@ impl ManifestState {
                 }
             }
         }
-        let incomplete = |what| ManifestError::Incomplete {
+        let incomplete = |what| RocksManifestError::Incomplete {
             path: path.clone(),
             what,
         };
@@ -988,9 +989,9 @@ impl ManifestState {
 }
 
 /// The MANIFEST file `CURRENT` names in a database directory.
-pub fn current_manifest(db_dir: impl AsRef<Path>) -> Result<PathBuf, ManifestError> {
+pub fn current_manifest(db_dir: impl AsRef<Path>) -> Result<PathBuf, RocksManifestError> {
     let current = db_dir.as_ref().join("CURRENT");
-    let content = fs::read_to_string(&current).map_err(|source| ManifestError::Io {
+    let content = fs::read_to_string(&current).map_err(|source| RocksManifestError::Io {
         path: current.clone(),
         source,
     })?;
@@ -999,7 +1000,7 @@ pub fn current_manifest(db_dir: impl AsRef<Path>) -> Result<PathBuf, ManifestErr
         .strip_prefix("MANIFEST-")
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
     if !valid {
-        return Err(ManifestError::BadCurrent {
+        return Err(RocksManifestError::BadCurrent {
             path: current,
             content,
         });
@@ -1201,7 +1202,7 @@ mod tests {
         let mixed = manifest(&[base_edit(), member(1, b"a", 1), base_edit()]);
         assert!(matches!(
             ManifestState::from_bytes(&mixed, "M"),
-            Err(ManifestError::Inconsistent { .. })
+            Err(RocksManifestError::Inconsistent { .. })
         ));
     }
 
@@ -1211,13 +1212,16 @@ mod tests {
         put_varint32(&mut e, tag::LOG_NUMBER);
         put_varint64(&mut e, 3);
         let err = ManifestState::from_bytes(&manifest(&[e]), "M").unwrap_err();
-        assert!(matches!(err, ManifestError::Incomplete { .. }), "{err}");
+        assert!(
+            matches!(err, RocksManifestError::Incomplete { .. }),
+            "{err}"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("CURRENT"), "garbage\n").unwrap();
         assert!(matches!(
             current_manifest(dir.path()),
-            Err(ManifestError::BadCurrent { .. })
+            Err(RocksManifestError::BadCurrent { .. })
         ));
         std::fs::write(dir.path().join("CURRENT"), "MANIFEST-000012\n").unwrap();
         assert_eq!(
