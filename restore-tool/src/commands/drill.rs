@@ -35,7 +35,7 @@ use super::restore::{
     self, BaseReport, CutoffReport, Phase, PhaseLog, PhaseStatus, RestoreOptions, RestoreReport,
     SegmentsReport,
 };
-use super::{StoreOptions, TargetSpec, load, short_time};
+use super::{StoreOptions, Target, load, short_time};
 use crate::progress::Progress;
 use crate::verify::{Verification, VerificationStatus, VerifyMode};
 use crate::{Cancel, RestoreError, human_bytes, human_duration, timespec};
@@ -51,55 +51,54 @@ pub const DEFAULT_CHECK_TIMEOUT_SECS: u64 = 3600;
 /// end of each).
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
 
-/// The point a drill restores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// The point a drill restores: a [`Target`], or a sequence number drawn uniformly from the
+/// restorable window when the drill reads the repository ([`DrillTarget::resolve`]).
+///
+/// In JSON: `"random"`, or the target's own form (`"latest"`, `{"seq": 42}`, `{"time": ...}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum TargetPoint {
-    /// The newest archived point.
-    #[default]
-    Latest,
+pub enum DrillTarget {
     /// A sequence number drawn uniformly from the restorable window.
     Random,
-    /// A sequence number.
-    Seq(u64),
-    /// Every record at or before this time.
-    Time(#[serde(with = "time::serde::rfc3339")] OffsetDateTime),
+    /// This target.
+    #[serde(untagged)]
+    Point(Target),
 }
 
-impl TargetPoint {
-    /// Parses `latest`, `random`, `seq:N` or a time in any form `restore --time` accepts
-    /// (relative times are taken from `now`; times without an offset are UTC).
-    pub fn parse(input: &str, now: OffsetDateTime) -> Result<TargetPoint, RestoreError> {
-        let s = input.trim();
-        if s.eq_ignore_ascii_case("latest") {
-            return Ok(TargetPoint::Latest);
+impl Default for DrillTarget {
+    fn default() -> DrillTarget {
+        DrillTarget::Point(Target::Latest)
+    }
+}
+
+impl DrillTarget {
+    /// Parses `random`, or a target as [`Target::parse`] reads it (`latest`, `seq:N`, or a
+    /// time in any form `restore --time` accepts; relative times are taken from `now`, times
+    /// without an offset are UTC).
+    pub fn parse(input: &str, now: OffsetDateTime) -> Result<DrillTarget, RestoreError> {
+        if input.trim().eq_ignore_ascii_case("random") {
+            return Ok(DrillTarget::Random);
         }
-        if s.eq_ignore_ascii_case("random") {
-            return Ok(TargetPoint::Random);
+        Target::parse(input, "latest, random, seq:N", |s| {
+            timespec::parse_time(s, time::UtcOffset::UTC, now)
+        })
+        .map(DrillTarget::Point)
+        .map_err(|e| RestoreError::Usage(format!("--target-point {e}")))
+    }
+
+    /// The target to restore: a random point is drawn from `window` with `seed`; `None`
+    /// when it is random and nothing is restorable.
+    pub fn resolve(self, window: &Window, seed: u64) -> Option<Target> {
+        match self {
+            DrillTarget::Point(target) => Some(target),
+            DrillTarget::Random => random_point(window, seed).map(Target::Seq),
         }
-        if let Some(n) = s.strip_prefix("seq:") {
-            return n.trim().parse().map(TargetPoint::Seq).map_err(|_| {
-                RestoreError::Usage(format!(
-                    "--target-point {input:?}: {n:?} is not a sequence number (seq:N, e.g. \
-                     seq:1234)"
-                ))
-            });
-        }
-        timespec::parse_time(s, time::UtcOffset::UTC, now)
-            .map(TargetPoint::Time)
-            .map_err(|e| {
-                RestoreError::Usage(format!(
-                    "--target-point {input:?} is not latest, random, seq:N or a time: {e}"
-                ))
-            })
     }
 
     fn describe(self) -> String {
         match self {
-            TargetPoint::Latest => "the latest archived point".to_owned(),
-            TargetPoint::Random => "a random point in the restorable window".to_owned(),
-            TargetPoint::Seq(n) => format!("sequence {n}"),
-            TargetPoint::Time(t) => format!("time {}", short_time(t)),
+            DrillTarget::Random => "a random point in the restorable window".to_owned(),
+            DrillTarget::Point(target) => target.describe(),
         }
     }
 }
@@ -117,7 +116,7 @@ fn default_check_timeout() -> u64 {
 pub struct DrillOptions {
     /// The point to restore.
     #[serde(default)]
-    pub target: TargetPoint,
+    pub target: DrillTarget,
     /// An existing directory under which the drill creates its own fresh directory (default:
     /// the system's temporary directory).
     #[serde(default)]
@@ -146,7 +145,7 @@ pub struct DrillOptions {
 impl Default for DrillOptions {
     fn default() -> DrillOptions {
         DrillOptions {
-            target: TargetPoint::Latest,
+            target: DrillTarget::default(),
             scratch: None,
             check_command: None,
             check_timeout_secs: DEFAULT_CHECK_TIMEOUT_SECS,
@@ -239,12 +238,12 @@ pub struct PhaseReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TargetReport {
     /// As requested.
-    pub requested: TargetPoint,
+    pub requested: DrillTarget,
     /// The seed a random point was drawn with (give it to `--seed` to draw the same point
     /// from the same window).
     pub seed: Option<u64>,
     /// The target the restore was asked for (a random point as its sequence number).
-    pub resolved: Option<TargetSpec>,
+    pub resolved: Option<Target>,
 }
 
 /// The recovery point objective at the time of the drill.
@@ -414,7 +413,7 @@ impl DrillReport {
             }
         }
         let mut target = self.target.requested.describe();
-        if let (TargetPoint::Random, Some(TargetSpec::Seq(n))) =
+        if let (DrillTarget::Random, Some(Target::Seq(n))) =
             (self.target.requested, self.target.resolved)
         {
             target = format!(
@@ -833,29 +832,25 @@ impl Drill {
         let (repo, state) = state;
         self.report.repository = repo.location();
         self.report.rpo = rpo(&state, OffsetDateTime::now_utc());
-        let spec = match opts.target {
-            TargetPoint::Latest => TargetSpec::Latest,
-            TargetPoint::Seq(n) => TargetSpec::Seq(n),
-            TargetPoint::Time(t) => TargetSpec::Time(t),
-            TargetPoint::Random => {
+        let seed = match opts.target {
+            DrillTarget::Random => {
                 let seed = opts.seed.unwrap_or_else(rand::random);
                 self.report.target.seed = Some(seed);
-                let window = state.history.window();
-                match random_point(&window, seed) {
-                    Some(seq) => TargetSpec::Seq(seq),
-                    None => {
-                        self.times
-                            .push((DrillPhase::Plan, plan_started.elapsed(), false));
-                        self.fail(
-                            DrillPhase::Plan,
-                            crate::ErrorClass::NotRestorable.name(),
-                            format!("nothing is restorable: {window}"),
-                            None,
-                        );
-                        return;
-                    }
-                }
+                seed
             }
+            DrillTarget::Point(_) => 0,
+        };
+        let window = state.history.window();
+        let Some(spec) = opts.target.resolve(&window, seed) else {
+            self.times
+                .push((DrillPhase::Plan, plan_started.elapsed(), false));
+            self.fail(
+                DrillPhase::Plan,
+                crate::ErrorClass::NotRestorable.name(),
+                format!("nothing is restorable: {window}"),
+                None,
+            );
+            return;
         };
         self.report.target.resolved = Some(spec);
         let own_plan = plan_started.elapsed();
@@ -1226,34 +1221,68 @@ mod tests {
     fn target_points_parse() {
         let now = time::macros::datetime!(2026-11-23 13:30:00 UTC);
         assert_eq!(
-            TargetPoint::parse("latest", now).unwrap(),
-            TargetPoint::Latest
+            DrillTarget::parse("latest", now).unwrap(),
+            DrillTarget::Point(Target::Latest)
         );
         assert_eq!(
-            TargetPoint::parse("RANDOM", now).unwrap(),
-            TargetPoint::Random
+            DrillTarget::parse("RANDOM", now).unwrap(),
+            DrillTarget::Random
         );
         assert_eq!(
-            TargetPoint::parse("seq:1234", now).unwrap(),
-            TargetPoint::Seq(1234)
+            DrillTarget::parse("seq:1234", now).unwrap(),
+            DrillTarget::Point(Target::Seq(1234))
         );
         assert_eq!(
-            TargetPoint::parse("2026-11-23T12:00:00Z", now).unwrap(),
-            TargetPoint::Time(time::macros::datetime!(2026-11-23 12:00:00 UTC))
+            DrillTarget::parse("2026-11-23T12:00:00Z", now).unwrap(),
+            DrillTarget::Point(Target::Time(
+                time::macros::datetime!(2026-11-23 12:00:00 UTC)
+            ))
         );
         assert_eq!(
-            TargetPoint::parse("15m ago", now).unwrap(),
-            TargetPoint::Time(time::macros::datetime!(2026-11-23 13:15:00 UTC))
+            DrillTarget::parse("15m ago", now).unwrap(),
+            DrillTarget::Point(Target::Time(
+                time::macros::datetime!(2026-11-23 13:15:00 UTC)
+            ))
         );
         for bad in ["seq:", "seq:x", "yesterday", ""] {
-            let e = TargetPoint::parse(bad, now).unwrap_err();
+            let e = DrillTarget::parse(bad, now).unwrap_err();
             assert_eq!(e.class(), crate::ErrorClass::Usage, "{bad}: {e}");
         }
-        let json = serde_json::to_string(&TargetPoint::Seq(5)).unwrap();
+        let json = serde_json::to_string(&DrillTarget::Point(Target::Seq(5))).unwrap();
         assert_eq!(json, r#"{"seq":5}"#);
         assert_eq!(
-            serde_json::to_string(&TargetPoint::Random).unwrap(),
+            serde_json::to_string(&DrillTarget::Random).unwrap(),
             r#""random""#
+        );
+        assert_eq!(
+            serde_json::to_string(&DrillTarget::default()).unwrap(),
+            r#""latest""#
+        );
+        let at = time::macros::datetime!(2026-11-23 12:00:00.25 UTC);
+        for t in [
+            DrillTarget::Random,
+            DrillTarget::Point(Target::Latest),
+            DrillTarget::Point(Target::Seq(5)),
+            DrillTarget::Point(Target::Time(at)),
+        ] {
+            let json = serde_json::to_string(&t).unwrap();
+            assert_eq!(
+                serde_json::from_str::<DrillTarget>(&json).unwrap(),
+                t,
+                "{json}"
+            );
+        }
+        assert!(serde_json::from_str::<DrillTarget>(r#""sometime""#).is_err());
+        assert_eq!(
+            DrillTarget::parse("seq:x", now).unwrap_err().to_string(),
+            r#"--target-point "seq:x": "x" is not a sequence number (seq:N, e.g. seq:1234)"#
+        );
+        let e = DrillTarget::parse("yesterday", now)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(r#"--target-point "yesterday" is not latest, random, seq:N or a time: "#),
+            "{e}"
         );
     }
 
@@ -1294,7 +1323,7 @@ mod tests {
         assert_eq!(o, DrillOptions::default());
         let o: DrillOptions =
             serde_json::from_str(r#"{"target":"random","seed":3,"keep":true}"#).unwrap();
-        assert_eq!(o.target, TargetPoint::Random);
+        assert_eq!(o.target, DrillTarget::Random);
         assert_eq!(o.seed, Some(3));
         assert!(o.keep);
         assert_eq!(o.check_timeout_secs, DEFAULT_CHECK_TIMEOUT_SECS);

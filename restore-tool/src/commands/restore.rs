@@ -28,7 +28,7 @@ use tidemark_manifest::plan::RestorePlan;
 use tidemark_manifest::repo::{ReadFrom, RepoState, Repository};
 use tidemark_manifest::store::StoreUrl;
 
-use super::{StoreOptions, TargetSpec, load, load_from, short_time};
+use super::{StoreOptions, Target, load, load_from, short_time};
 use crate::fetch::{self, FetchedSegment, SegmentFetch};
 use crate::progress::{Progress, Unit};
 use crate::replay::{self, RecordPoint, Replayer, RoundedDown, WalFileReport};
@@ -53,7 +53,7 @@ pub struct RestoreOptions {
     /// The directory to restore into.
     pub target_dir: PathBuf,
     /// The point to restore to.
-    pub target: TargetSpec,
+    pub target: Target,
     /// Plan only: say what would be downloaded and restored, write nothing.
     #[serde(default)]
     pub dry_run: bool,
@@ -70,7 +70,7 @@ pub struct RestoreOptions {
 
 impl RestoreOptions {
     /// Options with the defaults for everything but the target.
-    pub fn new(target_dir: impl Into<PathBuf>, target: TargetSpec) -> RestoreOptions {
+    pub fn new(target_dir: impl Into<PathBuf>, target: Target) -> RestoreOptions {
         RestoreOptions {
             target_dir: target_dir.into(),
             target,
@@ -303,7 +303,7 @@ pub struct RestoreReport {
     pub repository: String,
     pub target_dir: PathBuf,
     /// The target as requested.
-    pub target: TargetSpec,
+    pub target: Target,
     /// What was at the target path before the restore.
     pub target_before: String,
     pub time_precision: Option<TimeSource>,
@@ -451,7 +451,7 @@ async fn restore(
             &loaded
         }
     };
-    let plan = state.history.plan(opts.target.target())?;
+    let plan = state.history.plan(opts.target)?;
     replay::check_plan(&plan)?;
     let generation = state.generation.as_ref().ok_or_else(|| {
         RestoreError::Integrity("the repository lists bases but has no manifest generation".into())
@@ -511,8 +511,7 @@ async fn restore(
             Some(o) => format!("{o}: {}", w.message),
             None => w.message.clone(),
         }));
-    if matches!(opts.target, TargetSpec::Time(_)) && generation.time_precision != TimeSource::Marker
-    {
+    if matches!(opts.target, Target::Time(_)) && generation.time_precision != TimeSource::Marker {
         report
             .notes
             .push(super::list::precision_note(Some(generation.time_precision)).to_owned());
@@ -836,11 +835,7 @@ impl RestoreReport {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let w = &mut out;
-        let target = match self.target {
-            TargetSpec::Latest => "the latest archived point".to_owned(),
-            TargetSpec::Seq(n) => format!("sequence {n}"),
-            TargetSpec::Time(t) => format!("time {}", short_time(t)),
-        };
+        let target = self.target.describe();
         if self.dry_run {
             let _ = writeln!(
                 w,
@@ -1022,7 +1017,6 @@ mod tests {
         BaseColumnFamily, BaseFile, BaseSummary, ColumnFamily, FORMAT_VERSION, Generation,
         ObjectRef, Retention, SegmentEntry, Writer, time_from_micros,
     };
-    use tidemark_manifest::plan::Target;
 
     fn fixtures() -> (RestorePlan, BaseDescriptor, Generation) {
         let t = time_from_micros(1_800_000_000_000_000);

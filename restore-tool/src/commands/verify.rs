@@ -41,7 +41,7 @@ use tidemark_manifest::repo::{ReadFrom, RepoState, Repository};
 use tidemark_manifest::segment::SegmentReader;
 use tidemark_manifest::store::ObjectStore;
 
-use super::{TargetSpec, load_from};
+use super::{Target, load_from};
 use crate::progress::{PhaseBar, Progress, Unit};
 use crate::{Cancel, RestoreError, human_bytes, human_duration, replay};
 
@@ -50,7 +50,7 @@ use crate::{Cancel, RestoreError, human_bytes, human_duration, replay};
 #[serde(rename_all = "snake_case")]
 pub enum VerifyScope {
     /// What a restore to this target needs.
-    Target(TargetSpec),
+    Target(Target),
     /// Every base and every segment.
     All,
 }
@@ -145,11 +145,8 @@ impl VerifyReport {
         let w = &mut out;
         let scope = match self.scope {
             VerifyScope::All => "everything".to_owned(),
-            VerifyScope::Target(TargetSpec::Latest) => "what the latest point needs".to_owned(),
-            VerifyScope::Target(TargetSpec::Seq(n)) => format!("what sequence {n} needs"),
-            VerifyScope::Target(TargetSpec::Time(t)) => {
-                format!("what time {} needs", super::short_time(t))
-            }
+            VerifyScope::Target(Target::Latest) => "what the latest point needs".to_owned(),
+            VerifyScope::Target(target) => format!("what {} needs", target.describe()),
         };
         let plural = |n: usize, one: &str| {
             if n == 1 {
@@ -479,7 +476,7 @@ fn scope_items(h: &History, scope: VerifyScope) -> Result<Scope, RestoreError> {
     };
     match scope {
         VerifyScope::Target(spec) => {
-            let plan = h.plan(spec.target())?;
+            let plan = h.plan(spec)?;
             if let Err(e) = replay::check_plan(&plan) {
                 out.problems.push(Problem {
                     object: None,
