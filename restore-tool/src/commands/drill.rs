@@ -29,7 +29,7 @@ use time::OffsetDateTime;
 use tokio::io::AsyncReadExt;
 
 use tidemark_manifest::plan::Window;
-use tidemark_manifest::repo::RepoState;
+use tidemark_manifest::repo::{RepoState, Repository};
 
 use super::restore::{
     self, BaseReport, CutoffReport, Phase, PhaseLog, PhaseStatus, RestoreOptions, RestoreReport,
@@ -391,7 +391,16 @@ impl DrillReport {
     /// The report as text for people.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let w = &mut out;
+        self.render_outcome(&mut out);
+        self.render_restore(&mut out);
+        self.render_check(&mut out);
+        self.render_timings(&mut out);
+        self.render_scratch(&mut out);
+        out
+    }
+
+    /// Passed or failed (where, why), and the target.
+    fn render_outcome(&self, w: &mut String) {
         match (&self.status, &self.failure) {
             (DrillStatus::Passed, _) => {
                 let _ = writeln!(w, "Recovery drill PASSED for {}", self.repository);
@@ -422,6 +431,10 @@ impl DrillReport {
             );
         }
         let _ = writeln!(w, "  target        {target}");
+    }
+
+    /// What was restored and how it was verified.
+    fn render_restore(&self, w: &mut String) {
         if let Some(r) = &self.restore {
             if let Some(c) = &r.cutoff {
                 let _ = writeln!(
@@ -462,6 +475,10 @@ impl DrillReport {
                 }
             }
         }
+    }
+
+    /// How the check command ended (and, when it failed, the end of its output).
+    fn render_check(&self, w: &mut String) {
         if let Some(c) = &self.check {
             let how = match (c.exit_code, c.signal, c.timed_out) {
                 (_, _, true) => "timed out and was killed".to_owned(),
@@ -484,6 +501,10 @@ impl DrillReport {
                 }
             }
         }
+    }
+
+    /// The phases, the achieved RTO and the RPO.
+    fn render_timings(&self, w: &mut String) {
         let phases: Vec<String> = self
             .phases
             .iter()
@@ -525,6 +546,10 @@ impl DrillReport {
                 );
             }
         }
+    }
+
+    /// Where the drill's directory is, and the warnings.
+    fn render_scratch(&self, w: &mut String) {
         let s = &self.scratch;
         let _ = writeln!(
             w,
@@ -541,7 +566,6 @@ impl DrillReport {
         for warning in &self.warnings {
             let _ = writeln!(w, "WARNING: {warning}");
         }
-        out
     }
 }
 
@@ -776,6 +800,16 @@ pub async fn run(
     Ok(d.report)
 }
 
+/// What the drill's plan step read and chose.
+struct Planned {
+    repo: Repository,
+    state: RepoState,
+    /// The target to restore (a random one already drawn).
+    target: Target,
+    /// How long the drill's own planning took.
+    took: Duration,
+}
+
 /// A drill in progress.
 struct Drill {
     report: DrillReport,
@@ -804,6 +838,8 @@ impl Drill {
         self.fail(phase, e.class().name(), e.to_string(), e.object());
     }
 
+    /// plan → fetch → replay → verify → check_command. Each step records its phases, and
+    /// its failure, in the report; the first failure ends the drill (cleanup still runs).
     async fn restore_and_check(
         &mut self,
         store: &StoreOptions,
@@ -812,7 +848,23 @@ impl Drill {
         progress: &Progress,
         cancel: &Cancel,
     ) {
-        // Plan: one reading of the repository for the target, the RPO and the restore.
+        let Some(planned) = self.plan(store, opts).await else {
+            return;
+        };
+        let Some(report) = self.restore(&planned, opts, dir, progress, cancel).await else {
+            return;
+        };
+        let Some(verified) = self.require_verification(&report, opts) else {
+            return;
+        };
+        if let Some(command) = &opts.check_command {
+            self.check(command, &report, opts, verified, cancel).await;
+        }
+    }
+
+    /// Plan: one reading of the repository for the target, the RPO and the restore. A random
+    /// target is drawn here, from that reading's window, with its seed in the report.
+    async fn plan(&mut self, store: &StoreOptions, opts: &DrillOptions) -> Option<Planned> {
         let plan_started = Instant::now();
         let state = match async {
             let repo = store.open().await?;
@@ -826,7 +878,7 @@ impl Drill {
                 self.times
                     .push((DrillPhase::Plan, plan_started.elapsed(), false));
                 self.fail_with(DrillPhase::Plan, &e);
-                return;
+                return None;
             }
         };
         let (repo, state) = state;
@@ -841,7 +893,7 @@ impl Drill {
             DrillTarget::Point(_) => 0,
         };
         let window = state.history.window();
-        let Some(spec) = opts.target.resolve(&window, seed) else {
+        let Some(target) = opts.target.resolve(&window, seed) else {
             self.times
                 .push((DrillPhase::Plan, plan_started.elapsed(), false));
             self.fail(
@@ -850,27 +902,43 @@ impl Drill {
                 format!("nothing is restorable: {window}"),
                 None,
             );
-            return;
+            return None;
         };
-        self.report.target.resolved = Some(spec);
-        let own_plan = plan_started.elapsed();
+        self.report.target.resolved = Some(target);
+        Some(Planned {
+            repo,
+            state,
+            target,
+            took: plan_started.elapsed(),
+        })
+    }
 
-        // Fetch, replay, verify: the restore command's own path, with full verification.
+    /// Fetch, replay, verify: the restore command's own path, with full verification, into
+    /// `dir/db`. Its phases join the drill's (its plan phase adds to the drill's own).
+    async fn restore(
+        &mut self,
+        planned: &Planned,
+        opts: &DrillOptions,
+        dir: &Path,
+        progress: &Progress,
+        cancel: &Cancel,
+    ) -> Option<RestoreReport> {
         let log = PhaseLog::new();
         let ropts = RestoreOptions {
             target_dir: dir.join("db"),
-            target: spec,
+            target: planned.target,
             dry_run: false,
             force: false,
             parallelism: opts.parallelism,
             verify: VerifyMode::Full,
         };
-        let result = restore::run_logged(&repo, Some(&state), &ropts, progress, cancel, &log).await;
+        let (repo, state) = (&planned.repo, Some(&planned.state));
+        let result = restore::run_logged(repo, state, &ropts, progress, cancel, &log).await;
         for entry in log.entries() {
             let phase = DrillPhase::of(entry.phase);
             let mut took = Duration::from_millis(entry.duration_ms);
             if phase == DrillPhase::Plan {
-                took += own_plan;
+                took += planned.took;
             }
             let passed = entry.status == PhaseStatus::Passed;
             match self.times.iter_mut().find(|(p, _, _)| *p == phase) {
@@ -881,18 +949,30 @@ impl Drill {
                 None => self.times.push((phase, took, passed)),
             }
         }
-        let report = match result {
-            Ok(r) => r,
+        match result {
+            Ok(report) => {
+                self.record_restore(&report);
+                Some(report)
+            }
             Err(e) => {
                 let phase = log.failed().map_or(DrillPhase::Plan, DrillPhase::of);
                 if !self.times.iter().any(|(p, _, _)| *p == phase) {
                     self.times.push((phase, Duration::ZERO, false));
                 }
                 self.fail_with(phase, &e);
-                return;
+                None
             }
-        };
-        self.record_restore(&report);
+        }
+    }
+
+    /// A drill must verify: the restore tool's own verification passed (`Some(true)`), or
+    /// it could not be done and the check command is there to do it (`Some(false)`); without
+    /// either the drill fails (`None`).
+    fn require_verification(
+        &mut self,
+        report: &RestoreReport,
+        opts: &DrillOptions,
+    ) -> Option<bool> {
         let skipped = report
             .verification
             .as_ref()
@@ -914,63 +994,72 @@ impl Drill {
                 ),
                 None,
             );
-            return;
+            return None;
         }
+        Some(!skipped)
+    }
 
-        // The operator's check.
-        if let Some(command) = &opts.check_command {
-            let cutoff = report.cutoff.as_ref();
-            let env = CheckEnv {
-                db: report.target_dir.clone(),
-                seq: cutoff.map(|c| c.seq),
-                time: cutoff.map(|c| c.time),
-                repository: self.report.repository.clone(),
-                pass: opts.check_env.clone(),
-            };
-            let t = Instant::now();
-            let timeout = Duration::from_secs(opts.check_timeout_secs);
-            match run_check(command, &env, timeout, cancel).await {
-                Ok(check) => {
-                    let passed = check.passed();
-                    self.times
-                        .push((DrillPhase::CheckCommand, t.elapsed(), passed));
-                    if !passed {
-                        let why = if check.timed_out {
-                            format!("timed out after {}", human_duration(timeout))
-                        } else if let Some(code) = check.exit_code {
-                            format!("exited with status {code}")
-                        } else {
-                            format!("was killed by signal {}", check.signal.unwrap_or_default())
-                        };
-                        let last = check
-                            .stderr_tail
-                            .lines()
-                            .rev()
-                            .find(|l| !l.trim().is_empty())
-                            .map(|l| format!(" (last line of its standard error: {l})"))
-                            .unwrap_or_default();
-                        self.fail(
-                            DrillPhase::CheckCommand,
-                            "check_failed",
-                            format!("the check command {why}{last}"),
-                            None,
-                        );
-                    } else if skipped {
-                        self.report.warnings.push(
-                            "the restore tool could not verify the restored database itself; \
-                             only the check command did"
-                                .to_owned(),
-                        );
-                    }
-                    self.report.check = Some(check);
-                }
-                Err(e) => {
-                    self.times
-                        .push((DrillPhase::CheckCommand, t.elapsed(), false));
-                    self.fail_with(DrillPhase::CheckCommand, &e);
-                }
+    /// The operator's check: `command` runs against the restored database (see
+    /// [`run_check`]); anything but a zero exit within the timeout fails the drill.
+    async fn check(
+        &mut self,
+        command: &str,
+        report: &RestoreReport,
+        opts: &DrillOptions,
+        verified: bool,
+        cancel: &Cancel,
+    ) {
+        let cutoff = report.cutoff.as_ref();
+        let env = CheckEnv {
+            db: report.target_dir.clone(),
+            seq: cutoff.map(|c| c.seq),
+            time: cutoff.map(|c| c.time),
+            repository: self.report.repository.clone(),
+            pass: opts.check_env.clone(),
+        };
+        let t = Instant::now();
+        let timeout = Duration::from_secs(opts.check_timeout_secs);
+        let check = match run_check(command, &env, timeout, cancel).await {
+            Ok(check) => check,
+            Err(e) => {
+                self.times
+                    .push((DrillPhase::CheckCommand, t.elapsed(), false));
+                self.fail_with(DrillPhase::CheckCommand, &e);
+                return;
             }
+        };
+        let passed = check.passed();
+        self.times
+            .push((DrillPhase::CheckCommand, t.elapsed(), passed));
+        if !passed {
+            let why = if check.timed_out {
+                format!("timed out after {}", human_duration(timeout))
+            } else if let Some(code) = check.exit_code {
+                format!("exited with status {code}")
+            } else {
+                format!("was killed by signal {}", check.signal.unwrap_or_default())
+            };
+            let last = check
+                .stderr_tail
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(|l| format!(" (last line of its standard error: {l})"))
+                .unwrap_or_default();
+            self.fail(
+                DrillPhase::CheckCommand,
+                "check_failed",
+                format!("the check command {why}{last}"),
+                None,
+            );
+        } else if !verified {
+            self.report.warnings.push(
+                "the restore tool could not verify the restored database itself; only the \
+                 check command did"
+                    .to_owned(),
+            );
         }
+        self.report.check = Some(check);
     }
 
     fn record_restore(&mut self, r: &RestoreReport) {
