@@ -714,6 +714,25 @@ async fn unreachable_segments(
     Ok(())
 }
 
+/// What loading `state` passed over (damage is a problem, the rest a note), and what it
+/// checked.
+fn loading_findings(state: &RepoState, problems: &mut Vec<Problem>, notes: &mut Vec<String>) {
+    for w in &state.warnings {
+        match (&w.object, w.damage) {
+            (object, true) => problems.push(Problem {
+                object: object.clone(),
+                problem: w.message.clone(),
+            }),
+            (Some(o), false) => notes.push(format!("{o}: {}", w.message)),
+            (None, false) => notes.push(w.message.clone()),
+        }
+    }
+    notes.push(format!(
+        "the manifest, {} index pages and the history were checked when loading",
+        state.generation.as_ref().map_or(0, |g| g.index_pages.len())
+    ));
+}
+
 /// Verifies `repo` as `opts` says. Problems are in the report; an `Err` means the
 /// repository could not be read at all, or the target is not restorable.
 pub async fn run(
@@ -739,21 +758,7 @@ pub async fn run(
         mut problems,
         mut notes,
     } = scope_items(h, opts.scope)?;
-    // What loading passed over: damage is a problem, the rest a note.
-    for w in &state.warnings {
-        match (&w.object, w.damage) {
-            (object, true) => problems.push(Problem {
-                object: object.clone(),
-                problem: w.message.clone(),
-            }),
-            (Some(o), false) => notes.push(format!("{o}: {}", w.message)),
-            (None, false) => notes.push(w.message.clone()),
-        }
-    }
-    notes.push(format!(
-        "the manifest, {} index pages and the history were checked when loading",
-        state.generation.as_ref().map_or(0, |g| g.index_pages.len())
-    ));
+    loading_findings(&state, &mut problems, &mut notes);
     let read = opts.deep || reads_are_cheap(&repo.location());
     let scratch = Scratch::create()?;
     let bar = progress.phase("verify", 0, Unit::Objects);
