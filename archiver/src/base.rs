@@ -52,7 +52,7 @@ use tidemark_manifest::repo::{RepoError, Repository};
 use tidemark_manifest::rocks::DbFile;
 use tidemark_manifest::rocks::log::{LogError, LogReader};
 use tidemark_manifest::rocks::options_file::OptionsFile;
-use tidemark_manifest::rocks::version_edit::{ManifestError, ManifestState};
+use tidemark_manifest::rocks::version_edit::{ManifestState, RocksManifestError};
 use tidemark_manifest::rocks::write_batch::{BatchError, BatchHeader};
 use tidemark_manifest::store::StoreError;
 use time::OffsetDateTime;
@@ -257,7 +257,7 @@ pub enum BaseError {
         found: String,
     },
     #[error("cannot read the copied MANIFEST: {0}")]
-    Manifest(#[from] ManifestError),
+    Manifest(#[from] RocksManifestError),
     #[error("cannot read the WAL: {0}")]
     Wal(#[from] LogError),
     #[error("{}: the WAL record at offset {offset} is not a WriteBatch: {source}", path.display())]

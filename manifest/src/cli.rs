@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::repo::{RepoError, Repository};
 use crate::store::{
-    EncryptionKey, KeyError, OpenOptions, Rate, S3Options, Sse, StoreError, StoreUrl,
+    EncryptionKey, EncryptionKeyError, OpenOptions, Rate, S3Options, Sse, StoreError, StoreUrl,
     open_store_with,
 };
 
@@ -185,7 +185,7 @@ impl StoreArgs {
 
     /// The encryption key, if one is given: [`StoreArgs::encryption_key`], else the key file,
     /// else `TIDEMARK_ENCRYPTION_KEY`. A file and the variable together are refused.
-    pub fn load_encryption_key(&self) -> Result<Option<EncryptionKey>, KeyError> {
+    pub fn load_encryption_key(&self) -> Result<Option<EncryptionKey>, EncryptionKeyError> {
         if let Some(key) = &self.encryption_key {
             return Ok(Some(key.clone()));
         }
@@ -194,7 +194,7 @@ impl StoreArgs {
             .map(zeroize::Zeroizing::new)
             .filter(|v| !v.is_empty());
         match (&self.encryption_key_file, from_env) {
-            (Some(_), Some(_)) => Err(KeyError::Ambiguous),
+            (Some(_), Some(_)) => Err(EncryptionKeyError::Ambiguous),
             (Some(path), None) => EncryptionKey::from_file(path).map(Some),
             (None, Some(text)) => EncryptionKey::parse(&text, ENCRYPTION_KEY_ENV).map(Some),
             (None, None) => Ok(None),

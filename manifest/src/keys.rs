@@ -71,7 +71,7 @@ pub fn object_kind(key: &str) -> ObjectKind {
 /// A key or file name that breaks the layout rules.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid name {name:?} in the repository: {reason}")]
-pub struct KeyError {
+pub struct ObjectKeyError {
     pub name: String,
     pub reason: &'static str,
 }
@@ -177,7 +177,7 @@ pub fn is_table_file(name: &str) -> bool {
 /// Checks that a file name from a base descriptor is one a restore may create: `CURRENT`,
 /// `MANIFEST-N`, `OPTIONS-N`, `N.sst` or `N.blob`. Nothing else, so no name from the store
 /// can point outside the target directory.
-pub fn check_base_file_name(name: &str) -> Result<(), KeyError> {
+pub fn check_base_file_name(name: &str) -> Result<(), ObjectKeyError> {
     let ok = name == "CURRENT"
         || name.strip_prefix("MANIFEST-").is_some_and(all_digits)
         || name.strip_prefix("OPTIONS-").is_some_and(all_digits)
@@ -185,7 +185,7 @@ pub fn check_base_file_name(name: &str) -> Result<(), KeyError> {
     if ok {
         Ok(())
     } else {
-        Err(KeyError {
+        Err(ObjectKeyError {
             name: name.to_owned(),
             reason: "a base may only hold CURRENT, MANIFEST-<n>, OPTIONS-<n>, <n>.sst and <n>.blob files",
         })
@@ -193,7 +193,7 @@ pub fn check_base_file_name(name: &str) -> Result<(), KeyError> {
 }
 
 /// Checks a base id read from the store (it becomes part of keys, never of paths).
-pub fn check_base_id(id: &str) -> Result<(), KeyError> {
+pub fn check_base_id(id: &str) -> Result<(), ObjectKeyError> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && id
@@ -202,7 +202,7 @@ pub fn check_base_id(id: &str) -> Result<(), KeyError> {
     if ok {
         Ok(())
     } else {
-        Err(KeyError {
+        Err(ObjectKeyError {
             name: id.to_owned(),
             reason: "base ids are 1 to 64 ASCII letters, digits, '-' or '_'",
         })

@@ -6,20 +6,26 @@
 
 use crate::model::{BaseSummary, Gap, SegmentEntry, micros_from_time, time_from_micros};
 use crate::segment::Record;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use time::OffsetDateTime;
 
-/// A restore target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A restore target: the point a restore, a verification or a drill brings the database to.
+/// The one type for it everywhere: the planner, the restore tool's options and reports.
+///
+/// In JSON: `"latest"`, `{"seq": 42}`, `{"time": "2026-11-23T13:30:00.5Z"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Target {
     /// The state right after sequence number `n` (rounded down to a whole batch).
     Seq(u64),
     /// Every record committed at or before this time, none after.
-    Time(OffsetDateTime),
+    Time(#[serde(with = "time::serde::rfc3339")] OffsetDateTime),
     /// The newest archived point.
     Latest,
 }
 
+/// For messages: `sequence 42`, `time 2026-11-23T13:30:00Z`, `the latest point`.
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -28,6 +34,80 @@ impl fmt::Display for Target {
             Target::Latest => write!(f, "the latest point"),
         }
     }
+}
+
+/// A target written as one word that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetSyntaxError {
+    #[error("{input:?}: {seq:?} is not a sequence number (seq:N, e.g. seq:1234)")]
+    Seq { input: String, seq: String },
+    #[error("{input:?} is not {forms} or a time: {reason}")]
+    Time {
+        input: String,
+        /// The other forms the caller accepts, e.g. `latest, seq:N`.
+        forms: &'static str,
+        reason: String,
+    },
+}
+
+impl Target {
+    /// Reads a target written as one word: `latest` (any case), `seq:N`, or a time, which
+    /// `parse_time` reads (the restore tool passes its `--time` reader, so every form
+    /// `--time` accepts works). `forms` names the forms the caller accepts besides a time,
+    /// for the error message.
+    pub fn parse<E: fmt::Display>(
+        input: &str,
+        forms: &'static str,
+        parse_time: impl FnOnce(&str) -> Result<OffsetDateTime, E>,
+    ) -> Result<Target, TargetSyntaxError> {
+        let s = input.trim();
+        if s.eq_ignore_ascii_case("latest") {
+            return Ok(Target::Latest);
+        }
+        if let Some(n) = s.strip_prefix("seq:") {
+            return n
+                .trim()
+                .parse()
+                .map(Target::Seq)
+                .map_err(|_| TargetSyntaxError::Seq {
+                    input: input.to_owned(),
+                    seq: n.to_owned(),
+                });
+        }
+        parse_time(s)
+            .map(Target::Time)
+            .map_err(|e| TargetSyntaxError::Time {
+                input: input.to_owned(),
+                forms,
+                reason: e.to_string(),
+            })
+    }
+
+    /// For reports: `the latest archived point`, `sequence 42`,
+    /// `time 2026-11-23 13:30:00.500000Z` (see [`short_time`]).
+    pub fn describe(self) -> String {
+        match self {
+            Target::Latest => "the latest archived point".to_owned(),
+            Target::Seq(n) => format!("sequence {n}"),
+            Target::Time(t) => format!("time {}", short_time(t)),
+        }
+    }
+}
+
+/// A time as `2026-11-23 13:30:00.123456Z` (UTC, microseconds: the precision of record
+/// times), for people.
+pub fn short_time(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
+    )
 }
 
 /// Formats a time for messages: RFC 3339, UTC.
@@ -724,5 +804,71 @@ mod tests {
         assert!(f.admit(&rec(104, 3, 15)));
         assert!(!f.admit(&rec(107, 3, 16)));
         assert_eq!(f.last_admitted(), Some(106));
+    }
+
+    #[test]
+    fn targets_read_one_word_forms_round_trip_through_json_and_describe_themselves() {
+        let at = time::macros::datetime!(2026-11-23 13:30:00.5 UTC);
+        let time_ok = |s: &str| -> Result<OffsetDateTime, String> {
+            if s == "noon" {
+                Ok(at)
+            } else {
+                Err(format!("cannot read {s:?}"))
+            }
+        };
+        assert_eq!(
+            Target::parse(" LATEST ", "latest", time_ok).unwrap(),
+            Target::Latest
+        );
+        assert_eq!(
+            Target::parse("seq: 1234", "latest", time_ok).unwrap(),
+            Target::Seq(1234)
+        );
+        assert_eq!(
+            Target::parse("noon", "latest", time_ok).unwrap(),
+            Target::Time(at)
+        );
+        assert_eq!(
+            Target::parse("seq:x", "latest", time_ok)
+                .unwrap_err()
+                .to_string(),
+            r#""seq:x": "x" is not a sequence number (seq:N, e.g. seq:1234)"#
+        );
+        assert_eq!(
+            Target::parse("soon", "latest, seq:N", time_ok)
+                .unwrap_err()
+                .to_string(),
+            r#""soon" is not latest, seq:N or a time: cannot read "soon""#
+        );
+
+        for target in [Target::Latest, Target::Seq(42), Target::Time(at)] {
+            let json = serde_json::to_string(&target).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Target>(&json).unwrap(),
+                target,
+                "{json}"
+            );
+        }
+        assert_eq!(
+            serde_json::to_string(&Target::Latest).unwrap(),
+            r#""latest""#
+        );
+        assert_eq!(
+            serde_json::to_string(&Target::Seq(42)).unwrap(),
+            r#"{"seq":42}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Target::Time(at)).unwrap(),
+            r#"{"time":"2026-11-23T13:30:00.5Z"}"#
+        );
+
+        assert_eq!(Target::Latest.describe(), "the latest archived point");
+        assert_eq!(Target::Seq(42).describe(), "sequence 42");
+        assert_eq!(
+            Target::Time(at).describe(),
+            "time 2026-11-23 13:30:00.500000Z"
+        );
+        assert_eq!(Target::Time(at).to_string(), "time 2026-11-23T13:30:00.5Z");
+        assert_eq!(short_time(at), "2026-11-23 13:30:00.500000Z");
     }
 }

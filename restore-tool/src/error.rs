@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use tidemark_manifest::checksum::ChecksumMismatch;
-use tidemark_manifest::keys::KeyError;
+use tidemark_manifest::keys::ObjectKeyError;
 use tidemark_manifest::model::ModelError;
 use tidemark_manifest::plan::PlanError;
 use tidemark_manifest::repo::RepoError;
@@ -232,8 +232,8 @@ boxed_from!(
     Segment(SegmentError),
 );
 
-impl From<KeyError> for RestoreError {
-    fn from(e: KeyError) -> Self {
+impl From<ObjectKeyError> for RestoreError {
+    fn from(e: ObjectKeyError) -> Self {
         RestoreError::Integrity(e.to_string())
     }
 }

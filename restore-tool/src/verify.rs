@@ -202,6 +202,12 @@ fn mentions_missing_options(message: &str) -> bool {
 /// Opens the database in `dir` read-only and checks that its latest sequence number is
 /// `expected`. `cf_names` are the column families the base says it has. RocksDB's info log
 /// goes to `log_dir`. Fails with [`RestoreError::Verification`] on any mismatch.
+///
+/// The steps: the WAL fits in memory → the column families are the base's → each can be
+/// opened with defaults and a stand-in merge operator → the read-only open ends at
+/// `expected` → every key reads back (or is estimated, `--verify quick`) → no file changed.
+/// A step that cannot be done without the application's options skips the verification,
+/// with the reason; it never passes.
 pub fn verify_restored(
     dir: &Path,
     expected: u64,
@@ -212,130 +218,198 @@ pub fn verify_restored(
     cancel: &Cancel,
 ) -> Result<Verification, RestoreError> {
     let started = Instant::now();
+    let skipped = |Skip(reason)| Ok(Verification::skipped(expected, reason, started));
     if mode == VerifyMode::Off {
-        return Ok(Verification::skipped(
-            expected,
+        return skipped(Skip(
             "verification was turned off (--verify off)".to_owned(),
-            started,
         ));
     }
-    let wal_bytes: u64 = fs::read_dir(dir)
+    if let Some(reason) = memory_refusal(wal_bytes(dir)?, available_memory(), expected) {
+        return skipped(Skip(reason));
+    }
+    let options = read_options(dir);
+    let listed = check_column_families(dir, cf_names, log_dir)?;
+    let setup = match CfSetup::new(&listed, options.as_ref(), expected) {
+        Ok(setup) => setup,
+        Err(skip) => return skipped(skip),
+    };
+    let merge_operators = setup.merge_operators.clone();
+
+    let before = snapshot(dir)?;
+    let db = match open_read_only(dir, log_dir, setup, expected)? {
+        Ok(db) => db,
+        Err(skip) => return skipped(skip),
+    };
+    let latest = db.latest_sequence_number();
+    if latest != expected {
+        return Err(RestoreError::Verification(format!(
+            "the restored database ends at sequence {latest}, the restore planned {expected}"
+        )));
+    }
+    tracing::info!("verified: the restored database ends at sequence {latest}");
+    let column_families = count_keys(&db, &listed, &merge_operators, mode, progress, cancel)?;
+    drop(db);
+    let after = snapshot(dir)?;
+    if before != after {
+        return Err(RestoreError::Verification(
+            "opening the database read-only changed files in it; it cannot be trusted".to_owned(),
+        ));
+    }
+    Ok(Verification {
+        status: VerificationStatus::Passed,
+        reason: None,
+        expected_sequence: expected,
+        latest_sequence: Some(latest),
+        column_families,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Verification cannot be done without the application's options: the reason, for the
+/// report (a skipped verification, never a passed one).
+struct Skip(String);
+
+/// The bytes of the WAL files (`*.log`) in `dir`: what a read-only open holds in memory.
+fn wal_bytes(dir: &Path) -> Result<u64, RestoreError> {
+    Ok(fs::read_dir(dir)
         .map_err(|e| RestoreError::io("cannot list", dir, e))?
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
         .filter_map(|e| e.metadata().ok())
         .map(|m| m.len())
-        .sum();
-    if let Some(reason) = memory_refusal(wal_bytes, available_memory(), expected) {
-        return Ok(Verification::skipped(expected, reason, started));
-    }
-    let fail = |detail: String| RestoreError::Verification(detail);
-    let options = read_options(dir);
+        .sum())
+}
 
+/// The column families the restored MANIFEST lists, in its order, after checking that they
+/// are the ones the base descriptor names.
+fn check_column_families(
+    dir: &Path,
+    cf_names: &[String],
+    log_dir: &Path,
+) -> Result<Vec<String>, RestoreError> {
     let mut probe = Options::default();
     probe.set_db_log_dir(log_dir);
-    let listed = DB::list_cf(&probe, dir)
-        .map_err(|e| fail(format!("RocksDB cannot read the column families: {e}")))?;
+    let listed = DB::list_cf(&probe, dir).map_err(|e| {
+        RestoreError::Verification(format!("RocksDB cannot read the column families: {e}"))
+    })?;
     let mut listed_sorted = listed.clone();
     listed_sorted.sort();
     let mut expected_cfs = cf_names.to_vec();
     expected_cfs.sort();
     if listed_sorted != expected_cfs {
-        return Err(fail(format!(
+        return Err(RestoreError::Verification(format!(
             "the restored MANIFEST has column families {listed_sorted:?}, the base descriptor \
              says {expected_cfs:?}"
         )));
     }
+    Ok(listed)
+}
 
-    let mut descriptors = Vec::new();
-    let mut merge_operators: BTreeMap<String, String> = BTreeMap::new();
-    for name in &listed {
-        let mut cf_opts = Options::default();
-        if let Some(o) = &options {
-            if let Some(cmp) = o.comparator(name).filter(|c| *c != BYTEWISE) {
-                return Ok(Verification::skipped(
-                    expected,
-                    format!(
+/// How each column family is opened: RocksDB's defaults with the stand-in merge operator.
+struct CfSetup {
+    descriptors: Vec<ColumnFamilyDescriptor>,
+    /// The application's merge operator of each column family the OPTIONS file names one for.
+    merge_operators: BTreeMap<String, String>,
+}
+
+impl CfSetup {
+    /// Every column family gets the stand-in, named as the application's operator when the
+    /// OPTIONS file names one. A column family whose comparator or table format defaults
+    /// cannot stand in for makes verification impossible ([`Skip`]).
+    fn new(
+        listed: &[String],
+        options: Option<&OptionsFile>,
+        expected: u64,
+    ) -> Result<CfSetup, Skip> {
+        let mut descriptors = Vec::new();
+        let mut merge_operators: BTreeMap<String, String> = BTreeMap::new();
+        for name in listed {
+            let mut cf_opts = Options::default();
+            if let Some(o) = options {
+                if let Some(cmp) = o.comparator(name).filter(|c| *c != BYTEWISE) {
+                    return Err(Skip(format!(
                         "column family {name:?} uses the comparator {cmp:?}: verification \
                          requires the application's options; open the database with them and \
                          check that its latest sequence number is {expected}"
-                    ),
-                    started,
-                ));
-            }
-            if let Some(factory) = o
-                .cf_option(name, "table_factory")
-                .filter(|f| !f.is_empty() && *f != "BlockBasedTable")
-            {
-                return Ok(Verification::skipped(
-                    expected,
-                    format!(
+                    )));
+                }
+                if let Some(factory) = o
+                    .cf_option(name, "table_factory")
+                    .filter(|f| !f.is_empty() && *f != "BlockBasedTable")
+                {
+                    return Err(Skip(format!(
                         "column family {name:?} uses the table format {factory:?}: verification \
                          requires the application's options; open the database with them and \
                          check that its latest sequence number is {expected}"
-                    ),
-                    started,
-                ));
+                    )));
+                }
+                if let Some(op) = o.merge_operator(name) {
+                    merge_operators.insert(name.clone(), op.to_owned());
+                }
             }
-            if let Some(op) = o.merge_operator(name) {
-                merge_operators.insert(name.clone(), op.to_owned());
-            }
+            // Without any merge operator, RocksDB's recovery stops at the first Merge in the
+            // WAL without an error (point-in-time recovery), which would show as a wrong
+            // sequence number here. A column family without merges never calls it.
+            let stand_in = merge_operators
+                .get(name)
+                .map_or("tidemark.verify-stand-in", String::as_str);
+            cf_opts.set_merge_operator_associative(stand_in, stand_in_merge);
+            descriptors.push(ColumnFamilyDescriptor::new(name, cf_opts));
         }
-        // Every column family gets the stand-in, named as the application's operator when the
-        // OPTIONS file names one. Without any merge operator, RocksDB's recovery stops at the
-        // first Merge in the WAL without an error (point-in-time recovery), which would show
-        // as a wrong sequence number here. A column family without merges never calls it.
-        let stand_in = merge_operators
-            .get(name)
-            .map_or("tidemark.verify-stand-in", String::as_str);
-        cf_opts.set_merge_operator_associative(stand_in, stand_in_merge);
-        descriptors.push(ColumnFamilyDescriptor::new(name, cf_opts));
+        Ok(CfSetup {
+            descriptors,
+            merge_operators,
+        })
     }
+}
 
-    let before = snapshot(dir)?;
+/// Opens the database read-only (nothing on disk changes). RocksDB asking for a merge
+/// operator or comparator the OPTIONS file did not announce skips the verification; any
+/// other failure fails it.
+fn open_read_only(
+    dir: &Path,
+    log_dir: &Path,
+    setup: CfSetup,
+    expected: u64,
+) -> Result<Result<DB, Skip>, RestoreError> {
     let mut db_opts = Options::default();
     db_opts.create_if_missing(false);
     db_opts.create_missing_column_families(false);
     db_opts.set_db_log_dir(log_dir);
     db_opts.set_skip_stats_update_on_db_open(true);
-    let db = match DB::open_cf_descriptors_read_only(&db_opts, dir, descriptors, false) {
-        Ok(db) => db,
-        Err(e) if mentions_missing_options(e.as_ref()) => {
-            return Ok(Verification::skipped(
-                expected,
-                format!(
-                    "RocksDB cannot open the database without the application's options ({e}): \
-                     verification requires them; open the database with them and check that \
-                     its latest sequence number is {expected}"
-                ),
-                started,
-            ));
-        }
-        Err(e) => {
-            return Err(fail(format!(
-                "RocksDB cannot open the restored database: {e}"
-            )));
-        }
-    };
-    let latest = db.latest_sequence_number();
-    if latest != expected {
-        return Err(fail(format!(
-            "the restored database ends at sequence {latest}, the restore planned {expected}"
-        )));
+    match DB::open_cf_descriptors_read_only(&db_opts, dir, setup.descriptors, false) {
+        Ok(db) => Ok(Ok(db)),
+        Err(e) if mentions_missing_options(e.as_ref()) => Ok(Err(Skip(format!(
+            "RocksDB cannot open the database without the application's options ({e}): \
+             verification requires them; open the database with them and check that its \
+             latest sequence number is {expected}"
+        )))),
+        Err(e) => Err(RestoreError::Verification(format!(
+            "RocksDB cannot open the restored database: {e}"
+        ))),
     }
-    tracing::info!("verified: the restored database ends at sequence {latest}");
+}
 
+/// The keys of each column family: counted by reading every key with block checksums on
+/// (`--verify full`: every block of every table file is read and checked), or RocksDB's
+/// estimate (`--verify quick`).
+fn count_keys(
+    db: &DB,
+    listed: &[String],
+    merge_operators: &BTreeMap<String, String>,
+    mode: VerifyMode,
+    progress: &Progress,
+    cancel: &Cancel,
+) -> Result<Vec<CfKeys>, RestoreError> {
+    let fail = |detail: String| RestoreError::Verification(detail);
     let mut column_families = Vec::new();
-    let bar = progress.phase(
-        "count keys",
-        0,
-        if mode == VerifyMode::Full {
-            Unit::Keys
-        } else {
-            Unit::Objects
-        },
-    );
-    for name in &listed {
+    let unit = if mode == VerifyMode::Full {
+        Unit::Keys
+    } else {
+        Unit::Objects
+    };
+    let bar = progress.phase("count keys", 0, unit);
+    for name in listed {
         let cf = db
             .cf_handle(name)
             .ok_or_else(|| fail(format!("column family {name:?} did not open")))?;
@@ -378,22 +452,8 @@ pub fn verify_restored(
             merge_operator: merge_operators.get(name).cloned(),
         });
     }
-    drop(db);
     bar.finish("");
-    let after = snapshot(dir)?;
-    if before != after {
-        return Err(fail(
-            "opening the database read-only changed files in it; it cannot be trusted".to_owned(),
-        ));
-    }
-    Ok(Verification {
-        status: VerificationStatus::Passed,
-        reason: None,
-        expected_sequence: expected,
-        latest_sequence: Some(latest),
-        column_families,
-        duration_ms: started.elapsed().as_millis() as u64,
-    })
+    Ok(column_families)
 }
 
 /// A read-only open keeps every replayed WAL record in memtables: about this many bytes of

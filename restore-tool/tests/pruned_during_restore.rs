@@ -12,7 +12,7 @@ use anyhow::{Context, Result, ensure};
 use common::{Archive, Source, check_against_oracle};
 use tidemark_archiver::prune::{PruneOptions, prune_repository};
 use tidemark_manifest::repo::{RepoState, Repository};
-use tidemark_restore::commands::TargetSpec;
+use tidemark_restore::commands::Target;
 use tidemark_restore::commands::restore::{self, PhaseLog, RestoreOptions, RestoreReport};
 use tidemark_restore::progress::Progress;
 use tidemark_restore::{Cancel, ErrorClass, RestoreError};
@@ -23,7 +23,7 @@ async fn restore_planned_from(
     repo: &Repository,
     state: &RepoState,
     dir: &std::path::Path,
-    target: TargetSpec,
+    target: Target,
 ) -> Result<RestoreReport, RestoreError> {
     let opts = RestoreOptions::new(dir, target);
     restore::run_logged(
@@ -82,17 +82,12 @@ async fn a_restore_finishes_within_the_grace_period_and_says_when_it_was_pruned_
         })
         .context("the policy must drop WAL after base 1")?
         .last_seq;
-    ensure!(
-        after
-            .history
-            .plan(tidemark_manifest::plan::Target::Seq(between))
-            .is_err()
-    );
+    ensure!(after.history.plan(Target::Seq(between)).is_err());
     let report = restore_planned_from(
         &repo,
         &planned,
         &out.path().join("within-grace"),
-        TargetSpec::Seq(between),
+        Target::Seq(between),
     )
     .await
     .context("a restore planned within the grace period")?;
@@ -104,7 +99,7 @@ async fn a_restore_finishes_within_the_grace_period_and_says_when_it_was_pruned_
         &repo,
         &planned,
         &out.path().join("segments-gone"),
-        TargetSpec::Seq(between),
+        Target::Seq(between),
     )
     .await
     .unwrap_err();

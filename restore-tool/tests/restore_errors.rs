@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::Result;
 use common::{Archive, Source, check_against_oracle, names, restore_to};
 use tidemark_manifest::model::time_from_micros;
-use tidemark_restore::commands::TargetSpec;
+use tidemark_restore::commands::Target;
 use tidemark_restore::commands::restore::{self, RestoreOptions};
 use tidemark_restore::commands::verify::{self, VerifyOptions, VerifyScope};
 use tidemark_restore::progress::Progress;
@@ -77,7 +77,7 @@ async fn targets_outside_the_window_or_in_a_gap_are_refused() -> Result<()> {
     let oracle = f.source.oracle()?;
 
     // Before the window.
-    let e = restore_to(&f.repo, &target, TargetSpec::Seq(b1.earliest_seq - 1))
+    let e = restore_to(&f.repo, &target, Target::Seq(b1.earliest_seq - 1))
         .await
         .unwrap_err();
     assert_eq!(class(&e), ErrorClass::NotRestorable, "{e}");
@@ -85,13 +85,13 @@ async fn targets_outside_the_window_or_in_a_gap_are_refused() -> Result<()> {
         e.to_string().contains("before the restorable window"),
         "{e}"
     );
-    let e = restore_to(&f.repo, &target, TargetSpec::Time(time_from_micros(0)))
+    let e = restore_to(&f.repo, &target, Target::Time(time_from_micros(0)))
         .await
         .unwrap_err();
     assert_eq!(class(&e), ErrorClass::NotRestorable, "{e}");
 
     // After the window.
-    let e = restore_to(&f.repo, &target, TargetSpec::Seq(oracle.last_seq() + 1))
+    let e = restore_to(&f.repo, &target, Target::Seq(oracle.last_seq() + 1))
         .await
         .unwrap_err();
     assert_eq!(class(&e), ErrorClass::NotRestorable, "{e}");
@@ -100,20 +100,20 @@ async fn targets_outside_the_window_or_in_a_gap_are_refused() -> Result<()> {
         "{e}"
     );
     let future = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
-    let e = restore_to(&f.repo, &target, TargetSpec::Time(future))
+    let e = restore_to(&f.repo, &target, Target::Time(future))
         .await
         .unwrap_err();
     assert_eq!(class(&e), ErrorClass::NotRestorable, "{e}");
 
     // In the gap, and after it before base 2 (no base covers it).
-    let e = restore_to(&f.repo, &target, TargetSpec::Seq(f.gap.first_seq + 1))
+    let e = restore_to(&f.repo, &target, Target::Seq(f.gap.first_seq + 1))
         .await
         .unwrap_err();
     assert_eq!(class(&e), ErrorClass::NotRestorable, "{e}");
     assert!(e.to_string().contains("gap"), "{e}");
     let after_gap = f.gap.last_seq + 2;
     assert!(after_gap < b2.earliest_seq);
-    let e = restore_to(&f.repo, &target, TargetSpec::Seq(after_gap))
+    let e = restore_to(&f.repo, &target, Target::Seq(after_gap))
         .await
         .unwrap_err();
     assert_eq!(class(&e), ErrorClass::NotRestorable, "{e}");
@@ -123,12 +123,12 @@ async fn targets_outside_the_window_or_in_a_gap_are_refused() -> Result<()> {
     let r = restore_to(
         &f.repo,
         &out.path().join("before-gap"),
-        TargetSpec::Seq(f.gap.first_seq - 1),
+        Target::Seq(f.gap.first_seq - 1),
     )
     .await?;
     assert_eq!(check_against_oracle(&r, &oracle)?, f.gap.first_seq - 1);
     assert_eq!(r.base.id, b1.id);
-    let r = restore_to(&f.repo, &out.path().join("latest"), TargetSpec::Latest).await?;
+    let r = restore_to(&f.repo, &out.path().join("latest"), Target::Latest).await?;
     assert_eq!(check_against_oracle(&r, &oracle)?, oracle.last_seq());
     assert_eq!(r.base.id, b2.id);
     Ok(())
@@ -160,7 +160,7 @@ async fn corrupt_and_missing_objects_are_named_and_nothing_is_left_behind() -> R
     let at = 128 + (bytes.len() - 168) / 2;
     bytes[at] ^= 0x20;
     std::fs::write(&victim, &bytes)?;
-    let e = restore_to(&f.repo, &target, TargetSpec::Latest)
+    let e = restore_to(&f.repo, &target, Target::Latest)
         .await
         .unwrap_err();
     assert_eq!(class(&e), ErrorClass::VerificationFailed, "{e}");
@@ -243,10 +243,7 @@ async fn corrupt_and_missing_objects_are_named_and_nothing_is_left_behind() -> R
     );
     // Restores that need it fail naming it; the target stays as it was.
     let mut failed = 0;
-    for target_spec in [
-        TargetSpec::Latest,
-        TargetSpec::Seq(f.archive.bases[0].earliest_seq),
-    ] {
+    for target_spec in [Target::Latest, Target::Seq(f.archive.bases[0].earliest_seq)] {
         match restore_to(&f.repo, &target, target_spec).await {
             Err(e) => {
                 assert_eq!(class(&e), ErrorClass::VerificationFailed, "{e}");
@@ -266,7 +263,7 @@ async fn corrupt_and_missing_objects_are_named_and_nothing_is_left_behind() -> R
     // A deleted segment the manifest lists: the download fails, naming it.
     let gone = victim.clone();
     std::fs::rename(&gone, out.path().join("kept-seg"))?;
-    let e = restore_to(&f.repo, &target, TargetSpec::Latest)
+    let e = restore_to(&f.repo, &target, Target::Latest)
         .await
         .unwrap_err();
     assert_eq!(class(&e), ErrorClass::VerificationFailed, "{e}");
@@ -286,7 +283,7 @@ async fn a_non_empty_target_is_refused_and_force_moves_it_aside() -> Result<()> 
     std::fs::create_dir(&target)?;
     std::fs::write(target.join("precious.txt"), b"yesterday's data")?;
 
-    let e = restore_to(&f.repo, &target, TargetSpec::Latest)
+    let e = restore_to(&f.repo, &target, Target::Latest)
         .await
         .unwrap_err();
     assert_eq!(class(&e), ErrorClass::Usage, "{e}");
@@ -296,7 +293,7 @@ async fn a_non_empty_target_is_refused_and_force_moves_it_aside() -> Result<()> 
     assert_untouched(out.path(), &["db"]);
 
     // A dry run says what it would do and writes nothing.
-    let mut opts = RestoreOptions::new(&target, TargetSpec::Latest);
+    let mut opts = RestoreOptions::new(&target, Target::Latest);
     opts.dry_run = true;
     let r = restore::run(&f.repo, &opts, &Progress::hidden(), &Cancel::new()).await?;
     assert!(r.dry_run && r.cutoff.is_none());
@@ -310,7 +307,7 @@ async fn a_non_empty_target_is_refused_and_force_moves_it_aside() -> Result<()> 
     assert_untouched(out.path(), &["db"]);
 
     // --force: the old contents move aside, nothing is deleted.
-    let mut opts = RestoreOptions::new(&target, TargetSpec::Latest);
+    let mut opts = RestoreOptions::new(&target, Target::Latest);
     opts.force = true;
     let r = restore::run(&f.repo, &opts, &Progress::hidden(), &Cancel::new()).await?;
     assert_eq!(check_against_oracle(&r, &oracle)?, oracle.last_seq());
@@ -329,7 +326,7 @@ async fn a_non_empty_target_is_refused_and_force_moves_it_aside() -> Result<()> 
     let r = restore_to(
         &f.repo,
         &empty,
-        TargetSpec::Seq(f.archive.bases[0].earliest_seq),
+        Target::Seq(f.archive.bases[0].earliest_seq),
     )
     .await?;
     assert!(r.moved_aside.is_none());
@@ -340,7 +337,7 @@ async fn a_non_empty_target_is_refused_and_force_moves_it_aside() -> Result<()> 
         from: tidemark_manifest::store::StoreUrl::local(&f.repo_dir)?.to_string(),
         ..Default::default()
     };
-    let opts = RestoreOptions::new(f.repo_dir.join("restored"), TargetSpec::Latest);
+    let opts = RestoreOptions::new(f.repo_dir.join("restored"), Target::Latest);
     let e = restore::run_from(&store, &opts, &Progress::hidden(), &Cancel::new())
         .await
         .unwrap_err();
@@ -353,8 +350,8 @@ async fn a_non_empty_target_is_refused_and_force_moves_it_aside() -> Result<()> 
 async fn verify_checks_what_a_target_needs() -> Result<()> {
     let f = fixture(24).await?;
     for scope in [
-        VerifyScope::Target(TargetSpec::Latest),
-        VerifyScope::Target(TargetSpec::Seq(f.gap.first_seq - 1)),
+        VerifyScope::Target(Target::Latest),
+        VerifyScope::Target(Target::Seq(f.gap.first_seq - 1)),
         VerifyScope::All,
     ] {
         for deep in [false, true] {
@@ -377,7 +374,7 @@ async fn verify_checks_what_a_target_needs() -> Result<()> {
     let e = verify::run(
         &f.repo,
         &VerifyOptions {
-            scope: VerifyScope::Target(TargetSpec::Seq(f.gap.first_seq)),
+            scope: VerifyScope::Target(Target::Seq(f.gap.first_seq)),
             deep: false,
             parallelism: 3,
             generation: None,
@@ -417,7 +414,7 @@ async fn transient_faults_are_retried_and_a_cancelled_restore_leaves_nothing() -
             .on(StoreOp::GetToFile)
             .times(6),
     );
-    let r = restore_to(&repo, &out.path().join("retried"), TargetSpec::Latest).await?;
+    let r = restore_to(&repo, &out.path().join("retried"), Target::Latest).await?;
     assert_eq!(check_against_oracle(&r, &oracle)?, oracle.last_seq());
     assert!(faults.injected() >= 6);
     faults.clear();
@@ -431,7 +428,7 @@ async fn transient_faults_are_retried_and_a_cancelled_restore_leaves_nothing() -
     let cancel = Cancel::new();
     let task = {
         let (repo, cancel) = (repo.clone(), cancel.clone());
-        let mut opts = RestoreOptions::new(out.path().join("cancelled"), TargetSpec::Latest);
+        let mut opts = RestoreOptions::new(out.path().join("cancelled"), Target::Latest);
         opts.parallelism = 2;
         tokio::spawn(async move { restore::run(&repo, &opts, &Progress::hidden(), &cancel).await })
     };

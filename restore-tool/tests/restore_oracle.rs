@@ -8,7 +8,7 @@ use anyhow::Result;
 use common::{Archive, Source, check_against_oracle, restore_to};
 use tidemark_manifest::model::time_from_micros;
 use tidemark_manifest::repo::Repository;
-use tidemark_restore::commands::TargetSpec;
+use tidemark_restore::commands::Target;
 use tidemark_restore::verify::VerificationStatus;
 use tidemark_tests::Oracle;
 
@@ -63,7 +63,7 @@ async fn restore_everywhere(
     };
 
     // The latest point, including the segments only the tail walk finds.
-    let r = restore_to(repo, &dir(), TargetSpec::Latest).await?;
+    let r = restore_to(repo, &dir(), Target::Latest).await?;
     assert_eq!(check_against_oracle(&r, oracle)?, last);
     assert_eq!(r.base.id, b2.id);
     let v = r.verification.as_ref().unwrap();
@@ -87,23 +87,23 @@ async fn restore_everywhere(
 
     // Each base's own point, exactly.
     for b in [b1, b2] {
-        let r = restore_to(repo, &dir(), TargetSpec::Seq(b.earliest_seq)).await?;
+        let r = restore_to(repo, &dir(), Target::Seq(b.earliest_seq)).await?;
         assert_eq!(check_against_oracle(&r, oracle)?, b.earliest_seq);
         assert_eq!(r.base.id, b.id);
     }
 
     // Batch boundaries between the bases (base 1 is used) and after base 2.
-    let r = restore_to(repo, &dir(), TargetSpec::Seq(mid1.last_seq())).await?;
+    let r = restore_to(repo, &dir(), Target::Seq(mid1.last_seq())).await?;
     assert_eq!(check_against_oracle(&r, oracle)?, mid1.last_seq());
     assert_eq!(r.base.id, b1.id);
     assert!(r.cutoff.as_ref().unwrap().rounded_down.is_none());
-    let r = restore_to(repo, &dir(), TargetSpec::Seq(mid2.last_seq())).await?;
+    let r = restore_to(repo, &dir(), Target::Seq(mid2.last_seq())).await?;
     assert_eq!(check_against_oracle(&r, oracle)?, mid2.last_seq());
     assert_eq!(r.base.id, b2.id);
 
     // Inside a batch: rounded down to the batch before it, and said so.
     let inside = wide.first_seq + 1;
-    let r = restore_to(repo, &dir(), TargetSpec::Seq(inside)).await?;
+    let r = restore_to(repo, &dir(), Target::Seq(inside)).await?;
     assert_eq!(check_against_oracle(&r, oracle)?, wide.first_seq - 1);
     let rd = r
         .cutoff
@@ -125,7 +125,7 @@ async fn restore_everywhere(
     // Times: every batch carries the generator's wall time, so the oracle knows the cutoff.
     for b in [mid1, mid2] {
         let t = time_from_micros(b.unix_micros);
-        let r = restore_to(repo, &dir(), TargetSpec::Time(t)).await?;
+        let r = restore_to(repo, &dir(), Target::Time(t)).await?;
         let cutoff = check_against_oracle(&r, oracle)?;
         assert_eq!(cutoff, oracle.seq_at_time(b.unix_micros), "time {t}");
         let c = r.cutoff.as_ref().unwrap();
@@ -140,7 +140,7 @@ async fn restore_everywhere(
         }
         // One microsecond before that batch: it is left out.
         let before = time_from_micros(b.unix_micros - 1);
-        let r = restore_to(repo, &dir(), TargetSpec::Time(before)).await?;
+        let r = restore_to(repo, &dir(), Target::Time(before)).await?;
         assert_eq!(
             check_against_oracle(&r, oracle)?,
             oracle.seq_at_time(b.unix_micros - 1)
@@ -160,7 +160,7 @@ async fn local_restores_match_the_oracle() -> Result<()> {
 
     // The restored database is a healthy database for the application: it opens read-write
     // with the application's options, takes writes, flushes, compacts and reopens.
-    let r = restore_to(&repo, &out.path().join("healthy"), TargetSpec::Latest).await?;
+    let r = restore_to(&repo, &out.path().join("healthy"), Target::Latest).await?;
     {
         let db = tidemark_tests::open_db(&r.target_dir)?;
         assert_eq!(db.latest_sequence_number(), oracle.last_seq());
@@ -189,7 +189,7 @@ async fn s3_restores_match_the_oracle() -> Result<()> {
 
     // Through the store options the command line uses (a fresh store and retry layer).
     let opened = store_opts.open().await?;
-    let r = restore_to(&opened, &out.path().join("via-url"), TargetSpec::Latest).await?;
+    let r = restore_to(&opened, &out.path().join("via-url"), Target::Latest).await?;
     assert_eq!(check_against_oracle(&r, &oracle)?, oracle.last_seq());
 
     // And through the binary, with the S3 flags.

@@ -457,13 +457,7 @@ impl<R: Read + Seek> LogReader<R> {
                         }
                     }
                     let payload = self.slice(payload_start, len).to_vec();
-                    let bytes = self.decode(p, payload)?;
-                    self.offset = next;
-                    return Ok(Some(LogEntry::Record(Record {
-                        bytes,
-                        start_offset: p,
-                        end_offset: next,
-                    })));
+                    return self.complete(p, payload, next).map(Some);
                 }
                 record_type::FIRST => {
                     if let Some((start, data)) = &fragments
@@ -492,13 +486,7 @@ impl<R: Read + Seek> LogReader<R> {
                     if record_type == record_type::MIDDLE {
                         fragments = Some((start, data));
                     } else {
-                        let bytes = self.decode(start, data)?;
-                        self.offset = next;
-                        return Ok(Some(LogEntry::Record(Record {
-                            bytes,
-                            start_offset: start,
-                            end_offset: next,
-                        })));
+                        return self.complete(start, data, next).map(Some);
                     }
                 }
                 other => {
@@ -512,47 +500,67 @@ impl<R: Read + Seek> LogReader<R> {
                         ));
                     }
                     let payload = self.slice(payload_start, len).to_vec();
-                    let entry = match other {
-                        record_type::SET_COMPRESSION_TYPE => {
-                            if p != 0 {
-                                return Err(self.bad_metadata(
-                                    p,
-                                    "SET_COMPRESSION_TYPE",
-                                    "it must be the first record of the file".into(),
-                                ));
-                            }
-                            LogEntry::Compression {
-                                offset: p,
-                                compression: self.set_compression(p, &payload)?,
-                            }
-                        }
-                        record_type::USER_DEFINED_TIMESTAMP_SIZE => LogEntry::TimestampSizes {
-                            offset: p,
-                            sizes: self.add_timestamp_sizes(p, &payload)?,
-                        },
-                        record_type::PREDECESSOR_WAL_INFO => {
-                            let info = self.parse_predecessor(p, &payload)?;
-                            self.predecessor = Some(info);
-                            LogEntry::PredecessorWal { offset: p, info }
-                        }
-                        t if t & record_type::SAFE_IGNORE_MASK != 0 => LogEntry::Ignored {
-                            offset: p,
-                            record_type: t,
-                        },
-                        t => {
-                            return Err(LogError::UnknownType {
-                                path: self.path.clone(),
-                                offset: p,
-                                record_type: t,
-                            });
-                        }
-                    };
+                    let entry = self.metadata_entry(p, other, &payload)?;
                     self.offset = next;
                     return Ok(Some(entry));
                 }
             }
             p = next;
         }
+    }
+
+    /// The logical record that began at `start` and ends before `next`, whose payload is
+    /// `data` (decompressed if the log is compressed); the reader moves past it.
+    fn complete(&mut self, start: u64, data: Vec<u8>, next: u64) -> Result<LogEntry, LogError> {
+        let bytes = self.decode(start, data)?;
+        self.offset = next;
+        Ok(LogEntry::Record(Record {
+            bytes,
+            start_offset: start,
+            end_offset: next,
+        }))
+    }
+
+    /// The metadata record of type `kind` at offset `p`, whose contents update what
+    /// this reader knows (compression, timestamp sizes, the predecessor WAL). A compression
+    /// record anywhere but first, or an unknown type RocksDB does not mark safe to ignore,
+    /// is an error.
+    fn metadata_entry(&mut self, p: u64, kind: u8, payload: &[u8]) -> Result<LogEntry, LogError> {
+        Ok(match kind {
+            record_type::SET_COMPRESSION_TYPE => {
+                if p != 0 {
+                    return Err(self.bad_metadata(
+                        p,
+                        "SET_COMPRESSION_TYPE",
+                        "it must be the first record of the file".into(),
+                    ));
+                }
+                LogEntry::Compression {
+                    offset: p,
+                    compression: self.set_compression(p, payload)?,
+                }
+            }
+            record_type::USER_DEFINED_TIMESTAMP_SIZE => LogEntry::TimestampSizes {
+                offset: p,
+                sizes: self.add_timestamp_sizes(p, payload)?,
+            },
+            record_type::PREDECESSOR_WAL_INFO => {
+                let info = self.parse_predecessor(p, payload)?;
+                self.predecessor = Some(info);
+                LogEntry::PredecessorWal { offset: p, info }
+            }
+            t if t & record_type::SAFE_IGNORE_MASK != 0 => LogEntry::Ignored {
+                offset: p,
+                record_type: t,
+            },
+            t => {
+                return Err(LogError::UnknownType {
+                    path: self.path.clone(),
+                    offset: p,
+                    record_type: t,
+                });
+            }
+        })
     }
 
     /// Whether nothing but zeros (block padding or preallocated space) follows the last record

@@ -184,7 +184,7 @@ pub struct VersionEdit {
 
 /// Errors decoding VersionEdits or folding a MANIFEST.
 #[derive(Debug, thiserror::Error)]
-pub enum ManifestError {
+pub enum RocksManifestError {
     #[error(transparent)]
     Log(#[from] LogError),
     #[error("cannot read {path}: {source}")]
@@ -227,184 +227,237 @@ fn edit_err(input: &Input<'_>, detail: impl Into<String>) -> EditError {
 }
 
 impl VersionEdit {
-    /// Decodes one VersionEdit record.
+    /// Decodes one VersionEdit record: a sequence of tagged fields, each decoded by the
+    /// group it belongs to. An unknown tag is skipped only when RocksDB marks it safe to
+    /// ignore; any other is an error.
     pub fn decode(data: &[u8]) -> Result<VersionEdit, EditError> {
         let mut edit = VersionEdit::default();
         let mut input = Input::new(data);
         while !input.is_empty() {
-            let tag_start = input.pos();
+            let start = input.pos();
             let Some(t) = input.varint32() else {
                 return Err(edit_err(&input, "truncated tag"));
             };
-            let fail = |what: &str| EditError {
-                byte: tag_start,
-                detail: format!("cannot decode the {what} (tag {t})"),
-            };
-            match t {
-                tag::DB_ID => {
-                    let s = input.length_prefixed().ok_or_else(|| fail("db id"))?;
-                    edit.db_id = Some(String::from_utf8_lossy(s).into_owned());
-                }
-                tag::COMPARATOR => {
-                    let s = input
-                        .length_prefixed()
-                        .ok_or_else(|| fail("comparator name"))?;
-                    edit.comparator = Some(String::from_utf8_lossy(s).into_owned());
-                }
-                tag::LOG_NUMBER => {
-                    edit.log_number = Some(input.varint64().ok_or_else(|| fail("log number"))?);
-                }
-                tag::PREV_LOG_NUMBER => {
-                    edit.prev_log_number = Some(
-                        input
-                            .varint64()
-                            .ok_or_else(|| fail("previous log number"))?,
-                    );
-                }
-                tag::NEXT_FILE_NUMBER => {
-                    edit.next_file_number =
-                        Some(input.varint64().ok_or_else(|| fail("next file number"))?);
-                }
-                tag::MAX_COLUMN_FAMILY => {
-                    edit.max_column_family =
-                        Some(input.varint32().ok_or_else(|| fail("max column family"))?);
-                }
-                tag::MIN_LOG_NUMBER_TO_KEEP => {
-                    edit.min_log_number_to_keep = Some(
-                        input
-                            .varint64()
-                            .ok_or_else(|| fail("min log number to keep"))?,
-                    );
-                }
-                tag::LAST_SEQUENCE => {
-                    edit.last_sequence =
-                        Some(input.varint64().ok_or_else(|| fail("last sequence"))?);
-                }
-                tag::COMPACT_CURSOR => {
-                    let level = input.varint32().ok_or_else(|| fail("compact cursor"))?;
-                    let key = input
-                        .length_prefixed()
-                        .and_then(InternalKey::decode)
-                        .ok_or_else(|| fail("compact cursor"))?;
-                    edit.compact_cursors.push((level, key));
-                }
-                tag::DELETED_FILE => {
-                    let level = input.varint32().ok_or_else(|| fail("deleted file"))?;
-                    let number = input.varint64().ok_or_else(|| fail("deleted file"))?;
-                    edit.deleted_files.push((level, number));
-                }
-                tag::NEW_FILE | tag::NEW_FILE2 | tag::NEW_FILE3 | tag::NEW_FILE4 => {
-                    let file =
-                        decode_new_file(&mut input, t, &mut edit).map_err(|detail| EditError {
-                            byte: tag_start,
-                            detail,
-                        })?;
-                    edit.new_files.push(file);
-                }
-                tag::BLOB_FILE_ADDITION | tag::BLOB_FILE_ADDITION_DEPRECATED => {
-                    let addition =
-                        decode_blob_addition(&mut input).map_err(|detail| EditError {
-                            byte: tag_start,
-                            detail,
-                        })?;
-                    edit.blob_file_additions.push(addition);
-                }
-                tag::BLOB_FILE_GARBAGE | tag::BLOB_FILE_GARBAGE_DEPRECATED => {
-                    let garbage = decode_blob_garbage(&mut input).map_err(|detail| EditError {
-                        byte: tag_start,
-                        detail,
-                    })?;
-                    edit.blob_file_garbages.push(garbage);
-                }
-                tag::WAL_ADDITION => {
-                    let wal = decode_wal_addition(&mut input).map_err(|detail| EditError {
-                        byte: tag_start,
-                        detail,
-                    })?;
-                    edit.wal_additions.push(wal);
-                }
-                tag::WAL_ADDITION2 => {
-                    let body = input
-                        .length_prefixed()
-                        .ok_or_else(|| fail("WAL addition"))?;
-                    let wal =
-                        decode_wal_addition(&mut Input::new(body)).map_err(|detail| EditError {
-                            byte: tag_start,
-                            detail,
-                        })?;
-                    edit.wal_additions.push(wal);
-                }
-                tag::WAL_DELETION => {
-                    edit.wal_deletion = Some(input.varint64().ok_or_else(|| fail("WAL deletion"))?);
-                }
-                tag::WAL_DELETION2 => {
-                    let body = input
-                        .length_prefixed()
-                        .ok_or_else(|| fail("WAL deletion"))?;
-                    edit.wal_deletion = Some(
-                        Input::new(body)
-                            .varint64()
-                            .ok_or_else(|| fail("WAL deletion"))?,
-                    );
-                }
-                tag::COLUMN_FAMILY => {
-                    edit.column_family =
-                        input.varint32().ok_or_else(|| fail("column family id"))?;
-                }
-                tag::COLUMN_FAMILY_ADD => {
-                    let s = input
-                        .length_prefixed()
-                        .ok_or_else(|| fail("column family name"))?;
-                    edit.column_family_add = Some(String::from_utf8_lossy(s).into_owned());
-                }
-                tag::COLUMN_FAMILY_DROP => edit.column_family_drop = true,
-                tag::IN_ATOMIC_GROUP => {
-                    edit.atomic_group_remaining =
-                        Some(input.varint32().ok_or_else(|| fail("atomic group size"))?);
-                }
-                tag::FULL_HISTORY_TS_LOW => {
-                    let s = input
-                        .length_prefixed()
-                        .ok_or_else(|| fail("full_history_ts_low"))?;
-                    if s.is_empty() {
-                        return Err(fail("full_history_ts_low (empty)"));
-                    }
-                    edit.full_history_ts_low = Some(s.to_vec());
-                }
-                tag::PERSIST_USER_DEFINED_TIMESTAMPS => {
-                    let s = input
-                        .length_prefixed()
-                        .filter(|s| s.len() == 1)
-                        .ok_or_else(|| fail("persist_user_defined_timestamps flag"))?;
-                    edit.persist_user_defined_timestamps = Some(s[0] == 1);
-                }
-                tag::LAST_COMPACTED_MANIFEST_FILE_SIZE => {
-                    let s = input
-                        .length_prefixed()
-                        .ok_or_else(|| fail("last compacted MANIFEST size"))?;
-                    edit.last_compacted_manifest_file_size = Some(
-                        Input::new(s)
-                            .varint64()
-                            .ok_or_else(|| fail("last compacted MANIFEST size"))?,
-                    );
-                }
-                // Subcompaction progress (for resumable compactions) has no bearing on the
-                // database's contents: skipped like any forward-compatible tag.
-                t if t & tag::SAFE_IGNORE_MASK != 0 => {
-                    input
-                        .length_prefixed()
-                        .ok_or_else(|| fail("body of a forward-compatible field"))?;
-                    edit.ignored_tags.push(t);
-                }
-                t => {
-                    return Err(EditError {
-                        byte: tag_start,
-                        detail: format!("unknown tag {t} that cannot be ignored"),
-                    });
-                }
+            let f = Field { tag: t, start };
+            let known = edit.decode_number(&mut input, f)?
+                || edit.decode_column_family(&mut input, f)?
+                || edit.decode_files(&mut input, f)?
+                || edit.decode_wals(&mut input, f)?
+                || edit.decode_timestamps(&mut input, f)?;
+            if known {
+                continue;
             }
+            // Subcompaction progress (for resumable compactions) has no bearing on the
+            // database's contents: skipped like any forward-compatible tag.
+            if t & tag::SAFE_IGNORE_MASK == 0 {
+                return Err(f.error(format!("unknown tag {t} that cannot be ignored")));
+            }
+            input
+                .length_prefixed()
+                .ok_or_else(|| f.fail("body of a forward-compatible field"))?;
+            edit.ignored_tags.push(t);
         }
         Ok(edit)
+    }
+
+    /// The database's numbers: log numbers, the next file number, the last sequence, the
+    /// highest column family id. `false` if `f` is not one of them (nothing consumed).
+    fn decode_number(&mut self, input: &mut Input<'_>, f: Field) -> Result<bool, EditError> {
+        match f.tag {
+            tag::LOG_NUMBER => {
+                self.log_number = Some(input.varint64().ok_or_else(|| f.fail("log number"))?);
+            }
+            tag::PREV_LOG_NUMBER => {
+                self.prev_log_number = Some(
+                    input
+                        .varint64()
+                        .ok_or_else(|| f.fail("previous log number"))?,
+                );
+            }
+            tag::NEXT_FILE_NUMBER => {
+                self.next_file_number =
+                    Some(input.varint64().ok_or_else(|| f.fail("next file number"))?);
+            }
+            tag::MAX_COLUMN_FAMILY => {
+                self.max_column_family = Some(
+                    input
+                        .varint32()
+                        .ok_or_else(|| f.fail("max column family"))?,
+                );
+            }
+            tag::MIN_LOG_NUMBER_TO_KEEP => {
+                self.min_log_number_to_keep = Some(
+                    input
+                        .varint64()
+                        .ok_or_else(|| f.fail("min log number to keep"))?,
+                );
+            }
+            tag::LAST_SEQUENCE => {
+                self.last_sequence = Some(input.varint64().ok_or_else(|| f.fail("last sequence"))?);
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The database id, the comparator, and which column family the edit applies to (and
+    /// whether it creates or drops it, or belongs to an atomic group). `false` if `f` is
+    /// not one of them.
+    fn decode_column_family(&mut self, input: &mut Input<'_>, f: Field) -> Result<bool, EditError> {
+        match f.tag {
+            tag::DB_ID => {
+                let s = input.length_prefixed().ok_or_else(|| f.fail("db id"))?;
+                self.db_id = Some(String::from_utf8_lossy(s).into_owned());
+            }
+            tag::COMPARATOR => {
+                let s = input
+                    .length_prefixed()
+                    .ok_or_else(|| f.fail("comparator name"))?;
+                self.comparator = Some(String::from_utf8_lossy(s).into_owned());
+            }
+            tag::COLUMN_FAMILY => {
+                self.column_family = input.varint32().ok_or_else(|| f.fail("column family id"))?;
+            }
+            tag::COLUMN_FAMILY_ADD => {
+                let s = input
+                    .length_prefixed()
+                    .ok_or_else(|| f.fail("column family name"))?;
+                self.column_family_add = Some(String::from_utf8_lossy(s).into_owned());
+            }
+            tag::COLUMN_FAMILY_DROP => self.column_family_drop = true,
+            tag::IN_ATOMIC_GROUP => {
+                self.atomic_group_remaining = Some(
+                    input
+                        .varint32()
+                        .ok_or_else(|| f.fail("atomic group size"))?,
+                );
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Table and blob files added, deleted or given garbage, and compaction cursors.
+    /// `false` if `f` is not one of them.
+    fn decode_files(&mut self, input: &mut Input<'_>, f: Field) -> Result<bool, EditError> {
+        match f.tag {
+            tag::COMPACT_CURSOR => {
+                let level = input.varint32().ok_or_else(|| f.fail("compact cursor"))?;
+                let key = input
+                    .length_prefixed()
+                    .and_then(InternalKey::decode)
+                    .ok_or_else(|| f.fail("compact cursor"))?;
+                self.compact_cursors.push((level, key));
+            }
+            tag::DELETED_FILE => {
+                let level = input.varint32().ok_or_else(|| f.fail("deleted file"))?;
+                let number = input.varint64().ok_or_else(|| f.fail("deleted file"))?;
+                self.deleted_files.push((level, number));
+            }
+            tag::NEW_FILE | tag::NEW_FILE2 | tag::NEW_FILE3 | tag::NEW_FILE4 => {
+                let file = decode_new_file(input, f.tag, self).map_err(|d| f.error(d))?;
+                self.new_files.push(file);
+            }
+            tag::BLOB_FILE_ADDITION | tag::BLOB_FILE_ADDITION_DEPRECATED => {
+                let addition = decode_blob_addition(input).map_err(|d| f.error(d))?;
+                self.blob_file_additions.push(addition);
+            }
+            tag::BLOB_FILE_GARBAGE | tag::BLOB_FILE_GARBAGE_DEPRECATED => {
+                let garbage = decode_blob_garbage(input).map_err(|d| f.error(d))?;
+                self.blob_file_garbages.push(garbage);
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// WALs recorded in the MANIFEST, and the number below which they are obsolete.
+    /// `false` if `f` is not one of them.
+    fn decode_wals(&mut self, input: &mut Input<'_>, f: Field) -> Result<bool, EditError> {
+        match f.tag {
+            tag::WAL_ADDITION => {
+                let wal = decode_wal_addition(input).map_err(|d| f.error(d))?;
+                self.wal_additions.push(wal);
+            }
+            tag::WAL_ADDITION2 => {
+                let body = input
+                    .length_prefixed()
+                    .ok_or_else(|| f.fail("WAL addition"))?;
+                let wal = decode_wal_addition(&mut Input::new(body)).map_err(|d| f.error(d))?;
+                self.wal_additions.push(wal);
+            }
+            tag::WAL_DELETION => {
+                self.wal_deletion = Some(input.varint64().ok_or_else(|| f.fail("WAL deletion"))?);
+            }
+            tag::WAL_DELETION2 => {
+                let body = input
+                    .length_prefixed()
+                    .ok_or_else(|| f.fail("WAL deletion"))?;
+                self.wal_deletion = Some(
+                    Input::new(body)
+                        .varint64()
+                        .ok_or_else(|| f.fail("WAL deletion"))?,
+                );
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// User-defined timestamp settings and the size of the last compacted MANIFEST: newer,
+    /// length-prefixed fields. `false` if `f` is not one of them.
+    fn decode_timestamps(&mut self, input: &mut Input<'_>, f: Field) -> Result<bool, EditError> {
+        match f.tag {
+            tag::FULL_HISTORY_TS_LOW => {
+                let s = input
+                    .length_prefixed()
+                    .ok_or_else(|| f.fail("full_history_ts_low"))?;
+                if s.is_empty() {
+                    return Err(f.fail("full_history_ts_low (empty)"));
+                }
+                self.full_history_ts_low = Some(s.to_vec());
+            }
+            tag::PERSIST_USER_DEFINED_TIMESTAMPS => {
+                let s = input
+                    .length_prefixed()
+                    .filter(|s| s.len() == 1)
+                    .ok_or_else(|| f.fail("persist_user_defined_timestamps flag"))?;
+                self.persist_user_defined_timestamps = Some(s[0] == 1);
+            }
+            tag::LAST_COMPACTED_MANIFEST_FILE_SIZE => {
+                let s = input
+                    .length_prefixed()
+                    .ok_or_else(|| f.fail("last compacted MANIFEST size"))?;
+                self.last_compacted_manifest_file_size = Some(
+                    Input::new(s)
+                        .varint64()
+                        .ok_or_else(|| f.fail("last compacted MANIFEST size"))?,
+                );
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+/// The field being decoded: its tag and the byte where it starts, which errors report.
+#[derive(Debug, Clone, Copy)]
+struct Field {
+    tag: u32,
+    start: usize,
+}
+
+impl Field {
+    /// `what` could not be decoded.
+    fn fail(self, what: &str) -> EditError {
+        self.error(format!("cannot decode the {what} (tag {})", self.tag))
+    }
+
+    fn error(self, detail: String) -> EditError {
+        EditError {
+            byte: self.start,
+            detail,
+        }
     }
 }
 
@@ -458,9 +511,21 @@ fn decode_new_file(
         file_checksum: Vec::new(),
         file_checksum_func_name: String::new(),
     };
-    if t != tag::NEW_FILE4 {
-        return Ok(file);
+    if t == tag::NEW_FILE4 {
+        decode_new_file4_fields(input, &mut file, edit)?;
     }
+    Ok(file)
+}
+
+/// The custom fields of a `kNewFile4` entry, up to its terminator. A field that the file's
+/// use here depends on is decoded (path id, oldest blob file, epoch, checksum, and the
+/// min-log-number hack, which sets `edit`'s); a malformed one, or an unknown one RocksDB
+/// marks as not safe to ignore, is an error.
+fn decode_new_file4_fields(
+    input: &mut Input<'_>,
+    file: &mut NewFile,
+    edit: &mut VersionEdit,
+) -> Result<(), String> {
     loop {
         let custom = input
             .varint32()
@@ -524,7 +589,7 @@ fn decode_new_file(
             _ => {}
         }
     }
-    Ok(file)
+    Ok(())
 }
 
 fn decode_blob_custom_fields(input: &mut Input<'_>, what: &str) -> Result<(), String> {
@@ -699,13 +764,13 @@ impl ManifestState {
     }
 
     /// Reads the MANIFEST that `CURRENT` in `db_dir` names.
-    pub fn from_db_dir(db_dir: impl AsRef<Path>) -> Result<ManifestState, ManifestError> {
+    pub fn from_db_dir(db_dir: impl AsRef<Path>) -> Result<ManifestState, RocksManifestError> {
         Self::from_file(current_manifest(db_dir)?)
     }
 
     /// Reads a MANIFEST file. A torn record at its end (the owner was writing it) is ignored,
     /// as RocksDB does; so is an atomic group the file does not hold completely.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<ManifestState, ManifestError> {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<ManifestState, RocksManifestError> {
         let reader = LogReader::open(path.as_ref())?;
         Self::fold(reader)
     }
@@ -714,14 +779,14 @@ impl ManifestState {
     pub fn from_bytes(
         bytes: &[u8],
         name: impl Into<PathBuf>,
-    ) -> Result<ManifestState, ManifestError> {
+    ) -> Result<ManifestState, RocksManifestError> {
         let reader = LogReader::new(Cursor::new(bytes), name)?;
         Self::fold(reader)
     }
 
     fn fold<R: std::io::Read + std::io::Seek>(
         mut reader: LogReader<R>,
-    ) -> Result<ManifestState, ManifestError> {
+    ) -> Result<ManifestState, RocksManifestError> {
         let path = reader.path().to_path_buf();
         let mut state = ManifestState::new();
         let mut group: Vec<(u64, VersionEdit)> = Vec::new();
@@ -730,14 +795,15 @@ impl ManifestState {
         let mut has_last_sequence = false;
         while let Some(record) = reader.next_record()? {
             let offset = record.start_offset;
-            let edit = VersionEdit::decode(&record.bytes).map_err(|e| ManifestError::BadEdit {
-                path: path.clone(),
-                offset,
-                detail: e.to_string(),
-            })?;
+            let edit =
+                VersionEdit::decode(&record.bytes).map_err(|e| RocksManifestError::BadEdit {
+                    path: path.clone(),
+                    offset,
+                    detail: e.to_string(),
+                })?;
             has_next_file_number |= edit.next_file_number.is_some();
             has_last_sequence |= edit.last_sequence.is_some();
-            let inconsistent = |detail: String| ManifestError::Inconsistent {
+            let inconsistent = |detail: String| RocksManifestError::Inconsistent {
                 path: path.clone(),
                 offset,
                 detail,
@@ -756,13 +822,13 @@ impl ManifestState {
                     group.push((offset, edit));
                     if group.len() == group_size {
                         for (offset, edit) in group.drain(..) {
-                            state
-                                .apply(&edit)
-                                .map_err(|detail| ManifestError::Inconsistent {
+                            state.apply(&edit).map_err(|detail| {
+                                RocksManifestError::Inconsistent {
                                     path: path.clone(),
                                     offset,
                                     detail,
-                                })?;
+                                }
+                            })?;
                         }
                     }
                 }
@@ -778,7 +844,7 @@ impl ManifestState {
                 }
             }
         }
-        let incomplete = |what| ManifestError::Incomplete {
+        let incomplete = |what| RocksManifestError::Incomplete {
             path: path.clone(),
             what,
         };
@@ -791,7 +857,9 @@ impl ManifestState {
         Ok(state)
     }
 
-    /// Applies one edit (atomic groups are applied edit by edit once complete).
+    /// Applies one edit (atomic groups are applied edit by edit once complete): a column
+    /// family added or dropped, or its files changed; then the WALs, the column family's
+    /// settings and the database's numbers the edit records.
     pub fn apply(&mut self, edit: &VersionEdit) -> Result<(), String> {
         let cf_id = edit.column_family;
         if let Some(name) = &edit.column_family_add {
@@ -811,58 +879,74 @@ impl ManifestState {
             }
             self.blob_files.retain(|_, b| b.cf_id != cf_id);
         } else if edit.wal_additions.is_empty() && edit.wal_deletion.is_none() {
-            let Some(cf) = self.column_families.get_mut(&cf_id) else {
+            self.apply_files(cf_id, edit)?;
+        }
+        self.apply_wals(edit);
+        self.apply_cf_settings(cf_id, edit);
+        self.apply_db_numbers(edit);
+        self.edits_applied += 1;
+        Ok(())
+    }
+
+    /// The table and blob files the edit adds, deletes or records garbage for, in column
+    /// family `cf_id`, which must exist; blob files left obsolete are dropped.
+    fn apply_files(&mut self, cf_id: u32, edit: &VersionEdit) -> Result<(), String> {
+        let Some(cf) = self.column_families.get_mut(&cf_id) else {
+            return Err(format!(
+                "edit for column family {cf_id}, which does not exist"
+            ));
+        };
+        for (_, number) in &edit.deleted_files {
+            cf.live_files.remove(number);
+            cf.files.remove(number);
+        }
+        for f in &edit.new_files {
+            cf.live_files.insert(f.number);
+            cf.files.insert(
+                f.number,
+                SstFile {
+                    level: f.level,
+                    file_size: f.file_size,
+                    smallest_seqno: f.smallest_seqno,
+                    largest_seqno: f.largest_seqno,
+                    oldest_blob_file_number: f.oldest_blob_file_number,
+                },
+            );
+        }
+        for b in &edit.blob_file_additions {
+            self.blob_files.insert(
+                b.number,
+                BlobFileState {
+                    cf_id,
+                    total_blob_count: b.total_blob_count,
+                    total_blob_bytes: b.total_blob_bytes,
+                    garbage_blob_count: 0,
+                    garbage_blob_bytes: 0,
+                },
+            );
+        }
+        for g in &edit.blob_file_garbages {
+            let Some(b) = self.blob_files.get_mut(&g.number) else {
                 return Err(format!(
-                    "edit for column family {cf_id}, which does not exist"
+                    "garbage for blob file {}, which is not live",
+                    g.number
                 ));
             };
-            for (_, number) in &edit.deleted_files {
-                cf.live_files.remove(number);
-                cf.files.remove(number);
-            }
-            for f in &edit.new_files {
-                cf.live_files.insert(f.number);
-                cf.files.insert(
-                    f.number,
-                    SstFile {
-                        level: f.level,
-                        file_size: f.file_size,
-                        smallest_seqno: f.smallest_seqno,
-                        largest_seqno: f.largest_seqno,
-                        oldest_blob_file_number: f.oldest_blob_file_number,
-                    },
-                );
-            }
-            for b in &edit.blob_file_additions {
-                self.blob_files.insert(
-                    b.number,
-                    BlobFileState {
-                        cf_id,
-                        total_blob_count: b.total_blob_count,
-                        total_blob_bytes: b.total_blob_bytes,
-                        garbage_blob_count: 0,
-                        garbage_blob_bytes: 0,
-                    },
-                );
-            }
-            for g in &edit.blob_file_garbages {
-                let Some(b) = self.blob_files.get_mut(&g.number) else {
-                    return Err(format!(
-                        "garbage for blob file {}, which is not live",
-                        g.number
-                    ));
-                };
-                b.garbage_blob_count += g.garbage_blob_count;
-                b.garbage_blob_bytes += g.garbage_blob_bytes;
-            }
-            if !edit.blob_file_additions.is_empty()
-                || !edit.blob_file_garbages.is_empty()
-                || !edit.new_files.is_empty()
-                || !edit.deleted_files.is_empty()
-            {
-                self.drop_obsolete_blob_files(cf_id);
-            }
+            b.garbage_blob_count += g.garbage_blob_count;
+            b.garbage_blob_bytes += g.garbage_blob_bytes;
         }
+        if !edit.blob_file_additions.is_empty()
+            || !edit.blob_file_garbages.is_empty()
+            || !edit.new_files.is_empty()
+            || !edit.deleted_files.is_empty()
+        {
+            self.drop_obsolete_blob_files(cf_id);
+        }
+        Ok(())
+    }
+
+    /// WALs recorded as added (with their synced size) or obsolete.
+    fn apply_wals(&mut self, edit: &VersionEdit) {
         for wal in &edit.wal_additions {
             if wal.number < self.min_wal_number_to_keep {
                 continue;
@@ -880,6 +964,11 @@ impl ManifestState {
             self.min_wal_number_to_keep = n;
             self.wals = self.wals.split_off(&n);
         }
+    }
+
+    /// The column family's log number (which only moves forward), comparator and
+    /// timestamp settings, unless the edit drops it.
+    fn apply_cf_settings(&mut self, cf_id: u32, edit: &VersionEdit) {
         if let Some(cf) = self.column_families.get_mut(&cf_id)
             && !edit.column_family_drop
         {
@@ -899,6 +988,10 @@ impl ManifestState {
                 cf.persist_user_defined_timestamps = Some(p);
             }
         }
+    }
+
+    /// The database's id and numbers: the next file number, the last sequence, and the like.
+    fn apply_db_numbers(&mut self, edit: &VersionEdit) {
         if let Some(id) = &edit.db_id {
             self.db_id = Some(id.clone());
         }
@@ -917,8 +1010,6 @@ impl ManifestState {
         if let Some(n) = edit.last_sequence {
             self.last_sequence = n;
         }
-        self.edits_applied += 1;
-        Ok(())
     }
 
     /// Drops the blob files of a column family that RocksDB no longer keeps in its version:
@@ -988,9 +1079,9 @@ impl ManifestState {
 }
 
 /// The MANIFEST file `CURRENT` names in a database directory.
-pub fn current_manifest(db_dir: impl AsRef<Path>) -> Result<PathBuf, ManifestError> {
+pub fn current_manifest(db_dir: impl AsRef<Path>) -> Result<PathBuf, RocksManifestError> {
     let current = db_dir.as_ref().join("CURRENT");
-    let content = fs::read_to_string(&current).map_err(|source| ManifestError::Io {
+    let content = fs::read_to_string(&current).map_err(|source| RocksManifestError::Io {
         path: current.clone(),
         source,
     })?;
@@ -999,7 +1090,7 @@ pub fn current_manifest(db_dir: impl AsRef<Path>) -> Result<PathBuf, ManifestErr
         .strip_prefix("MANIFEST-")
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
     if !valid {
-        return Err(ManifestError::BadCurrent {
+        return Err(RocksManifestError::BadCurrent {
             path: current,
             content,
         });
@@ -1201,7 +1292,7 @@ mod tests {
         let mixed = manifest(&[base_edit(), member(1, b"a", 1), base_edit()]);
         assert!(matches!(
             ManifestState::from_bytes(&mixed, "M"),
-            Err(ManifestError::Inconsistent { .. })
+            Err(RocksManifestError::Inconsistent { .. })
         ));
     }
 
@@ -1211,13 +1302,16 @@ mod tests {
         put_varint32(&mut e, tag::LOG_NUMBER);
         put_varint64(&mut e, 3);
         let err = ManifestState::from_bytes(&manifest(&[e]), "M").unwrap_err();
-        assert!(matches!(err, ManifestError::Incomplete { .. }), "{err}");
+        assert!(
+            matches!(err, RocksManifestError::Incomplete { .. }),
+            "{err}"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("CURRENT"), "garbage\n").unwrap();
         assert!(matches!(
             current_manifest(dir.path()),
-            Err(ManifestError::BadCurrent { .. })
+            Err(RocksManifestError::BadCurrent { .. })
         ));
         std::fs::write(dir.path().join("CURRENT"), "MANIFEST-000012\n").unwrap();
         assert_eq!(

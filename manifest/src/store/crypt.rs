@@ -85,7 +85,7 @@ const STREAM_CHUNKS: usize = 64;
 /// Why a key could not be loaded. Messages say where the key came from and what is wrong,
 /// never what the key is.
 #[derive(Debug, thiserror::Error)]
-pub enum KeyError {
+pub enum EncryptionKeyError {
     #[error(
         "the encryption key in {source_name} is not a 32-byte key: give 64 hex digits or the \
          base64 of 32 bytes (a key file may also hold the 32 bytes themselves); create one \
@@ -144,9 +144,9 @@ impl EncryptionKey {
     /// Parses a key written as text: 64 hex digits (either case), or standard base64 (with
     /// or without padding) of 32 bytes. Surrounding whitespace is ignored. `source_name`
     /// says where the text came from, for the message.
-    pub fn parse(text: &str, source_name: &str) -> Result<EncryptionKey, KeyError> {
+    pub fn parse(text: &str, source_name: &str) -> Result<EncryptionKey, EncryptionKeyError> {
         let text = text.trim();
-        let malformed = || KeyError::Malformed {
+        let malformed = || EncryptionKeyError::Malformed {
             source_name: source_name.to_owned(),
         };
         let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
@@ -169,9 +169,9 @@ impl EncryptionKey {
 
     /// Reads a key file: 32 raw bytes, or the key as text (see [`EncryptionKey::parse`]).
     /// The file must not be readable or writable by other users (its group may read it).
-    pub fn from_file(path: &Path) -> Result<EncryptionKey, KeyError> {
+    pub fn from_file(path: &Path) -> Result<EncryptionKey, EncryptionKeyError> {
         let shown = path.display().to_string();
-        let read = |source| KeyError::Read {
+        let read = |source| EncryptionKeyError::Read {
             path: shown.clone(),
             source,
         };
@@ -181,7 +181,7 @@ impl EncryptionKey {
             file.metadata().map_err(read)?.permissions().mode()
         };
         if mode & 0o006 != 0 {
-            return Err(KeyError::Permissions {
+            return Err(EncryptionKeyError::Permissions {
                 path: shown,
                 mode: mode & 0o7777,
             });
@@ -198,7 +198,7 @@ impl EncryptionKey {
             return Ok(EncryptionKey::from_bytes(bytes));
         }
         let source_name = format!("file {shown}");
-        let text = std::str::from_utf8(&content).map_err(|_| KeyError::Malformed {
+        let text = std::str::from_utf8(&content).map_err(|_| EncryptionKeyError::Malformed {
             source_name: source_name.clone(),
         })?;
         EncryptionKey::parse(text, &source_name)

@@ -54,7 +54,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use self::url::StoreUrl;
-pub use crypt::{CryptError, CryptStore, EncryptionKey, KeyError};
+pub use crypt::{CryptError, CryptStore, EncryptionKey, EncryptionKeyError};
 pub use error::{BoxError, StoreError, StoreOp};
 pub use local::LocalStore;
 pub use memory::MemoryStore;

@@ -26,11 +26,11 @@ use time::{OffsetDateTime, UtcOffset};
 use tracing_subscriber::EnvFilter;
 
 use tidemark_manifest::repo::ReadFrom;
-use tidemark_restore::commands::drill::{self, DrillOptions, TargetPoint};
+use tidemark_restore::commands::drill::{self, DrillOptions, DrillTarget};
 use tidemark_restore::commands::list::{self};
 use tidemark_restore::commands::restore::{self, RestoreOptions};
 use tidemark_restore::commands::verify::{self, VerifyOptions, VerifyScope};
-use tidemark_restore::commands::{StoreOptions, TargetSpec};
+use tidemark_restore::commands::{StoreOptions, Target};
 use tidemark_restore::error::exit_code;
 use tidemark_restore::progress::Progress;
 use tidemark_restore::timespec;
@@ -266,13 +266,13 @@ fn time_spec(
     time: Option<&str>,
     seq: Option<u64>,
     tz: Option<&str>,
-) -> Result<Option<TargetSpec>, RestoreError> {
+) -> Result<Option<Target>, RestoreError> {
     let offset = match tz {
         Some(tz) => timespec::parse_tz(tz)?,
         None => UtcOffset::UTC,
     };
     if let Some(t) = time {
-        return Ok(Some(TargetSpec::Time(timespec::parse_time(
+        return Ok(Some(Target::Time(timespec::parse_time(
             t,
             offset,
             OffsetDateTime::now_utc(),
@@ -283,7 +283,7 @@ fn time_spec(
             "--tz only applies to --time; remove it or give --time".to_owned(),
         ));
     }
-    Ok(seq.map(TargetSpec::Seq))
+    Ok(seq.map(Target::Seq))
 }
 
 /// Where to read the repository from: `--generation N`, or the newest intact generation.
@@ -352,7 +352,7 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
         } => {
             let spec = match time_spec(point.time.as_deref(), point.seq, tz.as_deref())? {
                 Some(spec) => spec,
-                None => TargetSpec::Latest,
+                None => Target::Latest,
             };
             let opts = RestoreOptions {
                 target_dir: target,
@@ -396,7 +396,7 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
             } else {
                 VerifyScope::Target(
                     time_spec(scope.time.as_deref(), scope.seq, tz.as_deref())?
-                        .unwrap_or(TargetSpec::Latest),
+                        .unwrap_or(Target::Latest),
                 )
             };
             let repo = store.open().await?;
@@ -427,8 +427,8 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
             parallelism,
             json,
         } => {
-            let target = TargetPoint::parse(&target_point, OffsetDateTime::now_utc())?;
-            if seed.is_some() && target != TargetPoint::Random {
+            let target = DrillTarget::parse(&target_point, OffsetDateTime::now_utc())?;
+            if seed.is_some() && target != DrillTarget::Random {
                 return Err(RestoreError::Usage(
                     "--seed only applies to --target-point random".to_owned(),
                 )

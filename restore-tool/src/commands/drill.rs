@@ -29,13 +29,13 @@ use time::OffsetDateTime;
 use tokio::io::AsyncReadExt;
 
 use tidemark_manifest::plan::Window;
-use tidemark_manifest::repo::RepoState;
+use tidemark_manifest::repo::{RepoState, Repository};
 
 use super::restore::{
     self, BaseReport, CutoffReport, Phase, PhaseLog, PhaseStatus, RestoreOptions, RestoreReport,
     SegmentsReport,
 };
-use super::{StoreOptions, TargetSpec, load, short_time};
+use super::{StoreOptions, Target, load, short_time};
 use crate::progress::Progress;
 use crate::verify::{Verification, VerificationStatus, VerifyMode};
 use crate::{Cancel, RestoreError, human_bytes, human_duration, timespec};
@@ -51,55 +51,54 @@ pub const DEFAULT_CHECK_TIMEOUT_SECS: u64 = 3600;
 /// end of each).
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
 
-/// The point a drill restores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// The point a drill restores: a [`Target`], or a sequence number drawn uniformly from the
+/// restorable window when the drill reads the repository ([`DrillTarget::resolve`]).
+///
+/// In JSON: `"random"`, or the target's own form (`"latest"`, `{"seq": 42}`, `{"time": ...}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum TargetPoint {
-    /// The newest archived point.
-    #[default]
-    Latest,
+pub enum DrillTarget {
     /// A sequence number drawn uniformly from the restorable window.
     Random,
-    /// A sequence number.
-    Seq(u64),
-    /// Every record at or before this time.
-    Time(#[serde(with = "time::serde::rfc3339")] OffsetDateTime),
+    /// This target.
+    #[serde(untagged)]
+    Point(Target),
 }
 
-impl TargetPoint {
-    /// Parses `latest`, `random`, `seq:N` or a time in any form `restore --time` accepts
-    /// (relative times are taken from `now`; times without an offset are UTC).
-    pub fn parse(input: &str, now: OffsetDateTime) -> Result<TargetPoint, RestoreError> {
-        let s = input.trim();
-        if s.eq_ignore_ascii_case("latest") {
-            return Ok(TargetPoint::Latest);
+impl Default for DrillTarget {
+    fn default() -> DrillTarget {
+        DrillTarget::Point(Target::Latest)
+    }
+}
+
+impl DrillTarget {
+    /// Parses `random`, or a target as [`Target::parse`] reads it (`latest`, `seq:N`, or a
+    /// time in any form `restore --time` accepts; relative times are taken from `now`, times
+    /// without an offset are UTC).
+    pub fn parse(input: &str, now: OffsetDateTime) -> Result<DrillTarget, RestoreError> {
+        if input.trim().eq_ignore_ascii_case("random") {
+            return Ok(DrillTarget::Random);
         }
-        if s.eq_ignore_ascii_case("random") {
-            return Ok(TargetPoint::Random);
+        Target::parse(input, "latest, random, seq:N", |s| {
+            timespec::parse_time(s, time::UtcOffset::UTC, now)
+        })
+        .map(DrillTarget::Point)
+        .map_err(|e| RestoreError::Usage(format!("--target-point {e}")))
+    }
+
+    /// The target to restore: a random point is drawn from `window` with `seed`; `None`
+    /// when it is random and nothing is restorable.
+    pub fn resolve(self, window: &Window, seed: u64) -> Option<Target> {
+        match self {
+            DrillTarget::Point(target) => Some(target),
+            DrillTarget::Random => random_point(window, seed).map(Target::Seq),
         }
-        if let Some(n) = s.strip_prefix("seq:") {
-            return n.trim().parse().map(TargetPoint::Seq).map_err(|_| {
-                RestoreError::Usage(format!(
-                    "--target-point {input:?}: {n:?} is not a sequence number (seq:N, e.g. \
-                     seq:1234)"
-                ))
-            });
-        }
-        timespec::parse_time(s, time::UtcOffset::UTC, now)
-            .map(TargetPoint::Time)
-            .map_err(|e| {
-                RestoreError::Usage(format!(
-                    "--target-point {input:?} is not latest, random, seq:N or a time: {e}"
-                ))
-            })
     }
 
     fn describe(self) -> String {
         match self {
-            TargetPoint::Latest => "the latest archived point".to_owned(),
-            TargetPoint::Random => "a random point in the restorable window".to_owned(),
-            TargetPoint::Seq(n) => format!("sequence {n}"),
-            TargetPoint::Time(t) => format!("time {}", short_time(t)),
+            DrillTarget::Random => "a random point in the restorable window".to_owned(),
+            DrillTarget::Point(target) => target.describe(),
         }
     }
 }
@@ -117,7 +116,7 @@ fn default_check_timeout() -> u64 {
 pub struct DrillOptions {
     /// The point to restore.
     #[serde(default)]
-    pub target: TargetPoint,
+    pub target: DrillTarget,
     /// An existing directory under which the drill creates its own fresh directory (default:
     /// the system's temporary directory).
     #[serde(default)]
@@ -146,7 +145,7 @@ pub struct DrillOptions {
 impl Default for DrillOptions {
     fn default() -> DrillOptions {
         DrillOptions {
-            target: TargetPoint::Latest,
+            target: DrillTarget::default(),
             scratch: None,
             check_command: None,
             check_timeout_secs: DEFAULT_CHECK_TIMEOUT_SECS,
@@ -239,12 +238,12 @@ pub struct PhaseReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TargetReport {
     /// As requested.
-    pub requested: TargetPoint,
+    pub requested: DrillTarget,
     /// The seed a random point was drawn with (give it to `--seed` to draw the same point
     /// from the same window).
     pub seed: Option<u64>,
     /// The target the restore was asked for (a random point as its sequence number).
-    pub resolved: Option<TargetSpec>,
+    pub resolved: Option<Target>,
 }
 
 /// The recovery point objective at the time of the drill.
@@ -392,7 +391,16 @@ impl DrillReport {
     /// The report as text for people.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let w = &mut out;
+        self.render_outcome(&mut out);
+        self.render_restore(&mut out);
+        self.render_check(&mut out);
+        self.render_timings(&mut out);
+        self.render_scratch(&mut out);
+        out
+    }
+
+    /// Passed or failed (where, why), and the target.
+    fn render_outcome(&self, w: &mut String) {
         match (&self.status, &self.failure) {
             (DrillStatus::Passed, _) => {
                 let _ = writeln!(w, "Recovery drill PASSED for {}", self.repository);
@@ -414,7 +422,7 @@ impl DrillReport {
             }
         }
         let mut target = self.target.requested.describe();
-        if let (TargetPoint::Random, Some(TargetSpec::Seq(n))) =
+        if let (DrillTarget::Random, Some(Target::Seq(n))) =
             (self.target.requested, self.target.resolved)
         {
             target = format!(
@@ -423,6 +431,10 @@ impl DrillReport {
             );
         }
         let _ = writeln!(w, "  target        {target}");
+    }
+
+    /// What was restored and how it was verified.
+    fn render_restore(&self, w: &mut String) {
         if let Some(r) = &self.restore {
             if let Some(c) = &r.cutoff {
                 let _ = writeln!(
@@ -463,6 +475,10 @@ impl DrillReport {
                 }
             }
         }
+    }
+
+    /// How the check command ended (and, when it failed, the end of its output).
+    fn render_check(&self, w: &mut String) {
         if let Some(c) = &self.check {
             let how = match (c.exit_code, c.signal, c.timed_out) {
                 (_, _, true) => "timed out and was killed".to_owned(),
@@ -485,6 +501,10 @@ impl DrillReport {
                 }
             }
         }
+    }
+
+    /// The phases, the achieved RTO and the RPO.
+    fn render_timings(&self, w: &mut String) {
         let phases: Vec<String> = self
             .phases
             .iter()
@@ -526,6 +546,10 @@ impl DrillReport {
                 );
             }
         }
+    }
+
+    /// Where the drill's directory is, and the warnings.
+    fn render_scratch(&self, w: &mut String) {
         let s = &self.scratch;
         let _ = writeln!(
             w,
@@ -542,7 +566,6 @@ impl DrillReport {
         for warning in &self.warnings {
             let _ = writeln!(w, "WARNING: {warning}");
         }
-        out
     }
 }
 
@@ -777,6 +800,16 @@ pub async fn run(
     Ok(d.report)
 }
 
+/// What the drill's plan step read and chose.
+struct Planned {
+    repo: Repository,
+    state: RepoState,
+    /// The target to restore (a random one already drawn).
+    target: Target,
+    /// How long the drill's own planning took.
+    took: Duration,
+}
+
 /// A drill in progress.
 struct Drill {
     report: DrillReport,
@@ -805,6 +838,8 @@ impl Drill {
         self.fail(phase, e.class().name(), e.to_string(), e.object());
     }
 
+    /// plan → fetch → replay → verify → check_command. Each step records its phases, and
+    /// its failure, in the report; the first failure ends the drill (cleanup still runs).
     async fn restore_and_check(
         &mut self,
         store: &StoreOptions,
@@ -813,7 +848,23 @@ impl Drill {
         progress: &Progress,
         cancel: &Cancel,
     ) {
-        // Plan: one reading of the repository for the target, the RPO and the restore.
+        let Some(planned) = self.plan(store, opts).await else {
+            return;
+        };
+        let Some(report) = self.restore(&planned, opts, dir, progress, cancel).await else {
+            return;
+        };
+        let Some(verified) = self.require_verification(&report, opts) else {
+            return;
+        };
+        if let Some(command) = &opts.check_command {
+            self.check(command, &report, opts, verified, cancel).await;
+        }
+    }
+
+    /// Plan: one reading of the repository for the target, the RPO and the restore. A random
+    /// target is drawn here, from that reading's window, with its seed in the report.
+    async fn plan(&mut self, store: &StoreOptions, opts: &DrillOptions) -> Option<Planned> {
         let plan_started = Instant::now();
         let state = match async {
             let repo = store.open().await?;
@@ -827,55 +878,67 @@ impl Drill {
                 self.times
                     .push((DrillPhase::Plan, plan_started.elapsed(), false));
                 self.fail_with(DrillPhase::Plan, &e);
-                return;
+                return None;
             }
         };
         let (repo, state) = state;
         self.report.repository = repo.location();
         self.report.rpo = rpo(&state, OffsetDateTime::now_utc());
-        let spec = match opts.target {
-            TargetPoint::Latest => TargetSpec::Latest,
-            TargetPoint::Seq(n) => TargetSpec::Seq(n),
-            TargetPoint::Time(t) => TargetSpec::Time(t),
-            TargetPoint::Random => {
+        let seed = match opts.target {
+            DrillTarget::Random => {
                 let seed = opts.seed.unwrap_or_else(rand::random);
                 self.report.target.seed = Some(seed);
-                let window = state.history.window();
-                match random_point(&window, seed) {
-                    Some(seq) => TargetSpec::Seq(seq),
-                    None => {
-                        self.times
-                            .push((DrillPhase::Plan, plan_started.elapsed(), false));
-                        self.fail(
-                            DrillPhase::Plan,
-                            crate::ErrorClass::NotRestorable.name(),
-                            format!("nothing is restorable: {window}"),
-                            None,
-                        );
-                        return;
-                    }
-                }
+                seed
             }
+            DrillTarget::Point(_) => 0,
         };
-        self.report.target.resolved = Some(spec);
-        let own_plan = plan_started.elapsed();
+        let window = state.history.window();
+        let Some(target) = opts.target.resolve(&window, seed) else {
+            self.times
+                .push((DrillPhase::Plan, plan_started.elapsed(), false));
+            self.fail(
+                DrillPhase::Plan,
+                crate::ErrorClass::NotRestorable.name(),
+                format!("nothing is restorable: {window}"),
+                None,
+            );
+            return None;
+        };
+        self.report.target.resolved = Some(target);
+        Some(Planned {
+            repo,
+            state,
+            target,
+            took: plan_started.elapsed(),
+        })
+    }
 
-        // Fetch, replay, verify: the restore command's own path, with full verification.
+    /// Fetch, replay, verify: the restore command's own path, with full verification, into
+    /// `dir/db`. Its phases join the drill's (its plan phase adds to the drill's own).
+    async fn restore(
+        &mut self,
+        planned: &Planned,
+        opts: &DrillOptions,
+        dir: &Path,
+        progress: &Progress,
+        cancel: &Cancel,
+    ) -> Option<RestoreReport> {
         let log = PhaseLog::new();
         let ropts = RestoreOptions {
             target_dir: dir.join("db"),
-            target: spec,
+            target: planned.target,
             dry_run: false,
             force: false,
             parallelism: opts.parallelism,
             verify: VerifyMode::Full,
         };
-        let result = restore::run_logged(&repo, Some(&state), &ropts, progress, cancel, &log).await;
+        let (repo, state) = (&planned.repo, Some(&planned.state));
+        let result = restore::run_logged(repo, state, &ropts, progress, cancel, &log).await;
         for entry in log.entries() {
             let phase = DrillPhase::of(entry.phase);
             let mut took = Duration::from_millis(entry.duration_ms);
             if phase == DrillPhase::Plan {
-                took += own_plan;
+                took += planned.took;
             }
             let passed = entry.status == PhaseStatus::Passed;
             match self.times.iter_mut().find(|(p, _, _)| *p == phase) {
@@ -886,18 +949,30 @@ impl Drill {
                 None => self.times.push((phase, took, passed)),
             }
         }
-        let report = match result {
-            Ok(r) => r,
+        match result {
+            Ok(report) => {
+                self.record_restore(&report);
+                Some(report)
+            }
             Err(e) => {
                 let phase = log.failed().map_or(DrillPhase::Plan, DrillPhase::of);
                 if !self.times.iter().any(|(p, _, _)| *p == phase) {
                     self.times.push((phase, Duration::ZERO, false));
                 }
                 self.fail_with(phase, &e);
-                return;
+                None
             }
-        };
-        self.record_restore(&report);
+        }
+    }
+
+    /// A drill must verify: the restore tool's own verification passed (`Some(true)`), or
+    /// it could not be done and the check command is there to do it (`Some(false)`); without
+    /// either the drill fails (`None`).
+    fn require_verification(
+        &mut self,
+        report: &RestoreReport,
+        opts: &DrillOptions,
+    ) -> Option<bool> {
         let skipped = report
             .verification
             .as_ref()
@@ -919,63 +994,72 @@ impl Drill {
                 ),
                 None,
             );
-            return;
+            return None;
         }
+        Some(!skipped)
+    }
 
-        // The operator's check.
-        if let Some(command) = &opts.check_command {
-            let cutoff = report.cutoff.as_ref();
-            let env = CheckEnv {
-                db: report.target_dir.clone(),
-                seq: cutoff.map(|c| c.seq),
-                time: cutoff.map(|c| c.time),
-                repository: self.report.repository.clone(),
-                pass: opts.check_env.clone(),
-            };
-            let t = Instant::now();
-            let timeout = Duration::from_secs(opts.check_timeout_secs);
-            match run_check(command, &env, timeout, cancel).await {
-                Ok(check) => {
-                    let passed = check.passed();
-                    self.times
-                        .push((DrillPhase::CheckCommand, t.elapsed(), passed));
-                    if !passed {
-                        let why = if check.timed_out {
-                            format!("timed out after {}", human_duration(timeout))
-                        } else if let Some(code) = check.exit_code {
-                            format!("exited with status {code}")
-                        } else {
-                            format!("was killed by signal {}", check.signal.unwrap_or_default())
-                        };
-                        let last = check
-                            .stderr_tail
-                            .lines()
-                            .rev()
-                            .find(|l| !l.trim().is_empty())
-                            .map(|l| format!(" (last line of its standard error: {l})"))
-                            .unwrap_or_default();
-                        self.fail(
-                            DrillPhase::CheckCommand,
-                            "check_failed",
-                            format!("the check command {why}{last}"),
-                            None,
-                        );
-                    } else if skipped {
-                        self.report.warnings.push(
-                            "the restore tool could not verify the restored database itself; \
-                             only the check command did"
-                                .to_owned(),
-                        );
-                    }
-                    self.report.check = Some(check);
-                }
-                Err(e) => {
-                    self.times
-                        .push((DrillPhase::CheckCommand, t.elapsed(), false));
-                    self.fail_with(DrillPhase::CheckCommand, &e);
-                }
+    /// The operator's check: `command` runs against the restored database (see
+    /// [`run_check`]); anything but a zero exit within the timeout fails the drill.
+    async fn check(
+        &mut self,
+        command: &str,
+        report: &RestoreReport,
+        opts: &DrillOptions,
+        verified: bool,
+        cancel: &Cancel,
+    ) {
+        let cutoff = report.cutoff.as_ref();
+        let env = CheckEnv {
+            db: report.target_dir.clone(),
+            seq: cutoff.map(|c| c.seq),
+            time: cutoff.map(|c| c.time),
+            repository: self.report.repository.clone(),
+            pass: opts.check_env.clone(),
+        };
+        let t = Instant::now();
+        let timeout = Duration::from_secs(opts.check_timeout_secs);
+        let check = match run_check(command, &env, timeout, cancel).await {
+            Ok(check) => check,
+            Err(e) => {
+                self.times
+                    .push((DrillPhase::CheckCommand, t.elapsed(), false));
+                self.fail_with(DrillPhase::CheckCommand, &e);
+                return;
             }
+        };
+        let passed = check.passed();
+        self.times
+            .push((DrillPhase::CheckCommand, t.elapsed(), passed));
+        if !passed {
+            let why = if check.timed_out {
+                format!("timed out after {}", human_duration(timeout))
+            } else if let Some(code) = check.exit_code {
+                format!("exited with status {code}")
+            } else {
+                format!("was killed by signal {}", check.signal.unwrap_or_default())
+            };
+            let last = check
+                .stderr_tail
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(|l| format!(" (last line of its standard error: {l})"))
+                .unwrap_or_default();
+            self.fail(
+                DrillPhase::CheckCommand,
+                "check_failed",
+                format!("the check command {why}{last}"),
+                None,
+            );
+        } else if !verified {
+            self.report.warnings.push(
+                "the restore tool could not verify the restored database itself; only the \
+                 check command did"
+                    .to_owned(),
+            );
         }
+        self.report.check = Some(check);
     }
 
     fn record_restore(&mut self, r: &RestoreReport) {
@@ -1226,34 +1310,68 @@ mod tests {
     fn target_points_parse() {
         let now = time::macros::datetime!(2026-11-23 13:30:00 UTC);
         assert_eq!(
-            TargetPoint::parse("latest", now).unwrap(),
-            TargetPoint::Latest
+            DrillTarget::parse("latest", now).unwrap(),
+            DrillTarget::Point(Target::Latest)
         );
         assert_eq!(
-            TargetPoint::parse("RANDOM", now).unwrap(),
-            TargetPoint::Random
+            DrillTarget::parse("RANDOM", now).unwrap(),
+            DrillTarget::Random
         );
         assert_eq!(
-            TargetPoint::parse("seq:1234", now).unwrap(),
-            TargetPoint::Seq(1234)
+            DrillTarget::parse("seq:1234", now).unwrap(),
+            DrillTarget::Point(Target::Seq(1234))
         );
         assert_eq!(
-            TargetPoint::parse("2026-11-23T12:00:00Z", now).unwrap(),
-            TargetPoint::Time(time::macros::datetime!(2026-11-23 12:00:00 UTC))
+            DrillTarget::parse("2026-11-23T12:00:00Z", now).unwrap(),
+            DrillTarget::Point(Target::Time(
+                time::macros::datetime!(2026-11-23 12:00:00 UTC)
+            ))
         );
         assert_eq!(
-            TargetPoint::parse("15m ago", now).unwrap(),
-            TargetPoint::Time(time::macros::datetime!(2026-11-23 13:15:00 UTC))
+            DrillTarget::parse("15m ago", now).unwrap(),
+            DrillTarget::Point(Target::Time(
+                time::macros::datetime!(2026-11-23 13:15:00 UTC)
+            ))
         );
         for bad in ["seq:", "seq:x", "yesterday", ""] {
-            let e = TargetPoint::parse(bad, now).unwrap_err();
+            let e = DrillTarget::parse(bad, now).unwrap_err();
             assert_eq!(e.class(), crate::ErrorClass::Usage, "{bad}: {e}");
         }
-        let json = serde_json::to_string(&TargetPoint::Seq(5)).unwrap();
+        let json = serde_json::to_string(&DrillTarget::Point(Target::Seq(5))).unwrap();
         assert_eq!(json, r#"{"seq":5}"#);
         assert_eq!(
-            serde_json::to_string(&TargetPoint::Random).unwrap(),
+            serde_json::to_string(&DrillTarget::Random).unwrap(),
             r#""random""#
+        );
+        assert_eq!(
+            serde_json::to_string(&DrillTarget::default()).unwrap(),
+            r#""latest""#
+        );
+        let at = time::macros::datetime!(2026-11-23 12:00:00.25 UTC);
+        for t in [
+            DrillTarget::Random,
+            DrillTarget::Point(Target::Latest),
+            DrillTarget::Point(Target::Seq(5)),
+            DrillTarget::Point(Target::Time(at)),
+        ] {
+            let json = serde_json::to_string(&t).unwrap();
+            assert_eq!(
+                serde_json::from_str::<DrillTarget>(&json).unwrap(),
+                t,
+                "{json}"
+            );
+        }
+        assert!(serde_json::from_str::<DrillTarget>(r#""sometime""#).is_err());
+        assert_eq!(
+            DrillTarget::parse("seq:x", now).unwrap_err().to_string(),
+            r#"--target-point "seq:x": "x" is not a sequence number (seq:N, e.g. seq:1234)"#
+        );
+        let e = DrillTarget::parse("yesterday", now)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(r#"--target-point "yesterday" is not latest, random, seq:N or a time: "#),
+            "{e}"
         );
     }
 
@@ -1294,7 +1412,7 @@ mod tests {
         assert_eq!(o, DrillOptions::default());
         let o: DrillOptions =
             serde_json::from_str(r#"{"target":"random","seed":3,"keep":true}"#).unwrap();
-        assert_eq!(o.target, TargetPoint::Random);
+        assert_eq!(o.target, DrillTarget::Random);
         assert_eq!(o.seed, Some(3));
         assert!(o.keep);
         assert_eq!(o.check_timeout_secs, DEFAULT_CHECK_TIMEOUT_SECS);

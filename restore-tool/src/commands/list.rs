@@ -190,7 +190,19 @@ impl ListReport {
     /// The report as text, with a timeline `width` columns wide.
     pub fn render(&self, width: usize) -> String {
         let mut out = String::new();
-        let w = &mut out;
+        self.render_warnings(&mut out);
+        self.render_repository(&mut out);
+        self.render_bases(&mut out);
+        self.render_window(&mut out);
+        self.render_gaps_and_wal(&mut out);
+        for line in timeline(&self.history, &self.window_ranges, width) {
+            let _ = writeln!(out, "{line}");
+        }
+        out
+    }
+
+    /// What loading passed over: damage, and notes.
+    fn render_warnings(&self, w: &mut String) {
         for warning in &self.warnings {
             let label = if warning.damage { "DAMAGED" } else { "Note" };
             let _ = match &warning.object {
@@ -201,6 +213,10 @@ impl ListReport {
         if !self.warnings.is_empty() {
             let _ = writeln!(w);
         }
+    }
+
+    /// Which repository, which generation, and how exact its times are.
+    fn render_repository(&self, w: &mut String) {
         let _ = writeln!(w, "Repository  {}", self.location);
         let _ = writeln!(
             w,
@@ -233,7 +249,10 @@ impl ListReport {
         }
         let _ = writeln!(w, "Times       {}", precision_note(self.time_precision));
         let _ = writeln!(w);
+    }
 
+    /// The base backups, one a line.
+    fn render_bases(&self, w: &mut String) {
         let _ = writeln!(w, "Base backups ({}):", self.bases.len());
         if self.bases.is_empty() {
             let _ = writeln!(
@@ -259,7 +278,10 @@ impl ListReport {
             }
         }
         let _ = writeln!(w);
+    }
 
+    /// The restorable window and its latest point.
+    fn render_window(&self, w: &mut String) {
         let _ = writeln!(w, "Restorable window:");
         if self.window.is_empty() {
             let _ = writeln!(w, "  nothing is restorable yet");
@@ -278,7 +300,10 @@ impl ListReport {
             let _ = writeln!(w, "  latest: sequence {} at {}", p.seq, short_time(p.time));
         }
         let _ = writeln!(w);
+    }
 
+    /// The gaps in the history, and the WAL segments.
+    fn render_gaps_and_wal(&self, w: &mut String) {
         let _ = writeln!(w, "Gaps ({}):", self.gaps.len());
         for g in &self.gaps {
             let kind = serde_json::to_value(g.kind)
@@ -313,10 +338,6 @@ impl ListReport {
             }
         }
         let _ = writeln!(w);
-        for line in timeline(&self.history, &self.window_ranges, width) {
-            let _ = writeln!(w, "{line}");
-        }
-        out
     }
 }
 

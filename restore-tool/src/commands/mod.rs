@@ -13,14 +13,15 @@ pub mod restore;
 pub mod verify;
 
 use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
 
 use tidemark_manifest::cli::StoreArgs;
-use tidemark_manifest::plan::Target;
 use tidemark_manifest::repo::{ReadFrom, RepoState, Repository};
 use tidemark_manifest::store::{S3Options, StoreUrl};
 
 use crate::RestoreError;
+
+/// The point to restore to (or to verify for): one type from the planner to the reports.
+pub use tidemark_manifest::plan::{Target, short_time};
 
 /// Where the repository is, and how to reach it: `--from` plus the store flags every
 /// Tidemark program shares ([`StoreArgs`]: endpoint, region, path-style addressing; the
@@ -76,29 +77,6 @@ impl StoreOptions {
     }
 }
 
-/// A restore (or verification) target as given on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TargetSpec {
-    /// The newest archived point.
-    Latest,
-    /// A sequence number (rounded down to a whole batch).
-    Seq(u64),
-    /// Every record at or before this time.
-    Time(#[serde(with = "time::serde::rfc3339")] OffsetDateTime),
-}
-
-impl TargetSpec {
-    /// The planner's target.
-    pub fn target(self) -> Target {
-        match self {
-            TargetSpec::Latest => Target::Latest,
-            TargetSpec::Seq(n) => Target::Seq(n),
-            TargetSpec::Time(t) => Target::Time(t),
-        }
-    }
-}
-
 /// Loads a repository's current state (from its newest intact generation), logging where
 /// it came from.
 pub async fn load(repo: &Repository) -> Result<RepoState, RestoreError> {
@@ -120,43 +98,9 @@ pub async fn load_from(repo: &Repository, from: ReadFrom) -> Result<RepoState, R
     Ok(state)
 }
 
-/// A time as `2026-11-23 13:30:00.123456Z` (UTC, microseconds: the precision of record
-/// times), for people.
-pub fn short_time(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.microsecond()
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn target_specs_round_trip_through_json() {
-        let t = time::macros::datetime!(2026-11-23 13:30:00.5 UTC);
-        for spec in [TargetSpec::Latest, TargetSpec::Seq(42), TargetSpec::Time(t)] {
-            let json = serde_json::to_string(&spec).unwrap();
-            assert_eq!(
-                serde_json::from_str::<TargetSpec>(&json).unwrap(),
-                spec,
-                "{json}"
-            );
-        }
-        assert_eq!(
-            serde_json::to_string(&TargetSpec::Time(t)).unwrap(),
-            r#"{"time":"2026-11-23T13:30:00.5Z"}"#
-        );
-        assert_eq!(short_time(t), "2026-11-23 13:30:00.500000Z");
-    }
 
     #[derive(Debug, clap::Parser)]
     struct Cli {

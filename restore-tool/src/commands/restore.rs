@@ -28,10 +28,10 @@ use tidemark_manifest::plan::RestorePlan;
 use tidemark_manifest::repo::{ReadFrom, RepoState, Repository};
 use tidemark_manifest::store::StoreUrl;
 
-use super::{StoreOptions, TargetSpec, load, load_from, short_time};
+use super::{StoreOptions, Target, load, load_from, short_time};
 use crate::fetch::{self, FetchedSegment, SegmentFetch};
-use crate::progress::{Progress, Unit};
-use crate::replay::{self, RecordPoint, Replayer, RoundedDown, WalFileReport};
+use crate::progress::{PhaseBar, Progress, Unit};
+use crate::replay::{self, RecordPoint, ReplayOutcome, Replayer, RoundedDown, WalFileReport};
 use crate::staging::{self, Staging};
 use crate::verify::{self, Verification, VerificationStatus, VerifyMode};
 use crate::{Cancel, RestoreError, human_bytes, human_duration};
@@ -53,7 +53,7 @@ pub struct RestoreOptions {
     /// The directory to restore into.
     pub target_dir: PathBuf,
     /// The point to restore to.
-    pub target: TargetSpec,
+    pub target: Target,
     /// Plan only: say what would be downloaded and restored, write nothing.
     #[serde(default)]
     pub dry_run: bool,
@@ -70,7 +70,7 @@ pub struct RestoreOptions {
 
 impl RestoreOptions {
     /// Options with the defaults for everything but the target.
-    pub fn new(target_dir: impl Into<PathBuf>, target: TargetSpec) -> RestoreOptions {
+    pub fn new(target_dir: impl Into<PathBuf>, target: Target) -> RestoreOptions {
         RestoreOptions {
             target_dir: target_dir.into(),
             target,
@@ -303,7 +303,7 @@ pub struct RestoreReport {
     pub repository: String,
     pub target_dir: PathBuf,
     /// The target as requested.
-    pub target: TargetSpec,
+    pub target: Target,
     /// What was at the target path before the restore.
     pub target_before: String,
     pub time_precision: Option<TimeSource>,
@@ -403,6 +403,9 @@ pub async fn run_logged(
     result
 }
 
+/// plan → fetch → replay → verify → commit. Each step records its phase in `log` and its
+/// duration in the report; the first step to fail ends the restore, leaving the target as
+/// it was (the staging directory removes itself).
 async fn restore(
     repo: &Repository,
     state: Option<&RepoState>,
@@ -413,36 +416,14 @@ async fn restore(
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
     log.start(Phase::Plan);
-    if opts.parallelism == 0 {
-        return Err(RestoreError::Usage(
-            "--parallelism must be at least 1".to_owned(),
-        ));
-    }
-
-    // The target first: a restore that cannot be put in place is not worth downloading.
-    let target_dir = staging::resolve_target(&opts.target_dir)?;
-    let target_state = staging::inspect(&target_dir)?;
-    staging::check_not_mount_point(&target_dir)?;
-    if !target_state.is_free() {
-        if let staging::TargetState::NotEmpty { entries } = target_state
-            && !opts.force
-            && !opts.dry_run
-        {
-            return Err(RestoreError::TargetNotEmpty {
-                path: target_dir,
-                entries,
-            });
-        }
-        if !opts.force && !opts.dry_run {
-            return Err(RestoreError::Usage(format!(
-                "the target {} is not a directory; pass --force to move it aside",
-                target_dir.display()
-            )));
-        }
-        staging::check_not_locked(&target_dir)?;
-    }
-
-    // Plan.
+    let run = Run {
+        repo,
+        opts,
+        progress,
+        cancel,
+        log,
+    };
+    let target = run.check_target()?;
     let loaded;
     let state = match state {
         Some(state) => state,
@@ -451,92 +432,16 @@ async fn restore(
             &loaded
         }
     };
-    let plan = state.history.plan(opts.target.target())?;
-    replay::check_plan(&plan)?;
-    let generation = state.generation.as_ref().ok_or_else(|| {
-        RestoreError::Integrity("the repository lists bases but has no manifest generation".into())
-    })?;
-    let descriptor = match repo.read_base(generation.generation, &plan.base).await {
-        Ok(d) => d,
-        Err(e) => return Err(explain_missing(repo, generation.generation, e.into()).await),
-    };
-    check_descriptor(&plan, &descriptor, &state.config.database_identity)?;
-    fetch::check_base_files(&descriptor.files)?;
-    let base_bytes: u64 = descriptor.files.iter().map(|f| f.size).sum();
-    let seg_bytes = plan.segment_bytes();
-    let mut report = RestoreReport {
-        dry_run: opts.dry_run,
-        repository: repo.location(),
-        target_dir: target_dir.clone(),
-        target: opts.target,
-        target_before: target_state.describe(),
-        time_precision: Some(generation.time_precision),
-        base: BaseReport {
-            id: plan.base.id.clone(),
-            created_at: plan.base.created_at,
-            earliest_seq: plan.base.earliest_seq,
-            earliest_time: plan.base.earliest_time,
-            min_log_number: plan.base.min_log_number,
-            replay_from_seq: plan.base.replay_from_seq,
-            files: descriptor.files.len(),
-            bytes: base_bytes,
-            column_families: descriptor
-                .column_families
-                .iter()
-                .map(|c| c.name.clone())
-                .collect(),
-        },
-        planned_min_seq: plan.min_seq,
-        planned_max_seq: plan.max_seq,
-        segments: SegmentsReport {
-            planned: plan.segments.len(),
-            planned_bytes: seg_bytes,
-            first_seq: plan.segments.first().map(|s| s.first_seq),
-            last_seq: plan.segments.last().map(|s| s.last_seq),
-            read: 0,
-        },
-        download_bytes: base_bytes + seg_bytes,
-        cutoff: None,
-        replay: None,
-        verification: None,
-        moved_aside: None,
-        warnings: Vec::new(),
-        notes: Vec::new(),
-        durations_ms: Durations::default(),
-    };
-    // What loading passed over (a corrupt generation, a stale hint) stays in the report.
-    report
-        .warnings
-        .extend(state.warnings.iter().map(|w| match &w.object {
-            Some(o) => format!("{o}: {}", w.message),
-            None => w.message.clone(),
-        }));
-    if matches!(opts.target, TargetSpec::Time(_)) && generation.time_precision != TimeSource::Marker
-    {
-        report
-            .notes
-            .push(super::list::precision_note(Some(generation.time_precision)).to_owned());
-    }
+    let (planned, mut report) = run.plan(state, &target).await?;
     report.durations_ms.plan = ms(started.elapsed());
     log.end(Phase::Plan, None);
-    tracing::info!(
-        "plan: {} from base {} ({} files, {}) and {} segments ({}), cutoff between sequences \
-         {} and {}",
-        plan.target,
-        plan.base.id,
-        descriptor.files.len(),
-        human_bytes(base_bytes),
-        plan.segments.len(),
-        human_bytes(seg_bytes),
-        plan.min_seq,
-        plan.max_seq
-    );
+    planned.trace();
     if opts.dry_run {
-        if !target_state.is_free() && !opts.force {
+        if !target.state.is_free() && !opts.force {
             report.warnings.push(format!(
                 "the target {} {}: the restore would be refused without --force",
-                target_dir.display(),
-                target_state.describe()
+                target.dir.display(),
+                target.state.describe()
             ));
         }
         report.durations_ms.total = ms(started.elapsed());
@@ -547,117 +452,424 @@ async fn restore(
     cancel.check()?;
     log.start(Phase::Fetch);
     log.start(Phase::Replay);
-    let staging = Staging::create(&target_dir)?;
+    let staging = Staging::create(&target.dir)?;
     tracing::info!("building the database in {}", staging.dir().display());
-    let phase_cancel = cancel.child();
-    let limit = Arc::new(Semaphore::new(opts.parallelism));
-    let base_bar = progress.phase("base files", base_bytes, Unit::Bytes);
-    let wal_bar = progress.phase("WAL download", seg_bytes, Unit::Bytes);
-    let records_planned: u64 = plan
-        .segments
-        .iter()
-        .map(|s| u64::from(s.record_count))
-        .sum();
-    let replay_bar = progress.phase("replay", records_planned, Unit::Records);
+    let outcome = run
+        .fetch_and_replay(&planned, &staging, &mut report.durations_ms)
+        .await?;
+    report.record_replay(&outcome, &planned.plan);
+    run.verify(&staging, outcome.cutoff_seq, &mut report)
+        .await?;
+    run.commit(staging, &mut report).await?;
+    report.durations_ms.total = ms(started.elapsed());
+    tracing::info!(
+        "restored {} to {} at sequence {}",
+        report.repository,
+        target.dir.display(),
+        outcome.cutoff_seq
+    );
+    Ok(report)
+}
 
-    let base_fut = {
-        let (store, files, dir, limit, cancel, bar) = (
-            repo.store().clone(),
-            descriptor.files.clone(),
-            staging.dir().to_path_buf(),
-            limit.clone(),
-            phase_cancel.clone(),
-            base_bar.clone(),
+/// One restore's inputs, shared by its steps.
+struct Run<'a> {
+    repo: &'a Repository,
+    opts: &'a RestoreOptions,
+    progress: &'a Progress,
+    cancel: &'a Cancel,
+    log: &'a PhaseLog,
+}
+
+/// The target directory as the restore found it before downloading anything.
+struct CheckedTarget {
+    /// The resolved path.
+    dir: PathBuf,
+    /// What was there.
+    state: staging::TargetState,
+}
+
+/// What the plan step settled: the base and segments to restore, the base's descriptor, and
+/// the manifest generation they were read from.
+struct Planned {
+    plan: RestorePlan,
+    descriptor: BaseDescriptor,
+    generation: u64,
+    /// How exact the generation's record times are.
+    time_precision: TimeSource,
+}
+
+impl Planned {
+    fn base_bytes(&self) -> u64 {
+        self.descriptor.files.iter().map(|f| f.size).sum()
+    }
+
+    /// Logs what the restore is about to download and where its cutoff can fall.
+    fn trace(&self) {
+        let plan = &self.plan;
+        tracing::info!(
+            "plan: {} from base {} ({} files, {}) and {} segments ({}), cutoff between \
+             sequences {} and {}",
+            plan.target,
+            plan.base.id,
+            self.descriptor.files.len(),
+            human_bytes(self.base_bytes()),
+            plan.segments.len(),
+            human_bytes(plan.segment_bytes()),
+            plan.min_seq,
+            plan.max_seq
         );
-        async move {
-            let t = Instant::now();
-            let r = fetch::fetch_base_files(store, files, dir, limit, cancel.clone(), bar).await;
-            if r.is_err() {
-                cancel.cancel();
-            }
-            (r, t.elapsed())
+    }
+}
+
+impl Run<'_> {
+    /// The options make sense and the result can be put in place: the target is missing or
+    /// an empty directory, or `--force` (or `--dry-run`) allows anything else that is not a
+    /// mount point or a live database. A restore that cannot be put in place is not worth
+    /// downloading.
+    fn check_target(&self) -> Result<CheckedTarget, RestoreError> {
+        let opts = self.opts;
+        if opts.parallelism == 0 {
+            return Err(RestoreError::Usage(
+                "--parallelism must be at least 1".to_owned(),
+            ));
         }
-    };
-    let (tx, rx) = mpsc::channel::<FetchedSegment>(2);
-    let seg_fut = {
+        let dir = staging::resolve_target(&opts.target_dir)?;
+        let state = staging::inspect(&dir)?;
+        staging::check_not_mount_point(&dir)?;
+        if !state.is_free() {
+            if let staging::TargetState::NotEmpty { entries } = state
+                && !opts.force
+                && !opts.dry_run
+            {
+                return Err(RestoreError::TargetNotEmpty { path: dir, entries });
+            }
+            if !opts.force && !opts.dry_run {
+                return Err(RestoreError::Usage(format!(
+                    "the target {} is not a directory; pass --force to move it aside",
+                    dir.display()
+                )));
+            }
+            staging::check_not_locked(&dir)?;
+        }
+        Ok(CheckedTarget { dir, state })
+    }
+
+    /// Plans from `state`: the target is inside the restorable window, the plan's chain holds
+    /// together, and the base's descriptor belongs to this repository's database and lists
+    /// only well-formed file names. Returns the plan and the report so far.
+    async fn plan(
+        &self,
+        state: &RepoState,
+        target: &CheckedTarget,
+    ) -> Result<(Planned, RestoreReport), RestoreError> {
+        let plan = state.history.plan(self.opts.target)?;
+        replay::check_plan(&plan)?;
+        let generation = state.generation.as_ref().ok_or_else(|| {
+            RestoreError::Integrity(
+                "the repository lists bases but has no manifest generation".into(),
+            )
+        })?;
+        let descriptor = match self.repo.read_base(generation.generation, &plan.base).await {
+            Ok(d) => d,
+            Err(e) => return Err(explain_missing(self.repo, generation.generation, e.into()).await),
+        };
+        check_descriptor(&plan, &descriptor, &state.config.database_identity)?;
+        fetch::check_base_files(&descriptor.files)?;
+        let planned = Planned {
+            plan,
+            descriptor,
+            generation: generation.generation,
+            time_precision: generation.time_precision,
+        };
+        let mut report = RestoreReport::planned(self.opts, self.repo, target, &planned);
+        // What loading passed over (a corrupt generation, a stale hint) stays in the report.
+        report
+            .warnings
+            .extend(state.warnings.iter().map(|w| match &w.object {
+                Some(o) => format!("{o}: {}", w.message),
+                None => w.message.clone(),
+            }));
+        if matches!(self.opts.target, Target::Time(_))
+            && generation.time_precision != TimeSource::Marker
+        {
+            report
+                .notes
+                .push(super::list::precision_note(Some(generation.time_precision)).to_owned());
+        }
+        Ok((planned, report))
+    }
+
+    /// Fetch and replay, run together into `staging`: the base's files download while the
+    /// segments download and are replayed in order, each object checked against its sha256
+    /// before it is used. Every task has ended when this returns. On failure the error is the
+    /// root cause (not the "interrupted" it caused in the other tasks), with both phases
+    /// marked failed and the one it came from first.
+    async fn fetch_and_replay(
+        &self,
+        planned: &Planned,
+        staging: &Staging,
+        durations: &mut Durations,
+    ) -> Result<ReplayOutcome, RestoreError> {
+        let plan = &planned.plan;
+        let phase_cancel = self.cancel.child();
+        let limit = Arc::new(Semaphore::new(self.opts.parallelism));
+        let progress = self.progress;
+        let base_bar = progress.phase("base files", planned.base_bytes(), Unit::Bytes);
+        let wal_bar = progress.phase("WAL download", plan.segment_bytes(), Unit::Bytes);
+        let records_planned: u64 = plan
+            .segments
+            .iter()
+            .map(|s| u64::from(s.record_count))
+            .sum();
+        let replay_bar = progress.phase("replay", records_planned, Unit::Records);
+
+        let base_fut = timed_fetch(
+            fetch::fetch_base_files(
+                self.repo.store().clone(),
+                planned.descriptor.files.clone(),
+                staging.dir().to_path_buf(),
+                limit.clone(),
+                phase_cancel.clone(),
+                base_bar.clone(),
+            ),
+            phase_cancel.clone(),
+        );
+        let (tx, rx) = mpsc::channel::<FetchedSegment>(2);
         let job = SegmentFetch {
-            repo: repo.clone(),
+            repo: self.repo.clone(),
             entries: plan.segments.clone(),
             scratch: staging.scratch().to_path_buf(),
             limit: limit.clone(),
-            window: opts.parallelism,
+            window: self.opts.parallelism,
             cancel: phase_cancel.clone(),
             bar: wal_bar.clone(),
         };
-        let cancel = phase_cancel.clone();
-        async move {
-            let t = Instant::now();
-            let r = fetch::fetch_segments(job, tx).await;
-            if r.is_err() {
-                cancel.cancel();
-            }
-            (r, t.elapsed())
-        }
-    };
-    let consumer = {
-        let mut replayer = Replayer::new(&plan, staging.dir(), &descriptor.files);
-        let (cancel, bar) = (phase_cancel.clone(), replay_bar.clone());
-        let mut rx = rx;
-        tokio::task::spawn_blocking(move || {
-            let mut busy = Duration::ZERO;
-            let result = (|| {
-                while let Some(seg) = rx.blocking_recv() {
-                    let t = Instant::now();
-                    let more = replayer.replay_segment(&seg.entry, &seg.path, &cancel, &bar);
-                    let _ = std::fs::remove_file(&seg.path);
-                    busy += t.elapsed();
-                    if !more? {
-                        break;
-                    }
+        let seg_fut = timed_fetch(fetch::fetch_segments(job, tx), phase_cancel.clone());
+        let replayer = Replayer::new(plan, staging.dir(), &planned.descriptor.files);
+        let consumer = spawn_replay(replayer, rx, phase_cancel.clone(), replay_bar.clone());
+        let wal_started = Instant::now();
+        let ((base_result, base_time), (seg_result, seg_time), consumed) =
+            tokio::join!(base_fut, seg_fut, consumer);
+        let (consumed, replay_time) = consumed.expect("the replay task does not panic");
+        durations.fetch_base = ms(base_time);
+        durations.fetch_wal = ms(seg_time);
+        durations.replay = ms(replay_time);
+        durations.fetch_and_replay_wal = ms(wal_started.elapsed());
+        self.log.end(Phase::Fetch, Some(base_time.max(seg_time)));
+        self.log.end(Phase::Replay, Some(replay_time));
+        let outcome = match pick_error(base_result.err(), seg_result.err(), consumed) {
+            Ok(outcome) => outcome,
+            Err((phase, e)) => {
+                let e = explain_missing(self.repo, planned.generation, e).await;
+                for bar in [&base_bar, &wal_bar, &replay_bar] {
+                    bar.abandon();
                 }
-                // The cutoff is reached (or every segment was read): stop the downloads.
-                rx.close();
-                let t = Instant::now();
-                let outcome = replayer.finish();
-                busy += t.elapsed();
-                outcome
-            })();
-            if result.is_err() {
-                cancel.cancel();
+                // Fetch and replay run together: when one fails, the other is stopped by it.
+                self.log.fail(phase);
+                self.log.fail(Phase::Fetch);
+                self.log.fail(Phase::Replay);
+                return Err(e);
             }
-            (result, busy)
-        })
-    };
-    let wal_started = Instant::now();
-    let ((base_result, base_time), (seg_result, seg_time), consumed) =
-        tokio::join!(base_fut, seg_fut, consumer);
-    let (consumed, replay_time) = consumed.expect("the replay task does not panic");
-    let wal_time = wal_started.elapsed();
-    report.durations_ms.fetch_base = ms(base_time);
-    report.durations_ms.fetch_wal = ms(seg_time);
-    report.durations_ms.replay = ms(replay_time);
-    report.durations_ms.fetch_and_replay_wal = ms(wal_time);
-    log.end(Phase::Fetch, Some(base_time.max(seg_time)));
-    log.end(Phase::Replay, Some(replay_time));
-    let outcome = match pick_error(base_result.err(), seg_result.err(), consumed) {
-        Ok(outcome) => outcome,
-        Err((phase, e)) => {
-            let e = explain_missing(repo, generation.generation, e).await;
-            for bar in [&base_bar, &wal_bar, &replay_bar] {
-                bar.abandon();
-            }
-            // Fetch and replay run together: when one fails, the other is stopped by it.
-            log.fail(phase);
-            log.fail(Phase::Fetch);
-            log.fail(Phase::Replay);
-            return Err(e);
+        };
+        base_bar.finish("verified");
+        wal_bar.set_total(wal_bar.done());
+        wal_bar.finish("verified");
+        replay_bar.set_total(replay_bar.done());
+        replay_bar.finish(format!("up to sequence {}", outcome.cutoff_seq));
+        trace_outcome(&outcome);
+        Ok(outcome)
+    }
+
+    /// Verify, read-only, before anything is put in place: the staged database opens at
+    /// exactly `cutoff` and reads back as `--verify` asks (a verification that could not be
+    /// done is a warning in the report, never a pass).
+    async fn verify(
+        &self,
+        staging: &Staging,
+        cutoff: u64,
+        report: &mut RestoreReport,
+    ) -> Result<(), RestoreError> {
+        self.cancel.check()?;
+        self.log.start(Phase::Verify);
+        let verify_started = Instant::now();
+        let options = verify::read_options(staging.dir());
+        if let Some(o) = &options {
+            report.warnings.extend(verify::options_warnings(o));
+            report
+                .warnings
+                .extend(verify::path_option_warnings(o, &self.opts.target_dir));
         }
-    };
-    base_bar.finish("verified");
-    wal_bar.set_total(wal_bar.done());
-    wal_bar.finish("verified");
-    replay_bar.set_total(replay_bar.done());
-    replay_bar.finish(format!("up to sequence {}", outcome.cutoff_seq));
+        let verification = {
+            let dir = staging.dir().to_path_buf();
+            let log_dir = verify::log_dir_in(staging.scratch())?;
+            let cf_names = report.base.column_families.clone();
+            let (mode, progress, cancel) =
+                (self.opts.verify, self.progress.clone(), self.cancel.clone());
+            tokio::task::spawn_blocking(move || {
+                verify::verify_restored(&dir, cutoff, &cf_names, mode, &log_dir, &progress, &cancel)
+            })
+            .await
+            .expect("verification does not panic")?
+        };
+        if verification.status == VerificationStatus::Skipped {
+            report.warnings.push(format!(
+                "the restored database was not verified: {}",
+                verification.reason.as_deref().unwrap_or("no reason given")
+            ));
+        }
+        report.verification = Some(verification);
+        report.durations_ms.verify = ms(verify_started.elapsed());
+        self.log.end(Phase::Verify, None);
+        Ok(())
+    }
+
+    /// Puts the verified result in place: the old target (with `--force`) is renamed aside,
+    /// then the staging directory is renamed to the target. Nothing is deleted.
+    async fn commit(
+        &self,
+        staging: Staging,
+        report: &mut RestoreReport,
+    ) -> Result<(), RestoreError> {
+        self.cancel.check()?;
+        self.log.start(Phase::Commit);
+        let commit_started = Instant::now();
+        let force = self.opts.force;
+        let moved = tokio::task::spawn_blocking(move || staging.commit(force))
+            .await
+            .expect("the commit does not panic")?;
+        report.moved_aside = moved;
+        report.durations_ms.commit = ms(commit_started.elapsed());
+        self.log.end(Phase::Commit, None);
+        Ok(())
+    }
+}
+
+impl RestoreReport {
+    /// The report of a planned restore: what will be downloaded, nothing done yet.
+    fn planned(
+        opts: &RestoreOptions,
+        repo: &Repository,
+        target: &CheckedTarget,
+        planned: &Planned,
+    ) -> RestoreReport {
+        let (plan, descriptor) = (&planned.plan, &planned.descriptor);
+        let base_bytes = planned.base_bytes();
+        let seg_bytes = plan.segment_bytes();
+        RestoreReport {
+            dry_run: opts.dry_run,
+            repository: repo.location(),
+            target_dir: target.dir.clone(),
+            target: opts.target,
+            target_before: target.state.describe(),
+            time_precision: Some(planned.time_precision),
+            base: BaseReport {
+                id: plan.base.id.clone(),
+                created_at: plan.base.created_at,
+                earliest_seq: plan.base.earliest_seq,
+                earliest_time: plan.base.earliest_time,
+                min_log_number: plan.base.min_log_number,
+                replay_from_seq: plan.base.replay_from_seq,
+                files: descriptor.files.len(),
+                bytes: base_bytes,
+                column_families: descriptor
+                    .column_families
+                    .iter()
+                    .map(|c| c.name.clone())
+                    .collect(),
+            },
+            planned_min_seq: plan.min_seq,
+            planned_max_seq: plan.max_seq,
+            segments: SegmentsReport {
+                planned: plan.segments.len(),
+                planned_bytes: seg_bytes,
+                first_seq: plan.segments.first().map(|s| s.first_seq),
+                last_seq: plan.segments.last().map(|s| s.last_seq),
+                read: 0,
+            },
+            download_bytes: base_bytes + seg_bytes,
+            cutoff: None,
+            replay: None,
+            verification: None,
+            moved_aside: None,
+            warnings: Vec::new(),
+            notes: Vec::new(),
+            durations_ms: Durations::default(),
+        }
+    }
+
+    /// Where the replay ended and what it wrote.
+    fn record_replay(&mut self, outcome: &ReplayOutcome, plan: &RestorePlan) {
+        self.segments.read = outcome.segments_read;
+        self.cutoff = Some(CutoffReport {
+            seq: outcome.cutoff_seq,
+            time: outcome
+                .last_record
+                .map_or(plan.base.earliest_time, |r| r.time),
+            last_record: outcome.last_record,
+            next_record: outcome.first_refused,
+            rounded_down: outcome.rounded_down,
+        });
+        self.replay = Some(ReplayReport {
+            records_replayed: outcome.records_replayed,
+            records_skipped: outcome.records_skipped,
+            wal_bytes: outcome.wal_files.iter().map(|w| w.bytes).sum(),
+            wal_files: outcome.wal_files.clone(),
+        });
+    }
+}
+
+/// Runs a download, timing it; a failed download cancels `cancel` so that the tasks running
+/// beside it stop.
+async fn timed_fetch<T>(
+    fetch: impl Future<Output = Result<T, RestoreError>>,
+    cancel: Cancel,
+) -> (Result<T, RestoreError>, Duration) {
+    let t = Instant::now();
+    let r = fetch.await;
+    if r.is_err() {
+        cancel.cancel();
+    }
+    (r, t.elapsed())
+}
+
+/// Replays the segments `rx` delivers, in order, on a blocking thread, until the cutoff is
+/// reached or every segment was read; then stops the downloads and finishes the WAL files.
+/// Each segment file is removed once replayed. A failure cancels `cancel`. Returns the
+/// outcome and the time spent replaying (not waiting for downloads).
+fn spawn_replay(
+    mut replayer: Replayer,
+    mut rx: mpsc::Receiver<FetchedSegment>,
+    cancel: Cancel,
+    bar: PhaseBar,
+) -> tokio::task::JoinHandle<(Result<ReplayOutcome, RestoreError>, Duration)> {
+    tokio::task::spawn_blocking(move || {
+        let mut busy = Duration::ZERO;
+        let result = (|| {
+            while let Some(seg) = rx.blocking_recv() {
+                let t = Instant::now();
+                let more = replayer.replay_segment(&seg.entry, &seg.path, &cancel, &bar);
+                let _ = std::fs::remove_file(&seg.path);
+                busy += t.elapsed();
+                if !more? {
+                    break;
+                }
+            }
+            // The cutoff is reached (or every segment was read): stop the downloads.
+            rx.close();
+            let t = Instant::now();
+            let outcome = replayer.finish();
+            busy += t.elapsed();
+            outcome
+        })();
+        if result.is_err() {
+            cancel.cancel();
+        }
+        (result, busy)
+    })
+}
+
+/// Logs where the replay ended (and that a `--seq` target inside a batch was rounded down).
+fn trace_outcome(outcome: &ReplayOutcome) {
     if let Some(r) = &outcome.rounded_down {
         tracing::warn!(
             "sequence {} is inside the batch {}..={}; restored to {}, the end of the batch \
@@ -674,79 +886,6 @@ async fn restore(
         outcome.wal_files.len(),
         outcome.cutoff_seq
     );
-    report.segments.read = outcome.segments_read;
-    report.cutoff = Some(CutoffReport {
-        seq: outcome.cutoff_seq,
-        time: outcome
-            .last_record
-            .map_or(plan.base.earliest_time, |r| r.time),
-        last_record: outcome.last_record,
-        next_record: outcome.first_refused,
-        rounded_down: outcome.rounded_down,
-    });
-    report.replay = Some(ReplayReport {
-        records_replayed: outcome.records_replayed,
-        records_skipped: outcome.records_skipped,
-        wal_bytes: outcome.wal_files.iter().map(|w| w.bytes).sum(),
-        wal_files: outcome.wal_files.clone(),
-    });
-
-    // Verify, read-only, before anything is put in place.
-    cancel.check()?;
-    log.start(Phase::Verify);
-    let verify_started = Instant::now();
-    let options = verify::read_options(staging.dir());
-    if let Some(o) = &options {
-        report.warnings.extend(verify::options_warnings(o));
-        report
-            .warnings
-            .extend(verify::path_option_warnings(o, &opts.target_dir));
-    }
-    let verification = {
-        let dir = staging.dir().to_path_buf();
-        let log_dir = verify::log_dir_in(staging.scratch())?;
-        let cf_names = report.base.column_families.clone();
-        let (mode, cutoff, progress, cancel) = (
-            opts.verify,
-            outcome.cutoff_seq,
-            progress.clone(),
-            cancel.clone(),
-        );
-        tokio::task::spawn_blocking(move || {
-            verify::verify_restored(&dir, cutoff, &cf_names, mode, &log_dir, &progress, &cancel)
-        })
-        .await
-        .expect("verification does not panic")?
-    };
-    if verification.status == VerificationStatus::Skipped {
-        report.warnings.push(format!(
-            "the restored database was not verified: {}",
-            verification.reason.as_deref().unwrap_or("no reason given")
-        ));
-    }
-    report.verification = Some(verification);
-    report.durations_ms.verify = ms(verify_started.elapsed());
-    log.end(Phase::Verify, None);
-
-    // Put it in place.
-    cancel.check()?;
-    log.start(Phase::Commit);
-    let commit_started = Instant::now();
-    let force = opts.force;
-    let moved = tokio::task::spawn_blocking(move || staging.commit(force))
-        .await
-        .expect("the commit does not panic")?;
-    report.moved_aside = moved;
-    report.durations_ms.commit = ms(commit_started.elapsed());
-    log.end(Phase::Commit, None);
-    report.durations_ms.total = ms(started.elapsed());
-    tracing::info!(
-        "restored {} to {} at sequence {}",
-        report.repository,
-        target_dir.display(),
-        outcome.cutoff_seq
-    );
-    Ok(report)
 }
 
 /// An object the plan needs is missing: when the repository was pruned since the restore
@@ -835,12 +974,20 @@ impl RestoreReport {
     /// The report as text for people.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let w = &mut out;
-        let target = match self.target {
-            TargetSpec::Latest => "the latest archived point".to_owned(),
-            TargetSpec::Seq(n) => format!("sequence {n}"),
-            TargetSpec::Time(t) => format!("time {}", short_time(t)),
-        };
+        self.render_plan(&mut out);
+        if self.dry_run {
+            self.render_dry_run(&mut out);
+        }
+        self.render_cutoff(&mut out);
+        self.render_replay(&mut out);
+        self.render_verification(&mut out);
+        self.render_outcome(&mut out);
+        out
+    }
+
+    /// What was (or would be) restored: the target, the base and the WAL segments.
+    fn render_plan(&self, w: &mut String) {
+        let target = self.target.describe();
         if self.dry_run {
             let _ = writeln!(
                 w,
@@ -885,24 +1032,30 @@ impl RestoreReport {
                 );
             }
         }
-        if self.dry_run {
-            let cutoff = if self.planned_min_seq == self.planned_max_seq {
-                format!("sequence {}", self.planned_max_seq)
-            } else {
-                format!(
-                    "between sequences {} and {} (the exact batch is found while replaying)",
-                    self.planned_min_seq, self.planned_max_seq
-                )
-            };
-            let _ = writeln!(w, "  cutoff        {cutoff}");
-            let _ = writeln!(
-                w,
-                "  download      {} in total",
-                human_bytes(self.download_bytes)
-            );
-            let _ = writeln!(w, "  target dir    {}", self.target_dir.display());
-            let _ = writeln!(w, "                {}", self.target_before);
-        }
+    }
+
+    /// A dry run's planned cutoff, download and target directory.
+    fn render_dry_run(&self, w: &mut String) {
+        let cutoff = if self.planned_min_seq == self.planned_max_seq {
+            format!("sequence {}", self.planned_max_seq)
+        } else {
+            format!(
+                "between sequences {} and {} (the exact batch is found while replaying)",
+                self.planned_min_seq, self.planned_max_seq
+            )
+        };
+        let _ = writeln!(w, "  cutoff        {cutoff}");
+        let _ = writeln!(
+            w,
+            "  download      {} in total",
+            human_bytes(self.download_bytes)
+        );
+        let _ = writeln!(w, "  target dir    {}", self.target_dir.display());
+        let _ = writeln!(w, "                {}", self.target_before);
+    }
+
+    /// Where the restored database ends.
+    fn render_cutoff(&self, w: &mut String) {
         if let Some(c) = &self.cutoff {
             let _ = writeln!(
                 w,
@@ -927,6 +1080,10 @@ impl RestoreReport {
                 );
             }
         }
+    }
+
+    /// What the replay wrote.
+    fn render_replay(&self, w: &mut String) {
         if let Some(r) = &self.replay {
             let files = match (r.wal_files.first(), r.wal_files.last()) {
                 (Some(a), Some(b)) if r.wal_files.len() > 2 => format!(": {} … {}", a.name, b.name),
@@ -938,11 +1095,15 @@ impl RestoreReport {
                 w,
                 "  replay        {} records from {} segments into {} WAL files ({}){files}",
                 r.records_replayed,
-                s.read,
+                self.segments.read,
                 r.wal_files.len(),
                 human_bytes(r.wal_bytes),
             );
         }
+    }
+
+    /// How the result was verified.
+    fn render_verification(&self, w: &mut String) {
         if let Some(v) = &self.verification {
             match v.status {
                 VerificationStatus::Passed => {
@@ -978,6 +1139,10 @@ impl RestoreReport {
                 }
             }
         }
+    }
+
+    /// What was moved aside, how long it took, notes, warnings and what to do next.
+    fn render_outcome(&self, w: &mut String) {
         if let Some(p) = &self.moved_aside {
             let _ = writeln!(
                 w,
@@ -1011,7 +1176,6 @@ impl RestoreReport {
                  repository."
             );
         }
-        out
     }
 }
 
@@ -1022,7 +1186,6 @@ mod tests {
         BaseColumnFamily, BaseFile, BaseSummary, ColumnFamily, FORMAT_VERSION, Generation,
         ObjectRef, Retention, SegmentEntry, Writer, time_from_micros,
     };
-    use tidemark_manifest::plan::Target;
 
     fn fixtures() -> (RestorePlan, BaseDescriptor, Generation) {
         let t = time_from_micros(1_800_000_000_000_000);

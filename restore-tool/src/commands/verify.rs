@@ -42,7 +42,7 @@ use tidemark_manifest::repo::{ReadFrom, RepoState, Repository};
 use tidemark_manifest::segment::SegmentReader;
 use tidemark_manifest::store::ObjectStore;
 
-use super::{TargetSpec, load_from};
+use super::{Target, load_from};
 use crate::progress::{PhaseBar, Progress, Unit};
 use crate::{Cancel, RestoreError, human_bytes, human_duration, replay};
 
@@ -51,7 +51,7 @@ use crate::{Cancel, RestoreError, human_bytes, human_duration, replay};
 #[serde(rename_all = "snake_case")]
 pub enum VerifyScope {
     /// What a restore to this target needs.
-    Target(TargetSpec),
+    Target(Target),
     /// Every base and every segment.
     All,
 }
@@ -146,11 +146,8 @@ impl VerifyReport {
         let w = &mut out;
         let scope = match self.scope {
             VerifyScope::All => "everything".to_owned(),
-            VerifyScope::Target(TargetSpec::Latest) => "what the latest point needs".to_owned(),
-            VerifyScope::Target(TargetSpec::Seq(n)) => format!("what sequence {n} needs"),
-            VerifyScope::Target(TargetSpec::Time(t)) => {
-                format!("what time {} needs", super::short_time(t))
-            }
+            VerifyScope::Target(Target::Latest) => "what the latest point needs".to_owned(),
+            VerifyScope::Target(target) => format!("what {} needs", target.describe()),
         };
         let plural = |n: usize, one: &str| {
             if n == 1 {
@@ -462,7 +459,7 @@ fn scope_items(h: &History, scope: VerifyScope) -> Result<Scope, RestoreError> {
     };
     match scope {
         VerifyScope::Target(spec) => {
-            let plan = h.plan(spec.target())?;
+            let plan = h.plan(spec)?;
             if let Err(e) = replay::check_plan(&plan) {
                 out.problems.push(Problem {
                     object: None,
@@ -703,6 +700,25 @@ async fn unreachable_segments(
     Ok(())
 }
 
+/// What loading `state` passed over (damage is a problem, the rest a note), and what it
+/// checked.
+fn loading_findings(state: &RepoState, problems: &mut Vec<Problem>, notes: &mut Vec<String>) {
+    for w in &state.warnings {
+        match (&w.object, w.damage) {
+            (object, true) => problems.push(Problem {
+                object: object.clone(),
+                problem: w.message.clone(),
+            }),
+            (Some(o), false) => notes.push(format!("{o}: {}", w.message)),
+            (None, false) => notes.push(w.message.clone()),
+        }
+    }
+    notes.push(format!(
+        "the manifest, {} index pages and the history were checked when loading",
+        state.generation.as_ref().map_or(0, |g| g.index_pages.len())
+    ));
+}
+
 /// Verifies `repo` as `opts` says. Problems are in the report; an `Err` means the
 /// repository could not be read at all, or the target is not restorable.
 pub async fn run(
@@ -728,21 +744,7 @@ pub async fn run(
         mut problems,
         mut notes,
     } = scope_items(h, opts.scope)?;
-    // What loading passed over: damage is a problem, the rest a note.
-    for w in &state.warnings {
-        match (&w.object, w.damage) {
-            (object, true) => problems.push(Problem {
-                object: object.clone(),
-                problem: w.message.clone(),
-            }),
-            (Some(o), false) => notes.push(format!("{o}: {}", w.message)),
-            (None, false) => notes.push(w.message.clone()),
-        }
-    }
-    notes.push(format!(
-        "the manifest, {} index pages and the history were checked when loading",
-        state.generation.as_ref().map_or(0, |g| g.index_pages.len())
-    ));
+    loading_findings(&state, &mut problems, &mut notes);
     let read = opts.deep || reads_are_cheap(&repo.location());
     let scratch = Scratch::create()?;
     let bar = progress.phase("verify", 0, Unit::Objects);

@@ -23,7 +23,7 @@ use tidemark_manifest::store::{
     self, ObjectStore, OpenOptions, RetryPolicy, RetryStore, S3Options, S3Store, StoreUrl,
 };
 use tidemark_restore::commands::restore::{self, RestoreOptions, RestoreReport};
-use tidemark_restore::commands::{StoreOptions, TargetSpec};
+use tidemark_restore::commands::{StoreOptions, Target};
 use tidemark_restore::progress::Progress;
 use tidemark_restore::{Cancel, RestoreError};
 use tidemark_tests::{Generator, Oracle, State, WorkloadConfig};
@@ -359,7 +359,7 @@ pub async fn s3_repo(endpoint: &str, case: &str) -> Result<(Repository, StoreOpt
 pub async fn restore_to(
     repo: &Repository,
     dir: &Path,
-    target: TargetSpec,
+    target: Target,
 ) -> Result<RestoreReport, RestoreError> {
     let opts = RestoreOptions::new(dir, target);
     restore::run(repo, &opts, &Progress::hidden(), &Cancel::new()).await
