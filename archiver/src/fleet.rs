@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tidemark_manifest::exit;
 use tidemark_manifest::store::StoreUrl;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument as _;
@@ -392,9 +393,13 @@ impl FleetSummary {
             .collect()
     }
 
-    /// `0` when every database ended cleanly, else `1`.
+    /// [`exit::OK`] when every database ended cleanly, else [`exit::FAILURE`].
     pub fn exit_code(&self) -> u8 {
-        if self.failed().is_empty() { 0 } else { 1 }
+        if self.failed().is_empty() {
+            exit::OK
+        } else {
+            exit::FAILURE
+        }
     }
 }
 

@@ -15,6 +15,7 @@
 //! - [`repo`]: a repository on a store: finding the current state without listing, and
 //!   writing objects in the order FORMAT.md requires.
 //! - [`cli`]: the store flags both programs share.
+//! - [`exit`]: the exit codes of both programs, one meaning per number.
 //! - [`checksum`]: sha256 helpers used for every object.
 //! - [`rocks`]: RocksDB's own on-disk formats that Tidemark reads and writes: the log (WAL)
 //!   format, WriteBatch records, VersionEdits in a MANIFEST, OPTIONS files.
@@ -23,6 +24,7 @@
 
 pub mod checksum;
 pub mod cli;
+pub mod exit;
 pub mod keys;
 pub mod model;
 pub mod plan;

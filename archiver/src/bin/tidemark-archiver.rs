@@ -1,12 +1,14 @@
 //! `tidemark-archiver`: ships a live RocksDB's WAL and base backups to a Tidemark repository.
 //!
-//! Exit codes: 0 success; 1 a runtime failure (store unreachable after retries, I/O error);
-//! 2 bad usage or an unarchivable database (the message says what to change); 3 another
-//! archiver holds the repository (or took it over); 4 (`status` only) a threshold given on
-//! the command line was exceeded. `prune` exits 2 for an invalid policy and 3 while an
-//! archiver holds the repository. With a config file that lists `[[databases]]`, `run` and
-//! `backup` exit 0 when every database ended cleanly and 1 when any had failed (the JSON
-//! summary on standard output names them); 2 still means bad usage, nothing started.
+//! Exit codes: [`tidemark_manifest::exit`] (also in `--help`): `OK`; `FAILURE` a runtime
+//! failure (store unreachable after retries, I/O error); `USAGE` bad usage or an unarchivable
+//! database (the message says what to change); `LEASE_HELD` another archiver holds the
+//! repository (or took it over); `THRESHOLD_EXCEEDED` (`status` only) a threshold given on
+//! the command line was exceeded. `prune` exits with `USAGE` for an invalid policy and
+//! `LEASE_HELD` while an archiver holds the repository. With a config file that lists
+//! `[[databases]]`, `run` and `backup` exit with `OK` when every database ended cleanly and
+//! `FAILURE` when any had failed (the JSON summary on standard output names them); `USAGE`
+//! still means bad usage, nothing started.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,13 +22,15 @@ use tidemark_archiver::prune::{self, PruneError, PruneOptions};
 use tidemark_archiver::service::{self, ArchiverOptions};
 use tidemark_archiver::{settings, status};
 use tidemark_manifest::cli::StoreArgs;
+use tidemark_manifest::exit;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "tidemark-archiver",
     version,
-    about = "Continuous WAL archiving and base backups for RocksDB"
+    about = "Continuous WAL archiving and base backups for RocksDB",
+    after_help = exit::help(exit::Program::Archiver)
 )]
 struct Cli {
     /// Log as JSON lines instead of text.
@@ -118,10 +122,10 @@ struct StatusArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
-    /// Exit with code 4 if the newest archived record is older than this (e.g. 5m).
+    /// Exit with the threshold code (see below) if the newest archived record is older than this (e.g. 5m).
     #[arg(long, value_parser = humantime::parse_duration)]
     max_lag: Option<Duration>,
-    /// Exit with code 4 if the newest base backup is older than this (e.g. 26h).
+    /// Exit with the threshold code (see below) if the newest base backup is older than this (e.g. 26h).
     #[arg(long, value_parser = humantime::parse_duration)]
     max_base_age: Option<Duration>,
     #[command(flatten)]
@@ -167,11 +171,15 @@ struct PruneArgs {
     store: StoreArgs,
 }
 
-/// Reports a repository that cannot be opened: exit 2 when what was given is wrong (URL,
-/// key, settings), 1 when the store failed.
+/// Reports a repository that cannot be opened: `USAGE` when what was given is wrong (URL,
+/// key, settings), `FAILURE` when the store failed.
 fn open_failed(command: &str, e: &tidemark_manifest::repo::RepoError) -> ExitCode {
     eprintln!("tidemark-archiver {command}: {e}");
-    ExitCode::from(if e.is_usage() { 2 } else { 1 })
+    ExitCode::from(if e.is_usage() {
+        exit::USAGE
+    } else {
+        exit::FAILURE
+    })
 }
 
 /// Reads a TOML config file.
@@ -283,7 +291,7 @@ async fn prune_cmd(args: PruneArgs) -> anyhow::Result<ExitCode> {
         Ok(v) => v,
         Err(e) => {
             eprintln!("tidemark-archiver prune: {e:#}");
-            return Ok(ExitCode::from(2));
+            return Ok(ExitCode::from(exit::USAGE));
         }
     };
     let repo = match store.open(&to, false).await {
@@ -297,14 +305,16 @@ async fn prune_cmd(args: PruneArgs) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{report}");
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(ExitCode::from(exit::OK))
         }
         Err(e) => {
             eprintln!("tidemark-archiver prune: {e}");
             let code = match &e {
-                PruneError::Policy(_) => 2,
-                PruneError::Lease(LeaseError::Held { .. } | LeaseError::Lost { .. }) => 3,
-                _ => 1,
+                PruneError::Policy(_) => exit::USAGE,
+                PruneError::Lease(LeaseError::Held { .. } | LeaseError::Lost { .. }) => {
+                    exit::LEASE_HELD
+                }
+                _ => exit::FAILURE,
             };
             Ok(ExitCode::from(code))
         }
@@ -485,17 +495,17 @@ async fn run_service(o: ArchiverOptions) -> Result<ExitCode, anyhow::Error> {
     match service::run(o, shutdown_signal(), rx).await {
         Ok(summary) => {
             println!("{}", serde_json::to_string(&summary)?);
-            Ok(ExitCode::SUCCESS)
+            Ok(ExitCode::from(exit::OK))
         }
         Err(e) => {
             eprintln!("tidemark-archiver: {e}");
-            Ok(ExitCode::from(e.exit_code() as u8))
+            Ok(ExitCode::from(e.exit_code()))
         }
     }
 }
 
-/// Several databases: a summary line of JSON on standard output; exit code 0 when every
-/// database ended cleanly, 1 when any had failed.
+/// Several databases: a summary line of JSON on standard output; exit code `OK` when every
+/// database ended cleanly, `FAILURE` when any had failed.
 async fn run_fleet(config: FleetConfig) -> Result<ExitCode, anyhow::Error> {
     let rx = base_requests()?;
     match fleet::run(config, shutdown_signal(), rx).await {
@@ -514,7 +524,7 @@ async fn run_fleet(config: FleetConfig) -> Result<ExitCode, anyhow::Error> {
         }
         Err(e) => {
             eprintln!("tidemark-archiver: {e}");
-            Ok(ExitCode::from(e.exit_code() as u8))
+            Ok(ExitCode::from(e.exit_code()))
         }
     }
 }
@@ -556,7 +566,7 @@ async fn backup(o: ArchiverOptions) -> anyhow::Result<ExitCode> {
     if let Some(pid) = running_archiver(&o).await? {
         signal_base_backup(pid)?;
         println!("asked the running archiver (pid {pid}) for a base backup");
-        return Ok(ExitCode::SUCCESS);
+        return Ok(ExitCode::from(exit::OK));
     }
     let mut o = o;
     o.exit_when_caught_up = true;
@@ -592,7 +602,7 @@ async fn backup_many(config: FleetConfig, named: bool) -> anyhow::Result<ExitCod
         signal_base_backup(pid)?;
     }
     if idle.is_empty() {
-        return Ok(ExitCode::SUCCESS);
+        return Ok(ExitCode::from(exit::OK));
     }
     for d in &mut idle {
         d.options.exit_when_caught_up = true;
@@ -647,10 +657,10 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if exceeded.is_empty() {
-        Ok(ExitCode::SUCCESS)
+        Ok(ExitCode::from(exit::OK))
     } else {
         eprintln!("tidemark-archiver status: {}", exceeded.join("; "));
-        Ok(ExitCode::from(4))
+        Ok(ExitCode::from(exit::THRESHOLD_EXCEEDED))
     }
 }
 
@@ -664,7 +674,7 @@ async fn main() -> ExitCode {
             Ok(Plan::Many(config)) => run_fleet(config).await,
             Err(e) => {
                 eprintln!("tidemark-archiver: {e:#}");
-                return ExitCode::from(2);
+                return ExitCode::from(exit::USAGE);
             }
         },
         Command::Backup(args) => match options(args.run, args.database.as_deref()) {
@@ -672,7 +682,7 @@ async fn main() -> ExitCode {
             Ok(Plan::Many(config)) => backup_many(config, args.database.is_some()).await,
             Err(e) => {
                 eprintln!("tidemark-archiver: {e:#}");
-                return ExitCode::from(2);
+                return ExitCode::from(exit::USAGE);
             }
         },
         Command::Status(args) => status_cmd(args).await,
@@ -682,7 +692,7 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("tidemark-archiver: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit::FAILURE)
         }
     }
 }

@@ -1,20 +1,9 @@
 //! `tidemark-restore`: list, restore and verify a Tidemark repository, and run recovery
 //! drills.
 //!
-//! Exit codes (also in `--help`):
-//!
-//! | code | meaning |
-//! |---|---|
-//! | 0 | success |
-//! | 1 | failure: I/O, network, RocksDB, interrupted |
-//! | 2 | bad usage or input: unknown option, malformed time, non-empty target without `--force`, no repository at the URL |
-//! | 3 | the target is not restorable from this repository (before or after the window, in a gap) |
-//! | 4 | verification failed: a missing or corrupt object, a broken WAL chain, a restored database that does not end where planned, or problems found by `verify` |
-//! | 5 | `drill`: the drill ran and failed (its report says in which phase and why) |
-//! | 6 | `verify`: no problem found, but the content of some objects was not read (sizes only, the default on S3; `--deep` reads every byte) |
-//!
-//! `drill` exits with 0, 5, 2 (bad usage: the drill did not start) or 1 (it could not run
-//! at all, e.g. its scratch directory cannot be created or its report cannot be written).
+//! Exit codes: [`tidemark_manifest::exit`] (also in `--help`). `drill` exits with 0, 5, 2
+//! (bad usage: the drill did not start) or 1 (it could not run at all, e.g. its scratch
+//! directory cannot be created or its report cannot be written).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -25,33 +14,21 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use time::{OffsetDateTime, UtcOffset};
 use tracing_subscriber::EnvFilter;
 
+use tidemark_manifest::exit;
 use tidemark_manifest::repo::ReadFrom;
 use tidemark_restore::commands::drill::{self, DrillOptions, TargetPoint};
 use tidemark_restore::commands::list::{self};
 use tidemark_restore::commands::restore::{self, RestoreOptions};
 use tidemark_restore::commands::verify::{self, VerifyOptions, VerifyScope};
 use tidemark_restore::commands::{StoreOptions, TargetSpec};
-use tidemark_restore::error::exit_code;
 use tidemark_restore::progress::Progress;
 use tidemark_restore::timespec;
 use tidemark_restore::verify::VerifyMode;
 use tidemark_restore::{Cancel, RestoreError};
 
-const EXIT_CODES: &str = "\
-Exit codes:
-  0  success
-  1  failure: I/O, network, RocksDB, interrupted
-  2  bad usage or input: unknown option, malformed time, non-empty target without --force,
-     no repository at the URL
-  3  the target is not restorable from this repository (before or after the window, in a gap)
-  4  verification failed: a missing or corrupt object, a broken WAL chain, a restored database
-     that does not end where planned, or problems found by `verify`
-  5  drill: the drill ran and failed; its report says in which phase and why
-     (drill otherwise exits with 0, 2 for bad usage, or 1 when it could not run at all)
-  6  verify: no problem found, but the content of some objects was not read (sizes only,
-     the default on S3); --deep reads every byte";
-
 const DRILL_HELP: &str = "The check command is run as /bin/sh -c CMD with the restored database's directory in TIDEMARK_DRILL_DB (and as $1), its last sequence number in TIDEMARK_DRILL_SEQ, the time of its last record in TIDEMARK_DRILL_TIME and the repository URL in TIDEMARK_DRILL_REPOSITORY. Of the drill's own environment it gets only PATH, HOME, USER, LOGNAME, SHELL, LANG, LANGUAGE, LC_*, TZ, TMPDIR and TERM, and the variables named with --check-env: never the encryption key or the store's credentials unless named. Exit status 0 passes; anything else, or running past --check-timeout, fails the drill.
+
+The drill exits with 0 (passed), 5 (ran and failed), 2 (bad usage: nothing attempted, no report written) or 1 (it could not run at all).
 
 Every option can also come from the environment (TIDEMARK_FROM, TIDEMARK_DRILL_TARGET, TIDEMARK_DRILL_SCRATCH, TIDEMARK_DRILL_CHECK_COMMAND, TIDEMARK_DRILL_CHECK_TIMEOUT, TIDEMARK_DRILL_CHECK_ENV, TIDEMARK_DRILL_REPORT, TIDEMARK_DRILL_SEED, and the store's TIDEMARK_ENDPOINT_URL, TIDEMARK_REGION, TIDEMARK_PATH_STYLE), as in the systemd unit scripts/systemd/tidemark-drill@.service.";
 
@@ -64,7 +41,11 @@ Restore every record committed at or before TIME. Accepted: RFC 3339 with an off
 /// Restores a RocksDB database from a Tidemark repository to a point in time, lists what a
 /// repository can restore, and verifies repositories.
 #[derive(Debug, Parser)]
-#[command(name = "tidemark-restore", version, after_help = EXIT_CODES)]
+#[command(
+    name = "tidemark-restore",
+    version,
+    after_help = exit::help(exit::Program::Restore)
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -304,10 +285,10 @@ fn emit(text: &str) {
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(141);
+            std::process::exit(exit::BROKEN_PIPE.into());
         }
         eprintln!("error: cannot write to standard output: {e}");
-        std::process::exit(1);
+        std::process::exit(exit::FAILURE.into());
     }
 }
 
@@ -336,7 +317,7 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
             } else {
                 emit(&report.render(width.unwrap_or_else(terminal_width)));
             }
-            Ok(exit_code::OK)
+            Ok(exit::OK)
         }
         Command::Restore {
             store,
@@ -374,7 +355,7 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
             } else {
                 emit(&report.render());
             }
-            Ok(exit_code::OK)
+            Ok(exit::OK)
         }
         Command::Verify {
             store,
@@ -469,9 +450,9 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
                 }
             }
             Ok(if outcome.passed() {
-                exit_code::OK
+                exit::OK
             } else {
-                exit_code::DRILL_FAILED
+                exit::DRILL_FAILED
             })
         }
     }
@@ -509,7 +490,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(exit_code::FAILURE);
+            return ExitCode::from(exit::FAILURE);
         }
     };
     let cancel = Cancel::new();
@@ -533,7 +514,7 @@ fn main() -> ExitCode {
             );
             on_signal.cancel();
             if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(130);
+                std::process::exit(exit::INTERRUPTED_AT_ONCE.into());
             }
         }
     });
@@ -544,7 +525,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let (message, code) = match e.downcast_ref::<RestoreError>() {
                 Some(r) => (r.to_string(), r.class().exit_code()),
-                None => (format!("{e:#}"), exit_code::FAILURE),
+                None => (format!("{e:#}"), exit::FAILURE),
             };
             if json {
                 let doc = serde_json::json!({ "error": message, "exit_code": code });
