@@ -250,7 +250,7 @@ impl FleetConfig {
             }
             let url =
                 StoreUrl::parse(&o.to).map_err(|e| invalid(format!("database {name}: {e}")))?;
-            let endpoint = o.store.endpoint_url.as_deref();
+            let endpoint = o.store.access.endpoint_url.as_deref();
             for (other, other_endpoint, other_url) in &repos {
                 if *other_endpoint == endpoint && nested(other_url, &url) {
                     let how = if same(other_url, &url) {
@@ -645,13 +645,19 @@ mod tests {
         assert_eq!(users.options.sync_interval, Duration::from_secs(1));
         assert_eq!(billing.options.sync_interval, Duration::from_millis(250));
         // [store] defaults merge with a database's own [databases.store] key by key.
-        assert_eq!(orders.options.store.region.as_deref(), Some("eu-west-1"));
-        assert_eq!(billing.options.store.region.as_deref(), Some("eu-west-1"));
         assert_eq!(
-            billing.options.store.storage_class.as_deref(),
+            orders.options.store.access.region.as_deref(),
+            Some("eu-west-1")
+        );
+        assert_eq!(
+            billing.options.store.access.region.as_deref(),
+            Some("eu-west-1")
+        );
+        assert_eq!(
+            billing.options.store.write.storage_class.as_deref(),
             Some("STANDARD_IA")
         );
-        assert_eq!(orders.options.store.storage_class, None);
+        assert_eq!(orders.options.store.write.storage_class, None);
     }
 
     #[test]
@@ -685,9 +691,9 @@ mod tests {
         let (a, b) = (&c.databases[0].options, &c.databases[1].options);
         assert_eq!(a.sync_interval, Duration::from_secs(2));
         assert_eq!(b.sync_interval, Duration::from_millis(100));
-        assert_eq!(a.store.region.as_deref(), Some("eu-west-1"));
-        assert_eq!(b.store.region.as_deref(), Some("eu-west-1"));
-        assert!(!a.store.path_style && b.store.path_style);
+        assert_eq!(a.store.access.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(b.store.access.region.as_deref(), Some("eu-west-1"));
+        assert!(!a.store.access.path_style && b.store.access.path_style);
         // A shared scratch directory is divided by database; an own one is kept.
         assert_eq!(
             a.scratch_dir.as_deref(),

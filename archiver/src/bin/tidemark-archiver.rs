@@ -21,7 +21,7 @@ use tidemark_archiver::lease::LeaseError;
 use tidemark_archiver::prune::{self, PruneError, PruneOptions};
 use tidemark_archiver::service::{self, ArchiverOptions};
 use tidemark_archiver::{settings, status};
-use tidemark_manifest::cli::StoreArgs;
+use tidemark_manifest::cli::{StoreAccess, StoreArgs, parse_bool};
 use tidemark_manifest::exit;
 use tracing_subscriber::EnvFilter;
 
@@ -34,7 +34,7 @@ use tracing_subscriber::EnvFilter;
 )]
 struct Cli {
     /// Log as JSON lines instead of text.
-    #[arg(long, global = true, env = "TIDEMARK_LOG_JSON")]
+    #[arg(long, global = true, env = "TIDEMARK_LOG_JSON", value_parser = parse_bool)]
     log_json: bool,
     #[command(subcommand)]
     command: Command,
@@ -129,7 +129,7 @@ struct StatusArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     max_base_age: Option<Duration>,
     #[command(flatten)]
-    store: StoreArgs,
+    store: StoreAccess,
 }
 
 #[derive(Debug, Args)]
@@ -234,14 +234,8 @@ fn database_options(
     Ok(fleet.databases.remove(0).options)
 }
 
-/// The repository and store settings: flags and environment over the config's.
-fn repository_of(
-    file: &ArchiverOptions,
-    to: Option<String>,
-    flags: StoreArgs,
-) -> anyhow::Result<(String, StoreArgs)> {
-    let mut store = file.store.clone();
-    merge_store(&mut store, flags);
+/// The repository: `--to` (or its variable) over the config's.
+fn repository_of(file: &ArchiverOptions, to: Option<String>) -> anyhow::Result<String> {
     let to = to.unwrap_or_else(|| file.to.clone());
     if to.is_empty() {
         anyhow::bail!(
@@ -249,7 +243,7 @@ fn repository_of(
              (or --config FILE)"
         );
     }
-    Ok((to, store))
+    Ok(to)
 }
 
 /// The repository and policy for `prune`: config file, then flags and environment.
@@ -257,7 +251,9 @@ fn prune_options(args: PruneArgs) -> anyhow::Result<(String, StoreArgs, PruneOpt
     let file = database_options("prune", args.config.as_deref(), args.database.as_deref())?;
     // A config file that cannot work is refused whatever the command.
     settings::check_options(&file)?;
-    let (to, store) = repository_of(&file, args.to, args.store)?;
+    let to = repository_of(&file, args.to)?;
+    let mut store = file.store.clone();
+    merge_store(&mut store, args.store);
     let mut p = file.retention.unwrap_or_default();
     let from_flags = args.keep_last.is_some()
         || args.pitr_window.is_some()
@@ -617,19 +613,28 @@ async fn backup_many(config: FleetConfig, named: bool) -> anyhow::Result<ExitCod
 
 async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let resolved = database_options("show", args.config.as_deref(), args.database.as_deref())
-        .and_then(|file| repository_of(&file, args.to.clone(), args.store.clone()));
+        .and_then(|file| {
+            let to = repository_of(&file, args.to.clone())?;
+            let mut access = file.store.access;
+            access.overlay(args.store.clone());
+            Ok((to, access))
+        });
     let (to, store) = match resolved {
         Ok(v) => v,
         Err(e) => {
             eprintln!("tidemark-archiver status: {e:#}");
-            return Ok(ExitCode::from(2));
+            return Ok(ExitCode::from(exit::USAGE));
         }
     };
-    let repo = match store.open(&to, false).await {
+    let repo = match store.open(&to).await {
         Ok(r) => r,
         Err(e) => return Ok(open_failed("status", &e)),
     };
-    let report = status::status(&repo).await?;
+    // No repository at the URL is bad usage, as in the restore tool.
+    let report = match status::status(&repo).await {
+        Ok(r) => r,
+        Err(e) => return Ok(open_failed("status", &e)),
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
