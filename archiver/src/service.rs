@@ -36,11 +36,11 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::base::BaseError;
 use crate::check::{CheckError, DbCheck, check_database};
+pub use crate::config::ArchiverOptions;
 use crate::follow::FollowError;
 use crate::lease::{LeaseError, LeaseHandle};
 use crate::lease_keeper::{KeeperError, LeaseKeeper};
 use crate::metrics::{Metrics, Phase};
-pub use crate::options::ArchiverOptions;
 use crate::ship::ShipError;
 use crate::watch::WatchError;
 

@@ -309,7 +309,7 @@ async fn bad_starts_fail_fast_and_say_why() -> Result<()> {
         &[],
     )?;
     ensure!(
-        code == 3
+        code == i32::from(exit::LEASE_HELD)
             && text.contains("another archiver")
             && text.contains(&first.child.id().to_string()),
         "held lease: {code} {text}"
