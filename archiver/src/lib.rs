@@ -4,7 +4,7 @@
 //! database; it reads the files RocksDB leaves on disk and makes the database restorable to
 //! any point since its first base backup. The data path, one module a step:
 //!
-//! 1. [`check`]: is the database archivable (WAL kept long enough, not recycled)?
+//! 1. [`preflight`]: is the database archivable (WAL kept long enough, not recycled)?
 //! 2. [`watch`]: wake up when the WAL directory changes (with a polling fallback).
 //! 3. [`follow`]: read WAL records in order, stamp their time, detect gaps.
 //! 4. [`ship`]: pack records into segments, closed every sync interval or at a size limit,
@@ -21,7 +21,6 @@
 //! its limits.
 
 pub mod base;
-pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod fleet;
@@ -29,6 +28,7 @@ pub mod follow;
 pub mod lease;
 pub mod lease_keeper;
 pub mod metrics;
+pub mod preflight;
 pub mod prune;
 pub mod service;
 pub mod ship;

@@ -35,12 +35,12 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::base::BaseError;
-use crate::check::{CheckError, DbCheck, check_database};
 pub use crate::config::ArchiverOptions;
 use crate::follow::FollowError;
 use crate::lease::{LeaseError, LeaseHandle};
 use crate::lease_keeper::{KeeperError, LeaseKeeper};
 use crate::metrics::{Metrics, Phase};
+use crate::preflight::{CheckError, DbCheck, check_database};
 use crate::ship::ShipError;
 use crate::watch::WatchError;
 
