@@ -4,7 +4,7 @@
 //! database; it reads the files RocksDB leaves on disk and makes the database restorable to
 //! any point since its first base backup. The data path, one module a step:
 //!
-//! 1. [`check`]: is the database archivable (WAL kept long enough, not recycled)?
+//! 1. [`preflight`]: is the database archivable (WAL kept long enough, not recycled)?
 //! 2. [`watch`]: wake up when the WAL directory changes (with a polling fallback).
 //! 3. [`follow`]: read WAL records in order, stamp their time, detect gaps.
 //! 4. [`ship`]: pack records into segments, closed every sync interval or at a size limit,
@@ -15,23 +15,22 @@
 //! SSTs uploaded content-addressed), [`lease`] keeps a second archiver off the same
 //! repository and [`lease_keeper`] renews it while its holder works, [`prune`] applies a
 //! retention policy (mark, then sweep), [`service`] runs it all as a long-lived process
-//! (its [`options`], checked by [`settings`]; every background task an [`task::OwnedTask`]),
-//! [`fleet`] runs several databases in one process, each on its own, and [`metrics`] reports
-//! on it to Prometheus.
+//! (every background task an [`task::OwnedTask`]), [`fleet`] runs several databases in one
+//! process, each on its own, and [`metrics`] reports on it to Prometheus. [`config`] holds
+//! every setting: its default, its config file key, flag and variable, how they layer, and
+//! its limits.
 
 pub mod base;
-pub mod check;
 pub mod checkpoint;
-pub(crate) mod duration_format;
+pub mod config;
 pub mod fleet;
 pub mod follow;
 pub mod lease;
 pub mod lease_keeper;
 pub mod metrics;
-pub mod options;
+pub mod preflight;
 pub mod prune;
 pub mod service;
-pub mod settings;
 pub mod ship;
 pub mod status;
 pub mod task;

@@ -23,7 +23,7 @@ use std::fmt;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tidemark_manifest::model::{Generation, IndexPageRef, PruneRecord};
 use tidemark_manifest::plan::fmt_time;
 use tidemark_manifest::repo::{RepoError, RepoState, Repository};
@@ -34,78 +34,7 @@ use time::OffsetDateTime;
 use crate::checkpoint::writer;
 use crate::lease_keeper::{LeaseFence, LeaseKeeper};
 
-/// A retention policy: `[retention]` in the service's config, or `tidemark-archiver prune`'s
-/// flags. Durations are written like `36h`, `7d`, `90days`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PruneOptions {
-    /// Keep the newest N base backups (and, without `pitr_window`, every point from the
-    /// oldest of them on).
-    pub keep_last: Option<usize>,
-    /// Keep every point of this much recent history restorable.
-    #[serde(with = "opt_duration")]
-    pub pitr_window: Option<Duration>,
-    /// Also keep the newest base of each day for this long (restorable to its own point).
-    #[serde(with = "opt_duration")]
-    pub keep_daily_for: Option<Duration>,
-    /// Also keep the newest base of each ISO week for this long.
-    #[serde(with = "opt_duration")]
-    pub keep_weekly_for: Option<Duration>,
-    /// Also keep the newest base of each month for this long.
-    #[serde(with = "opt_duration")]
-    pub keep_monthly_for: Option<Duration>,
-    /// How long objects stay after no manifest generation references them any more, so
-    /// that restores planned against an earlier generation finish. Longer than your
-    /// longest restore.
-    #[serde(with = "crate::duration_format")]
-    pub grace: Duration,
-    /// How often the service applies the policy (also after every base backup).
-    #[serde(with = "crate::duration_format")]
-    pub interval: Duration,
-}
-
-impl Default for PruneOptions {
-    fn default() -> Self {
-        PruneOptions {
-            keep_last: None,
-            pitr_window: None,
-            keep_daily_for: None,
-            keep_weekly_for: None,
-            keep_monthly_for: None,
-            grace: Duration::from_secs(24 * 3600),
-            interval: Duration::from_secs(3600),
-        }
-    }
-}
-
-impl PruneOptions {
-    /// The rules these options describe, checked.
-    pub fn rules(&self) -> Result<Rules, PruneError> {
-        let d = |v: Option<Duration>| -> Result<Option<time::Duration>, PruneError> {
-            v.map(|d| {
-                time::Duration::try_from(d)
-                    .map_err(|_| PruneError::Policy(format!("{d:?} is too long")))
-            })
-            .transpose()
-        };
-        let rules = Rules {
-            keep_last: self.keep_last,
-            pitr_window: d(self.pitr_window)?,
-            keep_daily_for: d(self.keep_daily_for)?,
-            keep_weekly_for: d(self.keep_weekly_for)?,
-            keep_monthly_for: d(self.keep_monthly_for)?,
-        };
-        rules
-            .validate()
-            .map_err(|e| PruneError::Policy(e.to_string()))?;
-        if self.interval.is_zero() {
-            return Err(PruneError::Policy(
-                "retention interval must be longer than zero (e.g. 1h)".to_owned(),
-            ));
-        }
-        Ok(rules)
-    }
-}
+pub use crate::config::PruneOptions;
 
 /// Why pruning failed. Nothing is deleted that a generation within the grace period
 /// references, whatever the error.
@@ -748,24 +677,6 @@ impl fmt::Display for PruneReport {
             )?;
         }
         Ok(())
-    }
-}
-
-mod opt_duration {
-    use serde::{Deserializer, Serializer};
-    use std::time::Duration;
-
-    use crate::duration_format as duration;
-
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => duration::serialize(d, s),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        duration::deserialize(d).map(Some)
     }
 }
 

@@ -35,12 +35,12 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::base::BaseError;
-use crate::check::{CheckError, DbCheck, check_database};
+pub use crate::config::ArchiverOptions;
 use crate::follow::FollowError;
 use crate::lease::{LeaseError, LeaseHandle};
 use crate::lease_keeper::{KeeperError, LeaseKeeper};
 use crate::metrics::{Metrics, Phase};
-pub use crate::options::ArchiverOptions;
+use crate::preflight::{CheckError, DbCheck, check_database};
 use crate::ship::ShipError;
 use crate::watch::WatchError;
 
@@ -84,17 +84,22 @@ pub enum ServiceError {
 }
 
 impl ServiceError {
-    /// Exit code for the binary: 2 configuration or usage, 3 another writer or a lost race,
-    /// 1 anything else.
-    pub fn exit_code(&self) -> i32 {
+    /// The binary's exit code ([`tidemark_manifest::exit`]): `USAGE` for configuration or
+    /// usage, `LEASE_HELD` for another writer or a lost race, `FAILURE` for anything else.
+    pub fn exit_code(&self) -> u8 {
+        use tidemark_manifest::exit;
         match self {
-            ServiceError::Check(_) | ServiceError::Diverged { .. } => 2,
-            ServiceError::MetricsAddr { .. } => 2,
-            ServiceError::Store(StoreError::Config { .. }) => 2,
-            ServiceError::Repo(e) if e.is_usage() => 2,
-            ServiceError::Lease(LeaseError::Held { .. } | LeaseError::Lost { .. }) => 3,
-            ServiceError::Repo(RepoError::LostRace { .. } | RepoError::Conflict { .. }) => 3,
-            _ => 1,
+            ServiceError::Check(_) | ServiceError::Diverged { .. } => exit::USAGE,
+            ServiceError::MetricsAddr { .. } => exit::USAGE,
+            ServiceError::Store(StoreError::Config { .. }) => exit::USAGE,
+            ServiceError::Repo(e) if e.is_usage() => exit::USAGE,
+            ServiceError::Lease(LeaseError::Held { .. } | LeaseError::Lost { .. }) => {
+                exit::LEASE_HELD
+            }
+            ServiceError::Repo(RepoError::LostRace { .. } | RepoError::Conflict { .. }) => {
+                exit::LEASE_HELD
+            }
+            _ => exit::FAILURE,
         }
     }
 }
@@ -355,7 +360,8 @@ mod tests {
     }
 
     #[test]
-    fn only_another_archiver_is_exit_code_3() {
+    fn only_another_archiver_is_lease_held() {
+        use tidemark_manifest::exit;
         let held = ServiceError::Lease(LeaseError::Held {
             location: "s3://b/p".into(),
             holder: "h".into(),
@@ -363,11 +369,11 @@ mod tests {
             pid: 1,
             expires_at: "later".into(),
         });
-        assert_eq!(held.exit_code(), 3);
+        assert_eq!(held.exit_code(), exit::LEASE_HELD);
         let lost = ServiceError::Lease(LeaseError::Lost {
             location: "s3://b/p".into(),
         });
-        assert_eq!(lost.exit_code(), 3);
+        assert_eq!(lost.exit_code(), exit::LEASE_HELD);
         // The store failing while the lease is renewed is a runtime failure, not a second
         // archiver: a supervisor must restart it.
         let unreachable = ServiceError::Lease(LeaseError::Store(StoreError::Transient {
@@ -376,6 +382,6 @@ mod tests {
             location: "s3://b/p/lease.json".into(),
             source: "connection refused".into(),
         }));
-        assert_eq!(unreachable.exit_code(), 1);
+        assert_eq!(unreachable.exit_code(), exit::FAILURE);
     }
 }

@@ -54,10 +54,25 @@ pub fn check_env_names(names: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// How to reach the object store.
+/// The spellings a boolean flag's environment variable may take (any case): `1`, `true`,
+/// `yes`, `on` and `0`, `false`, `no`, `off`.
+pub const BOOL_WORDS: &str = "1/0, true/false, yes/no or on/off";
+
+/// Parses the value of a boolean flag (from its environment variable, e.g.
+/// `TIDEMARK_PATH_STYLE=1`): [`BOOL_WORDS`], any case, surrounding blanks ignored; an empty
+/// variable is as if unset (no).
+pub fn parse_bool(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err(format!("not a yes/no value: give {BOOL_WORDS}")),
+    }
+}
+
+/// How to reach and read the store: what every command needs, reading or writing.
 #[derive(Debug, Clone, Default, clap::Args, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct StoreArgs {
+#[serde(default)]
+pub struct StoreAccess {
     /// S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO (default: AWS).
     #[arg(long, env = "TIDEMARK_ENDPOINT_URL", value_name = "URL")]
     pub endpoint_url: Option<String>,
@@ -65,8 +80,27 @@ pub struct StoreArgs {
     #[arg(long, env = "TIDEMARK_REGION")]
     pub region: Option<String>,
     /// Path-style bucket addressing (most S3-compatible servers need it).
-    #[arg(long, env = "TIDEMARK_PATH_STYLE")]
+    #[arg(long, env = "TIDEMARK_PATH_STYLE", value_parser = parse_bool)]
     pub path_style: bool,
+    /// Seconds one attempt of a small request may take before it is retried (default 30).
+    #[arg(long, env = "TIDEMARK_REQUEST_TIMEOUT", value_name = "SECONDS")]
+    pub request_timeout: Option<u64>,
+    /// The repository's client-side encryption key: a file holding 32 bytes (64 hex digits,
+    /// base64, or raw; not readable by other users). A repository created with it is
+    /// encrypted. TIDEMARK_ENCRYPTION_KEY may hold the key itself instead.
+    #[arg(long, env = "TIDEMARK_ENCRYPTION_KEY_FILE", value_name = "PATH")]
+    pub encryption_key_file: Option<PathBuf>,
+    /// The key itself, for programs that hold it already; takes precedence over the file and
+    /// the environment. Shown by `Debug` only as its key id, never serialized.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub encryption_key: Option<EncryptionKey>,
+}
+
+/// How new objects are written: only the commands that upload data take these.
+#[derive(Debug, Clone, Default, clap::Args, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct StoreWrite {
     /// Storage class of new data objects (base files, WAL segments), e.g. STANDARD_IA;
     /// documents always get the bucket's default. GLACIER and DEEP_ARCHIVE are refused.
     #[arg(long, env = "TIDEMARK_STORAGE_CLASS", value_name = "CLASS")]
@@ -88,19 +122,113 @@ pub struct StoreArgs {
     /// KMS key id, ARN or alias for --sse aws:kms.
     #[arg(long, env = "TIDEMARK_SSE_KMS_KEY_ID", value_name = "KEY")]
     pub sse_kms_key_id: Option<String>,
-    /// Seconds one attempt of a small request may take before it is retried (default 30).
-    #[arg(long, env = "TIDEMARK_REQUEST_TIMEOUT", value_name = "SECONDS")]
-    pub request_timeout: Option<u64>,
-    /// The repository's client-side encryption key: a file holding 32 bytes (64 hex digits,
-    /// base64, or raw; not readable by other users). A repository created with it is
-    /// encrypted. TIDEMARK_ENCRYPTION_KEY may hold the key itself instead.
-    #[arg(long, env = "TIDEMARK_ENCRYPTION_KEY_FILE", value_name = "PATH")]
-    pub encryption_key_file: Option<PathBuf>,
-    /// The key itself, for programs that hold it already; takes precedence over the file and
-    /// the environment. Shown by `Debug` only as its key id, never serialized.
-    #[arg(skip)]
-    #[serde(skip)]
-    pub encryption_key: Option<EncryptionKey>,
+}
+
+/// Every store setting: how to reach it ([`StoreAccess`]) and how to write to it
+/// ([`StoreWrite`]), for the commands that write (and the config file's `[store]`, whose
+/// keys are both structs' fields side by side).
+#[derive(Debug, Clone, Default, clap::Args, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub access: StoreAccess,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub write: StoreWrite,
+}
+
+fn over<T>(slot: &mut Option<T>, v: Option<T>) {
+    if v.is_some() {
+        *slot = v;
+    }
+}
+
+impl StoreAccess {
+    /// Puts `flags` (the command line and environment) over these settings (a config file's
+    /// `[store]`): each one given there wins.
+    pub fn overlay(&mut self, flags: StoreAccess) {
+        // Destructured, so that a new field cannot be forgotten here.
+        let StoreAccess {
+            endpoint_url,
+            region,
+            path_style,
+            request_timeout,
+            encryption_key_file,
+            encryption_key,
+        } = flags;
+        over(&mut self.endpoint_url, endpoint_url);
+        over(&mut self.region, region);
+        self.path_style |= path_style;
+        over(&mut self.request_timeout, request_timeout);
+        over(&mut self.encryption_key_file, encryption_key_file);
+        over(&mut self.encryption_key, encryption_key);
+    }
+
+    /// The S3 options for reading: no storage class, no server-side encryption.
+    pub fn s3_options(&self) -> Result<S3Options, StoreError> {
+        let defaults = S3Options::default();
+        let opts = S3Options {
+            request_timeout_secs: self
+                .request_timeout
+                .unwrap_or(defaults.request_timeout_secs),
+            endpoint_url: self.endpoint_url.clone(),
+            region: self.region.clone(),
+            force_path_style: self.path_style,
+            ..defaults
+        };
+        opts.validate()?;
+        Ok(opts)
+    }
+
+    /// The encryption key, if one is given: [`StoreAccess::encryption_key`], else the key
+    /// file, else `TIDEMARK_ENCRYPTION_KEY`. A file and the variable together are refused.
+    pub fn load_encryption_key(&self) -> Result<Option<EncryptionKey>, EncryptionKeyError> {
+        if let Some(key) = &self.encryption_key {
+            return Ok(Some(key.clone()));
+        }
+        let from_env = std::env::var(ENCRYPTION_KEY_ENV)
+            .ok()
+            .map(zeroize::Zeroizing::new)
+            .filter(|v| !v.is_empty());
+        match (&self.encryption_key_file, from_env) {
+            (Some(_), Some(_)) => Err(EncryptionKeyError::Ambiguous),
+            (Some(path), None) => EncryptionKey::from_file(path).map(Some),
+            (None, Some(text)) => EncryptionKey::parse(&text, ENCRYPTION_KEY_ENV).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Opens the repository at `url` to read it (a missing local directory is not created,
+    /// so that a typo is reported). See [`StoreArgs::open`].
+    pub async fn open(&self, url: &str) -> Result<Repository, RepoError> {
+        open(self, self.s3_options()?, url, false, None).await
+    }
+}
+
+/// Opens the repository at `url` with these settings.
+async fn open(
+    access: &StoreAccess,
+    s3: S3Options,
+    url: &str,
+    create: bool,
+    max_upload_rate: Option<Rate>,
+) -> Result<Repository, RepoError> {
+    let key = access
+        .load_encryption_key()
+        .map_err(|e| StoreError::config(e.to_string()))?;
+    let url = StoreUrl::parse(url)?;
+    let store = open_store_with(
+        &url,
+        &OpenOptions {
+            s3,
+            create_local_root: create,
+            max_upload_rate,
+            ..OpenOptions::default()
+        },
+    )
+    .await?;
+    Repository::open(Arc::clone(&store), key.as_ref()).await
 }
 
 impl StoreArgs {
@@ -108,42 +236,29 @@ impl StoreArgs {
     /// `[store]`): each one given there wins.
     pub fn overlay(&mut self, flags: StoreArgs) {
         // Destructured, so that a new field cannot be forgotten here.
-        let StoreArgs {
-            endpoint_url,
-            region,
-            path_style,
+        let StoreArgs { access, write } = flags;
+        self.access.overlay(access);
+        let StoreWrite {
             storage_class,
             base_storage_class,
             wal_storage_class,
             max_upload_rate,
             sse,
             sse_kms_key_id,
-            request_timeout,
-            encryption_key_file,
-            encryption_key,
-        } = flags;
-        fn over<T>(slot: &mut Option<T>, v: Option<T>) {
-            if v.is_some() {
-                *slot = v;
-            }
-        }
-        over(&mut self.endpoint_url, endpoint_url);
-        over(&mut self.region, region);
-        self.path_style |= path_style;
-        over(&mut self.storage_class, storage_class);
-        over(&mut self.base_storage_class, base_storage_class);
-        over(&mut self.wal_storage_class, wal_storage_class);
-        over(&mut self.max_upload_rate, max_upload_rate);
-        over(&mut self.sse, sse);
-        over(&mut self.sse_kms_key_id, sse_kms_key_id);
-        over(&mut self.request_timeout, request_timeout);
-        over(&mut self.encryption_key_file, encryption_key_file);
-        over(&mut self.encryption_key, encryption_key);
+        } = write;
+        let w = &mut self.write;
+        over(&mut w.storage_class, storage_class);
+        over(&mut w.base_storage_class, base_storage_class);
+        over(&mut w.wal_storage_class, wal_storage_class);
+        over(&mut w.max_upload_rate, max_upload_rate);
+        over(&mut w.sse, sse);
+        over(&mut w.sse_kms_key_id, sse_kms_key_id);
     }
 
     /// The S3 options these flags describe.
     pub fn s3_options(&self) -> Result<S3Options, StoreError> {
-        let sse = match (self.sse.as_deref(), &self.sse_kms_key_id) {
+        let w = &self.write;
+        let sse = match (w.sse.as_deref(), &w.sse_kms_key_id) {
             (None, None) => None,
             (None, Some(_)) => {
                 return Err(StoreError::config(
@@ -165,40 +280,20 @@ impl StoreArgs {
                 )));
             }
         };
-        let defaults = S3Options::default();
         let opts = S3Options {
-            request_timeout_secs: self
-                .request_timeout
-                .unwrap_or(defaults.request_timeout_secs),
-            endpoint_url: self.endpoint_url.clone(),
-            region: self.region.clone(),
-            force_path_style: self.path_style,
-            storage_class: self.storage_class.clone(),
-            base_storage_class: self.base_storage_class.clone(),
-            wal_storage_class: self.wal_storage_class.clone(),
+            storage_class: w.storage_class.clone(),
+            base_storage_class: w.base_storage_class.clone(),
+            wal_storage_class: w.wal_storage_class.clone(),
             sse,
-            ..defaults
+            ..self.access.s3_options()?
         };
         opts.validate()?;
         Ok(opts)
     }
 
-    /// The encryption key, if one is given: [`StoreArgs::encryption_key`], else the key file,
-    /// else `TIDEMARK_ENCRYPTION_KEY`. A file and the variable together are refused.
+    /// The encryption key, if one is given (see [`StoreAccess::load_encryption_key`]).
     pub fn load_encryption_key(&self) -> Result<Option<EncryptionKey>, EncryptionKeyError> {
-        if let Some(key) = &self.encryption_key {
-            return Ok(Some(key.clone()));
-        }
-        let from_env = std::env::var(ENCRYPTION_KEY_ENV)
-            .ok()
-            .map(zeroize::Zeroizing::new)
-            .filter(|v| !v.is_empty());
-        match (&self.encryption_key_file, from_env) {
-            (Some(_), Some(_)) => Err(EncryptionKeyError::Ambiguous),
-            (Some(path), None) => EncryptionKey::from_file(path).map(Some),
-            (None, Some(text)) => EncryptionKey::parse(&text, ENCRYPTION_KEY_ENV).map(Some),
-            (None, None) => Ok(None),
-        }
+        self.access.load_encryption_key()
     }
 
     /// Opens the repository at `url`. `create` creates a missing local directory (the
@@ -206,20 +301,67 @@ impl StoreArgs {
     /// encryption key, the repository's objects are encrypted (see [`Repository::open`]);
     /// a missing, wrong or unexpected key is refused here, before anything is written.
     pub async fn open(&self, url: &str, create: bool) -> Result<Repository, RepoError> {
-        let key = self
-            .load_encryption_key()
-            .map_err(|e| StoreError::config(e.to_string()))?;
-        let url = StoreUrl::parse(url)?;
-        let store = open_store_with(
-            &url,
-            &OpenOptions {
-                s3: self.s3_options()?,
-                create_local_root: create,
-                max_upload_rate: self.max_upload_rate,
-                ..OpenOptions::default()
-            },
-        )
-        .await?;
-        Repository::open(Arc::clone(&store), key.as_ref()).await
+        let s3 = self.s3_options()?;
+        open(&self.access, s3, url, create, self.write.max_upload_rate).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn booleans_take_what_operators_write() {
+        for yes in ["1", "true", "TRUE", "yes", "Yes", "on", "ON", " on "] {
+            assert_eq!(parse_bool(yes), Ok(true), "{yes:?}");
+        }
+        for no in ["0", "false", "False", "no", "NO", "off", "Off", ""] {
+            assert_eq!(parse_bool(no), Ok(false), "{no:?}");
+        }
+        for bad in ["maybe", "2", "y e s", "tru"] {
+            let e = parse_bool(bad).unwrap_err();
+            assert!(
+                e.contains("1/0, true/false, yes/no or on/off"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    /// `[store]` keeps its flat keys, and an unknown one is still refused.
+    #[test]
+    fn the_store_table_is_flat_and_strict() {
+        let s: StoreArgs = serde_json::from_value(serde_json::json!({
+            "region": "eu-west-1",
+            "path_style": true,
+            "storage_class": "STANDARD_IA",
+            "max_upload_rate": "50MiB/s",
+            "request_timeout": 5,
+        }))
+        .unwrap();
+        assert_eq!(s.access.region.as_deref(), Some("eu-west-1"));
+        assert!(s.access.path_style);
+        assert_eq!(s.access.request_timeout, Some(5));
+        assert_eq!(s.write.storage_class.as_deref(), Some("STANDARD_IA"));
+        assert!(s.write.max_upload_rate.is_some());
+        let e =
+            serde_json::from_value::<StoreArgs>(serde_json::json!({"colour": "blue"})).unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["region"], "eu-west-1");
+        assert_eq!(json["storage_class"], "STANDARD_IA");
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let mut file: StoreArgs =
+            serde_json::from_value(serde_json::json!({"region": "eu-west-1", "sse": "AES256"}))
+                .unwrap();
+        let mut flags = StoreArgs::default();
+        flags.access.region = Some("us-east-2".into());
+        flags.write.storage_class = Some("STANDARD".into());
+        file.overlay(flags);
+        assert_eq!(file.access.region.as_deref(), Some("us-east-2"));
+        assert_eq!(file.write.sse.as_deref(), Some("AES256"));
+        assert_eq!(file.write.storage_class.as_deref(), Some("STANDARD"));
     }
 }

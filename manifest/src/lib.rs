@@ -17,6 +17,7 @@
 //!   writing objects in the order FORMAT.md requires. The only way the programs read or
 //!   write a document; [`lease`] adds the writer lease's conditional writes.
 //! - [`cli`]: the store flags both programs share.
+//! - [`exit`]: the exit codes of both programs, one meaning per number.
 //! - [`checksum`]: sha256 helpers used for every object.
 //! - [`rocks`]: RocksDB's own on-disk formats that Tidemark reads and writes: the log (WAL)
 //!   format, WriteBatch records, VersionEdits in a MANIFEST, OPTIONS files.
@@ -26,6 +27,7 @@
 pub mod chain;
 pub mod checksum;
 pub mod cli;
+pub mod exit;
 pub mod keys;
 pub mod lease;
 pub mod model;

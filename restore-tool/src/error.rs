@@ -16,16 +16,18 @@ use crate::timespec::TimeSpecError;
 /// What kind of failure an error is; each class has its own exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
-    /// Anything else: I/O, network, RocksDB, an interruption. Exit code 1.
+    /// Anything else: I/O, network, RocksDB, an interruption.
+    /// [`exit_code::FAILURE`].
     Failure,
     /// The command line or its input is wrong: a malformed time, a non-empty target without
-    /// `--force`, a store URL with no repository. Exit code 2.
+    /// `--force`, a store URL with no repository. [`exit_code::USAGE`].
     Usage,
     /// The requested point cannot be restored from this repository: before or after the
-    /// restorable window, or in a gap. Exit code 3.
+    /// restorable window, or in a gap. [`exit_code::NOT_RESTORABLE`].
     NotRestorable,
     /// Data did not verify: a missing or corrupt object, a broken WAL chain, or a restored
-    /// database that does not end at the planned sequence number. Exit code 4.
+    /// database that does not end at the planned sequence number.
+    /// [`exit_code::VERIFICATION_FAILED`].
     VerificationFailed,
 }
 
@@ -51,24 +53,9 @@ impl ErrorClass {
     }
 }
 
-/// The exit codes of `tidemark-restore`.
-pub mod exit_code {
-    /// Success.
-    pub const OK: u8 = 0;
-    /// A failure not covered below (I/O, network, RocksDB, interrupted).
-    pub const FAILURE: u8 = 1;
-    /// Bad usage or input.
-    pub const USAGE: u8 = 2;
-    /// The target is not restorable from this repository.
-    pub const NOT_RESTORABLE: u8 = 3;
-    /// Verification failed (repository objects or the restored database).
-    pub const VERIFICATION_FAILED: u8 = 4;
-    /// `drill`: the drill ran and failed (its report says in which phase and why).
-    pub const DRILL_FAILED: u8 = 5;
-    /// `verify`: no problem found, but the content of some objects was not read (sizes
-    /// only, the default on S3); `--deep` reads every byte.
-    pub const CONTENT_NOT_CHECKED: u8 = 6;
-}
+/// The exit codes of `tidemark-restore`: those of [`tidemark_manifest::exit`], shared with
+/// the archiver so that no number means two things.
+pub use tidemark_manifest::exit as exit_code;
 
 /// Everything that can go wrong in a list, restore or verify.
 #[derive(Debug, thiserror::Error)]
@@ -279,12 +266,15 @@ mod tests {
             key: "wal/0000000000000001.seg".into(),
             location: "file:///r/wal/0000000000000001.seg".into(),
         };
-        assert_eq!(RestoreError::from(missing).class().exit_code(), 4);
+        assert_eq!(
+            RestoreError::from(missing).class().exit_code(),
+            exit_code::VERIFICATION_FAILED
+        );
         assert_eq!(
             RestoreError::from(StoreError::config("bad url"))
                 .class()
                 .exit_code(),
-            2
+            exit_code::USAGE
         );
         assert_eq!(
             RestoreError::Usage("x".into()).class().exit_code(),

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use tidemark_manifest::exit;
 use tidemark_manifest::plan::Target;
 use tidemark_tests::Oracle;
 use tidemark_tests::harness::{
@@ -308,7 +309,7 @@ async fn bad_starts_fail_fast_and_say_why() -> Result<()> {
         &[],
     )?;
     ensure!(
-        code == 3
+        code == i32::from(exit::LEASE_HELD)
             && text.contains("another archiver")
             && text.contains(&first.child.id().to_string()),
         "held lease: {code} {text}"
@@ -627,7 +628,7 @@ async fn backup_signals_a_running_archiver_or_runs_once_and_status_checks_thresh
     arch.signal("TERM")?;
     ensure!(arch.wait_timeout(Duration::from_secs(30))?.success());
 
-    // status: thresholds turn into exit code 4.
+    // status: thresholds turn into `THRESHOLD_EXCEEDED`.
     let (code, text) = run_archiver(&["status", "--to", &s.store.url, "--json"], &[])?;
     ensure!(code == 0, "status: {code} {text}");
     let report: serde_json::Value = serde_json::from_str(text.trim())?;
@@ -651,7 +652,7 @@ async fn backup_signals_a_running_archiver_or_runs_once_and_status_checks_thresh
     std::thread::sleep(Duration::from_millis(50));
     let (code, text) = run_archiver(&["status", "--to", &s.store.url, "--max-lag", "10ms"], &[])?;
     ensure!(
-        code == 4 && text.contains("newest record"),
+        code == i32::from(exit::THRESHOLD_EXCEEDED) && text.contains("newest record"),
         "lag threshold exceeded: {code} {text}"
     );
     Ok(())

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use tidemark_archiver::lease::{LeaseError, LeaseHandle};
+use tidemark_manifest::exit;
 use tidemark_manifest::model::Lease;
 use tidemark_manifest::repo::Repository;
 use tidemark_tests::harness::{Proc, TestStore, bin, run_with_timeout, wait_for};
@@ -137,7 +138,7 @@ fn run_args(db: &Path, store: &TestStore) -> Vec<String> {
     .to_vec()
 }
 
-/// Another container's archiver on `db` is refused: exit 3, naming the holder.
+/// Another container's archiver on `db` is refused: `LEASE_HELD`, naming the holder.
 fn refused(db: &Path, store: &TestStore, what: &str) -> Result<()> {
     let (code, out, err) = run_with_timeout(
         &bin("tidemark-archiver")?,
@@ -147,7 +148,9 @@ fn refused(db: &Path, store: &TestStore, what: &str) -> Result<()> {
     )
     .with_context(|| format!("{what}: it was not refused"))?;
     ensure!(
-        code == 3 && err.contains("another archiver") && err.contains("host box, pid 1"),
+        code == i32::from(exit::LEASE_HELD)
+            && err.contains("another archiver")
+            && err.contains("host box, pid 1"),
         "{what}: exit {code}\n{out}\n{err}"
     );
     Ok(())

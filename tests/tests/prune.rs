@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use tidemark_manifest::keys;
 use tidemark_manifest::repo::{RepoState, Repository};
+use tidemark_manifest::{exit, keys};
 use tidemark_tests::harness::{
     Proc, TestStore, bin, http_get, logged_metrics_addr, metric_sample, run_with_timeout,
     wait_archived, wait_for, wait_for_database,
@@ -473,7 +473,9 @@ async fn the_service_applies_its_retention_policy_and_prune_refuses_while_it_run
     // While the service holds the repository, `prune` refuses (a dry run is fine).
     let (code, _, err) = s.prune(&["--keep-last", "1"])?;
     ensure!(
-        code == 3 && err.contains("another archiver") && err.contains("[retention]"),
+        code == i32::from(exit::LEASE_HELD)
+            && err.contains("another archiver")
+            && err.contains("[retention]"),
         "prune beside a running archiver: exit {code}: {err}"
     );
     let (code, out, err) = s.prune(&["--keep-last", "1", "--dry-run"])?;
@@ -705,7 +707,7 @@ async fn no_base_backup_runs_while_prune_sweeps_however_long_it_takes() -> Resul
     tokio::time::sleep(Duration::from_secs(12)).await;
     let (code, err) = h.base_backup()?;
     ensure!(
-        code == 3 && err.contains("another archiver"),
+        code == i32::from(exit::LEASE_HELD) && err.contains("another archiver"),
         "a base backup started while prune was sweeping (exit {code}): {err}"
     );
     std::fs::remove_file(&h.hold)?;
@@ -737,7 +739,7 @@ async fn a_sweep_that_lost_its_lease_deletes_nothing_more() -> Result<()> {
     std::fs::remove_file(&h.hold)?;
     let status = h.prune.wait_timeout(Duration::from_secs(60))?;
     ensure!(
-        status.code() == Some(3),
+        status.code() == Some(exit::LEASE_HELD.into()),
         "prune must stop deleting once its lease is lost ({status}):\n{}",
         h.prune.log_tail()
     );

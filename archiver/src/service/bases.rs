@@ -16,8 +16,8 @@ use tokio::task::JoinError;
 use super::ServiceError;
 use super::pipeline::Pipeline;
 use crate::base::{BaseError, BaseOptions, BaseResult, ReusableTables, take_base_backup};
+use crate::config::ArchiverOptions;
 use crate::metrics::Metrics;
-use crate::options::ArchiverOptions;
 use crate::task::{OwnedTask, join_slot};
 
 /// How long a shutdown waits for a base backup in progress.

@@ -27,9 +27,9 @@ use super::cf_watch::{AfterBase, CfWatch};
 use super::{RunSummary, ServiceError};
 use crate::base::{BaseResult, ObservedTimeFn};
 use crate::checkpoint::{CheckpointManager, CheckpointOptions};
+use crate::config::ArchiverOptions;
 use crate::follow::{FollowEvent, StartPosition, WalFollower};
 use crate::metrics::Metrics;
-use crate::options::ArchiverOptions;
 use crate::ship::{ShipError, ShipOptions, Shipper};
 use crate::watch::Watcher;
 

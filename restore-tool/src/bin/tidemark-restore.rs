@@ -1,20 +1,9 @@
 //! `tidemark-restore`: list, restore and verify a Tidemark repository, and run recovery
 //! drills.
 //!
-//! Exit codes (also in `--help`):
-//!
-//! | code | meaning |
-//! |---|---|
-//! | 0 | success |
-//! | 1 | failure: I/O, network, RocksDB, interrupted |
-//! | 2 | bad usage or input: unknown option, malformed time, non-empty target without `--force`, no repository at the URL |
-//! | 3 | the target is not restorable from this repository (before or after the window, in a gap) |
-//! | 4 | verification failed: a missing or corrupt object, a broken WAL chain, a restored database that does not end where planned, or problems found by `verify` |
-//! | 5 | `drill`: the drill ran and failed (its report says in which phase and why) |
-//! | 6 | `verify`: no problem found, but the content of some objects was not read (sizes only, the default on S3; `--deep` reads every byte) |
-//!
-//! `drill` exits with 0, 5, 2 (bad usage: the drill did not start) or 1 (it could not run
-//! at all, e.g. its scratch directory cannot be created or its report cannot be written).
+//! Exit codes: [`tidemark_manifest::exit`] (also in `--help`). `drill` exits with 0, 5, 2
+//! (bad usage: the drill did not start) or 1 (it could not run at all, e.g. its scratch
+//! directory cannot be created or its report cannot be written).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -25,33 +14,21 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use time::{OffsetDateTime, UtcOffset};
 use tracing_subscriber::EnvFilter;
 
+use tidemark_manifest::exit;
 use tidemark_manifest::repo::ReadFrom;
 use tidemark_restore::commands::drill::{self, DrillOptions, DrillTarget};
 use tidemark_restore::commands::list::{self};
 use tidemark_restore::commands::restore::{self, RestoreOptions};
 use tidemark_restore::commands::verify::{self, VerifyOptions, VerifyScope};
 use tidemark_restore::commands::{StoreOptions, Target};
-use tidemark_restore::error::exit_code;
 use tidemark_restore::progress::Progress;
 use tidemark_restore::timespec;
 use tidemark_restore::verify::VerifyMode;
 use tidemark_restore::{Cancel, RestoreError};
 
-const EXIT_CODES: &str = "\
-Exit codes:
-  0  success
-  1  failure: I/O, network, RocksDB, interrupted
-  2  bad usage or input: unknown option, malformed time, non-empty target without --force,
-     no repository at the URL
-  3  the target is not restorable from this repository (before or after the window, in a gap)
-  4  verification failed: a missing or corrupt object, a broken WAL chain, a restored database
-     that does not end where planned, or problems found by `verify`
-  5  drill: the drill ran and failed; its report says in which phase and why
-     (drill otherwise exits with 0, 2 for bad usage, or 1 when it could not run at all)
-  6  verify: no problem found, but the content of some objects was not read (sizes only,
-     the default on S3); --deep reads every byte";
-
 const DRILL_HELP: &str = "The check command is run as /bin/sh -c CMD with the restored database's directory in TIDEMARK_DRILL_DB (and as $1), its last sequence number in TIDEMARK_DRILL_SEQ, the time of its last record in TIDEMARK_DRILL_TIME and the repository URL in TIDEMARK_DRILL_REPOSITORY. Of the drill's own environment it gets only PATH, HOME, USER, LOGNAME, SHELL, LANG, LANGUAGE, LC_*, TZ, TMPDIR and TERM, and the variables named with --check-env: never the encryption key or the store's credentials unless named. Exit status 0 passes; anything else, or running past --check-timeout, fails the drill.
+
+The drill exits with 0 (passed), 5 (ran and failed), 2 (bad usage: nothing attempted, no report written) or 1 (it could not run at all).
 
 Every option can also come from the environment (TIDEMARK_FROM, TIDEMARK_DRILL_TARGET, TIDEMARK_DRILL_SCRATCH, TIDEMARK_DRILL_CHECK_COMMAND, TIDEMARK_DRILL_CHECK_TIMEOUT, TIDEMARK_DRILL_CHECK_ENV, TIDEMARK_DRILL_REPORT, TIDEMARK_DRILL_SEED, and the store's TIDEMARK_ENDPOINT_URL, TIDEMARK_REGION, TIDEMARK_PATH_STYLE), as in the systemd unit scripts/systemd/tidemark-drill@.service.";
 
@@ -64,7 +41,11 @@ Restore every record committed at or before TIME. Accepted: RFC 3339 with an off
 /// Restores a RocksDB database from a Tidemark repository to a point in time, lists what a
 /// repository can restore, and verifies repositories.
 #[derive(Debug, Parser)]
-#[command(name = "tidemark-restore", version, after_help = EXIT_CODES)]
+#[command(
+    name = "tidemark-restore",
+    version,
+    after_help = exit::help(exit::Program::Restore)
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -114,150 +95,166 @@ struct ScopeArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Show the bases, the restorable window, gaps and a timeline.
-    List {
-        #[command(flatten)]
-        store: StoreOptions,
-        /// Print JSON for automation.
-        #[arg(long)]
-        json: bool,
-        /// Timeline width in columns (default: the terminal's width).
-        #[arg(long, value_name = "COLUMNS")]
-        width: Option<usize>,
-        /// Read the repository from manifest generation N instead of the newest intact one
-        /// (segments written after it are still found by the tail walk).
-        #[arg(long, value_name = "N")]
-        generation: Option<u64>,
-    },
+    List(ListArgs),
     /// Restore the database into a new directory.
-    Restore {
-        #[command(flatten)]
-        store: StoreOptions,
-        /// The directory to restore into: missing or empty (see --force).
-        #[arg(long, value_name = "DIR")]
-        target: PathBuf,
-        #[command(flatten)]
-        point: TargetArgs,
-        /// Fixed UTC offset for --time values without one: UTC, +02:00, -0530.
-        /// Named zones such as Europe/Berlin are not supported.
-        #[arg(long, value_name = "ZONE")]
-        tz: Option<String>,
-        /// Show what would be restored and downloaded; write nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Restore over a non-empty target: its contents are moved to <DIR>.old-<time>,
-        /// never deleted.
-        #[arg(long)]
-        force: bool,
-        /// Concurrent downloads.
-        #[arg(long, value_name = "N", default_value_t = restore::DEFAULT_PARALLELISM)]
-        parallelism: usize,
-        /// How to check the result: full (open read-only, check the last sequence number,
-        /// count every key), quick (no key scan) or off.
-        #[arg(long, value_enum, default_value_t = VerifyMode::Full)]
-        verify: VerifyMode,
-        /// Print a JSON summary on standard output.
-        #[arg(long)]
-        json: bool,
-        /// Read the repository from manifest generation N instead of the newest intact one
-        /// (segments written after it are still found by the tail walk).
-        #[arg(long, value_name = "N")]
-        generation: Option<u64>,
-    },
+    Restore(RestoreArgs),
     /// Check that the repository holds intact everything a restore needs.
-    Verify {
-        #[command(flatten)]
-        store: StoreOptions,
-        #[command(flatten)]
-        scope: ScopeArgs,
-        /// Fixed UTC offset for --time values without one.
-        #[arg(long, value_name = "ZONE")]
-        tz: Option<String>,
-        /// Download everything: check every sha256, frame and record (the default on a
-        /// local directory; on S3 the default checks existence and sizes only, and exits
-        /// with 6 when nothing else is wrong).
-        #[arg(long)]
-        deep: bool,
-        /// Concurrent downloads.
-        #[arg(long, value_name = "N", default_value_t = restore::DEFAULT_PARALLELISM)]
-        parallelism: usize,
-        /// Print JSON on standard output.
-        #[arg(long)]
-        json: bool,
-        /// Read the repository from manifest generation N instead of the newest intact one
-        /// (segments written after it are still found by the tail walk).
-        #[arg(long, value_name = "N")]
-        generation: Option<u64>,
-    },
+    Verify(VerifyArgs),
     /// Run a recovery drill: restore into a scratch directory with full verification, run
     /// a check command against the result, measure the RTO and the RPO, write a report,
     /// clean up.
     #[command(after_help = DRILL_HELP)]
-    Drill {
-        #[command(flatten)]
-        store: StoreOptions,
-        /// The point to restore: latest, random (uniform over the restorable window, see
-        /// --seed), seq:N, or a time (same forms as restore --time; UTC unless it has an
-        /// offset).
-        #[arg(
-            long,
-            value_name = "POINT",
-            default_value = "latest",
-            env = "TIDEMARK_DRILL_TARGET"
-        )]
-        target_point: String,
-        /// An existing directory under which the drill creates a fresh directory for the
-        /// restored database (default: the system's temporary directory).
-        #[arg(long, value_name = "DIR", env = "TIDEMARK_DRILL_SCRATCH")]
-        scratch: Option<PathBuf>,
-        /// A shell command that checks the restored database (see below); a non-zero exit
-        /// fails the drill.
-        #[arg(long, value_name = "CMD", env = "TIDEMARK_DRILL_CHECK_COMMAND")]
-        check_command: Option<String>,
-        /// Kill the check command, and fail the drill, after this long (e.g. 30m, 2h).
-        #[arg(
-            long,
-            value_name = "DURATION",
-            default_value = "1h",
-            env = "TIDEMARK_DRILL_CHECK_TIMEOUT"
-        )]
-        check_timeout: humantime::Duration,
-        /// Pass this variable of the drill's environment to the check command (repeat for
-        /// several; TIDEMARK_DRILL_CHECK_ENV takes a comma-separated list). Without it the
-        /// command gets only PATH, HOME, the locale and the TIDEMARK_DRILL_* variables: never
-        /// the encryption key or the store's credentials.
-        #[arg(
-            long,
-            value_name = "NAME",
-            env = "TIDEMARK_DRILL_CHECK_ENV",
-            value_delimiter = ','
-        )]
-        check_env: Vec<String>,
-        /// Write the JSON report to FILE (atomically), passed or failed.
-        #[arg(long, value_name = "FILE", env = "TIDEMARK_DRILL_REPORT")]
-        report: Option<PathBuf>,
-        /// Keep the drill's directory and the restored database in it.
-        #[arg(long)]
-        keep: bool,
-        /// The seed of --target-point random: the same seed draws the same point from the
-        /// same window (default: a fresh seed, printed in the report).
-        #[arg(long, value_name = "N", env = "TIDEMARK_DRILL_SEED")]
-        seed: Option<u64>,
-        /// Concurrent downloads.
-        #[arg(long, value_name = "N", default_value_t = restore::DEFAULT_PARALLELISM)]
-        parallelism: usize,
-        /// Print the JSON report on standard output instead of the summary.
-        #[arg(long)]
-        json: bool,
-    },
+    Drill(DrillArgs),
+}
+
+// `list`'s flags.
+#[derive(Debug, Args)]
+struct ListArgs {
+    #[command(flatten)]
+    store: StoreOptions,
+    /// Print JSON for automation.
+    #[arg(long)]
+    json: bool,
+    /// Timeline width in columns (default: the terminal's width).
+    #[arg(long, value_name = "COLUMNS")]
+    width: Option<usize>,
+    /// Read the repository from manifest generation N instead of the newest intact one
+    /// (segments written after it are still found by the tail walk).
+    #[arg(long, value_name = "N")]
+    generation: Option<u64>,
+}
+
+// `restore`'s flags.
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    #[command(flatten)]
+    store: StoreOptions,
+    /// The directory to restore into: missing or empty (see --force).
+    #[arg(long, value_name = "DIR")]
+    target: PathBuf,
+    #[command(flatten)]
+    point: TargetArgs,
+    /// Fixed UTC offset for --time values without one: UTC, +02:00, -0530.
+    /// Named zones such as Europe/Berlin are not supported.
+    #[arg(long, value_name = "ZONE")]
+    tz: Option<String>,
+    /// Show what would be restored and downloaded; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Restore over a non-empty target: its contents are moved to <DIR>.old-<time>,
+    /// never deleted.
+    #[arg(long)]
+    force: bool,
+    /// Concurrent downloads.
+    #[arg(long, value_name = "N", default_value_t = restore::DEFAULT_PARALLELISM)]
+    parallelism: usize,
+    /// How to check the result: full (open read-only, check the last sequence number,
+    /// count every key), quick (no key scan) or off.
+    #[arg(long, value_enum, default_value_t = VerifyMode::Full)]
+    verify: VerifyMode,
+    /// Print a JSON summary on standard output.
+    #[arg(long)]
+    json: bool,
+    /// Read the repository from manifest generation N instead of the newest intact one
+    /// (segments written after it are still found by the tail walk).
+    #[arg(long, value_name = "N")]
+    generation: Option<u64>,
+}
+
+// `verify`'s flags.
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    store: StoreOptions,
+    #[command(flatten)]
+    scope: ScopeArgs,
+    /// Fixed UTC offset for --time values without one.
+    #[arg(long, value_name = "ZONE")]
+    tz: Option<String>,
+    /// Download everything: check every sha256, frame and record (the default on a
+    /// local directory; on S3 the default checks existence and sizes only, and exits
+    /// with 6 when nothing else is wrong).
+    #[arg(long)]
+    deep: bool,
+    /// Concurrent downloads.
+    #[arg(long, value_name = "N", default_value_t = restore::DEFAULT_PARALLELISM)]
+    parallelism: usize,
+    /// Print JSON on standard output.
+    #[arg(long)]
+    json: bool,
+    /// Read the repository from manifest generation N instead of the newest intact one
+    /// (segments written after it are still found by the tail walk).
+    #[arg(long, value_name = "N")]
+    generation: Option<u64>,
+}
+
+// `drill`'s flags.
+#[derive(Debug, Args)]
+struct DrillArgs {
+    #[command(flatten)]
+    store: StoreOptions,
+    /// The point to restore: latest, random (uniform over the restorable window, see
+    /// --seed), seq:N, or a time (same forms as restore --time; UTC unless it has an
+    /// offset).
+    #[arg(
+        long,
+        value_name = "POINT",
+        default_value = "latest",
+        env = "TIDEMARK_DRILL_TARGET"
+    )]
+    target_point: String,
+    /// An existing directory under which the drill creates a fresh directory for the
+    /// restored database (default: the system's temporary directory).
+    #[arg(long, value_name = "DIR", env = "TIDEMARK_DRILL_SCRATCH")]
+    scratch: Option<PathBuf>,
+    /// A shell command that checks the restored database (see below); a non-zero exit
+    /// fails the drill.
+    #[arg(long, value_name = "CMD", env = "TIDEMARK_DRILL_CHECK_COMMAND")]
+    check_command: Option<String>,
+    /// Kill the check command, and fail the drill, after this long (e.g. 30m, 2h).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "1h",
+        env = "TIDEMARK_DRILL_CHECK_TIMEOUT"
+    )]
+    check_timeout: humantime::Duration,
+    /// Pass this variable of the drill's environment to the check command (repeat for
+    /// several; TIDEMARK_DRILL_CHECK_ENV takes a comma-separated list). Without it the
+    /// command gets only PATH, HOME, the locale and the TIDEMARK_DRILL_* variables: never
+    /// the encryption key or the store's credentials.
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "TIDEMARK_DRILL_CHECK_ENV",
+        value_delimiter = ','
+    )]
+    check_env: Vec<String>,
+    /// Write the JSON report to FILE (atomically), passed or failed.
+    #[arg(long, value_name = "FILE", env = "TIDEMARK_DRILL_REPORT")]
+    report: Option<PathBuf>,
+    /// Keep the drill's directory and the restored database in it.
+    #[arg(long)]
+    keep: bool,
+    /// The seed of --target-point random: the same seed draws the same point from the
+    /// same window (default: a fresh seed, printed in the report).
+    #[arg(long, value_name = "N", env = "TIDEMARK_DRILL_SEED")]
+    seed: Option<u64>,
+    /// Concurrent downloads.
+    #[arg(long, value_name = "N", default_value_t = restore::DEFAULT_PARALLELISM)]
+    parallelism: usize,
+    /// Print the JSON report on standard output instead of the summary.
+    #[arg(long)]
+    json: bool,
 }
 
 impl Command {
     fn json(&self) -> bool {
         match self {
-            Command::List { json, .. }
-            | Command::Restore { json, .. }
-            | Command::Verify { json, .. }
-            | Command::Drill { json, .. } => *json,
+            Command::List(a) => a.json,
+            Command::Restore(a) => a.json,
+            Command::Verify(a) => a.json,
+            Command::Drill(a) => a.json,
         }
     }
 }
@@ -304,10 +301,10 @@ fn emit(text: &str) {
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(141);
+            std::process::exit(exit::BROKEN_PIPE.into());
         }
         eprintln!("error: cannot write to standard output: {e}");
-        std::process::exit(1);
+        std::process::exit(exit::FAILURE.into());
     }
 }
 
@@ -323,158 +320,132 @@ fn terminal_width() -> usize {
 
 async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8> {
     match cli.command {
-        Command::List {
-            store,
-            json,
-            width,
-            generation,
-        } => {
-            let repo = store.open().await?;
-            let report = list::run_from(&repo, read_from(generation)).await?;
-            if json {
-                print_json(&report)?;
-            } else {
-                emit(&report.render(width.unwrap_or_else(terminal_width)));
-            }
-            Ok(exit_code::OK)
+        Command::List(a) => list_cmd(a).await,
+        Command::Restore(a) => restore_cmd(a, &progress, &cancel).await,
+        Command::Verify(a) => verify_cmd(a, &progress, &cancel).await,
+        Command::Drill(a) => drill_cmd(a, &progress, &cancel).await,
+    }
+}
+
+/// Prints a report: JSON with `--json`, else its text.
+fn report(
+    json: bool,
+    value: &impl serde::Serialize,
+    text: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    if json {
+        print_json(value)
+    } else {
+        emit(&text());
+        Ok(())
+    }
+}
+
+async fn list_cmd(a: ListArgs) -> anyhow::Result<u8> {
+    let repo = a.store.open().await?;
+    let r = list::run_from(&repo, read_from(a.generation)).await?;
+    report(a.json, &r, || {
+        r.render(a.width.unwrap_or_else(terminal_width))
+    })?;
+    Ok(exit::OK)
+}
+
+async fn restore_cmd(a: RestoreArgs, progress: &Progress, cancel: &Cancel) -> anyhow::Result<u8> {
+    let spec = time_spec(a.point.time.as_deref(), a.point.seq, a.tz.as_deref())?
+        .unwrap_or(Target::Latest);
+    let opts = RestoreOptions {
+        target_dir: a.target,
+        target: spec,
+        dry_run: a.dry_run,
+        force: a.force,
+        parallelism: a.parallelism,
+        verify: a.verify,
+    };
+    let r = match a.generation {
+        None => restore::run_from(&a.store, &opts, progress, cancel).await?,
+        Some(_) => {
+            let from = read_from(a.generation);
+            restore::run_from_generation(&a.store, &opts, from, progress, cancel).await?
         }
-        Command::Restore {
-            store,
-            target,
-            point,
-            tz,
-            dry_run,
-            force,
-            parallelism,
-            verify,
-            json,
-            generation,
-        } => {
-            let spec = match time_spec(point.time.as_deref(), point.seq, tz.as_deref())? {
-                Some(spec) => spec,
-                None => Target::Latest,
-            };
-            let opts = RestoreOptions {
-                target_dir: target,
-                target: spec,
-                dry_run,
-                force,
-                parallelism,
-                verify,
-            };
-            let report = match generation {
-                None => restore::run_from(&store, &opts, &progress, &cancel).await?,
-                Some(_) => {
-                    let from = read_from(generation);
-                    restore::run_from_generation(&store, &opts, from, &progress, &cancel).await?
-                }
-            };
-            if json {
-                print_json(&report)?;
-            } else {
-                emit(&report.render());
-            }
-            Ok(exit_code::OK)
-        }
-        Command::Verify {
-            store,
-            scope,
-            tz,
-            deep,
-            parallelism,
-            json,
-            generation,
-        } => {
-            let scope = if scope.all {
-                if tz.is_some() {
-                    return Err(RestoreError::Usage(
-                        "--tz only applies to --time; remove it or give --time".to_owned(),
-                    )
-                    .into());
-                }
-                VerifyScope::All
-            } else {
-                VerifyScope::Target(
-                    time_spec(scope.time.as_deref(), scope.seq, tz.as_deref())?
-                        .unwrap_or(Target::Latest),
-                )
-            };
-            let repo = store.open().await?;
-            let opts = VerifyOptions {
-                scope,
-                deep,
-                parallelism,
-                generation,
-            };
-            let report = verify::run(&repo, &opts, &progress, &cancel).await?;
-            if json {
-                print_json(&report)?;
-            } else {
-                emit(&report.render());
-            }
-            Ok(report.exit_code())
-        }
-        Command::Drill {
-            store,
-            target_point,
-            scratch,
-            check_command,
-            check_timeout,
-            check_env,
-            report,
-            keep,
-            seed,
-            parallelism,
-            json,
-        } => {
-            let target = DrillTarget::parse(&target_point, OffsetDateTime::now_utc())?;
-            if seed.is_some() && target != DrillTarget::Random {
-                return Err(RestoreError::Usage(
-                    "--seed only applies to --target-point random".to_owned(),
-                )
-                .into());
-            }
-            if let Some(path) = &report {
-                let parent = std::path::absolute(path)
-                    .ok()
-                    .and_then(|p| p.parent().map(PathBuf::from));
-                if !parent.as_deref().is_some_and(std::path::Path::is_dir) {
-                    return Err(RestoreError::Usage(format!(
-                        "--report {}: its directory does not exist",
-                        path.display()
-                    ))
-                    .into());
-                }
-            }
-            let opts = DrillOptions {
-                target,
-                scratch,
-                check_command,
-                check_timeout_secs: check_timeout.as_secs(),
-                check_env,
-                keep,
-                seed,
-                parallelism,
-            };
-            let outcome = drill::run(&store, &opts, &progress, &cancel).await?;
-            if json {
-                print_json(&outcome)?;
-            } else {
-                emit(&outcome.render());
-            }
-            if let Some(path) = &report {
-                outcome.write(path)?;
-                if !json {
-                    emit(&format!("  report        {}\n", path.display()));
-                }
-            }
-            Ok(if outcome.passed() {
-                exit_code::OK
-            } else {
-                exit_code::DRILL_FAILED
-            })
+    };
+    report(a.json, &r, || r.render())?;
+    Ok(exit::OK)
+}
+
+/// What `verify` checks: `--all`, or what a restore to the given point needs.
+fn verify_scope(scope: &ScopeArgs, tz: Option<&str>) -> Result<VerifyScope, RestoreError> {
+    if !scope.all {
+        let spec = time_spec(scope.time.as_deref(), scope.seq, tz)?;
+        return Ok(VerifyScope::Target(spec.unwrap_or(Target::Latest)));
+    }
+    if tz.is_some() {
+        return Err(RestoreError::Usage(
+            "--tz only applies to --time; remove it or give --time".to_owned(),
+        ));
+    }
+    Ok(VerifyScope::All)
+}
+
+async fn verify_cmd(a: VerifyArgs, progress: &Progress, cancel: &Cancel) -> anyhow::Result<u8> {
+    let scope = verify_scope(&a.scope, a.tz.as_deref())?;
+    let repo = a.store.open().await?;
+    let opts = VerifyOptions {
+        scope,
+        deep: a.deep,
+        parallelism: a.parallelism,
+        generation: a.generation,
+    };
+    let r = verify::run(&repo, &opts, progress, cancel).await?;
+    report(a.json, &r, || r.render())?;
+    Ok(r.exit_code())
+}
+
+/// The drill's options, checked before anything starts: a bad one is bad usage.
+fn drill_options(a: &DrillArgs) -> Result<DrillOptions, RestoreError> {
+    let target = DrillTarget::parse(&a.target_point, OffsetDateTime::now_utc())?;
+    if a.seed.is_some() && target != DrillTarget::Random {
+        return Err(RestoreError::Usage(
+            "--seed only applies to --target-point random".to_owned(),
+        ));
+    }
+    if let Some(path) = &a.report {
+        let parent = std::path::absolute(path)
+            .ok()
+            .and_then(|p| p.parent().map(PathBuf::from));
+        if !parent.as_deref().is_some_and(std::path::Path::is_dir) {
+            return Err(RestoreError::Usage(format!(
+                "--report {}: its directory does not exist",
+                path.display()
+            )));
         }
     }
+    Ok(DrillOptions {
+        target,
+        scratch: a.scratch.clone(),
+        check_command: a.check_command.clone(),
+        check_timeout_secs: a.check_timeout.as_secs(),
+        check_env: a.check_env.clone(),
+        keep: a.keep,
+        seed: a.seed,
+        parallelism: a.parallelism,
+    })
+}
+
+async fn drill_cmd(a: DrillArgs, progress: &Progress, cancel: &Cancel) -> anyhow::Result<u8> {
+    let opts = drill_options(&a)?;
+    let outcome = drill::run(&a.store, &opts, progress, cancel).await?;
+    report(a.json, &outcome, || outcome.render())?;
+    if let Some(path) = &a.report {
+        outcome.write(path)?;
+        if !a.json {
+            emit(&format!("  report        {}\n", path.display()));
+        }
+    }
+    Ok(if outcome.passed() {
+        exit::OK
+    } else {
+        exit::DRILL_FAILED
+    })
 }
 
 fn init_logging(verbose: u8, quiet: bool, progress: &Progress) {
@@ -509,7 +480,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(exit_code::FAILURE);
+            return ExitCode::from(exit::FAILURE);
         }
     };
     let cancel = Cancel::new();
@@ -533,7 +504,7 @@ fn main() -> ExitCode {
             );
             on_signal.cancel();
             if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(130);
+                std::process::exit(exit::INTERRUPTED_AT_ONCE.into());
             }
         }
     });
@@ -544,7 +515,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let (message, code) = match e.downcast_ref::<RestoreError>() {
                 Some(r) => (r.to_string(), r.class().exit_code()),
-                None => (format!("{e:#}"), exit_code::FAILURE),
+                None => (format!("{e:#}"), exit::FAILURE),
             };
             if json {
                 let doc = serde_json::json!({ "error": message, "exit_code": code });

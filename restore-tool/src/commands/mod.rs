@@ -14,7 +14,7 @@ pub mod verify;
 
 use serde::{Deserialize, Serialize};
 
-use tidemark_manifest::cli::StoreArgs;
+use tidemark_manifest::cli::StoreAccess;
 use tidemark_manifest::repo::{ReadFrom, RepoState, Repository};
 use tidemark_manifest::store::{S3Options, StoreUrl};
 
@@ -24,9 +24,10 @@ use crate::RestoreError;
 pub use tidemark_manifest::plan::{Target, short_time};
 
 /// Where the repository is, and how to reach it: `--from` plus the store flags every
-/// Tidemark program shares ([`StoreArgs`]: endpoint, region, path-style addressing; the
-/// storage class and server-side encryption settings only matter for writes and are
-/// accepted so that one environment file serves the archiver and the restore tool).
+/// Tidemark program shares to read ([`StoreAccess`]: endpoint, region, path-style
+/// addressing, request timeout, encryption key). The write settings (storage classes,
+/// server-side encryption, upload rate) are not taken: their variables in an environment
+/// file shared with the archiver are ignored here.
 ///
 /// In JSON the store flags sit beside `from`:
 /// `{"from": "s3://bucket/prefix", "endpoint_url": "http://127.0.0.1:9000", "path_style": true}`.
@@ -38,7 +39,7 @@ pub struct StoreOptions {
     pub from: String,
     #[command(flatten)]
     #[serde(flatten)]
-    pub store: StoreArgs,
+    pub store: StoreAccess,
 }
 
 impl StoreOptions {
@@ -46,7 +47,7 @@ impl StoreOptions {
     pub fn new(from: impl Into<String>) -> StoreOptions {
         StoreOptions {
             from: from.into(),
-            store: StoreArgs::default(),
+            store: StoreAccess::default(),
         }
     }
 
@@ -73,7 +74,7 @@ impl StoreOptions {
                 self.from
             )));
         }
-        Ok(self.store.open(&self.from, false).await?)
+        Ok(self.store.open(&self.from).await?)
     }
 }
 
@@ -120,10 +121,10 @@ mod tests {
             "--region",
             "eu-west-1",
             "--path-style",
-            "--storage-class",
-            "STANDARD_IA",
         ])
         .unwrap();
+        // Write settings are the archiver's: not taken here.
+        assert!(Cli::try_parse_from(["x", "--from", "file:///r", "--sse", "AES256"]).is_err());
         let s = &cli.store;
         assert_eq!(s.from, "s3://bucket/prefix");
         assert_eq!(
@@ -157,7 +158,7 @@ mod tests {
             assert!(Cli::try_parse_from(["x", "--path-style"]).is_err());
         }
         let mut bad = StoreOptions::new("s3://bucket");
-        bad.store.sse = Some("rot13".into());
+        bad.store.endpoint_url = Some("not a url".into());
         assert_eq!(bad.s3().unwrap_err().class(), crate::ErrorClass::Usage);
     }
 

@@ -105,7 +105,7 @@ impl Source {
     }
 
     pub fn identity(&self) -> Result<String> {
-        Ok(tidemark_archiver::check::check_database(&self.db, None)?.identity)
+        Ok(tidemark_archiver::preflight::check_database(&self.db, None)?.identity)
     }
 }
 

@@ -1,17 +1,23 @@
 //! The limits of the archiver's settings, checked once when they are loaded (config file,
 //! flags and environment merged), so that a value that cannot work stops the start with a
-//! message naming its key instead of failing, or panicking, hours later.
+//! message naming its key instead of failing, or panicking, hours later: each database's
+//! ([`check_settings`]), and those between the databases of a `[[databases]]` file
+//! ([`FleetConfig::validate`]).
 //!
 //! Every duration is at most [`retention::MAX_DURATION`] (100 years); intervals are longer
 //! than zero; the lease lasts at least [`MIN_LEASE_TTL`]. The retention policy's own rules
 //! (FORMAT.md §4.6) are [`retention::Rules::validate`]'s.
 
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use tidemark_manifest::retention;
+use tidemark_manifest::retention::{self, Rules};
+use tidemark_manifest::store::StoreUrl;
 
-use crate::prune::PruneOptions;
-use crate::service::ArchiverOptions;
+use super::file::{FileError, FleetConfig, invalid};
+use super::{ArchiverOptions, ConfigError, PruneOptions};
+use crate::prune::PruneError;
 
 /// The shortest lease: it is renewed a third of the way through its time, and retried every
 /// 2 s while the store fails, so a shorter one expires on a single slow store call.
@@ -117,6 +123,177 @@ pub fn check_retention(p: &PruneOptions) -> Result<(), InvalidSetting> {
     }
     check("retention.grace", p.grace, Bound::ZeroOk)?;
     check("retention.interval", p.interval, Bound::Positive)
+}
+
+/// Checks one database's options once flags are applied (each of a config's
+/// `[[databases]]` too): the limits above, the store settings, the retention rules.
+pub fn check_settings(o: &ArchiverOptions) -> Result<(), ConfigError> {
+    if !(1..=64).contains(&o.upload_concurrency) {
+        return Err(ConfigError::Usage(format!(
+            "upload concurrency {} is out of range: give --upload-concurrency (or \
+             upload_concurrency in --config) a number of base files to upload at once from 1 \
+             to 64",
+            o.upload_concurrency
+        )));
+    }
+    // Durations that cannot work, named by their keys.
+    check_options(o)?;
+    // Bad store options are bad usage, whatever the command does first.
+    o.store.s3_options()?;
+    if let Some(r) = &o.retention {
+        r.rules()?;
+    }
+    Ok(())
+}
+
+impl PruneOptions {
+    /// The rules these options describe, checked.
+    pub fn rules(&self) -> Result<Rules, PruneError> {
+        let d = |v: Option<Duration>| -> Result<Option<time::Duration>, PruneError> {
+            v.map(|d| {
+                time::Duration::try_from(d)
+                    .map_err(|_| PruneError::Policy(format!("{d:?} is too long")))
+            })
+            .transpose()
+        };
+        let rules = Rules {
+            keep_last: self.keep_last,
+            pitr_window: d(self.pitr_window)?,
+            keep_daily_for: d(self.keep_daily_for)?,
+            keep_weekly_for: d(self.keep_weekly_for)?,
+            keep_monthly_for: d(self.keep_monthly_for)?,
+        };
+        rules
+            .validate()
+            .map_err(|e| PruneError::Policy(e.to_string()))?;
+        if self.interval.is_zero() {
+            return Err(PruneError::Policy(
+                "retention interval must be longer than zero (e.g. 1h)".to_owned(),
+            ));
+        }
+        Ok(rules)
+    }
+}
+
+impl FleetConfig {
+    /// Checks what must hold once flags are applied: every database has a `db` and a `to`,
+    /// positive intervals, a valid repository URL; no two share a database directory, and
+    /// no repository is another's or lies inside another's.
+    pub fn validate(&self) -> Result<(), FileError> {
+        let mut dbs: BTreeMap<PathBuf, &str> = BTreeMap::new();
+        let mut repos: Vec<(&str, Option<&str>, StoreUrl)> = Vec::new();
+        for d in &self.databases {
+            let (name, o) = (&d.name, &d.options);
+            if o.db.as_os_str().is_empty() {
+                return Err(invalid(format!(
+                    "database {name}: no database directory: add db = \"/path/to/db\" to its \
+                     [[databases]] table"
+                )));
+            }
+            if o.to.is_empty() {
+                return Err(invalid(format!(
+                    "database {name}: no repository: add to = \"s3://BUCKET/PREFIX\" or \
+                     \"file:///ABSOLUTE/DIR\" to its [[databases]] table"
+                )));
+            }
+            if o.sync_interval.is_zero()
+                || o.base_interval.is_zero()
+                || o.checkpoint_interval.is_zero()
+            {
+                return Err(invalid(format!(
+                    "database {name}: intervals must be greater than zero"
+                )));
+            }
+            let key = same_dir_key(&o.db);
+            if let Some(other) = dbs.insert(key, name) {
+                return Err(invalid(format!(
+                    "databases {other} and {name} have the same db {}: each database directory \
+                     is archived once, to one repository",
+                    o.db.display()
+                )));
+            }
+            let url =
+                StoreUrl::parse(&o.to).map_err(|e| invalid(format!("database {name}: {e}")))?;
+            let endpoint = o.store.access.endpoint_url.as_deref();
+            for (other, other_endpoint, other_url) in &repos {
+                if *other_endpoint == endpoint && nested(other_url, &url) {
+                    let how = if same(other_url, &url) {
+                        "the same repository"
+                    } else {
+                        "repositories inside one another"
+                    };
+                    return Err(invalid(format!(
+                        "databases {other} and {name} have {how} ({other_url} and {url}): give \
+                         each database its own prefix or directory"
+                    )));
+                }
+            }
+            repos.push((name, endpoint, url));
+        }
+        Ok(())
+    }
+}
+
+/// A directory as compared for duplicates: canonical when it exists, else made absolute and
+/// cleaned of `.` and `..` without touching the file system.
+fn same_dir_key(path: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// True when both are the same repository.
+fn same(a: &StoreUrl, b: &StoreUrl) -> bool {
+    match (a, b) {
+        (StoreUrl::Local { root: ra }, StoreUrl::Local { root: rb }) => {
+            same_dir_key(ra) == same_dir_key(rb)
+        }
+        _ => a == b,
+    }
+}
+
+/// True when one repository is the other or lies inside it.
+pub(crate) fn nested(a: &StoreUrl, b: &StoreUrl) -> bool {
+    fn within(outer: &str, inner: &str) -> bool {
+        outer.is_empty()
+            || inner == outer
+            || inner
+                .strip_prefix(outer)
+                .is_some_and(|r| r.starts_with('/'))
+    }
+    match (a, b) {
+        (
+            StoreUrl::S3 {
+                bucket: ba,
+                prefix: pa,
+            },
+            StoreUrl::S3 {
+                bucket: bb,
+                prefix: pb,
+            },
+        ) => ba == bb && (within(pa, pb) || within(pb, pa)),
+        (StoreUrl::Local { root: ra }, StoreUrl::Local { root: rb }) => {
+            let (ra, rb) = (same_dir_key(ra), same_dir_key(rb));
+            ra.starts_with(&rb) || rb.starts_with(&ra)
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]

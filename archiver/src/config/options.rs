@@ -1,13 +1,13 @@
-//! The service's options: everything `tidemark-archiver run` can be told, from flags,
-//! environment or a TOML file.
+//! Every setting of the archiver, with its default: [`ArchiverOptions`] (one database: the
+//! keys of the config file, top level or a `[[databases]]` table) and [`PruneOptions`] (the
+//! retention policy: `[retention]`, or `prune`'s flags). The config file's keys are these
+//! fields' names; the flags and variables that set them are in [`super::flags`].
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tidemark_manifest::cli::StoreArgs;
-
-use crate::prune::PruneOptions;
 
 /// Everything `tidemark-archiver run` can be told, from flags, environment or a TOML file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -20,21 +20,21 @@ pub struct ArchiverOptions {
     /// The WAL directory, when the database sets `wal_dir`.
     pub wal_dir: Option<PathBuf>,
     /// Close a segment this long after its first record.
-    #[serde(with = "crate::duration_format")]
+    #[serde(with = "super::duration")]
     pub sync_interval: Duration,
     /// Close a segment when its records reach this many bytes.
     pub max_segment_bytes: u64,
     /// Take a base backup this often.
-    #[serde(with = "crate::duration_format")]
+    #[serde(with = "super::duration")]
     pub base_interval: Duration,
     /// Write a manifest generation at least this often while segments are pending.
-    #[serde(with = "crate::duration_format")]
+    #[serde(with = "super::duration")]
     pub checkpoint_interval: Duration,
     /// Look at the WAL directory at least this often, events or not.
-    #[serde(with = "crate::duration_format")]
+    #[serde(with = "super::duration")]
     pub poll_interval: Duration,
     /// How long the lease lasts without renewal.
-    #[serde(with = "crate::duration_format")]
+    #[serde(with = "super::duration")]
     pub lease_ttl: Duration,
     /// zstd level of segments.
     pub zstd_level: i32,
@@ -78,6 +78,50 @@ impl Default for ArchiverOptions {
             metrics_addr: None,
             retention: None,
             store: StoreArgs::default(),
+        }
+    }
+}
+
+/// A retention policy: `[retention]` in the service's config, or `tidemark-archiver prune`'s
+/// flags. Durations are written like `36h`, `7d`, `90days`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PruneOptions {
+    /// Keep the newest N base backups (and, without `pitr_window`, every point from the
+    /// oldest of them on).
+    pub keep_last: Option<usize>,
+    /// Keep every point of this much recent history restorable.
+    #[serde(with = "super::duration::optional")]
+    pub pitr_window: Option<Duration>,
+    /// Also keep the newest base of each day for this long (restorable to its own point).
+    #[serde(with = "super::duration::optional")]
+    pub keep_daily_for: Option<Duration>,
+    /// Also keep the newest base of each ISO week for this long.
+    #[serde(with = "super::duration::optional")]
+    pub keep_weekly_for: Option<Duration>,
+    /// Also keep the newest base of each month for this long.
+    #[serde(with = "super::duration::optional")]
+    pub keep_monthly_for: Option<Duration>,
+    /// How long objects stay after no manifest generation references them any more, so
+    /// that restores planned against an earlier generation finish. Longer than your
+    /// longest restore.
+    #[serde(with = "super::duration")]
+    pub grace: Duration,
+    /// How often the service applies the policy (also after every base backup).
+    #[serde(with = "super::duration")]
+    pub interval: Duration,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions {
+            keep_last: None,
+            pitr_window: None,
+            keep_daily_for: None,
+            keep_weekly_for: None,
+            keep_monthly_for: None,
+            grace: Duration::from_secs(24 * 3600),
+            interval: Duration::from_secs(3600),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Is a database archivable?
+//! Preflight: is a database archivable? Checked before the archiver starts on it.
 //!
 //! The archiver reads the WAL files of a database another process owns. That only works if
 //! RocksDB keeps every WAL file long enough for the archiver to read it, never overwrites one
