@@ -390,28 +390,12 @@ pub fn hostname() -> String {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use tidemark_manifest::model::{
-        Compression, Lineage, ObjectRef, RepositoryConfig, time_from_micros,
-    };
+    use tidemark_manifest::model::{Compression, Lineage, RepositoryConfig, time_from_micros};
     use tidemark_manifest::store::fault::{Fault, FaultRule, FaultStore};
     use tidemark_manifest::store::{MemoryStore, ObjectStore, StoreOp};
 
     fn base(id: &str) -> BaseSummary {
-        BaseSummary {
-            id: id.into(),
-            created_at: time_from_micros(1),
-            descriptor: ObjectRef {
-                key: format!("bases/{id}/base.json"),
-                size: 1,
-                sha256: "00".into(),
-            },
-            min_log_number: 1,
-            replay_from_seq: 1,
-            earliest_seq: 1,
-            earliest_time: time_from_micros(1),
-            column_families: vec![],
-            total_size: 0,
-        }
+        tidemark_manifest::testing::base(id, 1, 1, time_from_micros(1))
     }
 
     #[tokio::test]
