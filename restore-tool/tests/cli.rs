@@ -45,9 +45,9 @@ async fn fixture() -> Result<Fixture> {
     let (repo, url) = common::local_repo(source.root.path()).await?;
     source.write(120)?;
     let mut archive = Archive::create(repo, &source).await?;
-    archive.base().await?;
+    archive.base(&source).await?;
     source.write(200)?;
-    archive.checkpoint().await?;
+    archive.checkpoint(&source).await?;
     source.finish()?;
     Ok(Fixture { source, url })
 }

@@ -108,13 +108,13 @@ async fn fixture(seed: u64) -> Result<Fixture> {
 async fn build(source: &mut Source, repo: tidemark_manifest::repo::Repository) -> Result<u64> {
     source.write(120)?;
     let mut archive = Archive::create(repo, source).await?;
-    let first = archive.base().await?.earliest_seq;
+    let first = archive.base(source).await?.earliest_seq;
     source.write(150)?;
-    archive.catch_up().await?;
+    archive.catch_up(source).await?;
     source.flush()?;
-    archive.base().await?;
+    archive.base(source).await?;
     source.write(100)?;
-    archive.checkpoint().await?;
+    archive.checkpoint(source).await?;
     source.finish()?;
     Ok(first)
 }

@@ -1,4 +1,4 @@
-//! Restores of a real RocksDB, archived by the archiver's own pieces, compared key by key
+//! Restores of a real RocksDB, archived by the archiver's pipeline, compared key by key
 //! with the load generator's oracle: sequence targets (at and inside batches), time
 //! targets, the latest point, across two base backups, on the local store and on S3.
 
@@ -17,16 +17,16 @@ use tidemark_tests::Oracle;
 async fn build(source: &mut Source, repo: Repository) -> Result<Archive> {
     source.write(260)?;
     let mut archive = Archive::create(repo, source).await?;
-    archive.catch_up().await?;
-    archive.base().await?;
+    archive.catch_up(source).await?;
+    archive.base(source).await?;
     source.write(420)?;
-    archive.catch_up().await?;
-    archive.base().await?;
+    archive.catch_up(source).await?;
+    archive.base(source).await?;
     source.write(330)?;
-    archive.checkpoint().await?;
+    archive.checkpoint(source).await?;
     source.write(60)?;
     // The last batches are shipped but only reachable by the tail walk.
-    archive.catch_up().await?;
+    archive.catch_up(source).await?;
     source.finish()?;
     Ok(archive)
 }

@@ -35,7 +35,7 @@ use crate::watch::Watcher;
 
 /// What one step found that the owners beside the pipeline act on.
 #[derive(Debug, Default)]
-pub(crate) struct Step {
+pub struct Step {
     /// The WAL was read to its end.
     pub caught_up: bool,
     /// A gap was found: a base backup is needed at once.
@@ -44,8 +44,9 @@ pub(crate) struct Step {
     pub cf_changed: bool,
 }
 
-/// Follow → ship → checkpoint, for one database and repository.
-pub(crate) struct Pipeline {
+/// Follow → ship → checkpoint, for one database and repository. The service drives it;
+/// tests that need a repository written step by step drive it the same way.
+pub struct Pipeline {
     /// Lent to a blocking task during each read.
     follower: Option<WalFollower>,
     watcher: Watcher,
@@ -59,6 +60,15 @@ pub(crate) struct Pipeline {
     manifest_retry: Backoff,
     summary: RunSummary,
     metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("expected", &self.expected)
+            .field("summary", &self.summary)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Pipeline {

@@ -204,7 +204,7 @@ impl ListReport {
         let _ = writeln!(w, "Repository  {}", self.location);
         let _ = writeln!(
             w,
-            "            id {}, database {}, lineage {}",
+            "            id {}, database {}\n            lineage {}",
             self.repository_id, self.database_identity, self.lineage
         );
         if let Some(p) = &self.parent {
