@@ -59,19 +59,10 @@ async fn archive_a_database(dir: &Path, store: &TestStore) -> Result<()> {
         &store.env,
         &dir.join("archiver.log"),
     )?;
-    ensure!(
-        writer.wait_timeout(Duration::from_secs(90))?.success(),
-        "load generator failed:\n{}",
-        writer.log_tail()
-    );
+    writer.wait_success(Duration::from_secs(90))?;
     let oracle = Oracle::open(&out)?;
     wait_archived(store, oracle.last_seq(), &mut arch, Duration::from_secs(60)).await?;
-    arch.signal("TERM")?;
-    ensure!(
-        arch.wait_timeout(Duration::from_secs(30))?.success(),
-        "archiver:\n{}",
-        arch.log_tail()
-    );
+    arch.stop(Duration::from_secs(30))?;
     Ok(())
 }
 

@@ -211,7 +211,7 @@ async fn containers_sharing_a_host_name_and_pid_1_never_take_a_live_lease() -> R
         &[],
         &dir.path().join("loadgen.log"),
     )?;
-    ensure!(writer.wait_timeout(Duration::from_secs(60))?.success());
+    writer.wait_success(Duration::from_secs(60))?;
     copy_dir(&db, &own_copy)?;
 
     let mut first = Proc::spawn(
@@ -275,12 +275,7 @@ async fn containers_sharing_a_host_name_and_pid_1_never_take_a_live_lease() -> R
         },
     )?;
     std::thread::sleep(Duration::from_secs(1));
-    second.signal("TERM")?;
-    ensure!(
-        second.wait_timeout(Duration::from_secs(30))?.success(),
-        "{}",
-        second.log_tail()
-    );
+    second.stop(Duration::from_secs(30))?;
     let (left, _) = repo.read_lease().await?.context("no lease")?;
     ensure!(left.released_at.is_some(), "not released: {left:?}");
     Ok(())

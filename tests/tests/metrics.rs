@@ -225,12 +225,7 @@ async fn metrics_follow_a_live_database(store: TestStore) -> Result<()> {
     eprintln!("metrics moved with the writes after {scrapes} scrapes");
 
     // The writer stops; everything it wrote becomes durable and nothing waits any more.
-    writer.signal("TERM")?;
-    ensure!(
-        writer.wait_timeout(Duration::from_secs(60))?.success(),
-        "load generator failed:\n{}",
-        writer.log_tail()
-    );
+    writer.stop(Duration::from_secs(60))?;
     let oracle = Oracle::open(&out)?;
     let last_seq = oracle.last_seq() as f64;
     let done = {
@@ -337,13 +332,7 @@ async fn metrics_follow_a_live_database(store: TestStore) -> Result<()> {
 
     let (status, _, body) = http_get(addr, "/health")?;
     ensure!(status == 200 && body == "ok\n", "/health: {status} {body}");
-    arch.signal("TERM")?;
-    let status = arch.wait_timeout(Duration::from_secs(30))?;
-    ensure!(
-        status.success(),
-        "archiver exit {status}:\n{}",
-        arch.log_tail()
-    );
+    arch.stop(Duration::from_secs(30))?;
     Ok(())
 }
 
