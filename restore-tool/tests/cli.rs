@@ -5,6 +5,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
+use tidemark_tests::harness::output_text as text;
 
 use anyhow::Result;
 use common::{Archive, Source};
@@ -16,15 +17,6 @@ fn cli(args: &[&str]) -> Output {
         .env_remove("TIDEMARK_FROM")
         .output()
         .expect("the binary runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn stdout(o: &Output) -> String {

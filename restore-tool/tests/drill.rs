@@ -7,6 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use tidemark_tests::harness::output_text as text;
 
 use anyhow::{Context, Result, ensure};
 use common::{Archive, Source};
@@ -40,15 +41,6 @@ fn drill(args: &[&str], extra: &[(&str, &str)]) -> Output {
         cmd.env(k, v);
     }
     cmd.output().expect("the binary runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn read_report(path: &Path) -> Result<Value> {

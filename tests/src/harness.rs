@@ -76,6 +76,16 @@ pub fn run_with_timeout(
     ))
 }
 
+/// A finished program's exit code and output, for failure messages.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 /// A child process that is killed when dropped; its output goes to a log file.
 #[derive(Debug)]
 pub struct Proc {
@@ -320,6 +330,20 @@ impl TestStore {
                 .await?
             }
         })
+    }
+}
+
+/// Runs `test` on a fresh prefix of the test S3 server ([`TestStore::s3`] names it after
+/// `name`). Without a server it passes after saying so loudly, unless
+/// `TIDEMARK_REQUIRE_S3=1`.
+pub async fn with_s3<F, Fut>(name: &str, test: F) -> Result<()>
+where
+    F: FnOnce(TestStore) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    match TestStore::s3(name).await? {
+        Some(store) => test(store).await,
+        None => Ok(()),
     }
 }
 

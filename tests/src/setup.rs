@@ -53,6 +53,12 @@ impl Setup {
         })
     }
 
+    /// The archiver's `--sync-interval`.
+    pub fn sync_interval(mut self, interval: &str) -> Setup {
+        self.sync_interval = interval.into();
+        self
+    }
+
     /// The archiver's `--checkpoint-interval`.
     pub fn checkpoint_interval(mut self, interval: &str) -> Setup {
         self.checkpoint_interval = interval.into();

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use tidemark_manifest::plan::Target;
+use tidemark_tests::harness::with_s3;
 use tidemark_tests::harness::{
     Proc, TestStore, bin, check_history, run_with_timeout, wait_archived, wait_for,
     wait_for_database,
@@ -53,10 +54,7 @@ async fn archives_a_live_database_to_a_local_directory() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn archives_a_live_database_to_s3() -> Result<()> {
-    match TestStore::s3("archiver-live").await? {
-        Some(store) => archives_a_live_database(store).await,
-        None => Ok(()),
-    }
+    with_s3("archiver-live", archives_a_live_database).await
 }
 
 async fn survives_kill_9(store: TestStore, kills: usize) -> Result<()> {
@@ -103,10 +101,7 @@ async fn survives_kill_9_at_random_moments_local() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn survives_kill_9_at_random_moments_s3() -> Result<()> {
-    match TestStore::s3("archiver-kill9").await? {
-        Some(store) => survives_kill_9(store, 4).await,
-        None => Ok(()),
-    }
+    with_s3("archiver-kill9", |store| survives_kill_9(store, 4)).await
 }
 
 /// Runs the archiver to completion (at most three minutes) and returns (exit code, output).

@@ -25,6 +25,7 @@ use tidemark_manifest::repo::Repository;
 use tidemark_manifest::store::{
     EncryptionKey, ObjectStore, OpenOptions, S3Options, Sse, StoreUrl, open_store_with,
 };
+use tidemark_tests::harness::with_s3;
 use tidemark_tests::harness::{Proc, TestStore, bin, raw_s3_client, wait_for, wait_for_database};
 use tidemark_tests::setup::Setup;
 use tidemark_tests::{Op, Oracle, read_db_state_and_seq};
@@ -442,10 +443,10 @@ async fn encrypted_archive_and_restore_local() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn encrypted_archive_and_restore_on_s3() -> Result<()> {
-    match TestStore::s3("encryption").await? {
-        Some(store) => archive_and_restore(store, Delivery::Env).await,
-        None => Ok(()),
-    }
+    with_s3("encryption", |store| {
+        archive_and_restore(store, Delivery::Env)
+    })
+    .await
 }
 
 /// `--sse` reaches every kind of upload: a plain put, a conditional create, a single-part

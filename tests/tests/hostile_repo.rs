@@ -8,6 +8,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
 use tidemark_manifest::keys;
+use tidemark_tests::harness::with_s3;
 use tidemark_tests::harness::{TestStore, raw_s3_client};
 use tidemark_tests::setup::Setup;
 use tidemark_tests::{Oracle, read_db_state_and_seq};
@@ -311,10 +312,7 @@ async fn foreign_keys_do_not_stop_pruning_local() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn foreign_keys_do_not_stop_pruning_s3() -> Result<()> {
-    match TestStore::s3("hostile-foreign").await? {
-        Some(store) => foreign_keys_do_not_stop_pruning(store).await,
-        None => Ok(()),
-    }
+    with_s3("hostile-foreign", foreign_keys_do_not_stop_pruning).await
 }
 
 /// The first table file of the newest base, and its bytes.

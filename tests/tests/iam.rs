@@ -26,6 +26,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
+use tidemark_tests::harness::output_text as text;
 
 use anyhow::{Context, Result, bail, ensure};
 use aws_sdk_s3::config::http::HttpResponse;
@@ -161,15 +162,6 @@ fn allowed<T, E: std::fmt::Debug>(
     result: Result<T, SdkError<E, HttpResponse>>,
 ) -> Result<T> {
     result.map_err(|e| anyhow::anyhow!("{what}: the policy must allow it, but: {e:?}"))
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Runs `tidemark-restore ARGS` with the given environment.

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, ensure};
 use tidemark_archiver::lease::{LeaseError, LeaseHandle};
 use tidemark_manifest::model::Lease;
 use tidemark_manifest::repo::Repository;
+use tidemark_tests::harness::with_s3;
 use tidemark_tests::harness::{Proc, TestStore, bin, run_with_timeout, wait_for};
 use time::OffsetDateTime;
 
@@ -58,10 +59,7 @@ async fn race(store: TestStore) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_lease_holder_among_racers_on_s3() -> Result<()> {
-    match TestStore::s3("lease-race").await? {
-        Some(store) => race(store).await,
-        None => Ok(()),
-    }
+    with_s3("lease-race", race).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -102,10 +100,7 @@ async fn release_after_takeover(store: TestStore) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn release_after_a_takeover_leaves_the_successors_lease_on_s3() -> Result<()> {
-    match TestStore::s3("lease-release").await? {
-        Some(store) => release_after_takeover(store).await,
-        None => Ok(()),
-    }
+    with_s3("lease-release", release_after_takeover).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

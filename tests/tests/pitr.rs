@@ -43,6 +43,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use tidemark_manifest::model::{micros_from_time, time_from_micros};
 use tidemark_manifest::repo::RepoState;
+use tidemark_tests::harness::with_s3;
 use tidemark_tests::harness::{Proc, TestStore, bin, wait_archived, wait_for_database};
 use tidemark_tests::setup::Setup;
 use tidemark_tests::{Oracle, Replay, State, read_db_state_and_seq};
@@ -1023,18 +1024,12 @@ async fn pitr(v: Variant, store: TestStore) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restores_every_point_with_exact_times_from_s3() -> Result<()> {
-    match TestStore::s3("pitr-exact").await? {
-        Some(store) => pitr(S3_EXACT, store).await,
-        None => Ok(()),
-    }
+    with_s3("pitr-exact", |store| pitr(S3_EXACT, store)).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restores_every_point_with_observed_times_from_s3() -> Result<()> {
-    match TestStore::s3("pitr-observed").await? {
-        Some(store) => pitr(S3_OBSERVED, store).await,
-        None => Ok(()),
-    }
+    with_s3("pitr-observed", |store| pitr(S3_OBSERVED, store)).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

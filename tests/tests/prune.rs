@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use tidemark_manifest::keys;
 use tidemark_manifest::repo::{RepoState, Repository};
+use tidemark_tests::harness::with_s3;
 use tidemark_tests::harness::{
     Proc, TestStore, bin, http_get, logged_metrics_addr, metric_sample, run_with_timeout, wait_for,
     wait_for_database,
@@ -260,10 +261,10 @@ async fn prune_keeps_exactly_what_the_policy_says_local() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn prune_keeps_exactly_what_the_policy_says_s3() -> Result<()> {
     // Encrypted: pruning reads and deletes through the encryption layer.
-    match TestStore::s3("prune-policy").await? {
-        Some(store) => prune_keeps_exactly_what_the_policy_says(store.encrypted()).await,
-        None => Ok(()),
-    }
+    with_s3("prune-policy", |store| {
+        prune_keeps_exactly_what_the_policy_says(store.encrypted())
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
