@@ -181,6 +181,14 @@ impl Setup {
         Ok((code, out, err))
     }
 
+    /// Runs `tidemark-archiver prune --to URL ARGS`: exit code, stdout, stderr.
+    pub fn prune(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        let url = self.programs_store().url.clone();
+        let mut a = vec!["prune", "--to", &url];
+        a.extend_from_slice(args);
+        self.run("tidemark-archiver", &a)
+    }
+
     /// Writes with `tidemark-loadgen ARGS` while an archiver (with `archiver_extra`) runs
     /// beside it; once the writer is done and the repository holds its last sequence and a
     /// base, stops the archiver with SIGTERM (it must exit 0). Returns the oracle.

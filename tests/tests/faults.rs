@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use tidemark_tests::Oracle;
 use tidemark_tests::faultproxy::{FaultCounts, FaultKind, FaultPlan, FaultProxy};
 use tidemark_tests::harness::{
     Proc, TestStore, bin, check_history, wait_archived, wait_for_database,
@@ -84,6 +85,24 @@ fn log_counts(arch: &Proc) -> Result<(usize, usize)> {
         count("base backup failed;")
     );
     Ok((retried, recovered))
+}
+
+/// Once the writer is done: the archiver catches up (as the repository read directly
+/// shows), its log shows retried store calls, it stops cleanly, and the history is whole.
+async fn catches_up(s: &Setup, proxy: &FaultProxy, arch: &mut Proc, oracle: &Oracle) -> Result<()> {
+    wait_archived(&s.store, oracle.last_seq(), arch, Duration::from_secs(30))
+        .await
+        .with_context(|| format!("proxy: {}", proxy.counts()))?;
+    let (retried, _) = log_counts(arch)?;
+    ensure!(
+        retried > 0,
+        "the archiver's log shows no retried store call; proxy: {}",
+        proxy.counts()
+    );
+    arch.stop(Duration::from_secs(30))?;
+    check_history(&s.store, oracle, 1).await?;
+    eprintln!("proxy at the end: {}", proxy.counts());
+    Ok(())
 }
 
 fn all_kinds_seen(counts: &FaultCounts, kinds: &[FaultKind]) -> bool {
@@ -168,23 +187,7 @@ async fn rides_out_faults(s: Setup, proxy: FaultProxy) -> Result<()> {
 
     writer.wait_success(Duration::from_secs(60))?;
     let oracle = s.oracle()?;
-    wait_archived(
-        &s.store,
-        oracle.last_seq(),
-        &mut arch,
-        Duration::from_secs(30),
-    )
-    .await
-    .with_context(|| format!("proxy: {}", proxy.counts()))?;
-    let (retried, _) = log_counts(&arch)?;
-    ensure!(
-        retried > 0,
-        "the archiver's log shows no retried store call; proxy: {injected}"
-    );
-    arch.stop(Duration::from_secs(30))?;
-    check_history(&s.store, &oracle, 1).await?;
-    eprintln!("proxy at the end: {}", proxy.counts());
-    Ok(())
+    catches_up(&s, &proxy, &mut arch, &oracle).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -283,23 +286,7 @@ async fn rides_out_an_outage(s: Setup, proxy: FaultProxy) -> Result<()> {
         after.is_some_and(|a| a < oracle.last_seq()),
         "the writer wrote nothing after the outage began"
     );
-    wait_archived(
-        &s.store,
-        oracle.last_seq(),
-        &mut arch,
-        Duration::from_secs(30),
-    )
-    .await
-    .with_context(|| format!("proxy: {}", proxy.counts()))?;
-    let (retried, _) = log_counts(&arch)?;
-    ensure!(
-        retried > 0,
-        "the archiver's log shows no retried store call"
-    );
-    arch.stop(Duration::from_secs(30))?;
-    check_history(&s.store, &oracle, 1).await?;
-    eprintln!("proxy at the end: {}", proxy.counts());
-    Ok(())
+    catches_up(&s, &proxy, &mut arch, &oracle).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

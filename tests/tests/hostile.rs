@@ -39,18 +39,7 @@ async fn prune_never_deletes_through_a_link_planted_in_the_repository() -> Resul
     let file_link = root.join("bases/planted2/files/CURRENT");
     std::os::unix::fs::symlink(&lone, &file_link)?;
 
-    let (code, out, err) = s.run(
-        "tidemark-archiver",
-        &[
-            "prune",
-            "--to",
-            &s.store.url,
-            "--keep-last",
-            "1",
-            "--grace",
-            "0s",
-        ],
-    )?;
+    let (code, out, err) = s.prune(&["--keep-last", "1", "--grace", "0s"])?;
     ensure!(code == 0, "prune exited {code}:\n{out}\n{err}");
 
     for name in ["CURRENT", "MANIFEST-000005", "000009.sst"] {

@@ -240,18 +240,7 @@ async fn foreign_keys_do_not_stop_pruning(store: TestStore) -> Result<()> {
     };
     foreign.push(invalid.clone());
 
-    let (code, out, err) = s.run(
-        "tidemark-archiver",
-        &[
-            "prune",
-            "--to",
-            &s.store.url,
-            "--keep-last",
-            "1",
-            "--grace",
-            "0s",
-        ],
-    )?;
+    let (code, out, err) = s.prune(&["--keep-last", "1", "--grace", "0s"])?;
     ensure!(
         code == 0,
         "prune must not stop at a foreign key: {code}: {err}"
@@ -289,18 +278,7 @@ async fn foreign_keys_do_not_stop_pruning(store: TestStore) -> Result<()> {
     ensure!(after.history.bases.len() == 1);
     ensure!(after.history.latest_seq() == Some(oracle.last_seq()));
     // A second sweep goes on the same way.
-    let (code, out, err) = s.run(
-        "tidemark-archiver",
-        &[
-            "prune",
-            "--to",
-            &s.store.url,
-            "--keep-last",
-            "1",
-            "--grace",
-            "0s",
-        ],
-    )?;
+    let (code, out, err) = s.prune(&["--keep-last", "1", "--grace", "0s"])?;
     ensure!(code == 0 && out.contains("left alone"), "{out}{err}");
     Ok(())
 }

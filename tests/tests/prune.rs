@@ -41,13 +41,6 @@ async fn history_with_many_bases(s: &Setup, seconds: &str, extra: &[&str]) -> Re
     s.archive(&writes, extra).await
 }
 
-/// Runs `tidemark-archiver prune --to URL ARGS`: exit code, stdout, stderr.
-fn prune(s: &Setup, args: &[&str]) -> Result<(i32, String, String)> {
-    let mut a = vec!["prune", "--to", &s.store.url];
-    a.extend_from_slice(args);
-    s.run("tidemark-archiver", &a)
-}
-
 /// Restores to sequence `seq`: `Ok(None)` when the tool refuses (exit 3), else the
 /// restored database's directory.
 fn restore(s: &Setup, seq: u64) -> Result<Option<PathBuf>> {
@@ -138,12 +131,12 @@ async fn prune_keeps_exactly_what_the_policy_says(store: TestStore) -> Result<()
     let keys_before = all_keys(&repo).await?;
 
     // Bad policies are refused before anything is touched.
-    let (code, _, err) = prune(&s, &["--grace", "0s"])?;
+    let (code, _, err) = s.prune(&["--grace", "0s"])?;
     ensure!(
         code == 2 && err.contains("keep_last") && err.contains("pitr_window"),
         "a policy that keeps nothing in particular: exit {code}: {err}"
     );
-    let (code, _, err) = prune(&s, &["--keep-last", "0"])?;
+    let (code, _, err) = s.prune(&["--keep-last", "0"])?;
     ensure!(
         code == 2 && err.contains("at least 1"),
         "keep-last 0: {code}: {err}"
@@ -154,7 +147,7 @@ async fn prune_keeps_exactly_what_the_policy_says(store: TestStore) -> Result<()
     let policy = ["--keep-last", "3", "--pitr-window", "1s", "--grace", "0s"];
     let mut dry = policy.to_vec();
     dry.extend(["--dry-run", "--json"]);
-    let (code, out, err) = prune(&s, &dry)?;
+    let (code, out, err) = s.prune(&dry)?;
     ensure!(code == 0, "dry run: exit {code}: {err}");
     let report: serde_json::Value = serde_json::from_str(&out).context("dry run JSON")?;
     ensure!(
@@ -172,7 +165,7 @@ async fn prune_keeps_exactly_what_the_policy_says(store: TestStore) -> Result<()
     );
 
     // The real run: the newest base keeps the window, the two before it their own point.
-    let (code, out, err) = prune(&s, &policy)?;
+    let (code, out, err) = s.prune(&policy)?;
     ensure!(code == 0, "prune: exit {code}: {err}");
     eprintln!("{out}");
     let after = repo.load().await.context("the pruned repository loads")?;
@@ -240,7 +233,7 @@ async fn prune_keeps_exactly_what_the_policy_says(store: TestStore) -> Result<()
     }
 
     // Pruning again with the same policy changes nothing.
-    let (code, out, err) = prune(&s, &policy)?;
+    let (code, out, err) = s.prune(&policy)?;
     ensure!(code == 0, "second prune: exit {code}: {err}");
     ensure!(
         out.contains("unchanged") && out.contains("deleted now: none"),
@@ -278,7 +271,7 @@ async fn dropped_objects_stay_for_the_grace_period() -> Result<()> {
     ensure!(old.history.bases.len() >= 2, "need two bases");
 
     // Marked, not swept: a restore planned against the old generation finds everything.
-    let (code, out, err) = prune(&s, &["--keep-last", "1", "--grace", "1h"])?;
+    let (code, out, err) = s.prune(&["--keep-last", "1", "--grace", "1h"])?;
     ensure!(code == 0, "prune: {code}: {err}");
     ensure!(
         out.contains("kept for the grace period"),
@@ -296,7 +289,7 @@ async fn dropped_objects_stay_for_the_grace_period() -> Result<()> {
     restore_exactly(&s, &oracle, oracle.last_seq())?;
 
     // Once the grace period is over (here: a run with none), they go.
-    let (code, _, err) = prune(&s, &["--keep-last", "1", "--grace", "0s"])?;
+    let (code, _, err) = s.prune(&["--keep-last", "1", "--grace", "0s"])?;
     ensure!(code == 0, "second prune: {code}: {err}");
     let present = all_keys(&repo).await?;
     ensure!(
@@ -340,18 +333,15 @@ async fn dropped_objects_stay_for_the_grace_period() -> Result<()> {
         code == 2 && err.contains("--database NAME"),
         "status without --database: exit {code}: {err}"
     );
-    let (code, _, err) = prune(
-        &s,
-        &[
-            "--config",
-            &config,
-            "--database",
-            "orders",
-            "--dry-run",
-            "--keep-last",
-            "1",
-        ],
-    )?;
+    let (code, _, err) = s.prune(&[
+        "--config",
+        &config,
+        "--database",
+        "orders",
+        "--dry-run",
+        "--keep-last",
+        "1",
+    ])?;
     ensure!(code == 0, "prune --database orders: exit {code}: {err}");
     Ok(())
 }
@@ -378,12 +368,12 @@ async fn the_service_applies_its_retention_policy_and_prune_refuses_while_it_run
     .with_context(|| arch.log_tail())?;
 
     // While the service holds the repository, `prune` refuses (a dry run is fine).
-    let (code, _, err) = prune(&s, &["--keep-last", "1"])?;
+    let (code, _, err) = s.prune(&["--keep-last", "1"])?;
     ensure!(
         code == 3 && err.contains("another archiver") && err.contains("[retention]"),
         "prune beside a running archiver: exit {code}: {err}"
     );
-    let (code, out, err) = prune(&s, &["--keep-last", "1", "--dry-run"])?;
+    let (code, out, err) = s.prune(&["--keep-last", "1", "--dry-run"])?;
     ensure!(
         code == 0,
         "a dry run beside a running archiver: exit {code}: {err}"
