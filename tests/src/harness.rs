@@ -173,6 +173,20 @@ impl Proc {
         self.wait_success(limit)
     }
 
+    /// Kills the process with SIGKILL and waits for it; it must have been running until then
+    /// (else this fails with its log).
+    pub fn kill_running(&mut self) -> Result<()> {
+        ensure!(
+            self.running(),
+            "{} exited before it was killed; its log:\n{}",
+            self.name,
+            self.log_tail()
+        );
+        self.signal("KILL")?;
+        self.wait_timeout(Duration::from_secs(10))?;
+        Ok(())
+    }
+
     /// True while the process runs.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

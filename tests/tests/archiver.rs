@@ -72,13 +72,7 @@ async fn survives_kill_9(store: TestStore, kills: usize) -> Result<()> {
         let mut arch = s.archiver(&format!("archiver-{i}.log"), &["--base-interval", "2s"])?;
         let alive = Duration::from_millis(300 + next() % 1700);
         std::thread::sleep(alive);
-        ensure!(
-            arch.running(),
-            "archiver {i} exited early:\n{}",
-            arch.log_tail()
-        );
-        arch.signal("KILL")?;
-        arch.wait_timeout(Duration::from_secs(10))?;
+        arch.kill_running()?;
     }
     writer.wait_success(Duration::from_secs(60))?;
     let oracle = s.oracle()?;

@@ -224,14 +224,7 @@ async fn containers_sharing_a_host_name_and_pid_1_never_take_a_live_lease() -> R
 
     refused(&own_copy, &store, "a second container with its own copy")?;
     refused(&db, &store, "a second container on the shared volume")?;
-    ensure!(
-        first.running(),
-        "the first archiver stopped:\n{}",
-        first.log_tail()
-    );
-
-    first.signal("KILL")?;
-    first.wait_timeout(Duration::from_secs(10))?;
+    first.kill_running()?;
     // Dead, but only the container that shares its liveness lock can tell.
     refused(
         &own_copy,

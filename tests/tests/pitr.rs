@@ -285,14 +285,8 @@ async fn write_and_archive(
                 ));
             }
         }
-        ensure!(
-            arch.running(),
-            "archiver {i} exited before it was killed:\n{}",
-            arch.log_tail()
-        );
         let at = now_us();
-        arch.signal("KILL")?;
-        arch.wait_timeout(Duration::from_secs(10))?;
+        arch.kill_running()?;
         obs.killed.push(at);
         let log = read_log(&arch.log);
         if during_start {

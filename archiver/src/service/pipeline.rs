@@ -606,7 +606,6 @@ mod tests {
 
     use std::fs::File;
 
-    use tidemark_manifest::model::{Compression, FORMAT_VERSION, Lineage, RepositoryConfig};
     use tidemark_manifest::rocks::DbFile;
     use tidemark_manifest::rocks::log::LogWriter;
     use tidemark_manifest::store::fault::{Fault, FaultRule, FaultStore};
@@ -649,20 +648,9 @@ mod tests {
         std::fs::create_dir_all(&wal).unwrap();
         let faults = Arc::new(FaultStore::new(Arc::new(MemoryStore::new())));
         let repo = Repository::new(faults.clone());
-        repo.create_config(&RepositoryConfig {
-            format_version: FORMAT_VERSION,
-            repository_id: "r".into(),
-            created_at: OffsetDateTime::now_utc(),
-            database_identity: "db".into(),
-            lineage: Lineage {
-                id: "l".into(),
-                parent: None,
-            },
-            segment_compression: Compression::Zstd,
-            encryption: None,
-        })
-        .await
-        .unwrap();
+        repo.create_config(&tidemark_manifest::testing::config())
+            .await
+            .unwrap();
         let state = repo.load().await.unwrap();
         let opts = ArchiverOptions {
             db: wal.clone(),
