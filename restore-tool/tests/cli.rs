@@ -5,10 +5,10 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use tidemark_tests::harness::output_text as text;
 
 use anyhow::Result;
 use common::{Archive, Source};
+use tidemark_tests::harness::output_text as text;
 
 fn cli(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tidemark-restore"))

@@ -7,12 +7,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use tidemark_tests::harness::output_text as text;
 
 use anyhow::{Context, Result, ensure};
 use common::{Archive, Source};
 use serde_json::Value;
+use tidemark_manifest::testing::s3 as test_s3;
 use tidemark_tests::Oracle;
+use tidemark_tests::harness::output_text as text;
 
 const PHASES: [&str; 6] = [
     "plan",
@@ -382,7 +383,7 @@ async fn drills_of_the_latest_and_a_random_point_pass() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drill_on_s3_passes() -> Result<()> {
-    let Some(endpoint) = common::s3_endpoint("a_drill_on_s3_passes") else {
+    let Some(endpoint) = test_s3::endpoint("a_drill_on_s3_passes") else {
         return Ok(());
     };
     let mut source = Source::new(42)?;

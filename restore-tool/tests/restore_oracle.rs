@@ -8,6 +8,7 @@ use anyhow::Result;
 use common::{Archive, Source, check_against_oracle, restore_to};
 use tidemark_manifest::model::time_from_micros;
 use tidemark_manifest::repo::Repository;
+use tidemark_manifest::testing::s3 as test_s3;
 use tidemark_restore::commands::TargetSpec;
 use tidemark_restore::verify::VerificationStatus;
 use tidemark_tests::Oracle;
@@ -177,7 +178,7 @@ async fn local_restores_match_the_oracle() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_restores_match_the_oracle() -> Result<()> {
-    let Some(endpoint) = common::s3_endpoint("s3_restores_match_the_oracle") else {
+    let Some(endpoint) = test_s3::endpoint("s3_restores_match_the_oracle") else {
         return Ok(());
     };
     let mut source = Source::new(12)?;

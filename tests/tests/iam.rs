@@ -26,13 +26,13 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
-use tidemark_tests::harness::output_text as text;
 
 use anyhow::{Context, Result, bail, ensure};
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use tidemark_manifest::store::{ObjectStore, S3Options, S3Store, StoreError};
+use tidemark_tests::harness::output_text as text;
 use tidemark_tests::harness::{Proc, TestStore, bin, check_history, wait_for_database};
 use tidemark_tests::setup::Setup;
 use tidemark_tests::{Oracle, read_db_state_and_seq};

@@ -267,11 +267,6 @@ pub async fn local_repo(root: &Path) -> Result<(Repository, String)> {
     Ok((Repository::new(store), url.to_string()))
 }
 
-/// The S3 endpoint to test against, or `None` (after saying so loudly) to skip.
-pub fn s3_endpoint(case: &str) -> Option<String> {
-    test_s3::endpoint(case)
-}
-
 /// A repository under a fresh prefix of the test run's bucket; returns it, its URL and the
 /// store options to reach it.
 pub async fn s3_repo(endpoint: &str, case: &str) -> Result<(Repository, StoreOptions)> {
