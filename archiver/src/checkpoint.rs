@@ -390,28 +390,12 @@ pub fn hostname() -> String {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use tidemark_manifest::model::{
-        Compression, Lineage, ObjectRef, RepositoryConfig, time_from_micros,
-    };
+    use tidemark_manifest::model::time_from_micros;
     use tidemark_manifest::store::fault::{Fault, FaultRule, FaultStore};
     use tidemark_manifest::store::{MemoryStore, ObjectStore, StoreOp};
 
     fn base(id: &str) -> BaseSummary {
-        BaseSummary {
-            id: id.into(),
-            created_at: time_from_micros(1),
-            descriptor: ObjectRef {
-                key: format!("bases/{id}/base.json"),
-                size: 1,
-                sha256: "00".into(),
-            },
-            min_log_number: 1,
-            replay_from_seq: 1,
-            earliest_seq: 1,
-            earliest_time: time_from_micros(1),
-            column_families: vec![],
-            total_size: 0,
-        }
+        tidemark_manifest::testing::base(id, 1, 1, time_from_micros(1))
     }
 
     #[tokio::test]
@@ -419,18 +403,7 @@ mod tests {
         let faults = Arc::new(FaultStore::new(Arc::new(MemoryStore::new())));
         let store: Arc<dyn ObjectStore> = faults.clone();
         let repo = Repository::new(store);
-        let config = RepositoryConfig {
-            format_version: FORMAT_VERSION,
-            repository_id: "r".into(),
-            created_at: time_from_micros(1),
-            database_identity: "db".into(),
-            lineage: Lineage {
-                id: "l".into(),
-                parent: None,
-            },
-            segment_compression: Compression::Zstd,
-            encryption: None,
-        };
+        let config = tidemark_manifest::testing::config();
         repo.create_config(&config).await.unwrap();
         let state = repo.load().await.unwrap();
         let metrics = Arc::new(Metrics::new());

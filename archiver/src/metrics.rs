@@ -359,8 +359,9 @@ impl Exporter for FleetMetrics {
 mod tests {
     use super::*;
     use std::collections::{BTreeMap, BTreeSet};
-    use tidemark_manifest::model::{ObjectRef, TimeSource, time_from_micros};
+    use tidemark_manifest::model::time_from_micros;
     use tidemark_manifest::segment::RecordTime;
+    use tidemark_manifest::testing;
 
     const T0: i64 = 1_767_225_600_000_000; // 2026-01-01T00:00:00Z in µs
 
@@ -379,37 +380,17 @@ mod tests {
     }
 
     fn base(created_us: i64, earliest_seq: u64) -> BaseSummary {
-        BaseSummary {
-            id: format!("b{earliest_seq}"),
-            created_at: time_from_micros(created_us),
-            descriptor: ObjectRef {
-                key: format!("bases/b{earliest_seq}/base.json"),
-                size: 1,
-                sha256: "00".into(),
-            },
-            min_log_number: 1,
-            replay_from_seq: 1,
-            earliest_seq,
-            earliest_time: time_from_micros(created_us),
-            column_families: vec![],
-            total_size: 0,
-        }
+        let id = format!("b{earliest_seq}");
+        testing::base(&id, 1, earliest_seq, time_from_micros(created_us))
     }
 
     fn entry(first_seq: u64, last_seq: u64, records: u32, last_time_us: i64) -> SegmentEntry {
+        let (first, last) = (time_from_micros(T0), time_from_micros(last_time_us));
         SegmentEntry {
-            key: format!("wal/{first_seq}.seg"),
-            first_seq,
-            last_seq,
             record_count: records,
-            first_time: time_from_micros(T0),
-            last_time: time_from_micros(last_time_us),
-            time_source: TimeSource::Observed,
-            first_log: 1,
-            last_log: 1,
             raw_size: 1000,
             stored_size: 300,
-            sha256: None,
+            ..testing::segment(first_seq, last_seq, first, last)
         }
     }
 

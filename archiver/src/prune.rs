@@ -684,22 +684,13 @@ impl fmt::Display for PruneReport {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use tidemark_manifest::model::{FORMAT_VERSION, Retention, TimeSource};
     use tidemark_manifest::store::MemoryStore;
 
     fn generation(n: u64, written_at: OffsetDateTime) -> Generation {
         Generation {
-            format_version: FORMAT_VERSION,
-            generation: n,
             repository_id: "r".into(),
-            written_at,
             writer: writer(),
-            time_precision: TimeSource::Observed,
-            bases: Vec::new(),
-            index_pages: Vec::new(),
-            tail_start_seq: 1,
-            gaps: Vec::new(),
-            retention: Retention::default(),
+            ..tidemark_manifest::testing::generation(n, written_at)
         }
     }
 

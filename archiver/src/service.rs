@@ -19,7 +19,7 @@
 
 mod bases;
 mod cf_watch;
-mod pipeline;
+pub mod pipeline;
 mod retention;
 
 use std::future::Future;
@@ -298,7 +298,7 @@ async fn run_holding_lease(
 
 /// Creates the repository config if there is none; refuses a repository of another
 /// database.
-async fn open_config(repo: &Repository, check: &DbCheck) -> Result<(), ServiceError> {
+pub async fn open_config(repo: &Repository, check: &DbCheck) -> Result<(), ServiceError> {
     let config = match repo.read_config().await? {
         Some(c) => c,
         None => {

@@ -180,7 +180,6 @@ impl Shipper {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidemark_manifest::model::{FORMAT_VERSION, Lineage, RepositoryConfig, time_from_micros};
     use tidemark_manifest::segment::RecordTime;
     use tidemark_manifest::store::fault::{Fault, FaultRule, FaultStore};
     use tidemark_manifest::store::{MemoryStore, ObjectStore, StoreOp};
@@ -212,20 +211,9 @@ mod tests {
         let faults = Arc::new(FaultStore::new(Arc::new(MemoryStore::new())));
         let store: Arc<dyn ObjectStore> = faults.clone();
         let repo = Repository::new(store);
-        repo.create_config(&RepositoryConfig {
-            format_version: FORMAT_VERSION,
-            repository_id: "r".into(),
-            created_at: time_from_micros(1),
-            database_identity: "db".into(),
-            lineage: Lineage {
-                id: "l".into(),
-                parent: None,
-            },
-            segment_compression: Compression::Zstd,
-            encryption: None,
-        })
-        .await
-        .unwrap();
+        repo.create_config(&tidemark_manifest::testing::config())
+            .await
+            .unwrap();
         let metrics = Arc::new(Metrics::new());
         let mut shipper =
             Shipper::new(repo, ShipOptions::default()).with_metrics(Arc::clone(&metrics));

@@ -27,7 +27,7 @@ use tidemark_archiver::base::{
     BaseError, BaseOptions, BaseResult, ReusableTables, take_base_backup,
 };
 use tidemark_manifest::checksum;
-use tidemark_manifest::model::{Compression, FORMAT_VERSION, Lineage, RepositoryConfig};
+use tidemark_manifest::model::RepositoryConfig;
 use tidemark_manifest::repo::Repository;
 use tidemark_manifest::rocks::DbFile;
 use tidemark_manifest::rocks::log::{LogReader, LogWriter};
@@ -277,16 +277,8 @@ async fn new_repo(root: &Path, db_dir: &Path) -> Repository {
     let repo = Repository::new(Arc::new(LocalStore::create(root).unwrap()));
     let identity = fs::read_to_string(db_dir.join("IDENTITY")).unwrap();
     repo.create_config(&RepositoryConfig {
-        format_version: FORMAT_VERSION,
-        repository_id: "test-repository".into(),
-        created_at: time::OffsetDateTime::now_utc(),
         database_identity: identity.trim().to_owned(),
-        lineage: Lineage {
-            id: "test-lineage".into(),
-            parent: None,
-        },
-        segment_compression: Compression::Zstd,
-        encryption: None,
+        ..tidemark_manifest::testing::config()
     })
     .await
     .unwrap();

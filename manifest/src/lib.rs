@@ -37,3 +37,5 @@ pub mod retention;
 pub mod rocks;
 pub mod segment;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

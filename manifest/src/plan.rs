@@ -571,59 +571,24 @@ pub fn record_time(r: &Record) -> OffsetDateTime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{GapKind, ObjectRef, TimeSource, time_from_micros};
+    use crate::model::GapKind;
 
-    const T0: i64 = 1_800_000_000_000_000;
+    use crate::testing::{self, T0_US as T0};
 
     fn t(sec: i64) -> OffsetDateTime {
-        time_from_micros(T0 + sec * 1_000_000)
+        testing::at_secs(sec)
     }
 
     /// Segment `first..=last` whose records span seconds `t1..=t2`.
     fn seg(first: u64, last: u64, t1: i64, t2: i64) -> SegmentEntry {
-        SegmentEntry {
-            key: crate::keys::segment_key(first),
-            first_seq: first,
-            last_seq: last,
-            record_count: 1,
-            first_time: t(t1),
-            last_time: t(t2),
-            time_source: TimeSource::Observed,
-            first_log: 1,
-            last_log: 1,
-            raw_size: 1,
-            stored_size: 10,
-            sha256: None,
-        }
+        testing::segment(first, last, t(t1), t(t2))
     }
 
     fn base(id: &str, replay_from: u64, earliest: u64, at: i64) -> BaseSummary {
-        BaseSummary {
-            id: id.into(),
-            created_at: t(at),
-            descriptor: ObjectRef {
-                key: crate::keys::base_descriptor_key(id),
-                size: 1,
-                sha256: String::new(),
-            },
-            min_log_number: 1,
-            replay_from_seq: replay_from,
-            earliest_seq: earliest,
-            earliest_time: t(at),
-            column_families: vec![],
-            total_size: 0,
-        }
+        testing::base(id, replay_from, earliest, t(at))
     }
 
-    fn gap(first: u64, last: u64, kind: GapKind) -> Gap {
-        Gap {
-            first_seq: first,
-            last_seq: last,
-            kind,
-            detected_at: t(0),
-            detail: "test".into(),
-        }
-    }
+    use testing::gap;
 
     /// Segments 1..=100 (t 0..10), 101..=200 (t 10..20), gap 201..=300,
     /// 301..=400 (t 40..50), 401..=500 (t 50..60); base A at 50, base B at 350.

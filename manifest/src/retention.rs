@@ -532,11 +532,11 @@ impl fmt::Display for ObjectKind {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ColumnFamily, ObjectRef, TimeSource, time_from_micros};
+    use crate::model::{ObjectRef, TimeSource, time_from_micros};
     use crate::plan::Target;
+    use crate::testing::{self, T0_US as T0};
 
     const DAY: i64 = 86_400_000_000;
-    const T0: i64 = 1_800_000_000_000_000;
 
     fn t(us: i64) -> OffsetDateTime {
         time_from_micros(us)
@@ -546,41 +546,26 @@ mod tests {
     fn seg(i: u64) -> SegmentEntry {
         let at = t(T0 + i as i64 * 3_600_000_000);
         SegmentEntry {
-            key: keys::segment_key(10 * i + 1),
-            first_seq: 10 * i + 1,
-            last_seq: 10 * i + 10,
             record_count: 10,
-            first_time: at,
-            last_time: at,
-            time_source: TimeSource::Observed,
-            first_log: 1,
-            last_log: 1,
             raw_size: 100,
             stored_size: 50,
-            sha256: None,
+            ..testing::segment(10 * i + 1, 10 * i + 10, at, at)
         }
     }
 
     /// A base taken after segment `i`: replays from that segment, restores to its end.
     fn base(name: &str, i: u64) -> BaseSummary {
         let s = seg(i);
+        let id = format!("b20270115T0000{:02}Z-{name:0>8}", i % 60);
         BaseSummary {
-            id: format!("b20270115T0000{:02}Z-{name:0>8}", i % 60),
-            created_at: s.last_time,
             descriptor: ObjectRef {
                 key: format!("bases/{name}/base.json"),
                 size: 1,
                 sha256: "0".repeat(64),
             },
-            min_log_number: 1,
-            replay_from_seq: s.first_seq,
-            earliest_seq: s.last_seq,
-            earliest_time: s.last_time,
-            column_families: vec![ColumnFamily {
-                id: 0,
-                name: "default".into(),
-            }],
+            column_families: testing::default_cf(),
             total_size: 10,
+            ..testing::base(&id, s.first_seq, s.last_seq, s.last_time)
         }
     }
 

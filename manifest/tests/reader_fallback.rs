@@ -8,111 +8,18 @@ use std::path::Path;
 use std::sync::Arc;
 use tidemark_manifest::keys;
 use tidemark_manifest::model::{
-    self, BaseColumnFamily, BaseDescriptor, BaseFile, BaseSummary, ColumnFamily, Compression,
-    FORMAT_VERSION, Gap, GapKind, Generation, IndexPage, Lineage, ObjectRef, RepositoryConfig,
-    Retention, TimeSource, Writer, time_from_micros,
+    self, FORMAT_VERSION, Gap, GapKind, Generation, IndexPage, time_from_micros,
 };
 use tidemark_manifest::plan::Target;
 use tidemark_manifest::repo::{ReadFrom, RepoError, Repository};
-use tidemark_manifest::segment::{EncodedSegment, Record, RecordTime, SegmentBuilder};
+use tidemark_manifest::segment::EncodedSegment;
 use tidemark_manifest::store::{LocalStore, ObjectStore};
-
-const T0: i64 = 1_800_000_000_000_000;
-
-fn segment(first: u64, last: u64) -> EncodedSegment {
-    let mut b = SegmentBuilder::new(Compression::Zstd, 3).unwrap();
-    for seq in first..=last {
-        let mut batch = seq.to_le_bytes().to_vec();
-        batch.extend_from_slice(&1u32.to_le_bytes());
-        batch.extend_from_slice(&[0x01, 1, b'k', 1, b'v']);
-        b.push(&Record {
-            seq,
-            count: 1,
-            time_us: T0 + seq as i64 * 1000,
-            time_source: RecordTime::Observed,
-            log_number: 10,
-            log_offset: seq * 100,
-            batch,
-        })
-        .unwrap();
-    }
-    b.finish().unwrap()
-}
+use tidemark_manifest::testing::{
+    self, T0_US as T0, config, encoded_segment as segment, write_base,
+};
 
 fn generation(n: u64) -> Generation {
-    Generation {
-        format_version: FORMAT_VERSION,
-        generation: n,
-        repository_id: "repo-1".into(),
-        written_at: time_from_micros(T0 + n as i64 * 1_000_000),
-        writer: Writer {
-            host: "test".into(),
-            pid: 1,
-            version: "0".into(),
-        },
-        time_precision: TimeSource::Observed,
-        bases: vec![],
-        index_pages: vec![],
-        tail_start_seq: 1,
-        gaps: vec![],
-        retention: Retention::default(),
-    }
-}
-
-async fn write_base(repo: &Repository, earliest: u64) -> BaseSummary {
-    let current = b"MANIFEST-000005\n";
-    let id = keys::new_base_id(time_from_micros(T0));
-    let file_key = keys::base_file_key(&id, "CURRENT");
-    repo.store()
-        .put(&file_key, Bytes::from_static(current))
-        .await
-        .unwrap();
-    let d = BaseDescriptor {
-        format_version: FORMAT_VERSION,
-        id: id.clone(),
-        created_at: time_from_micros(T0),
-        database_identity: "db-1".into(),
-        min_log_number: 10,
-        replay_from_seq: 1,
-        earliest_seq: earliest,
-        earliest_time: time_from_micros(T0 + earliest as i64 * 1000),
-        next_file_number: 12,
-        column_families: vec![BaseColumnFamily {
-            id: 0,
-            name: "default".into(),
-            log_number: 10,
-        }],
-        files: vec![BaseFile {
-            name: "CURRENT".into(),
-            size: current.len() as u64,
-            sha256: tidemark_manifest::checksum::sha256_hex(current),
-            key: file_key,
-        }],
-    };
-    let bytes = model::to_document_bytes(&d);
-    let key = keys::base_descriptor_key(&id);
-    repo.store()
-        .put(&key, Bytes::from(bytes.clone()))
-        .await
-        .unwrap();
-    BaseSummary {
-        id,
-        created_at: d.created_at,
-        descriptor: ObjectRef {
-            key,
-            size: bytes.len() as u64,
-            sha256: tidemark_manifest::checksum::sha256_hex(&bytes),
-        },
-        min_log_number: 10,
-        replay_from_seq: 1,
-        earliest_seq: earliest,
-        earliest_time: d.earliest_time,
-        column_families: vec![ColumnFamily {
-            id: 0,
-            name: "default".into(),
-        }],
-        total_size: current.len() as u64,
-    }
+    testing::generation(n, testing::at_secs(n as i64))
 }
 
 /// Generation 1 indexes 1..=30, generation 2 also 31..=50; segment 51..=60 is only in the
@@ -121,20 +28,7 @@ async fn two_generations() -> (tempfile::TempDir, Repository) {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
     let repo = Repository::new(store);
-    repo.create_config(&RepositoryConfig {
-        format_version: FORMAT_VERSION,
-        repository_id: "repo-1".into(),
-        created_at: time_from_micros(T0),
-        database_identity: "db-1".into(),
-        lineage: Lineage {
-            id: "lin-1".into(),
-            parent: None,
-        },
-        segment_compression: Compression::Zstd,
-        encryption: None,
-    })
-    .await
-    .unwrap();
+    repo.create_config(&config()).await.unwrap();
     let mut pages = Vec::new();
     for range in [[(1, 10), (11, 30)], [(31, 35), (36, 50)]] {
         let segs: Vec<EncodedSegment> = range.iter().map(|&(a, b)| segment(a, b)).collect();

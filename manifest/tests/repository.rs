@@ -4,131 +4,20 @@
 use bytes::Bytes;
 use std::sync::Arc;
 use tidemark_manifest::keys;
-use tidemark_manifest::model::{
-    self, BaseColumnFamily, BaseDescriptor, BaseFile, BaseSummary, ColumnFamily, Compression,
-    FORMAT_VERSION, Generation, IndexPage, Lineage, ObjectRef, RepositoryConfig, Retention,
-    TimeSource, Writer, time_from_micros,
-};
+use tidemark_manifest::model::{self, FORMAT_VERSION, Generation, IndexPage};
 use tidemark_manifest::plan::Target;
 use tidemark_manifest::repo::{RepoError, Repository};
-use tidemark_manifest::segment::{Record, RecordTime, SegmentBuilder};
+use tidemark_manifest::segment::EncodedSegment;
 use tidemark_manifest::store::{LocalStore, ObjectStore};
-
-const T0: i64 = 1_800_000_000_000_000;
-
-fn batch(seq: u64, count: u32) -> Vec<u8> {
-    let mut b = seq.to_le_bytes().to_vec();
-    b.extend_from_slice(&count.to_le_bytes());
-    b.extend_from_slice(&[0x01, 1, b'k', 1, b'v']);
-    b
-}
+use tidemark_manifest::testing::{self, config, write_base};
 
 /// A segment of `n` single-sequence records starting at `first`.
-fn segment(first: u64, n: u64) -> tidemark_manifest::segment::EncodedSegment {
-    let mut b = SegmentBuilder::new(Compression::Zstd, 3).unwrap();
-    for i in 0..n {
-        let seq = first + i;
-        b.push(&Record {
-            seq,
-            count: 1,
-            time_us: T0 + seq as i64 * 1000,
-            time_source: RecordTime::Observed,
-            log_number: 10,
-            log_offset: seq * 100,
-            batch: batch(seq, 1),
-        })
-        .unwrap();
-    }
-    b.finish().unwrap()
-}
-
-fn config() -> RepositoryConfig {
-    RepositoryConfig {
-        format_version: FORMAT_VERSION,
-        repository_id: "repo-1".into(),
-        created_at: time_from_micros(T0),
-        database_identity: "db-1".into(),
-        lineage: Lineage {
-            id: "lin-1".into(),
-            parent: None,
-        },
-        segment_compression: Compression::Zstd,
-        encryption: None,
-    }
+fn segment(first: u64, n: u64) -> EncodedSegment {
+    testing::encoded_segment(first, first + n - 1)
 }
 
 fn generation(n: u64) -> Generation {
-    Generation {
-        format_version: FORMAT_VERSION,
-        generation: n,
-        repository_id: "repo-1".into(),
-        written_at: time_from_micros(T0),
-        writer: Writer {
-            host: "test".into(),
-            pid: 1,
-            version: "0".into(),
-        },
-        time_precision: TimeSource::Observed,
-        bases: vec![],
-        index_pages: vec![],
-        tail_start_seq: 1,
-        gaps: vec![],
-        retention: Retention::default(),
-    }
-}
-
-async fn write_base(repo: &Repository, earliest: u64) -> BaseSummary {
-    let store = repo.store();
-    let current = b"MANIFEST-000005\n";
-    let id = keys::new_base_id(time_from_micros(T0));
-    let file_key = keys::base_file_key(&id, "CURRENT");
-    store
-        .put(&file_key, Bytes::from_static(current))
-        .await
-        .unwrap();
-    let d = BaseDescriptor {
-        format_version: FORMAT_VERSION,
-        id: id.clone(),
-        created_at: time_from_micros(T0),
-        database_identity: "db-1".into(),
-        min_log_number: 10,
-        replay_from_seq: 1,
-        earliest_seq: earliest,
-        earliest_time: time_from_micros(T0 + earliest as i64 * 1000),
-        next_file_number: 12,
-        column_families: vec![BaseColumnFamily {
-            id: 0,
-            name: "default".into(),
-            log_number: 10,
-        }],
-        files: vec![BaseFile {
-            name: "CURRENT".into(),
-            size: current.len() as u64,
-            sha256: tidemark_manifest::checksum::sha256_hex(current),
-            key: file_key,
-        }],
-    };
-    let bytes = model::to_document_bytes(&d);
-    let key = keys::base_descriptor_key(&id);
-    store.put(&key, Bytes::from(bytes.clone())).await.unwrap();
-    BaseSummary {
-        id,
-        created_at: d.created_at,
-        descriptor: ObjectRef {
-            key,
-            size: bytes.len() as u64,
-            sha256: tidemark_manifest::checksum::sha256_hex(&bytes),
-        },
-        min_log_number: 10,
-        replay_from_seq: 1,
-        earliest_seq: earliest,
-        earliest_time: d.earliest_time,
-        column_families: vec![ColumnFamily {
-            id: 0,
-            name: "default".into(),
-        }],
-        total_size: current.len() as u64,
-    }
+    testing::generation(n, testing::at_secs(0))
 }
 
 /// Segments 1..=30 in an index page, 31..=50 only in the tail, one base at 5.

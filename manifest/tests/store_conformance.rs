@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use aws_config::BehaviorVersion;
 use aws_credential_types::Credentials;
@@ -22,6 +22,7 @@ use tidemark_manifest::store::{
     self, ETag, MemoryStore, ObjectStore, OpenOptions, RetryPolicy, RetryStore, S3Options, S3Store,
     StoreError, StoreUrl,
 };
+use tidemark_manifest::testing::s3 as test_s3;
 
 const MIB: usize = 1024 * 1024;
 
@@ -99,60 +100,6 @@ async fn memory_fixture() -> Fixture {
     }
 }
 
-/// The S3 endpoint to test against, or `None` (after saying so loudly) to skip.
-fn s3_endpoint(case: &str) -> Option<String> {
-    match std::env::var("TIDEMARK_TEST_S3_ENDPOINT") {
-        Ok(endpoint) if !endpoint.is_empty() => Some(endpoint),
-        _ => {
-            if std::env::var("TIDEMARK_REQUIRE_S3").as_deref() == Ok("1") {
-                panic!(
-                    "TIDEMARK_REQUIRE_S3=1 but TIDEMARK_TEST_S3_ENDPOINT is not set: start a \
-                     server with `scripts/s3-server.sh start` and run \
-                     `eval \"$(scripts/s3-server.sh env)\"` first"
-                );
-            }
-            eprintln!(
-                "!!! skipped: no S3 server for s3::{case} (set TIDEMARK_TEST_S3_ENDPOINT, see \
-                 scripts/s3-server.sh; TIDEMARK_REQUIRE_S3=1 makes this a failure)"
-            );
-            None
-        }
-    }
-}
-
-/// One bucket per test run.
-fn bucket_name() -> &'static str {
-    static NAME: OnceLock<String> = OnceLock::new();
-    NAME.get_or_init(|| {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        format!("tidemark-conformance-{}-{secs}", std::process::id())
-    })
-}
-
-/// Creates the run's bucket; tolerates it existing already (tests share it).
-async fn ensure_bucket(store: &S3Store) {
-    let result = store
-        .client()
-        .create_bucket()
-        .bucket(store.bucket())
-        .send()
-        .await;
-    if let Err(e) = result {
-        let service = e.as_service_error();
-        let ok = service
-            .is_some_and(|s| s.is_bucket_already_owned_by_you() || s.is_bucket_already_exists());
-        assert!(
-            ok,
-            "cannot create bucket {}: {}",
-            store.bucket(),
-            aws_sdk_s3::error::DisplayErrorContext(&e)
-        );
-    }
-}
-
 fn unique_prefix(case: &str) -> String {
     format!("{case}-{:08x}", rand::random::<u32>())
 }
@@ -167,11 +114,11 @@ fn server(store: &dyn ObjectStore) -> String {
 }
 
 async fn s3_fixture(case: &str) -> Option<Fixture> {
-    let endpoint = s3_endpoint(case)?;
-    let raw = S3Store::connect(bucket_name(), &unique_prefix(case), &s3_options(&endpoint))
+    let endpoint = test_s3::endpoint(&format!("s3::{case}"))?;
+    let bucket = test_s3::bucket(&endpoint).await.unwrap();
+    let raw = S3Store::connect(&bucket, &unique_prefix(case), &s3_options(&endpoint))
         .await
         .unwrap();
-    ensure_bucket(&raw).await;
     eprintln!("[s3::{case}] running against {}", server(&raw));
     Some(Fixture {
         kind: Kind::S3,
@@ -668,22 +615,19 @@ async fn local_put_if_match_is_atomic_under_contention() {
 
 #[tokio::test]
 async fn s3_open_store_from_url() {
-    let Some(endpoint) = s3_endpoint("open_store_from_url") else {
+    let Some(endpoint) = test_s3::endpoint("s3::open_store_from_url") else {
         return;
     };
     let options = s3_options(&endpoint);
-    let raw = S3Store::connect(bucket_name(), "", &options).await.unwrap();
-    ensure_bucket(&raw).await;
+    let bucket = test_s3::bucket(&endpoint).await.unwrap();
+    let raw = S3Store::connect(&bucket, "", &options).await.unwrap();
     let prefix = unique_prefix("open-store");
-    let url = StoreUrl::parse(&format!("s3://{}/{prefix}/", bucket_name())).unwrap();
+    let url = StoreUrl::parse(&format!("s3://{bucket}/{prefix}/")).unwrap();
     let s = store::open_store(&url, &options).await.unwrap();
     eprintln!("[s3::open_store_from_url] running against {}", server(&*s));
     assert_eq!(
         s.describe(),
-        format!(
-            "s3://{}/{prefix} (endpoint {endpoint}, region us-east-1)",
-            bucket_name()
-        )
+        format!("s3://{bucket}/{prefix} (endpoint {endpoint}, region us-east-1)")
     );
     s.put("x/y", b("through the URL")).await.unwrap();
     // The prefix is really applied: the raw bucket view sees the object below it.
@@ -694,7 +638,7 @@ async fn s3_open_store_from_url() {
 
 #[tokio::test]
 async fn s3_missing_bucket_is_reported() {
-    let Some(endpoint) = s3_endpoint("missing_bucket_is_reported") else {
+    let Some(endpoint) = test_s3::endpoint("s3::missing_bucket_is_reported") else {
         return;
     };
     let s = S3Store::connect("tidemark-no-such-bucket-4711", "p", &s3_options(&endpoint))
@@ -715,7 +659,7 @@ async fn s3_missing_bucket_is_reported() {
 
 #[tokio::test]
 async fn s3_wrong_credentials_are_rejected() {
-    let Some(endpoint) = s3_endpoint("wrong_credentials_are_rejected") else {
+    let Some(endpoint) = test_s3::endpoint("s3::wrong_credentials_are_rejected") else {
         return;
     };
     if std::env::var("TIDEMARK_TEST_S3_AUTH").as_deref() != Ok("1") {
@@ -727,10 +671,10 @@ async fn s3_wrong_credentials_are_rejected() {
         return;
     }
     // The run's bucket must exist so that only the credentials can be the problem.
-    let good = S3Store::connect(bucket_name(), "", &s3_options(&endpoint))
+    let bucket = test_s3::bucket(&endpoint).await.unwrap();
+    let good = S3Store::connect(&bucket, "", &s3_options(&endpoint))
         .await
         .unwrap();
-    ensure_bucket(&good).await;
     good.put("auth/probe", b("x")).await.unwrap();
 
     let real_key_id = std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_default();
@@ -750,8 +694,7 @@ async fn s3_wrong_credentials_are_rejected() {
             .credentials_provider(Credentials::new(key_id, secret, None, None, "test"))
             .load()
             .await;
-        let bad =
-            S3Store::from_sdk_config(&sdk, bucket_name(), "", &s3_options(&endpoint)).unwrap();
+        let bad = S3Store::from_sdk_config(&sdk, &bucket, "", &s3_options(&endpoint)).unwrap();
         eprintln!(
             "[s3::wrong_credentials_are_rejected] running against {} ({expected_code})",
             server(&bad)

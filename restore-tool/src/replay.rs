@@ -691,8 +691,7 @@ mod tests {
     use tidemark_manifest::plan::History;
     use tidemark_manifest::rocks::log::LogReader;
     use tidemark_manifest::segment::{RecordTime, SegmentBuilder};
-
-    const T0: i64 = 1_800_000_000_000_000;
+    use tidemark_manifest::testing::{self, T0_US as T0};
 
     /// A WriteBatch of `count` puts in the default column family.
     fn batch(seq: u64, count: u32) -> Vec<u8> {
@@ -731,22 +730,10 @@ mod tests {
 
     fn base(min_log: u64, replay_from: u64, earliest: u64) -> BaseSummary {
         BaseSummary {
-            id: "b1".into(),
-            created_at: time_from_micros(T0),
-            descriptor: ObjectRef {
-                key: keys::base_descriptor_key("b1"),
-                size: 1,
-                sha256: String::new(),
-            },
             min_log_number: min_log,
-            replay_from_seq: replay_from,
-            earliest_seq: earliest,
             earliest_time: time_from_micros(T0 + 2_000_000),
-            column_families: vec![ColumnFamily {
-                id: 0,
-                name: "default".into(),
-            }],
-            total_size: 0,
+            column_families: testing::default_cf(),
+            ..testing::base("b1", replay_from, earliest, time_from_micros(T0))
         }
     }
 

@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 
 use anyhow::Result;
 use common::{Archive, Source};
+use tidemark_tests::harness::output_text as text;
 
 fn cli(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tidemark-restore"))
@@ -16,15 +17,6 @@ fn cli(args: &[&str]) -> Output {
         .env_remove("TIDEMARK_FROM")
         .output()
         .expect("the binary runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn stdout(o: &Output) -> String {
@@ -45,9 +37,9 @@ async fn fixture() -> Result<Fixture> {
     let (repo, url) = common::local_repo(source.root.path()).await?;
     source.write(120)?;
     let mut archive = Archive::create(repo, &source).await?;
-    archive.base().await?;
+    archive.base(&source).await?;
     source.write(200)?;
-    archive.checkpoint().await?;
+    archive.checkpoint(&source).await?;
     source.finish()?;
     Ok(Fixture { source, url })
 }

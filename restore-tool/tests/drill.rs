@@ -11,7 +11,9 @@ use std::process::{Command, Output};
 use anyhow::{Context, Result, ensure};
 use common::{Archive, Source};
 use serde_json::Value;
+use tidemark_manifest::testing::s3 as test_s3;
 use tidemark_tests::Oracle;
+use tidemark_tests::harness::output_text as text;
 
 const PHASES: [&str; 6] = [
     "plan",
@@ -40,15 +42,6 @@ fn drill(args: &[&str], extra: &[(&str, &str)]) -> Output {
         cmd.env(k, v);
     }
     cmd.output().expect("the binary runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn read_report(path: &Path) -> Result<Value> {
@@ -108,13 +101,13 @@ async fn fixture(seed: u64) -> Result<Fixture> {
 async fn build(source: &mut Source, repo: tidemark_manifest::repo::Repository) -> Result<u64> {
     source.write(120)?;
     let mut archive = Archive::create(repo, source).await?;
-    let first = archive.base().await?.earliest_seq;
+    let first = archive.base(source).await?.earliest_seq;
     source.write(150)?;
-    archive.catch_up().await?;
+    archive.catch_up(source).await?;
     source.flush()?;
-    archive.base().await?;
+    archive.base(source).await?;
     source.write(100)?;
-    archive.checkpoint().await?;
+    archive.checkpoint(source).await?;
     source.finish()?;
     Ok(first)
 }
@@ -390,7 +383,7 @@ async fn drills_of_the_latest_and_a_random_point_pass() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drill_on_s3_passes() -> Result<()> {
-    let Some(endpoint) = common::s3_endpoint("a_drill_on_s3_passes") else {
+    let Some(endpoint) = test_s3::endpoint("a_drill_on_s3_passes") else {
         return Ok(());
     };
     let mut source = Source::new(42)?;

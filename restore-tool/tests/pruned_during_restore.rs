@@ -56,13 +56,13 @@ async fn a_restore_finishes_within_the_grace_period_and_says_when_it_was_pruned_
     let (repo, _) = common::local_repo(source.root.path()).await?;
     source.write(120)?;
     let mut archive = Archive::create(repo.clone(), &source).await?;
-    let b1 = archive.base().await?;
+    let b1 = archive.base(&source).await?;
     source.write(200)?;
-    archive.catch_up().await?;
+    archive.catch_up(&source).await?;
     source.flush()?;
-    archive.base().await?;
+    archive.base(&source).await?;
     source.write(60)?;
-    archive.checkpoint().await?;
+    archive.checkpoint(&source).await?;
     source.finish()?;
     let oracle = source.oracle()?;
     let out = tempfile::tempdir()?;

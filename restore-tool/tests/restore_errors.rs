@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result, ensure};
 use common::{Archive, Source, check_against_oracle, names, restore_to};
 use tidemark_manifest::model::time_from_micros;
 use tidemark_restore::commands::Target;
@@ -31,18 +31,30 @@ async fn fixture(seed: u64) -> Result<Fixture> {
     let repo_dir = source.root.path().join("repo");
     source.write(150)?;
     let mut archive = Archive::create(repo.clone(), &source).await?;
-    archive.base().await?;
+    archive.base(&source).await?;
     source.write(80)?;
-    archive.catch_up().await?;
+    archive.catch_up(&source).await?;
     source.write(60)?;
-    let gap = archive.lose(20).await?;
+    // A WAL file deleted before the archiver read it.
+    let (lost_first, lost_last) = source.write_lost(20)?;
     source.write(50)?;
-    archive.catch_up().await?;
+    archive.catch_up(&source).await?;
+    let gap = archive
+        .gaps()
+        .last()
+        .cloned()
+        .context("the archiver recorded no gap")?;
+    ensure!(
+        (gap.first_seq, gap.last_seq) == (lost_first, lost_last),
+        "the archiver recorded the gap {}..={}, but {lost_first}..={lost_last} were lost",
+        gap.first_seq,
+        gap.last_seq
+    );
     // Base 2 must not need WAL from before the gap.
     source.flush()?;
-    archive.base().await?;
+    archive.base(&source).await?;
     source.write(70)?;
-    archive.checkpoint().await?;
+    archive.checkpoint(&source).await?;
     source.finish()?;
     Ok(Fixture {
         source,

@@ -1,4 +1,4 @@
-//! Restores of a real RocksDB, archived by the archiver's own pieces, compared key by key
+//! Restores of a real RocksDB, archived by the archiver's pipeline, compared key by key
 //! with the load generator's oracle: sequence targets (at and inside batches), time
 //! targets, the latest point, across two base backups, on the local store and on S3.
 
@@ -8,6 +8,7 @@ use anyhow::Result;
 use common::{Archive, Source, check_against_oracle, restore_to};
 use tidemark_manifest::model::time_from_micros;
 use tidemark_manifest::repo::Repository;
+use tidemark_manifest::testing::s3 as test_s3;
 use tidemark_restore::commands::Target;
 use tidemark_restore::verify::VerificationStatus;
 use tidemark_tests::Oracle;
@@ -17,16 +18,16 @@ use tidemark_tests::Oracle;
 async fn build(source: &mut Source, repo: Repository) -> Result<Archive> {
     source.write(260)?;
     let mut archive = Archive::create(repo, source).await?;
-    archive.catch_up().await?;
-    archive.base().await?;
+    archive.catch_up(source).await?;
+    archive.base(source).await?;
     source.write(420)?;
-    archive.catch_up().await?;
-    archive.base().await?;
+    archive.catch_up(source).await?;
+    archive.base(source).await?;
     source.write(330)?;
-    archive.checkpoint().await?;
+    archive.checkpoint(source).await?;
     source.write(60)?;
     // The last batches are shipped but only reachable by the tail walk.
-    archive.catch_up().await?;
+    archive.catch_up(source).await?;
     source.finish()?;
     Ok(archive)
 }
@@ -177,7 +178,7 @@ async fn local_restores_match_the_oracle() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_restores_match_the_oracle() -> Result<()> {
-    let Some(endpoint) = common::s3_endpoint("s3_restores_match_the_oracle") else {
+    let Some(endpoint) = test_s3::endpoint("s3_restores_match_the_oracle") else {
         return Ok(());
     };
     let mut source = Source::new(12)?;

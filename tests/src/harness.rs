@@ -13,6 +13,7 @@ use tidemark_manifest::repo::Repository;
 use tidemark_manifest::store::{
     EncryptionKey, LocalStore, ObjectStore, OpenOptions, S3Options, StoreUrl,
 };
+use tidemark_manifest::testing::s3 as test_s3;
 
 /// A workspace binary, built by `cargo build --workspace` (scripts/test.sh does).
 pub fn bin(name: &str) -> Result<PathBuf> {
@@ -75,6 +76,16 @@ pub fn run_with_timeout(
     ))
 }
 
+/// A finished program's exit code and output, for failure messages.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 /// A child process that is killed when dropped; its output goes to a log file.
 #[derive(Debug)]
 pub struct Proc {
@@ -84,7 +95,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `program` with `args` and extra environment, logging to `log`.
+    /// Starts `program` with `args` and extra environment (`TIDEMARK_LOG` in it replaces
+    /// the default filter), logging to `log`.
     pub fn spawn(
         program: &Path,
         args: &[String],
@@ -95,8 +107,8 @@ impl Proc {
         let err = out.try_clone()?;
         let child = Command::new(program)
             .args(args)
-            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("TIDEMARK_LOG", "info,tidemark_archiver=debug,aws=warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -140,6 +152,39 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits for the process to exit, at most `limit`; fails with its log unless it
+    /// exited 0.
+    pub fn wait_success(&mut self, limit: Duration) -> Result<()> {
+        let status = self.wait_timeout(limit)?;
+        ensure!(
+            status.success(),
+            "{} exited with {status}; its log:\n{}",
+            self.name,
+            self.log_tail()
+        );
+        Ok(())
+    }
+
+    /// Stops the process with SIGTERM; it must exit 0 within `limit`.
+    pub fn stop(&mut self, limit: Duration) -> Result<()> {
+        self.signal("TERM")?;
+        self.wait_success(limit)
+    }
+
+    /// Kills the process with SIGKILL and waits for it; it must have been running until then
+    /// (else this fails with its log).
+    pub fn kill_running(&mut self) -> Result<()> {
+        ensure!(
+            self.running(),
+            "{} exited before it was killed; its log:\n{}",
+            self.name,
+            self.log_tail()
+        );
+        self.signal("KILL")?;
+        self.wait_timeout(Duration::from_secs(10))?;
+        Ok(())
     }
 
     /// True while the process runs.
@@ -195,21 +240,13 @@ impl TestStore {
         })
     }
 
-    /// A fresh prefix on the test S3 server, or `None` (with a loud message) when no server
-    /// was started. Fails when `TIDEMARK_REQUIRE_S3=1` and there is none.
+    /// A fresh prefix in the test S3 server's bucket, or `None` (with a loud message) when
+    /// no server was started. Fails when `TIDEMARK_REQUIRE_S3=1` and there is none.
     pub async fn s3(test: &str) -> Result<Option<TestStore>> {
-        let Ok(endpoint) = std::env::var("TIDEMARK_TEST_S3_ENDPOINT") else {
-            if std::env::var("TIDEMARK_REQUIRE_S3").as_deref() == Ok("1") {
-                bail!(
-                    "TIDEMARK_REQUIRE_S3=1 but TIDEMARK_TEST_S3_ENDPOINT is not set: start a server with scripts/s3-server.sh"
-                );
-            }
-            eprintln!(
-                "SKIPPED S3 variant of {test}: no S3 server (run scripts/test.sh, or scripts/s3-server.sh start)"
-            );
+        let Some(endpoint) = test_s3::endpoint(test) else {
             return Ok(None);
         };
-        let bucket = ensure_bucket(&endpoint).await?;
+        let bucket = test_s3::bucket(&endpoint).await?;
         let prefix = format!("{test}-{:08x}", rand::random::<u32>());
         eprintln!("{test}: S3 server at {endpoint}, bucket {bucket}, prefix {prefix}");
         Ok(Some(TestStore {
@@ -310,6 +347,20 @@ impl TestStore {
     }
 }
 
+/// Runs `test` on a fresh prefix of the test S3 server ([`TestStore::s3`] names it after
+/// `name`). Without a server it passes after saying so loudly, unless
+/// `TIDEMARK_REQUIRE_S3=1`.
+pub async fn with_s3<F, Fut>(name: &str, test: F) -> Result<()>
+where
+    F: FnOnce(TestStore) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    match TestStore::s3(name).await? {
+        Some(store) => test(store).await,
+        None => Ok(()),
+    }
+}
+
 /// A plain S3 client for the test server at `endpoint` (path-style, the region from
 /// `AWS_REGION` or `us-east-1`, credentials from the environment): for tests that act on the
 /// store as another program would, beside Tidemark's own store.
@@ -326,25 +377,6 @@ pub async fn raw_s3_client(endpoint: &str) -> aws_sdk_s3::Client {
             .force_path_style(true)
             .build(),
     )
-}
-
-/// The bucket the end-to-end tests share, created once per test process.
-async fn ensure_bucket(endpoint: &str) -> Result<String> {
-    static BUCKET: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
-    BUCKET
-        .get_or_try_init(|| async {
-            let bucket = format!("tidemark-e2e-{:08x}", rand::random::<u32>());
-            let client = raw_s3_client(endpoint).await;
-            client
-                .create_bucket()
-                .bucket(&bucket)
-                .send()
-                .await
-                .with_context(|| format!("cannot create bucket {bucket} at {endpoint}"))?;
-            Ok::<_, anyhow::Error>(bucket)
-        })
-        .await
-        .cloned()
 }
 
 /// Waits until `store` holds `last_seq` (its newest segment ends there) and a base backup,

@@ -8,6 +8,7 @@ pub mod faultproxy;
 pub mod harness;
 pub mod oracle;
 pub mod rocks;
+pub mod setup;
 pub mod state;
 pub mod workload;
 

@@ -9,60 +9,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use tidemark_manifest::exit;
 use tidemark_manifest::plan::Target;
-use tidemark_tests::Oracle;
+use tidemark_tests::harness::with_s3;
 use tidemark_tests::harness::{
     Proc, TestStore, bin, check_history, run_with_timeout, wait_archived, wait_for,
     wait_for_database,
 };
-
-struct Setup {
-    dir: tempfile::TempDir,
-    store: TestStore,
-}
-
-impl Setup {
-    fn db(&self) -> std::path::PathBuf {
-        self.dir.path().join("db")
-    }
-    fn out(&self) -> std::path::PathBuf {
-        self.dir.path().join("oracle")
-    }
-    fn log(&self, name: &str) -> std::path::PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn loadgen(&self, args: &[&str]) -> Result<Proc> {
-        let mut a = vec![
-            "--db".to_owned(),
-            self.db().display().to_string(),
-            "--out".to_owned(),
-            self.out().display().to_string(),
-        ];
-        a.extend(args.iter().map(|s| s.to_string()));
-        Proc::spawn(&bin("tidemark-loadgen")?, &a, &[], &self.log("loadgen.log"))
-    }
-
-    fn archiver(&self, log: &str, extra: &[&str]) -> Result<Proc> {
-        let mut a = vec![
-            "run".to_owned(),
-            "--db".to_owned(),
-            self.db().display().to_string(),
-            "--to".to_owned(),
-            self.store.url.clone(),
-            "--sync-interval".to_owned(),
-            "200ms".to_owned(),
-            "--checkpoint-interval".to_owned(),
-            "1s".to_owned(),
-        ];
-        a.extend(extra.iter().map(|s| s.to_string()));
-        Proc::spawn(
-            &bin("tidemark-archiver")?,
-            &a,
-            &self.store.env,
-            &self.log(log),
-        )
-    }
-}
+use tidemark_tests::setup::Setup;
 
 /// Whether `lease.json` holds a live lease (a released one stays after a clean stop).
 fn live_lease(path: &Path) -> bool {
@@ -75,40 +27,15 @@ fn live_lease(path: &Path) -> bool {
     })
 }
 
-fn wait_for_db(db: &Path) -> Result<()> {
-    wait_for_database(db)
-}
-
 async fn archives_a_live_database(store: TestStore) -> Result<()> {
     eprintln!("archiving into {}", store.describe);
-    let s = Setup {
-        dir: tempfile::tempdir()?,
-        store,
-    };
-    let mut writer = s.loadgen(&["--duration", "8", "--rate", "500", "--seed", "7"])?;
-    wait_for_db(&s.db())?;
-    let mut arch = s.archiver("archiver.log", &["--base-interval", "3s"])?;
-    let status = writer.wait_timeout(Duration::from_secs(60))?;
-    ensure!(
-        status.success(),
-        "load generator failed:\n{}",
-        writer.log_tail()
-    );
-    let oracle = Oracle::open(&s.out())?;
-    wait_archived(
-        &s.store,
-        oracle.last_seq(),
-        &mut arch,
-        Duration::from_secs(60),
-    )
-    .await?;
-    arch.signal("TERM")?;
-    let status = arch.wait_timeout(Duration::from_secs(30))?;
-    ensure!(
-        status.success(),
-        "archiver exit {status}:\n{}",
-        arch.log_tail()
-    );
+    let s = Setup::new(store)?;
+    let oracle = s
+        .archive(
+            &["--duration", "8", "--rate", "500", "--seed", "7"],
+            &["--base-interval", "3s"],
+        )
+        .await?;
     check_history(&s.store, &oracle, 2).await?;
     // A clean shutdown released the lease.
     let repo = s.store.open().await?;
@@ -128,19 +55,13 @@ async fn archives_a_live_database_to_a_local_directory() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn archives_a_live_database_to_s3() -> Result<()> {
-    match TestStore::s3("archiver-live").await? {
-        Some(store) => archives_a_live_database(store).await,
-        None => Ok(()),
-    }
+    with_s3("archiver-live", archives_a_live_database).await
 }
 
 async fn survives_kill_9(store: TestStore, kills: usize) -> Result<()> {
-    let s = Setup {
-        dir: tempfile::tempdir()?,
-        store,
-    };
+    let s = Setup::new(store)?;
     let mut writer = s.loadgen(&["--duration", "12", "--rate", "800", "--seed", "11"])?;
-    wait_for_db(&s.db())?;
+    wait_for_database(&s.db())?;
     let mut rng_state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {
         rng_state ^= rng_state << 13;
@@ -152,21 +73,10 @@ async fn survives_kill_9(store: TestStore, kills: usize) -> Result<()> {
         let mut arch = s.archiver(&format!("archiver-{i}.log"), &["--base-interval", "2s"])?;
         let alive = Duration::from_millis(300 + next() % 1700);
         std::thread::sleep(alive);
-        ensure!(
-            arch.running(),
-            "archiver {i} exited early:\n{}",
-            arch.log_tail()
-        );
-        arch.signal("KILL")?;
-        arch.wait_timeout(Duration::from_secs(10))?;
+        arch.kill_running()?;
     }
-    let status = writer.wait_timeout(Duration::from_secs(60))?;
-    ensure!(
-        status.success(),
-        "load generator failed:\n{}",
-        writer.log_tail()
-    );
-    let oracle = Oracle::open(&s.out())?;
+    writer.wait_success(Duration::from_secs(60))?;
+    let oracle = s.oracle()?;
     let mut arch = s.archiver("archiver-final.log", &["--base-interval", "1h"])?;
     wait_archived(
         &s.store,
@@ -175,13 +85,7 @@ async fn survives_kill_9(store: TestStore, kills: usize) -> Result<()> {
         Duration::from_secs(60),
     )
     .await?;
-    arch.signal("TERM")?;
-    let status = arch.wait_timeout(Duration::from_secs(30))?;
-    ensure!(
-        status.success(),
-        "archiver exit {status}:\n{}",
-        arch.log_tail()
-    );
+    arch.stop(Duration::from_secs(30))?;
     check_history(&s.store, &oracle, 1).await
 }
 
@@ -192,10 +96,7 @@ async fn survives_kill_9_at_random_moments_local() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn survives_kill_9_at_random_moments_s3() -> Result<()> {
-    match TestStore::s3("archiver-kill9").await? {
-        Some(store) => survives_kill_9(store, 4).await,
-        None => Ok(()),
-    }
+    with_s3("archiver-kill9", |store| survives_kill_9(store, 4)).await
 }
 
 /// Runs the archiver to completion (at most three minutes) and returns (exit code, output).
@@ -256,10 +157,7 @@ async fn bad_starts_fail_fast_and_say_why() -> Result<()> {
     );
 
     // An unreachable store: fails, naming the endpoint, without hanging.
-    let s = Setup {
-        dir: tempfile::tempdir()?,
-        store: TestStore::local()?,
-    };
+    let s = Setup::new(TestStore::local()?)?;
     let mut writer = s.loadgen(&["--batches", "200"])?;
     writer.wait_timeout(Duration::from_secs(30))?;
     let started = std::time::Instant::now();
@@ -406,8 +304,7 @@ async fn a_column_family_change_takes_a_base_and_marks_the_points_before_it() ->
     })
     .await
     .with_context(|| arch.log_tail())?;
-    arch.signal("TERM")?;
-    ensure!(arch.wait_timeout(Duration::from_secs(30))?.success());
+    arch.stop(Duration::from_secs(30))?;
     let state = repo.load().await?;
     let gap = state
         .history
@@ -502,13 +399,7 @@ async fn archive_until(
     })
     .await
     .with_context(|| arch.log_tail())?;
-    arch.signal("TERM")?;
-    let status = arch.wait_timeout(Duration::from_secs(30))?;
-    ensure!(
-        status.success(),
-        "archiver exit {status}:\n{}",
-        arch.log_tail()
-    );
+    arch.stop(Duration::from_secs(30))?;
     Ok(())
 }
 
@@ -595,12 +486,9 @@ async fn a_wal_deleted_before_it_was_archived_is_a_gap_healed_by_a_new_base() ->
 #[tokio::test(flavor = "multi_thread")]
 async fn backup_signals_a_running_archiver_or_runs_once_and_status_checks_thresholds() -> Result<()>
 {
-    let s = Setup {
-        dir: tempfile::tempdir()?,
-        store: TestStore::local()?,
-    };
+    let s = Setup::new(TestStore::local()?)?;
     let mut writer = s.loadgen(&["--batches", "2000"])?;
-    ensure!(writer.wait_timeout(Duration::from_secs(60))?.success());
+    writer.wait_success(Duration::from_secs(60))?;
     let db = s.db().display().to_string();
     let bases =
         |root: &Path| -> usize { std::fs::read_dir(root.join("bases")).map_or(0, |d| d.count()) };
@@ -625,8 +513,7 @@ async fn backup_signals_a_running_archiver_or_runs_once_and_status_checks_thresh
     wait_for_history(&repo, |st| st.history.bases.len() >= 2)
         .await
         .with_context(|| arch.log_tail())?;
-    arch.signal("TERM")?;
-    ensure!(arch.wait_timeout(Duration::from_secs(30))?.success());
+    arch.stop(Duration::from_secs(30))?;
 
     // status: thresholds turn into `THRESHOLD_EXCEEDED`.
     let (code, text) = run_archiver(&["status", "--to", &s.store.url, "--json"], &[])?;
@@ -660,19 +547,15 @@ async fn backup_signals_a_running_archiver_or_runs_once_and_status_checks_thresh
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_database_gets_no_new_scheduled_bases() -> Result<()> {
-    let s = Setup {
-        dir: tempfile::tempdir()?,
-        store: TestStore::local()?,
-    };
+    let s = Setup::new(TestStore::local()?)?;
     let mut writer = s.loadgen(&["--batches", "300"])?;
-    ensure!(writer.wait_timeout(Duration::from_secs(60))?.success());
+    writer.wait_success(Duration::from_secs(60))?;
     let mut arch = s.archiver("idle.log", &["--base-interval", "500ms"])?;
     let repo = s.store.open_when_created().await?;
     wait_for_history(&repo, |st| !st.history.bases.is_empty()).await?;
     // Several base intervals pass with nothing written.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    arch.signal("TERM")?;
-    ensure!(arch.wait_timeout(Duration::from_secs(30))?.success());
+    arch.stop(Duration::from_secs(30))?;
     let state = repo.load().await?;
     ensure!(
         state.history.bases.len() == 1,

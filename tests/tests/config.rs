@@ -33,7 +33,7 @@ fn make_db(dir: &Path) -> Result<std::path::PathBuf> {
         &[],
         &dir.join("loadgen.log"),
     )?;
-    ensure!(writer.wait_timeout(Duration::from_secs(60))?.success());
+    writer.wait_success(Duration::from_secs(60))?;
     Ok(db)
 }
 

@@ -13,7 +13,6 @@
 //! credentials is refused from every source and never shown; a restored OPTIONS file whose
 //! path options point outside the restored database is reported.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -26,7 +25,9 @@ use tidemark_manifest::repo::Repository;
 use tidemark_manifest::store::{
     EncryptionKey, ObjectStore, OpenOptions, S3Options, Sse, StoreUrl, open_store_with,
 };
+use tidemark_tests::harness::with_s3;
 use tidemark_tests::harness::{Proc, TestStore, bin, raw_s3_client, wait_for, wait_for_database};
+use tidemark_tests::setup::Setup;
 use tidemark_tests::{Op, Oracle, read_db_state_and_seq};
 
 /// How the programs get the key.
@@ -39,94 +40,71 @@ enum Delivery {
     Env,
 }
 
-struct Setup {
-    dir: tempfile::TempDir,
-    store: TestStore,
+/// A test's setup (bases every 2 s, the archiver logging everything at debug level) with
+/// the key it archives with and how the programs get it.
+struct Encrypted {
+    s: Setup,
     key: EncryptionKey,
     key_file: PathBuf,
     delivery: Delivery,
 }
 
-impl Setup {
-    fn new(store: TestStore, delivery: Delivery) -> Result<Setup> {
-        let dir = tempfile::tempdir()?;
+impl std::ops::Deref for Encrypted {
+    type Target = Setup;
+    fn deref(&self) -> &Setup {
+        &self.s
+    }
+}
+
+impl Encrypted {
+    fn new(store: TestStore, delivery: Delivery) -> Result<Encrypted> {
+        let s = Setup::new(store)?.base_interval("2s").log_filter("debug");
         let key = EncryptionKey::generate();
-        let key_file = write_key_file(dir.path(), "key", &key)?;
-        Ok(Setup {
-            dir,
-            store,
+        let key_file = write_key_file(&s.path(""), "key", &key)?;
+        Ok(Encrypted {
+            s,
             key,
             key_file,
             delivery,
         })
     }
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+    /// What gives the programs `key` (in `file` for [`Delivery::File`]).
+    fn key_env(&self, key: &EncryptionKey, file: &Path) -> (String, String) {
+        match self.delivery {
+            Delivery::File => (
+                "TIDEMARK_ENCRYPTION_KEY_FILE".into(),
+                file.display().to_string(),
+            ),
+            Delivery::Env => (
+                "TIDEMARK_ENCRYPTION_KEY".into(),
+                base64::engine::general_purpose::STANDARD.encode(key.as_bytes()),
+            ),
+        }
     }
 
     /// The environment the programs get: the store's, the key's (for the restore tool and
-    /// for [`Delivery::Env`]), verbose logs.
+    /// for [`Delivery::Env`]).
     fn env(&self, key: Option<(&EncryptionKey, &Path)>) -> Vec<(String, String)> {
         let mut env = self.store.env.clone();
-        if let Some((key, file)) = key {
-            match self.delivery {
-                Delivery::File => env.push((
-                    "TIDEMARK_ENCRYPTION_KEY_FILE".into(),
-                    file.display().to_string(),
-                )),
-                Delivery::Env => env.push((
-                    "TIDEMARK_ENCRYPTION_KEY".into(),
-                    base64::engine::general_purpose::STANDARD.encode(key.as_bytes()),
-                )),
-            }
-        }
+        env.extend(key.map(|(key, file)| self.key_env(key, file)));
         env
     }
 
+    /// The archiver with the key (`--encryption-key-file` or the environment), and
+    /// server-side encryption on S3.
     fn archiver(&self) -> Result<Proc> {
-        let mut args: Vec<String> = [
-            "run",
-            "--db",
-            &self.path("db").display().to_string(),
-            "--to",
-            &self.store.url,
-            "--sync-interval",
-            "200ms",
-            "--checkpoint-interval",
-            "1s",
-            "--base-interval",
-            "2s",
-        ]
-        .map(String::from)
-        .to_vec();
-        let mut env = self.store.env.clone();
+        let file = self.key_file.display().to_string();
+        let mut args = Vec::new();
+        let mut env = Vec::new();
         match self.delivery {
-            Delivery::File => {
-                args.push("--encryption-key-file".into());
-                args.push(self.key_file.display().to_string());
-            }
-            Delivery::Env => env = self.env(Some((&self.key, &self.key_file))),
+            Delivery::File => args.extend(["--encryption-key-file", file.as_str()]),
+            Delivery::Env => env.push(self.key_env(&self.key, &self.key_file)),
         }
         if self.store.local_root().is_none() {
             env.push(("TIDEMARK_SSE".into(), "AES256".into()));
         }
-        // Proc::spawn sets its own log filter; this test wants everything at debug level.
-        let log = self.path("archiver.log");
-        let out = File::create(&log)?;
-        let child = Command::new(bin("tidemark-archiver")?)
-            .args(&args)
-            .envs(env)
-            .env("TIDEMARK_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()?;
-        Ok(Proc {
-            name: "tidemark-archiver".into(),
-            child,
-            log,
-        })
+        self.s.archiver_with_env("archiver.log", &args, &env)
     }
 
     /// Runs `tidemark-restore -vv restore --latest` into `target` with the key given;
@@ -212,7 +190,7 @@ fn needles(oracle: &Oracle) -> Result<Vec<Vec<u8>>> {
 
 async fn archive_and_restore(store: TestStore, delivery: Delivery) -> Result<()> {
     eprintln!("encrypted archive into {} ({delivery:?})", store.describe);
-    let s = Setup::new(store, delivery)?;
+    let s = Encrypted::new(store, delivery)?;
     let mut writer = Proc::spawn(
         &bin("tidemark-loadgen")?,
         &[
@@ -238,12 +216,7 @@ async fn archive_and_restore(store: TestStore, delivery: Delivery) -> Result<()>
     let db = s.path("db");
     wait_for_database(&db)?;
     let mut arch = s.archiver()?;
-    let status = writer.wait_timeout(Duration::from_secs(60))?;
-    ensure!(
-        status.success(),
-        "load generator failed:\n{}",
-        writer.log_tail()
-    );
+    writer.wait_success(Duration::from_secs(60))?;
     let oracle = Oracle::open(&s.path("oracle"))?;
 
     // Wait until everything written is archived, reading the repository with the key.
@@ -274,13 +247,7 @@ async fn archive_and_restore(store: TestStore, delivery: Delivery) -> Result<()>
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    arch.signal("TERM")?;
-    let status = arch.wait_timeout(Duration::from_secs(30))?;
-    ensure!(
-        status.success(),
-        "archiver exit {status}:\n{}",
-        arch.log_tail()
-    );
+    arch.stop(Duration::from_secs(30))?;
 
     // At rest: tidemark.json names the key by its id only; every other object is sealed
     // and holds none of the values the application wrote, which its plaintext does hold.
@@ -359,7 +326,7 @@ async fn archive_and_restore(store: TestStore, delivery: Delivery) -> Result<()>
 
     // A wrong key and no key are refused before anything is written.
     let other = EncryptionKey::generate();
-    let other_file = write_key_file(s.dir.path(), "other-key", &other)?;
+    let other_file = write_key_file(&s.path(""), "other-key", &other)?;
     let mut outputs = vec![std::fs::read_to_string(&arch.log)?];
     for (name, key, needle) in [
         (
@@ -476,10 +443,10 @@ async fn encrypted_archive_and_restore_local() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn encrypted_archive_and_restore_on_s3() -> Result<()> {
-    match TestStore::s3("encryption").await? {
-        Some(store) => archive_and_restore(store, Delivery::Env).await,
-        None => Ok(()),
-    }
+    with_s3("encryption", |store| {
+        archive_and_restore(store, Delivery::Env)
+    })
+    .await
 }
 
 /// `--sse` reaches every kind of upload: a plain put, a conditional create, a single-part
@@ -683,11 +650,7 @@ impl Backups {
                 .map(String::from);
                 let log = dir.path().join("loadgen.log");
                 let mut writer = Proc::spawn(&bin("tidemark-loadgen")?, &args, &[], &log)?;
-                ensure!(
-                    writer.wait_timeout(Duration::from_secs(60))?.success(),
-                    "load generator failed:\n{}",
-                    writer.log_tail()
-                );
+                writer.wait_success(Duration::from_secs(60))?;
             }
             Some(mut o) => {
                 o.create_if_missing(true);

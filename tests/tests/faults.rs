@@ -8,13 +8,15 @@
 //! S3 only (the faults are on the wire); skipped with a message when no S3 server runs, a
 //! failure under `TIDEMARK_REQUIRE_S3=1`.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use tidemark_tests::Oracle;
 use tidemark_tests::faultproxy::{FaultCounts, FaultKind, FaultPlan, FaultProxy};
-use tidemark_tests::harness::{Proc, TestStore, bin, check_history, wait_for_database};
+use tidemark_tests::harness::{
+    Proc, TestStore, bin, check_history, wait_archived, wait_for_database,
+};
+use tidemark_tests::setup::Setup;
 
 /// What the retry layer logs for each retried call.
 const RETRY_MESSAGE: &str = "object store call failed temporarily; retrying";
@@ -27,161 +29,44 @@ const GIVING_UP_MESSAGE: &str = "giving up";
 /// What the retry layer logs when a conditional write's reply was lost but the write landed.
 const LOST_REPLY_MESSAGE: &str = "its reply was lost";
 
-struct Setup {
-    dir: tempfile::TempDir,
-    /// The repository reached directly, for the test's own checks.
-    direct: TestStore,
-    /// The same repository through the proxy, for the programs under test.
-    proxied: TestStore,
-    proxy: FaultProxy,
-}
-
-impl Setup {
-    /// An S3 repository and a proxy in front of its server, or `None` without a server.
-    async fn new(test: &str, plan: FaultPlan, seed: u64) -> Result<Option<Setup>> {
-        let Some(direct) = TestStore::s3(test).await? else {
-            return Ok(None);
-        };
-        let endpoint = direct
-            .s3
-            .endpoint_url
-            .clone()
-            .context("the test S3 store has no endpoint")?;
-        let proxy = FaultProxy::start(&endpoint, plan, seed)?;
-        let proxied = direct.through(&proxy.url())?;
-        eprintln!(
-            "{test}: programs reach {endpoint} through the fault proxy at {}",
-            proxy.url()
-        );
-        Ok(Some(Setup {
-            dir: tempfile::tempdir()?,
-            direct,
-            proxied,
-            proxy,
-        }))
-    }
-
-    fn db(&self) -> PathBuf {
-        self.dir.path().join("db")
-    }
-
-    fn out(&self) -> PathBuf {
-        self.dir.path().join("oracle")
-    }
-
-    fn log(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn loadgen(&self, args: &[&str]) -> Result<Proc> {
-        let mut a = vec![
-            "--db".to_owned(),
-            self.db().display().to_string(),
-            "--out".to_owned(),
-            self.out().display().to_string(),
-        ];
-        a.extend(args.iter().map(|s| s.to_string()));
-        Proc::spawn(&bin("tidemark-loadgen")?, &a, &[], &self.log("loadgen.log"))
-    }
-
-    /// `tidemark-archiver run` through the proxy.
-    fn archiver(&self, extra: &[&str]) -> Result<Proc> {
-        let mut a = vec![
-            "run".to_owned(),
-            "--db".to_owned(),
-            self.db().display().to_string(),
-            "--to".to_owned(),
-            self.proxied.url.clone(),
-            "--sync-interval".to_owned(),
-            "200ms".to_owned(),
-            "--checkpoint-interval".to_owned(),
-            "1s".to_owned(),
-        ];
-        a.extend(extra.iter().map(|s| s.to_string()));
-        Proc::spawn(
-            &bin("tidemark-archiver")?,
-            &a,
-            &self.proxied.env,
-            &self.log("archiver.log"),
-        )
-    }
-
-    /// `tidemark-archiver status --json` through the proxy: its exit code, standard output
-    /// (the report) and standard error (the log).
-    async fn status(&self) -> Result<(i32, String, String)> {
-        let program = bin("tidemark-archiver")?;
-        let url = self.proxied.url.clone();
-        let env = self.proxied.env.clone();
-        tokio::task::spawn_blocking(move || -> Result<(i32, String, String)> {
-            let out = std::process::Command::new(program)
-                .args(["status", "--json", "--to", &url])
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .env("TIDEMARK_LOG", "info,aws=warn")
-                .output()?;
-            Ok((
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            ))
-        })
-        .await?
-    }
-
-    /// The last archived sequence, read directly (`None` before there is a repository).
-    async fn archived_seq(&self) -> Option<u64> {
-        let repo = self.direct.open().await.ok()?;
-        let state = repo.load().await.ok()?;
-        state.history.segments.last().map(|s| s.last_seq)
-    }
-}
-
-fn wait_for_db(db: &Path) -> Result<()> {
-    wait_for_database(db)
-}
-
-/// Waits until the repository (read directly) holds `last_seq` and a base, while the
-/// archiver keeps running.
-async fn wait_archived(
-    s: &Setup,
-    last_seq: u64,
-    archiver: &mut Proc,
-    limit: Duration,
-) -> Result<()> {
-    let repo = s.direct.open().await?;
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(state) = repo.load().await
-            && state.history.segments.last().map(|x| x.last_seq) == Some(last_seq)
-            && !state.history.bases.is_empty()
-        {
-            return Ok(());
-        }
-        ensure!(
-            archiver.running(),
-            "the archiver exited; its log:\n{}",
-            archiver.log_tail()
-        );
-        ensure!(
-            Instant::now() < deadline,
-            "the repository did not reach sequence {last_seq} within {limit:?} (proxy: {}); \
-             archiver log:\n{}",
-            s.proxy.counts(),
-            archiver.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Stops the archiver with SIGTERM; it must exit cleanly.
-fn stop_archiver(arch: &mut Proc) -> Result<()> {
-    arch.signal("TERM")?;
-    let status = arch.wait_timeout(Duration::from_secs(30))?;
-    ensure!(
-        status.success(),
-        "archiver exit {status}:\n{}",
-        arch.log_tail()
+/// An S3 repository and a proxy in front of its server through which the programs reach
+/// it (the test's own checks reach it directly), or `None` without a server.
+async fn setup(test: &str, plan: FaultPlan, seed: u64) -> Result<Option<(Setup, FaultProxy)>> {
+    let Some(store) = TestStore::s3(test).await? else {
+        return Ok(None);
+    };
+    let endpoint = store
+        .s3
+        .endpoint_url
+        .clone()
+        .context("the test S3 store has no endpoint")?;
+    let proxy = FaultProxy::start(&endpoint, plan, seed)?;
+    eprintln!(
+        "{test}: programs reach {endpoint} through the fault proxy at {}",
+        proxy.url()
     );
-    Ok(())
+    Ok(Some((Setup::new(store)?.through(&proxy.url())?, proxy)))
+}
+
+/// `tidemark-archiver status --json` through the proxy: its exit code, standard output
+/// (the report) and standard error (the log).
+async fn status(s: &Setup) -> Result<(i32, String, String)> {
+    let program = bin("tidemark-archiver")?;
+    let url = s.programs_store().url.clone();
+    let env = s.programs_store().env.clone();
+    tokio::task::spawn_blocking(move || -> Result<(i32, String, String)> {
+        let out = std::process::Command::new(program)
+            .args(["status", "--json", "--to", &url])
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("TIDEMARK_LOG", "info,aws=warn")
+            .output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    })
+    .await?
 }
 
 /// How often each message occurs in the archiver's log; prints them.
@@ -202,37 +87,55 @@ fn log_counts(arch: &Proc) -> Result<(usize, usize)> {
     Ok((retried, recovered))
 }
 
+/// Once the writer is done: the archiver catches up (as the repository read directly
+/// shows), its log shows retried store calls, it stops cleanly, and the history is whole.
+async fn catches_up(s: &Setup, proxy: &FaultProxy, arch: &mut Proc, oracle: &Oracle) -> Result<()> {
+    wait_archived(&s.store, oracle.last_seq(), arch, Duration::from_secs(30))
+        .await
+        .with_context(|| format!("proxy: {}", proxy.counts()))?;
+    let (retried, _) = log_counts(arch)?;
+    ensure!(
+        retried > 0,
+        "the archiver's log shows no retried store call; proxy: {}",
+        proxy.counts()
+    );
+    arch.stop(Duration::from_secs(30))?;
+    check_history(&s.store, oracle, 1).await?;
+    eprintln!("proxy at the end: {}", proxy.counts());
+    Ok(())
+}
+
 fn all_kinds_seen(counts: &FaultCounts, kinds: &[FaultKind]) -> bool {
     kinds.iter().all(|k| counts.of(*k) > 0)
 }
 
-async fn rides_out_faults(s: Setup) -> Result<()> {
-    let kinds = s.proxy.plan().enabled();
+async fn rides_out_faults(s: Setup, proxy: FaultProxy) -> Result<()> {
+    let kinds = proxy.plan().enabled();
     // The proxy is on from the start: lease, configuration, first base and first segments
     // all go through it.
     let mut writer = s.loadgen(&["--duration", "10", "--rate", "500", "--seed", "21"])?;
-    wait_for_db(&s.db())?;
-    let mut arch = s.archiver(&["--base-interval", "5s"])?;
+    wait_for_database(&s.db())?;
+    let mut arch = s.archiver("archiver.log", &["--base-interval", "5s"])?;
 
     // Faults for at least 8 s and until every kind was injected; meanwhile readers through
     // the proxy must succeed too.
     let started = Instant::now();
-    let reader_repo = s.proxied.open().await?;
+    let reader_repo = s.programs_store().open().await?;
     let (mut loads, mut statuses, mut status_retries) = (0, 0, 0);
     while started.elapsed() < Duration::from_secs(8)
-        || !all_kinds_seen(&s.proxy.counts(), &kinds)
+        || !all_kinds_seen(&proxy.counts(), &kinds)
         || loads == 0
     {
         ensure!(
             started.elapsed() < Duration::from_secs(30),
             "within 30 s, not every fault kind was injected or nothing was archived for a \
              reader to load ({loads} loads): {}",
-            s.proxy.counts()
+            proxy.counts()
         );
         ensure!(
             arch.running(),
             "the archiver exited under faults; proxy: {}; its log:\n{}",
-            s.proxy.counts(),
+            proxy.counts(),
             arch.log_tail()
         );
         if s.archived_seq().await.is_some() {
@@ -245,7 +148,7 @@ async fn rides_out_faults(s: Setup) -> Result<()> {
                 "the reader saw no segments"
             );
             loads += 1;
-            let (code, out, err) = s.status().await?;
+            let (code, out, err) = status(&s).await?;
             ensure!(
                 code == 0,
                 "status through the faulty proxy: exit {code}\n{out}{err}"
@@ -261,8 +164,8 @@ async fn rides_out_faults(s: Setup) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    s.proxy.set_plan(FaultPlan::none())?;
-    let injected = s.proxy.counts();
+    proxy.set_plan(FaultPlan::none())?;
+    let injected = proxy.counts();
     eprintln!(
         "faults on for {:.1} s, then off; injected: {injected}",
         started.elapsed().as_secs_f64()
@@ -282,41 +185,27 @@ async fn rides_out_faults(s: Setup) -> Result<()> {
         );
     }
 
-    let status = writer.wait_timeout(Duration::from_secs(60))?;
-    ensure!(
-        status.success(),
-        "load generator failed:\n{}",
-        writer.log_tail()
-    );
-    let oracle = Oracle::open(&s.out())?;
-    wait_archived(&s, oracle.last_seq(), &mut arch, Duration::from_secs(30)).await?;
-    let (retried, _) = log_counts(&arch)?;
-    ensure!(
-        retried > 0,
-        "the archiver's log shows no retried store call; proxy: {injected}"
-    );
-    stop_archiver(&mut arch)?;
-    check_history(&s.direct, &oracle, 1).await?;
-    eprintln!("proxy at the end: {}", s.proxy.counts());
-    Ok(())
+    writer.wait_success(Duration::from_secs(60))?;
+    let oracle = s.oracle()?;
+    catches_up(&s, &proxy, &mut arch, &oracle).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_archiver_and_readers_ride_out_resets_errors_stalls_cuts_and_lost_replies() -> Result<()>
 {
     let plan = FaultPlan::mixed(0.3, Duration::from_secs(2));
-    match Setup::new("faults-mixed", plan, 0x7a1d_e5ee).await? {
-        Some(s) => rides_out_faults(s).await,
+    match setup("faults-mixed", plan, 0x7a1d_e5ee).await? {
+        Some((s, proxy)) => rides_out_faults(s, proxy).await,
         None => Ok(()),
     }
 }
 
-async fn rides_out_an_outage(s: Setup) -> Result<()> {
+async fn rides_out_an_outage(s: Setup, proxy: FaultProxy) -> Result<()> {
     let mut writer = s.loadgen(&["--duration", "14", "--rate", "500", "--seed", "23"])?;
-    wait_for_db(&s.db())?;
-    let mut arch = s.archiver(&["--base-interval", "1h"])?;
+    wait_for_database(&s.db())?;
+    let mut arch = s.archiver("archiver.log", &["--base-interval", "1h"])?;
     // Healthy until the first base is in and segments flow.
-    let repo = s.direct.open().await?;
+    let repo = s.store.open().await?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(state) = repo.load().await
@@ -335,8 +224,8 @@ async fn rides_out_an_outage(s: Setup) -> Result<()> {
 
     // The store goes down, open connections with it, for 5 s while the writes go on.
     let outage = Duration::from_secs(5);
-    s.proxy.set_plan(FaultPlan::down())?;
-    s.proxy.reset_open();
+    proxy.set_plan(FaultPlan::down())?;
+    proxy.reset_open();
     let down_at = Instant::now();
     eprintln!("store down for {outage:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -344,7 +233,7 @@ async fn rides_out_an_outage(s: Setup) -> Result<()> {
     // A reader that starts near the end of the outage gets through by retrying.
     tokio::time::sleep(Duration::from_millis(3000)).await;
     let reader = {
-        let store = s.direct.through(&s.proxy.url())?;
+        let store = s.store.through(&proxy.url())?;
         tokio::spawn(async move {
             let repo = store.open().await?;
             let state = repo.load().await?;
@@ -358,8 +247,8 @@ async fn rides_out_an_outage(s: Setup) -> Result<()> {
         "the archiver exited while the store was down:\n{}",
         arch.log_tail()
     );
-    let during = s.proxy.counts();
-    s.proxy.set_plan(FaultPlan::none())?;
+    let during = proxy.counts();
+    proxy.set_plan(FaultPlan::none())?;
     eprintln!("store up again; while it was down: {during}");
     ensure!(during.reset > 0, "nothing was reset: {during}");
     ensure!(
@@ -391,33 +280,19 @@ async fn rides_out_an_outage(s: Setup) -> Result<()> {
         "the reader saw {seen:?}, less than {before:?}"
     );
 
-    let status = writer.wait_timeout(Duration::from_secs(60))?;
-    ensure!(
-        status.success(),
-        "load generator failed:\n{}",
-        writer.log_tail()
-    );
-    let oracle = Oracle::open(&s.out())?;
+    writer.wait_success(Duration::from_secs(60))?;
+    let oracle = s.oracle()?;
     ensure!(
         after.is_some_and(|a| a < oracle.last_seq()),
         "the writer wrote nothing after the outage began"
     );
-    wait_archived(&s, oracle.last_seq(), &mut arch, Duration::from_secs(30)).await?;
-    let (retried, _) = log_counts(&arch)?;
-    ensure!(
-        retried > 0,
-        "the archiver's log shows no retried store call"
-    );
-    stop_archiver(&mut arch)?;
-    check_history(&s.direct, &oracle, 1).await?;
-    eprintln!("proxy at the end: {}", s.proxy.counts());
-    Ok(())
+    catches_up(&s, &proxy, &mut arch, &oracle).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_archiver_rides_out_the_store_being_down_and_loses_nothing() -> Result<()> {
-    match Setup::new("faults-outage", FaultPlan::none(), 0x0d0_3d0e).await? {
-        Some(s) => rides_out_an_outage(s).await,
+    match setup("faults-outage", FaultPlan::none(), 0x0d0_3d0e).await? {
+        Some((s, proxy)) => rides_out_an_outage(s, proxy).await,
         None => Ok(()),
     }
 }

@@ -1,94 +1,34 @@
 //! A repository someone tampered with, against the real programs: symbolic links planted
 //! in a local-directory repository never lead `tidemark-archiver prune` to files outside it.
 
-use std::path::Path;
-use std::time::Duration;
-
 use anyhow::{Result, ensure};
-use tidemark_tests::Oracle;
-use tidemark_tests::harness::{Proc, TestStore, bin, run_with_timeout, wait_archived, wait_for};
-
-/// Writes for a few seconds while an archiver takes a base every second; stops both.
-async fn archive_a_database(dir: &Path, store: &TestStore) -> Result<()> {
-    let db = dir.join("db").display().to_string();
-    let out = dir.join("oracle");
-    let mut writer = Proc::spawn(
-        &bin("tidemark-loadgen")?,
-        &[
-            "--db",
-            &db,
-            "--out",
-            &out.display().to_string(),
-            "--duration",
-            "2",
-            "--rate",
-            "300",
-            "--seed",
-            "5",
-            "--flush-every",
-            "200",
-        ]
-        .map(String::from),
-        &[],
-        &dir.join("loadgen.log"),
-    )?;
-    // The archiver checks the database's OPTIONS file: wait until RocksDB wrote one.
-    wait_for(Duration::from_secs(20), "the database", || {
-        std::fs::read_dir(dir.join("db"))
-            .ok()?
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("OPTIONS-"))
-            .then_some(())
-    })?;
-    let mut arch = Proc::spawn(
-        &bin("tidemark-archiver")?,
-        &[
-            "run",
-            "--db",
-            &db,
-            "--to",
-            &store.url,
-            "--sync-interval",
-            "200ms",
-            "--checkpoint-interval",
-            "1s",
-            "--base-interval",
-            "1s",
-        ]
-        .map(String::from),
-        &store.env,
-        &dir.join("archiver.log"),
-    )?;
-    ensure!(
-        writer.wait_timeout(Duration::from_secs(90))?.success(),
-        "load generator failed:\n{}",
-        writer.log_tail()
-    );
-    let oracle = Oracle::open(&out)?;
-    wait_archived(store, oracle.last_seq(), &mut arch, Duration::from_secs(60)).await?;
-    arch.signal("TERM")?;
-    ensure!(
-        arch.wait_timeout(Duration::from_secs(30))?.success(),
-        "archiver:\n{}",
-        arch.log_tail()
-    );
-    Ok(())
-}
+use tidemark_tests::harness::{TestStore, with_s3};
+use tidemark_tests::setup::Setup;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn prune_never_deletes_through_a_link_planted_in_the_repository() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let store = TestStore::local()?;
-    archive_a_database(dir.path(), &store).await?;
-    let root = store.local_root().expect("a local store");
+    // Writes for a few seconds while an archiver takes a base every second.
+    let s = Setup::new(TestStore::local()?)?.base_interval("1s");
+    let writes = [
+        "--duration",
+        "2",
+        "--rate",
+        "300",
+        "--seed",
+        "5",
+        "--flush-every",
+        "200",
+    ];
+    s.archive(&writes, &[]).await?;
+    let root = s.local_root()?;
 
     // "The live database": files outside the repository.
-    let live = dir.path().join("live-db");
+    let live = s.path("live-db");
     std::fs::create_dir(&live)?;
     for name in ["CURRENT", "MANIFEST-000005", "000009.sst"] {
         std::fs::write(live.join(name), format!("live {name}"))?;
     }
-    let lone = dir.path().join("lone-file");
+    let lone = s.path("lone-file");
     std::fs::write(&lone, b"live too")?;
     // An unreferenced base whose files directory is a link to it, and a base file that is
     // a link to a file outside.
@@ -99,23 +39,7 @@ async fn prune_never_deletes_through_a_link_planted_in_the_repository() -> Resul
     let file_link = root.join("bases/planted2/files/CURRENT");
     std::os::unix::fs::symlink(&lone, &file_link)?;
 
-    let mut env = store.env.clone();
-    env.push(("TIDEMARK_LOG".into(), "info,aws=warn".into()));
-    let (code, out, err) = run_with_timeout(
-        &bin("tidemark-archiver")?,
-        &[
-            "prune",
-            "--to",
-            &store.url,
-            "--keep-last",
-            "1",
-            "--grace",
-            "0s",
-        ]
-        .map(String::from),
-        &env,
-        Duration::from_secs(120),
-    )?;
+    let (code, out, err) = s.prune(&["--keep-last", "1", "--grace", "0s"])?;
     ensure!(code == 0, "prune exited {code}:\n{out}\n{err}");
 
     for name in ["CURRENT", "MANIFEST-000005", "000009.sst"] {
@@ -179,8 +103,9 @@ async fn bounded_downloads_stop_at_the_recorded_size_local() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bounded_downloads_stop_at_the_recorded_size_s3() -> Result<()> {
-    match TestStore::s3("bounded-downloads").await? {
-        Some(store) => bounded_downloads_stop_at_the_recorded_size(store).await,
-        None => Ok(()),
-    }
+    with_s3(
+        "bounded-downloads",
+        bounded_downloads_stop_at_the_recorded_size,
+    )
+    .await
 }

@@ -4,120 +4,43 @@
 //! them alone and goes on), and a flipped byte in a table file (verify reads content on a
 //! local directory and names it; on S3 its default says "sizes only", never a plain OK).
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
 use tidemark_manifest::keys;
-use tidemark_tests::harness::{
-    Proc, TestStore, bin, raw_s3_client, run_with_timeout, wait_archived, wait_for_database,
-};
+use tidemark_tests::harness::with_s3;
+use tidemark_tests::harness::{TestStore, raw_s3_client};
+use tidemark_tests::setup::Setup;
 use tidemark_tests::{Oracle, read_db_state_and_seq};
 
-struct Setup {
-    dir: tempfile::TempDir,
-    store: TestStore,
+/// A directory beside `store`, with an archiver that takes a base every second and writes
+/// a generation every 200ms.
+fn setup(store: TestStore) -> Result<Setup> {
+    Ok(Setup::new(store)?
+        .checkpoint_interval("200ms")
+        .base_interval("1s"))
 }
 
-impl Setup {
-    fn new(store: TestStore) -> Result<Setup> {
-        Ok(Setup {
-            dir: tempfile::tempdir()?,
-            store,
-        })
-    }
+/// Writes for `seconds` while the archiver runs; stops both and returns the oracle.
+async fn archived_history(s: &Setup, seconds: &str) -> Result<Oracle> {
+    let writes = [
+        "--duration",
+        seconds,
+        "--rate",
+        "300",
+        "--seed",
+        "33",
+        "--flush-every",
+        "200",
+    ];
+    s.archive(&writes, &[]).await
+}
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Writes for `seconds` while the archiver takes a base every second and a generation
-    /// every 200ms; stops both and returns the oracle.
-    async fn archived_history(&self, seconds: &str) -> Result<Oracle> {
-        let (db, out) = (self.path("db"), self.path("oracle"));
-        let mut writer = Proc::spawn(
-            &bin("tidemark-loadgen")?,
-            &[
-                "--db",
-                &db.display().to_string(),
-                "--out",
-                &out.display().to_string(),
-                "--duration",
-                seconds,
-                "--rate",
-                "300",
-                "--seed",
-                "33",
-                "--flush-every",
-                "200",
-            ]
-            .map(String::from),
-            &[],
-            &self.path("loadgen.log"),
-        )?;
-        wait_for_database(&db)?;
-        let args = [
-            "run",
-            "--db",
-            &db.display().to_string(),
-            "--to",
-            &self.store.url,
-            "--sync-interval",
-            "200ms",
-            "--checkpoint-interval",
-            "200ms",
-            "--base-interval",
-            "1s",
-        ]
-        .map(String::from);
-        let mut arch = Proc::spawn(
-            &bin("tidemark-archiver")?,
-            &args,
-            &self.store.env,
-            &self.path("archiver.log"),
-        )?;
-        ensure!(
-            writer.wait_timeout(Duration::from_secs(90))?.success(),
-            "load generator failed:\n{}",
-            writer.log_tail()
-        );
-        let oracle = Oracle::open(&out)?;
-        wait_archived(
-            &self.store,
-            oracle.last_seq(),
-            &mut arch,
-            Duration::from_secs(60),
-        )
-        .await?;
-        arch.signal("TERM")?;
-        ensure!(
-            arch.wait_timeout(Duration::from_secs(30))?.success(),
-            "archiver:\n{}",
-            arch.log_tail()
-        );
-        Ok(oracle)
-    }
-
-    /// Runs a program of the workspace against the store: exit code, stdout, stderr.
-    fn run(&self, program: &str, args: &[&str]) -> Result<(i32, String, String)> {
-        let mut env = self.store.env.clone();
-        env.push(("TIDEMARK_LOG".into(), "info,aws=warn".into()));
-        env.push(("RUST_LOG".into(), "warn".into()));
-        let (code, out, err) = run_with_timeout(
-            &bin(program)?,
-            &args.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-            &env,
-            Duration::from_secs(180),
-        )?;
-        eprintln!("$ {program} {}\n-> {code}\n{out}\n{err}", args.join(" "));
-        Ok((code, out, err))
-    }
-
-    fn restore(&self, args: &[&str]) -> Result<(i32, String, String)> {
-        let mut a = vec!["restore", "--from", &self.store.url];
-        a.extend_from_slice(args);
-        self.run("tidemark-restore", &a)
-    }
+/// `tidemark-restore restore --from URL ARGS`: exit code, stdout, stderr.
+fn restore(s: &Setup, args: &[&str]) -> Result<(i32, String, String)> {
+    let mut a = vec!["restore", "--from", &s.store.url];
+    a.extend_from_slice(args);
+    s.run("tidemark-restore", &a)
 }
 
 /// Flips one digit inside a JSON document on disk: still valid JSON, so only its checksum
@@ -135,8 +58,8 @@ fn flip_digit(path: &Path) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupt_newest_generation_is_passed_over_loudly_and_nothing_is_lost() -> Result<()> {
-    let s = Setup::new(TestStore::local()?)?;
-    let oracle = s.archived_history("3").await?;
+    let s = setup(TestStore::local()?)?;
+    let oracle = archived_history(&s, "3").await?;
     let root = s.store.local_root().context("local")?;
     let repo = s.store.open().await?;
     let newest = repo
@@ -177,12 +100,15 @@ async fn a_corrupt_newest_generation_is_passed_over_loudly_and_nothing_is_lost()
 
     // restore --latest: every record up to the last one, exactly.
     let target = s.path("restored");
-    let (code, out, err) = s.restore(&[
-        "--target",
-        &target.display().to_string(),
-        "--latest",
-        "--json",
-    ])?;
+    let (code, out, err) = restore(
+        &s,
+        &[
+            "--target",
+            &target.display().to_string(),
+            "--latest",
+            "--json",
+        ],
+    )?;
     ensure!(code == 0, "restore must work: {err}");
     let j: serde_json::Value = serde_json::from_str(&out)?;
     ensure!(j["cutoff"]["seq"] == oracle.last_seq(), "{j}");
@@ -212,13 +138,16 @@ async fn a_corrupt_newest_generation_is_passed_over_loudly_and_nothing_is_lost()
         "{j}"
     );
     let target = s.path("restored-older");
-    let (code, _, err) = s.restore(&[
-        "--target",
-        &target.display().to_string(),
-        "--latest",
-        "--generation",
-        &older,
-    ])?;
+    let (code, _, err) = restore(
+        &s,
+        &[
+            "--target",
+            &target.display().to_string(),
+            "--latest",
+            "--generation",
+            &older,
+        ],
+    )?;
     ensure!(code == 0, "{err}");
     ensure!(read_db_state_and_seq(&target)?.1 == oracle.last_seq());
     let (code, out, err) = s.run(
@@ -274,8 +203,8 @@ async fn s3_put_raw(store: &TestStore, key: &str, bytes: Vec<u8>) -> Result<()> 
 }
 
 async fn foreign_keys_do_not_stop_pruning(store: TestStore) -> Result<()> {
-    let s = Setup::new(store)?;
-    let oracle = s.archived_history("4").await?;
+    let s = setup(store)?;
+    let oracle = archived_history(&s, "4").await?;
     let repo = s.store.open().await?;
     let before = repo.load().await?;
     ensure!(before.history.bases.len() >= 3, "need bases to prune");
@@ -311,18 +240,7 @@ async fn foreign_keys_do_not_stop_pruning(store: TestStore) -> Result<()> {
     };
     foreign.push(invalid.clone());
 
-    let (code, out, err) = s.run(
-        "tidemark-archiver",
-        &[
-            "prune",
-            "--to",
-            &s.store.url,
-            "--keep-last",
-            "1",
-            "--grace",
-            "0s",
-        ],
-    )?;
+    let (code, out, err) = s.prune(&["--keep-last", "1", "--grace", "0s"])?;
     ensure!(
         code == 0,
         "prune must not stop at a foreign key: {code}: {err}"
@@ -360,18 +278,7 @@ async fn foreign_keys_do_not_stop_pruning(store: TestStore) -> Result<()> {
     ensure!(after.history.bases.len() == 1);
     ensure!(after.history.latest_seq() == Some(oracle.last_seq()));
     // A second sweep goes on the same way.
-    let (code, out, err) = s.run(
-        "tidemark-archiver",
-        &[
-            "prune",
-            "--to",
-            &s.store.url,
-            "--keep-last",
-            "1",
-            "--grace",
-            "0s",
-        ],
-    )?;
+    let (code, out, err) = s.prune(&["--keep-last", "1", "--grace", "0s"])?;
     ensure!(code == 0 && out.contains("left alone"), "{out}{err}");
     Ok(())
 }
@@ -383,10 +290,7 @@ async fn foreign_keys_do_not_stop_pruning_local() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn foreign_keys_do_not_stop_pruning_s3() -> Result<()> {
-    match TestStore::s3("hostile-foreign").await? {
-        Some(store) => foreign_keys_do_not_stop_pruning(store).await,
-        None => Ok(()),
-    }
+    with_s3("hostile-foreign", foreign_keys_do_not_stop_pruning).await
 }
 
 /// The first table file of the newest base, and its bytes.
@@ -407,8 +311,8 @@ async fn an_sst(s: &Setup) -> Result<(String, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_reads_content_on_a_local_store_and_names_a_flipped_byte() -> Result<()> {
-    let s = Setup::new(TestStore::local()?)?;
-    s.archived_history("3").await?;
+    let s = setup(TestStore::local()?)?;
+    archived_history(&s, "3").await?;
     let url = s.store.url.clone();
     let (code, out, _) = s.run("tidemark-restore", &["verify", "--from", &url])?;
     ensure!(code == 0 && out.contains("every object read"), "{out}");
@@ -433,8 +337,8 @@ async fn verify_on_s3_says_sizes_only_unless_deep() -> Result<()> {
     let Some(store) = TestStore::s3("hostile-verify").await? else {
         return Ok(());
     };
-    let s = Setup::new(store)?;
-    s.archived_history("3").await?;
+    let s = setup(store)?;
+    archived_history(&s, "3").await?;
     let url = s.store.url.clone();
     let (code, out, _) = s.run("tidemark-restore", &["verify", "--from", &url])?;
     ensure!(code == 6, "sizes only has its own exit code: {out}");

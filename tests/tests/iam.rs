@@ -32,7 +32,9 @@ use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use tidemark_manifest::store::{ObjectStore, S3Options, S3Store, StoreError};
+use tidemark_tests::harness::output_text as text;
 use tidemark_tests::harness::{Proc, TestStore, bin, check_history, wait_for_database};
+use tidemark_tests::setup::Setup;
 use tidemark_tests::{Oracle, read_db_state_and_seq};
 
 /// The workspace root (policies, scripts).
@@ -96,10 +98,17 @@ fn user_with_policy(name: &str, file: &str, bucket: &str, prefix: &str) -> Resul
 }
 
 /// The programs' environment: the store's, with this key.
+/// The credentials of `key`, for the programs.
+fn key_env(key: &Key) -> Vec<(String, String)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID".into(), key.id.clone()),
+        ("AWS_SECRET_ACCESS_KEY".into(), key.secret.clone()),
+    ]
+}
+
 fn env_with(store: &TestStore, key: &Key) -> Vec<(String, String)> {
     let mut env = store.env.clone();
-    env.push(("AWS_ACCESS_KEY_ID".into(), key.id.clone()));
-    env.push(("AWS_SECRET_ACCESS_KEY".into(), key.secret.clone()));
+    env.extend(key_env(key));
     env
 }
 
@@ -155,15 +164,6 @@ fn allowed<T, E: std::fmt::Debug>(
     result.map_err(|e| anyhow::anyhow!("{what}: the policy must allow it, but: {e:?}"))
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 /// Runs `tidemark-restore ARGS` with the given environment.
 fn restore_tool(args: &[&str], env: &[(String, String)]) -> Result<Output> {
     Ok(Command::new(bin("tidemark-restore")?)
@@ -174,60 +174,13 @@ fn restore_tool(args: &[&str], env: &[(String, String)]) -> Result<Output> {
         .output()?)
 }
 
-struct Setup {
-    dir: tempfile::TempDir,
-}
-
-impl Setup {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-    fn db(&self) -> PathBuf {
-        self.path("db")
-    }
-    fn s(&self, name: &str) -> String {
-        self.path(name).display().to_string()
-    }
-}
-
 /// Archives with the archiver key until the repository holds the writer's last sequence and
 /// at least two bases, then stops the archiver with SIGTERM.
-async fn archive(s: &Setup, store: &TestStore, key: &Key) -> Result<Oracle> {
-    let mut writer = Proc::spawn(
-        &bin("tidemark-loadgen")?,
-        &[
-            "--db".into(),
-            s.s("db"),
-            "--out".into(),
-            s.s("oracle"),
-            "--duration".into(),
-            "6".into(),
-            "--rate".into(),
-            "400".into(),
-            "--seed".into(),
-            "11".into(),
-        ],
-        &[],
-        &s.path("loadgen.log"),
-    )?;
-    let db = s.db();
-    wait_for_database(&db)?;
-    let mut archiver = Proc::spawn(
-        &bin("tidemark-archiver")?,
-        &[
-            "run".into(),
-            "--db".into(),
-            s.s("db"),
-            "--to".into(),
-            store.url.clone(),
-            "--sync-interval".into(),
-            "200ms".into(),
-            "--checkpoint-interval".into(),
-            "1s".into(),
-        ],
-        &env_with(store, key),
-        &s.path("archiver.log"),
-    )?;
+async fn archive(s: &Setup, key: &Key) -> Result<Oracle> {
+    let store = &s.store;
+    let mut writer = s.loadgen(&["--duration", "6", "--rate", "400", "--seed", "11"])?;
+    wait_for_database(&s.db())?;
+    let mut archiver = s.archiver_with_env("archiver.log", &[], &key_env(key))?;
     // A second base while the writer runs, on request.
     tokio::time::sleep(Duration::from_secs(3)).await;
     ensure!(
@@ -236,13 +189,8 @@ async fn archive(s: &Setup, store: &TestStore, key: &Key) -> Result<Oracle> {
         archiver.log_tail()
     );
     archiver.signal("USR1")?;
-    let status = writer.wait_timeout(Duration::from_secs(60))?;
-    ensure!(
-        status.success(),
-        "load generator failed:\n{}",
-        writer.log_tail()
-    );
-    let oracle = Oracle::open(&s.path("oracle"))?;
+    writer.wait_success(Duration::from_secs(60))?;
+    let oracle = s.oracle()?;
 
     // Watched with the administrator's key (the test process's own environment).
     let repo = store.open().await?;
@@ -267,13 +215,7 @@ async fn archive(s: &Setup, store: &TestStore, key: &Key) -> Result<Oracle> {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    archiver.signal("TERM")?;
-    let status = archiver.wait_timeout(Duration::from_secs(30))?;
-    ensure!(
-        status.success(),
-        "the archiver did not stop cleanly ({status}):\n{}",
-        archiver.log_tail()
-    );
+    archiver.stop(Duration::from_secs(30))?;
     ensure!(
         repo.read_lease()
             .await?
@@ -285,7 +227,8 @@ async fn archive(s: &Setup, store: &TestStore, key: &Key) -> Result<Oracle> {
 }
 
 /// Everything the restore key must be able to do, and the restored database.
-fn restore_with(s: &Setup, store: &TestStore, key: &Key, oracle: &Oracle) -> Result<()> {
+fn restore_with(s: &Setup, key: &Key, oracle: &Oracle) -> Result<()> {
+    let store = &s.store;
     let env = env_with(store, key);
     let url = store.url.as_str();
     for args in [
@@ -300,7 +243,7 @@ fn restore_with(s: &Setup, store: &TestStore, key: &Key, oracle: &Oracle) -> Res
             text(&out)
         );
     }
-    let target = s.s("restored");
+    let target = s_path(s, "restored");
     let out = restore_tool(
         &[
             "--quiet", "restore", "--from", url, "--target", &target, "--latest",
@@ -323,7 +266,7 @@ fn restore_with(s: &Setup, store: &TestStore, key: &Key, oracle: &Oracle) -> Res
     }
 
     std::fs::create_dir_all(s.path("scratch"))?;
-    let report = s.s("drill.json");
+    let report = s_path(s, "drill.json");
     let out = restore_tool(
         &[
             "--quiet",
@@ -331,7 +274,7 @@ fn restore_with(s: &Setup, store: &TestStore, key: &Key, oracle: &Oracle) -> Res
             "--from",
             url,
             "--scratch",
-            &s.s("scratch"),
+            &s_path(s, "scratch"),
             "--report",
             &report,
         ],
@@ -352,12 +295,12 @@ fn restore_with(s: &Setup, store: &TestStore, key: &Key, oracle: &Oracle) -> Res
 /// The restore key can read and nothing else.
 async fn restore_key_is_read_only(
     s: &Setup,
-    store: &TestStore,
     endpoint: &str,
     bucket: &str,
     prefix: &str,
     key: &Key,
 ) -> Result<()> {
+    let store = &s.store;
     let c = client(endpoint, key).await;
     let existing = format!("{prefix}/tidemark.json");
     allowed(
@@ -418,7 +361,7 @@ async fn restore_key_is_read_only(
         &[
             "run".into(),
             "--db".into(),
-            s.s("db"),
+            s_path(s, "db"),
             "--to".into(),
             store.url.clone(),
         ],
@@ -594,18 +537,21 @@ async fn the_documented_iam_policies_are_enough_and_no_more() -> Result<()> {
         &bucket,
         &prefix,
     )?;
-    let s = Setup {
-        dir: tempfile::tempdir()?,
-    };
+    let s = Setup::new(store)?;
 
-    let oracle = archive(&s, &store, &archiver_key).await?;
+    let oracle = archive(&s, &archiver_key).await?;
     eprintln!(
         "archiver key: archived sequences 1..={} with two bases and released the lease",
         oracle.last_seq()
     );
-    restore_with(&s, &store, &restore_key, &oracle)?;
-    restore_key_is_read_only(&s, &store, &endpoint, &bucket, &prefix, &restore_key).await?;
+    restore_with(&s, &restore_key, &oracle)?;
+    restore_key_is_read_only(&s, &endpoint, &bucket, &prefix, &restore_key).await?;
     archiver_key_stays_in_its_prefix(&s, &endpoint, &bucket, &prefix, &admin, &archiver_key)
         .await?;
     Ok(())
+}
+
+/// `name` in the test's directory, as an argument.
+fn s_path(s: &Setup, name: &str) -> String {
+    s.path(name).display().to_string()
 }

@@ -12,6 +12,7 @@ use tidemark_archiver::lease::{LeaseError, LeaseHandle};
 use tidemark_manifest::exit;
 use tidemark_manifest::model::Lease;
 use tidemark_manifest::repo::Repository;
+use tidemark_tests::harness::with_s3;
 use tidemark_tests::harness::{Proc, TestStore, bin, run_with_timeout, wait_for};
 use time::OffsetDateTime;
 
@@ -59,10 +60,7 @@ async fn race(store: TestStore) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_lease_holder_among_racers_on_s3() -> Result<()> {
-    match TestStore::s3("lease-race").await? {
-        Some(store) => race(store).await,
-        None => Ok(()),
-    }
+    with_s3("lease-race", race).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -103,10 +101,7 @@ async fn release_after_takeover(store: TestStore) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn release_after_a_takeover_leaves_the_successors_lease_on_s3() -> Result<()> {
-    match TestStore::s3("lease-release").await? {
-        Some(store) => release_after_takeover(store).await,
-        None => Ok(()),
-    }
+    with_s3("lease-release", release_after_takeover).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -214,7 +209,7 @@ async fn containers_sharing_a_host_name_and_pid_1_never_take_a_live_lease() -> R
         &[],
         &dir.path().join("loadgen.log"),
     )?;
-    ensure!(writer.wait_timeout(Duration::from_secs(60))?.success());
+    writer.wait_success(Duration::from_secs(60))?;
     copy_dir(&db, &own_copy)?;
 
     let mut first = Proc::spawn(
@@ -232,14 +227,7 @@ async fn containers_sharing_a_host_name_and_pid_1_never_take_a_live_lease() -> R
 
     refused(&own_copy, &store, "a second container with its own copy")?;
     refused(&db, &store, "a second container on the shared volume")?;
-    ensure!(
-        first.running(),
-        "the first archiver stopped:\n{}",
-        first.log_tail()
-    );
-
-    first.signal("KILL")?;
-    first.wait_timeout(Duration::from_secs(10))?;
+    first.kill_running()?;
     // Dead, but only the container that shares its liveness lock can tell.
     refused(
         &own_copy,
@@ -278,12 +266,7 @@ async fn containers_sharing_a_host_name_and_pid_1_never_take_a_live_lease() -> R
         },
     )?;
     std::thread::sleep(Duration::from_secs(1));
-    second.signal("TERM")?;
-    ensure!(
-        second.wait_timeout(Duration::from_secs(30))?.success(),
-        "{}",
-        second.log_tail()
-    );
+    second.stop(Duration::from_secs(30))?;
     let (left, _) = repo.read_lease().await?.context("no lease")?;
     ensure!(left.released_at.is_some(), "not released: {left:?}");
     Ok(())

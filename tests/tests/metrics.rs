@@ -12,10 +12,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use tidemark_archiver::metrics::{FAMILIES, Kind, Scope};
 use tidemark_manifest::model::micros_from_time;
-use tidemark_tests::Oracle;
+use tidemark_tests::harness::with_s3;
 use tidemark_tests::harness::{
-    Proc, TestStore, bin, http_get, logged_metrics_addr, wait_for, wait_for_database,
+    TestStore, bin, http_get, logged_metrics_addr, wait_for, wait_for_database,
 };
+use tidemark_tests::setup::Setup;
 
 /// A scrape: the samples by series (`name` or `name{labels}`).
 #[derive(Debug)]
@@ -127,45 +128,13 @@ fn check_consistent(s: &Scrape, before: Option<&Scrape>) -> Result<()> {
 
 async fn metrics_follow_a_live_database(store: TestStore) -> Result<()> {
     eprintln!("archiving into {}", store.describe);
-    let dir = tempfile::tempdir()?;
-    let db = dir.path().join("db");
-    let out = dir.path().join("oracle");
+    // A segment stays open a second after its first record: records wait that long.
+    let s = Setup::new(store)?.sync_interval("1s");
     // Writes slowly until told to stop.
-    let mut writer = Proc::spawn(
-        &bin("tidemark-loadgen")?,
-        &[
-            "--db".to_owned(),
-            db.display().to_string(),
-            "--out".to_owned(),
-            out.display().to_string(),
-            "--rate".to_owned(),
-            "40".to_owned(),
-            "--seed".to_owned(),
-            "13".to_owned(),
-        ],
-        &[],
-        &dir.path().join("loadgen.log"),
-    )?;
-    wait_for_database(&db)?;
-    let log = dir.path().join("archiver.log");
-    let args: Vec<String> = [
-        "run",
-        "--db",
-        &db.display().to_string(),
-        "--to",
-        &store.url,
-        // A segment stays open a second after its first record: records wait that long.
-        "--sync-interval",
-        "1s",
-        "--checkpoint-interval",
-        "1s",
-        "--metrics-addr",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut arch = Proc::spawn(&bin("tidemark-archiver")?, &args, &store.env, &log)?;
+    let mut writer = s.loadgen(&["--rate", "40", "--seed", "13"])?;
+    wait_for_database(&s.db())?;
+    let mut arch = s.archiver("archiver.log", &["--metrics-addr", "127.0.0.1:0"])?;
+    let log = arch.log.clone();
     let addr = wait_for(
         Duration::from_secs(30),
         "\"metrics listening on\" in the archiver's log",
@@ -225,13 +194,8 @@ async fn metrics_follow_a_live_database(store: TestStore) -> Result<()> {
     eprintln!("metrics moved with the writes after {scrapes} scrapes");
 
     // The writer stops; everything it wrote becomes durable and nothing waits any more.
-    writer.signal("TERM")?;
-    ensure!(
-        writer.wait_timeout(Duration::from_secs(60))?.success(),
-        "load generator failed:\n{}",
-        writer.log_tail()
-    );
-    let oracle = Oracle::open(&out)?;
+    writer.stop(Duration::from_secs(60))?;
+    let oracle = s.oracle()?;
     let last_seq = oracle.last_seq() as f64;
     let done = {
         let deadline = std::time::Instant::now() + Duration::from_secs(90);
@@ -267,7 +231,7 @@ async fn metrics_follow_a_live_database(store: TestStore) -> Result<()> {
 
     // The numbers agree with the repository (every segment in it was uploaded by this
     // process, and none is uploaded after the last sequence).
-    let repo = store.open().await?;
+    let repo = s.store.open().await?;
     let state = {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -337,13 +301,7 @@ async fn metrics_follow_a_live_database(store: TestStore) -> Result<()> {
 
     let (status, _, body) = http_get(addr, "/health")?;
     ensure!(status == 200 && body == "ok\n", "/health: {status} {body}");
-    arch.signal("TERM")?;
-    let status = arch.wait_timeout(Duration::from_secs(30))?;
-    ensure!(
-        status.success(),
-        "archiver exit {status}:\n{}",
-        arch.log_tail()
-    );
+    arch.stop(Duration::from_secs(30))?;
     Ok(())
 }
 
@@ -354,10 +312,7 @@ async fn metrics_follow_a_live_database_local() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_follow_a_live_database_s3() -> Result<()> {
-    match TestStore::s3("metrics-live").await? {
-        Some(store) => metrics_follow_a_live_database(store).await,
-        None => Ok(()),
-    }
+    with_s3("metrics-live", metrics_follow_a_live_database).await
 }
 
 #[test]

@@ -43,7 +43,9 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use tidemark_manifest::model::{micros_from_time, time_from_micros};
 use tidemark_manifest::repo::RepoState;
+use tidemark_tests::harness::with_s3;
 use tidemark_tests::harness::{Proc, TestStore, bin, wait_archived, wait_for_database};
+use tidemark_tests::setup::Setup;
 use tidemark_tests::{Oracle, Replay, State, read_db_state_and_seq};
 
 /// How late after its commit the archiver may observe a batch while it runs.
@@ -162,64 +164,6 @@ fn rfc3339(micros: i64) -> String {
 // ---------------------------------------------------------------------------------------
 // Writing and archiving
 
-struct Setup {
-    dir: tempfile::TempDir,
-    store: TestStore,
-}
-
-impl Setup {
-    fn db(&self) -> PathBuf {
-        self.dir.path().join("db")
-    }
-    fn out(&self) -> PathBuf {
-        self.dir.path().join("oracle")
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn loadgen(&self, args: &[String]) -> Result<Proc> {
-        let mut a = vec![
-            "--db".to_owned(),
-            self.db().display().to_string(),
-            "--out".to_owned(),
-            self.out().display().to_string(),
-        ];
-        a.extend(args.iter().cloned());
-        Proc::spawn(
-            &bin("tidemark-loadgen")?,
-            &a,
-            &[],
-            &self.path("loadgen.log"),
-        )
-    }
-
-    fn archiver(&self, log: &str) -> Result<Proc> {
-        let a: Vec<String> = [
-            "run",
-            "--db",
-            &self.db().display().to_string(),
-            "--to",
-            &self.store.url,
-            "--sync-interval",
-            "200ms",
-            "--checkpoint-interval",
-            "1s",
-            "--base-interval",
-            "2s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        Proc::spawn(
-            &bin("tidemark-archiver")?,
-            &a,
-            &self.store.env,
-            &self.path(log),
-        )
-    }
-}
-
 /// When archivers resumed reading the WAL and when they were killed (unix micros), to know
 /// by when each batch was read at the latest.
 #[derive(Debug, Default)]
@@ -316,7 +260,7 @@ async fn write_and_archive(
     // Spread the kills over the writes; each archiver lives at least 300 ms.
     let spacing_ms = ((seconds * 1000.0 / kills.max(1) as f64) as u64).max(1200);
     for i in 0..kills {
-        let mut arch = s.archiver(&format!("archiver-{i}.log"))?;
+        let mut arch = s.archiver(&format!("archiver-{i}.log"), &[])?;
         let roll = rng.random_range(0..100u32);
         let during_start = roll < 15;
         if during_start {
@@ -341,14 +285,8 @@ async fn write_and_archive(
                 ));
             }
         }
-        ensure!(
-            arch.running(),
-            "archiver {i} exited before it was killed:\n{}",
-            arch.log_tail()
-        );
         let at = now_us();
-        arch.signal("KILL")?;
-        arch.wait_timeout(Duration::from_secs(10))?;
+        arch.kill_running()?;
         obs.killed.push(at);
         let log = read_log(&arch.log);
         if during_start {
@@ -363,7 +301,7 @@ async fn write_and_archive(
         }
         stats.total += 1;
     }
-    let mut arch = s.archiver("archiver-final.log")?;
+    let mut arch = s.archiver("archiver-final.log", &[])?;
     obs.resumed.push(wait_resumed(&mut arch)?);
     let status = writer.wait_timeout(Duration::from_secs_f64(seconds + 120.0))?;
     ensure!(
@@ -371,7 +309,7 @@ async fn write_and_archive(
         "the load generator failed:\n{}",
         writer.log_tail()
     );
-    let oracle = Oracle::open(&s.out())?;
+    let oracle = s.oracle()?;
     wait_archived(
         &s.store,
         oracle.last_seq(),
@@ -379,13 +317,7 @@ async fn write_and_archive(
         Duration::from_secs(180),
     )
     .await?;
-    arch.signal("TERM")?;
-    let status = arch.wait_timeout(Duration::from_secs(60))?;
-    ensure!(
-        status.success(),
-        "the last archiver did not stop cleanly ({status}):\n{}",
-        arch.log_tail()
-    );
+    arch.stop(Duration::from_secs(60))?;
     let repo = s.store.open().await?;
     ensure!(
         repo.read_lease()
@@ -931,14 +863,11 @@ async fn pitr(v: Variant, store: TestStore) -> Result<()> {
          (TIDEMARK_PITR_SEED={} repeats the choices)",
         v.name, store.describe, knobs.seed
     );
-    let s = Setup {
-        dir: tempfile::tempdir()?,
-        store,
-    };
+    let s = Setup::new(store)?.base_interval("2s");
 
     let (obs, kill_stats) = write_and_archive(&s, &v, kills, seconds, &mut rng).await?;
     let archived_at = Instant::now();
-    let oracle = Oracle::open(&s.out())?;
+    let oracle = s.oracle()?;
     let book = Book::new(&oracle, &obs);
     let state = s
         .store
@@ -1089,18 +1018,12 @@ async fn pitr(v: Variant, store: TestStore) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restores_every_point_with_exact_times_from_s3() -> Result<()> {
-    match TestStore::s3("pitr-exact").await? {
-        Some(store) => pitr(S3_EXACT, store).await,
-        None => Ok(()),
-    }
+    with_s3("pitr-exact", |store| pitr(S3_EXACT, store)).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restores_every_point_with_observed_times_from_s3() -> Result<()> {
-    match TestStore::s3("pitr-observed").await? {
-        Some(store) => pitr(S3_OBSERVED, store).await,
-        None => Ok(()),
-    }
+    with_s3("pitr-observed", |store| pitr(S3_OBSERVED, store)).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

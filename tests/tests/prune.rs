@@ -12,158 +12,70 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use tidemark_manifest::repo::{RepoState, Repository};
 use tidemark_manifest::{exit, keys};
+use tidemark_tests::harness::with_s3;
 use tidemark_tests::harness::{
-    Proc, TestStore, bin, http_get, logged_metrics_addr, metric_sample, run_with_timeout,
-    wait_archived, wait_for, wait_for_database,
+    Proc, TestStore, bin, http_get, logged_metrics_addr, metric_sample, run_with_timeout, wait_for,
+    wait_for_database,
 };
+use tidemark_tests::setup::Setup;
 use tidemark_tests::{Oracle, read_db_state_and_seq};
 
-struct Setup {
-    dir: tempfile::TempDir,
-    store: TestStore,
+/// A directory beside `store`, with an archiver that takes a base every second.
+fn setup(store: TestStore) -> Result<Setup> {
+    Ok(Setup::new(store)?.base_interval("1s"))
 }
 
-impl Setup {
-    fn new(store: TestStore) -> Result<Setup> {
-        Ok(Setup {
-            dir: tempfile::tempdir()?,
-            store,
-        })
-    }
-    fn db(&self) -> PathBuf {
-        self.dir.path().join("db")
-    }
-    fn out(&self) -> PathBuf {
-        self.dir.path().join("oracle")
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
+/// Writes for `seconds` while an archiver takes a base every second; stops both and
+/// returns the oracle.
+async fn history_with_many_bases(s: &Setup, seconds: &str, extra: &[&str]) -> Result<Oracle> {
+    let writes = [
+        "--duration",
+        seconds,
+        "--rate",
+        "300",
+        "--seed",
+        "21",
+        "--flush-every",
+        "200",
+    ];
+    s.archive(&writes, extra).await
+}
 
-    /// Writes for `seconds` while an archiver takes a base every second; stops both and
-    /// returns the oracle.
-    async fn history_with_many_bases(&self, seconds: &str, extra: &[&str]) -> Result<Oracle> {
-        let mut writer = Proc::spawn(
-            &bin("tidemark-loadgen")?,
-            &[
-                "--db",
-                &self.db().display().to_string(),
-                "--out",
-                &self.out().display().to_string(),
-                "--duration",
-                seconds,
-                "--rate",
-                "300",
-                "--seed",
-                "21",
-                "--flush-every",
-                "200",
-            ]
-            .map(String::from),
-            &[],
-            &self.path("loadgen.log"),
-        )?;
-        wait_for_database(&self.db())?;
-        let mut arch = self.archiver("archiver.log", extra)?;
-        ensure!(
-            writer.wait_timeout(Duration::from_secs(90))?.success(),
-            "load generator failed:\n{}",
-            writer.log_tail()
-        );
-        let oracle = Oracle::open(&self.out())?;
-        wait_archived(
-            &self.store,
-            oracle.last_seq(),
-            &mut arch,
-            Duration::from_secs(60),
-        )
-        .await?;
-        arch.signal("TERM")?;
-        ensure!(
-            arch.wait_timeout(Duration::from_secs(30))?.success(),
-            "archiver:\n{}",
-            arch.log_tail()
-        );
-        Ok(oracle)
-    }
-
-    fn archiver(&self, log: &str, extra: &[&str]) -> Result<Proc> {
-        let mut a: Vec<String> = [
-            "run",
-            "--db",
-            &self.db().display().to_string(),
-            "--to",
-            &self.store.url,
-            "--sync-interval",
-            "200ms",
-            "--checkpoint-interval",
-            "1s",
-            "--base-interval",
-            "1s",
-        ]
-        .map(String::from)
-        .to_vec();
-        a.extend(extra.iter().map(|s| s.to_string()));
-        Proc::spawn(
-            &bin("tidemark-archiver")?,
-            &a,
-            &self.store.env,
-            &self.path(log),
-        )
-    }
-
-    /// Runs `tidemark-archiver prune --to URL ARGS`: exit code, stdout, stderr.
-    fn prune(&self, args: &[&str]) -> Result<(i32, String, String)> {
-        let mut a: Vec<String> = vec!["prune".into(), "--to".into(), self.store.url.clone()];
-        a.extend(args.iter().map(|s| s.to_string()));
-        let mut env = self.store.env.clone();
-        env.push(("TIDEMARK_LOG".into(), "info,aws=warn".into()));
-        run_with_timeout(
-            &bin("tidemark-archiver")?,
-            &a,
-            &env,
-            Duration::from_secs(120),
-        )
-    }
-
-    /// Restores to sequence `seq`: `Ok(None)` when the tool refuses (exit 3), else the
-    /// restored database's directory.
-    fn restore(&self, seq: u64) -> Result<Option<PathBuf>> {
-        let dir = self.path(&format!("restore-{seq}"));
-        let out = Command::new(bin("tidemark-restore")?)
-            .args(["--quiet", "restore", "--json", "--from", &self.store.url])
-            .arg("--target")
-            .arg(&dir)
-            .args(["--seq", &seq.to_string()])
-            .envs(self.store.env.iter().map(|(k, v)| (k, v)))
-            .output()?;
-        match out.status.code() {
-            Some(0) => Ok(Some(dir)),
-            Some(3) => {
-                let err = String::from_utf8_lossy(&out.stderr);
-                eprintln!("refused as expected: {}", err.trim());
-                Ok(None)
-            }
-            code => bail!(
-                "restore to {seq} exited {code:?}:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
+/// Restores to sequence `seq`: `Ok(None)` when the tool refuses (exit 3), else the
+/// restored database's directory.
+fn restore(s: &Setup, seq: u64) -> Result<Option<PathBuf>> {
+    let dir = s.path(&format!("restore-{seq}"));
+    let out = Command::new(bin("tidemark-restore")?)
+        .args(["--quiet", "restore", "--json", "--from", &s.store.url])
+        .arg("--target")
+        .arg(&dir)
+        .args(["--seq", &seq.to_string()])
+        .envs(s.store.env.iter().map(|(k, v)| (k, v)))
+        .output()?;
+    match out.status.code() {
+        Some(0) => Ok(Some(dir)),
+        Some(3) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            eprintln!("refused as expected: {}", err.trim());
+            Ok(None)
         }
+        code => bail!(
+            "restore to {seq} exited {code:?}:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
     }
+}
 
-    /// Restores to `seq` and compares with the oracle, key by key.
-    fn restore_exactly(&self, oracle: &Oracle, seq: u64) -> Result<()> {
-        let dir = self
-            .restore(seq)?
-            .with_context(|| format!("sequence {seq} must be restorable"))?;
-        let (state, db_seq) = read_db_state_and_seq(&dir)?;
-        ensure!(db_seq == seq, "restored to {db_seq}, asked for {seq}");
-        if let Some(d) = oracle.state_at(seq)?.diff(&state) {
-            bail!("the database restored to {seq} differs from what was written: {d}");
-        }
-        std::fs::remove_dir_all(&dir)?;
-        Ok(())
+/// Restores to `seq` and compares with the oracle, key by key.
+fn restore_exactly(s: &Setup, oracle: &Oracle, seq: u64) -> Result<()> {
+    let dir = restore(s, seq)?.with_context(|| format!("sequence {seq} must be restorable"))?;
+    let (state, db_seq) = read_db_state_and_seq(&dir)?;
+    ensure!(db_seq == seq, "restored to {db_seq}, asked for {seq}");
+    if let Some(d) = oracle.state_at(seq)?.diff(&state) {
+        bail!("the database restored to {seq} differs from what was written: {d}");
     }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
 }
 
 /// Every key in the store but the lease, which a released holder leaves behind on purpose
@@ -210,8 +122,8 @@ fn boundary_at_or_after(oracle: &Oracle, seq: u64) -> u64 {
 
 async fn prune_keeps_exactly_what_the_policy_says(store: TestStore) -> Result<()> {
     eprintln!("pruning in {}", store.describe);
-    let s = Setup::new(store)?;
-    let oracle = s.history_with_many_bases("7", &[]).await?;
+    let s = setup(store)?;
+    let oracle = history_with_many_bases(&s, "7", &[]).await?;
     let repo = s.store.open().await?;
     let before = repo.load().await?;
     let n = before.history.bases.len();
@@ -291,7 +203,7 @@ async fn prune_keeps_exactly_what_the_policy_says(store: TestStore) -> Result<()
     let window = h.window();
     eprintln!("window after pruning: {window}");
     for b in &h.bases {
-        s.restore_exactly(&oracle, b.earliest_seq)?;
+        restore_exactly(&s, &oracle, b.earliest_seq)?;
     }
     // The continuous range: its ends and points spread over it.
     let last = window.ranges.last().context("no window")?;
@@ -303,19 +215,19 @@ async fn prune_keeps_exactly_what_the_policy_says(store: TestStore) -> Result<()
     points.sort_unstable();
     points.dedup();
     for seq in points {
-        s.restore_exactly(&oracle, seq)?;
+        restore_exactly(&s, &oracle, seq)?;
     }
     for g in h.gaps.iter().filter(|g| g.last_seq > g.first_seq) {
         let inside = (g.first_seq + g.last_seq) / 2;
         ensure!(
-            s.restore(inside)?.is_none(),
+            restore(&s, inside)?.is_none(),
             "sequence {inside} was pruned but restored"
         );
     }
     let oldest = h.bases.iter().map(|b| b.earliest_seq).min().unwrap();
     if oldest > 2 {
         ensure!(
-            s.restore(oldest / 2)?.is_none(),
+            restore(&s, oldest / 2)?.is_none(),
             "a point before the oldest kept base restored"
         );
     }
@@ -342,16 +254,16 @@ async fn prune_keeps_exactly_what_the_policy_says_local() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn prune_keeps_exactly_what_the_policy_says_s3() -> Result<()> {
     // Encrypted: pruning reads and deletes through the encryption layer.
-    match TestStore::s3("prune-policy").await? {
-        Some(store) => prune_keeps_exactly_what_the_policy_says(store.encrypted()).await,
-        None => Ok(()),
-    }
+    with_s3("prune-policy", |store| {
+        prune_keeps_exactly_what_the_policy_says(store.encrypted())
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dropped_objects_stay_for_the_grace_period() -> Result<()> {
-    let s = Setup::new(TestStore::local()?)?;
-    let oracle = s.history_with_many_bases("4", &[]).await?;
+    let s = setup(TestStore::local()?)?;
+    let oracle = history_with_many_bases(&s, "4", &[]).await?;
     let repo = s.store.open().await?;
     let old = repo.load().await?;
     let old_gen = old.generation.clone().context("no generation")?;
@@ -374,7 +286,7 @@ async fn dropped_objects_stay_for_the_grace_period() -> Result<()> {
     );
     let now = repo.load().await?;
     ensure!(now.history.bases.len() == 1, "one base is kept");
-    s.restore_exactly(&oracle, oracle.last_seq())?;
+    restore_exactly(&s, &oracle, oracle.last_seq())?;
 
     // Once the grace period is over (here: a run with none), they go.
     let (code, _, err) = s.prune(&["--keep-last", "1", "--grace", "0s"])?;
@@ -385,7 +297,7 @@ async fn dropped_objects_stay_for_the_grace_period() -> Result<()> {
         "after the grace period only what the newest generation references is left"
     );
     ensure!(repo.read_generation(old_gen.generation).await?.is_none());
-    s.restore_exactly(&oracle, oracle.last_seq())?;
+    restore_exactly(&s, &oracle, oracle.last_seq())?;
 
     // `status` and `prune` find one database's repository in a config that lists several.
     let config = s.path("many.toml");
@@ -436,29 +348,14 @@ async fn dropped_objects_stay_for_the_grace_period() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_service_applies_its_retention_policy_and_prune_refuses_while_it_runs() -> Result<()> {
-    let s = Setup::new(TestStore::local()?)?;
+    let s = setup(TestStore::local()?)?;
     let config = s.path("archiver.toml");
     std::fs::write(
         &config,
         "[retention]\nkeep_last = 2\ninterval = \"1s\"\ngrace = \"1s\"\n",
     )?;
     let config_arg = config.display().to_string();
-    let mut writer = Proc::spawn(
-        &bin("tidemark-loadgen")?,
-        &[
-            "--db",
-            &s.db().display().to_string(),
-            "--out",
-            &s.out().display().to_string(),
-            "--duration",
-            "8",
-            "--rate",
-            "300",
-        ]
-        .map(String::from),
-        &[],
-        &s.path("loadgen.log"),
-    )?;
+    let mut writer = s.loadgen(&["--duration", "8", "--rate", "300"])?;
     wait_for_database(&s.db())?;
     let mut arch = s.archiver(
         "service.log",
@@ -488,8 +385,8 @@ async fn the_service_applies_its_retention_policy_and_prune_refuses_while_it_run
         "a dry run beside a running archiver says so:\n{out}"
     );
 
-    ensure!(writer.wait_timeout(Duration::from_secs(90))?.success());
-    let oracle = Oracle::open(&s.out())?;
+    writer.wait_success(Duration::from_secs(90))?;
+    let oracle = s.oracle()?;
     let repo = s.store.open().await?;
     // Wait for the newest point, then for one more retention run after it.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -521,8 +418,7 @@ async fn the_service_applies_its_retention_policy_and_prune_refuses_while_it_run
         (deleted > 0.0 && last > 0.0).then_some(())
     })
     .with_context(|| arch.log_tail())?;
-    arch.signal("TERM")?;
-    ensure!(arch.wait_timeout(Duration::from_secs(30))?.success());
+    arch.stop(Duration::from_secs(30))?;
     let log = std::fs::read_to_string(s.path("service.log"))?;
     ensure!(log.contains("retention applied"), "no retention run logged");
     let state = repo.load().await?;
@@ -537,7 +433,7 @@ async fn the_service_applies_its_retention_policy_and_prune_refuses_while_it_run
         "{base_dirs} base directories for {} bases: dropped bases were not deleted",
         state.history.bases.len()
     );
-    s.restore_exactly(&oracle, oracle.last_seq())?;
+    restore_exactly(&s, &oracle, oracle.last_seq())?;
     let oldest = state
         .history
         .bases
@@ -545,7 +441,7 @@ async fn the_service_applies_its_retention_policy_and_prune_refuses_while_it_run
         .map(|b| b.earliest_seq)
         .min()
         .unwrap();
-    s.restore_exactly(&oracle, oldest)?;
+    restore_exactly(&s, &oracle, oldest)?;
     Ok(())
 }
 
@@ -622,8 +518,8 @@ struct HeldSweep {
 
 impl HeldSweep {
     async fn start() -> Result<HeldSweep> {
-        let s = Setup::new(TestStore::local()?)?;
-        let oracle = s.history_with_many_bases("3", &[]).await?;
+        let s = setup(TestStore::local()?)?;
+        let oracle = history_with_many_bases(&s, "3", &[]).await?;
         let repo = s.store.open().await?;
         tables_of_an_abandoned_base(&s, &repo).await?;
         let config = s.path("short-lease.toml");
@@ -680,23 +576,15 @@ impl HeldSweep {
             &self.s.store.url,
             "--config",
             &self.config,
-        ]
-        .map(String::from);
-        let mut env = self.s.store.env.clone();
-        env.push(("TIDEMARK_LOG".into(), "info,aws=warn".into()));
-        let (code, _, err) = run_with_timeout(
-            &bin("tidemark-archiver")?,
-            &a,
-            &env,
-            Duration::from_secs(120),
-        )?;
+        ];
+        let (code, _, err) = self.s.run("tidemark-archiver", &a)?;
         Ok((code, err))
     }
 
     /// The newest base holds together and restores exactly.
     async fn check_newest_base(&self) -> Result<()> {
         newest_base_is_whole(&self.repo).await?;
-        self.s.restore_exactly(&self.oracle, self.oracle.last_seq())
+        restore_exactly(&self.s, &self.oracle, self.oracle.last_seq())
     }
 }
 

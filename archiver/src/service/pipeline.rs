@@ -35,7 +35,7 @@ use crate::watch::Watcher;
 
 /// What one step found that the owners beside the pipeline act on.
 #[derive(Debug, Default)]
-pub(crate) struct Step {
+pub struct Step {
     /// The WAL was read to its end.
     pub caught_up: bool,
     /// A gap was found: a base backup is needed at once.
@@ -44,8 +44,9 @@ pub(crate) struct Step {
     pub cf_changed: bool,
 }
 
-/// Follow → ship → checkpoint, for one database and repository.
-pub(crate) struct Pipeline {
+/// Follow → ship → checkpoint, for one database and repository. The service drives it;
+/// tests that need a repository written step by step drive it the same way.
+pub struct Pipeline {
     /// Lent to a blocking task during each read.
     follower: Option<WalFollower>,
     watcher: Watcher,
@@ -59,6 +60,15 @@ pub(crate) struct Pipeline {
     manifest_retry: Backoff,
     summary: RunSummary,
     metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("expected", &self.expected)
+            .field("summary", &self.summary)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Pipeline {
@@ -596,7 +606,6 @@ mod tests {
 
     use std::fs::File;
 
-    use tidemark_manifest::model::{Compression, FORMAT_VERSION, Lineage, RepositoryConfig};
     use tidemark_manifest::rocks::DbFile;
     use tidemark_manifest::rocks::log::LogWriter;
     use tidemark_manifest::store::fault::{Fault, FaultRule, FaultStore};
@@ -639,20 +648,9 @@ mod tests {
         std::fs::create_dir_all(&wal).unwrap();
         let faults = Arc::new(FaultStore::new(Arc::new(MemoryStore::new())));
         let repo = Repository::new(faults.clone());
-        repo.create_config(&RepositoryConfig {
-            format_version: FORMAT_VERSION,
-            repository_id: "r".into(),
-            created_at: OffsetDateTime::now_utc(),
-            database_identity: "db".into(),
-            lineage: Lineage {
-                id: "l".into(),
-                parent: None,
-            },
-            segment_compression: Compression::Zstd,
-            encryption: None,
-        })
-        .await
-        .unwrap();
+        repo.create_config(&tidemark_manifest::testing::config())
+            .await
+            .unwrap();
         let state = repo.load().await.unwrap();
         let opts = ArchiverOptions {
             db: wal.clone(),

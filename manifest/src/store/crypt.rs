@@ -1794,22 +1794,14 @@ mod tests {
 #[cfg(test)]
 mod repository_tests {
     use super::*;
-    use crate::model::{Compression, FORMAT_VERSION, Lineage, RepositoryConfig};
+    use crate::model::RepositoryConfig;
     use crate::repo::{RepoError, Repository};
     use crate::store::MemoryStore;
 
     fn config(repo: &Repository) -> RepositoryConfig {
         RepositoryConfig {
-            format_version: FORMAT_VERSION,
-            repository_id: "r".into(),
-            created_at: time::OffsetDateTime::now_utc(),
-            database_identity: "db".into(),
-            lineage: Lineage {
-                id: "l".into(),
-                parent: None,
-            },
-            segment_compression: Compression::Zstd,
             encryption: repo.encryption().cloned(),
+            ..crate::testing::config()
         }
     }
 

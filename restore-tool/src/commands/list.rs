@@ -220,7 +220,7 @@ impl ListReport {
         let _ = writeln!(w, "Repository  {}", self.location);
         let _ = writeln!(
             w,
-            "            id {}, database {}, lineage {}",
+            "            id {}, database {}\n            lineage {}",
             self.repository_id, self.database_identity, self.lineage
         );
         if let Some(p) = &self.parent {
@@ -465,52 +465,25 @@ pub fn timeline(h: &History, window: &Window, width: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidemark_manifest::keys;
-    use tidemark_manifest::model::{
-        BaseSummary, ColumnFamily, GapKind, ObjectRef, SegmentEntry, time_from_micros,
-    };
-
-    const T0: i64 = 1_800_000_000_000_000;
+    use tidemark_manifest::model::{BaseSummary, GapKind, SegmentEntry};
+    use tidemark_manifest::testing;
 
     fn t(sec: i64) -> OffsetDateTime {
-        time_from_micros(T0 + sec * 1_000_000)
+        testing::at_secs(sec)
     }
 
     fn seg(first: u64, last: u64, t1: i64, t2: i64) -> SegmentEntry {
         SegmentEntry {
-            key: keys::segment_key(first),
-            first_seq: first,
-            last_seq: last,
-            record_count: 1,
-            first_time: t(t1),
-            last_time: t(t2),
-            time_source: TimeSource::Observed,
-            first_log: 1,
-            last_log: 1,
             raw_size: 100,
-            stored_size: 10,
-            sha256: None,
+            ..testing::segment(first, last, t(t1), t(t2))
         }
     }
 
     fn base(id: &str, replay_from: u64, earliest: u64, at: i64) -> BaseSummary {
         BaseSummary {
-            id: id.into(),
-            created_at: t(at),
-            descriptor: ObjectRef {
-                key: keys::base_descriptor_key(id),
-                size: 1,
-                sha256: String::new(),
-            },
-            min_log_number: 1,
-            replay_from_seq: replay_from,
-            earliest_seq: earliest,
-            earliest_time: t(at),
-            column_families: vec![ColumnFamily {
-                id: 0,
-                name: "default".into(),
-            }],
+            column_families: testing::default_cf(),
             total_size: 1 << 20,
+            ..testing::base(id, replay_from, earliest, t(at))
         }
     }
 

@@ -1,36 +1,39 @@
 //! Test fixtures: a live RocksDB written by the load generator, archived into a repository
-//! with the archiver's own pieces (WAL follower, base backups, segment encoder, checkpoint
-//! manager), and the generator's oracle to compare restored databases with.
+//! by the archiver's own pipeline ([`Pipeline`]: WAL follower, segment shipper, checkpoint
+//! manager) and base backups, driven step by step, and the generator's oracle to compare
+//! restored databases with.
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use tempfile::TempDir;
 
 use tidemark_archiver::base::{BaseOptions, take_base_backup};
-use tidemark_archiver::checkpoint::{CheckpointManager, CheckpointOptions};
-use tidemark_archiver::follow::{FollowEvent, StartPosition, WalFollower};
-use tidemark_manifest::model::{
-    BaseSummary, Compression, FORMAT_VERSION, Gap, GapKind, Lineage, RepositoryConfig,
-    time_from_micros,
-};
+use tidemark_archiver::check::check_database;
+use tidemark_archiver::metrics::Metrics;
+use tidemark_archiver::options::ArchiverOptions;
+use tidemark_archiver::service::open_config;
+use tidemark_archiver::service::pipeline::Pipeline;
+use tidemark_manifest::model::{BaseSummary, Gap};
 use tidemark_manifest::repo::Repository;
-use tidemark_manifest::segment::{Record, SegmentBuilder};
-use tidemark_manifest::store::{
-    self, ObjectStore, OpenOptions, RetryPolicy, RetryStore, S3Options, S3Store, StoreUrl,
-};
+use tidemark_manifest::store::{self, OpenOptions, RetryPolicy, StoreUrl};
+use tidemark_manifest::testing::s3 as test_s3;
 use tidemark_restore::commands::restore::{self, RestoreOptions, RestoreReport};
 use tidemark_restore::commands::{StoreOptions, Target};
 use tidemark_restore::progress::Progress;
 use tidemark_restore::{Cancel, RestoreError};
 use tidemark_tests::{Generator, Oracle, State, WorkloadConfig};
 
-/// Records per segment: small, so that restores cross many segments and segment boundaries
-/// fall inside WAL files and WAL files inside segments.
-pub const RECORDS_PER_SEGMENT: u32 = 37;
+/// Segments close at this many bytes of records: small, so that restores cross many
+/// segments and segment boundaries fall inside WAL files and WAL files inside segments.
+pub const SEGMENT_BYTES: u64 = 24 << 10;
+
+/// The open segment closes this long after its first record.
+const SYNC_INTERVAL: Duration = Duration::from_millis(20);
 
 /// A generator workload: every batch carries a time marker, so record times are exact and a
 /// time target's expected cutoff comes from the oracle's wall times.
@@ -88,6 +91,40 @@ impl Source {
             .flush_all()
     }
 
+    /// Writes `n` batches into WAL files of their own (the generator flushes now and then),
+    /// then deletes those files as if they had been deleted before the archiver read them
+    /// (their data is in table files by then). Returns the sequence numbers lost.
+    pub fn write_lost(&mut self, n: u64) -> Result<(u64, u64)> {
+        self.flush()?;
+        let first = self.last_seq() + 1;
+        let from = *wal_files(&self.db)?
+            .iter()
+            .max()
+            .context("no WAL file after a flush")?;
+        self.write(n)?;
+        self.flush()?;
+        // The newest file is the one written to next: empty yet.
+        let mut written: Vec<u64> = wal_files(&self.db)?
+            .into_iter()
+            .filter(|&l| l >= from)
+            .collect();
+        written.sort_unstable();
+        written.pop();
+        ensure!(
+            !written.is_empty(),
+            "the flush did not start a new WAL file"
+        );
+        for log in written {
+            let name = format!("{log:06}.log");
+            let path = [self.db.join(&name), self.db.join("archive").join(&name)]
+                .into_iter()
+                .find(|p| p.exists())
+                .with_context(|| format!("WAL file {name} is gone already"))?;
+            std::fs::remove_file(&path)?;
+        }
+        Ok((first, self.last_seq()))
+    }
+
     pub fn last_seq(&self) -> u64 {
         self.generator.as_ref().map_or(0, Generator::last_seq)
     }
@@ -109,167 +146,104 @@ impl Source {
     }
 }
 
-/// The archiver's pieces, driven step by step.
+/// The archiver's pipeline and base backups, driven step by step as the service drives
+/// them. Manifest generations are written when the pipeline must (the first one, gaps,
+/// bases) and when [`Archive::checkpoint`] asks; segments shipped after the last one are
+/// found by the tail walk.
 pub struct Archive {
     pub repo: Repository,
-    follower: WalFollower,
-    checkpoint: CheckpointManager,
-    builder: Option<SegmentBuilder>,
-    /// (last sequence of a record, its time) for base backups' earliest times.
-    times: Arc<Mutex<Vec<(u64, i64)>>>,
-    scratch: PathBuf,
+    pipeline: Pipeline,
     db: PathBuf,
+    wal_dir: PathBuf,
+    scratch: PathBuf,
     pub bases: Vec<BaseSummary>,
 }
 
 impl Archive {
-    /// Creates a repository for `source` in `repo` and starts following its WAL.
+    /// Starts archiving `source` into `repo` as the service does at its first start: the
+    /// repository's config, then the WAL from its oldest record.
     pub async fn create(repo: Repository, source: &Source) -> Result<Archive> {
-        repo.create_config(&RepositoryConfig {
-            format_version: FORMAT_VERSION,
-            repository_id: format!("test-{:08x}", rand::random::<u32>()),
-            created_at: time::OffsetDateTime::now_utc(),
-            database_identity: source.identity()?,
-            lineage: Lineage {
-                id: "lineage-1".into(),
-                parent: None,
-            },
-            segment_compression: Compression::Zstd,
-            encryption: None,
-        })
-        .await?;
+        let check = check_database(&source.db, None)?;
+        open_config(&repo, &check).await?;
         let state = repo.load().await?;
-        let checkpoint = CheckpointManager::new(repo.clone(), &state, CheckpointOptions::default());
-        let follower = WalFollower::new(&source.db, StartPosition::Oldest)?;
+        let opts = ArchiverOptions {
+            db: source.db.clone(),
+            sync_interval: SYNC_INTERVAL,
+            max_segment_bytes: SEGMENT_BYTES,
+            checkpoint_interval: Duration::from_secs(3600),
+            ..ArchiverOptions::default()
+        };
         let scratch = source.root.path().join("archiver-scratch");
-        std::fs::create_dir_all(&scratch)?;
+        let metrics = Arc::new(Metrics::new());
+        let pipeline =
+            Pipeline::resume(&repo, &check.wal_dir, &scratch, &opts, &state, &metrics).await?;
         Ok(Archive {
             repo,
-            follower,
-            checkpoint,
-            builder: None,
-            times: Arc::new(Mutex::new(Vec::new())),
-            scratch,
+            pipeline,
             db: source.db.clone(),
+            wal_dir: check.wal_dir,
+            scratch,
             bases: Vec::new(),
         })
     }
 
-    fn poll(&mut self) -> Result<Vec<Record>> {
-        let mut out = Vec::new();
-        for ev in self.follower.poll()? {
-            match ev {
-                FollowEvent::Record(r) => out.push(r),
-                FollowEvent::Rotated { .. } => {}
-                FollowEvent::Gap {
-                    expected_seq,
-                    found_seq,
-                    detail,
-                } => {
-                    bail!("unexpected WAL gap {expected_seq}..{found_seq}: {detail}")
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    async fn push(&mut self, r: &Record) -> Result<()> {
-        self.checkpoint.ensure_started(r.seq).await?;
-        self.times
-            .lock()
-            .unwrap()
-            .push((r.next_seq().saturating_sub(1), r.time_us));
-        let b = match &mut self.builder {
-            Some(b) => b,
-            None => self
-                .builder
-                .insert(SegmentBuilder::new(Compression::Zstd, 3)?),
-        };
-        b.push(r)?;
-        if b.record_count() >= RECORDS_PER_SEGMENT && b.can_finish() {
-            self.ship().await?;
-        }
-        Ok(())
-    }
-
-    /// Uploads the open segment, if it can be closed.
-    pub async fn ship(&mut self) -> Result<()> {
-        if self
-            .builder
-            .as_ref()
-            .is_some_and(SegmentBuilder::can_finish)
-        {
-            let seg = self.builder.take().expect("checked").finish()?;
-            self.repo.write_segment(&seg).await?;
-            self.checkpoint.segment_uploaded(seg.entry());
-        }
-        Ok(())
-    }
-
-    /// Reads and ships everything the WAL holds now.
-    pub async fn catch_up(&mut self) -> Result<()> {
+    /// Steps the pipeline until everything `source` wrote is read and uploaded: the reader's
+    /// view of the repository ends at its last sequence.
+    pub async fn catch_up(&mut self, source: &Source) -> Result<()> {
+        let target = source.last_seq();
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let records = self.poll()?;
-            if records.is_empty() {
-                break;
+            let step = self.pipeline.step().await?;
+            let more = self.pipeline.more_ready();
+            if step.caught_up && !more && self.archived_to().await? >= target {
+                return Ok(());
             }
-            for r in &records {
-                self.push(r).await?;
+            ensure!(
+                Instant::now() < deadline,
+                "the pipeline did not archive up to sequence {target} in time (the store holds \
+                 up to {})",
+                self.archived_to().await?
+            );
+            if !more {
+                tokio::time::sleep(SYNC_INTERVAL).await;
             }
         }
-        self.ship().await
     }
 
-    /// Writes a manifest generation for the shipped segments.
-    pub async fn checkpoint(&mut self) -> Result<()> {
-        self.catch_up().await?;
-        self.checkpoint.flush().await?;
+    /// The last sequence a reader finds in the repository.
+    async fn archived_to(&self) -> Result<u64> {
+        let state = self.repo.load().await?;
+        Ok(state.history.segments.last().map_or(0, |s| s.last_seq))
+    }
+
+    /// Archives everything `source` wrote and writes a manifest generation for it.
+    pub async fn checkpoint(&mut self, source: &Source) -> Result<()> {
+        self.catch_up(source).await?;
+        self.pipeline.checkpoint().flush().await?;
         Ok(())
     }
 
-    /// Takes a base backup and records it.
-    pub async fn base(&mut self) -> Result<BaseSummary> {
-        self.catch_up().await?;
-        let times = Arc::clone(&self.times);
+    /// Takes a base backup and records it, as the service does (the base's earliest time
+    /// from the pipeline's observed record times); then archives what was written meanwhile.
+    pub async fn base(&mut self, source: &Source) -> Result<BaseSummary> {
+        self.catch_up(source).await?;
         let opts = BaseOptions {
-            earliest_time: Some(Arc::new(move |seq| {
-                let t = times.lock().unwrap();
-                let i = t.partition_point(|(last, _)| *last < seq);
-                t.get(i).map(|(_, us)| time_from_micros(*us))
-            })),
+            earliest_time: Some(self.pipeline.observed_times()),
             ..BaseOptions::default()
         };
-        let result = take_base_backup(&self.db, &self.db, &self.scratch, &self.repo, &opts).await?;
-        self.catch_up().await?;
-        self.checkpoint.add_base(result.summary.clone()).await?;
-        self.bases.push(result.summary.clone());
-        Ok(result.summary)
+        let result =
+            take_base_backup(&self.db, &self.wal_dir, &self.scratch, &self.repo, &opts).await?;
+        let summary = result.summary.clone();
+        let stale = self.pipeline.record_base(result).await?;
+        ensure!(!stale, "column families changed under the base backup");
+        self.catch_up(source).await?;
+        self.bases.push(summary.clone());
+        Ok(summary)
     }
 
-    /// Drops the next `n` records the WAL holds (as if their WAL file had been deleted
-    /// before it was read) and records them as a gap. Returns the gap.
-    pub async fn lose(&mut self, n: usize) -> Result<Gap> {
-        self.ship().await?;
-        let mut records = self.poll()?;
-        ensure!(
-            records.len() > n,
-            "only {} records to lose from",
-            records.len()
-        );
-        let rest = records.split_off(n);
-        let gap = Gap {
-            first_seq: records[0].seq,
-            last_seq: records[n - 1].next_seq() - 1,
-            kind: GapKind::MissingWal,
-            detected_at: time::OffsetDateTime::now_utc(),
-            detail: "test: records dropped before they were archived".into(),
-        };
-        self.checkpoint.add_gap(gap.clone()).await?;
-        for r in &rest {
-            self.push(r).await?;
-        }
-        self.catch_up().await?;
-        Ok(gap)
+    /// The gaps the pipeline recorded, in its newest generation.
+    pub fn gaps(&self) -> &[Gap] {
+        &self.pipeline.current().gaps
     }
 }
 
@@ -293,63 +267,14 @@ pub async fn local_repo(root: &Path) -> Result<(Repository, String)> {
     Ok((Repository::new(store), url.to_string()))
 }
 
-/// The S3 endpoint to test against, or `None` (after saying so loudly) to skip.
-pub fn s3_endpoint(case: &str) -> Option<String> {
-    match std::env::var("TIDEMARK_TEST_S3_ENDPOINT") {
-        Ok(endpoint) if !endpoint.is_empty() => Some(endpoint),
-        _ => {
-            if std::env::var("TIDEMARK_REQUIRE_S3").as_deref() == Ok("1") {
-                panic!(
-                    "TIDEMARK_REQUIRE_S3=1 but TIDEMARK_TEST_S3_ENDPOINT is not set: start a \
-                     server with `scripts/s3-server.sh start` and run \
-                     `eval \"$(scripts/s3-server.sh env)\"` first"
-                );
-            }
-            eprintln!(
-                "!!! skipped: no S3 server for {case} (set TIDEMARK_TEST_S3_ENDPOINT, see \
-                 scripts/s3-server.sh; TIDEMARK_REQUIRE_S3=1 makes this a failure)"
-            );
-            None
-        }
-    }
-}
-
-fn bucket_name() -> &'static str {
-    static NAME: OnceLock<String> = OnceLock::new();
-    NAME.get_or_init(|| {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        format!("tidemark-restore-{}-{secs}", std::process::id())
-    })
-}
-
 /// A repository under a fresh prefix of the test run's bucket; returns it, its URL and the
 /// store options to reach it.
 pub async fn s3_repo(endpoint: &str, case: &str) -> Result<(Repository, StoreOptions)> {
     let prefix = format!("{case}-{:08x}", rand::random::<u32>());
-    let s3 = S3Options {
-        endpoint_url: Some(endpoint.to_owned()),
-        force_path_style: true,
-        ..S3Options::default()
-    };
-    let raw = S3Store::connect(bucket_name(), &prefix, &s3).await?;
-    if let Err(e) = raw
-        .client()
-        .create_bucket()
-        .bucket(raw.bucket())
-        .send()
-        .await
-    {
-        let ok = e
-            .as_service_error()
-            .is_some_and(|s| s.is_bucket_already_owned_by_you() || s.is_bucket_already_exists());
-        ensure!(ok, "cannot create bucket {}: {e:?}", raw.bucket());
-    }
-    let store: Arc<dyn ObjectStore> =
-        Arc::new(RetryStore::new(Arc::new(raw), RetryPolicy::default()));
-    let mut opts = StoreOptions::new(format!("s3://{}/{prefix}", bucket_name()));
+    let bucket = test_s3::bucket(endpoint).await?;
+    let from = format!("s3://{bucket}/{prefix}");
+    let store = store::open_store(&StoreUrl::parse(&from)?, &test_s3::options(endpoint)).await?;
+    let mut opts = StoreOptions::new(from);
     opts.store.endpoint_url = Some(endpoint.to_owned());
     opts.store.path_style = true;
     Ok((Repository::new(store), opts))
@@ -384,6 +309,23 @@ pub fn check_against_oracle(report: &RestoreReport, oracle: &Oracle) -> Result<u
         bail!("restored to {cutoff}: the state differs from the oracle: {diff}");
     }
     Ok(cutoff)
+}
+
+/// The numbers of the WAL files in a database directory and its `archive/`.
+fn wal_files(db: &Path) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for dir in [db.to_path_buf(), db.join("archive")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name.strip_suffix(".log").and_then(|n| n.parse().ok()) {
+                out.push(n);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Names in a directory (sorted), for "nothing was left behind" checks.
