@@ -2,6 +2,12 @@
 # The whole test suite, from a clean clone: installs what it needs, starts its own S3 server
 # on 127.0.0.1, runs every test against the local-directory store and that server, and
 # stops the server again. Exits non-zero on any failure.
+#
+#   scripts/test.sh                                    against moto (the default)
+#   TIDEMARK_TEST_S3_SERVER=localstack scripts/test.sh against LocalStack
+#   TIDEMARK_TEST_S3_SERVER=external TIDEMARK_TEST_S3_ENDPOINT=URL ... scripts/test.sh
+#                                      against a server already running (MinIO, ...), with
+#                                      the variables of README.md, "Testing"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,11 +24,18 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== S3 server"
 run_dir="$(mktemp -d "${TMPDIR:-/tmp}/tidemark-test.XXXXXX")"
 export TIDEMARK_RUN_DIR="$run_dir"
-cleanup() { scripts/s3-server.sh stop || true; rm -rf "$run_dir"; }
-trap cleanup EXIT
-scripts/s3-server.sh start
-eval "$(scripts/s3-server.sh env)"
-echo "S3 server for the tests: $TIDEMARK_TEST_S3_SERVER at $TIDEMARK_TEST_S3_ENDPOINT"
+if [ "${TIDEMARK_TEST_S3_SERVER:-}" = external ]; then
+  trap 'rm -rf "$run_dir"' EXIT
+  : "${TIDEMARK_TEST_S3_ENDPOINT:?TIDEMARK_TEST_S3_SERVER=external needs the server's URL in TIDEMARK_TEST_S3_ENDPOINT}"
+  : "${TIDEMARK_TEST_S3_AUTH:?set TIDEMARK_TEST_S3_AUTH to 1 if $TIDEMARK_TEST_S3_ENDPOINT rejects wrong signatures, 0 if not}"
+  export TIDEMARK_TEST_S3_SERVER_NAME="${TIDEMARK_TEST_S3_SERVER_NAME:-the server at $TIDEMARK_TEST_S3_ENDPOINT}"
+else
+  cleanup() { scripts/s3-server.sh stop || true; rm -rf "$run_dir"; }
+  trap cleanup EXIT
+  scripts/s3-server.sh start
+  eval "$(scripts/s3-server.sh env)"
+fi
+echo "S3 server for the tests: $TIDEMARK_TEST_S3_SERVER_NAME at $TIDEMARK_TEST_S3_ENDPOINT"
 
 echo "== tests"
 export TIDEMARK_REQUIRE_S3=1
