@@ -17,10 +17,11 @@
 //! retention policy (mark, then sweep), [`service`] runs it all as a long-lived process
 //! (its [`options`], checked by [`settings`]; every background task an [`task::OwnedTask`]),
 //! [`fleet`] runs several databases in one process, each on its own, and [`metrics`] reports
-//! on it to Prometheus.
+//! on it to Prometheus. [`check_store`] probes a store for what Tidemark relies on.
 
 pub mod base;
 pub mod check;
+pub mod check_store;
 pub mod checkpoint;
 pub(crate) mod duration_format;
 pub mod fleet;

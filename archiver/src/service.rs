@@ -79,6 +79,8 @@ pub enum ServiceError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    StoreCheck(#[from] crate::check_store::StartCheckError),
     #[error("{0}")]
     Other(String),
 }
@@ -90,6 +92,10 @@ impl ServiceError {
         match self {
             ServiceError::Check(_) | ServiceError::Diverged { .. } => 2,
             ServiceError::MetricsAddr { .. } => 2,
+            ServiceError::StoreCheck(
+                crate::check_store::StartCheckError::Unsafe(_)
+                | crate::check_store::StartCheckError::Store(StoreError::Config { .. }),
+            ) => 2,
             ServiceError::Store(StoreError::Config { .. }) => 2,
             ServiceError::Repo(e) if e.is_usage() => 2,
             ServiceError::Lease(LeaseError::Held { .. } | LeaseError::Lost { .. }) => 3,
@@ -157,6 +163,7 @@ pub async fn run_with_metrics(
 ) -> Result<RunSummary, ServiceError> {
     let check = check_database(&opts.db, opts.wal_dir.as_deref())?;
     let repo = opts.store.open(&opts.to, true).await?;
+    crate::check_store::check_at_start(&opts.to, &opts.store, opts.allow_unsafe_store).await?;
     tracing::info!(
         db = %opts.db.display(),
         to = %repo.location(),

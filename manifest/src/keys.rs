@@ -19,6 +19,8 @@ pub const INDEX_PREFIX: &str = "index/";
 pub const BASES_PREFIX: &str = "bases/";
 /// Prefix of content-addressed table files.
 pub const SST_PREFIX: &str = "sst/";
+/// Prefix of a store probe's objects (`probe/<run>/…`), deleted before the probe ends.
+pub const PROBE_PREFIX: &str = "probe/";
 
 /// What an object is, by its key (FORMAT.md §2): what its storage class and its upload
 /// priority are decided by.

@@ -49,6 +49,10 @@ enum Command {
     /// Apply a retention policy: drop base backups and WAL the policy does not keep, then
     /// delete objects no manifest generation within the grace period references.
     Prune(PruneArgs),
+    /// Probe a store for what Tidemark relies on (conditional writes, range reads,
+    /// multipart uploads, checksums, signatures, clock) and print a table; exit 0 unless
+    /// the store cannot be reached.
+    CheckStore(tidemark_archiver::check_store::CheckStoreArgs),
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +95,10 @@ struct RunArgs {
     /// parts, at most 4 parts at once for the whole process.
     #[arg(long, env = "TIDEMARK_UPLOAD_CONCURRENCY", value_name = "N")]
     upload_concurrency: Option<usize>,
+    /// Start even on a store whose conditional writes fail the start-up check (unsafe
+    /// with more than one writer; docs/operations.md).
+    #[arg(long, env = "TIDEMARK_ALLOW_UNSAFE_STORE")]
+    allow_unsafe_store: bool,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -413,6 +421,7 @@ fn apply_flags(args: &RunArgs, o: &mut ArchiverOptions) {
         o.max_segment_bytes = v;
     }
     o.exit_when_caught_up |= args.exit_when_caught_up;
+    o.allow_unsafe_store |= args.allow_unsafe_store;
     merge_store(&mut o.store, args.store.clone());
     if let Some(v) = args.upload_concurrency {
         o.upload_concurrency = v;
@@ -677,6 +686,7 @@ async fn main() -> ExitCode {
         },
         Command::Status(args) => status_cmd(args).await,
         Command::Prune(args) => prune_cmd(args).await,
+        Command::CheckStore(args) => tidemark_archiver::check_store::run(args).await,
     };
     match result {
         Ok(code) => code,
