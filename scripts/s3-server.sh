@@ -266,8 +266,9 @@ credentials() {
     elif [[ "$KIND" == moto ]]; then
         echo "$OPEN_ACCESS_KEY $OPEN_SECRET_KEY 0 0"
     else
-        # LocalStack accepts any key and checks no signature; it has no enforced IAM.
-        echo "test test 0 0"
+        # LocalStack accepts any key and checks no signature; it has no enforced IAM. A
+        # random secret all the same: the tests look for it in the programs' output.
+        echo "tidemark-localstack $(od -An -N16 -tx1 /dev/urandom | tr -d ' \n') 0 0"
     fi
 }
 

@@ -44,8 +44,10 @@ cargo test --workspace --locked --no-fail-fast -- --nocapture 2>&1 | tee "$run_d
 # One closing line for the whole suite (cargo prints one per test binary).
 passed=$(grep -aoE '^test result: [A-Za-z]+\. [0-9]+ passed' "$run_dir/test.log" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -aoE '^test result: [A-Za-z]+\. [0-9]+ passed; [0-9]+ failed' "$run_dir/test.log" | awk '{s += $6} END {print s + 0}')
+# Tests that found the server lacking what they need say so on a line of their own.
+skipped=$(grep -aciE '^(!!! )?skipped' "$run_dir/test.log" || true)
 echo
-echo "tests: $passed passed, $failed failed"
+echo "tests: $passed passed, $failed failed, $skipped skipped"
 if [ "$status" -ne 0 ] || [ "$failed" -ne 0 ] || [ "$passed" -eq 0 ]; then
   exit 1
 fi

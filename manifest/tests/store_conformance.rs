@@ -6,7 +6,9 @@
 //! `TIDEMARK_TEST_S3_ENDPOINT` (plus credentials, and `TIDEMARK_TEST_S3_AUTH=1` when the
 //! server checks signatures). Without it the S3 checks are skipped with a loud message, or
 //! fail when `TIDEMARK_REQUIRE_S3=1` (as in CI). Each run creates a fresh bucket and gives
-//! every check its own key prefix.
+//! every check its own key prefix; against a server of your own, `TIDEMARK_TEST_S3_BUCKET`
+//! names an existing bucket to use instead and `TIDEMARK_TEST_S3_PREFIX` a key prefix every
+//! check's prefix goes under (README.md, "Testing").
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -120,10 +122,20 @@ fn s3_endpoint(case: &str) -> Option<String> {
     }
 }
 
-/// One bucket per test run.
+/// The bucket given in `TIDEMARK_TEST_S3_BUCKET` (used as it is, never created).
+fn given_bucket() -> Option<String> {
+    std::env::var("TIDEMARK_TEST_S3_BUCKET")
+        .ok()
+        .filter(|b| !b.is_empty())
+}
+
+/// One bucket per test run (or the one given).
 fn bucket_name() -> &'static str {
     static NAME: OnceLock<String> = OnceLock::new();
     NAME.get_or_init(|| {
+        if let Some(bucket) = given_bucket() {
+            return bucket;
+        }
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -134,6 +146,9 @@ fn bucket_name() -> &'static str {
 
 /// Creates the run's bucket; tolerates it existing already (tests share it).
 async fn ensure_bucket(store: &S3Store) {
+    if given_bucket().is_some() {
+        return;
+    }
     let result = store
         .client()
         .create_bucket()
@@ -154,13 +169,20 @@ async fn ensure_bucket(store: &S3Store) {
 }
 
 fn unique_prefix(case: &str) -> String {
-    format!("{case}-{:08x}", rand::random::<u32>())
+    let base = std::env::var("TIDEMARK_TEST_S3_PREFIX").unwrap_or_default();
+    let base = base.trim_matches('/');
+    let under = if base.is_empty() {
+        String::new()
+    } else {
+        format!("{base}/")
+    };
+    format!("{under}{case}-{:08x}", rand::random::<u32>())
 }
 
 /// Which server a check runs against, for the log: the server's name when
 /// `scripts/s3-server.sh env` provided it, and the store's location and endpoint.
 fn server(store: &dyn ObjectStore) -> String {
-    match std::env::var("TIDEMARK_TEST_S3_SERVER") {
+    match std::env::var("TIDEMARK_TEST_S3_SERVER_NAME") {
         Ok(name) if !name.is_empty() => format!("{name}: {}", store.describe()),
         _ => store.describe(),
     }
@@ -720,14 +742,15 @@ async fn s3_wrong_credentials_are_rejected() {
     };
     if std::env::var("TIDEMARK_TEST_S3_AUTH").as_deref() != Ok("1") {
         eprintln!(
-            "!!! skipped: s3::wrong_credentials_are_rejected: the server at {endpoint} does not \
-             check credentials (TIDEMARK_TEST_S3_AUTH is not 1; scripts/s3-server.sh enforces \
-             them unless TIDEMARK_S3_AUTH=0)"
+            "!!! SKIPPED s3::wrong_credentials_are_rejected: the server at {endpoint} lacks \
+             signature enforcement (TIDEMARK_TEST_S3_AUTH is not 1; scripts/s3-server.sh's \
+             moto enforces it unless TIDEMARK_S3_AUTH=0, LocalStack does not)"
         );
         return;
     }
     // The run's bucket must exist so that only the credentials can be the problem.
-    let good = S3Store::connect(bucket_name(), "", &s3_options(&endpoint))
+    let prefix = unique_prefix("auth");
+    let good = S3Store::connect(bucket_name(), &prefix, &s3_options(&endpoint))
         .await
         .unwrap();
     ensure_bucket(&good).await;
@@ -751,7 +774,7 @@ async fn s3_wrong_credentials_are_rejected() {
             .load()
             .await;
         let bad =
-            S3Store::from_sdk_config(&sdk, bucket_name(), "", &s3_options(&endpoint)).unwrap();
+            S3Store::from_sdk_config(&sdk, bucket_name(), &prefix, &s3_options(&endpoint)).unwrap();
         eprintln!(
             "[s3::wrong_credentials_are_rejected] running against {} ({expected_code})",
             server(&bad)

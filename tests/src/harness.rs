@@ -210,7 +210,10 @@ impl TestStore {
             return Ok(None);
         };
         let bucket = ensure_bucket(&endpoint).await?;
-        let prefix = format!("{test}-{:08x}", rand::random::<u32>());
+        let base = std::env::var("TIDEMARK_TEST_S3_PREFIX").unwrap_or_default();
+        let base = base.trim_matches('/');
+        let under = if base.is_empty() { "" } else { "/" };
+        let prefix = format!("{base}{under}{test}-{:08x}", rand::random::<u32>());
         eprintln!("{test}: S3 server at {endpoint}, bucket {bucket}, prefix {prefix}");
         Ok(Some(TestStore {
             url: format!("s3://{bucket}/{prefix}"),
@@ -333,6 +336,12 @@ async fn ensure_bucket(endpoint: &str) -> Result<String> {
     static BUCKET: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
     BUCKET
         .get_or_try_init(|| async {
+            // A bucket of the caller's, used as it is (README.md, "Testing").
+            if let Ok(bucket) = std::env::var("TIDEMARK_TEST_S3_BUCKET")
+                && !bucket.is_empty()
+            {
+                return Ok(bucket);
+            }
             let bucket = format!("tidemark-e2e-{:08x}", rand::random::<u32>());
             let client = raw_s3_client(endpoint).await;
             client

@@ -314,9 +314,16 @@ pub fn s3_endpoint(case: &str) -> Option<String> {
     }
 }
 
+/// The bucket given in `TIDEMARK_TEST_S3_BUCKET` (used as it is, never created), or one
+/// per test run.
 fn bucket_name() -> &'static str {
     static NAME: OnceLock<String> = OnceLock::new();
     NAME.get_or_init(|| {
+        if let Ok(bucket) = std::env::var("TIDEMARK_TEST_S3_BUCKET")
+            && !bucket.is_empty()
+        {
+            return bucket;
+        }
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -328,19 +335,25 @@ fn bucket_name() -> &'static str {
 /// A repository under a fresh prefix of the test run's bucket; returns it, its URL and the
 /// store options to reach it.
 pub async fn s3_repo(endpoint: &str, case: &str) -> Result<(Repository, StoreOptions)> {
-    let prefix = format!("{case}-{:08x}", rand::random::<u32>());
+    // Under TIDEMARK_TEST_S3_PREFIX, if given.
+    let base = std::env::var("TIDEMARK_TEST_S3_PREFIX").unwrap_or_default();
+    let base = base.trim_matches('/');
+    let under = if base.is_empty() { "" } else { "/" };
+    let prefix = format!("{base}{under}{case}-{:08x}", rand::random::<u32>());
     let s3 = S3Options {
         endpoint_url: Some(endpoint.to_owned()),
         force_path_style: true,
         ..S3Options::default()
     };
     let raw = S3Store::connect(bucket_name(), &prefix, &s3).await?;
-    if let Err(e) = raw
-        .client()
-        .create_bucket()
-        .bucket(raw.bucket())
-        .send()
-        .await
+    let given = std::env::var("TIDEMARK_TEST_S3_BUCKET").is_ok_and(|b| !b.is_empty());
+    if !given
+        && let Err(e) = raw
+            .client()
+            .create_bucket()
+            .bucket(raw.bucket())
+            .send()
+            .await
     {
         let ok = e
             .as_service_error()
