@@ -188,14 +188,16 @@ free_port() {
 }
 
 stop_pid() { # stop_pid KIND PID: the server and its process group (it runs in its own session)
-    local kind="$1" pid="$2" i
+    local kind="$1" pid="$2" i tenths=100
     is_server_pid "$kind" "$pid" || return 0
+    # LocalStack shuts its services down in order on SIGTERM, which can take a while.
+    [[ "$kind" == localstack ]] && tenths=300
     kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
-    for i in $(seq 1 100); do
+    for i in $(seq 1 "$tenths"); do
         is_server_pid "$kind" "$pid" || return 0
         sleep 0.1
     done
-    log "pid $pid did not stop on SIGTERM; sending SIGKILL"
+    log "pid $pid did not stop within $((tenths / 10)) s of SIGTERM; sending SIGKILL"
     kill -9 -- "-$pid" 2>/dev/null || kill -9 "$pid" 2>/dev/null || true
 }
 
