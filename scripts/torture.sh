@@ -11,8 +11,9 @@
 #   scripts/torture.sh
 #
 # Environment (defaults in brackets):
-#   TIDEMARK_PITR_TARGETS  random restore targets over all variants [1000]
-#   TIDEMARK_PITR_KILLS    archiver kills over all variants [100]
+#   TIDEMARK_PITR_TARGETS  random restore targets over all variants (the S3 ones get
+#                          their share again against each further server) [1000]
+#   TIDEMARK_PITR_KILLS    archiver kills over all variants (likewise) [100]
 #   TIDEMARK_PITR_SECONDS  seconds of writes per S3 variant and server; the local one
 #                          writes 60% [120]
 #   TIDEMARK_TORTURE_S3_SERVERS  the S3 servers, in order [moto localstack]
