@@ -377,7 +377,7 @@ if [ -e "bench/results/$stamp.json" ]; then stamp="$stamp-$(date -u +%H%M)"; fi
 python3 bench/report.py --results "$results" --out "bench/results/$stamp" \
   --started "$started_at" --finished "$finished_at" \
   --load-start "$load_at_start" --load-end "$load_at_end" --quick "$quick" \
-  --s3-server "$TIDEMARK_TEST_S3_SERVER" --binaries "$binaries" --settings "$(
+  --s3-server "$TIDEMARK_TEST_S3_SERVER_NAME" --binaries "$binaries" --settings "$(
     python3 -c 'import json,sys; print(json.dumps(dict(a.split("=",1) for a in sys.argv[1:])))' \
       REPS="$REPS" LAG_SECONDS="$LAG_SECONDS" LAG_RATES="$LAG_RATES" LAG_VALUES="$LAG_VALUES" \
       LAG_SYNCS="$LAG_SYNCS" STORES="$STORES" IDLE_SECONDS="$IDLE_SECONDS" \

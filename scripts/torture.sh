@@ -3,16 +3,20 @@
 # writes for minutes while the archiver is killed with SIGKILL and restarted 100 times, then
 # 1000 random targets (and every base's and the window's edges) are restored with
 # tidemark-restore and compared key by key with what was written. First, every parser of the
-# format gets many more hostile inputs than in CI (manifest/tests/hostile_input.rs). Builds,
-# starts its own S3 server, and writes a JSON summary to bench/torture/<date>.json (also
-# printed).
+# format gets many more hostile inputs than in CI (manifest/tests/hostile_input.rs). The S3
+# variants run twice: against moto, then against LocalStack (scripts/s3-server.sh starts
+# each in turn). Builds, and writes a JSON summary to bench/torture/<date>.json (also
+# printed; each run names its server).
 #
 #   scripts/torture.sh
 #
 # Environment (defaults in brackets):
-#   TIDEMARK_PITR_TARGETS  random restore targets over all variants [1000]
-#   TIDEMARK_PITR_KILLS    archiver kills over all variants [100]
-#   TIDEMARK_PITR_SECONDS  seconds of writes per S3 variant; the local one writes 60% [120]
+#   TIDEMARK_PITR_TARGETS  random restore targets over all variants (the S3 ones get
+#                          their share again against each further server) [1000]
+#   TIDEMARK_PITR_KILLS    archiver kills over all variants (likewise) [100]
+#   TIDEMARK_PITR_SECONDS  seconds of writes per S3 variant and server; the local one
+#                          writes 60% [120]
+#   TIDEMARK_TORTURE_S3_SERVERS  the S3 servers, in order [moto localstack]
 #   TIDEMARK_PITR_SEED     seed of the workloads and target choices [random, printed]
 #   TIDEMARK_TORTURE_DIR   where the summary goes [bench/torture]
 #   PROPTEST_CASES         hostile inputs per parser property [20000; CI runs 256]
@@ -47,21 +51,31 @@ cargo test --workspace --locked --test hostile_input
 parsers_status=$?
 set -e
 
-echo "== S3 server"
 run_dir="$(mktemp -d "${TMPDIR:-/tmp}/tidemark-torture.XXXXXX")"
 export TIDEMARK_RUN_DIR="$run_dir"
 cleanup() { scripts/s3-server.sh stop || true; rm -rf "$run_dir"; }
 trap cleanup EXIT
-scripts/s3-server.sh start
-eval "$(scripts/s3-server.sh env)"
 export TIDEMARK_REQUIRE_S3=1
+read -r -a servers <<<"${TIDEMARK_TORTURE_S3_SERVERS:-moto localstack}"
+[ "${#servers[@]}" -gt 0 ] || { echo "TIDEMARK_TORTURE_S3_SERVERS names no server" >&2; exit 2; }
 
-echo "== point-in-time recovery: $TIDEMARK_PITR_TARGETS random targets, $TIDEMARK_PITR_KILLS kills, $TIDEMARK_PITR_SECONDS s of writes per variant, seed $TIDEMARK_PITR_SEED"
-export TIDEMARK_PITR_SUMMARY="$run_dir/pitr-runs.json"
-set +e
-cargo test --workspace --locked --test pitr -- --nocapture --test-threads=1
-status=$?
-set -e
+# The first server gets every variant (the local one too); the others the S3 variants only.
+status=0
+filter=()
+for server in "${servers[@]}"; do
+  echo "== S3 server: $server"
+  TIDEMARK_TEST_S3_SERVER="$server" scripts/s3-server.sh start
+  eval "$(scripts/s3-server.sh env)"
+  echo "== point-in-time recovery against $TIDEMARK_TEST_S3_SERVER_NAME: $TIDEMARK_PITR_TARGETS random targets, $TIDEMARK_PITR_KILLS kills, $TIDEMARK_PITR_SECONDS s of writes per variant, seed $TIDEMARK_PITR_SEED"
+  export TIDEMARK_PITR_SUMMARY="$run_dir/pitr-runs-$server.json"
+  set +e
+  cargo test --workspace --locked --test pitr -- --nocapture --test-threads=1 "${filter[@]}"
+  s=$?
+  set -e
+  [ "$status" -eq 0 ] && status=$s
+  scripts/s3-server.sh stop
+  filter=(_from_s3)
+done
 [ "$status" -eq 0 ] && status=$parsers_status
 finished="$(date +%s)"
 
@@ -70,14 +84,22 @@ day="$(date -u +%Y-%m-%d)"
 summary="$out_dir/$day.json"
 [ -e "$summary" ] && summary="$out_dir/$day-$(date -u +%H%M%S).json"
 
-python3 - "$TIDEMARK_PITR_SUMMARY" "$summary" "$started_at" "$((finished - started))" "$status" <<'EOF'
+python3 - "$run_dir" "$summary" "$started_at" "$((finished - started))" "$status" "${servers[@]}" <<'EOF'
 import json, os, platform, subprocess, sys
 
-runs_path, out_path, started_at, duration, status = sys.argv[1:]
-try:
-    runs = json.load(open(runs_path))["runs"]
-except (OSError, ValueError, KeyError):
-    runs = []
+run_dir, out_path, started_at, duration, status, *servers = sys.argv[1:]
+runs = []
+for server in servers:
+    try:
+        server_runs = json.load(open(os.path.join(run_dir, f"pitr-runs-{server}.json")))["runs"]
+    except (OSError, ValueError, KeyError):
+        server_runs = []
+    for run in server_runs:
+        if run.get("store") == "s3":
+            run["s3_server"] = server
+        runs.append(run)
+# Every variant against the first server, the S3 ones (two) against each other.
+expected_runs = 3 + 2 * (len(servers) - 1)
 
 def meminfo(field):
     for line in open("/proc/meminfo"):
@@ -126,7 +148,8 @@ summary = {
     "mismatches": total(lambda r: r["mismatches"]),
     "variants_run": len(runs),
     "test_exit_status": int(status),
-    "passed": int(status) == 0 and len(runs) == 3 and total(lambda r: r["mismatches"]) == 0,
+    "s3_servers": servers,
+    "passed": int(status) == 0 and len(runs) == expected_runs and total(lambda r: r["mismatches"]) == 0,
     "duration_s": int(duration),
     "runs": runs,
 }

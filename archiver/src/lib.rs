@@ -18,9 +18,10 @@
 //! (every background task an [`task::OwnedTask`]), [`fleet`] runs several databases in one
 //! process, each on its own, and [`metrics`] reports on it to Prometheus. [`config`] holds
 //! every setting: its default, its config file key, flag and variable, how they layer, and
-//! its limits.
+//! its limits. [`check_store`] probes a store for what Tidemark relies on.
 
 pub mod base;
+pub mod check_store;
 pub mod checkpoint;
 pub mod config;
 pub mod fleet;

@@ -79,6 +79,8 @@ pub enum ServiceError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    StoreCheck(#[from] crate::check_store::StartCheckError),
     #[error("{0}")]
     Other(String),
 }
@@ -91,6 +93,10 @@ impl ServiceError {
         match self {
             ServiceError::Check(_) | ServiceError::Diverged { .. } => exit::USAGE,
             ServiceError::MetricsAddr { .. } => exit::USAGE,
+            ServiceError::StoreCheck(
+                crate::check_store::StartCheckError::Unsafe(_)
+                | crate::check_store::StartCheckError::Store(StoreError::Config { .. }),
+            ) => exit::USAGE,
             ServiceError::Store(StoreError::Config { .. }) => exit::USAGE,
             ServiceError::Repo(e) if e.is_usage() => exit::USAGE,
             ServiceError::Lease(LeaseError::Held { .. } | LeaseError::Lost { .. }) => {
@@ -162,6 +168,7 @@ pub async fn run_with_metrics(
 ) -> Result<RunSummary, ServiceError> {
     let check = check_database(&opts.db, opts.wal_dir.as_deref())?;
     let repo = opts.store.open(&opts.to, true).await?;
+    crate::check_store::check_at_start(&opts.to, &opts.store, opts.allow_unsafe_store).await?;
     tracing::info!(
         db = %opts.db.display(),
         to = %repo.location(),

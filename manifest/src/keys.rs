@@ -27,6 +27,8 @@ pub const LAYOUT_PREFIXES: [&str; 5] = [
     INDEX_PREFIX,
     MANIFEST_PREFIX,
 ];
+/// Prefix of a store probe's objects (`probe/<run>/…`), deleted before the probe ends.
+pub const PROBE_PREFIX: &str = "probe/";
 
 /// What an object is, by its key (FORMAT.md §2): what its storage class and its upload
 /// priority are decided by.

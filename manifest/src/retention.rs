@@ -250,7 +250,11 @@ pub fn decide(
 
     // Sequence ranges the kept bases need: from where the window starts to the end, and
     // for each base before it, its replay up to its own earliest point.
-    let continuous_from = if rules.pitr_window.is_some() {
+    let continuous_from = if bases.is_empty() {
+        // No base yet (an archiver's first one is under way): nothing is restorable, so
+        // nothing is decided, and the WAL stays for the first base.
+        0
+    } else if rules.pitr_window.is_some() {
         window_bases
             .iter()
             .map(|&i| bases[i].replay_from_seq)
@@ -587,6 +591,25 @@ mod tests {
 
     fn ids(d: &Decision) -> Vec<String> {
         d.kept.iter().map(|k| k.base.id.clone()).collect()
+    }
+
+    #[test]
+    fn without_a_base_every_segment_stays() {
+        let mut h = history();
+        h.bases.clear();
+        let rules = Rules {
+            keep_last: Some(1),
+            pitr_window: Some(time::Duration::hours(1)),
+            ..Rules::default()
+        };
+        let d = decide(&h, &[], &rules, now()).unwrap();
+        assert!(
+            d.removed_segments.is_empty(),
+            "{:?}",
+            d.removed_segments.len()
+        );
+        assert_eq!(d.kept_segments.len(), 100);
+        assert!(d.gaps.is_empty());
     }
 
     #[test]

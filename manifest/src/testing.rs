@@ -258,12 +258,18 @@ pub mod s3 {
         pub detail: String,
     }
 
-    /// The bucket the tests of this process share on the server at `endpoint`, created on
-    /// first use (each test takes its own prefix in it).
+    /// The bucket the tests of this process share on the server at `endpoint`: the one
+    /// named by `TIDEMARK_TEST_S3_BUCKET`, used as it is and never created, or else one
+    /// created on first use. Each test takes its own prefix in it ([`prefix`]).
     pub async fn bucket(endpoint: &str) -> Result<String, BucketError> {
         static BUCKET: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
         BUCKET
             .get_or_try_init(|| async {
+                if let Ok(given) = std::env::var("TIDEMARK_TEST_S3_BUCKET")
+                    && !given.is_empty()
+                {
+                    return Ok(given);
+                }
                 let bucket = format!(
                     "tidemark-test-{}-{:08x}",
                     std::process::id(),
@@ -274,6 +280,15 @@ pub mod s3 {
             })
             .await
             .cloned()
+    }
+
+    /// A fresh prefix for `case`, under `TIDEMARK_TEST_S3_PREFIX` when that is set (so that
+    /// a shared bucket's tests stay in one folder of it).
+    pub fn prefix(case: &str) -> String {
+        let base = std::env::var("TIDEMARK_TEST_S3_PREFIX").unwrap_or_default();
+        let base = base.trim_matches('/');
+        let under = if base.is_empty() { "" } else { "/" };
+        format!("{base}{under}{case}-{:08x}", rand::random::<u32>())
     }
 
     /// Creates `bucket` on the server at `endpoint`; one that is there already is fine.

@@ -6,7 +6,9 @@
 //! `TIDEMARK_TEST_S3_ENDPOINT` (plus credentials, and `TIDEMARK_TEST_S3_AUTH=1` when the
 //! server checks signatures). Without it the S3 checks are skipped with a loud message, or
 //! fail when `TIDEMARK_REQUIRE_S3=1` (as in CI). Each run creates a fresh bucket and gives
-//! every check its own key prefix.
+//! every check its own key prefix; against a server of your own, `TIDEMARK_TEST_S3_BUCKET`
+//! names an existing bucket to use instead and `TIDEMARK_TEST_S3_PREFIX` a key prefix every
+//! check's prefix goes under (README.md, "Testing").
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -100,14 +102,10 @@ async fn memory_fixture() -> Fixture {
     }
 }
 
-fn unique_prefix(case: &str) -> String {
-    format!("{case}-{:08x}", rand::random::<u32>())
-}
-
 /// Which server a check runs against, for the log: the server's name when
 /// `scripts/s3-server.sh env` provided it, and the store's location and endpoint.
 fn server(store: &dyn ObjectStore) -> String {
-    match std::env::var("TIDEMARK_TEST_S3_SERVER") {
+    match std::env::var("TIDEMARK_TEST_S3_SERVER_NAME") {
         Ok(name) if !name.is_empty() => format!("{name}: {}", store.describe()),
         _ => store.describe(),
     }
@@ -116,7 +114,7 @@ fn server(store: &dyn ObjectStore) -> String {
 async fn s3_fixture(case: &str) -> Option<Fixture> {
     let endpoint = test_s3::endpoint(&format!("s3::{case}"))?;
     let bucket = test_s3::bucket(&endpoint).await.unwrap();
-    let raw = S3Store::connect(&bucket, &unique_prefix(case), &s3_options(&endpoint))
+    let raw = S3Store::connect(&bucket, &test_s3::prefix(case), &s3_options(&endpoint))
         .await
         .unwrap();
     eprintln!("[s3::{case}] running against {}", server(&raw));
@@ -621,7 +619,7 @@ async fn s3_open_store_from_url() {
     let options = s3_options(&endpoint);
     let bucket = test_s3::bucket(&endpoint).await.unwrap();
     let raw = S3Store::connect(&bucket, "", &options).await.unwrap();
-    let prefix = unique_prefix("open-store");
+    let prefix = test_s3::prefix("open-store");
     let url = StoreUrl::parse(&format!("s3://{bucket}/{prefix}/")).unwrap();
     let s = store::open_store(&url, &options).await.unwrap();
     eprintln!("[s3::open_store_from_url] running against {}", server(&*s));
@@ -664,15 +662,16 @@ async fn s3_wrong_credentials_are_rejected() {
     };
     if std::env::var("TIDEMARK_TEST_S3_AUTH").as_deref() != Ok("1") {
         eprintln!(
-            "!!! skipped: s3::wrong_credentials_are_rejected: the server at {endpoint} does not \
-             check credentials (TIDEMARK_TEST_S3_AUTH is not 1; scripts/s3-server.sh enforces \
-             them unless TIDEMARK_S3_AUTH=0)"
+            "!!! SKIPPED s3::wrong_credentials_are_rejected: the server at {endpoint} lacks \
+             signature enforcement (TIDEMARK_TEST_S3_AUTH is not 1; scripts/s3-server.sh's \
+             moto enforces it unless TIDEMARK_S3_AUTH=0, LocalStack does not)"
         );
         return;
     }
     // The run's bucket must exist so that only the credentials can be the problem.
     let bucket = test_s3::bucket(&endpoint).await.unwrap();
-    let good = S3Store::connect(&bucket, "", &s3_options(&endpoint))
+    let prefix = test_s3::prefix("auth");
+    let good = S3Store::connect(&bucket, &prefix, &s3_options(&endpoint))
         .await
         .unwrap();
     good.put("auth/probe", b("x")).await.unwrap();
@@ -694,7 +693,7 @@ async fn s3_wrong_credentials_are_rejected() {
             .credentials_provider(Credentials::new(key_id, secret, None, None, "test"))
             .load()
             .await;
-        let bad = S3Store::from_sdk_config(&sdk, &bucket, "", &s3_options(&endpoint)).unwrap();
+        let bad = S3Store::from_sdk_config(&sdk, &bucket, &prefix, &s3_options(&endpoint)).unwrap();
         eprintln!(
             "[s3::wrong_credentials_are_rejected] running against {} ({expected_code})",
             server(&bad)

@@ -18,6 +18,11 @@
 //! - [`FaultKind::LostReply`]: the request reaches the server whole, the reply is reset
 //!   before it is complete: the store did the work, the client cannot know.
 //!
+//! Apart from faults, [`FaultPlan::strip_conditional`] makes the store behind the proxy one
+//! that ignores conditional writes: `If-None-Match` and `If-Match` are removed from every
+//! request (which is then signed again, [`StripConditional`]), and counted in
+//! [`FaultCounts::stripped`].
+//!
 //! The plan can be changed while the proxy runs ([`FaultProxy::set_plan`]); it applies to new
 //! connections, and [`FaultProxy::reset_open`] resets the ones already open, so that pooled
 //! connections meet the new plan at once (a store that goes down takes its open connections
@@ -129,6 +134,49 @@ pub struct FaultPlan {
     /// Connections passed through without a fault are reset after this long (`None`:
     /// never), so that clients keeping connections alive meet the faults too.
     pub max_lifetime: Option<Duration>,
+    /// Remove the conditional headers of every request passed through: the store then
+    /// ignores `If-None-Match` and `If-Match`, as some S3-compatible servers do.
+    pub strip_conditional: Option<StripConditional>,
+}
+
+/// How [`FaultPlan::strip_conditional`] sends a request it removed headers from. The
+/// headers are part of the request's SigV4 signature, so a server that checks signatures
+/// needs the request signed again, with the secret key of the access key that signed it.
+/// Only the first request of a connection is looked at; it gets `Connection: close`, so
+/// that every request comes on a connection of its own.
+#[derive(Clone, PartialEq)]
+pub struct StripConditional {
+    secret_key: Option<String>,
+}
+
+impl StripConditional {
+    /// Sends the requests unsigned again (for a server that does not check signatures).
+    pub fn without_signing() -> StripConditional {
+        StripConditional { secret_key: None }
+    }
+
+    /// Signs the requests again with this secret key.
+    pub fn signing_with(secret_key: impl Into<String>) -> StripConditional {
+        StripConditional {
+            secret_key: Some(secret_key.into()),
+        }
+    }
+
+    /// Signs with `AWS_SECRET_ACCESS_KEY` when it is set (the test server's key).
+    pub fn from_env() -> StripConditional {
+        match std::env::var("AWS_SECRET_ACCESS_KEY") {
+            Ok(secret) if !secret.is_empty() => StripConditional::signing_with(secret),
+            _ => StripConditional::without_signing(),
+        }
+    }
+}
+
+impl fmt::Debug for StripConditional {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StripConditional")
+            .field("signs_again", &self.secret_key.is_some())
+            .finish()
+    }
 }
 
 impl FaultPlan {
@@ -142,6 +190,15 @@ impl FaultPlan {
             cut_after: (Duration::from_millis(20), Duration::from_millis(500)),
             reply_bytes: 200,
             max_lifetime: None,
+            strip_conditional: None,
+        }
+    }
+
+    /// No faults, and a store that ignores conditional writes.
+    pub fn stripping_conditional(strip: StripConditional) -> FaultPlan {
+        FaultPlan {
+            strip_conditional: Some(strip),
+            ..FaultPlan::none()
         }
     }
 
@@ -231,6 +288,8 @@ pub struct FaultCounts {
     pub reset_open: u64,
     /// Connections that could not reach the upstream (reset).
     pub upstream_failed: u64,
+    /// Requests whose conditional headers were removed ([`FaultPlan::strip_conditional`]).
+    pub stripped: u64,
 }
 
 impl FaultCounts {
@@ -259,7 +318,7 @@ impl fmt::Display for FaultCounts {
             "{} connections: {} passed, {} reset, {} answered 503 SlowDown, {} answered 500 \
              InternalError, {} stalled, {} cut mid-stream ({} more ended before their cut), {} \
              replies lost, {} reset at their maximum lifetime, {} reset while open by a plan change, {} could \
-             not reach the upstream",
+             not reach the upstream, {} requests stripped of their conditional headers",
             self.connections,
             self.passed,
             self.reset,
@@ -271,7 +330,8 @@ impl fmt::Display for FaultCounts {
             self.lost_reply,
             self.expired,
             self.reset_open,
-            self.upstream_failed
+            self.upstream_failed,
+            self.stripped
         )
     }
 }
@@ -290,6 +350,7 @@ struct Counters {
     expired: AtomicU64,
     reset_open: AtomicU64,
     upstream_failed: AtomicU64,
+    stripped: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -312,6 +373,7 @@ impl Counters {
             expired: get(&self.expired),
             reset_open: get(&self.reset_open),
             upstream_failed: get(&self.upstream_failed),
+            stripped: get(&self.stripped),
         }
     }
 }
@@ -670,6 +732,14 @@ async fn pass(
         };
     let _ = upstream.set_nodelay(true);
     let _ = client.set_nodelay(true);
+    let strip = (shared.plan.lock().expect("fault plan lock").0)
+        .strip_conditional
+        .clone();
+    if let Some(strip) = strip
+        && !forward_stripped(&mut client, &mut upstream, &strip, counters).await?
+    {
+        return Ok(());
+    }
     let ending = {
         let (both, up_only, down_only) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
         let both = Budget {
@@ -746,6 +816,173 @@ async fn pass(
     reset(client);
     reset(upstream);
     Ok(())
+}
+
+/// Reads the first request's head from `client`, removes its conditional headers (signing
+/// it again when it had some), adds `Connection: close`, and sends it on with whatever
+/// followed it. `false` when the client closed first, or sent no valid head (both sides
+/// are then closed).
+async fn forward_stripped(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    strip: &StripConditional,
+    counters: &Counters,
+) -> io::Result<bool> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(end) = head_end(&buf) {
+            break end;
+        }
+        if buf.len() > 64 * 1024 {
+            return Ok(false);
+        }
+        let n = client.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let (head, stripped) = strip_head(&head, strip.secret_key.as_deref())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    if stripped {
+        bump(&counters.stripped);
+    }
+    upstream.write_all(head.as_bytes()).await?;
+    upstream.write_all(&buf[end..]).await?;
+    Ok(true)
+}
+
+/// Conditional headers, removed by [`strip_head`].
+const CONDITIONAL: [&str; 2] = ["if-none-match", "if-match"];
+
+/// `head` (a request line and headers, ending with an empty line) without its conditional
+/// headers and with `Connection: close`; signed again with `secret` when it had
+/// conditional headers and a SigV4 `Authorization`. Says whether it removed any.
+fn strip_head(head: &str, secret: Option<&str>) -> Result<(String, bool), String> {
+    let mut lines = head.trim_end_matches("\r\n").split("\r\n");
+    let request_line = lines.next().unwrap_or_default().to_owned();
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for line in lines {
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| format!("not a header line: {line:?}"))?;
+        headers.push((name.trim().to_owned(), value.trim().to_owned()));
+    }
+    headers.retain(|(name, _)| {
+        let name = name.to_ascii_lowercase();
+        !CONDITIONAL.contains(&name.as_str()) && name != "connection"
+    });
+    let stripped = CONDITIONAL
+        .iter()
+        .any(|c| head.to_ascii_lowercase().contains(&format!("\r\n{c}:")));
+    if stripped
+        && let Some(secret) = secret
+        && let Some(i) = headers
+            .iter()
+            .position(|(n, _)| n.eq_ignore_ascii_case("authorization"))
+    {
+        headers[i].1 = sign_again(&request_line, &headers, &headers[i].1, secret)?;
+    }
+    let mut out = request_line;
+    out.push_str("\r\n");
+    for (name, value) in &headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    Ok((out, stripped))
+}
+
+/// A SigV4 `Authorization` header for the request, with the credential scope of `old`
+/// and its signed headers less the conditional ones (S3's rules: the path as sent,
+/// the query sorted, the payload hash from `x-amz-content-sha256`).
+fn sign_again(
+    request_line: &str,
+    headers: &[(String, String)],
+    old: &str,
+    secret: &str,
+) -> Result<String, String> {
+    use sha2::{Digest, Sha256};
+    let field = |name: &str| {
+        old.split([' ', ','])
+            .find_map(|part| part.trim().strip_prefix(name))
+            .ok_or_else(|| format!("no {name} in the Authorization header"))
+    };
+    let credential = field("Credential=")?;
+    let signed: Vec<String> = field("SignedHeaders=")?
+        .split(';')
+        .filter(|h| !CONDITIONAL.contains(h))
+        .map(str::to_owned)
+        .collect();
+    let (key_id, scope) = credential
+        .split_once('/')
+        .ok_or_else(|| format!("malformed credential {credential:?}"))?;
+    let value_of = |name: &str| {
+        let values: Vec<String> = headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        values.join(",")
+    };
+    let mut parts = request_line.split(' ');
+    let method = parts.next().unwrap_or_default();
+    let target = parts.next().unwrap_or_default();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut params: Vec<String> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            if p.contains('=') {
+                p.to_owned()
+            } else {
+                format!("{p}=")
+            }
+        })
+        .collect();
+    params.sort();
+    let mut canonical = format!("{method}\n{path}\n{}\n", params.join("&"));
+    for name in &signed {
+        canonical.push_str(&format!("{name}:{}\n", value_of(name)));
+    }
+    canonical.push_str(&format!(
+        "\n{}\n{}",
+        signed.join(";"),
+        value_of("x-amz-content-sha256")
+    ));
+    let amz_date = value_of("x-amz-date");
+    let to_sign = format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+        hex::encode(Sha256::digest(canonical.as_bytes()))
+    );
+    let mut key = format!("AWS4{secret}").into_bytes();
+    for step in scope.split('/') {
+        key = hmac_sha256(&key, step.as_bytes()).to_vec();
+    }
+    let signature = hex::encode(hmac_sha256(&key, to_sign.as_bytes()));
+    Ok(format!(
+        "AWS4-HMAC-SHA256 Credential={key_id}/{scope}, SignedHeaders={}, Signature={signature}",
+        signed.join(";")
+    ))
+}
+
+/// HMAC-SHA256 (RFC 2104).
+fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Sha256::new();
+    inner.update(block.map(|b| b ^ 0x36));
+    inner.update(data);
+    let mut outer = Sha256::new();
+    outer.update(block.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().into()
 }
 
 /// The end of the request head in `buf`, if it is complete.
@@ -947,6 +1184,68 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         Ok(out)
+    }
+
+    /// The signature of AWS's documented example (S3, "GET Object"), from the request
+    /// alone; then the same request with an `If-None-Match` header is stripped of it and
+    /// signed again exactly as if it had never had it.
+    #[test]
+    fn requests_are_signed_again_without_their_conditional_headers() {
+        let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
+        let auth = |signed: &str, signature: &str| {
+            format!(
+                "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, \
+                 SignedHeaders={signed}, Signature={signature}"
+            )
+        };
+        let expected = "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41";
+        let head = |extra: &str, authorization: &str| {
+            format!(
+                "GET /test.txt HTTP/1.1\r\nHost: examplebucket.s3.amazonaws.com\r\n\
+                 Range: bytes=0-9\r\n{extra}x-amz-content-sha256: \
+                 e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\r\n\
+                 x-amz-date: 20130524T000000Z\r\nAuthorization: {authorization}\r\n\r\n"
+            )
+        };
+        let plain = head(
+            "",
+            &auth("host;range;x-amz-content-sha256;x-amz-date", expected),
+        );
+        let request_line = "GET /test.txt HTTP/1.1";
+        let headers: Vec<(String, String)> = plain
+            .trim_end()
+            .split("\r\n")
+            .skip(1)
+            .map(|l| {
+                let (n, v) = l.split_once(':').unwrap();
+                (n.trim().to_owned(), v.trim().to_owned())
+            })
+            .collect();
+        let old = &headers.last().unwrap().1;
+        assert_eq!(
+            sign_again(request_line, &headers, old, secret).unwrap(),
+            auth("host;range;x-amz-content-sha256;x-amz-date", expected)
+        );
+
+        let conditional = head(
+            "If-None-Match: *\r\n",
+            &auth(
+                "host;if-none-match;range;x-amz-content-sha256;x-amz-date",
+                "0000",
+            ),
+        );
+        let (out, stripped) = strip_head(&conditional, Some(secret)).unwrap();
+        assert!(stripped);
+        assert!(!out.to_ascii_lowercase().contains("if-none-match"), "{out}");
+        assert!(out.contains(&auth(
+            "host;range;x-amz-content-sha256;x-amz-date",
+            expected
+        )));
+        assert!(out.ends_with("Connection: close\r\n\r\n"), "{out}");
+        // Without conditional headers nothing is signed again.
+        let (out, stripped) = strip_head(&plain, Some(secret)).unwrap();
+        assert!(!stripped);
+        assert!(out.contains(expected));
     }
 
     fn only(kind: FaultKind) -> FaultPlan {

@@ -247,7 +247,7 @@ impl TestStore {
             return Ok(None);
         };
         let bucket = test_s3::bucket(&endpoint).await?;
-        let prefix = format!("{test}-{:08x}", rand::random::<u32>());
+        let prefix = test_s3::prefix(test);
         eprintln!("{test}: S3 server at {endpoint}, bucket {bucket}, prefix {prefix}");
         Ok(Some(TestStore {
             url: format!("s3://{bucket}/{prefix}"),

@@ -493,15 +493,29 @@ async fn the_documented_iam_policies_are_enough_and_no_more() -> Result<()> {
     let Some(store) = TestStore::s3("iam").await? else {
         return Ok(());
     };
-    if std::env::var("TIDEMARK_TEST_S3_AUTH").as_deref() != Ok("1") {
+    // The capability: users with policies, created through moto's IAM API, whose requests
+    // the server checks. The server's environment says whether it has it; a server that
+    // says nothing is a mistake when TIDEMARK_REQUIRE_S3=1.
+    let declared = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let (auth, iam) = (
+        declared("TIDEMARK_TEST_S3_AUTH"),
+        declared("TIDEMARK_TEST_S3_IAM"),
+    );
+    if auth.as_deref() != Some("1") || iam.as_deref() != Some("1") {
         ensure!(
-            std::env::var("TIDEMARK_REQUIRE_S3").as_deref() != Ok("1"),
-            "TIDEMARK_REQUIRE_S3=1 but the S3 server does not enforce authentication \
-             (TIDEMARK_TEST_S3_AUTH is not 1), so it cannot enforce IAM policies"
+            std::env::var("TIDEMARK_REQUIRE_S3").as_deref() != Ok("1")
+                || (auth.is_some() && iam.is_some()),
+            "TIDEMARK_REQUIRE_S3=1 but the S3 server's environment does not say whether it \
+             checks signatures and has IAM users (TIDEMARK_TEST_S3_AUTH, TIDEMARK_TEST_S3_IAM)"
         );
         eprintln!(
-            "SKIPPED the IAM policy test: the S3 server does not enforce authentication \
-             (start it with scripts/s3-server.sh, TIDEMARK_S3_AUTH=1)"
+            "!!! SKIPPED the IAM policy test: {} lacks the capability it needs: IAM users with \
+             policies and enforced signatures (TIDEMARK_TEST_S3_AUTH={}, TIDEMARK_TEST_S3_IAM={}; \
+             scripts/s3-server.sh's moto has them)",
+            std::env::var("TIDEMARK_TEST_S3_SERVER_NAME")
+                .unwrap_or_else(|_| "the S3 server".into()),
+            auth.as_deref().unwrap_or("unset"),
+            iam.as_deref().unwrap_or("unset"),
         );
         return Ok(());
     }

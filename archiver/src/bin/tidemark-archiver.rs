@@ -57,6 +57,10 @@ enum Command {
     /// Apply a retention policy: drop base backups and WAL the policy does not keep, then
     /// delete objects no manifest generation within the grace period references.
     Prune(PruneFlags),
+    /// Probe a store for what Tidemark relies on (conditional writes, range reads,
+    /// multipart uploads, checksums, signatures, clock) and print a table; exit 0 unless
+    /// the store cannot be reached.
+    CheckStore(tidemark_archiver::check_store::CheckStoreArgs),
 }
 
 /// Reports a repository that cannot be opened: `USAGE` when what was given is wrong (URL,
@@ -344,6 +348,7 @@ async fn main() -> ExitCode {
         },
         Command::Status(args) => status_cmd(args).await,
         Command::Prune(args) => prune_cmd(args).await,
+        Command::CheckStore(args) => tidemark_archiver::check_store::run(args).await,
     };
     match result {
         Ok(code) => code,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use tidemark_manifest::cli::{StoreAccess, StoreArgs};
+use tidemark_manifest::cli::{StoreAccess, StoreArgs, parse_bool};
 
 /// `run`: one database (or a config file's `[[databases]]`).
 #[derive(Debug, Clone, Args)]
@@ -50,6 +50,10 @@ pub struct RunFlags {
     /// parts, at most 4 parts at once for the whole process.
     #[arg(long, env = "TIDEMARK_UPLOAD_CONCURRENCY", value_name = "N")]
     pub upload_concurrency: Option<usize>,
+    /// Start even on a store whose conditional writes fail the start-up check (unsafe
+    /// with more than one writer; docs/operations.md).
+    #[arg(long, env = "TIDEMARK_ALLOW_UNSAFE_STORE", value_parser = parse_bool)]
+    pub allow_unsafe_store: bool,
     #[command(flatten)]
     pub store: StoreArgs,
 }

@@ -136,6 +136,7 @@ fn apply_flags(flags: &RunFlags, o: &mut ArchiverOptions) {
         o.max_segment_bytes = v;
     }
     o.exit_when_caught_up |= flags.exit_when_caught_up;
+    o.allow_unsafe_store |= flags.allow_unsafe_store;
     o.store.overlay(flags.store.clone());
     if let Some(v) = flags.upload_concurrency {
         o.upload_concurrency = v;

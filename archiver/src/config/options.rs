@@ -56,6 +56,9 @@ pub struct ArchiverOptions {
     pub retention: Option<PruneOptions>,
     /// How to reach the store.
     pub store: StoreArgs,
+    /// Start even on a store that fails the start-up check of conditional writes
+    /// (`--allow-unsafe-store`; docs/operations.md, "Checking a store").
+    pub allow_unsafe_store: bool,
 }
 
 impl Default for ArchiverOptions {
@@ -78,6 +81,7 @@ impl Default for ArchiverOptions {
             metrics_addr: None,
             retention: None,
             store: StoreArgs::default(),
+            allow_unsafe_store: false,
         }
     }
 }

@@ -669,10 +669,16 @@ impl ObjectStore for LocalStore {
             }
             sync_dir(path.parent().unwrap_or(&s.root)).map_err(on_io)?;
             // A base's directory is never written again once its files go: remove it when
-            // empty, so that pruned bases leave nothing behind. (Directories shared by
-            // objects written later, like `wal/`, stay.)
-            if k.starts_with(crate::keys::BASES_PREFIX) {
-                let stop = s.root.join(crate::keys::BASES_PREFIX);
+            // empty, so that pruned bases leave nothing behind; so is a store probe's run directory.
+            // (Directories shared by objects written later, like `wal/` and `probe/`, stay.)
+            let stop = if k.starts_with(crate::keys::BASES_PREFIX) {
+                Some(s.root.join(crate::keys::BASES_PREFIX))
+            } else if k.starts_with(crate::keys::PROBE_PREFIX) {
+                Some(s.root.join(crate::keys::PROBE_PREFIX))
+            } else {
+                None
+            };
+            if let Some(stop) = stop {
                 let mut dir = path.parent();
                 while let Some(d) = dir.filter(|d| d.starts_with(&stop) && *d != stop) {
                     if fs::remove_dir(d).is_err() {

@@ -40,6 +40,7 @@ mod error;
 pub mod fault;
 mod local;
 mod memory;
+pub mod probe;
 mod retry;
 mod s3;
 pub mod throttle;

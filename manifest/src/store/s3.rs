@@ -535,8 +535,19 @@ impl S3Store {
         &self.bucket
     }
 
-    fn full_key(&self, key: &str) -> String {
+    /// The object's key in the bucket.
+    pub(crate) fn full_key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
+    }
+
+    /// The same store, uploading files of `threshold` bytes or more in parts of `part_size`
+    /// (the store probe uses small parts).
+    pub(crate) fn with_multipart(&self, threshold: u64, part_size: u64) -> StoreResult<S3Store> {
+        let mut store = self.clone();
+        store.options.multipart_threshold = threshold;
+        store.options.part_size = part_size;
+        store.options.validate()?;
+        Ok(store)
     }
 
     fn location(&self, key: &str) -> String {

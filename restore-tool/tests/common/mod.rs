@@ -270,7 +270,7 @@ pub async fn local_repo(root: &Path) -> Result<(Repository, String)> {
 /// A repository under a fresh prefix of the test run's bucket; returns it, its URL and the
 /// store options to reach it.
 pub async fn s3_repo(endpoint: &str, case: &str) -> Result<(Repository, StoreOptions)> {
-    let prefix = format!("{case}-{:08x}", rand::random::<u32>());
+    let prefix = test_s3::prefix(case);
     let bucket = test_s3::bucket(endpoint).await?;
     let from = format!("s3://{bucket}/{prefix}");
     let store = store::open_store(&StoreUrl::parse(&from)?, &test_s3::options(endpoint)).await?;

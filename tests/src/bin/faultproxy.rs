@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use tidemark_tests::faultproxy::{FaultKind, FaultPlan, FaultProxy};
+use tidemark_tests::faultproxy::{FaultKind, FaultPlan, FaultProxy, StripConditional};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Parser)]
@@ -64,6 +64,10 @@ struct Args {
     /// Seed of the fault choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Remove If-None-Match and If-Match from every request, signing it again with
+    /// AWS_SECRET_ACCESS_KEY when that is set: a store that ignores conditional writes.
+    #[arg(long)]
+    strip_conditional: bool,
     /// Print the counters every this many seconds (0: only at exit).
     #[arg(long, default_value_t = 10)]
     report_every: u64,
@@ -91,6 +95,7 @@ async fn main() -> Result<()> {
         ),
         max_lifetime: (args.max_lifetime_ms > 0)
             .then(|| Duration::from_millis(args.max_lifetime_ms)),
+        strip_conditional: args.strip_conditional.then(StripConditional::from_env),
     };
     let proxy = FaultProxy::start_on(args.listen, &args.upstream, plan, args.seed)?;
     println!("listening on {}", proxy.url());
