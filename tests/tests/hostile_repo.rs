@@ -133,6 +133,64 @@ fn flip_digit(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `tidemark-archiver status` with the newest generation overwritten with garbage: it shows
+/// what it can read (the generation before, the newest point, the lease) and the damage,
+/// and exits 5, never 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_reports_a_garbage_newest_generation_and_fails() -> Result<()> {
+    let s = Setup::new(TestStore::local()?)?;
+    let oracle = s.archived_history("2").await?;
+    let root = s.store.local_root().context("local")?;
+    let url = s.store.url.clone();
+    let (code, out, err) = s.run("tidemark-archiver", &["status", "--to", &url, "--json"])?;
+    ensure!(code == 0, "an intact repository is healthy: {out}{err}");
+    let j: serde_json::Value = serde_json::from_str(&out)?;
+    let newest = j["generation"].as_u64().context("generation")?;
+    ensure!(newest >= 2 && j["damage"] == serde_json::json!([]), "{j}");
+    let key = keys::generation_key(newest);
+    std::fs::write(
+        root.join(&key),
+        b"\x00not a manifest generation\xff garbage",
+    )?;
+
+    let (code, out, err) = s.run("tidemark-archiver", &["status", "--to", &url, "--json"])?;
+    ensure!(
+        code == 5,
+        "a damaged repository must fail status (exit 5): {code}\n{out}{err}"
+    );
+    let j: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(
+        j["generation"] == newest - 1 && j["newest_generation"] == newest,
+        "{j}"
+    );
+    ensure!(j["newest_seq"] == oracle.last_seq(), "{j}");
+    ensure!(
+        j["lease"]["released_at"].is_string(),
+        "the lease is shown: {j}"
+    );
+    ensure!(
+        j["damage"]
+            .as_array()
+            .is_some_and(|d| d.len() == 1 && d[0]["object"] == key.as_str()),
+        "{j}"
+    );
+    ensure!(err.contains("DAMAGED") && err.contains(&key), "{err}");
+
+    let (code, out, err) = s.run("tidemark-archiver", &["status", "--to", &url])?;
+    ensure!(code == 5, "{out}{err}");
+    ensure!(
+        out.contains(&format!("DAMAGED:      {key}")) && out.contains("REPAIR NEEDED"),
+        "{out}"
+    );
+    // A threshold that holds does not hide the damage.
+    let (code, _, err) = s.run(
+        "tidemark-archiver",
+        &["status", "--to", &url, "--max-base-age", "1000h"],
+    )?;
+    ensure!(code == 5, "{err}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupt_newest_generation_is_passed_over_loudly_and_nothing_is_lost() -> Result<()> {
     let s = Setup::new(TestStore::local()?)?;

@@ -3,7 +3,8 @@
 //! Exit codes: 0 success; 1 a runtime failure (store unreachable after retries, I/O error);
 //! 2 bad usage or an unarchivable database (the message says what to change); 3 another
 //! archiver holds the repository (or took it over); 4 (`status` only) a threshold given on
-//! the command line was exceeded. `prune` exits 2 for an invalid policy and 3 while an
+//! the command line was exceeded; 5 (`status` only) the repository is damaged (the report
+//! names what, and still shows what it could read). `prune` exits 2 for an invalid policy and 3 while an
 //! archiver holds the repository. With a config file that lists `[[databases]]`, `run` and
 //! `backup` exit 0 when every database ended cleanly and 1 when any had failed (the JSON
 //! summary on standard output names them); 2 still means bad usage, nothing started.
@@ -20,6 +21,7 @@ use tidemark_archiver::prune::{self, PruneError, PruneOptions};
 use tidemark_archiver::service::{self, ArchiverOptions};
 use tidemark_archiver::{settings, status};
 use tidemark_manifest::cli::StoreArgs;
+use tidemark_manifest::repo::RepoError;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -619,7 +621,14 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
         Ok(r) => r,
         Err(e) => return Ok(open_failed("status", &e)),
     };
-    let report = status::status(&repo).await?;
+    let report = match status::status(&repo).await {
+        Ok(report) => report,
+        Err(e) if e.is_damage() || matches!(e, RepoError::FallbackFailed { .. }) => {
+            eprintln!("tidemark-archiver status: DAMAGED: {e}");
+            return Ok(ExitCode::from(5));
+        }
+        Err(e) => return Err(e.into()),
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -646,12 +655,27 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
             None => exceeded.push("there is no base backup".to_owned()),
         }
     }
-    if exceeded.is_empty() {
-        Ok(ExitCode::SUCCESS)
-    } else {
+    if !exceeded.is_empty() {
         eprintln!("tidemark-archiver status: {}", exceeded.join("; "));
-        Ok(ExitCode::from(4))
     }
+    if !report.damage.is_empty() {
+        let objects: Vec<_> = report
+            .damage
+            .iter()
+            .filter_map(|d| d.object.clone())
+            .collect();
+        eprintln!(
+            "tidemark-archiver status: the repository is DAMAGED ({}); what it shows was read \
+             past the damage",
+            objects.join(", ")
+        );
+        return Ok(ExitCode::from(5));
+    }
+    Ok(if exceeded.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(4)
+    })
 }
 
 #[tokio::main]
