@@ -46,7 +46,7 @@ pub const RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// The name of the file, in a database's scratch directory, that asks a running process for
 /// a base backup of that database at the next SIGUSR1.
-pub const BASE_REQUEST_FILE: &str = "base-requested";
+pub const BASE_REQUEST_FILE: &str = crate::request::REQUEST_FILE;
 
 /// A database of the config file.
 #[derive(Debug, Clone)]

@@ -30,6 +30,7 @@ pub mod lease_keeper;
 pub mod metrics;
 pub mod options;
 pub mod prune;
+pub mod request;
 pub mod service;
 pub mod settings;
 pub mod ship;
