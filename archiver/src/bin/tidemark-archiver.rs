@@ -560,17 +560,28 @@ async fn running_archiver(o: &ArchiverOptions) -> anyhow::Result<bool> {
 /// How long `backup` waits for a running archiver to take its request.
 const TAKE_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Asks the archiver running beside `o.db` for a base and waits until it ends (at most
-/// `wait`). The answer for people names `name` (a database of a config file) if given.
-async fn ask_running(o: &ArchiverOptions, name: &str, wait: Duration) -> anyhow::Result<bool> {
+/// Asks the archiver running beside `o.db` for a base: the request's token. What it says
+/// names `name` (a database of a config file) if given.
+fn ask_running(o: &ArchiverOptions, name: &str) -> anyhow::Result<String> {
     let scratch = fleet::scratch_dir(o);
     let token = request::send(&scratch)
         .with_context(|| format!("cannot write the base request into {}", scratch.display()))?;
     println!("{name}asked the running archiver for a base backup");
+    Ok(token)
+}
+
+/// Waits (at most `wait`) until the base asked for with `token` ends; says how it ended.
+async fn await_base(
+    o: &ArchiverOptions,
+    name: &str,
+    token: &str,
+    wait: Duration,
+) -> anyhow::Result<bool> {
+    let scratch = fleet::scratch_dir(o);
     let start = std::time::Instant::now();
     let mut taken = false;
     loop {
-        match request::answer(&scratch, &token)? {
+        match request::answer(&scratch, token)? {
             request::Answer::Done(id) => {
                 println!("{name}the running archiver took base backup {id}");
                 return Ok(true);
@@ -589,7 +600,7 @@ async fn ask_running(o: &ArchiverOptions, name: &str, wait: Duration) -> anyhow:
         }
         let elapsed = start.elapsed();
         if !taken && elapsed >= TAKE_TIMEOUT.min(wait) {
-            let withdrawn = request::withdraw(&scratch, &token).unwrap_or(false);
+            let withdrawn = request::withdraw(&scratch, token).unwrap_or(false);
             eprintln!(
                 "tidemark-archiver: {name}the archiver running beside {} did not take the request \
                  within {:?}{}; see its log, or send it SIGUSR1",
@@ -614,7 +625,8 @@ async fn ask_running(o: &ArchiverOptions, name: &str, wait: Duration) -> anyhow:
 /// `backup`: ask a running archiver of this database on this machine, or do it in one shot.
 async fn backup(o: ArchiverOptions, wait: Duration) -> anyhow::Result<ExitCode> {
     if running_archiver(&o).await? {
-        return Ok(if ask_running(&o, "", wait).await? {
+        let token = ask_running(&o, "")?;
+        return Ok(if await_base(&o, "", &token, wait).await? {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
@@ -628,17 +640,23 @@ async fn backup(o: ArchiverOptions, wait: Duration) -> anyhow::Result<ExitCode> 
 
 /// `backup` with several databases: those archived by a process on this machine are asked
 /// through it (only the one named by `--database`, if given); the others are archived up to
-/// now, given a base backup, and left.
+/// now, given a base backup, and left. Every request is sent before the first wait, so
+/// that the bases run at once.
 async fn backup_many(config: FleetConfig, wait: Duration) -> anyhow::Result<ExitCode> {
     let mut idle = Vec::new();
-    let mut all_ok = true;
+    let mut asked = Vec::new();
     for d in config.databases {
         if running_archiver(&d.options).await? {
             let name = format!("{}: ", d.name);
-            all_ok &= ask_running(&d.options, &name, wait).await?;
+            let token = ask_running(&d.options, &name)?;
+            asked.push((d, name, token));
         } else {
             idle.push(d);
         }
+    }
+    let mut all_ok = true;
+    for (d, name, token) in &asked {
+        all_ok &= await_base(&d.options, name, token, wait).await?;
     }
     let failed = if all_ok {
         ExitCode::SUCCESS
