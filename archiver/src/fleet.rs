@@ -35,7 +35,7 @@ pub const RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// The name of the file, in a database's scratch directory, that asks a running process for
 /// a base backup of that database at the next SIGUSR1.
-pub const BASE_REQUEST_FILE: &str = "base-requested";
+pub const BASE_REQUEST_FILE: &str = crate::request::REQUEST_FILE;
 
 /// Where a database's base backups copy it (and where its request file goes).
 pub fn scratch_dir(o: &ArchiverOptions) -> PathBuf {

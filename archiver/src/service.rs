@@ -41,6 +41,7 @@ use crate::lease::{LeaseError, LeaseHandle};
 use crate::lease_keeper::{KeeperError, LeaseKeeper};
 use crate::metrics::{Metrics, Phase};
 use crate::preflight::{CheckError, DbCheck, check_database};
+use crate::request::Inbox;
 use crate::ship::ShipError;
 use crate::watch::WatchError;
 
@@ -225,20 +226,27 @@ async fn run_holding_lease(
     let mut pipeline =
         Pipeline::resume(repo, &check.wal_dir, &scratch, opts, &state, metrics).await?;
     let wal_dir = check.wal_dir.clone();
-    let mut bases = Bases::new(opts, wal_dir, scratch, repo, &state, metrics);
+    let mut bases = Bases::new(opts, wal_dir, scratch.clone(), repo, &state, metrics);
     let mut retention = Retention::new(opts.retention.clone(), repo, keeper.fence(), metrics);
+    let mut inbox = Inbox::new(&scratch);
     metrics.set_phase(Phase::Running);
     tokio::pin!(shutdown);
 
     loop {
         let step = pipeline.step().await?;
-        if step.gap || (step.cf_changed && !bases.running()) {
+        // A request from `tidemark-archiver backup` (crate::request).
+        let requested = inbox.take();
+        if step.gap || (step.cf_changed && !bases.running()) || requested {
             bases.needed_now();
         }
         if step.caught_up && opts.exit_when_caught_up && bases.settled() {
             break;
         }
+        let was_running = bases.running();
         bases.start_if_due(&pipeline, retention.sweeping());
+        if bases.running() && !was_running {
+            inbox.base_started();
+        }
         retention
             .mark_if_due(&mut pipeline, bases.running())
             .await?;
@@ -266,8 +274,13 @@ async fn run_holding_lease(
                 break;
             }
             Wake::Base(finished) => {
+                inbox.base_ended(bases::outcome(&finished));
                 if bases.on_finished(*finished, &mut pipeline).await? {
                     retention.after_base();
+                }
+                if inbox.waiting() {
+                    // Taken while that base ran: the next one is theirs.
+                    bases.needed_now();
                 }
             }
             Wake::Sweep(swept) => retention.on_finished(swept),
@@ -284,6 +297,10 @@ async fn run_holding_lease(
     metrics.set_phase(Phase::Stopping);
     drop(retention);
     let finished_base = bases.stop().await;
+    if let Some(base) = &finished_base {
+        inbox.base_ended(Ok(base.summary.id.clone()));
+    }
+    inbox.stopped();
     let summary = pipeline.finish(finished_base).await?;
     match keeper.stop().await {
         Ok(lease) => {

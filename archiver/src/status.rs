@@ -1,9 +1,13 @@
 //! `tidemark-archiver status`: what a repository can restore and how fresh it is, for
 //! people and for health checks.
+//!
+//! It reads as restores do: past a corrupt newest generation to the newest intact one
+//! (FORMAT.md §4.4), so it still shows the window and the lease, and it names every damaged
+//! object it passed over in [`StatusReport::damage`]: a report with damage is never healthy.
 
 use serde::Serialize;
 use tidemark_manifest::plan::fmt_time;
-use tidemark_manifest::repo::{RepoError, Repository};
+use tidemark_manifest::repo::{LoadWarning, ReadFrom, RepoError, Repository};
 use time::OffsetDateTime;
 
 /// A repository's state as `status` reports it.
@@ -11,7 +15,13 @@ use time::OffsetDateTime;
 pub struct StatusReport {
     pub repository: String,
     pub database_identity: String,
+    /// The generation read: the newest intact one.
     pub generation: u64,
+    /// The newest generation that exists (newer than `generation` when that one is damaged).
+    pub newest_generation: u64,
+    /// Damaged objects found and passed over while reading, each named; empty when the
+    /// repository read cleanly.
+    pub damage: Vec<LoadWarning>,
     pub bases: usize,
     pub segments: usize,
     pub gaps: usize,
@@ -49,7 +59,13 @@ fn age(t: OffsetDateTime) -> f64 {
 
 /// Reads the repository and reports its state.
 pub async fn status(repo: &Repository) -> Result<StatusReport, RepoError> {
-    let state = repo.load().await?;
+    let state = repo.load_for_reading(ReadFrom::NewestIntact).await?;
+    let damage = state
+        .warnings
+        .iter()
+        .filter(|w| w.damage)
+        .cloned()
+        .collect();
     let newest = state.history.segments.last();
     let newest_base = state.history.bases.iter().map(|b| b.created_at).max();
     let lease = repo.read_lease().await?.map(|(l, _)| LeaseInfo {
@@ -63,6 +79,8 @@ pub async fn status(repo: &Repository) -> Result<StatusReport, RepoError> {
         repository: repo.location(),
         database_identity: state.config.database_identity.clone(),
         generation: state.generation.as_ref().map_or(0, |g| g.generation),
+        newest_generation: state.newest_generation,
+        damage,
         bases: state.history.bases.len(),
         segments: state.history.segments.len(),
         gaps: state.history.gaps.len(),
@@ -96,6 +114,19 @@ impl std::fmt::Display for StatusReport {
             _ => writeln!(f, "newest base:  none")?,
         }
         writeln!(f, "window:       {}", self.window)?;
+        for d in &self.damage {
+            match &d.object {
+                Some(o) => writeln!(f, "DAMAGED:      {o}: {}", d.message)?,
+                None => writeln!(f, "DAMAGED:      {}", d.message)?,
+            }
+        }
+        if !self.damage.is_empty() {
+            writeln!(
+                f,
+                "REPAIR NEEDED: the repository is damaged (above); run `tidemark-restore verify` \
+                 and see docs/operations.md"
+            )?;
+        }
         match &self.lease {
             Some(LeaseInfo {
                 released_at: Some(at),

@@ -19,8 +19,9 @@ pub const USAGE: u8 = 2;
 /// `tidemark-restore`: the requested point cannot be restored from this repository (before
 /// or after its window, in a gap).
 pub const NOT_RESTORABLE: u8 = 3;
-/// `tidemark-restore`: data did not verify: a missing or corrupt object, a broken WAL
-/// chain, a restored database that does not end where planned, problems found by `verify`.
+/// Data did not verify: a missing or corrupt object, a broken WAL chain, a restored
+/// database that does not end where planned, problems found by `tidemark-restore verify`,
+/// or a damaged repository reported by `tidemark-archiver status`.
 pub const VERIFICATION_FAILED: u8 = 4;
 /// `tidemark-restore drill`: the drill ran and failed (its report says in which phase and
 /// why).
@@ -92,8 +93,8 @@ pub const ALL: &[Code] = &[
     Code {
         code: VERIFICATION_FAILED,
         name: "VERIFICATION_FAILED",
-        program: Program::Restore,
-        meaning: "verification failed: a missing or corrupt object, a broken WAL chain, a result that does not end where planned",
+        program: Program::Both,
+        meaning: "verification failed: a missing or corrupt object, a broken WAL chain, a result that does not end where planned; `status`: the repository is damaged",
     },
     Code {
         code: DRILL_FAILED,

@@ -484,8 +484,7 @@ async fn a_wal_deleted_before_it_was_archived_is_a_gap_healed_by_a_new_base() ->
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn backup_signals_a_running_archiver_or_runs_once_and_status_checks_thresholds() -> Result<()>
-{
+async fn backup_asks_a_running_archiver_or_runs_once_and_status_checks_thresholds() -> Result<()> {
     let s = Setup::new(TestStore::local()?)?;
     let mut writer = s.loadgen(&["--batches", "2000"])?;
     writer.wait_success(Duration::from_secs(60))?;
@@ -499,20 +498,25 @@ async fn backup_signals_a_running_archiver_or_runs_once_and_status_checks_thresh
     ensure!(code == 0, "one-shot backup: {code} {text}");
     ensure!(bases(&root) == 1, "one base after the one-shot backup");
 
-    // An archiver running with a long base interval: `backup` asks it for one.
+    // An archiver running with a long base interval: `backup` asks it for one and waits
+    // until it is taken.
     let mut arch = s.archiver("running.log", &["--base-interval", "24h"])?;
     wait_for(Duration::from_secs(20), "the lease", || {
         live_lease(&root.join("lease.json")).then_some(())
     })?;
     let (code, text) = run_archiver(&["backup", "--db", &db, "--to", &s.store.url], &[])?;
     ensure!(
-        code == 0 && text.contains("asked the running archiver"),
-        "backup with a running archiver: {code} {text}"
+        code == 0
+            && text.contains("asked the running archiver")
+            && text.contains("the running archiver took base backup"),
+        "backup with a running archiver: {code} {text}\n{}",
+        arch.log_tail()
     );
     let repo = s.store.open().await?;
-    wait_for_history(&repo, |st| st.history.bases.len() >= 2)
-        .await
-        .with_context(|| arch.log_tail())?;
+    ensure!(
+        repo.load().await?.history.bases.len() == 2,
+        "the base is in the history when backup returns"
+    );
     arch.stop(Duration::from_secs(30))?;
 
     // status: thresholds turn into `THRESHOLD_EXCEEDED`.
@@ -541,6 +545,71 @@ async fn backup_signals_a_running_archiver_or_runs_once_and_status_checks_thresh
     ensure!(
         code == i32::from(exit::THRESHOLD_EXCEEDED) && text.contains("newest record"),
         "lag threshold exceeded: {code} {text}"
+    );
+    Ok(())
+}
+
+/// Kills the process when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A live lease naming this host and the pid of an unrelated process (as a crashed
+/// archiver's lease does once its pid is reused, or another container's pid 1): `backup`
+/// sends that process nothing, says that no archiver runs here, and answers with the
+/// lease's refusal instead of a base it cannot take.
+#[tokio::test(flavor = "multi_thread")]
+async fn backup_never_signals_a_pid_read_from_the_lease() -> Result<()> {
+    let s = Setup::new(TestStore::local()?)?;
+    let mut writer = s.loadgen(&["--batches", "300"])?;
+    writer.wait_success(Duration::from_secs(60))?;
+    let db = s.db().display().to_string();
+    let (code, text) = run_archiver(&["backup", "--db", &db, "--to", &s.store.url], &[])?;
+    ensure!(code == 0, "one-shot backup: {code} {text}");
+
+    let mut sleeper = KillOnDrop(std::process::Command::new("sleep").arg("300").spawn()?);
+    let pid = sleeper.0.id();
+    let now = time::OffsetDateTime::now_utc();
+    let lease = tidemark_manifest::model::Lease {
+        format_version: tidemark_manifest::model::FORMAT_VERSION,
+        holder: "another-writer".into(),
+        host: tidemark_archiver::checkpoint::hostname(),
+        pid,
+        acquired_at: now,
+        renewed_at: now,
+        expires_at: now + time::Duration::minutes(10),
+        instance: Some("an-instance-no-lock-file-names".into()),
+        released_at: None,
+    };
+    let repo = s.store.open().await?;
+    repo.store()
+        .put(
+            tidemark_manifest::keys::LEASE,
+            tidemark_manifest::model::to_document_bytes(&lease).into(),
+        )
+        .await?;
+
+    let (code, text) = run_archiver(&["backup", "--db", &db, "--to", &s.store.url], &[])?;
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(
+        sleeper.0.try_wait()?.is_none(),
+        "the unrelated process {pid} was signalled: {code} {text}"
+    );
+    ensure!(
+        code == i32::from(exit::LEASE_HELD)
+            && text.contains(&format!("names pid {pid} on this host"))
+            && text.contains("liveness lock is free")
+            && text.contains("another archiver"),
+        "backup must refuse clearly: {code} {text}"
+    );
+    ensure!(
+        repo.load().await?.history.bases.len() == 1,
+        "no base was taken"
     );
     Ok(())
 }

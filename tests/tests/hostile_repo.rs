@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
-use tidemark_manifest::keys;
+use tidemark_manifest::{exit, keys};
 use tidemark_tests::harness::with_s3;
 use tidemark_tests::harness::{TestStore, raw_s3_client};
 use tidemark_tests::setup::Setup;
@@ -53,6 +53,64 @@ fn flip_digit(path: &Path) -> Result<()> {
         .context("no digit")?;
     bytes[i] = if bytes[i] == b'9' { b'8' } else { bytes[i] + 1 };
     std::fs::write(path, bytes)?;
+    Ok(())
+}
+
+/// `tidemark-archiver status` with the newest generation overwritten with garbage: it shows
+/// what it can read (the generation before, the newest point, the lease) and the damage,
+/// and exits `VERIFICATION_FAILED`, never 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_reports_a_garbage_newest_generation_and_fails() -> Result<()> {
+    let s = Setup::new(TestStore::local()?)?;
+    let oracle = s.archived_history("2").await?;
+    let root = s.store.local_root().context("local")?;
+    let url = s.store.url.clone();
+    let (code, out, err) = s.run("tidemark-archiver", &["status", "--to", &url, "--json"])?;
+    ensure!(code == 0, "an intact repository is healthy: {out}{err}");
+    let j: serde_json::Value = serde_json::from_str(&out)?;
+    let newest = j["generation"].as_u64().context("generation")?;
+    ensure!(newest >= 2 && j["damage"] == serde_json::json!([]), "{j}");
+    let key = keys::generation_key(newest);
+    std::fs::write(
+        root.join(&key),
+        b"\x00not a manifest generation\xff garbage",
+    )?;
+
+    let (code, out, err) = s.run("tidemark-archiver", &["status", "--to", &url, "--json"])?;
+    ensure!(
+        code == i32::from(exit::VERIFICATION_FAILED),
+        "a damaged repository must fail status (exit 4): {code}\n{out}{err}"
+    );
+    let j: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(
+        j["generation"] == newest - 1 && j["newest_generation"] == newest,
+        "{j}"
+    );
+    ensure!(j["newest_seq"] == oracle.last_seq(), "{j}");
+    ensure!(
+        j["lease"]["released_at"].is_string(),
+        "the lease is shown: {j}"
+    );
+    ensure!(
+        j["damage"]
+            .as_array()
+            .is_some_and(|d| d.len() == 1 && d[0]["object"] == key.as_str()),
+        "{j}"
+    );
+    ensure!(err.contains("DAMAGED") && err.contains(&key), "{err}");
+
+    let (code, out, err) = s.run("tidemark-archiver", &["status", "--to", &url])?;
+    ensure!(code == i32::from(exit::VERIFICATION_FAILED), "{out}{err}");
+    ensure!(
+        out.contains(&format!("DAMAGED:      {key}")) && out.contains("REPAIR NEEDED"),
+        "{out}"
+    );
+    // A threshold that holds does not hide the damage.
+    let (code, _, err) = s.run(
+        "tidemark-archiver",
+        &["status", "--to", &url, "--max-base-age", "1000h"],
+    )?;
+    ensure!(code == i32::from(exit::VERIFICATION_FAILED), "{err}");
     Ok(())
 }
 

@@ -4,7 +4,8 @@
 //! failure (store unreachable after retries, I/O error); `USAGE` bad usage or an unarchivable
 //! database (the message says what to change); `LEASE_HELD` another archiver holds the
 //! repository (or took it over); `THRESHOLD_EXCEEDED` (`status` only) a threshold given on
-//! the command line was exceeded. `prune` exits with `USAGE` for an invalid policy and
+//! the command line was exceeded; `VERIFICATION_FAILED` (`status` only) the repository is
+//! damaged (the report names what, and still shows what it could read). `prune` exits with `USAGE` for an invalid policy and
 //! `LEASE_HELD` while an archiver holds the repository. With a config file that lists
 //! `[[databases]]`, `run` and `backup` exit with `OK` when every database ended cleanly and
 //! `FAILURE` when any had failed (the JSON summary on standard output names them); `USAGE`
@@ -14,6 +15,7 @@
 //! [`tidemark_archiver::config`]; this file only runs the commands.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -24,9 +26,10 @@ use tidemark_archiver::config::{
 use tidemark_archiver::fleet;
 use tidemark_archiver::lease::LeaseError;
 use tidemark_archiver::prune::{self, PruneError};
-use tidemark_archiver::{service, status};
+use tidemark_archiver::{request, service, status};
 use tidemark_manifest::cli::parse_bool;
 use tidemark_manifest::exit;
+use tidemark_manifest::repo::RepoError;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -49,8 +52,10 @@ enum Command {
     /// Run the archiver service until SIGTERM or SIGINT. SIGUSR1 takes a base backup now
     /// (of every database, when the config file lists several).
     Run(RunFlags),
-    /// Take a base backup now: signals the archiver running on this host, or, if none runs,
-    /// archives the WAL up to now, takes the base backup and exits.
+    /// Take a base backup now: asks the archiver of the database running on this machine
+    /// (seen by its liveness lock; a request file in its scratch directory, no signal) and
+    /// waits until its base is taken, or, if none runs, archives the WAL up to now, takes
+    /// the base backup and exits. (SIGUSR1 to the service also asks it for a base.)
     Backup(BackupFlags),
     /// Show what a repository can restore and how fresh it is.
     Status(StatusFlags),
@@ -197,44 +202,110 @@ async fn run_fleet(config: FleetConfig) -> Result<ExitCode, anyhow::Error> {
     }
 }
 
-/// The pid of the archiver holding this repository's lease on this host, if one runs.
-async fn running_archiver(o: &ArchiverOptions) -> anyhow::Result<Option<u32>> {
+/// Whether an archiver of this database runs on this machine: it holds the liveness lock
+/// beside the database (the lease's host name and pid prove nothing). With none here, a
+/// live lease held on another host is named, since the base must be asked for there.
+async fn running_archiver(o: &ArchiverOptions) -> anyhow::Result<bool> {
+    if request::archiver_alive(&o.db)? {
+        return Ok(true);
+    }
     let repo = o.store.open(&o.to, true).await?;
-    if let Some(report) = status::status(&repo).await.ok().and_then(|s| s.lease)
-        && !report.expired
-    {
-        let here = tidemark_archiver::checkpoint::hostname();
-        if report.host != here {
-            anyhow::bail!(
-                "the archiver for this repository runs on host {} (pid {}); run `tidemark-archiver backup` there",
-                report.host,
-                report.pid
-            );
+    let now = time::OffsetDateTime::now_utc();
+    let Some(lease) = repo.live_lease(now).await.ok().flatten() else {
+        return Ok(false);
+    };
+    if lease.host != tidemark_archiver::checkpoint::hostname() {
+        anyhow::bail!(
+            "the archiver for this repository runs on host {} (pid {}); run `tidemark-archiver \
+             backup` there",
+            lease.host,
+            lease.pid
+        );
+    }
+    eprintln!(
+        "tidemark-archiver: the lease names pid {} on this host, but no archiver of {} runs \
+         on this machine (its liveness lock is free), so nothing is asked of that pid; \
+         archiving and taking the base here instead",
+        lease.pid,
+        o.db.display()
+    );
+    Ok(false)
+}
+
+/// How long `backup` waits for a running archiver to take its request.
+const TAKE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Asks the archiver running beside `o.db` for a base: the request's token. What it says
+/// names `name` (a database of a config file) if given.
+fn ask_running(o: &ArchiverOptions, name: &str) -> anyhow::Result<String> {
+    let scratch = fleet::scratch_dir(o);
+    let token = request::send(&scratch)
+        .with_context(|| format!("cannot write the base request into {}", scratch.display()))?;
+    println!("{name}asked the running archiver for a base backup");
+    Ok(token)
+}
+
+/// Waits (at most `wait`) until the base asked for with `token` ends; says how it ended.
+async fn await_base(
+    o: &ArchiverOptions,
+    name: &str,
+    token: &str,
+    wait: Duration,
+) -> anyhow::Result<bool> {
+    let scratch = fleet::scratch_dir(o);
+    let start = std::time::Instant::now();
+    let mut taken = false;
+    loop {
+        match request::answer(&scratch, token)? {
+            request::Answer::Done(id) => {
+                println!("{name}the running archiver took base backup {id}");
+                return Ok(true);
+            }
+            request::Answer::Failed(why) => {
+                eprintln!(
+                    "tidemark-archiver: {name}the running archiver's base backup failed: {why}"
+                );
+                return Ok(false);
+            }
+            request::Answer::Taken if !taken => {
+                taken = true;
+                println!("{name}the running archiver took the request; waiting for the base");
+            }
+            _ => {}
         }
-        return Ok(Some(report.pid));
+        let elapsed = start.elapsed();
+        if !taken && elapsed >= TAKE_TIMEOUT.min(wait) {
+            let withdrawn = request::withdraw(&scratch, token).unwrap_or(false);
+            eprintln!(
+                "tidemark-archiver: {name}the archiver running beside {} did not take the request \
+                 within {:?}{}; see its log, or send it SIGUSR1",
+                o.db.display(),
+                TAKE_TIMEOUT.min(wait),
+                if withdrawn { " (withdrawn)" } else { "" }
+            );
+            return Ok(false);
+        }
+        if elapsed >= wait {
+            eprintln!(
+                "tidemark-archiver: {name}the running archiver took the request, but its base \
+                 backup did not end within {wait:?} (--wait); it goes on: watch its log or \
+                 `tidemark-archiver status`"
+            );
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(None)
 }
 
-fn signal_base_backup(pid: u32) -> anyhow::Result<()> {
-    let status = std::process::Command::new("kill")
-        .args(["-USR1", &pid.to_string()])
-        .env_clear()
-        .envs(tidemark_manifest::cli::child_env(&[]))
-        .status()
-        .context("cannot run kill")?;
-    if !status.success() {
-        anyhow::bail!("could not signal the archiver (pid {pid})");
-    }
-    Ok(())
-}
-
-/// `backup`: signal a running archiver on this host, or do it in one shot.
-async fn backup(o: ArchiverOptions) -> anyhow::Result<ExitCode> {
-    if let Some(pid) = running_archiver(&o).await? {
-        signal_base_backup(pid)?;
-        println!("asked the running archiver (pid {pid}) for a base backup");
-        return Ok(ExitCode::from(exit::OK));
+/// `backup`: ask a running archiver of this database on this machine, or do it in one shot.
+async fn backup(o: ArchiverOptions, wait: Duration) -> anyhow::Result<ExitCode> {
+    if running_archiver(&o).await? {
+        let token = ask_running(&o, "")?;
+        return Ok(if await_base(&o, "", &token, wait).await? {
+            ExitCode::from(exit::OK)
+        } else {
+            ExitCode::from(exit::FAILURE)
+        });
     }
     let mut o = o;
     o.exit_when_caught_up = true;
@@ -242,45 +313,44 @@ async fn backup(o: ArchiverOptions) -> anyhow::Result<ExitCode> {
     run_service(o).await
 }
 
-/// `backup` with several databases: those archived by a process on this host are asked
+/// `backup` with several databases: those archived by a process on this machine are asked
 /// through it (only the one named by `--database`, if given); the others are archived up to
-/// now, given a base backup, and left.
-async fn backup_many(config: FleetConfig, named: bool) -> anyhow::Result<ExitCode> {
+/// now, given a base backup, and left. Every request is sent before the first wait, so
+/// that the bases run at once.
+async fn backup_many(config: FleetConfig, wait: Duration) -> anyhow::Result<ExitCode> {
     let mut idle = Vec::new();
-    let mut pids = std::collections::BTreeSet::new();
+    let mut asked = Vec::new();
     for d in config.databases {
-        match running_archiver(&d.options).await? {
-            Some(pid) => {
-                if named {
-                    let file = fleet::request_base(&d.options).with_context(|| {
-                        format!("cannot write the base backup request for {}", d.name)
-                    })?;
-                    tracing::debug!(file = %file.display(), "request written");
-                }
-                println!(
-                    "{}: asked the running archiver (pid {pid}) for a base backup",
-                    d.name
-                );
-                pids.insert(pid);
-            }
-            None => idle.push(d),
+        if running_archiver(&d.options).await? {
+            let name = format!("{}: ", d.name);
+            let token = ask_running(&d.options, &name)?;
+            asked.push((d, name, token));
+        } else {
+            idle.push(d);
         }
     }
-    for pid in pids {
-        signal_base_backup(pid)?;
+    let mut all_ok = true;
+    for (d, name, token) in &asked {
+        all_ok &= await_base(&d.options, name, token, wait).await?;
     }
+    let failed = if all_ok {
+        ExitCode::from(exit::OK)
+    } else {
+        ExitCode::from(exit::FAILURE)
+    };
     if idle.is_empty() {
-        return Ok(ExitCode::from(exit::OK));
+        return Ok(failed);
     }
     for d in &mut idle {
         d.options.exit_when_caught_up = true;
         d.options.base_at_start = true;
     }
-    run_fleet(FleetConfig {
+    let code = run_fleet(FleetConfig {
         databases: idle,
         metrics_addr: None,
     })
-    .await
+    .await?;
+    Ok(if all_ok { code } else { failed })
 }
 
 async fn status_cmd(args: StatusFlags) -> anyhow::Result<ExitCode> {
@@ -292,9 +362,13 @@ async fn status_cmd(args: StatusFlags) -> anyhow::Result<ExitCode> {
         Ok(r) => r,
         Err(e) => return Ok(open_failed("status", &e)),
     };
-    // No repository at the URL is bad usage, as in the restore tool.
     let report = match status::status(&repo).await {
         Ok(r) => r,
+        Err(e) if e.is_damage() || matches!(e, RepoError::FallbackFailed { .. }) => {
+            eprintln!("tidemark-archiver status: DAMAGED: {e}");
+            return Ok(ExitCode::from(exit::VERIFICATION_FAILED));
+        }
+        // No repository at the URL is bad usage, as in the restore tool.
         Err(e) => return Ok(open_failed("status", &e)),
     };
     if args.json {
@@ -323,12 +397,27 @@ async fn status_cmd(args: StatusFlags) -> anyhow::Result<ExitCode> {
             None => exceeded.push("there is no base backup".to_owned()),
         }
     }
-    if exceeded.is_empty() {
-        Ok(ExitCode::from(exit::OK))
-    } else {
+    if !exceeded.is_empty() {
         eprintln!("tidemark-archiver status: {}", exceeded.join("; "));
-        Ok(ExitCode::from(exit::THRESHOLD_EXCEEDED))
     }
+    if !report.damage.is_empty() {
+        let objects: Vec<_> = report
+            .damage
+            .iter()
+            .filter_map(|d| d.object.clone())
+            .collect();
+        eprintln!(
+            "tidemark-archiver status: the repository is DAMAGED ({}); what it shows was read \
+             past the damage",
+            objects.join(", ")
+        );
+        return Ok(ExitCode::from(exit::VERIFICATION_FAILED));
+    }
+    Ok(ExitCode::from(if exceeded.is_empty() {
+        exit::OK
+    } else {
+        exit::THRESHOLD_EXCEEDED
+    }))
 }
 
 #[tokio::main]
@@ -342,8 +431,8 @@ async fn main() -> ExitCode {
             Err(e) => return unusable("tidemark-archiver", e),
         },
         Command::Backup(args) => match config::run_plan(&args.run, args.database.as_deref()) {
-            Ok(Plan::One(o)) => backup(*o).await,
-            Ok(Plan::Many(config)) => backup_many(config, args.database.is_some()).await,
+            Ok(Plan::One(o)) => backup(*o, args.wait).await,
+            Ok(Plan::Many(config)) => backup_many(config, args.wait).await,
             Err(e) => return unusable("tidemark-archiver", e),
         },
         Command::Status(args) => status_cmd(args).await,

@@ -64,6 +64,10 @@ pub struct BackupFlags {
     /// Only this database of a config file that lists several ([[databases]] name).
     #[arg(long, value_name = "NAME")]
     pub database: Option<String>,
+    /// With an archiver of the database running on this machine: how long to wait for the
+    /// base it takes on request (it goes on after the wait; default 1h).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h", value_name = "DURATION")]
+    pub wait: Duration,
     #[command(flatten)]
     pub run: RunFlags,
 }

@@ -26,6 +26,15 @@ const SHUTDOWN_BASE_GRACE: Duration = Duration::from_secs(20);
 /// A base backup's outcome, as its task ends.
 pub(crate) type Finished = Result<Result<BaseResult, BaseError>, JoinError>;
 
+/// How a finished base ended: its id, or why it failed.
+pub(crate) fn outcome(finished: &Finished) -> Result<String, String> {
+    match finished {
+        Ok(Ok(result)) => Ok(result.summary.id.clone()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(format!("the base backup task failed: {e}")),
+    }
+}
+
 /// Owns the base schedule and the base backup in progress.
 pub(crate) struct Bases {
     due: Option<Instant>,

@@ -906,6 +906,106 @@ impl CryptStore {
         Ok((Bytes::from(self.crypt.encrypt(obj, &data)), None))
     }
 
+    /// `get_to_file`, and with `max_len` `get_to_file_max`: the encrypted object is
+    /// downloaded with the bound its plaintext bound gives (so the wrapped store stops one
+    /// byte past it), then decrypted chunk by chunk into a temporary file renamed to `path`.
+    async fn download(&self, key: &str, path: &Path, max_len: Option<u64>) -> StoreResult<u64> {
+        super::validate_key(key)?;
+        let op = StoreOp::GetToFile;
+        let local = |e| Self::local(op, key, path, e);
+        if Self::plaintext(key) {
+            return self.download_config(key, path, max_len).await;
+        }
+        let repository = self.bound(op, key).await?;
+        let (dir, sealed) = local_temp_path(path).map_err(local)?;
+        let sealed = TempFile(sealed);
+        let stored = match max_len {
+            None => self.inner.get_to_file(key, &sealed.0).await,
+            Some(max) => {
+                let limit = self.crypt.layout.stored_size(max);
+                let got = self.inner.get_to_file_max(key, &sealed.0, limit).await;
+                got.map_err(|e| self.too_large(e, key, max))
+            }
+        }?;
+        if let Some(max) = max_len {
+            // A size no encrypted object has is refused by decryption, with its reason.
+            if self
+                .crypt
+                .layout
+                .plain_size(stored)
+                .is_some_and(|n| n > max)
+            {
+                return Err(self.too_large_error(key, max));
+            }
+        }
+        let (_, plain) = local_temp_path(path).map_err(local)?;
+        let plain = TempFile(plain);
+        let crypt = Arc::clone(&self.crypt);
+        let (k, src, dst) = (key.to_owned(), sealed.0.clone(), plain.0.clone());
+        let size = blocking(move || {
+            let obj = Object {
+                repository: &repository,
+                key: &k,
+            };
+            crypt.decrypt_file(obj, &src, &dst)
+        })
+        .await
+        .map_err(|e| match e {
+            Ok(c) => self.fail(op, key, c),
+            Err(io) => local(io),
+        })?;
+        fs::rename(&plain.0, path).map_err(local)?;
+        if let Ok(d) = File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(size)
+    }
+
+    /// `tidemark.json` to a file: checked whole (it is small), then written as every
+    /// download is: a synced temporary file renamed into place.
+    async fn download_config(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: Option<u64>,
+    ) -> StoreResult<u64> {
+        let local = |e| Self::local(StoreOp::GetToFile, key, path, e);
+        let doc = self.get(key).await?;
+        if let Some(max) = max_len.filter(|&max| doc.len() as u64 > max) {
+            return Err(self.too_large_error(key, max));
+        }
+        let (_, temp) = local_temp_path(path).map_err(local)?;
+        let temp = TempFile(temp);
+        let (t, p, d) = (temp.0.clone(), path.to_owned(), doc.clone());
+        blocking(move || {
+            let mut f = File::create_new(&t)?;
+            f.write_all(&d)?;
+            f.sync_all()?;
+            fs::rename(&t, &p)
+        })
+        .await
+        .map_err(local)?;
+        Ok(doc.len() as u64)
+    }
+
+    /// The wrapped store's [`StoreError::TooLarge`] (about the encrypted size) restated
+    /// about the plaintext bound the caller gave; other errors unchanged.
+    fn too_large(&self, e: StoreError, key: &str, max_len: u64) -> StoreError {
+        match e {
+            StoreError::TooLarge { .. } => self.too_large_error(key, max_len),
+            other => other,
+        }
+    }
+
+    fn too_large_error(&self, key: &str, max_len: u64) -> StoreError {
+        StoreError::TooLarge {
+            op: StoreOp::GetToFile,
+            key: key.to_owned(),
+            location: self.location(key),
+            limit: max_len,
+        }
+    }
+
     /// A written object's tag, binding the repository id of a `tidemark.json` written.
     fn written(&self, op: StoreOp, id: Option<String>, etag: ETag) -> StoreResult<ETag> {
         if let Some(id) = id {
@@ -1032,51 +1132,11 @@ impl ObjectStore for CryptStore {
     }
 
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
-        super::validate_key(key)?;
-        let op = StoreOp::GetToFile;
-        let local = |e| Self::local(op, key, path, e);
-        if Self::plaintext(key) {
-            // Checked whole, then written as every download is: a synced temporary file
-            // renamed into place.
-            let doc = self.get(key).await?;
-            let (_, temp) = local_temp_path(path).map_err(local)?;
-            let temp = TempFile(temp);
-            let (t, p, d) = (temp.0.clone(), path.to_owned(), doc.clone());
-            blocking(move || {
-                let mut f = File::create_new(&t)?;
-                f.write_all(&d)?;
-                f.sync_all()?;
-                fs::rename(&t, &p)
-            })
-            .await
-            .map_err(local)?;
-            return Ok(doc.len() as u64);
-        }
-        let repository = self.bound(op, key).await?;
-        let (dir, sealed) = local_temp_path(path).map_err(local)?;
-        let sealed = TempFile(sealed);
-        self.inner.get_to_file(key, &sealed.0).await?;
-        let (_, plain) = local_temp_path(path).map_err(local)?;
-        let plain = TempFile(plain);
-        let crypt = Arc::clone(&self.crypt);
-        let (k, src, dst) = (key.to_owned(), sealed.0.clone(), plain.0.clone());
-        let size = blocking(move || {
-            let obj = Object {
-                repository: &repository,
-                key: &k,
-            };
-            crypt.decrypt_file(obj, &src, &dst)
-        })
-        .await
-        .map_err(|e| match e {
-            Ok(c) => self.fail(op, key, c),
-            Err(io) => local(io),
-        })?;
-        fs::rename(&plain.0, path).map_err(local)?;
-        if let Ok(d) = File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(size)
+        self.download(key, path, None).await
+    }
+
+    async fn get_to_file_max(&self, key: &str, path: &Path, max_len: u64) -> StoreResult<u64> {
+        self.download(key, path, Some(max_len)).await
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
@@ -1576,6 +1636,134 @@ mod tests {
                 full
             })
             .collect()
+    }
+
+    /// A store that records the bound of every download to a file (`None`: unbounded).
+    #[derive(Debug, Default)]
+    struct Downloads {
+        inner: MemoryStore,
+        bounds: std::sync::Mutex<Vec<Option<u64>>>,
+    }
+
+    #[async_trait]
+    impl ObjectStore for Downloads {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        async fn put(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
+            self.inner.put(key, data).await
+        }
+        async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
+            self.inner.put_if_absent(key, data).await
+        }
+        async fn put_if_match(&self, key: &str, data: Bytes, etag: &ETag) -> StoreResult<ETag> {
+            self.inner.put_if_match(key, data, etag).await
+        }
+        async fn put_file(&self, key: &str, path: &Path) -> StoreResult<ETag> {
+            self.inner.put_file(key, path).await
+        }
+        async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
+            self.inner.get_with_meta(key).await
+        }
+        async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
+            self.bounds.lock().unwrap().push(None);
+            self.inner.get_to_file(key, path).await
+        }
+        async fn get_to_file_max(&self, key: &str, path: &Path, max: u64) -> StoreResult<u64> {
+            self.bounds.lock().unwrap().push(Some(max));
+            self.inner.get_to_file_max(key, path, max).await
+        }
+        async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
+            self.inner.get_range(key, range).await
+        }
+        async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+            self.inner.head(key).await
+        }
+        async fn delete(&self, key: &str) -> StoreResult<()> {
+            self.inner.delete(key).await
+        }
+        async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
+            self.inner.list(prefix).await
+        }
+    }
+
+    /// Downloads `len` plaintext bytes with the bound `max` through a crypt store over a
+    /// recording store; checks the outcome, that nothing but the result is left in the
+    /// directory, and returns the bounds the wrapped store saw.
+    async fn bounded_download(len: usize, max: u64) -> Vec<Option<u64>> {
+        let raw = Arc::new(Downloads::default());
+        let s = CryptStore::new(raw.clone(), &key(4), CHUNK).unwrap();
+        s.repository.set(Arc::from("r")).unwrap();
+        let plain = data(len);
+        s.put("sst/x", Bytes::from(plain.clone())).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("out");
+        match s.get_to_file_max("sst/x", &dst, max).await {
+            Ok(n) => {
+                assert!(len as u64 <= max, "{len} bytes passed the bound {max}");
+                assert_eq!(n, len as u64);
+                assert_eq!(fs::read(&dst).unwrap(), plain);
+            }
+            Err(e) => {
+                assert!(len as u64 > max, "{len} bytes within {max} refused: {e}");
+                assert!(
+                    matches!(&e, StoreError::TooLarge { limit, key, .. } if *limit == max && key == "sst/x"),
+                    "{e:?}"
+                );
+                assert!(!dst.exists());
+            }
+        }
+        let left = fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(left, usize::from(dst.exists()), "temporary files left");
+        raw.bounds.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn bounded_downloads_stop_one_byte_past_the_bound() {
+        for (len, max) in [(5000, 5000), (5000, 4999), (5000, 4096), (0, 0), (1, 0)] {
+            let bounds = bounded_download(len, max).await;
+            // The wrapped store is asked for the encrypted bound, never for everything.
+            assert_eq!(bounds, [Some(s_bound(max))], "{len} bytes, bound {max}");
+        }
+    }
+
+    fn s_bound(max: u64) -> u64 {
+        Layout {
+            chunk: u64::from(CHUNK),
+        }
+        .stored_size(max)
+    }
+
+    #[tokio::test]
+    async fn an_extended_object_is_too_large_not_decrypted() {
+        // Whole sealed chunks appended (a size an encrypted object can have): the bound
+        // stops the download before decryption, and says so.
+        let (raw, s) = stores(&key(5));
+        s.put("sst/y", Bytes::from(data(5000))).await.unwrap();
+        let mut stored = raw.get("sst/y").await.unwrap().to_vec();
+        stored.extend(std::iter::repeat_n(7u8, CHUNK as usize + TAG_LEN));
+        raw.put("sst/y", Bytes::from(stored)).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("out");
+        let e = s.get_to_file_max("sst/y", &dst, 5000).await.unwrap_err();
+        assert!(
+            matches!(e, StoreError::TooLarge { limit: 5000, .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("5000 bytes"), "{e}");
+        assert!(!dst.exists());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        #[test]
+        fn bounded_downloads_keep_exactly_what_fits(len in 0usize..20_000, slack in -9_000i64..9_000) {
+            let max = (len as i64 + slack).max(0) as u64;
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let bounds = rt.block_on(bounded_download(len, max));
+            proptest::prop_assert_eq!(bounds, vec![Some(s_bound(max))]);
+        }
     }
 
     #[tokio::test]
