@@ -686,8 +686,7 @@ impl Replayer {
 mod tests {
     use super::*;
     use tidemark_manifest::chain::SeqBreak;
-    use tidemark_manifest::keys;
-    use tidemark_manifest::model::{ColumnFamily, Compression, ObjectRef};
+    use tidemark_manifest::model::Compression;
     use tidemark_manifest::plan::History;
     use tidemark_manifest::rocks::log::LogReader;
     use tidemark_manifest::segment::{RecordTime, SegmentBuilder};

@@ -61,9 +61,9 @@ fn flip_digit(path: &Path) -> Result<()> {
 /// and exits `VERIFICATION_FAILED`, never 0.
 #[tokio::test(flavor = "multi_thread")]
 async fn status_reports_a_garbage_newest_generation_and_fails() -> Result<()> {
-    let s = Setup::new(TestStore::local()?)?;
-    let oracle = s.archived_history("2").await?;
-    let root = s.store.local_root().context("local")?;
+    let s = setup(TestStore::local()?)?;
+    let oracle = archived_history(&s, "2").await?;
+    let root = s.local_root()?;
     let url = s.store.url.clone();
     let (code, out, err) = s.run("tidemark-archiver", &["status", "--to", &url, "--json"])?;
     ensure!(code == 0, "an intact repository is healthy: {out}{err}");

@@ -351,8 +351,8 @@ async fn list_cmd(a: ListArgs) -> anyhow::Result<u8> {
 }
 
 async fn restore_cmd(a: RestoreArgs, progress: &Progress, cancel: &Cancel) -> anyhow::Result<u8> {
-    let spec = time_spec(a.point.time.as_deref(), a.point.seq, a.tz.as_deref())?
-        .unwrap_or(Target::Latest);
+    let spec =
+        time_spec(a.point.time.as_deref(), a.point.seq, a.tz.as_deref())?.unwrap_or(Target::Latest);
     let opts = RestoreOptions {
         target_dir: a.target,
         target: spec,

@@ -13,9 +13,9 @@ use anyhow::{Context, Result, bail, ensure};
 use tempfile::TempDir;
 
 use tidemark_archiver::base::{BaseOptions, take_base_backup};
-use tidemark_archiver::check::check_database;
+use tidemark_archiver::config::ArchiverOptions;
 use tidemark_archiver::metrics::Metrics;
-use tidemark_archiver::options::ArchiverOptions;
+use tidemark_archiver::preflight::check_database;
 use tidemark_archiver::service::open_config;
 use tidemark_archiver::service::pipeline::Pipeline;
 use tidemark_manifest::model::{BaseSummary, Gap};
