@@ -7,49 +7,40 @@
 use std::process::ExitCode;
 
 use tidemark_manifest::cli::StoreArgs;
+use tidemark_manifest::exit;
 use tidemark_manifest::store::probe::{self, ProbeReport};
 use tidemark_manifest::store::{OpenOptions, StoreUrl, open_store_with};
 
-/// `check-store`: what a store does of what Tidemark relies on.
-#[derive(Debug, clap::Args)]
-pub struct CheckStoreArgs {
-    /// The store: s3://BUCKET/PREFIX or file:///ABSOLUTE/DIR (a repository, or where one
-    /// will be; the probe's objects go under probe/ there and are deleted again).
-    #[arg(long, env = "TIDEMARK_TO", value_name = "URL")]
-    pub to: String,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub store: StoreArgs,
-}
+use crate::config::flags::CheckStoreFlags;
 
-/// Runs every probe and prints the table (or JSON). Exit 0 whatever the store does; 1 when
-/// it cannot be reached or written at all; 2 for a bad URL or bad store options.
-pub async fn run(args: CheckStoreArgs) -> anyhow::Result<ExitCode> {
+/// Runs every probe and prints the table (or JSON). Exits `OK` whatever the store does;
+/// `FAILURE` when it cannot be reached or written at all; `USAGE` for a bad URL, bad store
+/// options or a config file that cannot be used.
+pub async fn run(args: CheckStoreFlags) -> anyhow::Result<ExitCode> {
     let usage = |e: &dyn std::fmt::Display| {
         eprintln!("tidemark-archiver check-store: {e}");
-        Ok(ExitCode::from(2))
+        Ok(ExitCode::from(exit::USAGE))
     };
-    let url = match StoreUrl::parse(&args.to) {
+    let (to, store) = match crate::config::check_store_settings(&args) {
+        Ok(v) => v,
+        Err(e) => return usage(&format!("{:#}", anyhow::Error::new(e))),
+    };
+    let url = match StoreUrl::parse(&to) {
         Ok(u) => u,
         Err(e) => return usage(&e),
     };
-    let s3 = match args.store.s3_options() {
+    let s3 = match store.s3_options() {
         Ok(o) => o,
         Err(e) => return usage(&e),
     };
     let report = match probe::check_store(&url, &s3).await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!(
-                "tidemark-archiver check-store: cannot probe {}: {e}",
-                args.to
-            );
+            eprintln!("tidemark-archiver check-store: cannot probe {to}: {e}");
             let code = if matches!(e, tidemark_manifest::store::StoreError::Config { .. }) {
-                2
+                exit::USAGE
             } else {
-                1
+                exit::FAILURE
             };
             return Ok(ExitCode::from(code));
         }
@@ -60,7 +51,7 @@ pub async fn run(args: CheckStoreArgs) -> anyhow::Result<ExitCode> {
         print!("{report}");
         print_verdict(&report);
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(ExitCode::from(exit::OK))
 }
 
 fn print_verdict(report: &ProbeReport) {

@@ -9,7 +9,9 @@
 //!   conditional writes), check-store reports it UNSAFE (and still exits 0), the archiver
 //!   refuses to start (exit 2, naming the override), and starts with
 //!   `--allow-unsafe-store`;
-//! - a store that cannot be reached is exit 1, a bad URL exit 2.
+//! - a store that cannot be reached is exit 1, a bad URL exit 2;
+//! - the store can be named by the archiver's config file (`--config`, `--database`), as
+//!   `status` and `prune` take it; without any, it is bad usage.
 
 use std::time::Duration;
 
@@ -252,5 +254,58 @@ async fn a_store_that_ignores_conditional_writes_is_refused_unless_allowed() -> 
     );
     let state = direct.open().await?.load().await?;
     ensure!(state.history.bases.len() == 2, "{:?}", state.history.bases);
+    Ok(())
+}
+
+/// check-store probes the store of the archiver's config file, one database of a file that
+/// lists several, and refuses when nothing names a store.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_store_takes_the_store_from_the_config_file() -> Result<()> {
+    let store = TestStore::local()?;
+    std::fs::create_dir_all(store.local_root().context("local")?)?;
+    let dir = tempfile::tempdir()?;
+    let one = dir.path().join("one.toml");
+    std::fs::write(
+        &one,
+        format!("db = \"/nonexistent/db\"\nto = \"{}\"\n", store.url),
+    )?;
+    let many = dir.path().join("many.toml");
+    std::fs::write(
+        &many,
+        format!(
+            "[[databases]]\nname = \"orders\"\ndb = \"/nonexistent/orders\"\nto = \"{}\"\n\n\
+             [[databases]]\nname = \"users\"\ndb = \"/nonexistent/users\"\n\
+             to = \"file:///nonexistent/users-repo\"\n",
+            store.url
+        ),
+    )?;
+    let one = one.display().to_string();
+    let many = many.display().to_string();
+    for args in [
+        vec!["check-store", "--config", &one, "--json"],
+        vec![
+            "check-store",
+            "--config",
+            &many,
+            "--database",
+            "orders",
+            "--json",
+        ],
+    ] {
+        let (code, json, err) = archiver(&args, &store)?;
+        ensure!(code == 0, "{args:?} exited {code}: {json}{err}");
+        let report: Value = serde_json::from_str(&json).with_context(|| json.clone())?;
+        ensure!(status(&report, "create-only write")? == "ok", "{report:#}");
+    }
+    let (code, out, err) = archiver(&["check-store", "--config", &many, "--json"], &store)?;
+    ensure!(
+        code == 2 && err.contains("--database"),
+        "a file with several databases needs --database: {code} {out}{err}"
+    );
+    let (code, out, err) = archiver(&["check-store"], &store)?;
+    ensure!(
+        code == 2 && err.contains("--to"),
+        "no store named is bad usage: {code} {out}{err}"
+    );
     Ok(())
 }

@@ -65,7 +65,7 @@ enum Command {
     /// Probe a store for what Tidemark relies on (conditional writes, range reads,
     /// multipart uploads, checksums, signatures, clock) and print a table; exit 0 unless
     /// the store cannot be reached.
-    CheckStore(tidemark_archiver::check_store::CheckStoreArgs),
+    CheckStore(tidemark_archiver::config::flags::CheckStoreFlags),
 }
 
 /// Reports a repository that cannot be opened: `USAGE` when what was given is wrong (URL,

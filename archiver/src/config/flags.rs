@@ -136,3 +136,23 @@ pub struct PruneFlags {
     #[command(flatten)]
     pub store: StoreArgs,
 }
+
+/// `check-store`: where to probe (a repository, or where one will be), and how to reach it.
+#[derive(Debug, Clone, Args)]
+pub struct CheckStoreFlags {
+    /// The store: s3://BUCKET/PREFIX or file:///ABSOLUTE/DIR (a repository, or where one
+    /// will be; the probe's objects go under probe/ there and are deleted again).
+    #[arg(long, env = "TIDEMARK_TO", value_name = "URL")]
+    pub to: Option<String>,
+    /// The archiver's TOML config: its `to` and `[store]` apply (flags win).
+    #[arg(long, env = "TIDEMARK_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// With a config that lists `[[databases]]`: the database whose store to probe.
+    #[arg(long, value_name = "NAME")]
+    pub database: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}

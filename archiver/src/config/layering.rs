@@ -9,7 +9,7 @@ use std::time::Duration;
 use tidemark_manifest::cli::{StoreAccess, StoreArgs};
 
 use super::file::{self, FileError, FleetConfig};
-use super::flags::{PruneFlags, RunFlags, StatusFlags};
+use super::flags::{CheckStoreFlags, PruneFlags, RunFlags, StatusFlags};
 use super::validation::{check_options, check_retention, check_settings};
 use super::{ArchiverOptions, ConfigError, PruneOptions};
 
@@ -194,6 +194,16 @@ pub fn status_settings(flags: &StatusFlags) -> Result<(String, StoreAccess), Con
     let mut access = file.store.access;
     access.overlay(flags.store.clone());
     Ok((to, access))
+}
+
+/// `check-store`: the store the archiver would write to (the config's `to` and `[store]`,
+/// flags and environment over them).
+pub fn check_store_settings(flags: &CheckStoreFlags) -> Result<(String, StoreArgs), ConfigError> {
+    let file = database_options("probe", flags.config.as_deref(), flags.database.as_deref())?;
+    let to = repository_of(&file, flags.to.clone())?;
+    let mut store = file.store.clone();
+    store.overlay(flags.store.clone());
+    Ok((to, store))
 }
 
 /// What `prune` works on and with.

@@ -24,7 +24,9 @@ use std::path::PathBuf;
 use tidemark_manifest::store::StoreError;
 
 pub use file::{Database, FileError, FleetConfig};
-pub use layering::{Plan, PruneSettings, prune_settings, run_plan, status_settings};
+pub use layering::{
+    Plan, PruneSettings, check_store_settings, prune_settings, run_plan, status_settings,
+};
 pub use options::{ArchiverOptions, PruneOptions};
 pub use validation::{InvalidSetting, MIN_LEASE_TTL};
 
