@@ -21,13 +21,14 @@ echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 scripts/check-layering.sh
+for script in scripts/*.sh .ci/run; do bash -n "$script"; done
 
 echo "== S3 server"
 run_dir="$(mktemp -d "${TMPDIR:-/tmp}/tidemark-test.XXXXXX")"
 export TIDEMARK_RUN_DIR="$run_dir"
 if [ "${TIDEMARK_TEST_S3_SERVER:-}" = external ]; then
   trap 'rm -rf "$run_dir"' EXIT
-  : "${TIDEMARK_TEST_S3_ENDPOINT:?TIDEMARK_TEST_S3_SERVER=external needs the server's URL in TIDEMARK_TEST_S3_ENDPOINT}"
+  : "${TIDEMARK_TEST_S3_ENDPOINT:?TIDEMARK_TEST_S3_SERVER=external needs the URL of the server in TIDEMARK_TEST_S3_ENDPOINT}"
   : "${TIDEMARK_TEST_S3_AUTH:?set TIDEMARK_TEST_S3_AUTH to 1 if $TIDEMARK_TEST_S3_ENDPOINT rejects wrong signatures, 0 if not}"
   export TIDEMARK_TEST_S3_SERVER_NAME="${TIDEMARK_TEST_S3_SERVER_NAME:-the server at $TIDEMARK_TEST_S3_ENDPOINT}"
 else

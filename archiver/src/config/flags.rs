@@ -72,18 +72,27 @@ pub struct BackupFlags {
     pub run: RunFlags,
 }
 
-/// `status`: the repository, read only.
+/// Which repository a command works on: the URL, or the archiver's config file (and one
+/// of its `[[databases]]`); a URL given wins over the file's `to`.
 #[derive(Debug, Clone, Args)]
-pub struct StatusFlags {
+pub struct RepositoryFlags {
     /// The repository: s3://BUCKET/PREFIX or file:///ABSOLUTE/DIR.
     #[arg(long, env = "TIDEMARK_TO", value_name = "URL")]
     pub to: Option<String>,
-    /// The archiver's TOML config: its `to` and `[store]` apply (flags win).
+    /// The archiver's TOML config: its `to` and `[store]` apply (flags win); `prune` also
+    /// takes its `[retention]`.
     #[arg(long, env = "TIDEMARK_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// With a config that lists `[[databases]]`: the database whose repository to show.
+    /// With a config that lists `[[databases]]`: the database whose repository to use.
     #[arg(long, value_name = "NAME")]
     pub database: Option<String>,
+}
+
+/// `status`: the repository, read only.
+#[derive(Debug, Clone, Args)]
+pub struct StatusFlags {
+    #[command(flatten)]
+    pub repository: RepositoryFlags,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -100,15 +109,8 @@ pub struct StatusFlags {
 /// `prune`: the repository and a retention policy.
 #[derive(Debug, Clone, Args)]
 pub struct PruneFlags {
-    /// The repository: s3://BUCKET/PREFIX or file:///ABSOLUTE/DIR.
-    #[arg(long, env = "TIDEMARK_TO", value_name = "URL")]
-    pub to: Option<String>,
-    /// The archiver's TOML config: its `to`, `[store]` and `[retention]` apply (flags win).
-    #[arg(long, env = "TIDEMARK_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// With a config that lists `[[databases]]`: the database whose repository to prune.
-    #[arg(long, value_name = "NAME")]
-    pub database: Option<String>,
+    #[command(flatten)]
+    pub repository: RepositoryFlags,
     /// Keep the newest N base backups.
     #[arg(long, value_name = "N")]
     pub keep_last: Option<usize>,
@@ -140,16 +142,8 @@ pub struct PruneFlags {
 /// `check-store`: where to probe (a repository, or where one will be), and how to reach it.
 #[derive(Debug, Clone, Args)]
 pub struct CheckStoreFlags {
-    /// The store: s3://BUCKET/PREFIX or file:///ABSOLUTE/DIR (a repository, or where one
-    /// will be; the probe's objects go under probe/ there and are deleted again).
-    #[arg(long, env = "TIDEMARK_TO", value_name = "URL")]
-    pub to: Option<String>,
-    /// The archiver's TOML config: its `to` and `[store]` apply (flags win).
-    #[arg(long, env = "TIDEMARK_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// With a config that lists `[[databases]]`: the database whose store to probe.
-    #[arg(long, value_name = "NAME")]
-    pub database: Option<String>,
+    #[command(flatten)]
+    pub repository: RepositoryFlags,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

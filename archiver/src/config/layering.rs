@@ -9,7 +9,7 @@ use std::time::Duration;
 use tidemark_manifest::cli::{StoreAccess, StoreArgs};
 
 use super::file::{self, FileError, FleetConfig};
-use super::flags::{CheckStoreFlags, PruneFlags, RunFlags, StatusFlags};
+use super::flags::{CheckStoreFlags, PruneFlags, RepositoryFlags, RunFlags, StatusFlags};
 use super::validation::{check_options, check_retention, check_settings};
 use super::{ArchiverOptions, ConfigError, PruneOptions};
 
@@ -186,11 +186,20 @@ fn repository_of(file: &ArchiverOptions, to: Option<String>) -> Result<String, C
     Ok(to)
 }
 
+/// The options of the database a command works on, and its repository URL.
+fn repository(
+    command: &str,
+    flags: &RepositoryFlags,
+) -> Result<(ArchiverOptions, String), ConfigError> {
+    let file = database_options(command, flags.config.as_deref(), flags.database.as_deref())?;
+    let to = repository_of(&file, flags.to.clone())?;
+    Ok((file, to))
+}
+
 /// `status`: the repository and how to read it (the config's `to` and `[store]`, flags
 /// and environment over them).
 pub fn status_settings(flags: &StatusFlags) -> Result<(String, StoreAccess), ConfigError> {
-    let file = database_options("show", flags.config.as_deref(), flags.database.as_deref())?;
-    let to = repository_of(&file, flags.to.clone())?;
+    let (file, to) = repository("show", &flags.repository)?;
     let mut access = file.store.access;
     access.overlay(flags.store.clone());
     Ok((to, access))
@@ -199,8 +208,7 @@ pub fn status_settings(flags: &StatusFlags) -> Result<(String, StoreAccess), Con
 /// `check-store`: the store the archiver would write to (the config's `to` and `[store]`,
 /// flags and environment over them).
 pub fn check_store_settings(flags: &CheckStoreFlags) -> Result<(String, StoreArgs), ConfigError> {
-    let file = database_options("probe", flags.config.as_deref(), flags.database.as_deref())?;
-    let to = repository_of(&file, flags.to.clone())?;
+    let (file, to) = repository("probe", &flags.repository)?;
     let mut store = file.store.clone();
     store.overlay(flags.store.clone());
     Ok((to, store))
@@ -219,10 +227,9 @@ pub struct PruneSettings {
 /// `prune`: the config's `to`, `[store]` and `[retention]`, flags and environment over
 /// them. A policy on the command line replaces the config's as a whole.
 pub fn prune_settings(flags: PruneFlags) -> Result<PruneSettings, ConfigError> {
-    let file = database_options("prune", flags.config.as_deref(), flags.database.as_deref())?;
+    let (file, to) = repository("prune", &flags.repository)?;
     // A config file that cannot work is refused whatever the command.
     check_options(&file)?;
-    let to = repository_of(&file, flags.to)?;
     let mut store = file.store.clone();
     store.overlay(flags.store);
     let mut p = file.retention.unwrap_or_default();
