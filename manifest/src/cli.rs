@@ -228,7 +228,9 @@ async fn open(
         },
     )
     .await?;
-    Repository::open(Arc::clone(&store), key.as_ref()).await
+    Ok(Repository::open(Arc::clone(&store), key.as_ref())
+        .await?
+        .with_url(&url))
 }
 
 impl StoreArgs {

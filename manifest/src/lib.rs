@@ -7,6 +7,8 @@
 //! - [`model`]: the JSON documents of a repository (repository config, manifest generations,
 //!   base-backup descriptors, segment index pages) and their serde types.
 //! - [`keys`]: the object key layout.
+//! - [`origin`]: the origin file a restore leaves in a restored database: which repository
+//!   and lineage it came from, so that it is archived into a new repository only.
 //! - [`segment`]: the WAL segment encoding (framed records, zstd, crc32c, sha256 trailer).
 //! - [`plan`]: which base backup and which segments restore a sequence number or a time, and
 //!   validation of a repository's history (overlaps, holes, gaps).
@@ -31,6 +33,7 @@ pub mod exit;
 pub mod keys;
 pub mod lease;
 pub mod model;
+pub mod origin;
 pub mod plan;
 pub mod repo;
 pub mod retention;

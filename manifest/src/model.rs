@@ -40,6 +40,16 @@ const CHECKSUM_PREFIX_LEN: usize = CHECKSUM_PREFIX.len() + 64 + 2;
 /// Parses a repository document: its embedded checksum, then `format_version`, then the
 /// fields. A flipped byte anywhere is reported as corruption, naming the object.
 pub fn parse_document<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, ModelError> {
+    parse_versioned(key, bytes, FORMAT_VERSION)
+}
+
+/// [`parse_document`] for a document with its own version numbers (the origin file of a
+/// restored database, FORMAT.md §11): `version` is the one `format_version` it reads.
+pub(crate) fn parse_versioned<T: DeserializeOwned>(
+    key: &str,
+    bytes: &[u8],
+    version: u32,
+) -> Result<T, ModelError> {
     #[derive(Deserialize)]
     struct VersionOnly {
         format_version: Option<serde_json::Value>,
@@ -87,7 +97,7 @@ pub fn parse_document<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T,
             });
         }
         Some(v) => match v.as_u64() {
-            Some(v) if v == u64::from(FORMAT_VERSION) => {}
+            Some(v) if v == u64::from(version) => {}
             Some(found) => {
                 return Err(ModelError::UnsupportedVersion {
                     key: key.to_owned(),

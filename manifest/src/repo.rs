@@ -12,7 +12,7 @@ use crate::plan::{History, HistoryProblem};
 use crate::retention::{KeyClass, Protection};
 use crate::segment::{EncodedSegment, HEADER_LEN, SegmentError, SegmentHeader, SegmentReader};
 use crate::store::crypt::{self, CryptStore, EncryptionKey};
-use crate::store::{ObjectStore, StoreError};
+use crate::store::{ObjectStore, StoreError, StoreUrl};
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -245,6 +245,8 @@ pub struct Repository {
     store: Arc<dyn ObjectStore>,
     /// How its objects are encrypted (`store` is then a [`CryptStore`]).
     encryption: Option<Encryption>,
+    /// Its URL, when it was opened from one ([`Repository::with_url`]).
+    url: Option<String>,
 }
 
 impl Repository {
@@ -253,7 +255,14 @@ impl Repository {
         Repository {
             store,
             encryption: None,
+            url: None,
         }
+    }
+
+    /// The same repository, known by `url` ([`Repository::url`]).
+    pub fn with_url(mut self, url: &StoreUrl) -> Repository {
+        self.url = Some(url.to_string());
+        self
     }
 
     /// The repository at the root of `store`, with the encryption key the caller has (or
@@ -299,6 +308,7 @@ impl Repository {
         Ok(Repository {
             store: Arc::new(crypt),
             encryption: Some(encryption),
+            url: None,
         })
     }
 
@@ -316,6 +326,13 @@ impl Repository {
     /// Where the repository is, for messages.
     pub fn location(&self) -> String {
         self.store.describe()
+    }
+
+    /// The repository's URL (`s3://bucket/prefix`, `file:///dir`), as recorded in a
+    /// restored database's origin (FORMAT.md §11); [`Repository::location`] when it was
+    /// not opened from a URL.
+    pub fn url(&self) -> String {
+        self.url.clone().unwrap_or_else(|| self.location())
     }
 
     async fn get_optional(&self, key: &str) -> Result<Option<Bytes>, RepoError> {

@@ -24,6 +24,7 @@ use tidemark_manifest::model::{
     LineageParent, ObjectRef, Pin, PruneRecord, RepositoryConfig, Retention, SegmentEntry,
     TimeSource, Writer,
 };
+use tidemark_manifest::origin::{self, Origin, OriginParent};
 use tidemark_manifest::rocks::log::{LogReader, LogWriter, PredecessorWalInfo};
 use tidemark_manifest::rocks::options_file::OptionsFile;
 use tidemark_manifest::rocks::version_edit::{ManifestState, VersionEdit};
@@ -475,6 +476,29 @@ fn parse_every_kind(bytes: &[u8]) {
     }
 }
 
+/// A restored database's origin file (FORMAT.md §11).
+fn origin_seed() -> Vec<u8> {
+    let t = |s: i64| OffsetDateTime::from_unix_timestamp(1_790_000_000 + s).unwrap();
+    Origin {
+        format_version: origin::ORIGIN_FORMAT_VERSION,
+        lineage: "5b1e8c0a-0000-4000-8000-000000000001".into(),
+        restored_at: t(60),
+        parent: OriginParent {
+            repository: "s3://acme-backups/tidemark/orders".into(),
+            repository_id: "6f0c2f3e-5a7e-4a49-9d7c-0a3f4a0e8d11".into(),
+            lineage: "0d7e0000-0000-4000-8000-000000000002".into(),
+            sequence: 123_456,
+            time: t(0),
+        },
+    }
+    .to_bytes()
+}
+
+/// Parses `bytes` as an origin file: a value or an error, never a panic.
+fn parse_origin(bytes: &[u8]) -> Result<Origin, origin::OriginError> {
+    Origin::parse(std::path::Path::new("db/tidemark-origin.json"), bytes)
+}
+
 // ----------------------------------------------------------------------------------------
 // Drivers: run a parser to its end
 
@@ -655,6 +679,29 @@ proptest! {
         doc.extend_from_slice(b"\",");
         doc.extend_from_slice(&body);
         parse_every_kind(&doc);
+    }
+
+    /// A changed origin file is refused (its checksum covers every byte), never accepted as
+    /// another origin, and never panics.
+    #[test]
+    fn origin_file_survives_mutations(ms in mutations()) {
+        let seed = origin_seed();
+        let bytes = mutated(&seed, &ms);
+        let parsed = parse_origin(&bytes);
+        prop_assert!(parsed.is_err() || bytes == seed, "a changed origin file was accepted");
+    }
+
+    #[test]
+    fn origin_file_survives_random_bytes(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+        let _ = parse_origin(&bytes);
+        // Behind a well-formed prefix and checksum, so the field parsers are reached.
+        let mut body = b"\"format_version\":1,".to_vec();
+        body.extend_from_slice(&bytes);
+        let mut doc = b"{\"checksum\":\"".to_vec();
+        doc.extend_from_slice(tidemark_manifest::checksum::sha256_hex(&body).as_bytes());
+        doc.extend_from_slice(b"\",");
+        doc.extend_from_slice(&body);
+        let _ = parse_origin(&doc);
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub use self::url::StoreUrl;
 pub use crypt::{CryptError, CryptStore, EncryptionKey, EncryptionKeyError};
 pub use error::{BoxError, StoreError, StoreOp};
 pub use local::LocalStore;
+pub(crate) use local::local_temp_path;
 pub use memory::MemoryStore;
 pub use retry::{RetryPolicy, RetryStore, retries_total};
 pub use s3::{S3Options, S3Store, Sse};
