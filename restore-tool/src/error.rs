@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use tidemark_manifest::checksum::ChecksumMismatch;
 use tidemark_manifest::keys::ObjectKeyError;
 use tidemark_manifest::model::ModelError;
+use tidemark_manifest::origin::OriginError;
 use tidemark_manifest::plan::PlanError;
 use tidemark_manifest::repo::RepoError;
 use tidemark_manifest::segment::SegmentError;
@@ -218,6 +219,19 @@ boxed_from!(
     Checksum(ChecksumMismatch),
     Segment(SegmentError),
 );
+
+impl From<OriginError> for RestoreError {
+    fn from(e: OriginError) -> Self {
+        match e {
+            OriginError::Io {
+                action,
+                path,
+                source,
+            } => RestoreError::io(format!("cannot {action} the origin file"), path, source),
+            e => RestoreError::Integrity(e.to_string()),
+        }
+    }
+}
 
 impl From<ObjectKeyError> for RestoreError {
     fn from(e: ObjectKeyError) -> Self {

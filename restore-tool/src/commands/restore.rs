@@ -11,8 +11,10 @@
 //!    `keys::check_base_file_name`, and every object is checked against its sha256;
 //! 4. WAL files are written only after the records before them continued the chain;
 //! 5. the result must open read-only at exactly the achieved cutoff;
-//! 6. only then is the old target (if any) renamed aside and the result renamed into place;
-//!    nothing is ever deleted except the tool's own staging and scratch directories.
+//! 6. only then is the origin file written into the result (FORMAT.md §11: the repository,
+//!    lineage and point it was restored from, so that it is never archived there again), the
+//!    old target (if any) renamed aside and the result renamed into place; nothing is ever
+//!    deleted except the tool's own staging and scratch directories.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -24,6 +26,7 @@ use time::OffsetDateTime;
 use tokio::sync::{Semaphore, mpsc};
 
 use tidemark_manifest::model::{BaseDescriptor, TimeSource};
+use tidemark_manifest::origin::{ORIGIN_FILE, Origin, OriginParent};
 use tidemark_manifest::plan::RestorePlan;
 use tidemark_manifest::repo::{ReadFrom, RepoState, Repository};
 use tidemark_manifest::store::StoreUrl;
@@ -319,6 +322,9 @@ pub struct RestoreReport {
     pub verification: Option<Verification>,
     /// Where the previous contents of the target went (`--force`).
     pub moved_aside: Option<PathBuf>,
+    /// The origin file written into the restored database: where it came from, and its own
+    /// lineage.
+    pub origin: Option<Origin>,
     pub warnings: Vec<String>,
     pub notes: Vec<String>,
     pub durations_ms: Durations,
@@ -457,10 +463,17 @@ async fn restore(
     let outcome = run
         .fetch_and_replay(&planned, &staging, &mut report.durations_ms)
         .await?;
-    report.record_replay(&outcome, &planned.plan);
+    let cutoff = report.record_replay(&outcome, &planned.plan);
     run.verify(&staging, outcome.cutoff_seq, &mut report)
         .await?;
-    run.commit(staging, &mut report).await?;
+    let origin = Origin::new(OriginParent {
+        repository: repo.url(),
+        repository_id: state.config.repository_id.clone(),
+        lineage: state.config.lineage.id.clone(),
+        sequence: cutoff.seq,
+        time: cutoff.time,
+    });
+    run.commit(staging, origin, &mut report).await?;
     report.durations_ms.total = ms(started.elapsed());
     tracing::info!(
         "restored {} to {} at sequence {}",
@@ -723,21 +736,27 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Puts the verified result in place: the old target (with `--force`) is renamed aside,
-    /// then the staging directory is renamed to the target. Nothing is deleted.
+    /// Puts the verified result in place: `origin` is written into it (durably, the last
+    /// file of the database), the old target (with `--force`) is renamed aside, then the
+    /// staging directory is renamed to the target. Nothing is deleted.
     async fn commit(
         &self,
         staging: Staging,
+        origin: Origin,
         report: &mut RestoreReport,
     ) -> Result<(), RestoreError> {
         self.cancel.check()?;
         self.log.start(Phase::Commit);
         let commit_started = Instant::now();
         let force = self.opts.force;
-        let moved = tokio::task::spawn_blocking(move || staging.commit(force))
-            .await
-            .expect("the commit does not panic")?;
+        let (moved, origin) = tokio::task::spawn_blocking(move || {
+            origin.write(staging.dir())?;
+            Ok::<_, RestoreError>((staging.commit(force)?, origin))
+        })
+        .await
+        .expect("the commit does not panic")?;
         report.moved_aside = moved;
+        report.origin = Some(origin);
         report.durations_ms.commit = ms(commit_started.elapsed());
         self.log.end(Phase::Commit, None);
         Ok(())
@@ -791,16 +810,17 @@ impl RestoreReport {
             replay: None,
             verification: None,
             moved_aside: None,
+            origin: None,
             warnings: Vec::new(),
             notes: Vec::new(),
             durations_ms: Durations::default(),
         }
     }
 
-    /// Where the replay ended and what it wrote.
-    fn record_replay(&mut self, outcome: &ReplayOutcome, plan: &RestorePlan) {
+    /// Where the replay ended and what it wrote; returns the cutoff.
+    fn record_replay(&mut self, outcome: &ReplayOutcome, plan: &RestorePlan) -> CutoffReport {
         self.segments.read = outcome.segments_read;
-        self.cutoff = Some(CutoffReport {
+        let cutoff = CutoffReport {
             seq: outcome.cutoff_seq,
             time: outcome
                 .last_record
@@ -808,13 +828,15 @@ impl RestoreReport {
             last_record: outcome.last_record,
             next_record: outcome.first_refused,
             rounded_down: outcome.rounded_down,
-        });
+        };
+        self.cutoff = Some(cutoff.clone());
         self.replay = Some(ReplayReport {
             records_replayed: outcome.records_replayed,
             records_skipped: outcome.records_skipped,
             wal_bytes: outcome.wal_files.iter().map(|w| w.bytes).sum(),
             wal_files: outcome.wal_files.clone(),
         });
+        cutoff
     }
 }
 
@@ -1168,12 +1190,21 @@ impl RestoreReport {
         for warning in &self.warnings {
             let _ = writeln!(w, "WARNING: {warning}");
         }
+        if let Some(o) = &self.origin {
+            let _ = writeln!(
+                w,
+                "  origin        {ORIGIN_FILE}: lineage {}, restored from {} (lineage {}) at \
+                 sequence {}",
+                o.lineage, o.parent.repository, o.parent.lineage, o.parent.sequence
+            );
+        }
         if !self.dry_run {
             let _ = writeln!(
                 w,
                 "Open the database with the application's own options: RocksDB replays the \
                  WAL files on the first open. It is a new history: archive it to a new \
-                 repository."
+                 repository URL (the archiver refuses this one, and the new repository names \
+                 it as its parent)."
             );
         }
     }
