@@ -4,13 +4,15 @@
 //! RocksDB keeps every WAL file long enough for the archiver to read it, never overwrites one
 //! in place, and writes them where the archiver looks. [`check_database`] reads the
 //! database's `IDENTITY` and newest `OPTIONS-*` file and refuses, with what to change and
-//! why, a database that breaks one of these rules.
+//! why, a database that breaks one of these rules. It also reads the origin file of a
+//! restored database (FORMAT.md §11), which decides which repository may take it.
 
 use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
+use tidemark_manifest::origin::{Origin, OriginError};
 use tidemark_manifest::rocks::options_file::{self, OptionsError, OptionsFile};
 
 /// What [`check_database`] found out about an archivable database.
@@ -37,6 +39,9 @@ pub struct DbCheck {
     pub wal_compressed: bool,
     /// Column family names, in OPTIONS file order.
     pub column_families: Vec<String>,
+    /// Where the database was restored from, when it is a restored copy (its origin file,
+    /// FORMAT.md §11).
+    pub origin: Option<Origin>,
 }
 
 /// A setting that makes a database impossible to archive.
@@ -146,6 +151,8 @@ pub enum CheckError {
          once with a RocksDB that writes OPTIONS files (any version since 4.x does)"
     )]
     NoOptionsFile { path: PathBuf },
+    #[error(transparent)]
+    Origin(#[from] OriginError),
     #[error("cannot check the options of database {db_dir}: {source}")]
     Options {
         db_dir: PathBuf,
@@ -168,7 +175,8 @@ pub enum CheckError {
 /// Checks that the RocksDB in `db_dir` can be archived. `wal_dir` is the `--wal-dir` given by
 /// the user, for a database whose `wal_dir` option points elsewhere than `db_dir`.
 ///
-/// Reads `IDENTITY` and the newest `OPTIONS-*` file; refuses a database whose rotated WAL files
+/// Reads `IDENTITY`, the origin file (a restored copy's; an invalid one is refused) and the
+/// newest `OPTIONS-*` file; refuses a database whose rotated WAL files
 /// are deleted at once (`WAL_ttl_seconds` and `WAL_size_limit_MB` both 0), that recycles WAL
 /// files, whose WAL directory is not the one given, or whose WAL compression cannot be read.
 /// All problems found are reported together.
@@ -220,6 +228,8 @@ pub fn check_database(db_dir: &Path, wal_dir: Option<&Path>) -> Result<DbCheck, 
             path: db_dir.to_path_buf(),
         });
     }
+
+    let origin = Origin::read(db_dir)?;
 
     let options_err = |source| CheckError::Options {
         db_dir: db_dir.to_path_buf(),
@@ -296,6 +306,7 @@ pub fn check_database(db_dir: &Path, wal_dir: Option<&Path>) -> Result<DbCheck, 
         wal_compressed,
         column_families: options.cf_names().into_iter().map(str::to_string).collect(),
         options_file: options_path,
+        origin,
     })
 }
 

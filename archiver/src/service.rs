@@ -11,9 +11,10 @@
 //! error return leaves nothing running (FORMAT.md §4.6: a sweep and a base backup never
 //! overlap).
 //!
-//! Start-up: check the database, open the repository, take the lease, create the repository
-//! config if there is none, load the current state, and resume the WAL right after the last
-//! archived record. Shutdown (SIGTERM/SIGINT, or the caller's future): stop a sweep, let a
+//! Start-up: check the database, open the repository, refuse it if the database is a
+//! restored copy of another lineage (its origin file, FORMAT.md §11), take the lease, create
+//! the repository config if there is none (naming a restored database's parent), load the
+//! current state, and resume the WAL right after the last archived record. Shutdown (SIGTERM/SIGINT, or the caller's future): stop a sweep, let a
 //! base backup in progress finish for a while, ship the open segment, write a final
 //! generation, release the lease.
 
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tidemark_manifest::model::{Compression, FORMAT_VERSION, Lineage, RepositoryConfig};
+use tidemark_manifest::origin::{self, LineageError};
 use tidemark_manifest::repo::{RepoError, Repository};
 use tidemark_manifest::store::StoreError;
 use time::OffsetDateTime;
@@ -68,6 +70,8 @@ pub enum ServiceError {
     Ship(#[from] ShipError),
     #[error(transparent)]
     Base(#[from] BaseError),
+    #[error(transparent)]
+    Lineage(#[from] LineageError),
     #[error(
         "the database's sequence number went back: the repository has archived up to {archived}, \
          the database's WAL continues at {found}. Was it restored or replaced? Archive it to a \
@@ -92,7 +96,9 @@ impl ServiceError {
     pub fn exit_code(&self) -> u8 {
         use tidemark_manifest::exit;
         match self {
-            ServiceError::Check(_) | ServiceError::Diverged { .. } => exit::USAGE,
+            ServiceError::Check(_) | ServiceError::Diverged { .. } | ServiceError::Lineage(_) => {
+                exit::USAGE
+            }
             ServiceError::MetricsAddr { .. } => exit::USAGE,
             ServiceError::StoreCheck(
                 crate::check_store::StartCheckError::Unsafe(_)
@@ -169,6 +175,9 @@ pub async fn run_with_metrics(
 ) -> Result<RunSummary, ServiceError> {
     let check = check_database(&opts.db, opts.wal_dir.as_deref())?;
     let repo = opts.store.open(&opts.to, true).await?;
+    if let Some(config) = repo.read_config().await? {
+        check_lineage(&repo, &check, &config)?;
+    }
     crate::check_store::check_at_start(&opts.to, &opts.store, opts.allow_unsafe_store).await?;
     tracing::info!(
         db = %opts.db.display(),
@@ -321,26 +330,13 @@ async fn run_holding_lease(
 }
 
 /// Creates the repository config if there is none; refuses a repository of another
-/// database.
+/// database, or of another lineage than a restored database's own.
 pub async fn open_config(repo: &Repository, check: &DbCheck) -> Result<(), ServiceError> {
     let config = match repo.read_config().await? {
         Some(c) => c,
-        None => {
-            repo.create_config(&RepositoryConfig {
-                format_version: FORMAT_VERSION,
-                repository_id: uuid::Uuid::new_v4().to_string(),
-                created_at: OffsetDateTime::now_utc(),
-                database_identity: check.identity.clone(),
-                lineage: Lineage {
-                    id: uuid::Uuid::new_v4().to_string(),
-                    parent: None,
-                },
-                segment_compression: Compression::Zstd,
-                encryption: repo.encryption().cloned(),
-            })
-            .await?
-        }
+        None => repo.create_config(&new_config(repo, check)).await?,
     };
+    check_lineage(repo, check, &config)?;
     if config.database_identity != check.identity {
         return Err(RepoError::WrongDatabase {
             location: repo.location(),
@@ -350,6 +346,40 @@ pub async fn open_config(repo: &Repository, check: &DbCheck) -> Result<(), Servi
         .into());
     }
     Ok(())
+}
+
+/// The config of a new repository for the database: a restored database's names its
+/// parent (FORMAT.md §11), any other starts a lineage of its own.
+fn new_config(repo: &Repository, check: &DbCheck) -> RepositoryConfig {
+    let lineage = match &check.origin {
+        Some(origin) => origin.lineage(),
+        None => Lineage {
+            id: uuid::Uuid::new_v4().to_string(),
+            parent: None,
+        },
+    };
+    RepositoryConfig {
+        format_version: FORMAT_VERSION,
+        repository_id: uuid::Uuid::new_v4().to_string(),
+        created_at: OffsetDateTime::now_utc(),
+        database_identity: check.identity.clone(),
+        lineage,
+        segment_compression: Compression::Zstd,
+        encryption: repo.encryption().cloned(),
+    }
+}
+
+/// A restored database is archived only into its own lineage's repository: never into
+/// the one it was restored from (nothing is written there before this is checked).
+fn check_lineage(
+    repo: &Repository,
+    check: &DbCheck,
+    config: &RepositoryConfig,
+) -> Result<(), LineageError> {
+    match &check.origin {
+        Some(o) => o.check_repository(config, &repo.url(), &origin::file_path(&check.db_dir)),
+        None => Ok(()),
+    }
 }
 
 pub(crate) fn default_scratch(db: &Path) -> PathBuf {

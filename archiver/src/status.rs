@@ -6,6 +6,7 @@
 //! object it passed over in [`StatusReport::damage`]: a report with damage is never healthy.
 
 use serde::Serialize;
+use tidemark_manifest::model::LineageParent;
 use tidemark_manifest::plan::fmt_time;
 use tidemark_manifest::repo::{LoadWarning, ReadFrom, RepoError, Repository};
 use time::OffsetDateTime;
@@ -15,6 +16,10 @@ use time::OffsetDateTime;
 pub struct StatusReport {
     pub repository: String,
     pub database_identity: String,
+    /// The repository's lineage id.
+    pub lineage: String,
+    /// Where the database was restored from, when it is a restored copy.
+    pub parent: Option<LineageParent>,
     /// The generation read: the newest intact one.
     pub generation: u64,
     /// The newest generation that exists (newer than `generation` when that one is damaged).
@@ -78,6 +83,8 @@ pub async fn status(repo: &Repository) -> Result<StatusReport, RepoError> {
     Ok(StatusReport {
         repository: repo.location(),
         database_identity: state.config.database_identity.clone(),
+        lineage: state.config.lineage.id.clone(),
+        parent: state.config.lineage.parent.clone(),
         generation: state.generation.as_ref().map_or(0, |g| g.generation),
         newest_generation: state.newest_generation,
         damage,
@@ -98,6 +105,14 @@ impl std::fmt::Display for StatusReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "repository:   {}", self.repository)?;
         writeln!(f, "database:     {}", self.database_identity)?;
+        writeln!(f, "lineage:      {}", self.lineage)?;
+        if let Some(p) = &self.parent {
+            writeln!(
+                f,
+                "              restored from {} (lineage {}) at sequence {}",
+                p.repository, p.lineage, p.sequence
+            )?;
+        }
         writeln!(
             f,
             "history:      {} base(s), {} segment(s), {} gap(s), manifest generation {}",
