@@ -98,6 +98,7 @@ struct State {
     archived_bytes: u64,
     stored_bytes: u64,
     archived_records: u64,
+    wal_reads: u64,
     segments: u64,
     upload_failures: u64,
     gaps: u64,
@@ -179,6 +180,11 @@ impl Metrics {
             s.last_base_us = bases.iter().map(|b| micros_from_time(b.created_at)).max();
             s.last_base_seq = bases.iter().map(|b| b.earliest_seq).max().unwrap_or(0);
         });
+    }
+
+    /// The WAL was read once (a wake-up of the follower, whatever it found).
+    pub fn wal_read(&self) {
+        self.with(|s| s.wal_reads += 1);
     }
 
     /// A record was read from the WAL and handed to the shipper. `waiting_since_us` is the

@@ -315,6 +315,51 @@ async fn metrics_follow_a_live_database_s3() -> Result<()> {
     with_s3("metrics-live", metrics_follow_a_live_database).await
 }
 
+/// A database writing a thousand small batches a second does not wake the archiver once
+/// per batch: while a segment is open, changes are gathered for a tenth of the sync
+/// interval. Over a few seconds the WAL is read a few dozen times a second at most (the
+/// window, the poll interval and each segment's start and close), while thousands of
+/// batches are archived.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_database_wakes_the_archiver_a_few_times_a_window_not_per_write() -> Result<()> {
+    let s = Setup::new(TestStore::local()?)?.sync_interval("1s");
+    let mut writer = s.loadgen(&["--rate", "1000", "--seed", "17"])?;
+    wait_for_database(&s.db())?;
+    let mut arch = s.archiver("archiver.log", &["--metrics-addr", "127.0.0.1:0"])?;
+    let log = arch.log.clone();
+    let addr = wait_for(Duration::from_secs(30), "the metrics address", || {
+        logged_metrics_addr(&log)
+    })
+    .with_context(|| arch.log_tail())?;
+    wait_for(Duration::from_secs(30), "records archived", || {
+        scrape(addr)
+            .ok()
+            .filter(|s| s.get("tidemark_archived_records_total") > 0.0)
+    })
+    .with_context(|| arch.log_tail())?;
+    let before = scrape(addr)?;
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = scrape(addr)?;
+    let seconds = started.elapsed().as_secs_f64();
+    ensure!(writer.running(), "the load generator stopped:\n{}", writer.log_tail());
+    let reads = after.get("tidemark_wal_reads_total") - before.get("tidemark_wal_reads_total");
+    let records = after.get("tidemark_newest_read_sequence")
+        - before.get("tidemark_newest_read_sequence");
+    eprintln!("{reads} reads of the WAL for {records} records in {seconds:.1} s");
+    ensure!(
+        records >= 1000.0,
+        "the writer wrote too little to tell ({records} records in {seconds:.1} s)"
+    );
+    ensure!(
+        reads <= 30.0 * seconds,
+        "{reads} reads of the WAL in {seconds:.1} s for {records} records: changes are not \
+         gathered while a segment is open"
+    );
+    arch.stop(Duration::from_secs(30))?;
+    Ok(())
+}
+
 #[test]
 fn a_metrics_address_in_use_is_refused_with_exit_code_2() -> Result<()> {
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;

@@ -211,6 +211,11 @@ pub const FAMILIES: &[Family] = &[
         |v| Value::Counter(v.state.archived_records),
     ),
     counter(
+        "tidemark_wal_reads_total",
+        "Times this process read the WAL (each wake-up of the follower).",
+        |v| Value::Counter(v.state.wal_reads),
+    ),
+    counter(
         "tidemark_segments_uploaded_total",
         "Segments this process uploaded.",
         |v| Value::Counter(v.state.segments),
