@@ -33,8 +33,8 @@
 #   TIDEMARK_S3_PORT      fixed port (default: a free one)
 #   TIDEMARK_S3_AUTH      moto: 1 (default) to enforce authentication, 0 not to
 #   TIDEMARK_PYTHON       python used to create moto's venv (default python3; needs 3.9+)
-#   TIDEMARK_LOCALSTACK_PYTHON  python used to create LocalStack's venv (needs 3.12+;
-#                         default: the first of python3.13, python3.12, python3 on PATH or
+#   TIDEMARK_LOCALSTACK_PYTHON  python used to create LocalStack's venv (needs 3.13+;
+#                         default: the first of python3.14, python3.13, python3 on PATH or
 #                         in ~/.pyenv/versions that is new enough)
 set -euo pipefail
 
@@ -113,29 +113,30 @@ running() { # a live, answering server is recorded in the state file
 }
 
 # The python LocalStack's venv is made with: TIDEMARK_LOCALSTACK_PYTHON, else the first one
-# found that is 3.12 or newer.
+# found that is 3.13 or newer (LocalStack imports warnings.deprecated, new in 3.13).
 localstack_python() {
     local candidates=() p
     if [[ -n "${TIDEMARK_LOCALSTACK_PYTHON:-}" ]]; then
         candidates=("$TIDEMARK_LOCALSTACK_PYTHON")
     else
-        for p in python3.13 python3.12 python3; do
+        for p in python3.14 python3.13 python3; do
             command -v "$p" >/dev/null 2>&1 && candidates+=("$(command -v "$p")")
         done
-        for p in "$HOME"/.pyenv/versions/3.1[2-9]*/bin/python3; do
+        # pyenv's, newest first.
+        while IFS= read -r p; do
             [[ -x "$p" ]] && candidates+=("$p")
-        done
+        done < <(ls -d "$HOME"/.pyenv/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -rV)
     fi
     for p in "${candidates[@]}"; do
-        if "$p" -c 'import sys, venv; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+        if "$p" -c 'import sys, venv; sys.exit(sys.version_info < (3, 13))' 2>/dev/null; then
             echo "$p"
             return 0
         fi
     done
     if [[ -n "${TIDEMARK_LOCALSTACK_PYTHON:-}" ]]; then
-        die "TIDEMARK_LOCALSTACK_PYTHON=$TIDEMARK_LOCALSTACK_PYTHON is not a Python 3.12 or newer with venv; LocalStack $LOCALSTACK_VERSION needs one"
+        die "TIDEMARK_LOCALSTACK_PYTHON=$TIDEMARK_LOCALSTACK_PYTHON is not a Python 3.13 or newer with venv; LocalStack $LOCALSTACK_VERSION needs one"
     fi
-    die "LocalStack $LOCALSTACK_VERSION needs Python 3.12 or newer, and none was found (tried python3.13, python3.12, python3 and ~/.pyenv/versions/3.12+). Install one (pyenv install 3.12, or apt-get install python3.12 python3.12-venv) or point TIDEMARK_LOCALSTACK_PYTHON at one"
+    die "LocalStack $LOCALSTACK_VERSION needs Python 3.13 or newer, and none was found (tried python3.14, python3.13, python3 and ~/.pyenv/versions/3.13+). Install one (pyenv install 3.13, or apt-get install python3.13 python3.13-venv) or point TIDEMARK_LOCALSTACK_PYTHON at one"
 }
 
 venv_ready() { # venv_ready KIND: installed, at the pinned version
@@ -147,7 +148,7 @@ venv_ready() { # venv_ready KIND: installed, at the pinned version
             "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('moto') != '$MOTO_VERSION')" 2>/dev/null
         ;;
     localstack)
-        "$venv/bin/python" -c "import importlib.metadata as m, sys, localstack.runtime.main; sys.exit(m.version('localstack-core') != '$LOCALSTACK_VERSION')" 2>/dev/null
+        "$venv/bin/python" -c "import importlib.metadata as m, sys, localstack.runtime.main; sys.exit(sys.version_info < (3, 13) or m.version('localstack-core') != '$LOCALSTACK_VERSION')" 2>/dev/null
         ;;
     esac
 }
