@@ -489,7 +489,7 @@ mod tests {
             let name = f.name;
             assert_eq!(p.types.get(name).map(String::as_str), kind, "{name}");
         }
-        assert_eq!(p.types.len(), 24);
+        assert_eq!(p.types.len(), 25);
         for (series, v) in &p.samples {
             assert_eq!(*v, 0.0, "{series}");
         }
@@ -646,7 +646,7 @@ mod tests {
             v("tidemark_database_failures_total{database=\"users\"}"),
             1.0
         );
-        assert_eq!(p.types.len(), 26);
+        assert_eq!(p.types.len(), 27);
         // Every other series carries the database label, once per database.
         for series in p.samples.keys() {
             if series != "tidemark_store_retries_total" {

@@ -264,6 +264,8 @@ async fn run_holding_lease(
             .into_iter()
             .flatten()
             .fold(Instant::now() + Duration::from_secs(5), Instant::min);
+        // A running base asks the follower for its earliest record's time: read promptly.
+        pipeline.read_promptly(bases.running());
         // Catching up: read on at once, unless something else happened.
         let more = pipeline.more_ready();
         let wake = tokio::select! {

@@ -65,6 +65,9 @@ pub struct Pipeline {
     coalesce: Duration,
     /// When the WAL was last read.
     read_at: Option<Instant>,
+    /// Read every change at once (no gathering): while a base backup runs, whose
+    /// `earliest_time` is the time the follower gives its earliest record.
+    prompt: bool,
 }
 
 /// How long changes to the WAL may wait to be read while a segment is open: a tenth of
@@ -143,6 +146,7 @@ impl Pipeline {
             metrics: Arc::clone(metrics),
             coalesce: coalesce_window(opts.sync_interval),
             read_at: None,
+            prompt: false,
         };
         metrics.resumed(
             pipeline.summary.last_seq,
@@ -202,9 +206,21 @@ impl Pipeline {
         self.watcher.wait().await
     }
 
+    /// Whether to read every change at once. While a base backup runs this must be on: the
+    /// base asks the time of its earliest record from what the follower has read, and a
+    /// record read later than the base's `base.json` would be stamped after the time the
+    /// base gives it (a time target at the base's own point would then end before it).
+    pub fn read_promptly(&mut self, prompt: bool) {
+        self.prompt = prompt;
+    }
+
     /// Until when changes to the WAL may wait: only while a segment is open (the first
-    /// record of a segment is read at once, as it starts the segment's clock).
+    /// record of a segment is read at once, as it starts the segment's clock), and never
+    /// while reads must be prompt.
     fn quiet_until(&self) -> Option<Instant> {
+        if self.prompt {
+            return None;
+        }
         let read_at = self.read_at?;
         self.shipper.due_at()?;
         Some(read_at + self.coalesce).filter(|at| *at > Instant::now())
