@@ -75,6 +75,12 @@ async fn restore_everywhere(
     let base = v.steps.base.as_ref().unwrap();
     assert!(base.sequence.unwrap() <= b2.earliest_seq, "{base:?}");
     assert!(base.column_families.iter().all(|c| !c.estimated));
+    let counters = base.column_families.iter().find(|c| c.name == "counters");
+    assert_eq!(
+        counters.and_then(|c| c.merge_operator.as_deref()),
+        Some("tidemark.add"),
+        "the base's merge operator is stood in for: {base:?}"
+    );
     let wal = v.steps.wal.as_ref().unwrap();
     assert_eq!(wal.last_seq, last);
     assert_eq!(wal.first_seq, Some(b2.replay_from_seq));
