@@ -37,6 +37,7 @@ use tidemark_manifest::segment::{Record, SegmentReader};
 
 use crate::progress::PhaseBar;
 use crate::staging::sync_dir;
+use crate::verify::wal::{WalCheck, WalCheckReport};
 use crate::{Cancel, RestoreError};
 
 /// The WAL chain a restore needs is broken.
@@ -295,6 +296,8 @@ pub struct WalFiles {
     base_numbers: BTreeMap<u64, String>,
     current: Option<OpenWal>,
     done: Vec<WalFileReport>,
+    /// Reads each file back once it is closed.
+    check: Option<WalCheck>,
 }
 
 impl std::fmt::Debug for WalFiles {
@@ -329,6 +332,7 @@ impl WalFiles {
             base_numbers,
             current: None,
             done: Vec::new(),
+            check: None,
         }
     }
 
@@ -418,6 +422,9 @@ impl WalFiles {
         fs::rename(&w.tmp, &w.path)
             .map_err(|e| RestoreError::io("cannot rename the WAL file", &w.path, e))?;
         sync_dir(&self.dir)?;
+        if let Some(check) = &mut self.check {
+            check.check_file(&w.path, w.report.log_number)?;
+        }
         tracing::debug!(
             file = %w.report.name,
             records = w.report.records,
@@ -428,11 +435,34 @@ impl WalFiles {
         Ok(())
     }
 
-    /// Closes the last file and returns every file written, in order.
-    pub fn finish(mut self) -> Result<Vec<WalFileReport>, RestoreError> {
+    /// Closes the last file and returns every file written, in order, with the check that
+    /// read them back, if any.
+    pub fn finish(mut self) -> Result<(Vec<WalFileReport>, Option<WalCheck>), RestoreError> {
         self.close_current()?;
-        Ok(std::mem::take(&mut self.done))
+        Ok((std::mem::take(&mut self.done), self.check.take()))
     }
+}
+
+/// Moves the WAL files `files`, written in `from`, into the database directory `to`, never
+/// over an existing file, and syncs both directories.
+pub fn place_wal_files(
+    from: &Path,
+    to: &Path,
+    files: &[WalFileReport],
+) -> Result<(), RestoreError> {
+    for f in files {
+        let dest = to.join(&f.name);
+        if fs::symlink_metadata(&dest).is_ok() {
+            return Err(RestoreError::Integrity(format!(
+                "{} already exists in the restored directory; refusing to overwrite it",
+                dest.display()
+            )));
+        }
+        fs::rename(from.join(&f.name), &dest)
+            .map_err(|e| RestoreError::io("cannot move the WAL file", &dest, e))?;
+    }
+    sync_dir(to)?;
+    sync_dir(from)
 }
 
 /// A record as reported: where the restore ended, or what it stopped before.
@@ -488,6 +518,8 @@ pub struct ReplayOutcome {
     pub records_skipped: u64,
     pub segments_read: usize,
     pub wal_files: Vec<WalFileReport>,
+    /// What reading the WAL files back found, when they were read back.
+    pub wal_check: Option<WalCheckReport>,
 }
 
 /// Replays verified segment files, in order, into WAL files.
@@ -532,6 +564,12 @@ impl Replayer {
             next_after_admitted: None,
             done: false,
         }
+    }
+
+    /// Reads each WAL file back with `check` once it is written (see [`WalCheck`]).
+    pub fn with_check(mut self, check: WalCheck) -> Replayer {
+        self.wal.check = Some(check);
+        self
     }
 
     /// True once the cutoff is reached: no later segment is needed.
@@ -668,7 +706,8 @@ impl Replayer {
                 }
             }
         }
-        let wal_files = self.wal.finish()?;
+        let (wal_files, check) = self.wal.finish()?;
+        let wal_check = check.map(|c| c.finish(cutoff_seq)).transpose()?;
         Ok(ReplayOutcome {
             cutoff_seq,
             last_record: self.last_record,
@@ -678,6 +717,7 @@ impl Replayer {
             records_skipped: self.records_skipped,
             segments_read: self.segments_read,
             wal_files,
+            wal_check,
         })
     }
 }

@@ -153,6 +153,32 @@ async fn list_restore_and_verify_through_the_binary() -> Result<()> {
     let j: serde_json::Value = serde_json::from_slice(&o.stdout)?;
     assert_eq!(j["cutoff"]["seq"], oracle.seq_at_time(b.unix_micros));
 
+    // --verify quick: the base's keys estimated, the WAL read back; the summary names the
+    // level and each step.
+    let db3 = out.path().join("db3");
+    let o = cli(&[
+        "restore",
+        "--from",
+        &f.url,
+        "--target",
+        &target(&db3),
+        "--latest",
+        "--verify",
+        "quick",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    for needle in [
+        "verification  passed (quick): the database ends at sequence",
+        "base: opened alone, read-only",
+        "WAL: ",
+        "read back: checksums, batches, record chain",
+    ] {
+        assert!(stdout(&o).contains(needle), "{needle:?}: {}", text(&o));
+    }
+    let (state, at) = tidemark_tests::read_db_state_and_seq(&db3)?;
+    assert_eq!(at, oracle.last_seq());
+    assert!(oracle.state_at(at)?.diff(&state).is_none());
+
     // verify: deep, everything.
     let o = cli(&["verify", "--from", &f.url, "--all", "--deep"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));

@@ -315,6 +315,46 @@ async fn drills_of_the_latest_and_a_random_point_pass() -> Result<()> {
     let again: Value = serde_json::from_slice(&o.stdout)?;
     assert_eq!(again["target"]["resolved"]["seq"], picked);
     assert_eq!(check_passed(&again, &oracle, false)?, cutoff);
+    assert_eq!(again["verification"]["level"], "full");
+
+    // The same point verified as a default restore is (TIDEMARK_DRILL_VERIFY=standard): the
+    // base opened alone, the WAL read back, no second replay; kept, it is the oracle's state.
+    let o = drill(
+        &[
+            "--from",
+            &f.url,
+            "--scratch",
+            &s(&scratch),
+            "--target-point",
+            "random",
+            "--seed",
+            "20261123",
+            "--keep",
+            "--json",
+        ],
+        &[("TIDEMARK_DRILL_VERIFY", "standard")],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout)?;
+    expect_phases(
+        &r,
+        ["passed", "passed", "passed", "passed", "skipped", "skipped"],
+    );
+    let v = &r["verification"];
+    assert_eq!(v["level"], "standard", "{v:#}");
+    assert_eq!(v["status"], "passed", "{v:#}");
+    assert_eq!(v["ends_at_sequence"], cutoff, "{v:#}");
+    assert!(
+        v["latest_sequence"].is_null() && v["steps"]["open"].is_null(),
+        "{v:#}"
+    );
+    assert_eq!(v["steps"]["base"]["status"], "passed", "{v:#}");
+    assert_eq!(v["steps"]["wal"]["last_seq"], cutoff, "{v:#}");
+    let kept = PathBuf::from(r["scratch"]["dir"].as_str().unwrap());
+    let (state, at) = tidemark_tests::read_db_state_and_seq(&kept.join("db"))?;
+    assert_eq!(at, cutoff);
+    assert!(oracle.state_at(cutoff)?.diff(&state).is_none());
+    std::fs::remove_dir_all(&kept)?;
 
     // Different seeds draw different points.
     let mut points = std::collections::BTreeSet::new();

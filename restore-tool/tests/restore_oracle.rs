@@ -5,12 +5,12 @@
 mod common;
 
 use anyhow::Result;
-use common::{Archive, Source, check_against_oracle, restore_to};
+use common::{Archive, Source, check_against_oracle, restore_to, restore_verified};
 use tidemark_manifest::model::time_from_micros;
 use tidemark_manifest::repo::Repository;
 use tidemark_manifest::testing::s3 as test_s3;
 use tidemark_restore::commands::Target;
-use tidemark_restore::verify::VerificationStatus;
+use tidemark_restore::verify::{VerificationStatus, VerifyMode};
 use tidemark_tests::Oracle;
 
 /// Three phases of writes with a base backup after the first two:
@@ -63,13 +63,37 @@ async fn restore_everywhere(
         root.join(format!("restored-{n}"))
     };
 
-    // The latest point, including the segments only the tail walk finds.
+    // The latest point, including the segments only the tail walk finds: verified by
+    // default without a second replay (the base alone, the WAL read back) ...
     let r = restore_to(repo, &dir(), Target::Latest).await?;
     assert_eq!(check_against_oracle(&r, oracle)?, last);
     assert_eq!(r.base.id, b2.id);
     let v = r.verification.as_ref().unwrap();
+    assert_eq!(v.level, VerifyMode::Standard);
+    assert_eq!(v.status, VerificationStatus::Passed, "{v:?}");
+    assert_eq!((v.ends_at_sequence, v.latest_sequence), (Some(last), None));
+    let base = v.steps.base.as_ref().unwrap();
+    assert!(base.sequence.unwrap() <= b2.earliest_seq, "{base:?}");
+    assert!(base.column_families.iter().all(|c| !c.estimated));
+    let counters = base.column_families.iter().find(|c| c.name == "counters");
+    assert_eq!(
+        counters.and_then(|c| c.merge_operator.as_deref()),
+        Some("tidemark.add"),
+        "the base's merge operator is stood in for: {base:?}"
+    );
+    let wal = v.steps.wal.as_ref().unwrap();
+    assert_eq!(wal.last_seq, last);
+    assert_eq!(wal.first_seq, Some(b2.replay_from_seq));
+    assert_eq!(wal.records, r.replay.as_ref().unwrap().records_replayed);
+    assert!(v.steps.open.is_none());
+
+    // ... and with --verify full, RocksDB's own replay reaches the cutoff, every key counted.
+    let r = restore_verified(repo, &dir(), Target::Latest, VerifyMode::Full).await?;
+    assert_eq!(check_against_oracle(&r, oracle)?, last);
+    let v = r.verification.as_ref().unwrap();
     assert_eq!(v.status, VerificationStatus::Passed, "{v:?}");
     assert_eq!(v.latest_sequence, Some(last));
+    assert_eq!(v.steps.wal.as_ref().unwrap().last_seq, last);
     let counters = v
         .column_families
         .iter()

@@ -702,7 +702,10 @@ impl Checker<'_> {
         );
         let verification = &report["verification"];
         ensure!(
-            verification["status"] == "passed" && verification["latest_sequence"] == c,
+            verification["status"] == "passed"
+                && verification["ends_at_sequence"] == c
+                && verification["steps"]["wal"]["last_seq"] == c
+                && verification["steps"]["base"]["status"] == "passed",
             "the restore's own verification: {verification}"
         );
         let rounded = &report["cutoff"]["rounded_down"];

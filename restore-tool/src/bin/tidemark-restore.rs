@@ -30,7 +30,7 @@ const DRILL_HELP: &str = "The check command is run as /bin/sh -c CMD with the re
 
 The drill exits with 0 (passed), 5 (ran and failed), 2 (bad usage: nothing attempted, no report written) or 1 (it could not run at all).
 
-Every option can also come from the environment (TIDEMARK_FROM, TIDEMARK_DRILL_TARGET, TIDEMARK_DRILL_SCRATCH, TIDEMARK_DRILL_CHECK_COMMAND, TIDEMARK_DRILL_CHECK_TIMEOUT, TIDEMARK_DRILL_CHECK_ENV, TIDEMARK_DRILL_REPORT, TIDEMARK_DRILL_SEED, and the store's TIDEMARK_ENDPOINT_URL, TIDEMARK_REGION, TIDEMARK_PATH_STYLE), as in the systemd unit scripts/systemd/tidemark-drill@.service.";
+Every option can also come from the environment (TIDEMARK_FROM, TIDEMARK_DRILL_TARGET, TIDEMARK_DRILL_SCRATCH, TIDEMARK_DRILL_CHECK_COMMAND, TIDEMARK_DRILL_CHECK_TIMEOUT, TIDEMARK_DRILL_CHECK_ENV, TIDEMARK_DRILL_REPORT, TIDEMARK_DRILL_SEED, TIDEMARK_DRILL_VERIFY, and the store's TIDEMARK_ENDPOINT_URL, TIDEMARK_REGION, TIDEMARK_PATH_STYLE), as in the systemd unit scripts/systemd/tidemark-drill@.service.";
 
 const TIME_HELP: &str = "\
 Restore every record committed at or before TIME. Accepted: RFC 3339 with an offset \
@@ -100,7 +100,7 @@ enum Command {
     Restore(RestoreArgs),
     /// Check that the repository holds intact everything a restore needs.
     Verify(VerifyArgs),
-    /// Run a recovery drill: restore into a scratch directory with full verification, run
+    /// Run a recovery drill: restore into a scratch directory, verified (full by default), run
     /// a check command against the result, measure the RTO and the RPO, write a report,
     /// clean up.
     #[command(after_help = DRILL_HELP)]
@@ -148,9 +148,11 @@ struct RestoreArgs {
     /// Concurrent downloads.
     #[arg(long, value_name = "N", default_value_t = restore::DEFAULT_PARALLELISM)]
     parallelism: usize,
-    /// How to check the result: full (open read-only, check the last sequence number,
-    /// count every key), quick (no key scan) or off.
-    #[arg(long, value_enum, default_value_t = VerifyMode::Full)]
+    /// How to check the result: standard (open the base alone and read every key of its
+    /// tables; read every re-created WAL file back: checksums, batches, record chain, ends
+    /// at the cutoff), quick (standard with key estimates), full (the WAL check, then open
+    /// the whole result read-only, replaying the WAL in memory, and count every key) or off.
+    #[arg(long, value_enum, default_value_t = VerifyMode::Standard)]
     verify: VerifyMode,
     /// Print a JSON summary on standard output.
     #[arg(long)]
@@ -243,6 +245,15 @@ struct DrillArgs {
     /// Concurrent downloads.
     #[arg(long, value_name = "N", default_value_t = restore::DEFAULT_PARALLELISM)]
     parallelism: usize,
+    /// How to verify the restored database, as restore --verify (standard, quick, full,
+    /// off); a drill proves the most by default.
+    #[arg(
+        long,
+        value_enum,
+        default_value_t = VerifyMode::Full,
+        env = "TIDEMARK_DRILL_VERIFY"
+    )]
+    verify: VerifyMode,
     /// Print the JSON report on standard output instead of the summary.
     #[arg(long)]
     json: bool,
@@ -428,6 +439,7 @@ fn drill_options(a: &DrillArgs) -> Result<DrillOptions, RestoreError> {
         keep: a.keep,
         seed: a.seed,
         parallelism: a.parallelism,
+        verify: a.verify,
     })
 }
 

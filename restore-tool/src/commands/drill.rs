@@ -9,8 +9,9 @@
 //!    seed; a time; a sequence number) and measures the RPO from the same reading;
 //! 2. restores into a fresh directory under the scratch directory with the restore command's
 //!    own code: **fetch** (every object checked against its sha256), **replay**, **verify**
-//!    (read-only open, the latest sequence number must be the cutoff, every key of every
-//!    column family read with block checksums on);
+//!    (`--verify`, by default `full`: every re-created WAL file read back, then a read-only
+//!    open whose latest sequence number must be the cutoff, every key of every column family
+//!    read with block checksums on: a drill proves what RocksDB itself makes of the result);
 //! 3. **check_command**: optionally runs the operator's own check against the restored
 //!    database (see [`run_check`]);
 //! 4. **cleanup**: removes its directory, unless asked to keep it.
@@ -140,6 +141,13 @@ pub struct DrillOptions {
     /// Concurrent downloads.
     #[serde(default = "default_parallelism")]
     pub parallelism: usize,
+    /// How the restored database is verified (default `full`: a drill proves the most).
+    #[serde(default = "default_verify")]
+    pub verify: VerifyMode,
+}
+
+fn default_verify() -> VerifyMode {
+    VerifyMode::Full
 }
 
 impl Default for DrillOptions {
@@ -153,6 +161,7 @@ impl Default for DrillOptions {
             keep: false,
             seed: None,
             parallelism: restore::DEFAULT_PARALLELISM,
+            verify: VerifyMode::Full,
         }
     }
 }
@@ -452,28 +461,7 @@ impl DrillReport {
             }
         }
         if let Some(v) = &self.verification {
-            match v.status {
-                VerificationStatus::Passed => {
-                    let counts: Vec<String> = v
-                        .column_families
-                        .iter()
-                        .map(|c| format!("{} {}", c.name, c.keys))
-                        .collect();
-                    let _ = writeln!(
-                        w,
-                        "  verification  passed: latest sequence {}, keys: {}",
-                        v.latest_sequence.unwrap_or_default(),
-                        counts.join(", ")
-                    );
-                }
-                VerificationStatus::Skipped => {
-                    let _ = writeln!(
-                        w,
-                        "  verification  SKIPPED: {}",
-                        v.reason.as_deref().unwrap_or("")
-                    );
-                }
-            }
+            v.render(w);
         }
     }
 
@@ -913,7 +901,7 @@ impl Drill {
         })
     }
 
-    /// Fetch, replay, verify: the restore command's own path, with full verification, into
+    /// Fetch, replay, verify: the restore command's own path, verified as `opts.verify` says, into
     /// `dir/db`. Its phases join the drill's (its plan phase adds to the drill's own).
     async fn restore(
         &mut self,
@@ -930,7 +918,7 @@ impl Drill {
             dry_run: false,
             force: false,
             parallelism: opts.parallelism,
-            verify: VerifyMode::Full,
+            verify: opts.verify,
         };
         let (repo, state) = (&planned.repo, Some(&planned.state));
         let result = restore::run_logged(repo, state, &ropts, progress, cancel, &log).await;

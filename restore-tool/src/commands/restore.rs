@@ -9,8 +9,10 @@
 //! 2. the plan's chain is checked before anything is downloaded;
 //! 3. every name that becomes a file comes from the store through
 //!    `keys::check_base_file_name`, and every object is checked against its sha256;
-//! 4. WAL files are written only after the records before them continued the chain;
-//! 5. the result must open read-only at exactly the achieved cutoff;
+//! 4. WAL files are written only after the records before them continued the chain, into a
+//!    directory of their own, so that the base can be opened alone first;
+//! 5. the result is verified as `--verify` asks (by default the base opened alone, and every
+//!    WAL file read back, ending exactly at the achieved cutoff: `verify`);
 //! 6. only then is the origin file written into the result (FORMAT.md §11: the repository,
 //!    lineage and point it was restored from, so that it is never archived there again), the
 //!    old target (if any) renamed aside and the result renamed into place; nothing is ever
@@ -36,7 +38,9 @@ use crate::fetch::{self, FetchedSegment, SegmentFetch};
 use crate::progress::{PhaseBar, Progress, Unit};
 use crate::replay::{self, RecordPoint, ReplayOutcome, Replayer, RoundedDown, WalFileReport};
 use crate::staging::{self, Staging};
-use crate::verify::{self, Verification, VerificationStatus, VerifyMode};
+use crate::verify::base::{BaseCheck, BaseExpect};
+use crate::verify::wal::WalCheck;
+use crate::verify::{self, Verification, VerificationStatus, VerifyMode, VerifySteps};
 use crate::{Cancel, RestoreError, human_bytes, human_duration};
 
 /// Default number of concurrent downloads.
@@ -47,7 +51,7 @@ fn default_parallelism() -> usize {
 }
 
 fn default_verify() -> VerifyMode {
-    VerifyMode::Full
+    VerifyMode::Standard
 }
 
 /// Options of `restore`.
@@ -80,7 +84,7 @@ impl RestoreOptions {
             dry_run: false,
             force: false,
             parallelism: DEFAULT_PARALLELISM,
-            verify: VerifyMode::Full,
+            verify: VerifyMode::Standard,
         }
     }
 }
@@ -143,10 +147,13 @@ pub struct Durations {
     pub fetch_base: u64,
     /// Until the last segment needed was downloaded and checked.
     pub fetch_wal: u64,
-    /// Time spent writing WAL files from the segment records (not waiting for downloads).
+    /// Time spent writing WAL files from the segment records (not waiting for downloads),
+    /// reading each one back included.
     pub replay: u64,
     /// From the start of the WAL downloads to the end of the replay.
     pub fetch_and_replay_wal: u64,
+    /// The verification's own time: opening the base alone (beside the WAL download),
+    /// reading the WAL files back (during the replay) and what follows the replay.
     pub verify: u64,
     pub commit: u64,
     pub total: u64,
@@ -460,11 +467,11 @@ async fn restore(
     log.start(Phase::Replay);
     let staging = Staging::create(&target.dir)?;
     tracing::info!("building the database in {}", staging.dir().display());
-    let outcome = run
+    let (outcome, base_check) = run
         .fetch_and_replay(&planned, &staging, &mut report.durations_ms)
         .await?;
     let cutoff = report.record_replay(&outcome, &planned.plan);
-    run.verify(&staging, outcome.cutoff_seq, &mut report)
+    run.verify(&staging, &outcome, base_check, &mut report)
         .await?;
     let origin = Origin::new(OriginParent {
         repository: repo.url(),
@@ -622,7 +629,7 @@ impl Run<'_> {
         planned: &Planned,
         staging: &Staging,
         durations: &mut Durations,
-    ) -> Result<ReplayOutcome, RestoreError> {
+    ) -> Result<(ReplayOutcome, Option<BaseCheck>), RestoreError> {
         let plan = &planned.plan;
         let phase_cancel = self.cancel.child();
         let limit = Arc::new(Semaphore::new(self.opts.parallelism));
@@ -636,16 +643,12 @@ impl Run<'_> {
             .sum();
         let replay_bar = progress.phase("replay", records_planned, Unit::Records);
 
-        let base_fut = timed_fetch(
-            fetch::fetch_base_files(
-                self.repo.store().clone(),
-                planned.descriptor.files.clone(),
-                staging.dir().to_path_buf(),
-                limit.clone(),
-                phase_cancel.clone(),
-                base_bar.clone(),
-            ),
+        let base_fut = self.fetch_and_check_base(
+            planned,
+            staging,
+            limit.clone(),
             phase_cancel.clone(),
+            base_bar.clone(),
         );
         let (tx, rx) = mpsc::channel::<FetchedSegment>(2);
         let job = SegmentFetch {
@@ -658,10 +661,13 @@ impl Run<'_> {
             bar: wal_bar.clone(),
         };
         let seg_fut = timed_fetch(fetch::fetch_segments(job, tx), phase_cancel.clone());
-        let replayer = Replayer::new(plan, staging.dir(), &planned.descriptor.files);
+        let mut replayer = Replayer::new(plan, &wal_dir(staging)?, &planned.descriptor.files);
+        if self.opts.verify.checks_wal() {
+            replayer = replayer.with_check(WalCheck::new(&plan.base, phase_cancel.clone()));
+        }
         let consumer = spawn_replay(replayer, rx, phase_cancel.clone(), replay_bar.clone());
         let wal_started = Instant::now();
-        let ((base_result, base_time), (seg_result, seg_time), consumed) =
+        let (((base_result, base_time), base_check), (seg_result, seg_time), consumed) =
             tokio::join!(base_fut, seg_fut, consumer);
         let (consumed, replay_time) = consumed.expect("the replay task does not panic");
         durations.fetch_base = ms(base_time);
@@ -670,17 +676,20 @@ impl Run<'_> {
         durations.fetch_and_replay_wal = ms(wal_started.elapsed());
         self.log.end(Phase::Fetch, Some(base_time.max(seg_time)));
         self.log.end(Phase::Replay, Some(replay_time));
-        let outcome = match pick_error(base_result.err(), seg_result.err(), consumed) {
+        let (base_check, check_error) = match base_check {
+            Some(Ok(c)) => (Some(c), None),
+            Some(Err(e)) => (None, Some(e)),
+            None => (None, None),
+        };
+        let errors = [base_result.err(), seg_result.err(), check_error];
+        let outcome = match pick_error(errors, consumed) {
             Ok(outcome) => outcome,
             Err((phase, e)) => {
                 let e = explain_missing(self.repo, planned.generation, e).await;
                 for bar in [&base_bar, &wal_bar, &replay_bar] {
                     bar.abandon();
                 }
-                // Fetch and replay run together: when one fails, the other is stopped by it.
-                self.log.fail(phase);
-                self.log.fail(Phase::Fetch);
-                self.log.fail(Phase::Replay);
+                self.log_failure(phase);
                 return Err(e);
             }
         };
@@ -690,16 +699,88 @@ impl Run<'_> {
         replay_bar.set_total(replay_bar.done());
         replay_bar.finish(format!("up to sequence {}", outcome.cutoff_seq));
         trace_outcome(&outcome);
-        Ok(outcome)
+        Ok((outcome, base_check))
     }
 
-    /// Verify, read-only, before anything is put in place: the staged database opens at
-    /// exactly `cutoff` and reads back as `--verify` asks (a verification that could not be
-    /// done is a warning in the report, never a pass).
+    /// Downloads the base's files into the staging directory, then, for `--verify standard`
+    /// or `quick`, opens them alone ([`Run::check_base`]) while the WAL is still being
+    /// downloaded and written beside them. Returns the download's result and time, and the
+    /// check's result if it ran.
+    async fn fetch_and_check_base(
+        &self,
+        planned: &Planned,
+        staging: &Staging,
+        limit: Arc<Semaphore>,
+        cancel: Cancel,
+        bar: PhaseBar,
+    ) -> (
+        (Result<u64, RestoreError>, Duration),
+        Option<Result<BaseCheck, RestoreError>>,
+    ) {
+        let files = planned.descriptor.files.clone();
+        let store = self.repo.store().clone();
+        let dir = staging.dir().to_path_buf();
+        let fetch = fetch::fetch_base_files(store, files, dir, limit, cancel.clone(), bar);
+        let (fetched, took) = timed_fetch(fetch, cancel.clone()).await;
+        let check = match fetched {
+            Ok(_) if self.opts.verify.checks_base() => {
+                Some(self.check_base(planned, staging, cancel).await)
+            }
+            _ => None,
+        };
+        ((fetched, took), check)
+    }
+
+    /// Fetch, replay and the checks beside them run together: when one fails, the others are
+    /// stopped by it. `root` is the phase the failure came from.
+    fn log_failure(&self, root: Phase) {
+        if root == Phase::Verify {
+            self.log.start(Phase::Verify);
+        }
+        self.log.fail(root);
+        self.log.fail(Phase::Fetch);
+        self.log.fail(Phase::Replay);
+    }
+
+    /// The base's files, once downloaded, opened alone (`--verify standard` or `quick`), on a
+    /// blocking thread while the WAL is still being downloaded and written beside them. A
+    /// failure cancels `cancel`.
+    async fn check_base(
+        &self,
+        planned: &Planned,
+        staging: &Staging,
+        cancel: Cancel,
+    ) -> Result<BaseCheck, RestoreError> {
+        let dir = staging.dir().to_path_buf();
+        let log_dir = verify::log_dir_in(staging.scratch())?;
+        let d = &planned.descriptor;
+        let expect = BaseExpect {
+            earliest_seq: planned.plan.base.earliest_seq,
+            min_log_number: d.min_log_number,
+            column_families: d.column_families.iter().map(|c| c.name.clone()).collect(),
+        };
+        let exact = self.opts.verify == VerifyMode::Standard;
+        let (progress, c) = (self.progress.clone(), cancel.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            verify::base::check_base(&dir, &expect, exact, &log_dir, &progress, &c)
+        })
+        .await
+        .expect("verification does not panic");
+        if result.is_err() {
+            cancel.cancel();
+        }
+        result
+    }
+
+    /// Verify, before anything is put in place: the re-created WAL files join the base's in
+    /// the staging directory, then the checks of `--verify` that did not already run beside
+    /// the download are done and the result of every step is reported (a check that could
+    /// not be done is a warning in the report, never a pass).
     async fn verify(
         &self,
         staging: &Staging,
-        cutoff: u64,
+        outcome: &ReplayOutcome,
+        base: Option<BaseCheck>,
         report: &mut RestoreReport,
     ) -> Result<(), RestoreError> {
         self.cancel.check()?;
@@ -712,18 +793,20 @@ impl Run<'_> {
                 .warnings
                 .extend(verify::path_option_warnings(o, &self.opts.target_dir));
         }
-        let verification = {
-            let dir = staging.dir().to_path_buf();
-            let log_dir = verify::log_dir_in(staging.scratch())?;
-            let cf_names = report.base.column_families.clone();
-            let (mode, progress, cancel) =
-                (self.opts.verify, self.progress.clone(), self.cancel.clone());
-            tokio::task::spawn_blocking(move || {
-                verify::verify_restored(&dir, cutoff, &cf_names, mode, &log_dir, &progress, &cancel)
-            })
-            .await
-            .expect("verification does not panic")?
+        replay::place_wal_files(&wal_dir(staging)?, staging.dir(), &outcome.wal_files)?;
+        if let Some(w) = &outcome.wal_check {
+            verify::wal::check_placed(staging.dir(), w)?;
+        }
+        let earlier = base.as_ref().map_or(0, |b| b.duration_ms)
+            + outcome.wal_check.as_ref().map_or(0, |w| w.duration_ms);
+        let steps = VerifySteps {
+            base,
+            wal: outcome.wal_check.clone(),
+            open: None,
         };
+        let verification = self.finish_verification(staging, outcome.cutoff_seq, steps, report);
+        let mut verification = verification.await?;
+        verification.duration_ms += earlier;
         if verification.status == VerificationStatus::Skipped {
             report.warnings.push(format!(
                 "the restored database was not verified: {}",
@@ -731,9 +814,42 @@ impl Run<'_> {
             ));
         }
         report.verification = Some(verification);
-        report.durations_ms.verify = ms(verify_started.elapsed());
-        self.log.end(Phase::Verify, None);
+        let took = verify_started.elapsed() + Duration::from_millis(earlier);
+        report.durations_ms.verify = ms(took);
+        self.log.end(Phase::Verify, Some(took));
         Ok(())
+    }
+
+    /// The last step of `--verify` (with `full`, the whole result opened read-only) and the
+    /// verification from all its steps.
+    async fn finish_verification(
+        &self,
+        staging: &Staging,
+        cutoff: u64,
+        mut steps: VerifySteps,
+        report: &RestoreReport,
+    ) -> Result<Verification, RestoreError> {
+        let started = Instant::now();
+        let level = self.opts.verify;
+        if level == VerifyMode::Off {
+            return Ok(Verification::off(cutoff));
+        }
+        let mut column_families = Vec::new();
+        if level == VerifyMode::Full {
+            let dir = staging.dir().to_path_buf();
+            let log_dir = verify::log_dir_in(staging.scratch())?;
+            let cf_names = report.base.column_families.clone();
+            let (progress, cancel) = (self.progress.clone(), self.cancel.clone());
+            let (open, cfs) = tokio::task::spawn_blocking(move || {
+                verify::open_whole(&dir, cutoff, &cf_names, &log_dir, &progress, &cancel)
+            })
+            .await
+            .expect("verification does not panic")?;
+            steps.open = Some(open);
+            column_families = cfs;
+        }
+        let took = ms(started.elapsed());
+        Verification::from_steps(level, cutoff, steps, column_families, took)
     }
 
     /// Puts the verified result in place: `origin` is written into it (durably, the last
@@ -840,6 +956,14 @@ impl RestoreReport {
     }
 }
 
+/// Where the re-created WAL files are written until they join the base's files: beside the
+/// staging directory, on the same file system.
+fn wal_dir(staging: &Staging) -> Result<PathBuf, RestoreError> {
+    let dir = staging.scratch().join("wal");
+    std::fs::create_dir_all(&dir).map_err(|e| RestoreError::io("cannot create", &dir, e))?;
+    Ok(dir)
+}
+
 /// Runs a download, timing it; a failed download cancels `cancel` so that the tasks running
 /// beside it stop.
 async fn timed_fetch<T>(
@@ -931,21 +1055,28 @@ async fn explain_missing(repo: &Repository, planned: u64, e: RestoreError) -> Re
 }
 
 /// The error to report when several phases failed: the root cause, not an "interrupted"
-/// that another phase's failure caused, with the phase it came from.
+/// that another phase's failure caused, with the phase it came from. `errors` are the base
+/// download's, the segment downloads' and the base check's; a verification error from the
+/// replay (reading a WAL file back) is the verify phase's.
 fn pick_error<T>(
-    base: Option<RestoreError>,
-    segments: Option<RestoreError>,
+    errors: [Option<RestoreError>; 3],
     replay: Result<T, RestoreError>,
 ) -> Result<T, (Phase, RestoreError)> {
+    let [base, segments, check] = errors;
     let replay_err = match replay {
-        Ok(v) if base.is_none() && segments.is_none() => return Ok(v),
+        Ok(v) if base.is_none() && segments.is_none() && check.is_none() => return Ok(v),
         Ok(_) => None,
         Err(e) => Some(e),
+    };
+    let replay_phase = match replay_err {
+        Some(RestoreError::Verification(_)) => Phase::Verify,
+        _ => Phase::Replay,
     };
     let mut errors: Vec<(Phase, RestoreError)> = [
         (Phase::Fetch, base),
         (Phase::Fetch, segments),
-        (Phase::Replay, replay_err),
+        (replay_phase, replay_err),
+        (Phase::Verify, check),
     ]
     .into_iter()
     .filter_map(|(phase, e)| e.map(|e| (phase, e)))
@@ -1127,39 +1258,7 @@ impl RestoreReport {
     /// How the result was verified.
     fn render_verification(&self, w: &mut String) {
         if let Some(v) = &self.verification {
-            match v.status {
-                VerificationStatus::Passed => {
-                    let counts: Vec<String> = v
-                        .column_families
-                        .iter()
-                        .map(|c| {
-                            format!(
-                                "{} {}{}{}",
-                                c.name,
-                                if c.estimated { "~" } else { "" },
-                                c.keys,
-                                c.merge_operator
-                                    .as_ref()
-                                    .map(|m| format!(" (merge operator {m} stood in)"))
-                                    .unwrap_or_default()
-                            )
-                        })
-                        .collect();
-                    let _ = writeln!(
-                        w,
-                        "  verification  passed: opened read-only, latest sequence {}; keys: {}",
-                        v.latest_sequence.unwrap_or_default(),
-                        counts.join(", ")
-                    );
-                }
-                VerificationStatus::Skipped => {
-                    let _ = writeln!(
-                        w,
-                        "  verification  SKIPPED: {}",
-                        v.reason.as_deref().unwrap_or("")
-                    );
-                }
-            }
+            v.render(w);
         }
     }
 
@@ -1315,25 +1414,31 @@ mod tests {
     #[test]
     fn the_root_cause_wins_over_interruptions() {
         let (phase, e) = pick_error::<()>(
-            Some(RestoreError::Interrupted),
-            Some(RestoreError::Integrity("wal/x.seg is corrupt".into())),
+            [
+                Some(RestoreError::Interrupted),
+                Some(RestoreError::Integrity("wal/x.seg is corrupt".into())),
+                None,
+            ],
             Err(RestoreError::Interrupted),
         )
         .unwrap_err();
         assert!(e.to_string().contains("wal/x.seg"), "{e}");
         assert_eq!(phase, Phase::Fetch);
         // A download failure is never hidden by a replay that finished with what it got.
-        let (phase, e) =
-            pick_error(None, Some(RestoreError::Integrity("missing".into())), Ok(5)).unwrap_err();
+        let (phase, e) = pick_error(
+            [None, Some(RestoreError::Integrity("missing".into())), None],
+            Ok(5),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("missing"));
         assert_eq!(phase, Phase::Fetch);
-        assert_eq!(pick_error::<u8>(None, None, Ok(5)).unwrap(), 5);
-        let (phase, e) = pick_error::<()>(None, None, Err(RestoreError::Interrupted)).unwrap_err();
+        assert_eq!(pick_error::<u8>([None, None, None], Ok(5)).unwrap(), 5);
+        let (phase, e) =
+            pick_error::<()>([None, None, None], Err(RestoreError::Interrupted)).unwrap_err();
         assert!(matches!(e, RestoreError::Interrupted));
         assert_eq!(phase, Phase::Replay);
         let (phase, _) = pick_error::<()>(
-            Some(RestoreError::Interrupted),
-            None,
+            [Some(RestoreError::Interrupted), None, None],
             Err(RestoreError::Integrity("record hole".into())),
         )
         .unwrap_err();

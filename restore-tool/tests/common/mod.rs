@@ -290,6 +290,20 @@ pub async fn restore_to(
     restore::run(repo, &opts, &Progress::hidden(), &Cancel::new()).await
 }
 
+/// Like [`restore_to`], verified at `level`.
+pub async fn restore_verified(
+    repo: &Repository,
+    dir: &Path,
+    target: Target,
+    level: tidemark_restore::verify::VerifyMode,
+) -> Result<RestoreReport, RestoreError> {
+    let opts = RestoreOptions {
+        verify: level,
+        ..RestoreOptions::new(dir, target)
+    };
+    restore::run(repo, &opts, &Progress::hidden(), &Cancel::new()).await
+}
+
 /// Opens the restored database with the application's options (the generator's, merge
 /// operator included) and checks it against the oracle at the restore's cutoff, in every
 /// column family. Returns the cutoff.

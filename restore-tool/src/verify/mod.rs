@@ -1,11 +1,22 @@
-//! Verify: opening the restored database read-only and checking that it ends exactly at the
-//! planned cutoff.
+//! Verify: checking that the restored database ends exactly at the planned cutoff, at one
+//! of three levels (`--verify`):
 //!
-//! The restore tool does not have the application's options. It opens the result with
-//! RocksDB's defaults, read-only (nothing on disk changes: the WAL files are replayed into
-//! memory, and RocksDB's info log goes to a scratch directory), and requires
-//! `latest_sequence_number() == C`. Then it counts the keys of every column family, which
-//! also reads, and checksums, every block of every table file.
+//! - `standard` (the restore's default) checks the two halves RocksDB's first open puts
+//!   together, each once: [`base`] opens the base's files alone, read-only, before any WAL
+//!   file is beside them (the re-created WAL files are written into a directory of their
+//!   own and placed only afterwards), and [`wal`] reads every re-created WAL file back with
+//!   the format's own reader as it is closed. Together: the base opens and ends no later
+//!   than the WAL starts to matter, and the WAL it needs is intact and ends exactly at the
+//!   cutoff C. The WAL is replayed into RocksDB once, by the application's first open.
+//! - `quick`: the same, with RocksDB's key estimates instead of reading every table block.
+//! - `full`: the WAL check, then the whole result opened read-only ([`open_whole`]): RocksDB
+//!   replays the WAL in memory and must report `latest_sequence_number() == C`; every key of
+//!   every column family is counted, reading and checksumming every block. It proves that
+//!   RocksDB's own recovery (with default options) reaches C, at the cost of a second replay.
+//!
+//! The restore tool does not have the application's options: it opens with RocksDB's
+//! defaults, read-only (nothing on disk changes, and RocksDB's info log goes to a scratch
+//! directory).
 //!
 //! What defaults cannot do, and what is done instead:
 //!
@@ -23,9 +34,9 @@
 //!   compare its latest sequence number with the cutoff.
 //! - If opening fails with a message about a merge operator or comparator that the OPTIONS
 //!   file did not announce, verification is skipped with RocksDB's message.
-//! - A read-only open holds the whole replayed WAL in memory. When that would not fit in
-//!   the memory available ([`memory_refusal`]), verification is skipped with the reason
-//!   rather than risking the restore being killed after all its work.
+//! - A read-only open of the whole result (`full`) holds the replayed WAL in memory. When
+//!   that would not fit in the memory available ([`memory_refusal`]), that open is skipped
+//!   with the reason rather than risking the restore being killed after all its work.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -40,17 +51,46 @@ use tidemark_manifest::rocks::options_file::{OptionsFile, newest_options_file};
 use crate::progress::{Progress, Unit};
 use crate::{Cancel, RestoreError};
 
-/// How much verification a restore does.
+pub mod base;
+pub mod wal;
+
+/// How much verification a restore does (README.md, "What each verify level proves").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum VerifyMode {
-    /// Open read-only, check the last sequence number, count every key (reads and checksums
-    /// every block).
-    Full,
-    /// Open read-only, check the last sequence number, estimate key counts.
+    /// Open the base alone read-only (its sequence number, every key of its table files read
+    /// with block checksums on), and read every re-created WAL file back (crc32c, batches,
+    /// record chain, ends at the cutoff). The WAL is replayed once, by the first open.
+    Standard,
+    /// As `standard`, with RocksDB's key estimates instead of reading the table files.
     Quick,
-    /// Do not open the result (not recommended).
+    /// As `standard`'s WAL check, then open the whole result read-only (RocksDB replays the
+    /// WAL in memory), check its last sequence number and count every key.
+    Full,
+    /// Check nothing (not recommended).
     Off,
+}
+
+impl VerifyMode {
+    /// The level's name, as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            VerifyMode::Standard => "standard",
+            VerifyMode::Quick => "quick",
+            VerifyMode::Full => "full",
+            VerifyMode::Off => "off",
+        }
+    }
+
+    /// The base is opened alone, before the WAL files are placed beside it.
+    pub fn checks_base(self) -> bool {
+        matches!(self, VerifyMode::Standard | VerifyMode::Quick)
+    }
+
+    /// The re-created WAL files are read back.
+    pub fn checks_wal(self) -> bool {
+        self != VerifyMode::Off
+    }
 }
 
 /// Whether the restored database was verified.
@@ -72,30 +112,213 @@ pub struct CfKeys {
     pub merge_operator: Option<String>,
 }
 
+/// The whole restored database opened read-only (`--verify full`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OpenCheck {
+    pub status: VerificationStatus,
+    pub reason: Option<String>,
+    /// RocksDB's latest sequence number once it replayed the WAL.
+    pub latest_sequence: Option<u64>,
+    pub duration_ms: u64,
+}
+
+/// Which checks ran, each with what it found. A step that is `None` did not run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VerifySteps {
+    /// The base's files opened alone, before any WAL file is beside them (standard, quick).
+    pub base: Option<base::BaseCheck>,
+    /// The re-created WAL files read back with the format's own reader (all but off).
+    pub wal: Option<wal::WalCheckReport>,
+    /// The whole result opened read-only, RocksDB replaying the WAL in memory (full).
+    pub open: Option<OpenCheck>,
+}
+
 /// The verification of a restored database.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Verification {
+    pub level: VerifyMode,
+    /// `passed` only when every check of the level ran and passed.
     pub status: VerificationStatus,
-    /// Why verification was skipped.
+    /// Why (part of) the verification was skipped.
     pub reason: Option<String>,
     pub expected_sequence: u64,
+    /// The sequence number the checks that ran prove the database ends at when it is
+    /// opened (RocksDB's own latest sequence number with `full`; with `standard` and
+    /// `quick`, the end of the WAL on a base that ends no later). Set only when passed.
+    pub ends_at_sequence: Option<u64>,
+    /// RocksDB's latest sequence number after opening the whole result (`full` only).
     pub latest_sequence: Option<u64>,
+    /// Keys of the whole result (`full` only; the base's own are in `steps.base`).
     pub column_families: Vec<CfKeys>,
+    pub steps: VerifySteps,
     pub duration_ms: u64,
 }
 
 impl Verification {
-    fn skipped(expected: u64, reason: String, started: Instant) -> Verification {
-        tracing::warn!("verification skipped: {reason}");
+    /// Nothing was checked: `--verify off`.
+    pub fn off(expected: u64) -> Verification {
+        tracing::warn!("verification skipped: it was turned off (--verify off)");
         Verification {
+            level: VerifyMode::Off,
             status: VerificationStatus::Skipped,
-            reason: Some(reason),
+            reason: Some("verification was turned off (--verify off)".to_owned()),
             expected_sequence: expected,
+            ends_at_sequence: None,
             latest_sequence: None,
             column_families: Vec::new(),
-            duration_ms: started.elapsed().as_millis() as u64,
+            steps: VerifySteps::default(),
+            duration_ms: 0,
         }
     }
+
+    /// The verification of `level` from the steps that ran. It passes only if each step the
+    /// level asks for passed; a base that ends without any WAL record must end exactly at
+    /// `expected`, as the WAL's end proves nothing then.
+    pub fn from_steps(
+        level: VerifyMode,
+        expected: u64,
+        steps: VerifySteps,
+        column_families: Vec<CfKeys>,
+        duration_ms: u64,
+    ) -> Result<Verification, RestoreError> {
+        let mut reasons = Vec::new();
+        let mut ends_at = None;
+        if let Some(w) = &steps.wal {
+            ends_at = Some(w.last_seq);
+        }
+        if level.checks_base() {
+            match steps.base.as_ref() {
+                Some(b) if b.status == VerificationStatus::Passed => {
+                    let empty_wal = steps.wal.as_ref().is_some_and(|w| w.records == 0);
+                    if empty_wal && b.sequence != Some(expected) {
+                        return Err(RestoreError::Verification(format!(
+                            "no WAL record is replayed and the base's files end at sequence \
+                             {}, the restore planned {expected}",
+                            b.sequence.unwrap_or_default()
+                        )));
+                    }
+                }
+                Some(b) => reasons.push(format!(
+                    "the base was not opened: {}",
+                    b.reason.as_deref().unwrap_or("no reason given")
+                )),
+                None => reasons.push("the base was not opened".to_owned()),
+            }
+        }
+        if level == VerifyMode::Full {
+            match steps.open.as_ref() {
+                Some(o) if o.status == VerificationStatus::Passed => ends_at = o.latest_sequence,
+                Some(o) => reasons.push(o.reason.clone().unwrap_or_default()),
+                None => reasons.push("the database was not opened".to_owned()),
+            }
+        }
+        let passed = reasons.is_empty() && ends_at == Some(expected);
+        if !passed && reasons.is_empty() {
+            reasons.push("the re-created WAL files were not read back".to_owned());
+        }
+        Ok(Verification {
+            level,
+            status: if passed {
+                VerificationStatus::Passed
+            } else {
+                VerificationStatus::Skipped
+            },
+            reason: (!passed).then(|| reasons.join("; ")),
+            expected_sequence: expected,
+            ends_at_sequence: ends_at.filter(|_| passed),
+            latest_sequence: steps.open.as_ref().and_then(|o| o.latest_sequence),
+            column_families,
+            steps,
+            duration_ms,
+        })
+    }
+}
+
+impl Verification {
+    /// The verification as text for people: the outcome, then one line per step that ran.
+    pub fn render(&self, w: &mut String) {
+        use std::fmt::Write as _;
+        let level = self.level.name();
+        let _ = match (self.status, self.ends_at_sequence) {
+            (VerificationStatus::Passed, Some(seq)) => writeln!(
+                w,
+                "  verification  passed ({level}): the database ends at sequence {seq}"
+            ),
+            _ => writeln!(
+                w,
+                "  verification  SKIPPED ({level}): {}",
+                self.reason.as_deref().unwrap_or("")
+            ),
+        };
+        for line in self.step_lines() {
+            let _ = writeln!(w, "                {line}");
+        }
+    }
+
+    fn step_lines(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        let s = &self.steps;
+        if let Some(b) = &s.base {
+            lines.push(match (b.status, b.sequence) {
+                (VerificationStatus::Passed, Some(seq)) => format!(
+                    "base: opened alone, read-only: sequence {seq} (at most {}), WAL from log \
+                     number {} on; keys in its tables: {}",
+                    b.earliest_seq,
+                    b.recovery_min_log_number.unwrap_or_default(),
+                    render_counts(&b.column_families)
+                ),
+                _ => format!(
+                    "base: not opened: {}",
+                    b.reason.as_deref().unwrap_or("no reason given")
+                ),
+            });
+        }
+        if let Some(wal) = &s.wal {
+            lines.push(format!(
+                "WAL: {} files, {} records ({}) read back: checksums, batches, record chain{}, \
+                 ends at sequence {}",
+                wal.files,
+                wal.records,
+                crate::human_bytes(wal.bytes),
+                wal.first_seq
+                    .map(|f| format!(" from sequence {f}"))
+                    .unwrap_or_default(),
+                wal.last_seq
+            ));
+        }
+        if let Some(o) = &s.open {
+            lines.push(match (o.status, o.latest_sequence) {
+                (VerificationStatus::Passed, Some(seq)) => format!(
+                    "open: RocksDB replayed the WAL read-only: latest sequence {seq}; keys: {}",
+                    render_counts(&self.column_families)
+                ),
+                _ => format!(
+                    "open: skipped: {}",
+                    o.reason.as_deref().unwrap_or("no reason given")
+                ),
+            });
+        }
+        lines
+    }
+}
+
+fn render_counts(counts: &[CfKeys]) -> String {
+    let counts: Vec<String> = counts
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {}{}{}",
+                c.name,
+                if c.estimated { "~" } else { "" },
+                c.keys,
+                c.merge_operator
+                    .as_ref()
+                    .map(|m| format!(" (merge operator {m} stood in)"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    counts.join(", ")
 }
 
 /// Things in a base's OPTIONS file that the person opening the restored database must know.
@@ -199,44 +422,48 @@ fn mentions_missing_options(message: &str) -> bool {
     m.contains("merge_operator") || m.contains("merge operator") || m.contains("comparator")
 }
 
-/// Opens the database in `dir` read-only and checks that its latest sequence number is
-/// `expected`. `cf_names` are the column families the base says it has. RocksDB's info log
-/// goes to `log_dir`. Fails with [`RestoreError::Verification`] on any mismatch.
+/// Opens the whole database in `dir` read-only, RocksDB replaying its WAL in memory, and
+/// checks that its latest sequence number is `expected` (`--verify full`). `cf_names` are
+/// the column families the base says it has. RocksDB's info log goes to `log_dir`. Fails
+/// with [`RestoreError::Verification`] on any mismatch.
 ///
 /// The steps: the WAL fits in memory → the column families are the base's → each can be
 /// opened with defaults and a stand-in merge operator → the read-only open ends at
-/// `expected` → every key reads back (or is estimated, `--verify quick`) → no file changed.
-/// A step that cannot be done without the application's options skips the verification,
-/// with the reason; it never passes.
-pub fn verify_restored(
+/// `expected` → every key reads back → no file changed. A step that cannot be done without
+/// the application's options skips the open, with the reason; it never passes.
+pub fn open_whole(
     dir: &Path,
     expected: u64,
     cf_names: &[String],
-    mode: VerifyMode,
     log_dir: &Path,
     progress: &Progress,
     cancel: &Cancel,
-) -> Result<Verification, RestoreError> {
+) -> Result<(OpenCheck, Vec<CfKeys>), RestoreError> {
     let started = Instant::now();
-    let skipped = |Skip(reason)| Ok(Verification::skipped(expected, reason, started));
-    if mode == VerifyMode::Off {
-        return skipped(Skip(
-            "verification was turned off (--verify off)".to_owned(),
-        ));
-    }
+    let skipped = |Skip(reason)| {
+        tracing::warn!("the restored database was not opened: {reason}");
+        let check = OpenCheck {
+            status: VerificationStatus::Skipped,
+            reason: Some(reason),
+            latest_sequence: None,
+            duration_ms: started.elapsed().as_millis() as u64,
+        };
+        Ok((check, Vec::new()))
+    };
     if let Some(reason) = memory_refusal(wal_bytes(dir)?, available_memory(), expected) {
         return skipped(Skip(reason));
     }
     let options = read_options(dir);
     let listed = check_column_families(dir, cf_names, log_dir)?;
-    let setup = match CfSetup::new(&listed, options.as_ref(), expected) {
+    let hint = format!("check that its latest sequence number is {expected}");
+    let setup = match CfSetup::new(&listed, options.as_ref(), &hint) {
         Ok(setup) => setup,
         Err(skip) => return skipped(skip),
     };
     let merge_operators = setup.merge_operators.clone();
 
     let before = snapshot(dir)?;
-    let db = match open_read_only(dir, log_dir, setup, expected)? {
+    let db = match open_read_only(dir, log_dir, setup, &hint)? {
         Ok(db) => db,
         Err(skip) => return skipped(skip),
     };
@@ -247,7 +474,7 @@ pub fn verify_restored(
         )));
     }
     tracing::info!("verified: the restored database ends at sequence {latest}");
-    let column_families = count_keys(&db, &listed, &merge_operators, mode, progress, cancel)?;
+    let column_families = count_keys(&db, &listed, &merge_operators, true, progress, cancel)?;
     drop(db);
     let after = snapshot(dir)?;
     if before != after {
@@ -255,14 +482,13 @@ pub fn verify_restored(
             "opening the database read-only changed files in it; it cannot be trusted".to_owned(),
         ));
     }
-    Ok(Verification {
+    let check = OpenCheck {
         status: VerificationStatus::Passed,
         reason: None,
-        expected_sequence: expected,
         latest_sequence: Some(latest),
-        column_families,
         duration_ms: started.elapsed().as_millis() as u64,
-    })
+    };
+    Ok((check, column_families))
 }
 
 /// Verification cannot be done without the application's options: the reason, for the
@@ -316,11 +542,7 @@ impl CfSetup {
     /// Every column family gets the stand-in, named as the application's operator when the
     /// OPTIONS file names one. A column family whose comparator or table format defaults
     /// cannot stand in for makes verification impossible ([`Skip`]).
-    fn new(
-        listed: &[String],
-        options: Option<&OptionsFile>,
-        expected: u64,
-    ) -> Result<CfSetup, Skip> {
+    fn new(listed: &[String], options: Option<&OptionsFile>, hint: &str) -> Result<CfSetup, Skip> {
         let mut descriptors = Vec::new();
         let mut merge_operators: BTreeMap<String, String> = BTreeMap::new();
         for name in listed {
@@ -330,7 +552,7 @@ impl CfSetup {
                     return Err(Skip(format!(
                         "column family {name:?} uses the comparator {cmp:?}: verification \
                          requires the application's options; open the database with them and \
-                         check that its latest sequence number is {expected}"
+                         {hint}"
                     )));
                 }
                 if let Some(factory) = o
@@ -340,7 +562,7 @@ impl CfSetup {
                     return Err(Skip(format!(
                         "column family {name:?} uses the table format {factory:?}: verification \
                          requires the application's options; open the database with them and \
-                         check that its latest sequence number is {expected}"
+                         {hint}"
                     )));
                 }
                 if let Some(op) = o.merge_operator(name) {
@@ -370,7 +592,7 @@ fn open_read_only(
     dir: &Path,
     log_dir: &Path,
     setup: CfSetup,
-    expected: u64,
+    hint: &str,
 ) -> Result<Result<DB, Skip>, RestoreError> {
     let mut db_opts = Options::default();
     db_opts.create_if_missing(false);
@@ -381,8 +603,7 @@ fn open_read_only(
         Ok(db) => Ok(Ok(db)),
         Err(e) if mentions_missing_options(e.as_ref()) => Ok(Err(Skip(format!(
             "RocksDB cannot open the database without the application's options ({e}): \
-             verification requires them; open the database with them and check that its \
-             latest sequence number is {expected}"
+             verification requires them; open the database with them and {hint}"
         )))),
         Err(e) => Err(RestoreError::Verification(format!(
             "RocksDB cannot open the restored database: {e}"
@@ -397,53 +618,26 @@ fn count_keys(
     db: &DB,
     listed: &[String],
     merge_operators: &BTreeMap<String, String>,
-    mode: VerifyMode,
+    exact: bool,
     progress: &Progress,
     cancel: &Cancel,
 ) -> Result<Vec<CfKeys>, RestoreError> {
     let fail = |detail: String| RestoreError::Verification(detail);
     let mut column_families = Vec::new();
-    let unit = if mode == VerifyMode::Full {
-        Unit::Keys
-    } else {
-        Unit::Objects
-    };
+    let unit = if exact { Unit::Keys } else { Unit::Objects };
     let bar = progress.phase("count keys", 0, unit);
     for name in listed {
         let cf = db
             .cf_handle(name)
             .ok_or_else(|| fail(format!("column family {name:?} did not open")))?;
-        let (keys, estimated) = match mode {
-            VerifyMode::Full => {
-                let mut ro = ReadOptions::default();
-                ro.fill_cache(false);
-                ro.set_verify_checksums(true);
-                let mut it = db.raw_iterator_cf_opt(&cf, ro);
-                it.seek_to_first();
-                let mut n = 0u64;
-                while it.valid() {
-                    n += 1;
-                    if n.is_multiple_of(65_536) {
-                        cancel.check()?;
-                        bar.inc(65_536);
-                    }
-                    it.next();
-                }
-                it.status().map_err(|e| {
-                    fail(format!(
-                        "reading column family {name:?} failed after {n} keys: {e}"
-                    ))
-                })?;
-                bar.inc(n % 65_536);
-                (n, false)
-            }
-            _ => {
-                let n = db
-                    .property_int_value_cf(&cf, "rocksdb.estimate-num-keys")
-                    .map_err(|e| fail(format!("column family {name:?}: {e}")))?
-                    .unwrap_or(0);
-                (n, true)
-            }
+        let (keys, estimated) = if exact {
+            (count_cf(db, &cf, name, &bar, cancel)?, false)
+        } else {
+            let n = db
+                .property_int_value_cf(&cf, "rocksdb.estimate-num-keys")
+                .map_err(|e| fail(format!("column family {name:?}: {e}")))?
+                .unwrap_or(0);
+            (n, true)
         };
         column_families.push(CfKeys {
             name: name.clone(),
@@ -454,6 +648,37 @@ fn count_keys(
     }
     bar.finish("");
     Ok(column_families)
+}
+
+/// Reads every key of column family `name` with block checksums on.
+fn count_cf(
+    db: &DB,
+    cf: &impl rocksdb::AsColumnFamilyRef,
+    name: &str,
+    bar: &crate::progress::PhaseBar,
+    cancel: &Cancel,
+) -> Result<u64, RestoreError> {
+    let mut ro = ReadOptions::default();
+    ro.fill_cache(false);
+    ro.set_verify_checksums(true);
+    let mut it = db.raw_iterator_cf_opt(cf, ro);
+    it.seek_to_first();
+    let mut n = 0u64;
+    while it.valid() {
+        n += 1;
+        if n.is_multiple_of(65_536) {
+            cancel.check()?;
+            bar.inc(65_536);
+        }
+        it.next();
+    }
+    it.status().map_err(|e| {
+        RestoreError::Verification(format!(
+            "reading column family {name:?} failed after {n} keys: {e}"
+        ))
+    })?;
+    bar.inc(n % 65_536);
+    Ok(n)
 }
 
 /// A read-only open keeps every replayed WAL record in memtables: about this many bytes of
@@ -497,7 +722,7 @@ pub fn log_dir_in(scratch: &Path) -> Result<PathBuf, RestoreError> {
 mod tests {
     use super::*;
 
-    fn write_db(dir: &Path, merge: bool) -> u64 {
+    pub(super) fn write_db(dir: &Path, merge: bool) -> u64 {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -542,8 +767,12 @@ mod tests {
         seq
     }
 
-    fn names() -> Vec<String> {
+    pub(super) fn names() -> Vec<String> {
         vec!["default".into(), "counters".into()]
+    }
+
+    fn open(db: &Path, seq: u64, cfs: &[String], logs: &Path) -> (OpenCheck, Vec<CfKeys>) {
+        open_whole(db, seq, cfs, logs, &Progress::hidden(), &Cancel::new()).unwrap()
     }
 
     #[test]
@@ -554,30 +783,13 @@ mod tests {
         let logs = root.path().join("logs");
         fs::create_dir(&logs).unwrap();
         let before = snapshot(&db).unwrap();
-        let v = verify_restored(
-            &db,
-            seq,
-            &names(),
-            VerifyMode::Full,
-            &logs,
-            &Progress::hidden(),
-            &Cancel::new(),
-        )
-        .unwrap();
-        assert_eq!(v.status, VerificationStatus::Passed, "{v:?}");
-        assert_eq!(v.latest_sequence, Some(seq));
-        let counts: BTreeMap<&str, u64> = v
-            .column_families
-            .iter()
-            .map(|c| (c.name.as_str(), c.keys))
-            .collect();
+        let (o, cfs) = open(&db, seq, &names(), &logs);
+        assert_eq!(o.status, VerificationStatus::Passed, "{o:?}");
+        assert_eq!(o.latest_sequence, Some(seq));
+        let counts: BTreeMap<&str, u64> = cfs.iter().map(|c| (c.name.as_str(), c.keys)).collect();
         assert_eq!(counts["default"], 90);
         assert_eq!(counts["counters"], 17);
-        let counters = v
-            .column_families
-            .iter()
-            .find(|c| c.name == "counters")
-            .unwrap();
+        let counters = cfs.iter().find(|c| c.name == "counters").unwrap();
         assert_eq!(counters.merge_operator.as_deref(), Some("test.concat"));
         assert_eq!(
             snapshot(&db).unwrap(),
@@ -586,11 +798,10 @@ mod tests {
         );
 
         // A wrong expectation fails, naming both numbers.
-        let e = verify_restored(
+        let e = open_whole(
             &db,
             seq - 1,
             &names(),
-            VerifyMode::Quick,
             &logs,
             &Progress::hidden(),
             &Cancel::new(),
@@ -604,7 +815,26 @@ mod tests {
 
         // Without an OPTIONS file the merge operator is unknown: the stand-in still lets the
         // WAL replay to the end.
-        for entry in fs::read_dir(&db).unwrap() {
+        remove_options(&db);
+        let (o, cfs) = open(&db, seq, &names(), &logs);
+        assert_eq!(o.latest_sequence, Some(seq));
+        assert!(cfs.iter().all(|c| c.merge_operator.is_none()));
+
+        // Column families that do not match the base fail.
+        let e = open_whole(
+            &db,
+            seq,
+            &["default".to_owned()],
+            &logs,
+            &Progress::hidden(),
+            &Cancel::new(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("column families"), "{e}");
+    }
+
+    pub(super) fn remove_options(db: &Path) {
+        for entry in fs::read_dir(db).unwrap() {
             let path = entry.unwrap().path();
             if path
                 .file_name()
@@ -615,40 +845,11 @@ mod tests {
                 fs::remove_file(path).unwrap();
             }
         }
-        let v = verify_restored(
-            &db,
-            seq,
-            &names(),
-            VerifyMode::Full,
-            &logs,
-            &Progress::hidden(),
-            &Cancel::new(),
-        )
-        .unwrap();
-        assert_eq!(v.latest_sequence, Some(seq));
-        assert!(v.column_families.iter().all(|c| c.merge_operator.is_none()));
-
-        // Column families that do not match the base fail.
-        let e = verify_restored(
-            &db,
-            seq,
-            &["default".to_owned()],
-            VerifyMode::Quick,
-            &logs,
-            &Progress::hidden(),
-            &Cancel::new(),
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("column families"), "{e}");
     }
 
-    #[test]
-    fn a_custom_comparator_skips_verification_with_the_reason() {
-        let root = tempfile::tempdir().unwrap();
-        let db = root.path().join("db");
-        let seq = write_db(&db, false);
-        // Pretend the application used its own comparator.
-        let options = newest_options_file(&db).unwrap().unwrap();
+    /// Pretends the application used its own comparator.
+    pub(super) fn use_custom_comparator(db: &Path) {
+        let options = newest_options_file(db).unwrap().unwrap();
         let text = fs::read_to_string(&options).unwrap();
         let changed = text.replace(
             "comparator=leveldb.BytewiseComparator",
@@ -656,36 +857,120 @@ mod tests {
         );
         assert_ne!(text, changed);
         fs::write(&options, changed).unwrap();
+    }
+
+    #[test]
+    fn a_custom_comparator_skips_verification_with_the_reason() {
+        let root = tempfile::tempdir().unwrap();
+        let db = root.path().join("db");
+        let seq = write_db(&db, false);
+        use_custom_comparator(&db);
         let logs = root.path().join("logs");
         fs::create_dir(&logs).unwrap();
-        let v = verify_restored(
-            &db,
-            seq,
-            &names(),
-            VerifyMode::Full,
-            &logs,
-            &Progress::hidden(),
-            &Cancel::new(),
-        )
-        .unwrap();
-        assert_eq!(v.status, VerificationStatus::Skipped);
-        let reason = v.reason.unwrap();
+        let (o, _) = open(&db, seq, &names(), &logs);
+        assert_eq!(o.status, VerificationStatus::Skipped);
+        let reason = o.reason.clone().unwrap();
         assert!(
             reason.contains("app.ReverseComparator")
                 && reason.contains("requires the application's options"),
             "{reason}"
         );
-        let off = verify_restored(
-            &db,
-            seq,
-            &names(),
-            VerifyMode::Off,
-            &logs,
-            &Progress::hidden(),
-            &Cancel::new(),
+        let steps = VerifySteps {
+            open: Some(o),
+            ..VerifySteps::default()
+        };
+        let v = Verification::from_steps(VerifyMode::Full, seq, steps, vec![], 0).unwrap();
+        assert_eq!(v.status, VerificationStatus::Skipped);
+        assert_eq!(v.ends_at_sequence, None);
+        assert!(v.reason.unwrap().contains("app.ReverseComparator"));
+        assert_eq!(Verification::off(seq).status, VerificationStatus::Skipped);
+    }
+
+    fn wal_report(records: u64, last_seq: u64) -> wal::WalCheckReport {
+        wal::WalCheckReport {
+            files: 1,
+            records,
+            bytes: 1,
+            first_seq: (records > 0).then_some(1),
+            last_seq,
+            checked: vec![],
+            duration_ms: 0,
+        }
+    }
+
+    fn base_check(sequence: u64) -> base::BaseCheck {
+        base::BaseCheck {
+            status: VerificationStatus::Passed,
+            reason: None,
+            sequence: Some(sequence),
+            earliest_seq: sequence,
+            recovery_min_log_number: Some(4),
+            column_families: vec![],
+            duration_ms: 0,
+        }
+    }
+
+    #[test]
+    fn standard_passes_only_when_every_step_it_asks_for_passed() {
+        let steps = |base: Option<base::BaseCheck>, wal| VerifySteps {
+            base,
+            wal,
+            open: None,
+        };
+        let std = VerifyMode::Standard;
+        let v = Verification::from_steps(
+            std,
+            20,
+            steps(Some(base_check(9)), Some(wal_report(3, 20))),
+            vec![],
+            0,
         )
         .unwrap();
-        assert_eq!(off.status, VerificationStatus::Skipped);
+        assert_eq!(v.status, VerificationStatus::Passed);
+        assert_eq!((v.ends_at_sequence, v.latest_sequence), (Some(20), None));
+        let mut text = String::new();
+        v.render(&mut text);
+        assert!(text.contains("passed (standard)"), "{text}");
+        assert!(text.contains("base: opened alone") && text.contains("WAL: 1 files"));
+
+        // No WAL record: the base alone must end exactly at the cutoff.
+        let e = Verification::from_steps(
+            std,
+            9,
+            steps(Some(base_check(8)), Some(wal_report(0, 9))),
+            vec![],
+            0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("end at sequence 8"), "{e}");
+        let v = Verification::from_steps(
+            std,
+            9,
+            steps(Some(base_check(9)), Some(wal_report(0, 9))),
+            vec![],
+            0,
+        )
+        .unwrap();
+        assert_eq!(v.status, VerificationStatus::Passed);
+
+        // A base that could not be opened is never a pass, whatever the WAL says.
+        let mut skipped = base_check(9);
+        skipped.status = VerificationStatus::Skipped;
+        skipped.reason = Some("custom comparator".into());
+        let v = Verification::from_steps(
+            std,
+            20,
+            steps(Some(skipped), Some(wal_report(3, 20))),
+            vec![],
+            0,
+        )
+        .unwrap();
+        assert_eq!(v.status, VerificationStatus::Skipped);
+        assert!(v.reason.unwrap().contains("custom comparator"));
+        // Nor is a WAL that was not read back.
+        let v =
+            Verification::from_steps(std, 20, steps(Some(base_check(9)), None), vec![], 0).unwrap();
+        assert_eq!(v.status, VerificationStatus::Skipped);
     }
 
     #[test]
