@@ -471,16 +471,19 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>
 
 /// Waits until a database the load generator is creating can be archived: `CURRENT` and an
 /// `OPTIONS-*` file exist (RocksDB writes OPTIONS after CURRENT; the archiver refuses a
-/// database without one).
+/// database without one). RocksDB writes it as `OPTIONS-N.dbtmp` and renames it: only the
+/// renamed file counts, as for the archiver.
 pub fn wait_for_database(db: &Path) -> Result<()> {
+    use tidemark_manifest::rocks::DbFile;
     wait_for(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "the load generator's database",
         || {
             let has_options = std::fs::read_dir(db).ok()?.flatten().any(|e| {
                 e.file_name()
                     .to_str()
-                    .is_some_and(|n| n.starts_with("OPTIONS-"))
+                    .and_then(DbFile::parse)
+                    .is_some_and(|f| matches!(f, DbFile::Options(_)))
             });
             (db.join("CURRENT").exists() && has_options).then_some(())
         },
