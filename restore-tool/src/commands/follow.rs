@@ -958,3 +958,190 @@ impl FollowReport {
         w
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_manifest::model::Compression;
+    use tidemark_manifest::origin::OriginParent;
+    use tidemark_manifest::rocks::write_batch::BatchBuilder;
+    use tidemark_manifest::segment::{RecordTime, SegmentBuilder};
+    use tidemark_manifest::testing::T0_US;
+
+    /// A batch at `seq` putting `count` keys into column family `cf`.
+    fn batch(seq: u64, count: u32, cf: u32) -> Vec<u8> {
+        let mut b = BatchBuilder::new(seq);
+        for i in 0..count {
+            b.put(cf, format!("k{seq}-{i}").as_bytes(), b"v");
+        }
+        b.finish()
+    }
+
+    fn rec(seq: u64, count: u32, log: u64, cf: u32) -> Record {
+        Record {
+            seq,
+            count,
+            time_us: T0_US + seq as i64,
+            time_source: RecordTime::Observed,
+            log_number: log,
+            log_offset: seq * 100,
+            batch: batch(seq, count, cf),
+        }
+    }
+
+    /// A segment file of `records` in `dir`; its key.
+    fn segment(dir: &Path, records: &[Record]) -> (String, PathBuf) {
+        let mut b = SegmentBuilder::new(Compression::Zstd, 1).unwrap();
+        for r in records {
+            b.push(r).unwrap();
+        }
+        let seg = b.finish().unwrap();
+        let path = dir.join(format!("{}.seg", records[0].seq));
+        fs::write(&path, &seg.bytes).unwrap();
+        (seg.key(), path)
+    }
+
+    /// A standby in `dir` committed at `seq`, holding no WAL file yet.
+    fn standby(dir: &Path, seq: u64) -> Standby {
+        let origin = Origin::new(OriginParent {
+            repository: "file:///r".into(),
+            repository_id: "r".into(),
+            lineage: "l".into(),
+            sequence: seq,
+            time: time_from_micros(T0_US),
+        });
+        origin.write(dir).unwrap();
+        Standby {
+            dir: dir.to_path_buf(),
+            _marker: None,
+            origin,
+            column_families: BTreeSet::from([0, 1]),
+            wal: None,
+        }
+    }
+
+    fn wal_seqs(path: &Path) -> Vec<u64> {
+        tidemark_manifest::rocks::log::read_all(path)
+            .unwrap()
+            .iter()
+            .map(|r| BatchHeader::parse(&r.bytes).unwrap().sequence)
+            .collect()
+    }
+
+    #[test]
+    fn segments_append_whole_batches_by_log_number_and_commit_the_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = tempfile::tempdir().unwrap();
+        let mut s = standby(dir.path(), 0);
+        let (k1, p1) = segment(segs.path(), &[rec(1, 2, 4, 0), rec(3, 4, 4, 1)]);
+        assert_eq!(s.apply_segment(&k1, &p1).unwrap(), 2);
+        let (k2, p2) = segment(segs.path(), &[rec(7, 1, 4, 0), rec(8, 3, 9, 1)]);
+        assert_eq!(s.apply_segment(&k2, &p2).unwrap(), 2);
+        assert_eq!(s.applied().seq, 10);
+        assert_eq!(
+            Origin::read(dir.path()).unwrap().unwrap().parent.sequence,
+            10
+        );
+        assert_eq!(wal_seqs(&dir.path().join("000004.log")), vec![1, 3, 7]);
+        assert_eq!(wal_seqs(&dir.path().join("000009.log")), vec![8]);
+        assert_eq!(s.wal_name().as_deref(), Some("000009.log"));
+    }
+
+    #[test]
+    fn a_break_in_the_chain_an_older_log_or_an_unknown_column_family_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = tempfile::tempdir().unwrap();
+        let mut s = standby(dir.path(), 10);
+        let (k, p) = segment(segs.path(), &[rec(12, 1, 4, 0)]);
+        let e = s.apply_segment(&k, &p).unwrap_err();
+        assert!(e.to_string().contains("a record is missing"), "{e}");
+        assert_eq!(e.class(), crate::ErrorClass::VerificationFailed);
+        let (k, p) = segment(segs.path(), &[rec(11, 1, 4, 7)]);
+        let e = s.apply_segment(&k, &p).unwrap_err();
+        assert!(e.to_string().contains("column family 7"), "{e}");
+        assert_eq!(e.class(), crate::ErrorClass::NotRestorable);
+        let (k, p) = segment(segs.path(), &[rec(11, 1, 5, 0)]);
+        s.apply_segment(&k, &p).unwrap();
+        let (k, p) = segment(segs.path(), &[rec(12, 1, 4, 0)]);
+        let e = s.apply_segment(&k, &p).unwrap_err();
+        assert!(e.to_string().contains("older than WAL 5"), "{e}");
+        assert_eq!(
+            s.applied().seq,
+            11,
+            "nothing past the refused records is committed"
+        );
+    }
+
+    /// Writes `records` into the WAL file `path` and returns the offset after each.
+    fn write_wal(path: &Path, records: &[(u64, u32)]) -> Vec<u64> {
+        let mut w = LogWriter::new(File::create(path).unwrap());
+        records
+            .iter()
+            .map(|&(seq, count)| w.add_record(&batch(seq, count, 0)).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_wal_is_cut_back_to_the_committed_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("000004.log");
+        let ends = write_wal(&path, &[(1, 2), (3, 4), (7, 3)]);
+        assert_eq!(cut_point(&path, 6).unwrap(), Cut::At(ends[1]));
+        assert_eq!(cut_point(&path, 9).unwrap(), Cut::At(ends[2]));
+        assert_eq!(cut_point(&path, 0).unwrap(), Cut::Before);
+        // A point inside a batch, or past the file's records, was not written by a follower.
+        assert!(cut_point(&path, 4).is_err());
+        let e = cut_point(&path, 20).unwrap_err();
+        assert!(
+            e.to_string().contains("changed outside the follower"),
+            "{e}"
+        );
+        // A torn record at the end is cut off.
+        let mut bytes = fs::read(&path).unwrap();
+        let whole = bytes.len();
+        bytes.extend_from_slice(&[0x11, 0x22, 0x33, 0x44, 40, 0, 1, 9, 9]);
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(cut_point(&path, 9).unwrap(), Cut::At(whole as u64));
+        let w = open_for_append(4, &path, whole as u64).unwrap();
+        drop(w);
+        assert_eq!(fs::metadata(&path).unwrap().len(), whole as u64);
+    }
+
+    #[test]
+    fn a_resumed_standby_drops_what_was_not_committed_and_appends_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = tempfile::tempdir().unwrap();
+        write_wal(&dir.path().join("000004.log"), &[(1, 2), (3, 4), (7, 3)]);
+        // A file of a newer log, started but never committed.
+        write_wal(&dir.path().join("000009.log"), &[(10, 1)]);
+        let mut s = standby(dir.path(), 6);
+        s.wal = s.resume_wal().unwrap();
+        assert!(!dir.path().join("000009.log").exists());
+        assert_eq!(wal_seqs(&dir.path().join("000004.log")), vec![1, 3]);
+        let (k, p) = segment(segs.path(), &[rec(7, 3, 4, 0), rec(10, 1, 9, 0)]);
+        s.apply_segment(&k, &p).unwrap();
+        assert_eq!(wal_seqs(&dir.path().join("000004.log")), vec![1, 3, 7]);
+        assert_eq!(wal_seqs(&dir.path().join("000009.log")), vec![10]);
+    }
+
+    #[test]
+    fn only_a_standby_of_this_repository_is_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = lock_marker(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("not a warm standby"), "{e}");
+        Standby::mark(dir.path(), "file:///r").unwrap();
+        let held = lock_marker(dir.path()).unwrap();
+        let e = lock_marker(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("another follower"), "{e}");
+        drop(held);
+        lock_marker(dir.path()).unwrap();
+        let s = standby(dir.path(), 1);
+        let mut config = tidemark_manifest::testing::config();
+        config.repository_id = "r".into();
+        config.lineage.id = "l".into();
+        s.check_repository(&config, "file:///r").unwrap();
+        config.lineage.id = "other".into();
+        let e = s.check_repository(&config, "file:///r").unwrap_err();
+        assert!(e.to_string().contains("lineage other"), "{e}");
+    }
+}
