@@ -156,8 +156,11 @@ pub struct AppliedPoint {
 pub struct FollowStatus {
     pub event: &'static str,
     pub applied: AppliedPoint,
-    /// Now minus the time of the last applied record.
+    /// Now minus the time of the last applied record: how far behind the standby is.
     pub lag_seconds: f64,
+    /// Now minus the time of the segment's first record: the longest any record of the
+    /// segment waited to be applied.
+    pub first_record_lag_seconds: f64,
     pub segment: String,
     pub records: u64,
     /// The WAL file the last record went to.
@@ -363,12 +366,12 @@ impl Follower {
         let path = path.to_path_buf();
         let (standby, result) = tokio::task::spawn_blocking(move || {
             let r = standby.apply_segment(&entry.key, &path);
-            (standby, r.map(|n| (n, entry.key)))
+            (standby, r.map(|n| (n, entry.key, entry.first_time)))
         })
         .await
         .expect("applying a segment does not panic");
         self.standby = standby;
-        let (records, key) = result?;
+        let (records, key, first_time) = result?;
         self.segments_applied += 1;
         self.records_applied += records;
         let applied = self.standby.applied();
@@ -377,6 +380,7 @@ impl Follower {
             event: "applied",
             applied,
             lag_seconds: lag(applied.time),
+            first_record_lag_seconds: lag(first_time),
             segment: key,
             records,
             wal_file: self.standby.wal_name(),
