@@ -12,7 +12,10 @@
 //!   read-write at once and equals the oracle at the last sequence, its origin names that
 //!   point, and a follower refuses the promoted directory.
 //! - A corrupt segment stops a resumed follower with exit code 4, naming the object; the
-//!   same segment missing, with the archive going on past it, stops it with exit code 3.
+//!   same segment missing, with the archive going on past it, stops it with exit code 3
+//!   while no base starts after the gap. Once a base does (`tidemark-archiver backup`), the
+//!   follower re-bases: a fresh standby restored from it replaces the old one (moved aside,
+//!   unchanged), follows to the writer's last sequence and promotes to the oracle's state.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -253,7 +256,17 @@ fn run_to_failure(s: &Setup, target: &Path, log: &str) -> Result<(i32, String)> 
 async fn stops_on_corruption_and_gaps(store: TestStore) -> Result<()> {
     let s = Setup::new(store)?;
     let target = s.path("standby");
-    let mut writer = s.loadgen(&["--duration", "20", "--rate", "250", "--seed", "5"])?;
+    // Flushes often, so that a base taken later needs no WAL from before the gap.
+    let mut writer = s.loadgen(&[
+        "--duration",
+        "20",
+        "--rate",
+        "250",
+        "--seed",
+        "5",
+        "--flush-every",
+        "200",
+    ])?;
     wait_for_database(&s.db())?;
     let mut arch = s.archiver("archiver.log", &[])?;
     wait_base(&s, &mut arch).await?;
@@ -310,6 +323,43 @@ async fn stops_on_corruption_and_gaps(store: TestStore) -> Result<()> {
     } else {
         writer.wait_success(Duration::from_secs(1))?;
     }
+
+    // With a base past the gap, the follower re-bases: a fresh standby from it, swapped in,
+    // the old one moved aside; it then follows to the writer's last sequence.
+    let oracle = s.oracle()?;
+    let last = oracle.last_seq();
+    let db = s.db().display().to_string();
+    let url = s.programs_store().url.clone();
+    let (code, _, _) = s.run("tidemark-archiver", &["backup", "--db", &db, "--to", &url])?;
+    ensure!(code == 0, "backup exited {code}");
+    wait_archived(&s.store, last, &mut arch, Duration::from_secs(60)).await?;
+    let mut f = follower(&s, &target, "follow-rebase.log", &[])?;
+    wait_applied(&target, last, &mut f, Duration::from_secs(120))?;
+    let asked = Instant::now();
+    f.signal("USR1")?;
+    f.wait_success(Duration::from_secs(60))?;
+    eprintln!("promotion: SIGUSR1 to exit in {:?}", asked.elapsed());
+    let report = last_json(&f.log)?;
+    ensure!(report["event"] == "promoted", "{report}");
+    ensure!(report["rebases"].as_u64() == Some(1), "{report}");
+    let aside: Vec<_> = std::fs::read_dir(s.path(""))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("standby.old-"))
+        .collect();
+    ensure!(
+        aside.len() == 1,
+        "the old standby was not moved aside once: {aside:?}"
+    );
+    ensure!(
+        applied(&aside[0].path()) == Some(stopped_at),
+        "the old standby changed"
+    );
+    let db = open_db(&target)?;
+    ensure!(db.latest_sequence_number() == last);
+    if let Some(d) = oracle.state_at(last)?.diff(&read_state(&db)?) {
+        bail!("the re-based standby differs from what was written: {d}");
+    }
+    drop(db);
     arch.stop(Duration::from_secs(30))?;
     Ok(())
 }
@@ -320,11 +370,11 @@ fn futures_block<F: std::future::Future>(f: F) -> F::Output {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_corrupt_or_missing_segment_stops_the_follower_with_its_exit_code_local() -> Result<()> {
+async fn a_corrupt_segment_stops_the_follower_and_a_gap_stops_it_or_rebases_local() -> Result<()> {
     stops_on_corruption_and_gaps(TestStore::local()?).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_corrupt_or_missing_segment_stops_the_follower_with_its_exit_code_s3() -> Result<()> {
+async fn a_corrupt_segment_stops_the_follower_and_a_gap_stops_it_or_rebases_s3() -> Result<()> {
     tidemark_tests::harness::with_s3("standby-faults", stops_on_corruption_and_gaps).await
 }

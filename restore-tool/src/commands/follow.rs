@@ -25,9 +25,11 @@
 //! chain, a batch writing a column family the standby does not have (the source created
 //! one: a new base is needed), the repository's lineage changing, or the archive going on
 //! past a sequence number no segment starts at (a gap, or segments pruned before they were
-//! applied).
+//! applied) with no base after it. With a base after the gap it re-bases
+//! (`Follower::rebase`): the latest point restored beside the target, verified, swapped
+//! in, the old standby moved aside.
 //!
-//! Promotion ([`Follower::promote`]) happens between segments, so at a batch boundary: the
+//! Promotion happens between segments, so at a batch boundary: the
 //! origin file already names the point reached, the marker is removed, and the application
 //! may open the directory read-write at once (RocksDB replays the WAL on that first open).
 
@@ -191,6 +193,9 @@ pub struct FollowReport {
     pub applied: AppliedPoint,
     pub segments_applied: u64,
     pub records_applied: u64,
+    /// Fresh standbys restored from a newer base after a gap, each swapped in for the old
+    /// one (moved aside to `<DIR>.old-<time>`).
+    pub rebases: u64,
     /// The origin file as it is now (it names the point reached).
     pub origin: Origin,
     /// How long promotion took, from the request to the target being ready.
@@ -244,9 +249,12 @@ pub async fn run(
         scratch: scratch_dir(&dir)?,
         segments_applied: 0,
         records_applied: 0,
+        rebases: 0,
         last_check: None,
     };
-    let result = follower.follow_until_end(opts, controls, on_status).await;
+    let result = follower
+        .follow_until_end(opts, progress, controls, on_status)
+        .await;
     let _ = fs::remove_dir(&follower.scratch);
     result?;
     follower.finish(opts, controls, restored, resumed_from)
@@ -294,6 +302,8 @@ struct Follower {
     scratch: PathBuf,
     segments_applied: u64,
     records_applied: u64,
+    /// Fresh standbys restored after a gap.
+    rebases: u64,
     /// When the repository's generation and config were last read.
     last_check: Option<Instant>,
 }
@@ -304,6 +314,7 @@ impl Follower {
     async fn follow_until_end(
         &mut self,
         opts: &FollowOptions,
+        progress: &Progress,
         controls: &Controls,
         on_status: &mut (dyn FnMut(&FollowStatus) + Send),
     ) -> Result<(), RestoreError> {
@@ -319,7 +330,10 @@ impl Follower {
                 if opts.promote {
                     return Ok(());
                 }
-                self.check_archive_if_due().await?;
+                if let Some(gap) = self.check_archive_if_due().await? {
+                    self.rebase(gap, opts, progress, controls).await?;
+                    continue;
+                }
                 wait(opts.poll_interval(), controls).await;
             }
         }
@@ -390,28 +404,28 @@ impl Follower {
     /// Every [`ARCHIVE_CHECK_INTERVAL`] while idle: the repository's lineage is still the
     /// standby's, and the archive does not go on past the next sequence number without a
     /// segment starting there.
-    async fn check_archive_if_due(&mut self) -> Result<(), RestoreError> {
+    async fn check_archive_if_due(&mut self) -> Result<Option<String>, RestoreError> {
         if self
             .last_check
             .is_some_and(|t| t.elapsed() < ARCHIVE_CHECK_INTERVAL)
         {
-            return Ok(());
+            return Ok(None);
         }
         self.last_check = Some(Instant::now());
         let config = self.repo.require_config().await?;
         self.standby
             .check_repository(&config, &self.repo.location())?;
         let Some(generation) = self.repo.current_generation().await? else {
-            return Ok(());
+            return Ok(None);
         };
         let next = self.standby.next_seq();
         if generation.tail_start_seq <= next {
-            return Ok(());
+            return Ok(None);
         }
         // The archive holds records past `next`: a segment must start there. Probe again
         // (it may have been written since the walk).
         if self.repo.read_segment_header(next).await?.is_some() {
-            return Ok(());
+            return Ok(None);
         }
         let why = match generation
             .gaps
@@ -427,12 +441,65 @@ impl Follower {
                 generation.generation, generation.tail_start_seq
             ),
         };
-        Err(RestoreError::NotRestorable(format!(
-            "the standby cannot follow further: no segment of {} starts at sequence {next}, \
-             the next one it needs; {why}. Restore a new standby into an empty directory \
-             (from the newest base) and switch to it",
+        Ok(Some(format!(
+            "no segment of {} starts at sequence {next}, the next one the standby needs; {why}",
             self.repo.location()
         )))
+    }
+
+    /// Answers a gap at the standby's next sequence number: when the repository has a base
+    /// past the gap, a fresh standby is restored from it beside the target (the latest
+    /// point, verified) and swapped in, the old one moved aside to `<DIR>.old-<time>`
+    /// (never deleted); otherwise the follower stops.
+    async fn rebase(
+        &mut self,
+        gap: String,
+        opts: &FollowOptions,
+        progress: &Progress,
+        controls: &Controls,
+    ) -> Result<(), RestoreError> {
+        let next = self.standby.next_seq();
+        let state = super::load(&self.repo).await?;
+        let past_gap = state
+            .history
+            .plan(super::Target::Latest)
+            .is_ok_and(|p| p.base.replay_from_seq > next);
+        if !past_gap {
+            return Err(RestoreError::NotRestorable(format!(
+                "the standby cannot follow further: {gap}. No base of the repository starts \
+                 after it yet to re-base on: take one (`tidemark-archiver backup`) and start \
+                 the follower again, or restore a new standby later"
+            )));
+        }
+        tracing::warn!("{gap}: re-basing the standby on the newest base");
+        let dir = self.standby.dir.clone();
+        drop(self.standby.take());
+        let mut ropts = RestoreOptions::new(&dir, super::Target::Latest);
+        ropts.force = true;
+        ropts.parallelism = opts.parallelism;
+        ropts.verify = opts.verify;
+        let report = restore::run(&self.repo, &ropts, progress, &controls.stop).await;
+        let report = match report {
+            Ok(r) => r,
+            Err(e) => {
+                self.standby = Standby::open(&dir)?;
+                return Err(e);
+            }
+        };
+        Standby::mark(&dir, &report.repository)?;
+        self.standby = Standby::open(&dir)?;
+        self.rebases += 1;
+        tracing::warn!(
+            "re-based the standby {} on base {} at sequence {}; the old one is in {}",
+            dir.display(),
+            report.base.id,
+            self.standby.applied().seq,
+            report
+                .moved_aside
+                .as_ref()
+                .map_or_else(|| "(nowhere)".to_owned(), |p| p.display().to_string())
+        );
+        Ok(())
     }
 
     /// Promotes when asked (or with `--promote`) and builds the report.
@@ -450,6 +517,7 @@ impl Follower {
             standby,
             segments_applied,
             records_applied,
+            rebases,
             ..
         } = self;
         let applied = standby.applied();
@@ -476,6 +544,7 @@ impl Follower {
             applied,
             segments_applied,
             records_applied,
+            rebases,
             origin,
             promote_ms: promoted.then(|| asked.elapsed().as_millis() as u64),
         })
@@ -948,6 +1017,13 @@ impl FollowReport {
             "  applied       {} segments, {} records in this run",
             self.segments_applied, self.records_applied
         );
+        if self.rebases > 0 {
+            let _ = writeln!(
+                w,
+                "  re-based      {} times after a gap (the old standbys were moved aside)",
+                self.rebases
+            );
+        }
         let _ = writeln!(
             w,
             "  origin        {}: lineage {}, at sequence {} of {}",
