@@ -26,7 +26,10 @@ use serde_json::Value;
 use tidemark_manifest::exit;
 use tidemark_manifest::keys::segment_key;
 use tidemark_manifest::origin::Origin;
-use tidemark_tests::harness::{Proc, TestStore, bin, wait_archived, wait_for, wait_for_database};
+use tidemark_tests::harness::{
+    Proc, TestStore, bin, http_get, logged_metrics_addr, metric_sample, wait_archived, wait_for,
+    wait_for_database,
+};
 use tidemark_tests::setup::Setup;
 use tidemark_tests::{Oracle, cf_descriptors, db_options, open_db, read_state};
 
@@ -119,6 +122,32 @@ fn check_secondary(db: &DB, s: &Setup) -> Result<u64> {
     Ok(seq)
 }
 
+/// The follower's `/metrics` show the standby at `seq`, caught up, and `/health` is 200.
+fn check_metrics(f: &Proc, seq: u64) -> Result<()> {
+    let addr = wait_for(Duration::from_secs(30), "the metrics address", || {
+        logged_metrics_addr(&f.log)
+    })?;
+    let (status, _, _) = http_get(addr, "/health")?;
+    ensure!(status == 200, "/health answered {status}");
+    // The lag is 0 once a poll found nothing newer.
+    let body = wait_for(Duration::from_secs(30), "a caught-up scrape", || {
+        let (_, _, body) = http_get(addr, "/metrics").ok()?;
+        (metric_sample(&body, "tidemark_standby_lag_seconds") == Some(0.0)).then_some(body)
+    })?;
+    let applied = metric_sample(&body, "tidemark_standby_applied_sequence");
+    ensure!(
+        applied == Some(seq as f64),
+        "applied {applied:?}, expected {seq}:\n{body}"
+    );
+    let segments = metric_sample(&body, "tidemark_standby_segments_applied_total");
+    ensure!(segments.is_some_and(|n| n >= 1.0), "{body}");
+    ensure!(
+        metric_sample(&body, "tidemark_standby_errors_total") == Some(0.0),
+        "{body}"
+    );
+    Ok(())
+}
+
 /// Waits until the repository has a base, while `archiver` runs.
 async fn wait_base(s: &Setup, archiver: &mut Proc) -> Result<()> {
     let repo = s.store.open_when_created().await?;
@@ -156,7 +185,12 @@ async fn follows_resumes_and_promotes(store: TestStore) -> Result<()> {
     let first = applied(&target).context("no origin")?;
     wait_applied(&target, first + 1, &mut f, Duration::from_secs(60))?;
     f.kill_running()?;
-    let mut f = follower(&s, &target, "follow-2.log", &[])?;
+    let mut f = follower(
+        &s,
+        &target,
+        "follow-2.log",
+        &["--metrics-addr", "127.0.0.1:0"],
+    )?;
 
     // A secondary instance sees newer data while the standby follows.
     let secondary = open_secondary(&target, &s.path("secondary"))?;
@@ -168,6 +202,7 @@ async fn follows_resumes_and_promotes(store: TestStore) -> Result<()> {
     let last = oracle.last_seq();
     wait_archived(&s.store, last, &mut arch, Duration::from_secs(60)).await?;
     wait_applied(&target, last, &mut f, Duration::from_secs(60))?;
+    check_metrics(&f, last)?;
     let later = check_secondary(&secondary, &s)?;
     ensure!(
         later > seen,

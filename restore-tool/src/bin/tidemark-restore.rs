@@ -144,6 +144,10 @@ struct FollowArgs {
     /// Print a JSON line per applied segment and one when following ends.
     #[arg(long)]
     json: bool,
+    /// Serve Prometheus metrics (/metrics) and /health on HOST:PORT (port 0: any free
+    /// port, logged as "metrics listening on ADDR").
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
 }
 
 // `list`'s flags.
@@ -509,6 +513,7 @@ async fn follow_cmd(a: FollowArgs, progress: &Progress, cancel: &Cancel) -> anyh
         verify: a.verify,
         promote: a.promote,
         no_catch_up: a.no_catch_up,
+        metrics_addr: a.metrics_addr,
     };
     let controls = Controls {
         stop: cancel.clone(),

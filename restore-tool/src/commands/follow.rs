@@ -56,6 +56,7 @@ use tidemark_manifest::segment::{Record, SegmentReader};
 
 use super::StoreOptions;
 use super::restore::{self, RestoreOptions, RestoreReport};
+use crate::metrics::{self, FollowMetrics};
 use crate::progress::Progress;
 use crate::replay::ChainError;
 use crate::staging::{self, sync_dir};
@@ -106,6 +107,9 @@ pub struct FollowOptions {
     /// With `promote`: promote at the applied point without reading the archive.
     #[serde(default)]
     pub no_catch_up: bool,
+    /// Serve Prometheus metrics and `/health` on this `HOST:PORT`.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 impl FollowOptions {
@@ -118,6 +122,7 @@ impl FollowOptions {
             verify: default_verify(),
             promote: false,
             no_catch_up: false,
+            metrics_addr: None,
         }
     }
 
@@ -218,13 +223,38 @@ pub async fn run(
         ));
     }
     restore::check_target_outside_store(store, &opts.target_dir)?;
-    let dir = staging::resolve_target(&opts.target_dir)?;
-    let fresh = staging::inspect(&dir)?.is_free();
+    let fresh = staging::inspect(&staging::resolve_target(&opts.target_dir)?)?.is_free();
     if opts.no_catch_up && (!opts.promote || fresh) {
         return Err(RestoreError::Usage(
             "--no-catch-up only applies with --promote, to an existing standby".to_owned(),
         ));
     }
+    let metrics = Arc::new(FollowMetrics::default());
+    let _server = match &opts.metrics_addr {
+        Some(addr) => Some(metrics::serve(addr, metrics.clone()).await.map_err(|e| {
+            RestoreError::Usage(format!("--metrics-addr {addr}: cannot listen there: {e}"))
+        })?),
+        None => None,
+    };
+    let result = follow(store, opts, progress, controls, on_status, &metrics).await;
+    if result.is_err() {
+        metrics.error();
+    }
+    metrics.stopped();
+    result
+}
+
+/// [`run`], its metrics kept in `metrics`.
+async fn follow(
+    store: &StoreOptions,
+    opts: &FollowOptions,
+    progress: &Progress,
+    controls: &Controls,
+    on_status: &mut (dyn FnMut(&FollowStatus) + Send),
+    metrics: &Arc<FollowMetrics>,
+) -> Result<FollowReport, RestoreError> {
+    let dir = staging::resolve_target(&opts.target_dir)?;
+    let fresh = staging::inspect(&dir)?.is_free();
     let repo = store.open().await?;
     let mut restored = None;
     if fresh {
@@ -251,7 +281,10 @@ pub async fn run(
         records_applied: 0,
         rebases: 0,
         last_check: None,
+        metrics: metrics.clone(),
     };
+    let applied = follower.standby.applied();
+    metrics.set_applied(applied.seq, applied.time);
     let result = follower
         .follow_until_end(opts, progress, controls, on_status)
         .await;
@@ -306,6 +339,7 @@ struct Follower {
     rebases: u64,
     /// When the repository's generation and config were last read.
     last_check: Option<Instant>,
+    metrics: Arc<FollowMetrics>,
 }
 
 impl Follower {
@@ -325,7 +359,15 @@ impl Follower {
             if controls.should_end() {
                 return Ok(());
             }
-            let applied = self.poll(controls, on_status).await?;
+            let applied = match self.poll(controls, on_status).await {
+                Err(e) if !opts.promote && e.class() == crate::ErrorClass::Failure => {
+                    // The store's own retries are spent: count it and try at the next poll.
+                    tracing::warn!(error = %e, "cannot read the archive; trying again");
+                    self.metrics.error();
+                    0
+                }
+                r => r?,
+            };
             if applied == 0 {
                 if opts.promote {
                     return Ok(());
@@ -351,8 +393,10 @@ impl Follower {
             return Ok(0);
         };
         let entries = entries?;
+        self.metrics
+            .set_pending(entries.first().map(|e| e.first_time));
         let mut applied = 0;
-        for entry in entries {
+        for (i, entry) in entries.iter().cloned().enumerate() {
             if controls.should_end() {
                 break;
             }
@@ -364,7 +408,13 @@ impl Follower {
             let path = path?;
             let status = self.apply(entry, &path).await;
             let _ = fs::remove_file(&path);
-            on_status(&status?);
+            let status = status?;
+            self.metrics
+                .set_applied(status.applied.seq, status.applied.time);
+            self.metrics.segment_applied(status.records);
+            self.metrics
+                .set_pending(entries.get(i + 1).map(|e| e.first_time));
+            on_status(&status);
             applied += 1;
         }
         Ok(applied)
@@ -489,6 +539,9 @@ impl Follower {
         Standby::mark(&dir, &report.repository)?;
         self.standby = Standby::open(&dir)?;
         self.rebases += 1;
+        self.metrics.rebased();
+        let applied = self.standby.applied();
+        self.metrics.set_applied(applied.seq, applied.time);
         tracing::warn!(
             "re-based the standby {} on base {} at sequence {}; the old one is in {}",
             dir.display(),
