@@ -16,6 +16,8 @@
 //!   while no base starts after the gap. Once a base does (`tidemark-archiver backup`), the
 //!   follower re-bases: a fresh standby restored from it replaces the old one (moved aside,
 //!   unchanged), follows to the writer's last sequence and promotes to the oracle's state.
+//! - Over `--max-wal-bytes`, the follower re-bases once a newer base exists (the disk bound)
+//!   and still promotes to the oracle's state.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -412,4 +414,90 @@ async fn a_corrupt_segment_stops_the_follower_and_a_gap_stops_it_or_rebases_loca
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupt_segment_stops_the_follower_and_a_gap_stops_it_or_rebases_s3() -> Result<()> {
     tidemark_tests::harness::with_s3("standby-faults", stops_on_corruption_and_gaps).await
+}
+
+/// The disk bound: over `--max-wal-bytes`, the follower re-bases once a newer base exists,
+/// and the re-based standby follows to the writer's last sequence and promotes exactly.
+async fn rebases_when_the_wal_outgrows_the_limit(store: TestStore) -> Result<()> {
+    let s = Setup::new(store)?;
+    let target = s.path("standby");
+    let mut writer = s.loadgen(&[
+        "--duration",
+        "15",
+        "--rate",
+        "250",
+        "--seed",
+        "9",
+        "--flush-every",
+        "200",
+    ])?;
+    wait_for_database(&s.db())?;
+    let mut arch = s.archiver("archiver.log", &[])?;
+    wait_base(&s, &mut arch).await?;
+    let mut f = follower(&s, &target, "follow.log", &["--max-wal-bytes", "1", "-v"])?;
+    wait_for(Duration::from_secs(120), "the first restore", || {
+        applied(&target)
+    })?;
+    let first = applied(&target).context("no origin")?;
+    // Over the limit with no newer base: it follows on. The base taken next needs no WAL
+    // from before the flushes the writer made meanwhile.
+    wait_applied(&target, first + 10_000, &mut f, Duration::from_secs(60))?;
+    let db = s.db().display().to_string();
+    let url = s.programs_store().url.clone();
+    let (code, _, _) = s.run("tidemark-archiver", &["backup", "--db", &db, "--to", &url])?;
+    ensure!(code == 0, "backup exited {code}");
+    let moved_aside = || {
+        std::fs::read_dir(s.path(""))
+            .ok()?
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with("standby.old-"))
+            .map(|e| e.path())
+    };
+    wait_for(Duration::from_secs(120), "a re-base", moved_aside).with_context(|| {
+        let text = std::fs::read_to_string(&f.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains("base")).collect();
+        let listed = s
+            .run(
+                "tidemark-restore",
+                &["list", "--from", &url, "--width", "80"],
+            )
+            .map(|r| r.1)
+            .unwrap_or_default();
+        format!(
+            "{}\n{listed}",
+            lines[lines.len().saturating_sub(5)..].join("\n")
+        )
+    })?;
+
+    writer.wait_success(Duration::from_secs(90))?;
+    let oracle = s.oracle()?;
+    let last = oracle.last_seq();
+    wait_archived(&s.store, last, &mut arch, Duration::from_secs(60)).await?;
+    wait_applied(&target, last, &mut f, Duration::from_secs(120))?;
+    f.signal("USR1")?;
+    f.wait_success(Duration::from_secs(60))?;
+    let report = last_json(&f.log)?;
+    ensure!(report["event"] == "promoted", "{report}");
+    ensure!(
+        report["rebases"].as_u64().is_some_and(|n| n >= 1),
+        "{report}"
+    );
+    let db = open_db(&target)?;
+    ensure!(db.latest_sequence_number() == last);
+    if let Some(d) = oracle.state_at(last)?.diff(&read_state(&db)?) {
+        bail!("the re-based standby differs from what was written: {d}");
+    }
+    drop(db);
+    arch.stop(Duration::from_secs(30))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_whose_wal_outgrows_the_limit_rebases_on_a_newer_base_local() -> Result<()> {
+    rebases_when_the_wal_outgrows_the_limit(TestStore::local()?).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_whose_wal_outgrows_the_limit_rebases_on_a_newer_base_s3() -> Result<()> {
+    tidemark_tests::harness::with_s3("standby-disk", rebases_when_the_wal_outgrows_the_limit).await
 }

@@ -148,6 +148,11 @@ struct FollowArgs {
     /// port, logged as "metrics listening on ADDR").
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
+    /// Re-base on a newer base (a fresh copy restored beside the standby and swapped in)
+    /// when the WAL files in the standby exceed BYTES; default: twice the base's size, at
+    /// least 256 MiB.
+    #[arg(long, value_name = "BYTES")]
+    max_wal_bytes: Option<u64>,
 }
 
 // `list`'s flags.
@@ -514,6 +519,7 @@ async fn follow_cmd(a: FollowArgs, progress: &Progress, cancel: &Cancel) -> anyh
         promote: a.promote,
         no_catch_up: a.no_catch_up,
         metrics_addr: a.metrics_addr,
+        max_wal_bytes: a.max_wal_bytes,
     };
     let controls = Controls {
         stop: cancel.clone(),

@@ -67,6 +67,13 @@ use crate::{Cancel, RestoreError};
 /// looks like it). Its content is for people; only its presence (and its lock) count.
 pub const STANDBY_FILE: &str = "tidemark-standby";
 
+/// The default disk bound: the WAL applied since the base may grow to this many times the
+/// base's size before the standby is re-based on a newer base.
+pub const WAL_LIMIT_FACTOR: u64 = 2;
+
+/// The default disk bound is never below this many bytes (a small base would re-base often).
+pub const MIN_WAL_LIMIT: u64 = 256 << 20;
+
 /// The default `--poll-interval`.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -110,6 +117,10 @@ pub struct FollowOptions {
     /// Serve Prometheus metrics and `/health` on this `HOST:PORT`.
     #[serde(default)]
     pub metrics_addr: Option<String>,
+    /// Re-base when the WAL files in the standby exceed this many bytes (default: twice the
+    /// base's size, at least 256 MiB) and a newer base exists.
+    #[serde(default)]
+    pub max_wal_bytes: Option<u64>,
 }
 
 impl FollowOptions {
@@ -123,6 +134,7 @@ impl FollowOptions {
             promote: false,
             no_catch_up: false,
             metrics_addr: None,
+            max_wal_bytes: None,
         }
     }
 
@@ -281,6 +293,7 @@ async fn follow(
         records_applied: 0,
         rebases: 0,
         last_check: None,
+        last_size_check: None,
         metrics: metrics.clone(),
     };
     let applied = follower.standby.applied();
@@ -339,6 +352,8 @@ struct Follower {
     rebases: u64,
     /// When the repository's generation and config were last read.
     last_check: Option<Instant>,
+    /// When the WAL was last found over the disk bound.
+    last_size_check: Option<Instant>,
     metrics: Arc<FollowMetrics>,
 }
 
@@ -368,6 +383,9 @@ impl Follower {
                 }
                 r => r?,
             };
+            if !opts.promote {
+                self.rebase_if_over_limit(opts, progress, controls).await?;
+            }
             if applied == 0 {
                 if opts.promote {
                     return Ok(());
@@ -509,12 +527,7 @@ impl Follower {
         controls: &Controls,
     ) -> Result<(), RestoreError> {
         let next = self.standby.next_seq();
-        let state = super::load(&self.repo).await?;
-        let past_gap = state
-            .history
-            .plan(super::Target::Latest)
-            .is_ok_and(|p| p.base.replay_from_seq > next);
-        if !past_gap {
+        if !self.newest_base_replays_after(next).await? {
             return Err(RestoreError::NotRestorable(format!(
                 "the standby cannot follow further: {gap}. No base of the repository starts \
                  after it yet to re-base on: take one (`tidemark-archiver backup`) and start \
@@ -522,6 +535,78 @@ impl Follower {
             )));
         }
         tracing::warn!("{gap}: re-basing the standby on the newest base");
+        self.swap_in_fresh_standby(opts, progress, controls).await
+    }
+
+    /// True when the base a restore to the latest point uses needs no record before `seq`.
+    async fn newest_base_replays_after(&self, seq: u64) -> Result<bool, RestoreError> {
+        let state = super::load(&self.repo).await?;
+        let plan = state.history.plan(super::Target::Latest);
+        tracing::debug!(
+            seq,
+            base = ?plan.as_ref().map(|p| (&p.base.id, p.base.replay_from_seq)),
+            "the base a re-base would use"
+        );
+        Ok(plan.is_ok_and(|p| p.base.replay_from_seq > seq))
+    }
+
+    /// The disk bound: when the WAL files in the standby hold more than the limit
+    /// (`--max-wal-bytes`, by default [`WAL_LIMIT_FACTOR`] times the size of the
+    /// standby's other files, its base) and a newer base needs none of the oldest WAL file's
+    /// records, the standby is re-based on it. Checked at most every
+    /// [`ARCHIVE_CHECK_INTERVAL`] once over the limit (the sizes after every poll).
+    async fn rebase_if_over_limit(
+        &mut self,
+        opts: &FollowOptions,
+        progress: &Progress,
+        controls: &Controls,
+    ) -> Result<(), RestoreError> {
+        if self
+            .last_size_check
+            .is_some_and(|t| t.elapsed() < ARCHIVE_CHECK_INTERVAL)
+        {
+            return Ok(());
+        }
+        let sizes = self.standby.sizes()?;
+        let limit = opts.max_wal_bytes.unwrap_or_else(|| {
+            sizes
+                .base
+                .saturating_mul(WAL_LIMIT_FACTOR)
+                .max(MIN_WAL_LIMIT)
+        });
+        if sizes.wal <= limit {
+            return Ok(());
+        }
+        self.last_size_check = Some(Instant::now());
+        let Some(oldest) = self.standby.oldest_wal_seq()? else {
+            return Ok(());
+        };
+        if !self.newest_base_replays_after(oldest).await? {
+            tracing::info!(
+                wal_bytes = sizes.wal,
+                limit,
+                "the WAL applied since the standby's base is over the limit; no newer base to \
+                 re-base on yet"
+            );
+            return Ok(());
+        }
+        tracing::warn!(
+            wal_bytes = sizes.wal,
+            limit,
+            "the WAL applied since the standby's base is over the limit: re-basing on the \
+             newest base"
+        );
+        self.swap_in_fresh_standby(opts, progress, controls).await
+    }
+
+    /// Restores the latest point beside the standby, verified, and swaps it in; the old
+    /// standby is moved aside (`restore --force`).
+    async fn swap_in_fresh_standby(
+        &mut self,
+        opts: &FollowOptions,
+        progress: &Progress,
+        controls: &Controls,
+    ) -> Result<(), RestoreError> {
         let dir = self.standby.dir.clone();
         drop(self.standby.take());
         let mut ropts = RestoreOptions::new(&dir, super::Target::Latest);
@@ -724,6 +809,46 @@ impl Standby {
         }
     }
 
+    /// Bytes of the standby's WAL files, and of its other files (its base).
+    fn sizes(&self) -> Result<DirSizes, RestoreError> {
+        let entries =
+            fs::read_dir(&self.dir).map_err(|e| RestoreError::io("cannot read", &self.dir, e))?;
+        let mut sizes = DirSizes::default();
+        for entry in entries {
+            let entry = entry.map_err(|e| RestoreError::io("cannot read", &self.dir, e))?;
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            match DbFile::parse(&entry.file_name().to_string_lossy()) {
+                Some(DbFile::Wal(_)) => sizes.wal += meta.len(),
+                _ => sizes.base += meta.len(),
+            }
+        }
+        Ok(sizes)
+    }
+
+    /// The first sequence number in the oldest WAL file, if any.
+    fn oldest_wal_seq(&self) -> Result<Option<u64>, RestoreError> {
+        let Some(&n) = wal_numbers(&self.dir)?.first() else {
+            return Ok(None);
+        };
+        let path = self
+            .dir
+            .join(DbFile::Wal(n).file_name().expect("WAL files have a name"));
+        let bad =
+            |e: &dyn std::fmt::Display| RestoreError::Integrity(format!("{}: {e}", path.display()));
+        let mut reader = LogReader::open(&path).map_err(|e| bad(&e))?;
+        match reader.next_record().map_err(|e| bad(&e))? {
+            Some(rec) => Ok(Some(
+                BatchHeader::parse(&rec.bytes)
+                    .map_err(|e| bad(&e))?
+                    .sequence,
+            )),
+            None => Ok(None),
+        }
+    }
+
     fn next_seq(&self) -> u64 {
         self.origin.parent.sequence.saturating_add(1)
     }
@@ -893,6 +1018,13 @@ impl Standby {
         fs::remove_file(&marker).map_err(|e| RestoreError::io("cannot remove", &marker, e))?;
         sync_dir(&self.dir)
     }
+}
+
+/// Bytes in a standby's directory.
+#[derive(Debug, Default, Clone, Copy)]
+struct DirSizes {
+    wal: u64,
+    base: u64,
 }
 
 /// Opens and locks the marker of the standby in `dir`.
