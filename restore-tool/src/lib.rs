@@ -28,6 +28,7 @@
 pub mod commands;
 pub mod error;
 pub mod fetch;
+pub mod metrics;
 pub mod progress;
 pub mod replay;
 pub mod staging;

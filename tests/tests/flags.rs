@@ -73,6 +73,7 @@ fn read_only_commands_show_no_write_flags() -> Result<()> {
         ("tidemark-restore", "restore"),
         ("tidemark-restore", "verify"),
         ("tidemark-restore", "drill"),
+        ("tidemark-restore", "follow"),
         ("tidemark-archiver", "status"),
     ];
     for (program, command) in read_only {

@@ -17,6 +17,7 @@ use tracing_subscriber::EnvFilter;
 use tidemark_manifest::exit;
 use tidemark_manifest::repo::ReadFrom;
 use tidemark_restore::commands::drill::{self, DrillOptions, DrillTarget};
+use tidemark_restore::commands::follow::{self, Controls, FollowOptions};
 use tidemark_restore::commands::list::{self};
 use tidemark_restore::commands::restore::{self, RestoreOptions};
 use tidemark_restore::commands::verify::{self, VerifyOptions, VerifyScope};
@@ -105,6 +106,53 @@ enum Command {
     /// clean up.
     #[command(after_help = DRILL_HELP)]
     Drill(DrillArgs),
+    /// Keep a warm standby: restore the latest point into a new directory, then append what
+    /// the archive receives, each poll interval, until stopped (SIGTERM, Ctrl-C: it stays a
+    /// standby, and following resumes) or promoted (SIGUSR1, or --promote: the application
+    /// may open it read-write).
+    #[command(after_help = FOLLOW_HELP)]
+    Follow(FollowArgs),
+}
+
+const FOLLOW_HELP: &str = "Stop with SIGTERM or Ctrl-C: the target stays a standby and `follow` started again on it resumes where it stopped. Promote a running follower with SIGUSR1: it stops after the segment it is applying (at a batch boundary), leaves a database the application opens read-write, prints the point reached and exits 0. Promote a stopped standby with `follow --promote` (catches up with the archive first) or `follow --promote --no-catch-up` (at once, without the store).
+
+Never open the target read-write while it is a standby (a RocksDB secondary instance may read it). The follower stops with a non-zero exit code when it cannot follow further: 3 for a gap with no base past it to re-base on, or a new column family (restore a new standby), 4 for an object that does not verify, 2 for a target that is not this repository's standby.";
+
+// `follow`'s flags.
+#[derive(Debug, Args)]
+struct FollowArgs {
+    #[command(flatten)]
+    store: StoreOptions,
+    /// The standby's directory: missing or empty to start one, or a standby to resume.
+    #[arg(long, value_name = "DIR")]
+    target: PathBuf,
+    /// How long to wait between looks for new segments when the standby is current.
+    #[arg(long, value_name = "DURATION", default_value = "1s")]
+    poll_interval: humantime::Duration,
+    /// Concurrent downloads of the first restore.
+    #[arg(long, value_name = "N", default_value_t = restore::DEFAULT_PARALLELISM)]
+    parallelism: usize,
+    /// How to check the first restore (as restore --verify).
+    #[arg(long, value_enum, default_value_t = VerifyMode::Standard)]
+    verify: VerifyMode,
+    /// Apply what the archive holds now, then promote and exit.
+    #[arg(long)]
+    promote: bool,
+    /// With --promote: promote at the point already applied, without reading the archive.
+    #[arg(long, requires = "promote")]
+    no_catch_up: bool,
+    /// Print a JSON line per applied segment and one when following ends.
+    #[arg(long)]
+    json: bool,
+    /// Serve Prometheus metrics (/metrics) and /health on HOST:PORT (port 0: any free
+    /// port, logged as "metrics listening on ADDR").
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
+    /// Re-base on a newer base (a fresh copy restored beside the standby and swapped in)
+    /// when the WAL files in the standby exceed BYTES; default: twice the base's size, at
+    /// least 256 MiB.
+    #[arg(long, value_name = "BYTES")]
+    max_wal_bytes: Option<u64>,
 }
 
 // `list`'s flags.
@@ -266,6 +314,7 @@ impl Command {
             Command::Restore(a) => a.json,
             Command::Verify(a) => a.json,
             Command::Drill(a) => a.json,
+            Command::Follow(a) => a.json,
         }
     }
 }
@@ -335,6 +384,7 @@ async fn run(cli: Cli, progress: Progress, cancel: Cancel) -> anyhow::Result<u8>
         Command::Restore(a) => restore_cmd(a, &progress, &cancel).await,
         Command::Verify(a) => verify_cmd(a, &progress, &cancel).await,
         Command::Drill(a) => drill_cmd(a, &progress, &cancel).await,
+        Command::Follow(a) => follow_cmd(a, &progress, &cancel).await,
     }
 }
 
@@ -458,6 +508,45 @@ async fn drill_cmd(a: DrillArgs, progress: &Progress, cancel: &Cancel) -> anyhow
     } else {
         exit::DRILL_FAILED
     })
+}
+
+async fn follow_cmd(a: FollowArgs, progress: &Progress, cancel: &Cancel) -> anyhow::Result<u8> {
+    let opts = FollowOptions {
+        target_dir: a.target,
+        poll_interval_ms: a.poll_interval.as_millis().try_into().unwrap_or(u64::MAX),
+        parallelism: a.parallelism,
+        verify: a.verify,
+        promote: a.promote,
+        no_catch_up: a.no_catch_up,
+        metrics_addr: a.metrics_addr,
+        max_wal_bytes: a.max_wal_bytes,
+    };
+    let controls = Controls {
+        stop: cancel.clone(),
+        ..Controls::default()
+    };
+    let promote = controls.promote.clone();
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .context("cannot listen for SIGUSR1")?;
+    tokio::spawn(async move {
+        if usr1.recv().await.is_some() {
+            tracing::warn!("SIGUSR1: promoting after the segment being applied");
+            promote.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let json = a.json;
+    let mut on_status = |s: &follow::FollowStatus| {
+        if json && let Ok(line) = serde_json::to_string(s) {
+            emit(&format!("{line}\n"));
+        }
+    };
+    let r = follow::run(&a.store, &opts, progress, &controls, &mut on_status).await?;
+    if json {
+        emit(&format!("{}\n", serde_json::to_string(&r)?));
+    } else {
+        emit(&r.render());
+    }
+    Ok(exit::OK)
 }
 
 fn init_logging(verbose: u8, quiet: bool, progress: &Progress) {

@@ -4,10 +4,13 @@
 //! - [`list`]: what a repository can restore (bases, window, gaps, a timeline);
 //! - [`restore`]: plan → fetch → replay → verify into a target directory;
 //! - [`verify`]: check a repository's objects without restoring;
+//! - [`follow`]: a warm standby: restore the latest point, then keep it current from the
+//!   archive until it is stopped or promoted;
 //! - [`drill`]: the recovery drill: a verified restore into a scratch directory, the
 //!   operator's own check, the achieved RTO and the RPO, in a JSON report.
 
 pub mod drill;
+pub mod follow;
 pub mod list;
 pub mod restore;
 pub mod verify;

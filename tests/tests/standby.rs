@@ -1,0 +1,503 @@
+//! The warm standby (`tidemark-restore follow`), end to end with the real programs: the
+//! load generator writes a RocksDB while the archiver archives it and a follower keeps a
+//! standby current from the repository.
+//!
+//! - While the writer runs, an application reads the standby as a RocksDB secondary
+//!   instance and, after `try_catch_up_with_primary`, sees newer data, each time exactly
+//!   the writer's state at the sequence it reports.
+//! - A follower killed with SIGKILL in the middle of following resumes on the same target
+//!   (it does not restore again) and reaches the writer's last sequence once the writer
+//!   stops.
+//! - SIGTERM stops it and leaves a standby; SIGUSR1 promotes it: the database opens
+//!   read-write at once and equals the oracle at the last sequence, its origin names that
+//!   point, and a follower refuses the promoted directory.
+//! - A corrupt segment stops a resumed follower with exit code 4, naming the object; the
+//!   same segment missing, with the archive going on past it, stops it with exit code 3
+//!   while no base starts after the gap. Once a base does (`tidemark-archiver backup`), the
+//!   follower re-bases: a fresh standby restored from it replaces the old one (moved aside,
+//!   unchanged), follows to the writer's last sequence and promotes to the oracle's state.
+//! - Over `--max-wal-bytes`, the follower re-bases once a newer base exists (the disk bound)
+//!   and still promotes to the oracle's state.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use rocksdb::{DB, Options};
+use serde_json::Value;
+use tidemark_manifest::exit;
+use tidemark_manifest::keys::segment_key;
+use tidemark_manifest::origin::Origin;
+use tidemark_tests::harness::{
+    Proc, TestStore, bin, http_get, logged_metrics_addr, metric_sample, wait_archived, wait_for,
+    wait_for_database,
+};
+use tidemark_tests::setup::Setup;
+use tidemark_tests::{Oracle, cf_descriptors, db_options, open_db, read_state};
+
+/// The follower's poll interval in these tests.
+const POLL: &str = "200ms";
+
+/// Starts `tidemark-restore follow --json` into `target`, logging to `log`.
+fn follower(s: &Setup, target: &Path, log: &str, extra: &[&str]) -> Result<Proc> {
+    let store = s.programs_store();
+    let mut args: Vec<String> = [
+        "follow",
+        "--json",
+        "--from",
+        &store.url,
+        "--target",
+        &target.display().to_string(),
+        "--poll-interval",
+        POLL,
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let mut env = store.env.clone();
+    env.push(("TIDEMARK_LOG".into(), "info,aws=warn".into()));
+    Proc::spawn(&bin("tidemark-restore")?, &args, &env, &s.path(log))
+}
+
+/// The sequence number the standby in `target` committed (its origin file), once there.
+fn applied(target: &Path) -> Option<u64> {
+    Origin::read(target)
+        .ok()
+        .flatten()
+        .map(|o| o.parent.sequence)
+}
+
+/// Waits until the standby in `target` has applied `seq`, while `follower` runs.
+fn wait_applied(target: &Path, seq: u64, follower: &mut Proc, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while applied(target).is_none_or(|a| a < seq) {
+        ensure!(
+            follower.running(),
+            "the follower exited early; its log:\n{}",
+            follower.log_tail()
+        );
+        ensure!(
+            Instant::now() < deadline,
+            "the standby did not reach sequence {seq} within {limit:?} (at {:?}); log:\n{}",
+            applied(target),
+            follower.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// The last JSON line the follower printed (its final report).
+fn last_json(log: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(log)?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .context("the follower printed no JSON line")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+/// Opens `target` as a RocksDB secondary instance (its own directory `secondary`), with the
+/// generator's column families and options.
+fn open_secondary(target: &Path, secondary: &Path) -> Result<DB> {
+    let mut opts: Options = db_options();
+    opts.create_if_missing(false);
+    opts.set_max_open_files(-1);
+    DB::open_cf_descriptors_as_secondary(&opts, target, secondary, cf_descriptors())
+        .with_context(|| format!("opening {} as a secondary", target.display()))
+}
+
+/// The secondary's view, once caught up, equals what the writer wrote at the sequence it
+/// reports.
+fn check_secondary(db: &DB, s: &Setup) -> Result<u64> {
+    db.try_catch_up_with_primary()?;
+    let seq = db.latest_sequence_number();
+    let oracle: Oracle = s.oracle()?;
+    ensure!(
+        oracle.is_boundary(seq),
+        "the secondary is at {seq}, inside a batch"
+    );
+    if let Some(d) = oracle.state_at(seq)?.diff(&read_state(db)?) {
+        bail!("the secondary at sequence {seq} differs from what was written: {d}");
+    }
+    Ok(seq)
+}
+
+/// The follower's `/metrics` show the standby at `seq`, caught up, and `/health` is 200.
+fn check_metrics(f: &Proc, seq: u64) -> Result<()> {
+    let addr = wait_for(Duration::from_secs(30), "the metrics address", || {
+        logged_metrics_addr(&f.log)
+    })?;
+    let (status, _, _) = http_get(addr, "/health")?;
+    ensure!(status == 200, "/health answered {status}");
+    // The lag is 0 once a poll found nothing newer.
+    let body = wait_for(Duration::from_secs(30), "a caught-up scrape", || {
+        let (_, _, body) = http_get(addr, "/metrics").ok()?;
+        (metric_sample(&body, "tidemark_standby_lag_seconds") == Some(0.0)).then_some(body)
+    })?;
+    let applied = metric_sample(&body, "tidemark_standby_applied_sequence");
+    ensure!(
+        applied == Some(seq as f64),
+        "applied {applied:?}, expected {seq}:\n{body}"
+    );
+    let segments = metric_sample(&body, "tidemark_standby_segments_applied_total");
+    ensure!(segments.is_some_and(|n| n >= 1.0), "{body}");
+    ensure!(
+        metric_sample(&body, "tidemark_standby_errors_total") == Some(0.0),
+        "{body}"
+    );
+    Ok(())
+}
+
+/// Waits until the repository has a base, while `archiver` runs.
+async fn wait_base(s: &Setup, archiver: &mut Proc) -> Result<()> {
+    let repo = s.store.open_when_created().await?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(state) = repo.load().await
+            && !state.history.bases.is_empty()
+            && !state.history.segments.is_empty()
+        {
+            return Ok(());
+        }
+        ensure!(
+            archiver.running(),
+            "the archiver exited:\n{}",
+            archiver.log_tail()
+        );
+        ensure!(Instant::now() < deadline, "no base within 90 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn follows_resumes_and_promotes(store: TestStore) -> Result<()> {
+    let s = Setup::new(store)?;
+    let target = s.path("standby");
+    let mut writer = s.loadgen(&["--duration", "12", "--rate", "250", "--seed", "11"])?;
+    wait_for_database(&s.db())?;
+    let mut arch = s.archiver("archiver.log", &[])?;
+    wait_base(&s, &mut arch).await?;
+
+    // Restore, then follow; killed in the middle, it resumes.
+    let mut f = follower(&s, &target, "follow-1.log", &[])?;
+    wait_for(Duration::from_secs(120), "the first restore", || {
+        applied(&target)
+    })?;
+    let first = applied(&target).context("no origin")?;
+    wait_applied(&target, first + 1, &mut f, Duration::from_secs(60))?;
+    f.kill_running()?;
+    let mut f = follower(
+        &s,
+        &target,
+        "follow-2.log",
+        &["--metrics-addr", "127.0.0.1:0"],
+    )?;
+
+    // A secondary instance sees newer data while the standby follows.
+    let secondary = open_secondary(&target, &s.path("secondary"))?;
+    let seen = check_secondary(&secondary, &s)?;
+    wait_applied(&target, seen + 1, &mut f, Duration::from_secs(60))?;
+
+    writer.wait_success(Duration::from_secs(90))?;
+    let oracle = s.oracle()?;
+    let last = oracle.last_seq();
+    wait_archived(&s.store, last, &mut arch, Duration::from_secs(60)).await?;
+    wait_applied(&target, last, &mut f, Duration::from_secs(60))?;
+    check_metrics(&f, last)?;
+    let later = check_secondary(&secondary, &s)?;
+    ensure!(
+        later > seen,
+        "the secondary saw nothing new: {seen} then {later}"
+    );
+    ensure!(
+        later == last,
+        "the secondary caught up to {later}, the writer ended at {last}"
+    );
+    drop(secondary);
+
+    // SIGTERM stops following and leaves a standby; the next run resumes, SIGUSR1 promotes.
+    f.stop(Duration::from_secs(30))?;
+    let stopped = last_json(&f.log)?;
+    ensure!(stopped["event"] == "stopped", "{stopped}");
+    ensure!(
+        !stopped["resumed_from"].is_null(),
+        "the restarted follower restored again: {stopped}"
+    );
+    let mut f = follower(&s, &target, "follow-3.log", &[])?;
+    wait_for(Duration::from_secs(60), "the follower to resume", || {
+        std::fs::read_to_string(&f.log)
+            .ok()
+            .filter(|l| l.contains("resumed the standby"))
+    })?;
+    let asked = Instant::now();
+    f.signal("USR1")?;
+    f.wait_success(Duration::from_secs(60))?;
+    eprintln!("promotion: SIGUSR1 to exit in {:?}", asked.elapsed());
+    let report = last_json(&f.log)?;
+    ensure!(report["event"] == "promoted", "{report}");
+    ensure!(report["applied"]["seq"].as_u64() == Some(last), "{report}");
+    ensure!(report["resumed_from"].as_u64() == Some(last), "{report}");
+
+    let opened = Instant::now();
+    let db = open_db(&target)?;
+    eprintln!(
+        "promotion: the application's first open took {:?}",
+        opened.elapsed()
+    );
+    ensure!(db.latest_sequence_number() == last);
+    if let Some(d) = oracle.state_at(last)?.diff(&read_state(&db)?) {
+        bail!("the promoted standby differs from what was written: {d}");
+    }
+    drop(db);
+    let origin = Origin::read(&target)?.context("no origin after promotion")?;
+    ensure!(origin.parent.sequence == last, "{origin:?}");
+
+    // A promoted database is no standby any more.
+    let mut again = follower(&s, &target, "follow-4.log", &[])?;
+    let status = again.wait_timeout(Duration::from_secs(60))?;
+    ensure!(
+        status.code() == Some(i32::from(exit::USAGE)),
+        "{status}: {}",
+        again.log_tail()
+    );
+    ensure!(
+        again.log_tail().contains("not a warm standby"),
+        "{}",
+        again.log_tail()
+    );
+    arch.stop(Duration::from_secs(30))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_follows_resumes_serves_a_secondary_and_promotes_to_the_oracle_local()
+-> Result<()> {
+    follows_resumes_and_promotes(TestStore::local()?).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_follows_resumes_serves_a_secondary_and_promotes_to_the_oracle_s3() -> Result<()>
+{
+    tidemark_tests::harness::with_s3("standby-follow", follows_resumes_and_promotes).await
+}
+
+/// Runs a follower on `target` until it exits on its own: its exit code and log.
+fn run_to_failure(s: &Setup, target: &Path, log: &str) -> Result<(i32, String)> {
+    let mut f = follower(s, target, log, &[])?;
+    let status = f.wait_timeout(Duration::from_secs(120))?;
+    let text = std::fs::read_to_string(&f.log)?;
+    Ok((status.code().unwrap_or(-1), text))
+}
+
+async fn stops_on_corruption_and_gaps(store: TestStore) -> Result<()> {
+    let s = Setup::new(store)?;
+    let target = s.path("standby");
+    // Flushes often, so that a base taken later needs no WAL from before the gap.
+    let mut writer = s.loadgen(&[
+        "--duration",
+        "20",
+        "--rate",
+        "250",
+        "--seed",
+        "5",
+        "--flush-every",
+        "200",
+    ])?;
+    wait_for_database(&s.db())?;
+    let mut arch = s.archiver("archiver.log", &[])?;
+    wait_base(&s, &mut arch).await?;
+    let mut f = follower(&s, &target, "follow-1.log", &[])?;
+    wait_for(Duration::from_secs(120), "the first restore", || {
+        applied(&target)
+    })?;
+    f.stop(Duration::from_secs(30))?;
+    let stopped_at = applied(&target).context("no origin")?;
+
+    // The archive goes on past the standby's point, indexed by a generation.
+    let repo = s.store.open().await?;
+    let next = stopped_at + 1;
+    wait_for(
+        Duration::from_secs(60),
+        "a generation past the standby",
+        || {
+            let g = futures_block(repo.current_generation()).ok().flatten()?;
+            (g.tail_start_seq > next).then_some(())
+        },
+    )?;
+
+    let raw = s.store.open_raw().await?;
+    let key = segment_key(next);
+    let good = raw.get(&key).await?;
+    let mut bad = good.to_vec();
+    let middle = bad.len() / 2;
+    bad[middle] ^= 0x5a;
+    raw.put(&key, bytes::Bytes::from(bad)).await?;
+    let (code, log) = run_to_failure(&s, &target, "follow-corrupt.log")?;
+    ensure!(
+        code == i32::from(exit::VERIFICATION_FAILED),
+        "exit {code}:\n{log}"
+    );
+    ensure!(log.contains(&key), "the error does not name {key}:\n{log}");
+    ensure!(
+        applied(&target) == Some(stopped_at),
+        "the standby moved past a corrupt segment"
+    );
+
+    raw.delete(&key).await?;
+    let (code, log) = run_to_failure(&s, &target, "follow-gap.log")?;
+    ensure!(
+        code == i32::from(exit::NOT_RESTORABLE),
+        "exit {code}:\n{log}"
+    );
+    ensure!(
+        log.contains("no segment of") && log.contains(&format!("starts at sequence {next}")),
+        "{log}"
+    );
+    ensure!(applied(&target) == Some(stopped_at));
+    if writer.running() {
+        writer.stop(Duration::from_secs(30))?;
+    } else {
+        writer.wait_success(Duration::from_secs(1))?;
+    }
+
+    // With a base past the gap, the follower re-bases: a fresh standby from it, swapped in,
+    // the old one moved aside; it then follows to the writer's last sequence.
+    let oracle = s.oracle()?;
+    let last = oracle.last_seq();
+    let db = s.db().display().to_string();
+    let url = s.programs_store().url.clone();
+    let (code, _, _) = s.run("tidemark-archiver", &["backup", "--db", &db, "--to", &url])?;
+    ensure!(code == 0, "backup exited {code}");
+    wait_archived(&s.store, last, &mut arch, Duration::from_secs(60)).await?;
+    let mut f = follower(&s, &target, "follow-rebase.log", &[])?;
+    wait_applied(&target, last, &mut f, Duration::from_secs(120))?;
+    let asked = Instant::now();
+    f.signal("USR1")?;
+    f.wait_success(Duration::from_secs(60))?;
+    eprintln!("promotion: SIGUSR1 to exit in {:?}", asked.elapsed());
+    let report = last_json(&f.log)?;
+    ensure!(report["event"] == "promoted", "{report}");
+    ensure!(report["rebases"].as_u64() == Some(1), "{report}");
+    let aside: Vec<_> = std::fs::read_dir(s.path(""))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("standby.old-"))
+        .collect();
+    ensure!(
+        aside.len() == 1,
+        "the old standby was not moved aside once: {aside:?}"
+    );
+    ensure!(
+        applied(&aside[0].path()) == Some(stopped_at),
+        "the old standby changed"
+    );
+    let db = open_db(&target)?;
+    ensure!(db.latest_sequence_number() == last);
+    if let Some(d) = oracle.state_at(last)?.diff(&read_state(&db)?) {
+        bail!("the re-based standby differs from what was written: {d}");
+    }
+    drop(db);
+    arch.stop(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// Runs a future to completion from synchronous code inside the multi-threaded runtime.
+fn futures_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_segment_stops_the_follower_and_a_gap_stops_it_or_rebases_local() -> Result<()> {
+    stops_on_corruption_and_gaps(TestStore::local()?).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_segment_stops_the_follower_and_a_gap_stops_it_or_rebases_s3() -> Result<()> {
+    tidemark_tests::harness::with_s3("standby-faults", stops_on_corruption_and_gaps).await
+}
+
+/// The disk bound: over `--max-wal-bytes`, the follower re-bases once a newer base exists,
+/// and the re-based standby follows to the writer's last sequence and promotes exactly.
+async fn rebases_when_the_wal_outgrows_the_limit(store: TestStore) -> Result<()> {
+    let s = Setup::new(store)?;
+    let target = s.path("standby");
+    let mut writer = s.loadgen(&[
+        "--duration",
+        "15",
+        "--rate",
+        "250",
+        "--seed",
+        "9",
+        "--flush-every",
+        "200",
+    ])?;
+    wait_for_database(&s.db())?;
+    let mut arch = s.archiver("archiver.log", &[])?;
+    wait_base(&s, &mut arch).await?;
+    let mut f = follower(&s, &target, "follow.log", &["--max-wal-bytes", "1", "-v"])?;
+    wait_for(Duration::from_secs(120), "the first restore", || {
+        applied(&target)
+    })?;
+    let first = applied(&target).context("no origin")?;
+    // Over the limit with no newer base: it follows on. The base taken next needs no WAL
+    // from before the flushes the writer made meanwhile.
+    wait_applied(&target, first + 10_000, &mut f, Duration::from_secs(60))?;
+    let db = s.db().display().to_string();
+    let url = s.programs_store().url.clone();
+    let (code, _, _) = s.run("tidemark-archiver", &["backup", "--db", &db, "--to", &url])?;
+    ensure!(code == 0, "backup exited {code}");
+    let moved_aside = || {
+        std::fs::read_dir(s.path(""))
+            .ok()?
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with("standby.old-"))
+            .map(|e| e.path())
+    };
+    wait_for(Duration::from_secs(120), "a re-base", moved_aside).with_context(|| {
+        let text = std::fs::read_to_string(&f.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains("base")).collect();
+        let listed = s
+            .run(
+                "tidemark-restore",
+                &["list", "--from", &url, "--width", "80"],
+            )
+            .map(|r| r.1)
+            .unwrap_or_default();
+        format!(
+            "{}\n{listed}",
+            lines[lines.len().saturating_sub(5)..].join("\n")
+        )
+    })?;
+
+    writer.wait_success(Duration::from_secs(90))?;
+    let oracle = s.oracle()?;
+    let last = oracle.last_seq();
+    wait_archived(&s.store, last, &mut arch, Duration::from_secs(60)).await?;
+    wait_applied(&target, last, &mut f, Duration::from_secs(120))?;
+    f.signal("USR1")?;
+    f.wait_success(Duration::from_secs(60))?;
+    let report = last_json(&f.log)?;
+    ensure!(report["event"] == "promoted", "{report}");
+    ensure!(
+        report["rebases"].as_u64().is_some_and(|n| n >= 1),
+        "{report}"
+    );
+    let db = open_db(&target)?;
+    ensure!(db.latest_sequence_number() == last);
+    if let Some(d) = oracle.state_at(last)?.diff(&read_state(&db)?) {
+        bail!("the re-based standby differs from what was written: {d}");
+    }
+    drop(db);
+    arch.stop(Duration::from_secs(30))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_whose_wal_outgrows_the_limit_rebases_on_a_newer_base_local() -> Result<()> {
+    rebases_when_the_wal_outgrows_the_limit(TestStore::local()?).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_whose_wal_outgrows_the_limit_rebases_on_a_newer_base_s3() -> Result<()> {
+    tidemark_tests::harness::with_s3("standby-disk", rebases_when_the_wal_outgrows_the_limit).await
+}
