@@ -8,6 +8,7 @@ use crate::model::{BaseSummary, Gap, SegmentEntry, micros_from_time, time_from_m
 use crate::segment::Record;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::time::Duration;
 use time::OffsetDateTime;
 
 /// A restore target: the point a restore, a verification or a drill brings the database to.
@@ -563,6 +564,158 @@ impl History {
     }
 }
 
+/// What restoring one point costs: the base's files, and the WAL segments downloaded and
+/// replayed onto them. The WAL of a restore from base `b` is every segment from the one
+/// holding `b.replay_from_seq` (RocksDB's recovery of the base's files starts there, with
+/// what it had not flushed into table files when the base was taken) to the one holding the
+/// cutoff ([`RestorePlan::segments`], [`replays_onto`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RestoreCost {
+    /// Bytes of the base's files (`total_size`).
+    pub base_bytes: u64,
+    /// Bytes of the segments, as stored (what is downloaded).
+    pub wal_bytes: u64,
+    /// WAL records (write batches) in those segments: what RocksDB's recovery replays.
+    pub wal_records: u64,
+}
+
+/// How fast a restore goes on the machine that restores: the rates [`RestoreCost::predict`]
+/// turns a cost into a time with. The defaults were measured on the project's 2-core test
+/// machine (README, "Performance"; docs/operations.md says how to measure your own with a
+/// drill, whose report gives the rates it achieved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreRates {
+    /// Bytes per second fetched from the store and written to disk (base files and
+    /// segments, each checked against its sha256).
+    pub download_bytes_per_sec: u64,
+    /// WAL records per second re-created as WAL files and replayed by RocksDB's recovery.
+    pub replay_records_per_sec: u64,
+}
+
+impl RestoreRates {
+    /// Download rate by default: 50 MB/s.
+    pub const DEFAULT_DOWNLOAD_BYTES_PER_SEC: u64 = 50_000_000;
+    /// Replay rate by default: 50,000 records/s.
+    pub const DEFAULT_REPLAY_RECORDS_PER_SEC: u64 = 50_000;
+    /// What every restore costs besides its bytes and records: reading the repository,
+    /// planning, opening the database.
+    pub const FIXED: Duration = Duration::from_millis(500);
+}
+
+impl Default for RestoreRates {
+    fn default() -> RestoreRates {
+        RestoreRates {
+            download_bytes_per_sec: Self::DEFAULT_DOWNLOAD_BYTES_PER_SEC,
+            replay_records_per_sec: Self::DEFAULT_REPLAY_RECORDS_PER_SEC,
+        }
+    }
+}
+
+/// True when a restore from `base` downloads and replays the segment that ends at
+/// `segment_last_seq`: it holds the base's `replay_from_seq` or a later record.
+pub fn replays_onto(base: &BaseSummary, segment_last_seq: u64) -> bool {
+    segment_last_seq >= base.replay_from_seq
+}
+
+impl RestoreCost {
+    /// The cost of restoring `base`'s own files, before any WAL.
+    pub fn of_base(base: &BaseSummary) -> RestoreCost {
+        RestoreCost {
+            base_bytes: base.total_size,
+            ..RestoreCost::default()
+        }
+    }
+
+    /// Adds a segment of `stored_bytes` holding `records` WAL records.
+    pub fn add_wal(&mut self, stored_bytes: u64, records: u64) {
+        self.wal_bytes = self.wal_bytes.saturating_add(stored_bytes);
+        self.wal_records = self.wal_records.saturating_add(records);
+    }
+
+    /// The predicted restore time: `FIXED + (base_bytes + wal_bytes) / download rate +
+    /// wal_records / replay rate`. Rates of zero count as one per second.
+    pub fn predict(&self, rates: &RestoreRates) -> Duration {
+        RestoreRates::FIXED.saturating_add(self.transfer_time(rates))
+    }
+
+    /// [`RestoreCost::predict`] without the fixed part: what the bytes and records cost.
+    pub fn transfer_time(&self, rates: &RestoreRates) -> Duration {
+        let bytes = self.base_bytes.saturating_add(self.wal_bytes) as f64;
+        let secs = bytes / rates.download_bytes_per_sec.max(1) as f64
+            + self.wal_records as f64 / rates.replay_records_per_sec.max(1) as f64;
+        Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
+    }
+}
+
+/// The predicted restore time of one point of the window, and what it is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PointCost {
+    /// The point: the restore's cutoff.
+    pub seq: u64,
+    /// The base a restore of it starts from.
+    pub base: String,
+    #[serde(flatten)]
+    pub cost: RestoreCost,
+    /// [`RestoreCost::predict`] of `cost`, in milliseconds.
+    pub predicted_ms: u64,
+}
+
+impl PointCost {
+    fn of(plan: &RestorePlan, rates: &RestoreRates) -> PointCost {
+        let cost = plan.cost();
+        PointCost {
+            seq: plan.max_seq,
+            base: plan.base.id.clone(),
+            cost,
+            predicted_ms: u64::try_from(cost.predict(rates).as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+impl RestorePlan {
+    /// What this restore downloads and replays.
+    pub fn cost(&self) -> RestoreCost {
+        let mut cost = RestoreCost::of_base(&self.base);
+        for s in &self.segments {
+            cost.add_wal(s.stored_size, u64::from(s.record_count));
+        }
+        cost
+    }
+}
+
+impl History {
+    /// The predicted restore time of `target`, and what it is made of.
+    pub fn cost_of(&self, target: Target, rates: &RestoreRates) -> Result<PointCost, PlanError> {
+        Ok(PointCost::of(&self.plan(target)?, rates))
+    }
+
+    /// The predicted restore time of the newest point of the window.
+    pub fn latest_cost(&self, rates: &RestoreRates) -> Option<PointCost> {
+        self.cost_of(Target::Latest, rates).ok()
+    }
+
+    /// The point of the window with the longest predicted restore time: of the points just
+    /// before a newer base takes over and the ends of the window's ranges, the one whose
+    /// restore replays the most onto its base.
+    pub fn worst_cost(&self, rates: &RestoreRates) -> Option<PointCost> {
+        let window = self.window();
+        let mut points: Vec<u64> = window.ranges.iter().map(|r| r.last_seq).collect();
+        points.extend(
+            self.bases
+                .iter()
+                .map(|b| b.earliest_seq.saturating_sub(1))
+                .filter(|p| window.range_of(*p).is_some()),
+        );
+        points.sort_unstable();
+        points.dedup();
+        points
+            .into_iter()
+            .filter_map(|p| self.plan(Target::Seq(p)).ok())
+            .map(|plan| PointCost::of(&plan, rates))
+            .max_by_key(|c| (c.predicted_ms, c.cost.wal_bytes, c.seq))
+    }
+}
+
 /// The time a restore reports for its last record.
 pub fn record_time(r: &Record) -> OffsetDateTime {
     time_from_micros(r.time_us)
@@ -629,6 +782,79 @@ mod tests {
         let _ = h.plan(Target::Seq(M));
         let _ = h.plan(Target::Time(t(3)));
         let _ = h.plan(Target::Time(t(1)));
+    }
+
+    #[test]
+    fn a_restore_costs_its_base_and_the_segments_from_its_replay_start_to_the_point() {
+        let sized = |s: SegmentEntry, bytes: u64, records: u32| SegmentEntry {
+            stored_size: bytes,
+            record_count: records,
+            ..s
+        };
+        let mut h = history();
+        h.bases[0].total_size = 1_000_000;
+        h.bases[1].total_size = 2_000_000;
+        h.segments = vec![
+            sized(seg(1, 100, 0, 10), 100_000, 100),
+            sized(seg(101, 200, 11, 20), 200_000, 50),
+            sized(seg(301, 400, 40, 50), 300_000, 100),
+            sized(seg(401, 500, 51, 60), 400_000, 100),
+        ];
+        let rates = RestoreRates {
+            download_bytes_per_sec: 1_000_000,
+            replay_records_per_sec: 100,
+        };
+        // The newest point: base b (replaying from 301) and both segments after it.
+        let latest = h.latest_cost(&rates).unwrap();
+        assert_eq!((latest.seq, latest.base.as_str()), (500, "b"));
+        assert_eq!(
+            latest.cost,
+            RestoreCost {
+                base_bytes: 2_000_000,
+                wal_bytes: 700_000,
+                wal_records: 200
+            }
+        );
+        // 0.5 s fixed + 2.7 s of bytes + 2 s of records.
+        assert_eq!(latest.predicted_ms, 5200);
+        assert_eq!(
+            latest.cost.predict(&rates),
+            RestoreRates::FIXED + latest.cost.transfer_time(&rates)
+        );
+        // The worst point: 1 MB of base a, 300 kB and 150 records (3.3 s with the fixed
+        // part) against b's 5.2 s at its range's end.
+        let worst = h.worst_cost(&rates).unwrap();
+        assert_eq!((worst.seq, worst.base.as_str()), (500, "b"));
+        // A base at 450: the worst point is the one just before it (from b, both segments),
+        // the newest point replays only the last segment onto c.
+        h.bases.push(BaseSummary {
+            total_size: 2_000_000,
+            ..base("c", 401, 450, 55)
+        });
+        let worst = h.worst_cost(&rates).unwrap();
+        assert_eq!((worst.seq, worst.base.as_str()), (449, "b"));
+        assert_eq!(worst.cost.wal_records, 200);
+        let latest = h.latest_cost(&rates).unwrap();
+        assert_eq!((latest.seq, latest.base.as_str()), (500, "c"));
+        assert_eq!(latest.cost.wal_bytes, 400_000);
+        assert!(worst.predicted_ms > latest.predicted_ms);
+        // The planner's own segments, whatever the point.
+        let plan = h.plan(Target::Seq(150)).unwrap();
+        assert_eq!(plan.cost().wal_bytes, plan.segment_bytes());
+        assert_eq!(h.cost_of(Target::Seq(150), &rates).unwrap().seq, 150);
+        assert!(History::default().latest_cost(&rates).is_none());
+        assert!(History::default().worst_cost(&rates).is_none());
+        // Zero rates and huge costs answer, never panic.
+        let zero = RestoreRates {
+            download_bytes_per_sec: 0,
+            replay_records_per_sec: 0,
+        };
+        let huge = RestoreCost {
+            base_bytes: u64::MAX,
+            wal_bytes: u64::MAX,
+            wal_records: u64::MAX,
+        };
+        assert!(huge.predict(&zero) > Duration::from_secs(1 << 60));
     }
 
     #[test]
