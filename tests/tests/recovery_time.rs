@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result, ensure};
 use tidemark_manifest::model::{BaseSummary, SegmentEntry};
-use tidemark_manifest::plan::{RestoreRates, Target};
+use tidemark_manifest::plan::{RestoreCost, RestoreRates, Target};
 use tidemark_tests::harness::{TestStore, check_history, with_s3};
 use tidemark_tests::setup::Setup;
 
@@ -229,5 +229,75 @@ async fn bases_bound_the_replay_in_bytes_s3() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn bases_bound_the_replay_in_records_local() -> Result<()> {
     bases_bound_the_replay(TestStore::local()?, "1000 records", 1000, records).await?;
+    Ok(())
+}
+
+/// `--target-recovery-time`: with a slow replay rate given (500 records/s), bases come as
+/// soon as the newest point's predicted restore time passes 5 s. Between consecutive bases,
+/// the point just before the newer one (the slowest of the window there) is predicted at
+/// most 5 s plus what the two segments the trigger cannot see coming add (as for
+/// `check_bound`).
+#[tokio::test(flavor = "multi_thread")]
+async fn bases_bound_the_predicted_restore_time_local() -> Result<()> {
+    let target_ms = 5000;
+    let rates = RestoreRates {
+        download_bytes_per_sec: 1_000_000_000,
+        replay_records_per_sec: 500,
+    };
+    let s = Setup::new(TestStore::local()?)?.base_interval("1h");
+    let oracle = s
+        .archive(
+            &["--duration", "15", "--rate", "400", "--seed", "6"],
+            &[
+                "--target-recovery-time",
+                "5s",
+                "--restore-download-rate",
+                "1GB/s",
+                "--restore-replay-rate",
+                "500",
+            ],
+        )
+        .await?;
+    check_history(&s.store, &oracle, 2).await?;
+    let state = s.store.open().await?.load().await?;
+    let h = &state.history;
+    let log = std::fs::read_to_string(s.path("archiver.log"))?;
+    let early = log.matches("taking a base backup early").count();
+    ensure!(
+        early >= 1 && h.bases.len() > early,
+        "{} bases, {early} taken for the target:\n{log}",
+        h.bases.len()
+    );
+    let mut bases = h.bases.clone();
+    bases.sort_by_key(|b| b.earliest_seq);
+    for w in bases.windows(2) {
+        let before_next = w[1].earliest_seq - 1;
+        let cost = h.cost_of(Target::Seq(before_next), &rates)?;
+        // What the two largest segments of the stretch add to a prediction.
+        let mut stretch: Vec<u64> = h
+            .segments
+            .iter()
+            .filter(|s| s.last_seq > w[0].earliest_seq && s.first_seq <= w[1].earliest_seq)
+            .map(|s| {
+                let mut c = RestoreCost::default();
+                c.add_wal(s.stored_size, u64::from(s.record_count));
+                c.transfer_time(&rates).as_millis() as u64
+            })
+            .collect();
+        stretch.sort_unstable_by(|a, b| b.cmp(a));
+        let tolerance: u64 = stretch.iter().take(2).sum();
+        eprintln!(
+            "sequence {before_next}: predicted {} ms ({:?}), target {target_ms} ms, tolerance \
+             {tolerance} ms",
+            cost.predicted_ms, cost.cost
+        );
+        ensure!(
+            cost.predicted_ms <= target_ms + tolerance,
+            "sequence {before_next} is predicted at {} ms: over the target {target_ms} ms + \
+             {tolerance} ms ({:?})",
+            cost.predicted_ms,
+            cost.cost
+        );
+    }
     Ok(())
 }

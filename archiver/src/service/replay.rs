@@ -314,14 +314,14 @@ mod tests {
         };
         let mut t = trigger(opts.clone(), &[base(1, 1, 0)], &[]);
         t.rates = rates;
-        // 0.5 s fixed + 1 s of bytes + 8 s of records: under 10 s.
+        // 0.1 s fixed + 1 s of bytes + 8 s of records: under 10 s.
         t.segment_shipped(&seg(2, 801, 1000, 800));
         assert!(!t.due());
         // + 2 s of records: over.
         t.segment_shipped(&seg(802, 1001, 0, 200));
         assert!(t.due());
 
-        // A base whose own point costs 6 s (over half the target): a new one is due only
+        // A base whose own point costs 6.1 s (over half the target): a new one is due only
         // once the WAL after its point is predicted at 5 s or more.
         let mut t = trigger(opts, &[base(1, 600, 0)], &[seg(1, 600, 0, 600)]);
         t.rates = rates;

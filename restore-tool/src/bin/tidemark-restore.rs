@@ -113,11 +113,11 @@ enum Command {
 #[derive(Debug, Args)]
 struct RateArgs {
     /// The rate a restore downloads at, for predicted restore times (e.g. 200MB/s; default
-    /// 50MB/s, measured on a small 2-core machine; a drill's report gives yours).
+    /// 100MB/s, measured on a small 2-core machine; a drill's report gives yours).
     #[arg(long, value_name = "RATE", env = "TIDEMARK_RESTORE_DOWNLOAD_RATE")]
     download_rate: Option<Rate>,
     /// The WAL records per second a restore re-creates and RocksDB replays, for predicted
-    /// restore times (default 50000; a drill's report gives yours).
+    /// restore times (default 250000; a drill's report gives yours).
     #[arg(long, value_name = "RECORDS_PER_SEC", env = "TIDEMARK_RESTORE_REPLAY_RATE", value_parser = clap::value_parser!(u64).range(1..))]
     replay_rate: Option<u64>,
 }

@@ -1151,17 +1151,14 @@ impl Drill {
             .report
             .total_ms
             .saturating_sub(phase_ms(DrillPhase::CheckCommand));
+        // The prediction adds its terms, so the rates are measured the same way: the
+        // downloads (the WAL is re-created while it downloads, so their time holds that
+        // too), then everything after them, the replay by RocksDB (`full`) above all.
         let fetch_ms = phase_ms(DrillPhase::Fetch);
-        let replay_ms = phase_ms(DrillPhase::Replay);
-        let open_ms = self
-            .report
-            .verification
-            .as_ref()
-            .and_then(|v| v.steps.open.as_ref())
-            .map_or(0, |o| o.duration_ms);
+        let after_ms = achieved.saturating_sub(fetch_ms + phase_ms(DrillPhase::Plan));
         let measured = self.report.restore.as_ref().map(|r| RestoreRates {
             download_bytes_per_sec: per_sec(r.download_bytes, fetch_ms),
-            replay_records_per_sec: per_sec(r.records_replayed, replay_ms + open_ms),
+            replay_records_per_sec: per_sec(r.records_replayed, after_ms),
         });
         let restored = self
             .report
