@@ -663,14 +663,17 @@ pub struct PointCost {
 }
 
 impl PointCost {
-    fn of(plan: &RestorePlan, rates: &RestoreRates) -> PointCost {
-        let cost = plan.cost();
+    fn new(seq: u64, base: &str, cost: RestoreCost, rates: &RestoreRates) -> PointCost {
         PointCost {
-            seq: plan.max_seq,
-            base: plan.base.id.clone(),
+            seq,
+            base: base.to_owned(),
             cost,
             predicted_ms: u64::try_from(cost.predict(rates).as_millis()).unwrap_or(u64::MAX),
         }
+    }
+
+    fn of(plan: &RestorePlan, rates: &RestoreRates) -> PointCost {
+        PointCost::new(plan.max_seq, &plan.base.id, plan.cost(), rates)
     }
 }
 
@@ -700,6 +703,22 @@ impl History {
     /// before a newer base takes over and the ends of the window's ranges, the one whose
     /// restore replays the most onto its base.
     pub fn worst_cost(&self, rates: &RestoreRates) -> Option<PointCost> {
+        // Each base's range once, and running sums over the segments: every candidate's
+        // plan as `plan` makes it (the newest base whose range holds it; the segments from
+        // the one holding its `replay_from_seq` to the point), without planning each one
+        // (a repository may hold thousands of bases and millions of segments).
+        let ranges: Vec<(&BaseSummary, WindowRange)> = self
+            .bases
+            .iter()
+            .filter_map(|b| self.base_range(b).map(|r| (b, r)))
+            .collect();
+        let mut sums = Vec::with_capacity(self.segments.len() + 1);
+        let mut total = RestoreCost::default();
+        sums.push(total);
+        for s in &self.segments {
+            total.add_wal(s.stored_size, u64::from(s.record_count));
+            sums.push(total);
+        }
         let window = self.window();
         let mut points: Vec<u64> = window.ranges.iter().map(|r| r.last_seq).collect();
         points.extend(
@@ -712,8 +731,33 @@ impl History {
         points.dedup();
         points
             .into_iter()
-            .filter_map(|p| self.plan(Target::Seq(p)).ok())
-            .map(|plan| PointCost::of(&plan, rates))
+            .filter(|p| {
+                !self
+                    .gaps
+                    .iter()
+                    .any(|g| g.first_seq <= *p && *p <= g.last_seq)
+            })
+            .filter_map(|p| {
+                let (base, _) = ranges
+                    .iter()
+                    .filter(|(_, r)| r.first_seq <= p && p <= r.last_seq)
+                    .max_by_key(|(b, _)| (b.earliest_seq, b.created_at))?;
+                let (start, end) = match self.segment_holding(base.replay_from_seq) {
+                    Some(start) if base.replay_from_seq <= p => (
+                        start,
+                        start + self.segments[start..].partition_point(|s| s.first_seq <= p),
+                    ),
+                    _ => (0, 0),
+                };
+                let mut cost = RestoreCost::of_base(base);
+                cost.add_wal(
+                    sums[end].wal_bytes.saturating_sub(sums[start].wal_bytes),
+                    sums[end]
+                        .wal_records
+                        .saturating_sub(sums[start].wal_records),
+                );
+                Some(PointCost::new(p, &base.id, cost, rates))
+            })
             .max_by_key(|c| (c.predicted_ms, c.cost.wal_bytes, c.seq))
     }
 }
@@ -784,6 +828,9 @@ mod tests {
         let _ = h.plan(Target::Seq(M));
         let _ = h.plan(Target::Time(t(3)));
         let _ = h.plan(Target::Time(t(1)));
+        let rates = RestoreRates::default();
+        let _ = h.latest_cost(&rates);
+        let _ = h.worst_cost(&rates);
     }
 
     #[test]
@@ -827,6 +874,9 @@ mod tests {
         // part) against b's 4.8 s at its range's end.
         let worst = h.worst_cost(&rates).unwrap();
         assert_eq!((worst.seq, worst.base.as_str()), (500, "b"));
+        assert_eq!(h.cost_of(Target::Seq(500), &rates).unwrap(), worst);
+        let a_end = h.cost_of(Target::Seq(200), &rates).unwrap();
+        assert_eq!((a_end.base.as_str(), a_end.predicted_ms), ("a", 2900));
         // A base at 450: the worst point is the one just before it (from b, both segments),
         // the newest point replays only the last segment onto c.
         h.bases.push(BaseSummary {
@@ -836,6 +886,8 @@ mod tests {
         let worst = h.worst_cost(&rates).unwrap();
         assert_eq!((worst.seq, worst.base.as_str()), (449, "b"));
         assert_eq!(worst.cost.wal_records, 200);
+        // Computed without planning each point, it is what planning that point says.
+        assert_eq!(h.cost_of(Target::Seq(449), &rates).unwrap(), worst);
         let latest = h.latest_cost(&rates).unwrap();
         assert_eq!((latest.seq, latest.base.as_str()), (500, "c"));
         assert_eq!(latest.cost.wal_bytes, 400_000);
@@ -857,6 +909,46 @@ mod tests {
             wal_records: u64::MAX,
         };
         assert!(huge.predict(&zero) > Duration::from_secs(1 << 60));
+    }
+
+    proptest::proptest! {
+        /// On any history (overlaps, holes, gaps and bases anywhere), the worst point found
+        /// without planning is what planning every candidate point says, and nothing panics.
+        #[test]
+        fn prop_the_worst_point_is_the_planner_s(
+            segs in proptest::collection::vec((1u64..6, 0u64..2, 1u64..10_000, 0u32..500), 0..24),
+            bases in proptest::collection::vec((0u64..100, 0u64..20, 0u64..1 << 20), 0..5),
+            gap in proptest::option::of((0u64..100, 0u64..10)),
+        ) {
+            let mut h = History::default();
+            let mut next = 1u64;
+            for (i, (len, skip, bytes, records)) in segs.into_iter().enumerate() {
+                next += skip;
+                let mut s = seg(next, next + len - 1, i as i64, i as i64 + 1);
+                s.stored_size = bytes;
+                s.record_count = records;
+                h.segments.push(s);
+                next += len;
+            }
+            for (i, (earliest, back, size)) in bases.into_iter().enumerate() {
+                let mut b = base(&format!("b{i}"), earliest.saturating_sub(back).max(1), earliest, i as i64);
+                b.total_size = size;
+                h.bases.push(b);
+            }
+            if let Some((first, len)) = gap {
+                h.gaps.push(testing::gap(first, first + len, GapKind::MissingWal));
+            }
+            let rates = RestoreRates { download_bytes_per_sec: 1_000_000, replay_records_per_sec: 1000 };
+            let window = h.window();
+            let mut candidates: Vec<u64> = window.ranges.iter().map(|r| r.last_seq).collect();
+            candidates.extend(h.bases.iter().map(|b| b.earliest_seq.saturating_sub(1)).filter(|p| window.range_of(*p).is_some()));
+            let planned = candidates
+                .into_iter()
+                .filter_map(|p| h.cost_of(Target::Seq(p), &rates).ok())
+                .max_by_key(|c| (c.predicted_ms, c.cost.wal_bytes, c.seq));
+            proptest::prop_assert_eq!(h.worst_cost(&rates), planned);
+            let _ = h.latest_cost(&rates);
+        }
     }
 
     #[test]
