@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use exposition::Snapshot;
 use tidemark_manifest::model::{BaseSummary, SegmentEntry, micros_from_time};
+use tidemark_manifest::plan::RestoreCost;
 use tidemark_manifest::segment::Record;
 use time::OffsetDateTime;
 
@@ -95,6 +96,9 @@ struct State {
     last_base_us: Option<i64>,
     last_base_seq: u64,
     last_base_seconds: f64,
+    since_base_bytes: u64,
+    since_base_records: u64,
+    predicted_restore_secs: f64,
     archived_bytes: u64,
     stored_bytes: u64,
     archived_records: u64,
@@ -217,6 +221,16 @@ impl Metrics {
             s.stored_bytes += entry.stored_size;
             s.archived_records += u64::from(entry.record_count);
             s.segments += 1;
+        });
+    }
+
+    /// The WAL uploaded after the newest base's point, and the predicted restore time of
+    /// the newest point (`None` before the first base).
+    pub fn replay_since_base(&self, since: &RestoreCost, predicted: Option<Duration>) {
+        self.with(|s| {
+            s.since_base_bytes = since.wal_bytes;
+            s.since_base_records = since.wal_records;
+            s.predicted_restore_secs = predicted.map_or(0.0, |d| d.as_secs_f64());
         });
     }
 
@@ -489,7 +503,7 @@ mod tests {
             let name = f.name;
             assert_eq!(p.types.get(name).map(String::as_str), kind, "{name}");
         }
-        assert_eq!(p.types.len(), 25);
+        assert_eq!(p.types.len(), 28);
         for (series, v) in &p.samples {
             assert_eq!(*v, 0.0, "{series}");
         }
@@ -646,7 +660,7 @@ mod tests {
             v("tidemark_database_failures_total{database=\"users\"}"),
             1.0
         );
-        assert_eq!(p.types.len(), 27);
+        assert_eq!(p.types.len(), 30);
         // Every other series carries the database label, once per database.
         for series in p.samples.keys() {
             if series != "tidemark_store_retries_total" {

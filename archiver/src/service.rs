@@ -2,7 +2,8 @@
 //! to its owner.
 //!
 //! - `pipeline`: watch → follow → ship → checkpoint, one step at a time;
-//! - `bases`: when the next base backup is due, and the one in progress;
+//! - `bases`: when the next base backup is due, and the one in progress; `replay` (fed by
+//!   the pipeline) says when the WAL a restore would replay calls for one early;
 //! - `retention`: the retention policy's mark step, and its sweep in the background;
 //! - [`crate::lease_keeper`]: renews the lease in the background; the service stops when
 //!   it is lost.
@@ -21,6 +22,7 @@
 mod bases;
 mod cf_watch;
 pub mod pipeline;
+mod replay;
 mod retention;
 
 use std::future::Future;

@@ -8,6 +8,7 @@ use crate::model::{BaseSummary, Gap, SegmentEntry, micros_from_time, time_from_m
 use crate::segment::Record;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::time::Duration;
 use time::OffsetDateTime;
 
 /// A restore target: the point a restore, a verification or a drill brings the database to.
@@ -563,6 +564,204 @@ impl History {
     }
 }
 
+/// What restoring one point costs: the base's files, and the WAL segments downloaded and
+/// replayed onto them. The WAL of a restore from base `b` is every segment from the one
+/// holding `b.replay_from_seq` (RocksDB's recovery of the base's files starts there, with
+/// what it had not flushed into table files when the base was taken) to the one holding the
+/// cutoff ([`RestorePlan::segments`], [`replays_onto`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RestoreCost {
+    /// Bytes of the base's files (`total_size`).
+    pub base_bytes: u64,
+    /// Bytes of the segments, as stored (what is downloaded).
+    pub wal_bytes: u64,
+    /// WAL records (write batches) in those segments: what RocksDB's recovery replays.
+    pub wal_records: u64,
+}
+
+/// How fast a restore goes on the machine that restores: the rates [`RestoreCost::predict`]
+/// turns a cost into a time with. The defaults were measured on the project's 2-core test
+/// machine (README, "Performance"; docs/operations.md says how to measure your own with a
+/// drill, whose report gives the rates it achieved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreRates {
+    /// Bytes per second fetched from the store and written to disk (base files and
+    /// segments, each checked against its sha256).
+    pub download_bytes_per_sec: u64,
+    /// WAL records per second re-created as WAL files and replayed by RocksDB's recovery.
+    pub replay_records_per_sec: u64,
+}
+
+impl RestoreRates {
+    /// Download rate by default: 100 MB/s, what a release build re-creates the WAL at
+    /// from segments on the test machine (base files go faster).
+    pub const DEFAULT_DOWNLOAD_BYTES_PER_SEC: u64 = 100_000_000;
+    /// Replay rate by default: 250,000 records/s, RocksDB's recovery of re-created WAL on
+    /// the test machine.
+    pub const DEFAULT_REPLAY_RECORDS_PER_SEC: u64 = 250_000;
+    /// What every restore costs besides its bytes and records: reading the repository,
+    /// planning, opening the database.
+    pub const FIXED: Duration = Duration::from_millis(100);
+}
+
+impl Default for RestoreRates {
+    fn default() -> RestoreRates {
+        RestoreRates {
+            download_bytes_per_sec: Self::DEFAULT_DOWNLOAD_BYTES_PER_SEC,
+            replay_records_per_sec: Self::DEFAULT_REPLAY_RECORDS_PER_SEC,
+        }
+    }
+}
+
+/// True when a restore from `base` downloads and replays the segment that ends at
+/// `segment_last_seq`: it holds the base's `replay_from_seq` or a later record.
+pub fn replays_onto(base: &BaseSummary, segment_last_seq: u64) -> bool {
+    segment_last_seq >= base.replay_from_seq
+}
+
+impl RestoreCost {
+    /// The cost of restoring `base`'s own files, before any WAL.
+    pub fn of_base(base: &BaseSummary) -> RestoreCost {
+        RestoreCost {
+            base_bytes: base.total_size,
+            ..RestoreCost::default()
+        }
+    }
+
+    /// Adds a segment of `stored_bytes` holding `records` WAL records.
+    pub fn add_wal(&mut self, stored_bytes: u64, records: u64) {
+        self.wal_bytes = self.wal_bytes.saturating_add(stored_bytes);
+        self.wal_records = self.wal_records.saturating_add(records);
+    }
+
+    /// The predicted restore time: `FIXED + (base_bytes + wal_bytes) / download rate +
+    /// wal_records / replay rate`. Rates of zero count as one per second.
+    pub fn predict(&self, rates: &RestoreRates) -> Duration {
+        RestoreRates::FIXED.saturating_add(self.transfer_time(rates))
+    }
+
+    /// [`RestoreCost::predict`] without the fixed part: what the bytes and records cost.
+    pub fn transfer_time(&self, rates: &RestoreRates) -> Duration {
+        let bytes = self.base_bytes.saturating_add(self.wal_bytes) as f64;
+        let secs = bytes / rates.download_bytes_per_sec.max(1) as f64
+            + self.wal_records as f64 / rates.replay_records_per_sec.max(1) as f64;
+        Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
+    }
+}
+
+/// The predicted restore time of one point of the window, and what it is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PointCost {
+    /// The point: the restore's cutoff.
+    pub seq: u64,
+    /// The base a restore of it starts from.
+    pub base: String,
+    #[serde(flatten)]
+    pub cost: RestoreCost,
+    /// [`RestoreCost::predict`] of `cost`, in milliseconds.
+    pub predicted_ms: u64,
+}
+
+impl PointCost {
+    fn new(seq: u64, base: &str, cost: RestoreCost, rates: &RestoreRates) -> PointCost {
+        PointCost {
+            seq,
+            base: base.to_owned(),
+            cost,
+            predicted_ms: u64::try_from(cost.predict(rates).as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    fn of(plan: &RestorePlan, rates: &RestoreRates) -> PointCost {
+        PointCost::new(plan.max_seq, &plan.base.id, plan.cost(), rates)
+    }
+}
+
+impl RestorePlan {
+    /// What this restore downloads and replays.
+    pub fn cost(&self) -> RestoreCost {
+        let mut cost = RestoreCost::of_base(&self.base);
+        for s in &self.segments {
+            cost.add_wal(s.stored_size, u64::from(s.record_count));
+        }
+        cost
+    }
+}
+
+impl History {
+    /// The predicted restore time of `target`, and what it is made of.
+    pub fn cost_of(&self, target: Target, rates: &RestoreRates) -> Result<PointCost, PlanError> {
+        Ok(PointCost::of(&self.plan(target)?, rates))
+    }
+
+    /// The predicted restore time of the newest point of the window.
+    pub fn latest_cost(&self, rates: &RestoreRates) -> Option<PointCost> {
+        self.cost_of(Target::Latest, rates).ok()
+    }
+
+    /// The point of the window with the longest predicted restore time: of the points just
+    /// before a newer base takes over and the ends of the window's ranges, the one whose
+    /// restore replays the most onto its base.
+    pub fn worst_cost(&self, rates: &RestoreRates) -> Option<PointCost> {
+        // Each base's range once, and running sums over the segments: every candidate's
+        // plan as `plan` makes it (the newest base whose range holds it; the segments from
+        // the one holding its `replay_from_seq` to the point), without planning each one
+        // (a repository may hold thousands of bases and millions of segments).
+        let ranges: Vec<(&BaseSummary, WindowRange)> = self
+            .bases
+            .iter()
+            .filter_map(|b| self.base_range(b).map(|r| (b, r)))
+            .collect();
+        let mut sums = Vec::with_capacity(self.segments.len() + 1);
+        let mut total = RestoreCost::default();
+        sums.push(total);
+        for s in &self.segments {
+            total.add_wal(s.stored_size, u64::from(s.record_count));
+            sums.push(total);
+        }
+        let window = self.window();
+        let mut points: Vec<u64> = window.ranges.iter().map(|r| r.last_seq).collect();
+        points.extend(
+            self.bases
+                .iter()
+                .map(|b| b.earliest_seq.saturating_sub(1))
+                .filter(|p| window.range_of(*p).is_some()),
+        );
+        points.sort_unstable();
+        points.dedup();
+        points
+            .into_iter()
+            .filter(|p| {
+                !self
+                    .gaps
+                    .iter()
+                    .any(|g| g.first_seq <= *p && *p <= g.last_seq)
+            })
+            .filter_map(|p| {
+                let (base, _) = ranges
+                    .iter()
+                    .filter(|(_, r)| r.first_seq <= p && p <= r.last_seq)
+                    .max_by_key(|(b, _)| (b.earliest_seq, b.created_at))?;
+                let (start, end) = match self.segment_holding(base.replay_from_seq) {
+                    Some(start) if base.replay_from_seq <= p => (
+                        start,
+                        start + self.segments[start..].partition_point(|s| s.first_seq <= p),
+                    ),
+                    _ => (0, 0),
+                };
+                let mut cost = RestoreCost::of_base(base);
+                cost.add_wal(
+                    sums[end].wal_bytes.saturating_sub(sums[start].wal_bytes),
+                    sums[end]
+                        .wal_records
+                        .saturating_sub(sums[start].wal_records),
+                );
+                Some(PointCost::new(p, &base.id, cost, rates))
+            })
+            .max_by_key(|c| (c.predicted_ms, c.cost.wal_bytes, c.seq))
+    }
+}
+
 /// The time a restore reports for its last record.
 pub fn record_time(r: &Record) -> OffsetDateTime {
     time_from_micros(r.time_us)
@@ -629,6 +828,127 @@ mod tests {
         let _ = h.plan(Target::Seq(M));
         let _ = h.plan(Target::Time(t(3)));
         let _ = h.plan(Target::Time(t(1)));
+        let rates = RestoreRates::default();
+        let _ = h.latest_cost(&rates);
+        let _ = h.worst_cost(&rates);
+    }
+
+    #[test]
+    fn a_restore_costs_its_base_and_the_segments_from_its_replay_start_to_the_point() {
+        let sized = |s: SegmentEntry, bytes: u64, records: u32| SegmentEntry {
+            stored_size: bytes,
+            record_count: records,
+            ..s
+        };
+        let mut h = history();
+        h.bases[0].total_size = 1_000_000;
+        h.bases[1].total_size = 2_000_000;
+        h.segments = vec![
+            sized(seg(1, 100, 0, 10), 100_000, 100),
+            sized(seg(101, 200, 11, 20), 200_000, 50),
+            sized(seg(301, 400, 40, 50), 300_000, 100),
+            sized(seg(401, 500, 51, 60), 400_000, 100),
+        ];
+        let rates = RestoreRates {
+            download_bytes_per_sec: 1_000_000,
+            replay_records_per_sec: 100,
+        };
+        // The newest point: base b (replaying from 301) and both segments after it.
+        let latest = h.latest_cost(&rates).unwrap();
+        assert_eq!((latest.seq, latest.base.as_str()), (500, "b"));
+        assert_eq!(
+            latest.cost,
+            RestoreCost {
+                base_bytes: 2_000_000,
+                wal_bytes: 700_000,
+                wal_records: 200
+            }
+        );
+        // 0.1 s fixed + 2.7 s of bytes + 2 s of records.
+        assert_eq!(latest.predicted_ms, 4800);
+        assert_eq!(
+            latest.cost.predict(&rates),
+            RestoreRates::FIXED + latest.cost.transfer_time(&rates)
+        );
+        // The worst point: 1 MB of base a, 300 kB and 150 records (2.9 s with the fixed
+        // part) against b's 4.8 s at its range's end.
+        let worst = h.worst_cost(&rates).unwrap();
+        assert_eq!((worst.seq, worst.base.as_str()), (500, "b"));
+        assert_eq!(h.cost_of(Target::Seq(500), &rates).unwrap(), worst);
+        let a_end = h.cost_of(Target::Seq(200), &rates).unwrap();
+        assert_eq!((a_end.base.as_str(), a_end.predicted_ms), ("a", 2900));
+        // A base at 450: the worst point is the one just before it (from b, both segments),
+        // the newest point replays only the last segment onto c.
+        h.bases.push(BaseSummary {
+            total_size: 2_000_000,
+            ..base("c", 401, 450, 55)
+        });
+        let worst = h.worst_cost(&rates).unwrap();
+        assert_eq!((worst.seq, worst.base.as_str()), (449, "b"));
+        assert_eq!(worst.cost.wal_records, 200);
+        // Computed without planning each point, it is what planning that point says.
+        assert_eq!(h.cost_of(Target::Seq(449), &rates).unwrap(), worst);
+        let latest = h.latest_cost(&rates).unwrap();
+        assert_eq!((latest.seq, latest.base.as_str()), (500, "c"));
+        assert_eq!(latest.cost.wal_bytes, 400_000);
+        assert!(worst.predicted_ms > latest.predicted_ms);
+        // The planner's own segments, whatever the point.
+        let plan = h.plan(Target::Seq(150)).unwrap();
+        assert_eq!(plan.cost().wal_bytes, plan.segment_bytes());
+        assert_eq!(h.cost_of(Target::Seq(150), &rates).unwrap().seq, 150);
+        assert!(History::default().latest_cost(&rates).is_none());
+        assert!(History::default().worst_cost(&rates).is_none());
+        // Zero rates and huge costs answer, never panic.
+        let zero = RestoreRates {
+            download_bytes_per_sec: 0,
+            replay_records_per_sec: 0,
+        };
+        let huge = RestoreCost {
+            base_bytes: u64::MAX,
+            wal_bytes: u64::MAX,
+            wal_records: u64::MAX,
+        };
+        assert!(huge.predict(&zero) > Duration::from_secs(1 << 60));
+    }
+
+    proptest::proptest! {
+        /// On any history (overlaps, holes, gaps and bases anywhere), the worst point found
+        /// without planning is what planning every candidate point says, and nothing panics.
+        #[test]
+        fn prop_the_worst_point_is_the_planner_s(
+            segs in proptest::collection::vec((1u64..6, 0u64..2, 1u64..10_000, 0u32..500), 0..24),
+            bases in proptest::collection::vec((0u64..100, 0u64..20, 0u64..1 << 20), 0..5),
+            gap in proptest::option::of((0u64..100, 0u64..10)),
+        ) {
+            let mut h = History::default();
+            let mut next = 1u64;
+            for (i, (len, skip, bytes, records)) in segs.into_iter().enumerate() {
+                next += skip;
+                let mut s = seg(next, next + len - 1, i as i64, i as i64 + 1);
+                s.stored_size = bytes;
+                s.record_count = records;
+                h.segments.push(s);
+                next += len;
+            }
+            for (i, (earliest, back, size)) in bases.into_iter().enumerate() {
+                let mut b = base(&format!("b{i}"), earliest.saturating_sub(back).max(1), earliest, i as i64);
+                b.total_size = size;
+                h.bases.push(b);
+            }
+            if let Some((first, len)) = gap {
+                h.gaps.push(testing::gap(first, first + len, GapKind::MissingWal));
+            }
+            let rates = RestoreRates { download_bytes_per_sec: 1_000_000, replay_records_per_sec: 1000 };
+            let window = h.window();
+            let mut candidates: Vec<u64> = window.ranges.iter().map(|r| r.last_seq).collect();
+            candidates.extend(h.bases.iter().map(|b| b.earliest_seq.saturating_sub(1)).filter(|p| window.range_of(*p).is_some()));
+            let planned = candidates
+                .into_iter()
+                .filter_map(|p| h.cost_of(Target::Seq(p), &rates).ok())
+                .max_by_key(|c| (c.predicted_ms, c.cost.wal_bytes, c.seq));
+            proptest::prop_assert_eq!(h.worst_cost(&rates), planned);
+            let _ = h.latest_cost(&rates);
+        }
     }
 
     #[test]

@@ -298,6 +298,29 @@ async fn metrics_follow_a_live_database(store: TestStore) -> Result<()> {
     );
     ensure!(after.get("tidemark_base_backup_duration_seconds") > 0.0);
     ensure!(after.get("tidemark_last_segment_upload_timestamp_seconds") > 0.0);
+    // The WAL since the newest base and the newest point's predicted restore time are the
+    // repository's, by the format crate's rule (the archiver predicts with the defaults).
+    let base_seq = newest_base_seq.context("a base")?;
+    let since = segments.iter().filter(|s| s.last_seq > base_seq);
+    let since_bytes: u64 = since.clone().map(|s| s.stored_size).sum();
+    let since_records: u64 = since.map(|s| u64::from(s.record_count)).sum();
+    ensure!(
+        after.get("tidemark_wal_bytes_since_base") == since_bytes as f64
+            && after.get("tidemark_wal_records_since_base") == since_records as f64,
+        "WAL since the base: {} bytes, {} records scraped; the repository has {since_bytes}, \
+         {since_records}",
+        after.get("tidemark_wal_bytes_since_base"),
+        after.get("tidemark_wal_records_since_base")
+    );
+    let predicted = state
+        .history
+        .latest_cost(&tidemark_manifest::plan::RestoreRates::default())
+        .context("a restorable point")?;
+    let scraped_ms = after.get("tidemark_predicted_restore_seconds") * 1000.0;
+    ensure!(
+        scraped_ms > 0.0 && (scraped_ms - predicted.predicted_ms as f64).abs() <= 1.0,
+        "predicted restore time {scraped_ms} ms scraped, the repository's is {predicted:?}"
+    );
 
     let (status, _, body) = http_get(addr, "/health")?;
     ensure!(status == 200 && body == "ok\n", "/health: {status} {body}");

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use clap::Args;
 use tidemark_manifest::cli::{StoreAccess, StoreArgs, parse_bool};
+use tidemark_manifest::store::Rate;
+
+use super::ReplayBound;
 
 /// `run`: one database (or a config file's `[[databases]]`).
 #[derive(Debug, Clone, Args)]
@@ -30,6 +33,26 @@ pub struct RunFlags {
     /// Take a base backup this often (e.g. 24h).
     #[arg(long, env = "TIDEMARK_BASE_INTERVAL", value_parser = humantime::parse_duration)]
     pub base_interval: Option<Duration>,
+    /// Also take a base backup as soon as the WAL shipped after the newest base exceeds
+    /// this: bytes of segments (e.g. 256MiB, 1GB) or WAL records (e.g. "1000000 records").
+    /// At most one of this and --target-recovery-time.
+    #[arg(long, env = "TIDEMARK_MAX_REPLAY", value_name = "SIZE|N records")]
+    pub max_replay: Option<ReplayBound>,
+    /// Also take a base backup as soon as the predicted restore time of the newest point
+    /// exceeds this (e.g. 5m), predicted with --restore-download-rate and
+    /// --restore-replay-rate.
+    #[arg(long, env = "TIDEMARK_TARGET_RECOVERY_TIME", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub target_recovery_time: Option<Duration>,
+    /// The rate a restore downloads at, for predicted restore times (e.g. 200MB/s).
+    #[arg(long, env = "TIDEMARK_RESTORE_DOWNLOAD_RATE", value_name = "RATE")]
+    pub restore_download_rate: Option<Rate>,
+    /// The WAL records per second a restore replays, for predicted restore times.
+    #[arg(
+        long,
+        env = "TIDEMARK_RESTORE_REPLAY_RATE",
+        value_name = "RECORDS_PER_SEC"
+    )]
+    pub restore_replay_rate: Option<u64>,
     /// Write a manifest generation at least this often while archiving (e.g. 60s).
     #[arg(long, env = "TIDEMARK_CHECKPOINT_INTERVAL", value_parser = humantime::parse_duration)]
     pub checkpoint_interval: Option<Duration>,

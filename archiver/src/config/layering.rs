@@ -129,6 +129,18 @@ fn apply_flags(flags: &RunFlags, o: &mut ArchiverOptions) {
     if let Some(v) = flags.base_interval {
         o.base_interval = v;
     }
+    if let Some(v) = flags.max_replay {
+        o.max_replay = Some(v);
+    }
+    if let Some(v) = flags.target_recovery_time {
+        o.target_recovery_time = Some(v);
+    }
+    if let Some(v) = flags.restore_download_rate {
+        o.restore_download_rate = Some(v);
+    }
+    if let Some(v) = flags.restore_replay_rate {
+        o.restore_replay_rate = Some(v);
+    }
     if let Some(v) = flags.checkpoint_interval {
         o.checkpoint_interval = v;
     }

@@ -27,7 +27,7 @@ pub use file::{Database, FileError, FleetConfig};
 pub use layering::{
     Plan, PruneSettings, check_store_settings, prune_settings, run_plan, status_settings,
 };
-pub use options::{ArchiverOptions, PruneOptions};
+pub use options::{ArchiverOptions, PruneOptions, ReplayBound};
 pub use validation::{InvalidSetting, MIN_LEASE_TTL};
 
 use crate::prune::PruneError;

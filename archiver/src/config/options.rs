@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tidemark_manifest::cli::StoreArgs;
+use tidemark_manifest::plan::RestoreRates;
+use tidemark_manifest::store::Rate;
 
 /// Everything `tidemark-archiver run` can be told, from flags, environment or a TOML file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -27,6 +29,20 @@ pub struct ArchiverOptions {
     /// Take a base backup this often.
     #[serde(with = "super::duration")]
     pub base_interval: Duration,
+    /// Also take a base backup as soon as the WAL shipped after the newest base's point
+    /// exceeds this (`256MiB`, or `1000000 records`): a bound on the WAL a restore replays.
+    /// At most one of this and `target_recovery_time`.
+    pub max_replay: Option<ReplayBound>,
+    /// Also take a base backup as soon as the predicted restore time of the newest point
+    /// exceeds this (`5m`), predicted with `restore_download_rate` and
+    /// `restore_replay_rate`.
+    #[serde(with = "super::duration::optional")]
+    pub target_recovery_time: Option<Duration>,
+    /// The rate a restore downloads at, for the prediction (`200MB/s`; default: the
+    /// format crate's measured default, [`RestoreRates`]).
+    pub restore_download_rate: Option<Rate>,
+    /// The WAL records per second a restore replays, for the prediction.
+    pub restore_replay_rate: Option<u64>,
     /// Write a manifest generation at least this often while segments are pending.
     #[serde(with = "super::duration")]
     pub checkpoint_interval: Duration,
@@ -70,6 +86,10 @@ impl Default for ArchiverOptions {
             sync_interval: Duration::from_secs(1),
             max_segment_bytes: 64 << 20,
             base_interval: Duration::from_secs(24 * 3600),
+            max_replay: None,
+            target_recovery_time: None,
+            restore_download_rate: None,
+            restore_replay_rate: None,
             checkpoint_interval: Duration::from_secs(60),
             poll_interval: Duration::from_millis(250),
             lease_ttl: Duration::from_secs(60),
@@ -83,6 +103,98 @@ impl Default for ArchiverOptions {
             store: StoreArgs::default(),
             allow_unsafe_store: false,
         }
+    }
+}
+
+impl ArchiverOptions {
+    /// The rates restore times are predicted with: those given, the measured defaults for
+    /// the others.
+    pub fn restore_rates(&self) -> RestoreRates {
+        let d = RestoreRates::default();
+        RestoreRates {
+            download_bytes_per_sec: self
+                .restore_download_rate
+                .map_or(d.download_bytes_per_sec, Rate::get),
+            replay_records_per_sec: self.restore_replay_rate.unwrap_or(d.replay_records_per_sec),
+        }
+    }
+}
+
+/// How much WAL a restore may replay on top of the newest base before a new base is
+/// taken: bytes of segments as stored (`256MiB`, `1GB`, `4096B`; `KB`/`MB`/`GB` are powers
+/// of 1000, `KiB`/`MiB`/`GiB` of 1024) or WAL records (`1000000 records`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayBound {
+    Bytes(u64),
+    Records(u64),
+}
+
+impl std::str::FromStr for ReplayBound {
+    type Err = String;
+
+    fn from_str(input: &str) -> Result<ReplayBound, String> {
+        let s = input.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (number, unit) = (&s[..split], s[split..].trim());
+        let bad = |why: &str| {
+            format!(
+                "invalid replay bound {input:?}: {why} (examples: 256MiB, 1GB, 1000000 records)"
+            )
+        };
+        let value: f64 = number
+            .parse()
+            .map_err(|_| bad("it must start with a number"))?;
+        let scale: f64 = match unit {
+            "records" | "record" => {
+                if number.contains('.') {
+                    return Err(bad("a number of records is a whole number"));
+                }
+                return number
+                    .parse()
+                    .map(ReplayBound::Records)
+                    .map_err(|_| bad("the number of records is too large"));
+            }
+            "B" => 1.0,
+            "KB" | "kB" => 1e3,
+            "MB" => 1e6,
+            "GB" => 1e9,
+            "TB" => 1e12,
+            "KiB" => 1024.0,
+            "MiB" => 1024.0 * 1024.0,
+            "GiB" => 1024.0 * 1024.0 * 1024.0,
+            "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+            "" => return Err(bad("it needs a unit: bytes (B, MB, MiB...) or records")),
+            _ => return Err(bad(&format!("unknown unit {unit:?}"))),
+        };
+        let bytes = value * scale;
+        if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+            return Err(bad("it is too large"));
+        }
+        Ok(ReplayBound::Bytes(bytes.round() as u64))
+    }
+}
+
+impl std::fmt::Display for ReplayBound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplayBound::Bytes(n) => write!(f, "{n}B"),
+            ReplayBound::Records(n) => write!(f, "{n} records"),
+        }
+    }
+}
+
+impl Serialize for ReplayBound {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ReplayBound {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ReplayBound, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 

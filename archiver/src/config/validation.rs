@@ -16,7 +16,7 @@ use tidemark_manifest::retention::{self, Rules};
 use tidemark_manifest::store::StoreUrl;
 
 use super::file::{FileError, FleetConfig, invalid};
-use super::{ArchiverOptions, ConfigError, PruneOptions};
+use super::{ArchiverOptions, ConfigError, PruneOptions, ReplayBound};
 use crate::prune::PruneError;
 
 /// The shortest lease: it is renewed a third of the way through its time, and retried every
@@ -89,6 +89,7 @@ pub fn check_options(o: &ArchiverOptions) -> Result<(), InvalidSetting> {
         check(key, value, Bound::Positive)?;
     }
     check("lease_ttl", o.lease_ttl, Bound::AtLeast(MIN_LEASE_TTL))?;
+    check_replay(o)?;
     let Some(r) = &o.retention else {
         return Ok(());
     };
@@ -105,6 +106,42 @@ pub fn check_options(o: &ArchiverOptions) -> Result<(), InvalidSetting> {
                       once"
                 .to_owned(),
         });
+    }
+    Ok(())
+}
+
+/// Checks the replay bound: at most one of `max_replay` and `target_recovery_time`, each
+/// more than zero, and a replay rate of at least one record per second.
+fn check_replay(o: &ArchiverOptions) -> Result<(), InvalidSetting> {
+    let refuse = |key: &str, value: String, problem: &str| InvalidSetting {
+        key: key.to_owned(),
+        value,
+        problem: problem.to_owned(),
+    };
+    if let (Some(bound), Some(_)) = (o.max_replay, o.target_recovery_time) {
+        return Err(refuse(
+            "max_replay",
+            bound.to_string(),
+            "is given with target_recovery_time: both bound the same replay, give one (the              config file and --max-replay / --target-recovery-time are merged before this              is checked)",
+        ));
+    }
+    if let Some(b @ (ReplayBound::Bytes(0) | ReplayBound::Records(0))) = o.max_replay {
+        return Err(refuse(
+            "max_replay",
+            b.to_string(),
+            "must be more than zero: give the WAL a restore may replay on top of the \
+             newest base, e.g. 256MiB or 1000000 records, or leave it out",
+        ));
+    }
+    if let Some(t) = o.target_recovery_time {
+        check("target_recovery_time", t, Bound::Positive)?;
+    }
+    if o.restore_replay_rate == Some(0) {
+        return Err(refuse(
+            "restore_replay_rate",
+            "0".to_owned(),
+            "must be at least 1 WAL record per second (a drill's report gives the rate              measured on the restoring machine)",
+        ));
     }
     Ok(())
 }
@@ -437,6 +474,90 @@ mod tests {
                 msg.starts_with(&format!("{key} = \"0s\" must be longer than zero")),
                 "{key}: {msg}"
             );
+        }
+    }
+
+    #[test]
+    fn the_replay_bound_is_one_of_bytes_records_or_a_time_and_more_than_zero() {
+        let bound = |text: &str| text.parse::<ReplayBound>();
+        assert_eq!(bound("256MiB"), Ok(ReplayBound::Bytes(256 << 20)));
+        assert_eq!(bound(" 1.5 GB "), Ok(ReplayBound::Bytes(1_500_000_000)));
+        assert_eq!(bound("4096B"), Ok(ReplayBound::Bytes(4096)));
+        assert_eq!(
+            bound("1000000 records"),
+            Ok(ReplayBound::Records(1_000_000))
+        );
+        for (nonsense, why) in [
+            ("", "must start with a number"),
+            ("lots", "must start with a number"),
+            ("256", "needs a unit"),
+            ("256 parsecs", "unknown unit \"parsecs\""),
+            ("1.5 records", "whole number"),
+            ("99999999999999999999 records", "too large"),
+            ("1e30GB", "unknown unit"),
+        ] {
+            let e = bound(nonsense).unwrap_err();
+            assert!(e.contains(why), "{nonsense:?}: {e}");
+            assert!(e.contains("examples: 256MiB"), "{nonsense:?}: {e}");
+        }
+        // Through the config file, as serde reads it.
+        let o: ArchiverOptions =
+            toml::from_str("max_replay = \"64MiB\"\nrestore_replay_rate = 1000").unwrap();
+        assert_eq!(o.max_replay, Some(ReplayBound::Bytes(64 << 20)));
+        check_options(&o).unwrap();
+        let e = toml::from_str::<ArchiverOptions>("max_replay = \"soon\"").unwrap_err();
+        assert!(e.to_string().contains("invalid replay bound"), "{e}");
+        let o: ArchiverOptions = toml::from_str("target_recovery_time = \"5m\"").unwrap();
+        assert_eq!(o.target_recovery_time, Some(Duration::from_secs(300)));
+        check_options(&o).unwrap();
+
+        for (o, want) in [
+            (
+                ArchiverOptions {
+                    max_replay: Some(ReplayBound::Bytes(0)),
+                    ..ArchiverOptions::default()
+                },
+                "max_replay = \"0B\" must be more than zero",
+            ),
+            (
+                ArchiverOptions {
+                    max_replay: Some(ReplayBound::Records(0)),
+                    ..ArchiverOptions::default()
+                },
+                "max_replay = \"0 records\" must be more than zero",
+            ),
+            (
+                ArchiverOptions {
+                    target_recovery_time: Some(Duration::ZERO),
+                    ..ArchiverOptions::default()
+                },
+                "target_recovery_time = \"0s\" must be longer than zero",
+            ),
+            (
+                ArchiverOptions {
+                    target_recovery_time: Some(Duration::from_secs(1_000 * YEAR)),
+                    ..ArchiverOptions::default()
+                },
+                "longer than 100 years",
+            ),
+            (
+                ArchiverOptions {
+                    max_replay: Some(ReplayBound::Bytes(1 << 30)),
+                    target_recovery_time: Some(Duration::from_secs(300)),
+                    ..ArchiverOptions::default()
+                },
+                "max_replay = \"1073741824B\" is given with target_recovery_time",
+            ),
+            (
+                ArchiverOptions {
+                    restore_replay_rate: Some(0),
+                    ..ArchiverOptions::default()
+                },
+                "restore_replay_rate = \"0\" must be at least 1",
+            ),
+        ] {
+            let msg = refused(&o);
+            assert!(msg.contains(want), "{msg}");
         }
     }
 

@@ -195,6 +195,24 @@ pub const FAMILIES: &[Family] = &[
         "How long the last base backup taken by this process took (0: none yet).",
         |v| Value::Gauge(v.state.last_base_seconds),
     ),
+    gauge(
+        "tidemark_wal_bytes_since_base",
+        "Bytes (as stored) of the WAL segments uploaded after the newest base backup's \
+         point: what max_replay bounds in bytes.",
+        |v| Value::Whole(v.state.since_base_bytes),
+    ),
+    gauge(
+        "tidemark_wal_records_since_base",
+        "WAL records in the segments uploaded after the newest base backup's point: what \
+         max_replay bounds in records.",
+        |v| Value::Whole(v.state.since_base_records),
+    ),
+    gauge(
+        "tidemark_predicted_restore_seconds",
+        "Predicted restore time of the newest point: the newest base's files and the WAL \
+         replayed onto them at the configured restore rates (0: no base yet).",
+        |v| Value::Gauge(v.state.predicted_restore_secs),
+    ),
     counter(
         "tidemark_archived_bytes_total",
         "WAL bytes (uncompressed records) in the segments this process uploaded.",

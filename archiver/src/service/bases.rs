@@ -1,8 +1,9 @@
 //! Base backup scheduling: when the next base is due, and the one in progress.
 //!
 //! A base is taken every `base_interval` (skipped when nothing was written since the newest
-//! one), at once after a gap, a column family change or a request, and never while a
-//! retention sweep runs. It runs in a task this owner holds; the pipeline records it when
+//! one), at once after a gap, a column family change or a request, as soon as the WAL a
+//! restore would replay exceeds the bound set (`max_replay`, `target_recovery_time`: the
+//! pipeline's [`super::replay`] trigger says when), and never while a retention sweep runs. It runs in a task this owner holds; the pipeline records it when
 //! it finishes.
 
 use std::path::PathBuf;
@@ -41,6 +42,8 @@ pub(crate) struct Bases {
     /// True while the pending base is only the periodic one (not asked for, not a gap).
     on_schedule: bool,
     task: Option<OwnedTask<Result<BaseResult, BaseError>>>,
+    /// After a failed base, none is started before this, whatever triggers it.
+    retry_at: Option<Instant>,
     /// Bases in the repository at start plus those taken since.
     count: u64,
     interval: Duration,
@@ -76,6 +79,7 @@ impl Bases {
             due: Some(due),
             on_schedule: last_base_at.is_some() && !opts.base_at_start,
             task: None,
+            retry_at: None,
             count: state.history.bases.len() as u64,
             interval: opts.base_interval,
             upload_concurrency: opts.upload_concurrency,
@@ -112,17 +116,26 @@ impl Bases {
     /// Starts the base that is due, unless one runs or a sweep does (a sweep may be
     /// deleting objects a base would reuse).
     pub fn start_if_due(&mut self, pipeline: &Pipeline, sweeping: bool) {
-        let due = self.due.is_some_and(|d| d <= Instant::now());
-        if self.task.is_some() || !due {
+        let now = Instant::now();
+        let due = self.due.is_some_and(|d| d <= now);
+        let replay_due = !due && self.retry_at.is_none_or(|at| at <= now) && pipeline.replay_due();
+        if self.task.is_some() || !(due || replay_due) {
             return;
         }
-        if self.on_schedule && pipeline.nothing_new_since_newest_base() {
+        if replay_due {
+            self.on_schedule = false;
+        } else if self.on_schedule && pipeline.nothing_new_since_newest_base() {
             tracing::debug!("nothing written since the newest base; the scheduled base is skipped");
             self.due = Some(Instant::now() + self.interval);
             return;
         }
         if sweeping {
             return;
+        }
+        if replay_due {
+            tracing::info!(
+                "the WAL a restore would replay exceeds the bound set: taking a base backup early"
+            );
         }
         self.due = None;
         self.on_schedule = false;
@@ -172,6 +185,7 @@ impl Bases {
                     .base_finished(&result.summary, result.stats.duration);
                 self.due = Some(Instant::now() + self.interval);
                 self.on_schedule = true;
+                self.retry_at = None;
                 if pipeline.record_base(result).await? {
                     // Started before a column family change: another base is needed.
                     self.needed_now();
@@ -182,7 +196,9 @@ impl Bases {
             Ok(Err(e)) => {
                 self.metrics.base_failed();
                 tracing::error!(error = %e, "base backup failed; retrying in a minute");
-                self.due = Some(Instant::now() + Duration::from_secs(60));
+                let retry = Instant::now() + Duration::from_secs(60);
+                self.due = Some(retry);
+                self.retry_at = Some(retry);
                 Ok(false)
             }
             Err(e) => Err(ServiceError::Other(format!("base backup task failed: {e}"))),

@@ -24,6 +24,7 @@ use tidemark_manifest::store::StoreError;
 use time::OffsetDateTime;
 
 use super::cf_watch::{AfterBase, CfWatch};
+use super::replay::ReplayTrigger;
 use super::{RunSummary, ServiceError};
 use crate::base::{BaseResult, ObservedTimeFn};
 use crate::checkpoint::{CheckpointManager, CheckpointOptions};
@@ -68,6 +69,8 @@ pub struct Pipeline {
     /// Read every change at once (no gathering): while a base backup runs, whose
     /// `earliest_time` is the time the follower gives its earliest record.
     prompt: bool,
+    /// The WAL a restore of the newest point replays, fed with what is shipped.
+    replay: ReplayTrigger,
 }
 
 /// How long changes to the WAL may wait to be read while a segment is open: a tenth of
@@ -147,6 +150,12 @@ impl Pipeline {
             coalesce: coalesce_window(opts.sync_interval),
             read_at: None,
             prompt: false,
+            replay: ReplayTrigger::new(
+                opts,
+                &state.history.bases,
+                &state.history.segments,
+                metrics,
+            ),
         };
         metrics.resumed(
             pipeline.summary.last_seq,
@@ -344,6 +353,7 @@ impl Pipeline {
                 self.upload_retry.succeeded();
                 for e in entries {
                     self.summary.segments += 1;
+                    self.replay.segment_shipped(&e);
                     self.checkpoint.segment_uploaded(e);
                 }
                 Ok(true)
@@ -400,6 +410,7 @@ impl Pipeline {
                 false
             }
         };
+        self.replay.base_recorded(&result.summary);
         tolerate(
             self.checkpoint.add_base(result.summary).await,
             &mut self.manifest_retry,
@@ -478,6 +489,12 @@ impl Pipeline {
         let newest = self.current().bases.iter().map(|b| b.earliest_seq).max();
         newest.is_some_and(|b| self.summary.last_seq.unwrap_or(0) <= b)
             && !self.checkpoint.has_unwritten()
+    }
+
+    /// True when the WAL a restore of the newest point replays is over the bound set
+    /// (`max_replay`, `target_recovery_time`): a base is due.
+    pub fn replay_due(&self) -> bool {
+        self.replay.due()
     }
 
     /// The observed time of the record holding a sequence, for a base's `earliest_time`.

@@ -15,7 +15,9 @@ use time::{OffsetDateTime, UtcOffset};
 use tracing_subscriber::EnvFilter;
 
 use tidemark_manifest::exit;
+use tidemark_manifest::plan::RestoreRates;
 use tidemark_manifest::repo::ReadFrom;
+use tidemark_manifest::store::Rate;
 use tidemark_restore::commands::drill::{self, DrillOptions, DrillTarget};
 use tidemark_restore::commands::follow::{self, Controls, FollowOptions};
 use tidemark_restore::commands::list::{self};
@@ -155,6 +157,31 @@ struct FollowArgs {
     max_wal_bytes: Option<u64>,
 }
 
+/// The rates restore times are predicted with (`list`, `drill`).
+#[derive(Debug, Args)]
+struct RateArgs {
+    /// The rate a restore downloads at, for predicted restore times (e.g. 200MB/s; default
+    /// 100MB/s, measured on a small 2-core machine; a drill's report gives yours).
+    #[arg(long, value_name = "RATE", env = "TIDEMARK_RESTORE_DOWNLOAD_RATE")]
+    download_rate: Option<Rate>,
+    /// The WAL records per second a restore re-creates and RocksDB replays, for predicted
+    /// restore times (default 250000; a drill's report gives yours).
+    #[arg(long, value_name = "RECORDS_PER_SEC", env = "TIDEMARK_RESTORE_REPLAY_RATE", value_parser = clap::value_parser!(u64).range(1..))]
+    replay_rate: Option<u64>,
+}
+
+impl RateArgs {
+    fn rates(&self) -> RestoreRates {
+        let d = RestoreRates::default();
+        RestoreRates {
+            download_bytes_per_sec: self
+                .download_rate
+                .map_or(d.download_bytes_per_sec, Rate::get),
+            replay_records_per_sec: self.replay_rate.unwrap_or(d.replay_records_per_sec),
+        }
+    }
+}
+
 // `list`'s flags.
 #[derive(Debug, Args)]
 struct ListArgs {
@@ -166,6 +193,8 @@ struct ListArgs {
     /// Timeline width in columns (default: the terminal's width).
     #[arg(long, value_name = "COLUMNS")]
     width: Option<usize>,
+    #[command(flatten)]
+    rates: RateArgs,
     /// Read the repository from manifest generation N instead of the newest intact one
     /// (segments written after it are still found by the tail walk).
     #[arg(long, value_name = "N")]
@@ -302,6 +331,8 @@ struct DrillArgs {
         env = "TIDEMARK_DRILL_VERIFY"
     )]
     verify: VerifyMode,
+    #[command(flatten)]
+    rates: RateArgs,
     /// Print the JSON report on standard output instead of the summary.
     #[arg(long)]
     json: bool,
@@ -404,7 +435,11 @@ fn report(
 
 async fn list_cmd(a: ListArgs) -> anyhow::Result<u8> {
     let repo = a.store.open().await?;
-    let r = list::run_from(&repo, read_from(a.generation)).await?;
+    let opts = list::ListOptions {
+        width: a.width,
+        rates: a.rates.rates(),
+    };
+    let r = list::run_from(&repo, read_from(a.generation), &opts).await?;
     report(a.json, &r, || {
         r.render(a.width.unwrap_or_else(terminal_width))
     })?;
@@ -490,6 +525,7 @@ fn drill_options(a: &DrillArgs) -> Result<DrillOptions, RestoreError> {
         seed: a.seed,
         parallelism: a.parallelism,
         verify: a.verify,
+        rates: a.rates.rates(),
     })
 }
 

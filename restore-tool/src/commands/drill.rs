@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::io::AsyncReadExt;
 
-use tidemark_manifest::plan::Window;
+use tidemark_manifest::plan::{PointCost, RestoreRates, Window};
 use tidemark_manifest::repo::{RepoState, Repository};
 
 use super::restore::{
@@ -144,6 +144,9 @@ pub struct DrillOptions {
     /// How the restored database is verified (default `full`: a drill proves the most).
     #[serde(default = "default_verify")]
     pub verify: VerifyMode,
+    /// The rates the restore time is predicted with, to compare with the achieved one.
+    #[serde(default)]
+    pub rates: RestoreRates,
 }
 
 fn default_verify() -> VerifyMode {
@@ -162,6 +165,7 @@ impl Default for DrillOptions {
             seed: None,
             parallelism: restore::DEFAULT_PARALLELISM,
             verify: VerifyMode::Full,
+            rates: RestoreRates::default(),
         }
     }
 }
@@ -339,6 +343,23 @@ pub struct FailureReport {
     pub object: Option<String>,
 }
 
+/// The predicted restore time beside the achieved one, and the rates this drill achieved.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PredictionReport {
+    /// The rates of the prediction (`--download-rate`, `--replay-rate` or the defaults).
+    pub rates: RestoreRates,
+    /// The restored point's predicted restore time and what it is made of.
+    pub predicted: PointCost,
+    /// The achieved restore time: `total_ms` without the check command. `None` when the
+    /// restore failed.
+    pub achieved_ms: Option<u64>,
+    /// `achieved_ms / predicted.predicted_ms`.
+    pub achieved_over_predicted: Option<f64>,
+    /// The rates this drill achieved: give them to `list` and the archiver
+    /// (`restore_download_rate`, `restore_replay_rate`) to predict with this machine's.
+    pub measured: Option<RestoreRates>,
+}
+
 /// What `drill` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct DrillReport {
@@ -362,6 +383,8 @@ pub struct DrillReport {
     pub restore: Option<RestoreSummary>,
     pub verification: Option<Verification>,
     pub check: Option<CheckReport>,
+    /// The predicted restore time beside the achieved one; `null` if planning failed.
+    pub prediction: Option<PredictionReport>,
     pub failure: Option<FailureReport>,
     pub warnings: Vec<String>,
 }
@@ -516,6 +539,34 @@ impl DrillReport {
             "  RTO           {} (plan to the end of the checks)",
             human_duration(Duration::from_millis(self.total_ms))
         );
+        if let Some(p) = &self.prediction {
+            let c = &p.predicted.cost;
+            let achieved = match (p.achieved_ms, p.achieved_over_predicted) {
+                (Some(a), Some(r)) => format!(
+                    ", achieved {} ({r:.2}x)",
+                    human_duration(Duration::from_millis(a))
+                ),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                w,
+                "  predicted     {}{achieved}: base {}, {} of WAL, {} records to replay",
+                human_duration(Duration::from_millis(p.predicted.predicted_ms)),
+                human_bytes(c.base_bytes),
+                human_bytes(c.wal_bytes),
+                c.wal_records
+            );
+            if let Some(m) = &p.measured {
+                let _ = writeln!(
+                    w,
+                    "  measured      {}/s download, {} WAL records/s replay (predicted with {}/s, {})",
+                    human_bytes(m.download_bytes_per_sec),
+                    m.replay_records_per_sec,
+                    human_bytes(p.rates.download_bytes_per_sec),
+                    p.rates.replay_records_per_sec
+                );
+            }
+        }
         if let Some(r) = &self.rpo {
             let _ = writeln!(
                 w,
@@ -621,6 +672,11 @@ fn host() -> String {
 
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
+}
+
+/// `amount` per second over `took_ms` (a phase under a millisecond counts as one).
+fn per_sec(amount: u64, took_ms: u64) -> u64 {
+    (u128::from(amount) * 1000 / u128::from(took_ms.max(1))).min(u128::from(u64::MAX)) as u64
 }
 
 fn ms_between(later: OffsetDateTime, earlier: OffsetDateTime) -> i64 {
@@ -745,6 +801,7 @@ pub async fn run(
             restore: None,
             verification: None,
             check: None,
+            prediction: None,
             failure: None,
             warnings: Vec::new(),
         },
@@ -759,6 +816,7 @@ pub async fn run(
     d.restore_and_check(store, opts, &dir, progress, cancel)
         .await;
     d.report.total_ms = ms(started.elapsed());
+    d.achieved();
 
     // Cleanup.
     if opts.keep {
@@ -893,6 +951,15 @@ impl Drill {
             return None;
         };
         self.report.target.resolved = Some(target);
+        if let Ok(predicted) = state.history.cost_of(target, &opts.rates) {
+            self.report.prediction = Some(PredictionReport {
+                rates: opts.rates,
+                predicted,
+                achieved_ms: None,
+                achieved_over_predicted: None,
+                measured: None,
+            });
+        }
         Some(Planned {
             repo,
             state,
@@ -1068,6 +1135,43 @@ impl Drill {
             rpo.restored_time = Some(c.time);
             rpo.restored_behind_newest_seqs = Some(rpo.newest_archived_seq.saturating_sub(c.seq));
             rpo.restored_behind_newest_ms = Some(ms_between(rpo.newest_archived_time, c.time));
+        }
+    }
+
+    /// Fills in the achieved restore time and the rates measured, once the restore and the
+    /// check command are done.
+    fn achieved(&mut self) {
+        let phase_ms = |phase: DrillPhase| {
+            self.times
+                .iter()
+                .find(|(p, _, _)| *p == phase)
+                .map_or(0, |t| ms(t.1))
+        };
+        let achieved = self
+            .report
+            .total_ms
+            .saturating_sub(phase_ms(DrillPhase::CheckCommand));
+        // The prediction adds its terms, so the rates are measured the same way: the
+        // downloads (the WAL is re-created while it downloads, so their time holds that
+        // too), then everything after them, the replay by RocksDB (`full`) above all.
+        let fetch_ms = phase_ms(DrillPhase::Fetch);
+        let after_ms = achieved.saturating_sub(fetch_ms + phase_ms(DrillPhase::Plan));
+        let measured = self.report.restore.as_ref().map(|r| RestoreRates {
+            download_bytes_per_sec: per_sec(r.download_bytes, fetch_ms),
+            replay_records_per_sec: per_sec(r.records_replayed, after_ms),
+        });
+        let restored = self
+            .report
+            .restore
+            .as_ref()
+            .is_some_and(|r| r.cutoff.is_some());
+        if let Some(p) = self.report.prediction.as_mut()
+            && restored
+        {
+            p.achieved_ms = Some(achieved);
+            p.achieved_over_predicted =
+                Some(achieved as f64 / p.predicted.predicted_ms.max(1) as f64);
+            p.measured = measured;
         }
     }
 

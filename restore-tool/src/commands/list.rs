@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use tidemark_manifest::model::{Gap, LineageParent, TimeSource, micros_from_time};
-use tidemark_manifest::plan::{History, Window};
+use tidemark_manifest::plan::{History, PointCost, RestoreRates, Window};
 use tidemark_manifest::repo::{LoadWarning, ReadFrom, RepoState, Repository};
 
 use super::{load_from, short_time};
@@ -19,6 +19,8 @@ use crate::{RestoreError, human_bytes, human_duration};
 pub struct ListOptions {
     /// Width of the timeline in columns (the terminal's width when not given).
     pub width: Option<usize>,
+    /// The rates restore times are predicted with.
+    pub rates: RestoreRates,
 }
 
 /// A base backup as listed.
@@ -68,6 +70,18 @@ pub struct Point {
     pub time: OffsetDateTime,
 }
 
+/// The predicted restore time of the newest point and of the worst point of the window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RestoreTimeReport {
+    /// The rates of the prediction.
+    pub rates: RestoreRates,
+    /// The newest point.
+    pub latest: PointCost,
+    /// The point with the longest predicted restore time: just before a newer base takes
+    /// over, where the most WAL is replayed.
+    pub worst: PointCost,
+}
+
 /// What `list` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct ListReport {
@@ -92,6 +106,8 @@ pub struct ListReport {
     pub gaps: Vec<Gap>,
     pub segments: SegmentSummary,
     pub latest: Option<Point>,
+    /// Predicted restore times; `null` while nothing is restorable.
+    pub restore_time: Option<RestoreTimeReport>,
     #[serde(skip)]
     history: History,
     #[serde(skip)]
@@ -99,18 +115,22 @@ pub struct ListReport {
 }
 
 /// Reads the repository's state and sums it up.
-pub async fn run(repo: &Repository) -> Result<ListReport, RestoreError> {
-    run_from(repo, ReadFrom::NewestIntact).await
+pub async fn run(repo: &Repository, opts: &ListOptions) -> Result<ListReport, RestoreError> {
+    run_from(repo, ReadFrom::NewestIntact, opts).await
 }
 
 /// Reads the repository's state from the generation `from` says and sums it up.
-pub async fn run_from(repo: &Repository, from: ReadFrom) -> Result<ListReport, RestoreError> {
+pub async fn run_from(
+    repo: &Repository,
+    from: ReadFrom,
+    opts: &ListOptions,
+) -> Result<ListReport, RestoreError> {
     let state = load_from(repo, from).await?;
-    Ok(report(repo.location(), &state))
+    Ok(report(repo.location(), &state, &opts.rates))
 }
 
-/// The report for a loaded state.
-pub fn report(location: String, state: &RepoState) -> ListReport {
+/// The report for a loaded state, restore times predicted with `rates`.
+pub fn report(location: String, state: &RepoState, rates: &RestoreRates) -> ListReport {
     let h = &state.history;
     let window = h.window();
     let g = state.generation.as_ref();
@@ -163,6 +183,14 @@ pub fn report(location: String, state: &RepoState) -> ListReport {
             seq: r.last_seq,
             time: r.last_time,
         }),
+        restore_time: h
+            .latest_cost(rates)
+            .zip(h.worst_cost(rates))
+            .map(|(latest, worst)| RestoreTimeReport {
+                rates: *rates,
+                latest,
+                worst,
+            }),
         history: h.clone(),
         window_ranges: window,
     }
@@ -194,6 +222,7 @@ impl ListReport {
         self.render_repository(&mut out);
         self.render_bases(&mut out);
         self.render_window(&mut out);
+        self.render_restore_time(&mut out);
         self.render_gaps_and_wal(&mut out);
         for line in timeline(&self.history, &self.window_ranges, width) {
             let _ = writeln!(out, "{line}");
@@ -298,6 +327,33 @@ impl ListReport {
         }
         if let Some(p) = &self.latest {
             let _ = writeln!(w, "  latest: sequence {} at {}", p.seq, short_time(p.time));
+        }
+        let _ = writeln!(w);
+    }
+
+    /// The predicted restore times, and what they are made of.
+    fn render_restore_time(&self, w: &mut String) {
+        let Some(t) = &self.restore_time else {
+            return;
+        };
+        let _ = writeln!(
+            w,
+            "Predicted restore time (at {}/s download, {} WAL records/s replay):",
+            human_bytes(t.rates.download_bytes_per_sec),
+            t.rates.replay_records_per_sec
+        );
+        for (label, p) in [("latest", &t.latest), ("worst", &t.worst)] {
+            let _ = writeln!(
+                w,
+                "  {label:<6}  sequence {}: {}  (base {} of {}, then {} of WAL, {} records to \
+                 replay)",
+                p.seq,
+                human_duration(std::time::Duration::from_millis(p.predicted_ms)),
+                p.base,
+                human_bytes(p.cost.base_bytes),
+                human_bytes(p.cost.wal_bytes),
+                p.cost.wal_records
+            );
         }
         let _ = writeln!(w);
     }
