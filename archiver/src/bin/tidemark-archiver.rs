@@ -66,6 +66,10 @@ enum Command {
     /// multipart uploads, checksums, signatures, clock) and print a table; exit 0 unless
     /// the store cannot be reached.
     CheckStore(tidemark_archiver::config::flags::CheckStoreFlags),
+    /// Bring a second repository of the same database up to date with a first: copies what
+    /// it lacks, verified, in the order the format requires, holding its lease. Run it
+    /// again to catch up (e.g. from a timer); an interrupted copy resumes.
+    Copy(tidemark_archiver::config::copy::CopyFlags),
 }
 
 /// Reports a repository that cannot be opened: `USAGE` when what was given is wrong (URL,
@@ -119,6 +123,28 @@ async fn prune_cmd(args: PruneFlags) -> anyhow::Result<ExitCode> {
                 _ => exit::FAILURE,
             };
             Ok(ExitCode::from(code))
+        }
+    }
+}
+
+async fn copy_cmd(args: tidemark_archiver::config::copy::CopyFlags) -> anyhow::Result<ExitCode> {
+    let json = args.json;
+    let o = match tidemark_archiver::config::copy::copy_options(args) {
+        Ok(o) => o,
+        Err(e) => return Ok(unusable("tidemark-archiver copy", e)),
+    };
+    match tidemark_archiver::copy::copy_once(&o).await {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            Ok(ExitCode::from(exit::OK))
+        }
+        Err(e) => {
+            eprintln!("tidemark-archiver copy: {e}");
+            Ok(ExitCode::from(e.exit_code()))
         }
     }
 }
@@ -438,6 +464,7 @@ async fn main() -> ExitCode {
         Command::Status(args) => status_cmd(args).await,
         Command::Prune(args) => prune_cmd(args).await,
         Command::CheckStore(args) => tidemark_archiver::check_store::run(args).await,
+        Command::Copy(args) => copy_cmd(args).await,
     };
     match result {
         Ok(code) => code,

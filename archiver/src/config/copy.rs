@@ -1,0 +1,106 @@
+//! The command line of `copy`: the source (`--from` and the usual store flags and
+//! `TIDEMARK_*` variables), the destination (`--to`, `--to-config`, `--to-encryption-key-file`),
+//! and how they become [`CopyOptions`].
+//!
+//! The destination is reached with the source's endpoint, region and path style unless
+//! `--to-config FILE` gives it a `[store]` table of its own (the keys of the archiver's
+//! `[store]`; an archiver's config file works, its other keys are ignored). Its encryption
+//! key comes only from `--to-encryption-key-file` or that table's `encryption_key_file`,
+//! never from the source's settings or `TIDEMARK_ENCRYPTION_KEY`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use tidemark_manifest::cli::{StoreAccess, StoreArgs};
+use tidemark_manifest::store::{EncryptionKey, StoreError};
+
+use super::validation::MIN_LEASE_TTL;
+use super::{ConfigError, file};
+use crate::copy::CopyOptions;
+
+/// `copy`: bring a second repository up to date with a first.
+#[derive(Debug, Clone, Args)]
+pub struct CopyFlags {
+    /// The repository to copy from: s3://BUCKET/PREFIX or file:///ABSOLUTE/DIR (read only;
+    /// the store flags below and TIDEMARK_* apply to it).
+    #[arg(long, value_name = "URL")]
+    pub from: String,
+    /// The repository to bring up to date (created if there is none).
+    #[arg(long, value_name = "URL")]
+    pub to: String,
+    /// A TOML file whose [store] table reaches the destination (endpoint_url, region,
+    /// path_style, storage_class, encryption_key_file…). Without it the destination is
+    /// reached with the source's endpoint, region and path style.
+    #[arg(long, value_name = "FILE")]
+    pub to_config: Option<PathBuf>,
+    /// The destination's encryption key file (a new destination is then encrypted with it).
+    #[arg(long, value_name = "PATH")]
+    pub to_encryption_key_file: Option<PathBuf>,
+    /// The destination's lease lasts this long without renewal (at least 10s).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s", value_name = "DURATION")]
+    pub lease_ttl: Duration,
+    /// Show what would be copied; write nothing (no lease is taken).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreAccess,
+}
+
+/// The destination's file: its `[store]` table; other keys are not the copy's.
+#[derive(Debug, Default, serde::Deserialize)]
+struct DestinationFile {
+    #[serde(default)]
+    store: StoreArgs,
+}
+
+/// `copy`: the flags, the destination's file, checked.
+pub fn copy_options(flags: CopyFlags) -> Result<CopyOptions, ConfigError> {
+    if flags.lease_ttl < MIN_LEASE_TTL {
+        return Err(ConfigError::Usage(format!(
+            "--lease-ttl {} is shorter than {}: a lease that short cannot be renewed in time",
+            humantime::format_duration(flags.lease_ttl),
+            humantime::format_duration(MIN_LEASE_TTL)
+        )));
+    }
+    let mut destination = match &flags.to_config {
+        Some(path) => {
+            let text = file::read(path)?;
+            let f: DestinationFile = toml::from_str(&text).map_err(|e| ConfigError::File {
+                path: path.clone(),
+                source: file::FileError::Options(e),
+            })?;
+            f.store
+        }
+        None => StoreArgs {
+            access: StoreAccess {
+                encryption_key_file: None,
+                encryption_key: None,
+                ..flags.store.clone()
+            },
+            ..StoreArgs::default()
+        },
+    };
+    if let Some(path) = &flags.to_encryption_key_file {
+        destination.access.encryption_key_file = Some(path.clone());
+    }
+    let destination_key = match &destination.access.encryption_key_file {
+        Some(path) => Some(
+            EncryptionKey::from_file(path)
+                .map_err(|e| ConfigError::Store(StoreError::config(e.to_string())))?,
+        ),
+        None => None,
+    };
+    Ok(CopyOptions {
+        from: flags.from,
+        to: flags.to,
+        source: flags.store,
+        destination,
+        destination_key,
+        lease_ttl: flags.lease_ttl,
+        dry_run: flags.dry_run,
+    })
+}
