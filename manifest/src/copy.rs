@@ -439,7 +439,8 @@ fn plan_bases(
                 .any(|b| b.id == id && &b.descriptor == descriptor)
         })
     };
-    let mut have_files: BTreeMap<String, u64> = destination
+    let mut planned = BTreeSet::new();
+    let have_files: BTreeMap<String, u64> = destination
         .map(|d| {
             d.bases
                 .iter()
@@ -457,7 +458,10 @@ fn plan_bases(
                 plan.already_there += 1;
                 continue;
             }
-            have_files.insert(f.key.clone(), f.size);
+            // A table file several new bases share is copied once.
+            if !planned.insert(f.key.clone()) {
+                continue;
+            }
             plan.before.push(CopyItem::BaseFile {
                 key: f.key.clone(),
                 size: f.size,
@@ -948,5 +952,55 @@ mod tests {
         };
         let e = check_not_diverged("a", "b", &source_state, &d).unwrap_err();
         assert!(e.to_string().contains("differs"), "{e}");
+    }
+
+    #[test]
+    fn a_table_file_new_bases_share_is_planned_once_and_not_counted_as_there() {
+        let t = testing::at_secs(1);
+        let table = crate::model::BaseFile {
+            name: "000009.sst".into(),
+            size: 7,
+            sha256: "ab".repeat(32),
+            key: keys::sst_key(&"ab".repeat(32)),
+        };
+        let descriptor = |id: &str| BaseDescriptor {
+            format_version: FORMAT_VERSION,
+            id: id.into(),
+            created_at: t,
+            database_identity: "db-1".into(),
+            min_log_number: 1,
+            replay_from_seq: 1,
+            earliest_seq: 1,
+            earliest_time: t,
+            next_file_number: 10,
+            column_families: Vec::new(),
+            files: vec![table.clone()],
+        };
+        let mut g = testing::generation(1, t);
+        g.bases = vec![testing::base("b1", 1, 1, t), testing::base("b2", 1, 1, t)];
+        let state = RepoState {
+            config: testing::config(),
+            generation: Some(g),
+            history: Default::default(),
+            tail_segments: 0,
+            newest_generation: 1,
+            warnings: Vec::new(),
+        };
+        let p = plan_copy(
+            &state,
+            &[descriptor("b1"), descriptor("b2")],
+            None,
+            None,
+            testing::writer(),
+            t,
+        );
+        let keys: Vec<&str> = p.objects().map(CopyItem::key).collect();
+        assert_eq!(
+            keys.iter().filter(|k| **k == table.key).count(),
+            1,
+            "{keys:?}"
+        );
+        assert_eq!(keys.len(), 3, "{keys:?}");
+        assert_eq!(p.already_there, 0);
     }
 }

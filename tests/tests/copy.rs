@@ -271,9 +271,10 @@ async fn an_interrupted_copy_resumes_without_copying_again() -> Result<()> {
     let oracle = s.archive(&WRITES, &[]).await?;
     let dest = TestStore::local()?;
     let root = dest.local_root().unwrap();
-    // A slow copy (uploads at 64 KiB/s), killed once it has written some objects.
+    // A slow copy (uploads at 512 KiB/s), killed once it is copying base files: after the
+    // segments and index pages, before the generation.
     let slow = s.path("slow.toml");
-    std::fs::write(&slow, "[store]\nmax_upload_rate = \"64KiB/s\"\n")?;
+    std::fs::write(&slow, "[store]\nmax_upload_rate = \"512KiB/s\"\n")?;
     let from = s.store.url.clone();
     let slow_str = slow.display().to_string();
     let mut p = Proc::spawn(
@@ -293,8 +294,11 @@ async fn an_interrupted_copy_resumes_without_copying_again() -> Result<()> {
         &[],
         &s.path("interrupted.log"),
     )?;
-    wait_for(Duration::from_secs(120), "objects at B", || {
-        (data_objects(&root).len() >= 3).then_some(())
+    wait_for(Duration::from_secs(120), "base files at B", || {
+        data_objects(&root)
+            .iter()
+            .any(|k| k.starts_with("sst/") || k.starts_with("bases/"))
+            .then_some(())
     })?;
     p.kill_running()?;
     let present: Vec<String> = data_objects(&root);
@@ -310,6 +314,10 @@ async fn an_interrupted_copy_resumes_without_copying_again() -> Result<()> {
         .map(|o| o["key"].as_str().unwrap_or_default().to_owned())
         .collect();
     let there = planned.iter().filter(|k| present.contains(k)).count() as u64;
+    ensure!(
+        there > 0,
+        "none of the objects at B is planned: {present:?}"
+    );
     // Every object the killed copy wrote is either in B's state already (its tail walk
     // finds the segments) or planned, to be checked rather than copied.
     ensure!(

@@ -104,3 +104,88 @@ pub fn copy_options(flags: CopyFlags) -> Result<CopyOptions, ConfigError> {
         dry_run: flags.dry_run,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        copy: CopyFlags,
+    }
+
+    /// A key file only its owner reads, as a key file must be.
+    fn key_file(path: &std::path::Path, key: &EncryptionKey) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, key.to_hex().as_bytes()).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    fn flags(args: &[&str]) -> CopyFlags {
+        let mut all = vec!["copy", "--from", "s3://a/p", "--to", "file:///tmp/b"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).unwrap().copy
+    }
+
+    #[test]
+    fn the_destination_takes_the_sources_endpoint_but_never_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let source_key = dir.path().join("source.key");
+        key_file(&source_key, &EncryptionKey::generate());
+        let key = source_key.display().to_string();
+        let o = copy_options(flags(&[
+            "--endpoint-url",
+            "http://127.0.0.1:9000",
+            "--path-style",
+            "--encryption-key-file",
+            &key,
+        ]))
+        .unwrap();
+        let d = &o.destination.access;
+        assert_eq!(d.endpoint_url.as_deref(), Some("http://127.0.0.1:9000"));
+        assert!(d.path_style);
+        assert!(d.encryption_key_file.is_none() && o.destination_key.is_none());
+        assert_eq!(o.source.encryption_key_file, Some(source_key));
+    }
+
+    #[test]
+    fn a_destination_file_replaces_the_sources_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = EncryptionKey::generate();
+        let key_path = dir.path().join("dest.key");
+        key_file(&key_path, &key);
+        let conf = dir.path().join("dest.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                "db = \"/ignored\"\n[store]\nregion = \"eu-west-1\"\nstorage_class = \
+                 \"STANDARD_IA\"\nencryption_key_file = {:?}\n",
+                key_path.display().to_string()
+            ),
+        )
+        .unwrap();
+        let c = conf.display().to_string();
+        let o = copy_options(flags(&["--endpoint-url", "http://x", "--to-config", &c])).unwrap();
+        assert_eq!(o.destination.access.endpoint_url, None);
+        assert_eq!(o.destination.access.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(
+            o.destination.write.storage_class.as_deref(),
+            Some("STANDARD_IA")
+        );
+        assert_eq!(o.destination_key.map(|k| k.key_id()), Some(key.key_id()));
+    }
+
+    #[test]
+    fn a_lease_too_short_and_a_bad_file_are_refused() {
+        let e = copy_options(flags(&["--lease-ttl", "2s"])).unwrap_err();
+        assert!(e.to_string().contains("--lease-ttl 2s"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("dest.toml");
+        std::fs::write(&conf, "[store]\ncolour = \"blue\"\n").unwrap();
+        let c = conf.display().to_string();
+        let e = copy_options(flags(&["--to-config", &c])).unwrap_err();
+        assert!(matches!(e, ConfigError::File { .. }), "{e}");
+    }
+}
