@@ -39,6 +39,8 @@ pub struct CopyOptions {
     pub lease_ttl: Duration,
     /// Plan and report only.
     pub dry_run: bool,
+    /// Run again this long after each run ends, until stopped ([`copy_every`]).
+    pub every: Option<Duration>,
 }
 
 /// Why a copy failed.
@@ -144,6 +146,36 @@ fn dest_err(repo: &Repository, e: RepoError) -> CopyError {
     CopyError::Destination {
         location: repo.location(),
         source: e,
+    }
+}
+
+/// Runs a copy, then another `every` after each one ends, until `shutdown` resolves (a run
+/// under way is then abandoned as a crash would leave it: the next run resumes it, once the
+/// destination's lease has expired). Each run's report goes to `on_report`. A run that
+/// fails because a store failed or the destination's lease is held (a `prune` there) is
+/// logged and tried again at the next run; any other failure ends the loop.
+pub async fn copy_every(
+    o: &CopyOptions,
+    every: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+    mut on_report: impl FnMut(&CopyReport),
+) -> Result<(), CopyFailure> {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            r = copy_once(o) => match r {
+                Ok(report) => on_report(&report),
+                Err(e) if matches!(e.exit_code(), exit::FAILURE | exit::LEASE_HELD) => {
+                    tracing::warn!(error = %e, next_in = ?every, "the copy failed; trying again");
+                }
+                Err(e) => return Err(e),
+            },
+            _ = &mut shutdown => return Ok(()),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = &mut shutdown => return Ok(()),
+        }
     }
 }
 

@@ -561,3 +561,52 @@ async fn refuses_another_repository_a_held_lease_and_a_diverged_copy() -> Result
     ensure!(data_objects(&dest.local_root().unwrap()) == before);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn copy_every_keeps_a_copy_current_until_stopped() -> Result<()> {
+    let s = Setup::new(TestStore::local()?)?.base_interval("2s");
+    let dest = TestStore::local()?;
+    let mut writer = s.loadgen(&WRITES)?;
+    wait_for_database(&s.db())?;
+    let mut arch = s.archiver("archiver.log", &[])?;
+    let from = s.store.url.clone();
+    // The copier starts once A exists (no repository at --from is bad usage: it would end).
+    let start = Instant::now();
+    while s.archived_seq().await.is_none() {
+        ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "A got no segment"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut copier = Proc::spawn(
+        &bin("tidemark-archiver")?,
+        &[
+            "copy", "--from", &from, "--to", &dest.url, "--json", "--every", "500ms",
+        ]
+        .map(String::from),
+        &[],
+        &s.path("copier.log"),
+    )?;
+    writer.wait_success(Duration::from_secs(90))?;
+    let oracle = s.oracle()?;
+    wait_archived(
+        &s.store,
+        oracle.last_seq(),
+        &mut arch,
+        Duration::from_secs(60),
+    )
+    .await?;
+    arch.stop(Duration::from_secs(30))?;
+    wait_archived(
+        &dest,
+        oracle.last_seq(),
+        &mut copier,
+        Duration::from_secs(90),
+    )
+    .await?;
+    copier.stop(Duration::from_secs(30))?;
+    let latest = restore_exactly(&s, &dest, "latest", &["--latest"], &oracle)?;
+    ensure!(latest == oracle.last_seq(), "B restored to {latest}");
+    Ok(())
+}

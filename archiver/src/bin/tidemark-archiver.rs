@@ -133,6 +133,27 @@ async fn copy_cmd(args: tidemark_archiver::config::copy::CopyFlags) -> anyhow::R
         Ok(o) => o,
         Err(e) => return Ok(unusable("tidemark-archiver copy", e)),
     };
+    if let Some(every) = o.every {
+        let print = |r: &tidemark_archiver::copy::CopyReport| {
+            if json {
+                match serde_json::to_string(r) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => tracing::warn!(error = %e, "cannot print the report"),
+                }
+            } else {
+                print!("{r}");
+            }
+        };
+        return Ok(
+            match tidemark_archiver::copy::copy_every(&o, every, shutdown_signal(), print).await {
+                Ok(()) => ExitCode::from(exit::OK),
+                Err(e) => {
+                    eprintln!("tidemark-archiver copy: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            },
+        );
+    }
     match tidemark_archiver::copy::copy_once(&o).await {
         Ok(report) => {
             if json {

@@ -43,9 +43,13 @@ pub struct CopyFlags {
     /// Show what would be copied; write nothing (no lease is taken).
     #[arg(long)]
     pub dry_run: bool,
-    /// Print the report as JSON.
+    /// Print the report as JSON (with --every, one line per run).
     #[arg(long)]
     pub json: bool,
+    /// Run as a service: copy again this long after each copy ends (e.g. 1m), until SIGTERM
+    /// or SIGINT. A store that fails or a lease held is tried again at the next run.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub every: Option<Duration>,
     #[command(flatten)]
     pub store: StoreAccess,
 }
@@ -65,6 +69,16 @@ pub fn copy_options(flags: CopyFlags) -> Result<CopyOptions, ConfigError> {
             humantime::format_duration(flags.lease_ttl),
             humantime::format_duration(MIN_LEASE_TTL)
         )));
+    }
+    if flags.dry_run && flags.every.is_some() {
+        return Err(ConfigError::Usage(
+            "--dry-run shows one copy: it does not go with --every".to_owned(),
+        ));
+    }
+    if flags.every.is_some_and(|e| e.is_zero()) {
+        return Err(ConfigError::Usage(
+            "--every 0s would copy without a pause: give an interval such as 1m".to_owned(),
+        ));
     }
     let mut destination = match &flags.to_config {
         Some(path) => {
@@ -102,6 +116,7 @@ pub fn copy_options(flags: CopyFlags) -> Result<CopyOptions, ConfigError> {
         destination_key,
         lease_ttl: flags.lease_ttl,
         dry_run: flags.dry_run,
+        every: flags.every,
     })
 }
 
