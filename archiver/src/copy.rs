@@ -50,6 +50,15 @@ pub enum CopyFailure {
     Copy(#[from] CopyError),
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    #[error(
+        "cannot create a temporary directory in {}: {source}; set TMPDIR to a writable directory",
+        dir.display()
+    )]
+    Scratch {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl CopyFailure {
@@ -59,7 +68,7 @@ impl CopyFailure {
             CopyFailure::Lease(LeaseError::Held { .. } | LeaseError::Lost { .. }) => {
                 exit::LEASE_HELD
             }
-            CopyFailure::Lease(_) => exit::FAILURE,
+            CopyFailure::Lease(_) | CopyFailure::Scratch { .. } => exit::FAILURE,
             CopyFailure::Copy(e) if e.is_usage() => exit::USAGE,
             CopyFailure::Copy(e) if e.is_damage() => exit::VERIFICATION_FAILED,
             CopyFailure::Copy(_) => exit::FAILURE,
@@ -312,7 +321,10 @@ async fn carry_out(
     fence: &LeaseFence,
     report: &mut CopyReport,
 ) -> Result<(), CopyFailure> {
-    let scratch = Scratch::new().map_err(|e| dest_err(destination, e))?;
+    let scratch = Scratch::new().map_err(|source| CopyFailure::Scratch {
+        dir: std::env::temp_dir(),
+        source,
+    })?;
     if let Some(config) = &plan.create_config {
         fence.check()?;
         let made = destination
@@ -374,14 +386,9 @@ async fn copy_one(
 struct Scratch(PathBuf);
 
 impl Scratch {
-    fn new() -> Result<Scratch, RepoError> {
+    fn new() -> std::io::Result<Scratch> {
         let dir = std::env::temp_dir().join(format!("tidemark-copy-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir(&dir).map_err(|source| {
-            tidemark_manifest::segment::SegmentError::Io {
-                key: dir.display().to_string(),
-                source,
-            }
-        })?;
+        std::fs::create_dir(&dir)?;
         Ok(Scratch(dir))
     }
 }
