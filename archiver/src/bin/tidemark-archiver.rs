@@ -4,9 +4,12 @@
 //! failure (store unreachable after retries, I/O error); `USAGE` bad usage or an unarchivable
 //! database (the message says what to change); `LEASE_HELD` another archiver holds the
 //! repository (or took it over); `THRESHOLD_EXCEEDED` (`status` only) a threshold given on
-//! the command line was exceeded; `VERIFICATION_FAILED` (`status` only) the repository is
+//! the command line was exceeded; `VERIFICATION_FAILED` (`status`, `copy`) the repository is
 //! damaged (the report names what, and still shows what it could read). `prune` exits with `USAGE` for an invalid policy and
-//! `LEASE_HELD` while an archiver holds the repository. With a config file that lists
+//! `LEASE_HELD` while an archiver holds the repository. `copy` exits with `USAGE` when the
+//! destination holds another repository (or would store an encrypted source in the clear),
+//! `VERIFICATION_FAILED` when it has diverged or an object does not verify, `LEASE_HELD`
+//! while an archiver holds the destination, `FAILURE` when a store failed. With a config file that lists
 //! `[[databases]]`, `run` and `backup` exit with `OK` when every database ended cleanly and
 //! `FAILURE` when any had failed (the JSON summary on standard output names them); `USAGE`
 //! still means bad usage, nothing started.
