@@ -18,12 +18,14 @@
 //! (every background task an [`task::OwnedTask`]), [`fleet`] runs several databases in one
 //! process, each on its own, and [`metrics`] reports on it to Prometheus. [`config`] holds
 //! every setting: its default, its config file key, flag and variable, how they layer, and
-//! its limits. [`check_store`] probes a store for what Tidemark relies on.
+//! its limits. [`check_store`] probes a store for what Tidemark relies on. [`copy`] brings a second
+//! repository of the same database up to date with a first.
 
 pub mod base;
 pub mod check_store;
 pub mod checkpoint;
 pub mod config;
+pub mod copy;
 pub mod fleet;
 pub mod follow;
 pub mod lease;

@@ -217,6 +217,17 @@ async fn open(
     let key = access
         .load_encryption_key()
         .map_err(|e| StoreError::config(e.to_string()))?;
+    open_keyed(s3, url, create, max_upload_rate, key.as_ref()).await
+}
+
+/// Opens the repository at `url` with the encryption key `key`.
+async fn open_keyed(
+    s3: S3Options,
+    url: &str,
+    create: bool,
+    max_upload_rate: Option<Rate>,
+    key: Option<&EncryptionKey>,
+) -> Result<Repository, RepoError> {
     let url = StoreUrl::parse(url)?;
     let store = open_store_with(
         &url,
@@ -228,7 +239,7 @@ async fn open(
         },
     )
     .await?;
-    Ok(Repository::open(Arc::clone(&store), key.as_ref())
+    Ok(Repository::open(Arc::clone(&store), key)
         .await?
         .with_url(&url))
 }
@@ -305,6 +316,19 @@ impl StoreArgs {
     pub async fn open(&self, url: &str, create: bool) -> Result<Repository, RepoError> {
         let s3 = self.s3_options()?;
         open(&self.access, s3, url, create, self.write.max_upload_rate).await
+    }
+
+    /// [`StoreArgs::open`] with the encryption key given here, never one from these
+    /// settings or the environment: for a second repository beside a first (`copy`), whose
+    /// key must not be taken from the first's `TIDEMARK_ENCRYPTION_KEY`.
+    pub async fn open_with_key(
+        &self,
+        url: &str,
+        create: bool,
+        key: Option<&EncryptionKey>,
+    ) -> Result<Repository, RepoError> {
+        let s3 = self.s3_options()?;
+        open_keyed(s3, url, create, self.write.max_upload_rate, key).await
     }
 }
 

@@ -18,6 +18,8 @@
 //! - [`repo`]: a repository on a store: finding the current state without listing, and
 //!   writing objects in the order FORMAT.md requires. The only way the programs read or
 //!   write a document; [`lease`] adds the writer lease's conditional writes.
+//! - [`copy`]: a second repository kept up to date from a first: what it lacks, in write
+//!   order, how to tell one that diverged, and copying one object across, verified.
 //! - [`cli`]: the store flags both programs share.
 //! - [`exit`]: the exit codes of both programs, one meaning per number.
 //! - [`checksum`]: sha256 helpers used for every object.
@@ -29,6 +31,7 @@
 pub mod chain;
 pub mod checksum;
 pub mod cli;
+pub mod copy;
 pub mod exit;
 pub mod keys;
 pub mod lease;

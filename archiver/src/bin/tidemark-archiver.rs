@@ -4,9 +4,12 @@
 //! failure (store unreachable after retries, I/O error); `USAGE` bad usage or an unarchivable
 //! database (the message says what to change); `LEASE_HELD` another archiver holds the
 //! repository (or took it over); `THRESHOLD_EXCEEDED` (`status` only) a threshold given on
-//! the command line was exceeded; `VERIFICATION_FAILED` (`status` only) the repository is
+//! the command line was exceeded; `VERIFICATION_FAILED` (`status`, `copy`) the repository is
 //! damaged (the report names what, and still shows what it could read). `prune` exits with `USAGE` for an invalid policy and
-//! `LEASE_HELD` while an archiver holds the repository. With a config file that lists
+//! `LEASE_HELD` while an archiver holds the repository. `copy` exits with `USAGE` when the
+//! destination holds another repository (or would store an encrypted source in the clear),
+//! `VERIFICATION_FAILED` when it has diverged or an object does not verify, `LEASE_HELD`
+//! while an archiver holds the destination, `FAILURE` when a store failed. With a config file that lists
 //! `[[databases]]`, `run` and `backup` exit with `OK` when every database ended cleanly and
 //! `FAILURE` when any had failed (the JSON summary on standard output names them); `USAGE`
 //! still means bad usage, nothing started.
@@ -66,6 +69,10 @@ enum Command {
     /// multipart uploads, checksums, signatures, clock) and print a table; exit 0 unless
     /// the store cannot be reached.
     CheckStore(tidemark_archiver::config::flags::CheckStoreFlags),
+    /// Bring a second repository of the same database up to date with a first: copies what
+    /// it lacks, verified, in the order the format requires, holding its lease. Run it
+    /// again to catch up (e.g. from a timer); an interrupted copy resumes.
+    Copy(tidemark_archiver::config::copy::CopyFlags),
 }
 
 /// Reports a repository that cannot be opened: `USAGE` when what was given is wrong (URL,
@@ -119,6 +126,49 @@ async fn prune_cmd(args: PruneFlags) -> anyhow::Result<ExitCode> {
                 _ => exit::FAILURE,
             };
             Ok(ExitCode::from(code))
+        }
+    }
+}
+
+async fn copy_cmd(args: tidemark_archiver::config::copy::CopyFlags) -> anyhow::Result<ExitCode> {
+    let json = args.json;
+    let o = match tidemark_archiver::config::copy::copy_options(args) {
+        Ok(o) => o,
+        Err(e) => return Ok(unusable("tidemark-archiver copy", e)),
+    };
+    if let Some(every) = o.every {
+        let print = |r: &tidemark_archiver::copy::CopyReport| {
+            if json {
+                match serde_json::to_string(r) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => tracing::warn!(error = %e, "cannot print the report"),
+                }
+            } else {
+                print!("{r}");
+            }
+        };
+        return Ok(
+            match tidemark_archiver::copy::copy_every(&o, every, shutdown_signal(), print).await {
+                Ok(()) => ExitCode::from(exit::OK),
+                Err(e) => {
+                    eprintln!("tidemark-archiver copy: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            },
+        );
+    }
+    match tidemark_archiver::copy::copy_once(&o).await {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            Ok(ExitCode::from(exit::OK))
+        }
+        Err(e) => {
+            eprintln!("tidemark-archiver copy: {e}");
+            Ok(ExitCode::from(e.exit_code()))
         }
     }
 }
@@ -438,6 +488,7 @@ async fn main() -> ExitCode {
         Command::Status(args) => status_cmd(args).await,
         Command::Prune(args) => prune_cmd(args).await,
         Command::CheckStore(args) => tidemark_archiver::check_store::run(args).await,
+        Command::Copy(args) => copy_cmd(args).await,
     };
     match result {
         Ok(code) => code,

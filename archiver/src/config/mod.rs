@@ -8,10 +8,12 @@
 //! - [`flags`]: the command line and `TIDEMARK_*` variables of each command.
 //! - [`layering`]: defaults < config file < environment < flags, per command.
 //! - [`validation`]: the limits checked once the layers are merged, before anything runs.
+//! - [`copy`]: `copy`'s two sets of store settings, the source's and the destination's.
 //!
 //! The store settings (`[store]`, `--endpoint-url`…) are shared with the restore tool and
 //! live in [`tidemark_manifest::cli`].
 
+pub mod copy;
 pub mod duration;
 pub mod file;
 pub mod flags;
