@@ -30,6 +30,7 @@ pub mod chain;
 pub mod checksum;
 pub mod cli;
 pub mod exit;
+pub mod keyring;
 pub mod keys;
 pub mod lease;
 pub mod model;

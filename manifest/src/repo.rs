@@ -3,6 +3,7 @@
 //! through here, so neither has its own idea of the layout.
 
 use crate::checksum::{self, ChecksumMismatch};
+use crate::keyring::{self, FileKeyWrapper, KeyringError};
 use crate::keys;
 use crate::model::{
     self, BaseDescriptor, BaseSummary, Encryption, FORMAT_VERSION, Generation, IndexPage,
@@ -109,6 +110,8 @@ pub enum RepoError {
         source: Box<RepoError>,
     },
     #[error(transparent)]
+    Keyring(#[from] crate::keyring::KeyringError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -132,6 +135,13 @@ impl RepoError {
                 | RepoError::UnsupportedEncryption { .. }
                 | RepoError::NoSuchGeneration { .. }
                 | RepoError::Store(StoreError::Config { .. })
+                | RepoError::Keyring(
+                    KeyringError::Retired { .. }
+                        | KeyringError::WrongOldKey { .. }
+                        | KeyringError::SameKey(_)
+                        | KeyringError::NotEncrypted { .. }
+                        | KeyringError::LegacyNeedsKeyFile { .. }
+                )
         )
     }
 
@@ -274,20 +284,20 @@ impl Repository {
         key: Option<&EncryptionKey>,
     ) -> Result<Repository, RepoError> {
         let plain = Repository::new(Arc::clone(&store));
-        let recorded = match plain.get_optional(keys::CONFIG).await? {
-            Some(b) => {
-                Some(model::parse_document::<RepositoryConfig>(keys::CONFIG, &b)?.encryption)
-            }
+        let config = match plain.get_optional(keys::CONFIG).await? {
+            Some(b) => Some(model::parse_document::<RepositoryConfig>(keys::CONFIG, &b)?),
             None => None,
         };
+        let recorded = config.as_ref().map(|c| c.encryption.clone());
         let location = plain.location();
         let encryption = match (recorded, key) {
             (Some(None) | None, None) => return Ok(plain),
             (Some(Some(e)), None) => {
-                return Err(RepoError::KeyRequired {
-                    location,
-                    key_id: e.key_id,
-                });
+                let key_id = match plain.read_keyring().await? {
+                    Some((ring, _)) => ring.kek_ids().into_iter().collect::<Vec<_>>().join(", "),
+                    None => e.key_id,
+                };
+                return Err(RepoError::KeyRequired { location, key_id });
             }
             (Some(None), Some(k)) => {
                 return Err(RepoError::NotEncrypted {
@@ -303,8 +313,21 @@ impl Repository {
             },
         };
         let key = key.expect("only a key reaches here");
-        check_key(&location, Some(&encryption), Some(key))?;
-        let crypt = CryptStore::new(store, key, encryption.chunk_size)?;
+        let ring = match &config {
+            Some(_) if encryption.algorithm == crypt::ALGORITHM => plain.read_keyring().await?,
+            _ => None,
+        };
+        let crypt = match (ring, &config) {
+            (Some((ring, _)), Some(config)) => {
+                let kek = FileKeyWrapper::new(key.clone());
+                let data = keyring::open_data_keys(&location, &ring, config, &kek).await?;
+                CryptStore::with_data_keys(store, &data, encryption.chunk_size)?
+            }
+            _ => {
+                check_key(&location, Some(&encryption), Some(key))?;
+                CryptStore::new(store, key, encryption.chunk_size)?
+            }
+        };
         Ok(Repository {
             store: Arc::new(crypt),
             encryption: Some(encryption),
@@ -341,6 +364,19 @@ impl Repository {
             Err(StoreError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Reads `tidemark.json` without checking it against the key the repository was opened
+    /// with (a key rotation reads it before it has any); [`RepoError::NoRepository`] when
+    /// there is none.
+    pub(crate) async fn read_config_unchecked(&self) -> Result<RepositoryConfig, RepoError> {
+        let Some(b) = self.get_optional(keys::CONFIG).await? else {
+            return Err(RepoError::NoRepository {
+                location: self.location(),
+                key: keys::CONFIG.to_owned(),
+            });
+        };
+        Ok(model::parse_document(keys::CONFIG, &b)?)
     }
 
     /// Reads `tidemark.json`, or `None` if there is no repository yet.
@@ -944,9 +980,16 @@ impl Repository {
         };
         match keys::parse_listed_key(key) {
             Err(e) => return Err(refuse(e.reason)),
-            Ok(keys::LayoutKey::Config | keys::LayoutKey::Lease | keys::LayoutKey::LatestHint) => {
+            Ok(
+                keys::LayoutKey::Config
+                | keys::LayoutKey::Lease
+                | keys::LayoutKey::Keyring
+                | keys::LayoutKey::LatestHint,
+            ) => {
                 return Err(refuse(
-                    "the repository config, the lease and the hint are never deleted".to_owned(),
+                    "the repository config, the lease, the keyring and the hint are never \
+                     deleted"
+                        .to_owned(),
                 ));
             }
             Ok(_) => {}

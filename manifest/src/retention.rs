@@ -469,7 +469,9 @@ impl Protection {
             }
         };
         let referenced = match layout {
-            LayoutKey::Config | LayoutKey::Lease | LayoutKey::LatestHint => true,
+            LayoutKey::Config | LayoutKey::Lease | LayoutKey::Keyring | LayoutKey::LatestHint => {
+                true
+            }
             LayoutKey::Generation(g) => g >= self.oldest_generation,
             LayoutKey::Segment(first) => {
                 first >= self.tail_from

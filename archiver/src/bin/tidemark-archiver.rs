@@ -66,6 +66,10 @@ enum Command {
     /// multipart uploads, checksums, signatures, clock) and print a table; exit 0 unless
     /// the store cannot be reached.
     CheckStore(tidemark_archiver::config::flags::CheckStoreFlags),
+    /// Rotate the key of an encrypted repository: rewrap its data keys under the key in
+    /// --new-key-file (no object is rewritten; an archiver may keep running). Safe to run
+    /// again after an interruption; the old key no longer opens the repository afterwards.
+    Rekey(tidemark_archiver::rekey::RekeyOptions),
 }
 
 /// Reports a repository that cannot be opened: `USAGE` when what was given is wrong (URL,
@@ -438,6 +442,7 @@ async fn main() -> ExitCode {
         Command::Status(args) => status_cmd(args).await,
         Command::Prune(args) => prune_cmd(args).await,
         Command::CheckStore(args) => tidemark_archiver::check_store::run(args).await,
+        Command::Rekey(args) => tidemark_archiver::rekey::run(args).await,
     };
     match result {
         Ok(code) => code,
