@@ -381,6 +381,12 @@ pub enum KeyringError {
          service key"
     )]
     LegacyNeedsKeyFile { location: String, key_id: String },
+    #[error(
+        "the repository at {location} has no keyring: it opens only with the key file it was \
+         created with (key id {key_id}); rotate it to this key with `tidemark-archiver rekey` \
+         first"
+    )]
+    NoKeyring { location: String, key_id: String },
     #[error("keyring.json at {location}: {source}")]
     Wrap {
         location: String,
@@ -583,12 +589,7 @@ pub async fn rekey(
     let Some(encryption) = config.encryption.clone() else {
         return Err(KeyringError::NotEncrypted { location }.into());
     };
-    if encryption.algorithm != crypt::ALGORITHM {
-        return Err(RepoError::UnsupportedEncryption {
-            location,
-            algorithm: encryption.algorithm,
-        });
-    }
+    crate::repo::check_algorithm(&location, &encryption)?;
     let (ring, etag, created) = match repo.read_keyring().await? {
         Some((ring, etag)) => (ring, etag, false),
         None => {
@@ -862,6 +863,102 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("failed authentication"), "{e}");
+    }
+
+    /// A stand-in for a key service: its key never leaves it, its scheme and key id are its
+    /// own (an ARN), and it counts its calls.
+    #[derive(Debug)]
+    struct StandIn {
+        inside: FileKeyWrapper,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl StandIn {
+        fn new() -> StandIn {
+            StandIn {
+                inside: file(&EncryptionKey::generate()),
+                calls: Default::default(),
+            }
+        }
+        fn called(&self) {
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[async_trait]
+    impl KeyWrapper for StandIn {
+        fn scheme(&self) -> &str {
+            "stand-in-kms"
+        }
+        fn kek_id(&self) -> String {
+            "arn:aws:kms:eu-west-1:000000000000:key/stand-in".to_owned()
+        }
+        async fn wrap(
+            &self,
+            ctx: WrapContext<'_>,
+            key: &EncryptionKey,
+        ) -> Result<Vec<u8>, WrapError> {
+            self.called();
+            self.inside.wrap(ctx, key).await
+        }
+        async fn unwrap(
+            &self,
+            ctx: WrapContext<'_>,
+            wrapped: &[u8],
+        ) -> Result<EncryptionKey, WrapError> {
+            self.called();
+            self.inside.unwrap(ctx, wrapped).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_service_behind_the_trait_rotates_and_opens() {
+        let (k0, k1) = (EncryptionKey::generate(), EncryptionKey::generate());
+        let kms = StandIn::new();
+        let now = OffsetDateTime::now_utc();
+        let (raw, _) = repository(&k0).await;
+        // A repository without a keyring opens only with its key file.
+        let e = Repository::open_wrapped(raw.clone(), &kms)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("no keyring"), "{e}");
+        let e = rekey(raw.clone(), &kms, &file(&k1), now).await.unwrap_err();
+        assert!(e.to_string().contains("key file"), "{e}");
+
+        rekey(raw.clone(), &file(&k0), &kms, now).await.unwrap();
+        let r = Repository::open_wrapped(raw.clone(), &kms).await.unwrap();
+        assert_eq!(
+            r.store().get("manifest/x.json").await.unwrap(),
+            &b"legacy object"[..]
+        );
+        r.store()
+            .put(
+                "manifest/y.json",
+                Bytes::from_static(b"sealed via the service"),
+            )
+            .await
+            .unwrap();
+        let ring = r.read_keyring().await.unwrap().unwrap().0;
+        assert!(
+            ring.keys
+                .iter()
+                .all(|k| k.wraps[0].scheme == "stand-in-kms")
+        );
+        let e = Repository::open(raw.clone(), Some(&k0)).await.unwrap_err();
+        assert!(e.to_string().contains("retired"), "{e}");
+
+        rekey(raw.clone(), &kms, &file(&k1), now).await.unwrap();
+        let r = Repository::open(raw.clone(), Some(&k1)).await.unwrap();
+        assert_eq!(
+            r.store().get("manifest/y.json").await.unwrap(),
+            &b"sealed via the service"[..]
+        );
+        let e = Repository::open_wrapped(raw.clone(), &kms)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("retired"), "{e}");
+        assert!(kms.calls.load(std::sync::atomic::Ordering::Relaxed) >= 6);
     }
 
     proptest::proptest! {

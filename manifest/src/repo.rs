@@ -335,6 +335,42 @@ impl Repository {
         })
     }
 
+    /// The encrypted repository at the root of `store`, opened with a key-encryption key
+    /// that `kek` holds (FORMAT.md §10.7): a key file ([`Repository::open`] with its key),
+    /// or a key service's key, which opens only a repository whose keyring it wraps.
+    pub async fn open_wrapped(
+        store: Arc<dyn ObjectStore>,
+        kek: &dyn keyring::KeyWrapper,
+    ) -> Result<Repository, RepoError> {
+        if let Some(key) = kek.legacy_key() {
+            return Repository::open(store, Some(key)).await;
+        }
+        let plain = Repository::new(Arc::clone(&store));
+        let location = plain.location();
+        let config = plain.read_config_unchecked().await?;
+        let Some(encryption) = config.encryption.clone() else {
+            return Err(KeyringError::NotEncrypted { location }.into());
+        };
+        check_algorithm(&location, &encryption)?;
+        let Some((ring, _)) = plain.read_keyring().await? else {
+            return Err(KeyringError::NoKeyring {
+                location,
+                key_id: encryption.key_id,
+            }
+            .into());
+        };
+        let data = keyring::open_data_keys(&location, &ring, &config, kek).await?;
+        Ok(Repository {
+            store: Arc::new(CryptStore::with_data_keys(
+                store,
+                &data,
+                encryption.chunk_size,
+            )?),
+            encryption: Some(encryption),
+            url: None,
+        })
+    }
+
     /// How the repository's objects are encrypted, `None` when they are not. A new
     /// repository's `tidemark.json` must record exactly this.
     pub fn encryption(&self) -> Option<&Encryption> {
@@ -1108,6 +1144,17 @@ pub fn verify_segment_file(
     Ok(*reader.header())
 }
 
+/// Checks that this Tidemark knows a repository's encryption algorithm.
+pub(crate) fn check_algorithm(location: &str, e: &Encryption) -> Result<(), RepoError> {
+    if e.algorithm != crypt::ALGORITHM {
+        return Err(RepoError::UnsupportedEncryption {
+            location: location.to_owned(),
+            algorithm: e.algorithm.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// Checks a key against the encryption a repository records.
 fn check_key(
     location: &str,
@@ -1115,12 +1162,7 @@ fn check_key(
     key: Option<&EncryptionKey>,
 ) -> Result<(), RepoError> {
     if let (Some(e), Some(k)) = (recorded, key) {
-        if e.algorithm != crypt::ALGORITHM {
-            return Err(RepoError::UnsupportedEncryption {
-                location: location.to_owned(),
-                algorithm: e.algorithm.clone(),
-            });
-        }
+        check_algorithm(location, e)?;
         let given = k.key_id();
         if e.key_id != given {
             return Err(RepoError::WrongKey {

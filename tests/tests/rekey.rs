@@ -86,7 +86,10 @@ fn rekey(store: &TestStore, keys: &Keys, old: usize, new: usize) -> Result<(i32,
         &keys.file(new),
     ]
     .map(String::from);
-    run(store, "tidemark-archiver", &args)
+    let started = Instant::now();
+    let out = run(store, "tidemark-archiver", &args)?;
+    eprintln!("rekey {old} -> {new} took {:?}", started.elapsed());
+    Ok(out)
 }
 
 /// Restores `--seq N` (or `--latest`) with the key file `key` into `dir`: exit code and

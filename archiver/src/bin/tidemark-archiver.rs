@@ -6,7 +6,9 @@
 //! repository (or took it over); `THRESHOLD_EXCEEDED` (`status` only) a threshold given on
 //! the command line was exceeded; `VERIFICATION_FAILED` (`status` only) the repository is
 //! damaged (the report names what, and still shows what it could read). `prune` exits with `USAGE` for an invalid policy and
-//! `LEASE_HELD` while an archiver holds the repository. With a config file that lists
+//! `LEASE_HELD` while an archiver holds the repository. `rekey` exits with `USAGE` for a
+//! wrong old key or unreadable key files (nothing was changed) and `FAILURE` when the store
+//! failed (run it again: it finishes an interrupted rotation). With a config file that lists
 //! `[[databases]]`, `run` and `backup` exit with `OK` when every database ended cleanly and
 //! `FAILURE` when any had failed (the JSON summary on standard output names them); `USAGE`
 //! still means bad usage, nothing started.
