@@ -961,26 +961,6 @@ mod tests {
         assert!(kms.calls.load(std::sync::atomic::Ordering::Relaxed) >= 6);
     }
 
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
-        #[test]
-        fn random_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096)) {
-            let _ = Keyring::parse(&bytes);
-        }
-
-        #[test]
-        fn mutated_keyrings_are_refused_or_valid(at in 0usize..4096, byte in proptest::prelude::any::<u8>(), cut in 0usize..4096) {
-            let ring = sample();
-            let mut bytes = model::to_document_bytes(&ring);
-            let i = at % bytes.len();
-            bytes[i] = byte;
-            bytes.truncate(cut.max(1).min(bytes.len()));
-            if let Ok(parsed) = Keyring::parse(&bytes) {
-                proptest::prop_assert!(parsed.validate().is_ok());
-            }
-        }
-    }
-
     fn sample() -> Keyring {
         let w = |kek: &str| Wrap {
             scheme: FILE_SCHEME.into(),
