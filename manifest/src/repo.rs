@@ -1258,12 +1258,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_sweep_deletes_only_layout_objects_and_never_the_config_lease_or_hint() {
+    async fn a_sweep_deletes_only_layout_objects_and_never_the_config_lease_keyring_or_hint() {
         let r = repo();
         let seg = keys::segment_key(7);
         for key in [
             keys::CONFIG,
             keys::LEASE,
+            keys::KEYRING,
             keys::LATEST_HINT,
             "notes.txt",
             &seg,
@@ -1272,7 +1273,13 @@ mod tests {
         }
         r.delete_unreferenced(&seg).await.unwrap();
         assert!(r.store().head(&seg).await.unwrap().is_none());
-        for key in [keys::CONFIG, keys::LEASE, keys::LATEST_HINT, "notes.txt"] {
+        for key in [
+            keys::CONFIG,
+            keys::LEASE,
+            keys::KEYRING,
+            keys::LATEST_HINT,
+            "notes.txt",
+        ] {
             let e = r.delete_unreferenced(key).await.unwrap_err();
             assert!(matches!(e, RepoError::NotDeletable { .. }), "{key}: {e}");
             assert!(

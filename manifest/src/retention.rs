@@ -903,6 +903,9 @@ mod tests {
         p.add_generation(&g);
         let unref = |k: ObjectKind| KeyClass::Unreferenced(k);
         assert_eq!(p.classify(&keys::segment_key(1)), KeyClass::Protected);
+        for key in [keys::CONFIG, keys::LEASE, keys::KEYRING, keys::LATEST_HINT] {
+            assert_eq!(p.classify(key), KeyClass::Protected, "{key}");
+        }
         assert_eq!(
             p.classify(&keys::segment_key(11)),
             unref(ObjectKind::Segment)
