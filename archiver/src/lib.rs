@@ -33,6 +33,7 @@ pub mod lease_keeper;
 pub mod metrics;
 pub mod preflight;
 pub mod prune;
+pub mod rekey;
 pub mod request;
 pub mod service;
 pub mod ship;

@@ -7,6 +7,9 @@
 pub const CONFIG: &str = "tidemark.json";
 /// The writer lease.
 pub const LEASE: &str = "lease.json";
+/// The keyring of an encrypted repository after its first key rotation: its data keys,
+/// wrapped (FORMAT.md §10.7).
+pub const KEYRING: &str = "keyring.json";
 /// The advisory newest-generation hint.
 pub const LATEST_HINT: &str = "manifest/latest.json";
 /// Prefix of manifest generations.
@@ -49,6 +52,7 @@ pub enum ObjectKind {
 pub fn object_kind(key: &str) -> ObjectKind {
     if key == CONFIG
         || key == LEASE
+        || key == KEYRING
         || key.starts_with(MANIFEST_PREFIX)
         || key.starts_with(INDEX_PREFIX)
     {
@@ -218,6 +222,8 @@ pub enum LayoutKey<'a> {
     Config,
     /// `lease.json`.
     Lease,
+    /// `keyring.json`.
+    Keyring,
     /// `manifest/latest.json`.
     LatestHint,
     /// `manifest/<gen>.json`.
@@ -261,6 +267,7 @@ pub fn parse_listed_key(key: &str) -> Result<LayoutKey<'_>, ForeignKey> {
     match key {
         CONFIG => return Ok(LayoutKey::Config),
         LEASE => return Ok(LayoutKey::Lease),
+        KEYRING => return Ok(LayoutKey::Keyring),
         LATEST_HINT => return Ok(LayoutKey::LatestHint),
         _ => {}
     }
@@ -378,6 +385,7 @@ mod tests {
         let ok = [
             (CONFIG.to_owned(), LayoutKey::Config),
             (LEASE.to_owned(), LayoutKey::Lease),
+            (KEYRING.to_owned(), LayoutKey::Keyring),
             (LATEST_HINT.to_owned(), LayoutKey::LatestHint),
             (generation_key(7), LayoutKey::Generation(7)),
             (segment_key(42), LayoutKey::Segment(42)),

@@ -33,6 +33,7 @@ pub mod checksum;
 pub mod cli;
 pub mod copy;
 pub mod exit;
+pub mod keyring;
 pub mod keys;
 pub mod lease;
 pub mod model;

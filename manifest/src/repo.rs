@@ -3,6 +3,7 @@
 //! through here, so neither has its own idea of the layout.
 
 use crate::checksum::{self, ChecksumMismatch};
+use crate::keyring::{self, FileKeyWrapper, KeyringError};
 use crate::keys;
 use crate::model::{
     self, BaseDescriptor, BaseSummary, Encryption, FORMAT_VERSION, Generation, IndexPage,
@@ -109,6 +110,8 @@ pub enum RepoError {
         source: Box<RepoError>,
     },
     #[error(transparent)]
+    Keyring(#[from] crate::keyring::KeyringError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -132,6 +135,13 @@ impl RepoError {
                 | RepoError::UnsupportedEncryption { .. }
                 | RepoError::NoSuchGeneration { .. }
                 | RepoError::Store(StoreError::Config { .. })
+                | RepoError::Keyring(
+                    KeyringError::Retired { .. }
+                        | KeyringError::WrongOldKey { .. }
+                        | KeyringError::SameKey(_)
+                        | KeyringError::NotEncrypted { .. }
+                        | KeyringError::LegacyNeedsKeyFile { .. }
+                )
         )
     }
 
@@ -274,20 +284,20 @@ impl Repository {
         key: Option<&EncryptionKey>,
     ) -> Result<Repository, RepoError> {
         let plain = Repository::new(Arc::clone(&store));
-        let recorded = match plain.get_optional(keys::CONFIG).await? {
-            Some(b) => {
-                Some(model::parse_document::<RepositoryConfig>(keys::CONFIG, &b)?.encryption)
-            }
+        let config = match plain.get_optional(keys::CONFIG).await? {
+            Some(b) => Some(model::parse_document::<RepositoryConfig>(keys::CONFIG, &b)?),
             None => None,
         };
+        let recorded = config.as_ref().map(|c| c.encryption.clone());
         let location = plain.location();
         let encryption = match (recorded, key) {
             (Some(None) | None, None) => return Ok(plain),
             (Some(Some(e)), None) => {
-                return Err(RepoError::KeyRequired {
-                    location,
-                    key_id: e.key_id,
-                });
+                let key_id = match plain.read_keyring().await? {
+                    Some((ring, _)) => ring.kek_ids().into_iter().collect::<Vec<_>>().join(", "),
+                    None => e.key_id,
+                };
+                return Err(RepoError::KeyRequired { location, key_id });
             }
             (Some(None), Some(k)) => {
                 return Err(RepoError::NotEncrypted {
@@ -303,10 +313,59 @@ impl Repository {
             },
         };
         let key = key.expect("only a key reaches here");
-        check_key(&location, Some(&encryption), Some(key))?;
-        let crypt = CryptStore::new(store, key, encryption.chunk_size)?;
+        let ring = match &config {
+            Some(_) if encryption.algorithm == crypt::ALGORITHM => plain.read_keyring().await?,
+            _ => None,
+        };
+        let crypt = match (ring, &config) {
+            (Some((ring, _)), Some(config)) => {
+                let kek = FileKeyWrapper::new(key.clone());
+                let data = keyring::open_data_keys(&location, &ring, config, &kek).await?;
+                CryptStore::with_data_keys(store, &data, encryption.chunk_size)?
+            }
+            _ => {
+                check_key(&location, Some(&encryption), Some(key))?;
+                CryptStore::new(store, key, encryption.chunk_size)?
+            }
+        };
         Ok(Repository {
             store: Arc::new(crypt),
+            encryption: Some(encryption),
+            url: None,
+        })
+    }
+
+    /// The encrypted repository at the root of `store`, opened with a key-encryption key
+    /// that `kek` holds (FORMAT.md §10.7): a key file ([`Repository::open`] with its key),
+    /// or a key service's key, which opens only a repository whose keyring it wraps.
+    pub async fn open_wrapped(
+        store: Arc<dyn ObjectStore>,
+        kek: &dyn keyring::KeyWrapper,
+    ) -> Result<Repository, RepoError> {
+        if let Some(key) = kek.legacy_key() {
+            return Repository::open(store, Some(key)).await;
+        }
+        let plain = Repository::new(Arc::clone(&store));
+        let location = plain.location();
+        let config = plain.read_config_unchecked().await?;
+        let Some(encryption) = config.encryption.clone() else {
+            return Err(KeyringError::NotEncrypted { location }.into());
+        };
+        check_algorithm(&location, &encryption)?;
+        let Some((ring, _)) = plain.read_keyring().await? else {
+            return Err(KeyringError::NoKeyring {
+                location,
+                key_id: encryption.key_id,
+            }
+            .into());
+        };
+        let data = keyring::open_data_keys(&location, &ring, &config, kek).await?;
+        Ok(Repository {
+            store: Arc::new(CryptStore::with_data_keys(
+                store,
+                &data,
+                encryption.chunk_size,
+            )?),
             encryption: Some(encryption),
             url: None,
         })
@@ -341,6 +400,19 @@ impl Repository {
             Err(StoreError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Reads `tidemark.json` without checking it against the key the repository was opened
+    /// with (a key rotation reads it before it has any); [`RepoError::NoRepository`] when
+    /// there is none.
+    pub(crate) async fn read_config_unchecked(&self) -> Result<RepositoryConfig, RepoError> {
+        let Some(b) = self.get_optional(keys::CONFIG).await? else {
+            return Err(RepoError::NoRepository {
+                location: self.location(),
+                key: keys::CONFIG.to_owned(),
+            });
+        };
+        Ok(model::parse_document(keys::CONFIG, &b)?)
     }
 
     /// Reads `tidemark.json`, or `None` if there is no repository yet.
@@ -944,9 +1016,16 @@ impl Repository {
         };
         match keys::parse_listed_key(key) {
             Err(e) => return Err(refuse(e.reason)),
-            Ok(keys::LayoutKey::Config | keys::LayoutKey::Lease | keys::LayoutKey::LatestHint) => {
+            Ok(
+                keys::LayoutKey::Config
+                | keys::LayoutKey::Lease
+                | keys::LayoutKey::Keyring
+                | keys::LayoutKey::LatestHint,
+            ) => {
                 return Err(refuse(
-                    "the repository config, the lease and the hint are never deleted".to_owned(),
+                    "the repository config, the lease, the keyring and the hint are never \
+                     deleted"
+                        .to_owned(),
                 ));
             }
             Ok(_) => {}
@@ -1065,6 +1144,17 @@ pub fn verify_segment_file(
     Ok(*reader.header())
 }
 
+/// Checks that this Tidemark knows a repository's encryption algorithm.
+pub(crate) fn check_algorithm(location: &str, e: &Encryption) -> Result<(), RepoError> {
+    if e.algorithm != crypt::ALGORITHM {
+        return Err(RepoError::UnsupportedEncryption {
+            location: location.to_owned(),
+            algorithm: e.algorithm.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// Checks a key against the encryption a repository records.
 fn check_key(
     location: &str,
@@ -1072,12 +1162,7 @@ fn check_key(
     key: Option<&EncryptionKey>,
 ) -> Result<(), RepoError> {
     if let (Some(e), Some(k)) = (recorded, key) {
-        if e.algorithm != crypt::ALGORITHM {
-            return Err(RepoError::UnsupportedEncryption {
-                location: location.to_owned(),
-                algorithm: e.algorithm.clone(),
-            });
-        }
+        check_algorithm(location, e)?;
         let given = k.key_id();
         if e.key_id != given {
             return Err(RepoError::WrongKey {
@@ -1173,12 +1258,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_sweep_deletes_only_layout_objects_and_never_the_config_lease_or_hint() {
+    async fn a_sweep_deletes_only_layout_objects_and_never_the_config_lease_keyring_or_hint() {
         let r = repo();
         let seg = keys::segment_key(7);
         for key in [
             keys::CONFIG,
             keys::LEASE,
+            keys::KEYRING,
             keys::LATEST_HINT,
             "notes.txt",
             &seg,
@@ -1187,7 +1273,13 @@ mod tests {
         }
         r.delete_unreferenced(&seg).await.unwrap();
         assert!(r.store().head(&seg).await.unwrap().is_none());
-        for key in [keys::CONFIG, keys::LEASE, keys::LATEST_HINT, "notes.txt"] {
+        for key in [
+            keys::CONFIG,
+            keys::LEASE,
+            keys::KEYRING,
+            keys::LATEST_HINT,
+            "notes.txt",
+        ] {
             let e = r.delete_unreferenced(key).await.unwrap_err();
             assert!(matches!(e, RepoError::NotDeletable { .. }), "{key}: {e}");
             assert!(

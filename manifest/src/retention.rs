@@ -469,7 +469,9 @@ impl Protection {
             }
         };
         let referenced = match layout {
-            LayoutKey::Config | LayoutKey::Lease | LayoutKey::LatestHint => true,
+            LayoutKey::Config | LayoutKey::Lease | LayoutKey::Keyring | LayoutKey::LatestHint => {
+                true
+            }
             LayoutKey::Generation(g) => g >= self.oldest_generation,
             LayoutKey::Segment(first) => {
                 first >= self.tail_from
@@ -901,6 +903,9 @@ mod tests {
         p.add_generation(&g);
         let unref = |k: ObjectKind| KeyClass::Unreferenced(k);
         assert_eq!(p.classify(&keys::segment_key(1)), KeyClass::Protected);
+        for key in [keys::CONFIG, keys::LEASE, keys::KEYRING, keys::LATEST_HINT] {
+            assert_eq!(p.classify(key), KeyClass::Protected, "{key}");
+        }
         assert_eq!(
             p.classify(&keys::segment_key(11)),
             unref(ObjectKind::Segment)

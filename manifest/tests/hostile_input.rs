@@ -18,6 +18,7 @@ use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
 use time::OffsetDateTime;
 
+use tidemark_manifest::keyring::{DataKeyEntry, Keyring, RetiredKek, Wrap};
 use tidemark_manifest::model::{
     self, BaseColumnFamily, BaseDescriptor, BaseFile, BaseSummary, ColumnFamily, Compression,
     Encryption, Gap, GapKind, Generation, IndexPage, IndexPageRef, LatestHint, Lease, Lineage,
@@ -451,8 +452,33 @@ fn documents() -> Vec<(&'static str, Vec<u8>)> {
         format_version: model::FORMAT_VERSION,
         generation: 12,
     };
+    let wrap = |kek: &str| Wrap {
+        scheme: "file-xchacha20-poly1305".into(),
+        kek: kek.into(),
+        wrapped: "5a".repeat(72),
+    };
+    let keyring = Keyring {
+        format_version: model::FORMAT_VERSION,
+        repository_id: "r-1".into(),
+        active: "00112233445566ff".into(),
+        keys: ["0011223344556677", "00112233445566ff"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| DataKeyEntry {
+                id: (*id).into(),
+                legacy: i == 0,
+                wraps: vec![wrap("aaaaaaaaaaaaaaaa"), wrap("bbbbbbbbbbbbbbbb")],
+            })
+            .collect(),
+        retired: vec![RetiredKek {
+            kek: "cccccccccccccccc".into(),
+            retired_at: t(5),
+        }],
+        updated_at: t(6),
+    };
     vec![
         ("config", model::to_document_bytes(&config)),
+        ("keyring", model::to_document_bytes(&keyring)),
         ("generation", model::to_document_bytes(&generation)),
         ("index", model::to_document_bytes(&page)),
         ("base", model::to_document_bytes(&base)),
@@ -471,6 +497,9 @@ fn parse_every_kind(bytes: &[u8]) {
     let _ = model::parse_document::<BaseDescriptor>("bases/x/base.json", bytes);
     let _ = model::parse_document::<Lease>("lease.json", bytes);
     let _ = model::parse_document::<LatestHint>("manifest/latest.json", bytes);
+    if let Ok(ring) = Keyring::parse(bytes) {
+        let _ = ring.kek_ids();
+    }
     if let Ok(d) = model::parse_document::<BaseDescriptor>("bases/x/base.json", bytes) {
         let _ = d.check("bases/x/base.json", &base_summary());
     }
@@ -892,6 +921,7 @@ fn the_seeds_are_valid() {
             "index" => model::parse_document::<IndexPage>(kind, &doc).is_ok(),
             "base" => model::parse_document::<BaseDescriptor>(kind, &doc).is_ok(),
             "lease" => model::parse_document::<Lease>(kind, &doc).is_ok(),
+            "keyring" => Keyring::parse(&doc).is_ok(),
             _ => model::parse_document::<LatestHint>(kind, &doc).is_ok(),
         };
         assert!(ok, "{kind}");

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use tidemark_manifest::checksum::ChecksumMismatch;
+use tidemark_manifest::keyring::{KeyringError, WrapError};
 use tidemark_manifest::keys::ObjectKeyError;
 use tidemark_manifest::model::ModelError;
 use tidemark_manifest::origin::OriginError;
@@ -257,6 +258,14 @@ fn repo_class(e: &RepoError) -> ErrorClass {
         | RepoError::NotEncrypted { .. }
         | RepoError::NoSuchGeneration { .. } => ErrorClass::Usage,
         RepoError::FallbackFailed { source, .. } => repo_class(source),
+        RepoError::Keyring(_) if e.is_usage() => ErrorClass::Usage,
+        RepoError::Keyring(
+            KeyringError::Inconsistent { .. }
+            | KeyringError::Wrap {
+                source: WrapError::Tampered { .. },
+                ..
+            },
+        ) => ErrorClass::VerificationFailed,
         RepoError::MissingObject { .. }
         | RepoError::History { .. }
         | RepoError::Segment(_)

@@ -9,7 +9,10 @@
 //! `LEASE_HELD` while an archiver holds the repository. `copy` exits with `USAGE` when the
 //! destination holds another repository (or would store an encrypted source in the clear),
 //! `VERIFICATION_FAILED` when it has diverged or an object does not verify, `LEASE_HELD`
-//! while an archiver holds the destination, `FAILURE` when a store failed. With a config file that lists
+//! while an archiver holds the destination, `FAILURE` when a store failed. `rekey` exits
+//! with `USAGE` for a wrong old key or unreadable key files (nothing was changed) and
+//! `FAILURE` when the store failed (run it again: it finishes an interrupted rotation).
+//! With a config file that lists
 //! `[[databases]]`, `run` and `backup` exit with `OK` when every database ended cleanly and
 //! `FAILURE` when any had failed (the JSON summary on standard output names them); `USAGE`
 //! still means bad usage, nothing started.
@@ -73,6 +76,10 @@ enum Command {
     /// it lacks, verified, in the order the format requires, holding its lease. Run it
     /// again to catch up (e.g. from a timer); an interrupted copy resumes.
     Copy(tidemark_archiver::config::copy::CopyFlags),
+    /// Rotate the key of an encrypted repository: rewrap its data keys under the key in
+    /// --new-key-file (no object is rewritten; an archiver may keep running). Safe to run
+    /// again after an interruption; the old key no longer opens the repository afterwards.
+    Rekey(tidemark_archiver::rekey::RekeyOptions),
 }
 
 /// Reports a repository that cannot be opened: `USAGE` when what was given is wrong (URL,
@@ -489,6 +496,7 @@ async fn main() -> ExitCode {
         Command::Prune(args) => prune_cmd(args).await,
         Command::CheckStore(args) => tidemark_archiver::check_store::run(args).await,
         Command::Copy(args) => copy_cmd(args).await,
+        Command::Rekey(args) => tidemark_archiver::rekey::run(args).await,
     };
     match result {
         Ok(code) => code,

@@ -58,6 +58,9 @@ pub const ALGORITHM: &str = "xchacha20-poly1305";
 /// The keys that stay plaintext in an encrypted repository: `tidemark.json`, which says
 /// that the repository is encrypted and with which key (it is authenticated instead).
 pub const PLAINTEXT_KEYS: [&str; 1] = [crate::keys::CONFIG];
+/// The keys stored as they are, neither sealed nor authenticated by this store: the
+/// keyring, which holds the data keys wrapped (FORMAT.md §10.7).
+pub const CLEAR_KEYS: [&str; 1] = [crate::keys::KEYRING];
 /// The keys sealed without the repository id: the lease, which a writer takes before it
 /// creates `tidemark.json` (FORMAT.md §10.2).
 pub const UNBOUND_KEYS: [&str; 1] = [crate::keys::LEASE];
@@ -223,7 +226,7 @@ impl EncryptionKey {
     /// A 32-byte key for another purpose, named by `info`: the first block of HKDF-Expand
     /// (RFC 5869) with SHA-256, the key as its pseudorandom key (it is uniformly random
     /// already), i.e. `HMAC-SHA256(key, info ‖ 0x01)`.
-    fn derive(&self, info: &[u8]) -> Zeroizing<[u8; 32]> {
+    pub(crate) fn derive(&self, info: &[u8]) -> Zeroizing<[u8; 32]> {
         let mut mac = HmacSha256::new_from_slice(self.bytes.as_ref())
             .expect("HMAC takes a key of any length");
         mac.update(info);
@@ -403,10 +406,10 @@ impl Header {
                 ),
             });
         }
-        if bytes[16..24] != crypt.key_id {
+        if crypt.cipher(&bytes[16..24]).is_none() {
             return Err(CryptError::WrongKey {
                 object_key_id: hex::encode(&bytes[16..24]),
-                key_id: hex::encode(crypt.key_id),
+                key_id: crypt.key_ids(),
             });
         }
         if bytes[10] != crypt.chunk_log2 || bytes[11..16] != [0u8; 5] {
@@ -439,15 +442,37 @@ struct Object<'a> {
 
 /// The key and layout, shared by the async methods and the blocking file work.
 struct Crypt {
-    cipher: XChaCha20Poly1305,
-    /// The key that authenticates `tidemark.json`, derived from the encryption key.
+    /// Every key objects may be sealed with, by key id (FORMAT.md §10.7): one without a
+    /// keyring, the repository's data keys with one.
+    ciphers: Vec<([u8; 8], XChaCha20Poly1305)>,
+    /// The one of `ciphers` new objects are sealed with.
+    active: usize,
+    /// The key that authenticates `tidemark.json`, derived from the key it names.
     config_key: Zeroizing<[u8; 32]>,
-    key_id: [u8; 8],
     chunk_log2: u8,
     layout: Layout,
 }
 
 impl Crypt {
+    /// The key objects whose header names `key_id` are sealed with.
+    fn cipher(&self, key_id: &[u8]) -> Option<&XChaCha20Poly1305> {
+        self.ciphers
+            .iter()
+            .find(|(id, _)| id.as_slice() == key_id)
+            .map(|(_, c)| c)
+    }
+
+    /// The id of the key new objects are sealed with.
+    fn active_id(&self) -> [u8; 8] {
+        self.ciphers[self.active].0
+    }
+
+    /// The key ids this store opens objects with, for messages.
+    fn key_ids(&self) -> String {
+        let ids: Vec<String> = self.ciphers.iter().map(|(id, _)| hex::encode(id)).collect();
+        ids.join(", ")
+    }
+
     fn aad(header: &Header, chunk: u64, last: bool, obj: Object<'_>) -> Vec<u8> {
         let mut aad = Vec::with_capacity(
             AAD_DOMAIN.len() + 4 + obj.repository.len() + HEADER_LEN + 9 + obj.key.len(),
@@ -476,7 +501,8 @@ impl Crypt {
         let start = out.len();
         out.extend_from_slice(plain);
         let tag = self
-            .cipher
+            .cipher(&h.bytes[16..24])
+            .expect("objects are sealed with a key of the store")
             .encrypt_inout_detached(
                 &h.nonce(i),
                 &Self::aad(h, i, last, obj),
@@ -501,7 +527,8 @@ impl Crypt {
             .ok_or(CryptError::Tampered { chunk: i })?;
         let (msg, tag) = sealed.split_at_mut(n);
         let tag = Tag::try_from(&*tag).map_err(|_| CryptError::Tampered { chunk: i })?;
-        self.cipher
+        self.cipher(&h.bytes[16..24])
+            .ok_or(CryptError::Tampered { chunk: i })?
             .decrypt_inout_detached(&h.nonce(i), &Self::aad(h, i, last, obj), msg.into(), &tag)
             .map_err(|_| CryptError::Tampered { chunk: i })?;
         Ok(msg)
@@ -561,7 +588,7 @@ impl Crypt {
     }
 
     fn encrypt(&self, obj: Object<'_>, plain: &[u8]) -> Vec<u8> {
-        let h = Header::new(self.chunk_log2, self.key_id);
+        let h = Header::new(self.chunk_log2, self.active_id());
         let size = plain.len() as u64;
         let mut out = Vec::with_capacity(self.layout.stored_size(size) as usize);
         out.extend_from_slice(&h.bytes);
@@ -603,7 +630,7 @@ impl Crypt {
         let mut input = File::open(src)?;
         let size = input.metadata()?.len();
         let mut output = io::BufWriter::with_capacity(1 << 20, File::create_new(dst)?);
-        let h = Header::new(self.chunk_log2, self.key_id);
+        let h = Header::new(self.chunk_log2, self.active_id());
         output.write_all(&h.bytes)?;
         let n = self.layout.chunks(size);
         let mut plain = vec![0u8; self.layout.chunk as usize];
@@ -727,7 +754,7 @@ impl fmt::Debug for CryptStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CryptStore")
             .field("inner", &self.inner)
-            .field("key_id", &hex::encode(self.crypt.key_id))
+            .field("key_id", &self.crypt.key_ids())
             .field("chunk_size", &self.crypt.layout.chunk)
             .field("repository", &self.repository.get())
             .finish()
@@ -742,21 +769,60 @@ impl CryptStore {
         key: &EncryptionKey,
         chunk_size: u32,
     ) -> StoreResult<CryptStore> {
+        CryptStore::build(inner, std::slice::from_ref(key), key, key, chunk_size)
+    }
+
+    /// Encrypts with the data keys of a repository's keyring (FORMAT.md §10.7): objects are
+    /// opened with the key their header names, sealed with the active one, and
+    /// `tidemark.json` is authenticated with the key it names.
+    pub fn with_data_keys(
+        inner: Arc<dyn ObjectStore>,
+        keys: &crate::keyring::DataKeys,
+        chunk_size: u32,
+    ) -> StoreResult<CryptStore> {
+        let missing =
+            |id: &str| StoreError::config(format!("the repository's keyring lacks data key {id}"));
+        let active = keys
+            .get(&keys.active)
+            .ok_or_else(|| missing(&keys.active))?;
+        let config = keys
+            .get(&keys.config)
+            .ok_or_else(|| missing(&keys.config))?;
+        CryptStore::build(inner, &keys.keys, active, config, chunk_size)
+    }
+
+    fn build(
+        inner: Arc<dyn ObjectStore>,
+        keys: &[EncryptionKey],
+        active: &EncryptionKey,
+        config: &EncryptionKey,
+        chunk_size: u32,
+    ) -> StoreResult<CryptStore> {
         if !chunk_size.is_power_of_two() || !(4096..=16 << 20).contains(&chunk_size) {
             return Err(StoreError::config(format!(
                 "the encryption chunk size {chunk_size} is not supported: it must be a power of \
                  two from 4096 to 16777216"
             )));
         }
-        let cipher = XChaCha20Poly1305::new_from_slice(key.as_bytes())
-            .expect("an encryption key is 32 bytes");
+        let ciphers = keys
+            .iter()
+            .map(|k| {
+                let cipher = XChaCha20Poly1305::new_from_slice(k.as_bytes())
+                    .expect("an encryption key is 32 bytes");
+                (k.key_id_bytes(), cipher)
+            })
+            .collect::<Vec<_>>();
+        let active = ciphers
+            .iter()
+            .position(|(id, _)| *id == active.key_id_bytes())
+            .expect("the active key is one of the keys");
         Ok(CryptStore {
             inner,
             repository: tokio::sync::OnceCell::new(),
             crypt: Arc::new(Crypt {
-                cipher,
-                config_key: key.derive(CONFIG_KEY_INFO),
-                key_id: key.key_id_bytes(),
+                ciphers,
+                active,
+                config_key: config.derive(CONFIG_KEY_INFO),
                 chunk_log2: chunk_size.trailing_zeros() as u8,
                 layout: Layout {
                     chunk: u64::from(chunk_size),
@@ -777,6 +843,10 @@ impl CryptStore {
 
     fn plaintext(key: &str) -> bool {
         PLAINTEXT_KEYS.contains(&key)
+    }
+
+    fn clear(key: &str) -> bool {
+        CLEAR_KEYS.contains(&key)
     }
 
     fn location(&self, key: &str) -> String {
@@ -811,7 +881,7 @@ impl CryptStore {
     }
 
     fn meta(&self, op: StoreOp, meta: ObjectMeta) -> StoreResult<ObjectMeta> {
-        if Self::plaintext(&meta.key) {
+        if Self::plaintext(&meta.key) || Self::clear(&meta.key) {
             return Ok(meta);
         }
         let size = self.plain_size(op, &meta.key, meta.size)?;
@@ -915,6 +985,12 @@ impl CryptStore {
         let local = |e| Self::local(op, key, path, e);
         if Self::plaintext(key) {
             return self.download_config(key, path, max_len).await;
+        }
+        if Self::clear(key) {
+            return match max_len {
+                None => self.inner.get_to_file(key, path).await,
+                Some(max) => self.inner.get_to_file_max(key, path, max).await,
+            };
         }
         let repository = self.bound(op, key).await?;
         let (dir, sealed) = local_temp_path(path).map_err(local)?;
@@ -1038,6 +1114,9 @@ impl ObjectStore for CryptStore {
 
     async fn put(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
         super::validate_key(key)?;
+        if Self::clear(key) {
+            return self.inner.put(key, data).await;
+        }
         let op = StoreOp::Put;
         let (sealed, id) = self.seal(op, key, data).await?;
         let etag = self.inner.put(key, sealed).await?;
@@ -1046,6 +1125,9 @@ impl ObjectStore for CryptStore {
 
     async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
         super::validate_key(key)?;
+        if Self::clear(key) {
+            return self.inner.put_if_absent(key, data).await;
+        }
         let op = StoreOp::PutIfAbsent;
         let (sealed, id) = self.seal(op, key, data).await?;
         let etag = self.inner.put_if_absent(key, sealed).await?;
@@ -1054,6 +1136,9 @@ impl ObjectStore for CryptStore {
 
     async fn put_if_match(&self, key: &str, data: Bytes, etag: &ETag) -> StoreResult<ETag> {
         super::validate_key(key)?;
+        if Self::clear(key) {
+            return self.inner.put_if_match(key, data, etag).await;
+        }
         let op = StoreOp::PutIfMatch;
         let (sealed, id) = self.seal(op, key, data).await?;
         let etag = self.inner.put_if_match(key, sealed, etag).await?;
@@ -1062,6 +1147,9 @@ impl ObjectStore for CryptStore {
 
     async fn put_file(&self, key: &str, path: &Path) -> StoreResult<ETag> {
         super::validate_key(key)?;
+        if Self::clear(key) {
+            return self.inner.put_file(key, path).await;
+        }
         if Self::plaintext(key) {
             // `tidemark.json` is small and must be authenticated on its way.
             let data = tokio::fs::read(path)
@@ -1110,6 +1198,9 @@ impl ObjectStore for CryptStore {
 
     async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
         super::validate_key(key)?;
+        if Self::clear(key) {
+            return self.inner.get_with_meta(key).await;
+        }
         let (data, meta) = self.inner.get_with_meta(key).await?;
         if Self::plaintext(key) {
             self.check_config(StoreOp::Get, &data)?;
@@ -1142,6 +1233,9 @@ impl ObjectStore for CryptStore {
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         super::validate_key(key)?;
         let op = StoreOp::GetRange;
+        if Self::clear(key) {
+            return self.inner.get_range(key, range).await;
+        }
         if Self::plaintext(key) {
             // Only the whole document can be authenticated.
             let doc = self.get(key).await?;
