@@ -266,6 +266,9 @@ async fn follow(
     metrics: &Arc<FollowMetrics>,
 ) -> Result<FollowReport, RestoreError> {
     let dir = staging::resolve_target(&opts.target_dir)?;
+    if opts.no_catch_up {
+        return promote_at_once(&dir, opts, &store.from);
+    }
     let fresh = staging::inspect(&dir)?.is_free();
     let repo = store.open().await?;
     let mut restored = None;
@@ -281,10 +284,8 @@ async fn follow(
             repo.location()
         );
     }
-    if !opts.no_catch_up {
-        let config = repo.require_config().await?;
-        standby.check_repository(&config, &repo.location())?;
-    }
+    let config = repo.require_config().await?;
+    standby.check_repository(&config, &repo.location())?;
     let mut follower = Follower {
         repo,
         standby,
@@ -648,7 +649,6 @@ impl Follower {
         restored: Option<RestoreReport>,
         resumed_from: Option<u64>,
     ) -> Result<FollowReport, RestoreError> {
-        let asked = Instant::now();
         let promoted = opts.promote || controls.promote_requested();
         let Follower {
             repo,
@@ -658,35 +658,65 @@ impl Follower {
             rebases,
             ..
         } = self;
-        let applied = standby.applied();
-        let origin = standby.origin.clone();
-        if promoted {
-            standby.promote()?;
-            tracing::info!(
-                "promoted {} at sequence {} ({}): the application may open it read-write",
-                opts.target_dir.display(),
-                applied.seq,
-                tidemark_manifest::plan::fmt_time(applied.time)
-            );
-        }
-        Ok(FollowReport {
-            event: if promoted {
-                FollowEnd::Promoted
-            } else {
-                FollowEnd::Stopped
-            },
-            repository: repo.location(),
-            target_dir: opts.target_dir.clone(),
-            restore: restored,
-            resumed_from,
-            applied,
-            segments_applied,
-            records_applied,
-            rebases,
-            origin,
-            promote_ms: promoted.then(|| asked.elapsed().as_millis() as u64),
-        })
+        let mut report = end(standby, opts, promoted, repo.location())?;
+        report.restore = restored;
+        report.resumed_from = resumed_from;
+        report.segments_applied = segments_applied;
+        report.records_applied = records_applied;
+        report.rebases = rebases;
+        Ok(report)
     }
+}
+
+/// `--promote --no-catch-up`: the standby in `dir` promoted at the point it holds, without
+/// reaching the store (it may be gone with the primary's region).
+fn promote_at_once(
+    dir: &Path,
+    opts: &FollowOptions,
+    repository: &str,
+) -> Result<FollowReport, RestoreError> {
+    let standby = Standby::open(dir)?;
+    let mut report = end(standby, opts, true, repository.to_owned())?;
+    report.resumed_from = Some(report.applied.seq);
+    Ok(report)
+}
+
+/// Ends following on `standby`, promoting it when `promoted`: the report, counts at 0.
+fn end(
+    standby: Standby,
+    opts: &FollowOptions,
+    promoted: bool,
+    repository: String,
+) -> Result<FollowReport, RestoreError> {
+    let asked = Instant::now();
+    let applied = standby.applied();
+    let origin = standby.origin.clone();
+    if promoted {
+        standby.promote()?;
+        tracing::info!(
+            "promoted {} at sequence {} ({}): the application may open it read-write",
+            opts.target_dir.display(),
+            applied.seq,
+            tidemark_manifest::plan::fmt_time(applied.time)
+        );
+    }
+    Ok(FollowReport {
+        event: if promoted {
+            FollowEnd::Promoted
+        } else {
+            FollowEnd::Stopped
+        },
+        repository,
+        target_dir: opts.target_dir.clone(),
+        restore: None,
+        resumed_from: None,
+        applied,
+        segments_applied: 0,
+        records_applied: 0,
+        rebases: 0,
+        origin,
+        promote_ms: promoted.then(|| asked.elapsed().as_millis() as u64),
+    })
 }
 
 /// Seconds from `t` to now (0 if `t` is in the future).
@@ -1387,6 +1417,47 @@ mod tests {
         s.apply_segment(&k, &p).unwrap();
         assert_eq!(wal_seqs(&dir.path().join("000004.log")), vec![1, 3, 7]);
         assert_eq!(wal_seqs(&dir.path().join("000009.log")), vec![10]);
+    }
+
+    #[tokio::test]
+    async fn promote_without_catching_up_needs_no_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("standby");
+        {
+            let mut o = rocksdb::Options::default();
+            o.create_if_missing(true);
+            rocksdb::DB::open(&o, &db).unwrap();
+        }
+        fs::remove_file(db.join("LOCK")).unwrap();
+        Standby::mark(&db, "file:///gone").unwrap();
+        standby(&db, 0);
+        let gone = StoreOptions::new(format!("file://{}/gone", dir.path().display()));
+        let mut opts = FollowOptions::new(&db);
+        opts.promote = true;
+        opts.no_catch_up = true;
+        let mut nothing = |_: &FollowStatus| {};
+        let report = run(
+            &gone,
+            &opts,
+            &Progress::hidden(),
+            &Controls::default(),
+            &mut nothing,
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.event, FollowEnd::Promoted);
+        assert!(!db.join(STANDBY_FILE).exists());
+        // Promoted, it is no standby any more.
+        let e = run(
+            &gone,
+            &opts,
+            &Progress::hidden(),
+            &Controls::default(),
+            &mut nothing,
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("not a warm standby"), "{e}");
     }
 
     #[test]
