@@ -32,6 +32,7 @@ pub mod cli;
 pub mod exit;
 pub mod keys;
 pub mod lease;
+pub mod lock;
 pub mod model;
 pub mod origin;
 pub mod plan;

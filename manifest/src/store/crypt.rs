@@ -1259,6 +1259,14 @@ impl ObjectStore for CryptStore {
             })
             .collect())
     }
+
+    async fn check_object_lock(&self) -> StoreResult<()> {
+        self.inner.check_object_lock().await
+    }
+
+    fn set_object_lock(&self, lock: Option<crate::model::ObjectLock>) {
+        self.inner.set_object_lock(lock);
+    }
 }
 
 #[cfg(test)]
@@ -1303,6 +1311,7 @@ mod tests {
                 chunk_size: CHUNK,
                 key_id: k.key_id(),
             }),
+            object_lock: None,
         };
         Bytes::from(crate::model::to_document_bytes(&config))
     }
@@ -1989,6 +1998,7 @@ mod repository_tests {
     fn config(repo: &Repository) -> RepositoryConfig {
         RepositoryConfig {
             encryption: repo.encryption().cloned(),
+            object_lock: None,
             ..crate::testing::config()
         }
     }
