@@ -199,7 +199,6 @@ pub async fn run_with_metrics(
         &opts,
         &check,
         &repo,
-        lock,
         keeper,
         shutdown,
         &mut base_requests,
@@ -227,13 +226,12 @@ async fn run_holding_lease(
     opts: &ArchiverOptions,
     check: &DbCheck,
     repo: &Repository,
-    lock: Option<ObjectLock>,
     mut keeper: LeaseKeeper,
     shutdown: impl Future<Output = ()>,
     base_requests: &mut UnboundedReceiver<()>,
     metrics: &Arc<Metrics>,
 ) -> Result<RunSummary, ServiceError> {
-    open_config(repo, check, lock).await?;
+    open_config(repo, check, opts.object_lock()).await?;
     let state = repo.load().await?;
     let scratch = opts
         .scratch_dir
@@ -371,9 +369,10 @@ async fn object_lock_at_start(
     Ok(Some(lock))
 }
 
-/// Creates the repository config if there is none (with `lock`, the object lock decided at
-/// start); refuses a repository of another database, or of another lineage than a restored
-/// database's own, or one created meanwhile with another lock.
+/// Creates the repository config if there is none (with `lock`, the object lock the
+/// options ask for, checked at start); refuses a repository of another database, or of
+/// another lineage than a restored database's own, or one created meanwhile with another
+/// lock than the one asked for.
 pub async fn open_config(
     repo: &Repository,
     check: &DbCheck,
@@ -383,7 +382,7 @@ pub async fn open_config(
         Some(c) => c,
         None => repo.create_config(&new_config(repo, check, lock)).await?,
     };
-    if config.object_lock != lock {
+    if lock.is_some() && config.object_lock != lock {
         return Err(RepoError::LockMismatch {
             location: repo.location(),
             recorded: format!("with object lock {:?}", config.object_lock),

@@ -52,6 +52,7 @@ fn restore_exactly(s: &Setup, oracle: &Oracle) -> Result<()> {
             &s.store.url,
             "--target",
             &target,
+            "--latest",
         ],
     )?;
     ensure!(code == 0, "restore: exit {code}: {err}");
