@@ -383,12 +383,7 @@ pub async fn open_config(
         None => repo.create_config(&new_config(repo, check, lock)).await?,
     };
     if lock.is_some() && config.object_lock != lock {
-        return Err(RepoError::LockMismatch {
-            location: repo.location(),
-            recorded: format!("with object lock {:?}", config.object_lock),
-            requested: format!("{lock:?}"),
-        }
-        .into());
+        return Err(RepoError::lock_mismatch(repo.location(), config.object_lock, lock).into());
     }
     check_lineage(repo, check, &config)?;
     if config.database_identity != check.identity {

@@ -136,6 +136,26 @@ pub enum RepoError {
 }
 
 impl RepoError {
+    /// A repository created with the object lock `recorded` (or none) was asked to be
+    /// written with `requested`.
+    pub fn lock_mismatch(
+        location: String,
+        recorded: Option<ObjectLock>,
+        requested: Option<ObjectLock>,
+    ) -> RepoError {
+        let shown = |l: Option<ObjectLock>| {
+            l.map_or_else(
+                || "without an object lock".to_owned(),
+                |l| format!("with an object lock ({l})"),
+            )
+        };
+        RepoError::LockMismatch {
+            location,
+            recorded: shown(recorded),
+            requested: shown(requested).replacen("with ", "", 1),
+        }
+    }
+
     /// True for errors a person fixes by changing what was given (the URL, the key, the
     /// store settings) rather than by trying again: programs exit with their usage code.
     pub fn is_usage(&self) -> bool {
@@ -386,18 +406,12 @@ impl Repository {
         let location = self.location();
         let lock = match self.read_config().await? {
             Some(config) => {
-                let shown = |l: Option<ObjectLock>| {
-                    l.map_or_else(
-                        || "without an object lock".to_owned(),
-                        |l| format!("with an object lock ({l})"),
-                    )
-                };
                 if requested.is_some() && requested != config.object_lock {
-                    return Err(RepoError::LockMismatch {
+                    return Err(RepoError::lock_mismatch(
                         location,
-                        recorded: shown(config.object_lock),
-                        requested: shown(requested).replacen("with ", "", 1),
-                    });
+                        config.object_lock,
+                        requested,
+                    ));
                 }
                 config.object_lock
             }
