@@ -98,6 +98,15 @@ impl ObjectLock {
         self.retain_until(written_at).saturating_add(CLOCK_MARGIN)
     }
 
+    /// Whether a new reference (a base backup reusing a table file) may rely on an object
+    /// the store says was written at `written_at`, instead of writing it again with a fresh
+    /// lock: only while at least half of its lock is left, so that every object a new base
+    /// references stays locked for at least half the lock after it. Unknown write time: no.
+    pub fn reusable(&self, written_at: Option<OffsetDateTime>, now: OffsetDateTime) -> bool {
+        let half = time::Duration::seconds(self.duration().whole_seconds() / 2);
+        written_at.is_some_and(|t| self.retain_until(t) >= now.saturating_add(half))
+    }
+
     /// Whether an object written at `written_at` may still be locked at `now`. An object
     /// whose write time the store does not say (`None`) is treated as locked: nothing is
     /// deleted on a guess.
@@ -182,6 +191,15 @@ mod tests {
         assert!(lock.is_locked(Some(written), t("2026-12-08T10:59:59Z")));
         assert!(!lock.is_locked(Some(written), t("2026-12-08T11:00:00Z")));
         assert!(lock.is_locked(None, t("2100-01-01T00:00:00Z")));
+    }
+
+    #[test]
+    fn an_object_is_reused_while_half_its_lock_is_left() {
+        let lock = ObjectLock::new(LockMode::Compliance, 10).unwrap();
+        let written = t("2026-12-01T00:00:00Z");
+        assert!(lock.reusable(Some(written), t("2026-12-06T00:00:00Z")));
+        assert!(!lock.reusable(Some(written), t("2026-12-06T00:00:01Z")));
+        assert!(!lock.reusable(None, written));
     }
 
     #[test]
