@@ -47,6 +47,7 @@ use tidemark_manifest::checksum;
 use tidemark_manifest::keys;
 use tidemark_manifest::model::{
     self, BaseColumnFamily, BaseDescriptor, BaseFile, BaseSummary, ColumnFamily, FORMAT_VERSION,
+    ObjectLock,
 };
 use tidemark_manifest::repo::{RepoError, Repository};
 use tidemark_manifest::rocks::DbFile;
@@ -1337,6 +1338,31 @@ struct UploadedFile {
     deduplicated: bool,
 }
 
+/// Whether a listed table may be reused in a repository with `lock`: always without one;
+/// with one, only while at least half of the object's lock is left (else it is written
+/// again, with a fresh lock).
+async fn still_locked_enough(
+    repo: &Repository,
+    lock: Option<ObjectLock>,
+    key: &str,
+) -> Result<bool, BaseError> {
+    let Some(lock) = lock else {
+        return Ok(true);
+    };
+    let meta = repo.store().head(key).await.map_err(RepoError::from)?;
+    let reuse = lock.reusable(
+        meta.and_then(|m| m.last_modified),
+        time::OffsetDateTime::now_utc(),
+    );
+    if !reuse {
+        tracing::debug!(
+            key,
+            "table written again: less than half its object lock is left"
+        );
+    }
+    Ok(reuse)
+}
+
 async fn upload(
     repo: &Repository,
     id: &str,
@@ -1344,6 +1370,11 @@ async fn upload(
     reusable: &ReusableTables,
     concurrency: usize,
 ) -> Result<Uploaded, BaseError> {
+    let lock = repo
+        .read_config()
+        .await
+        .map_err(BaseError::from)?
+        .and_then(|c| c.object_lock);
     let jobs: Vec<(usize, String, PathBuf, bool)> = copy
         .meta_files
         .iter()
@@ -1369,7 +1400,10 @@ async fn upload(
                 let key = keys::base_object_key(&id, &name, &sha256);
                 // Only what a base of the current generation lists is trusted; anything else
                 // under this key (an abandoned base's object, a damaged one) is replaced.
-                let deduplicated = is_table && reusable.reuses(&key, size);
+                // Under an object lock, only while half its lock is left (FORMAT.md §3.2).
+                let deduplicated = is_table
+                    && reusable.reuses(&key, size)
+                    && still_locked_enough(&repo, lock, &key).await?;
                 if !deduplicated {
                     repo.put_base_file(&key, &path).await?;
                 }

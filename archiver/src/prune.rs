@@ -282,6 +282,16 @@ pub struct SweepReport {
     pub deferred_until: Option<String>,
     /// Keys that are not part of the repository layout: left alone.
     pub foreign_keys: Vec<String>,
+    /// Unreferenced objects left because their object lock has not ended (FORMAT.md
+    /// §3.2): the store would refuse to delete them, or on a versioned bucket only hide
+    /// them behind a delete marker.
+    pub locked: KindCount,
+    /// When the first of the locked objects becomes deletable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locked_first_deletable: Option<String>,
+    /// When the last of them does: a sweep after it deletes them all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locked_all_deletable: Option<String>,
 }
 
 /// A count of objects and their bytes.
@@ -340,6 +350,8 @@ pub async fn sweep(
         protected_generations: protected.iter().map(|g| g.generation).collect(),
         ..SweepReport::default()
     };
+    let lock = repo.read_config().await?.and_then(|c| c.object_lock);
+    let mut lock_ends: Vec<OffsetDateTime> = Vec::new();
     let mut doomed: Vec<(ObjectKind, String, u64)> = Vec::new();
     for meta in repo.store().list("").await? {
         match full.classify(&meta.key) {
@@ -351,6 +363,15 @@ pub async fn sweep(
                     report.deferred.bytes += meta.size;
                 }
             }
+            KeyClass::Unreferenced(_)
+                if lock.is_some_and(|l| l.is_locked(meta.last_modified, now)) =>
+            {
+                let lock = lock.expect("checked");
+                report.locked.objects += 1;
+                report.locked.bytes += meta.size;
+                // An object whose write time is unknown is kept until a lock from now ends.
+                lock_ends.push(lock.locked_until(meta.last_modified.unwrap_or(now)));
+            }
             KeyClass::Unreferenced(kind) => doomed.push((kind, meta.key, meta.size)),
             KeyClass::Foreign => report.foreign_keys.push(meta.key),
         }
@@ -359,6 +380,17 @@ pub async fn sweep(
         report.deferred_until = Some(fmt_time(
             newest.written_at + time::Duration::try_from(grace).unwrap_or(time::Duration::MAX),
         ));
+    }
+    report.locked_first_deletable = lock_ends.iter().min().map(|t| fmt_time(*t));
+    report.locked_all_deletable = lock_ends.iter().max().map(|t| fmt_time(*t));
+    if report.locked.objects > 0 {
+        tracing::info!(
+            objects = report.locked.objects,
+            bytes = report.locked.bytes,
+            first_deletable = report.locked_first_deletable.as_deref().unwrap_or(""),
+            all_deletable = report.locked_all_deletable.as_deref().unwrap_or(""),
+            "unreferenced objects still under their object lock are left for a later sweep"
+        );
     }
     // Generations last, oldest first: a crash part-way leaves the newest ones.
     doomed.sort_by_key(|(kind, key, _)| (*kind == ObjectKind::Generation, key.clone()));
@@ -469,6 +501,8 @@ pub async fn prune_repository(
     let keeper = if dry_run {
         None
     } else {
+        // What it writes (index pages, the generation) takes the repository's lock.
+        repo.writer_object_lock(None).await?;
         let lease = crate::lease::LeaseHandle::acquire(repo, lease_ttl).await?;
         Some(LeaseKeeper::start(repo, lease, lease_ttl, None))
     };
@@ -663,6 +697,14 @@ impl fmt::Display for PruneReport {
                 s.deferred.objects, s.deferred.bytes
             )?;
         }
+        if let (Some(first), Some(all)) = (&s.locked_first_deletable, &s.locked_all_deletable) {
+            writeln!(
+                f,
+                "left under their object lock: {} objects ({} bytes), deletable from {first}, \
+                 all by a run after {all}",
+                s.locked.objects, s.locked.bytes
+            )?;
+        }
         if !s.foreign_keys.is_empty() {
             writeln!(
                 f,
@@ -752,6 +794,79 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(report.protected_generations, vec![40]);
+    }
+
+    #[tokio::test]
+    async fn a_sweep_leaves_locked_objects_and_says_until_when() {
+        use tidemark_manifest::model::{LockMode, ObjectLock};
+        let store = Arc::new(MemoryStore::new());
+        let repo = Repository::new(store.clone());
+        let lock = ObjectLock::new(LockMode::Compliance, 2).unwrap();
+        repo.create_config(&tidemark_manifest::model::RepositoryConfig {
+            object_lock: Some(lock),
+            ..tidemark_manifest::testing::config()
+        })
+        .await
+        .unwrap();
+        let now = OffsetDateTime::now_utc();
+        for g in 1..=5u64 {
+            let at = now - time::Duration::minutes(10 - g as i64);
+            repo.write_generation(&generation(g, at)).await.unwrap();
+        }
+        assert!(
+            store
+                .retain_until("manifest/0000000000000001.json")
+                .is_some(),
+            "generations are written locked"
+        );
+        assert!(
+            store
+                .retain_until(tidemark_manifest::keys::LATEST_HINT)
+                .is_none()
+        );
+        let newest = repo.read_generation(5).await.unwrap().unwrap();
+        let ttl = Duration::from_secs(60);
+        let lease = crate::lease::LeaseHandle::acquire(&repo, ttl)
+            .await
+            .unwrap();
+        assert!(store.retain_until(tidemark_manifest::keys::LEASE).is_none());
+        let keeper = LeaseKeeper::start(&repo, lease, ttl, None);
+        let fence = keeper.fence();
+        // Within the lock: nothing is deleted (the store would refuse), all four are told.
+        let now = OffsetDateTime::now_utc();
+        let report = sweep(
+            &repo,
+            &newest,
+            Duration::ZERO,
+            now,
+            SweepMode::Delete(&fence),
+        )
+        .await
+        .unwrap();
+        assert!(report.deleted.is_empty(), "{report:?}");
+        assert_eq!(report.locked.objects, 4);
+        let all = report.locked_all_deletable.clone().unwrap();
+        let expected = fmt_time(lock.locked_until(now));
+        assert!(all <= expected, "{all} > {expected}");
+        assert!(report.locked_first_deletable.unwrap() <= all);
+        for g in 1..=4 {
+            assert!(repo.read_generation(g).await.unwrap().is_some(), "{g}");
+        }
+        // Once the locks have ended, the same sweep deletes them.
+        store.age(time::Duration::days(3));
+        let report = sweep(
+            &repo,
+            &newest,
+            Duration::ZERO,
+            OffsetDateTime::now_utc(),
+            SweepMode::Delete(&fence),
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.locked.objects, 0);
+        assert_eq!(report.deleted["manifest generations"].objects, 4);
+        assert!(repo.read_generation(1).await.unwrap().is_none());
+        keeper.stop().await.unwrap().release().await.unwrap();
     }
 
     #[tokio::test]

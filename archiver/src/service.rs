@@ -31,7 +31,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tidemark_manifest::model::{Compression, FORMAT_VERSION, Lineage, RepositoryConfig};
+use tidemark_manifest::lock::{self, RetentionFit};
+use tidemark_manifest::model::{
+    Compression, FORMAT_VERSION, Lineage, ObjectLock, RepositoryConfig,
+};
 use tidemark_manifest::origin::{self, LineageError};
 use tidemark_manifest::repo::{RepoError, Repository};
 use tidemark_manifest::store::StoreError;
@@ -180,6 +183,7 @@ pub async fn run_with_metrics(
     if let Some(config) = repo.read_config().await? {
         check_lineage(&repo, &check, &config)?;
     }
+    let lock = object_lock_at_start(&repo, &opts).await?;
     crate::check_store::check_at_start(&opts.to, &opts.store, opts.allow_unsafe_store).await?;
     tracing::info!(
         db = %opts.db.display(),
@@ -187,6 +191,7 @@ pub async fn run_with_metrics(
         encryption = repo
             .encryption()
             .map_or_else(|| "none".to_owned(), |e| format!("client-side, key id {}", e.key_id)),
+        object_lock = lock.map_or_else(|| "none".to_owned(), |l| l.to_string()),
         "starting"
     );
     let lease = LeaseHandle::acquire_beside(&repo, opts.lease_ttl, &opts.db).await?;
@@ -228,7 +233,7 @@ async fn run_holding_lease(
     base_requests: &mut UnboundedReceiver<()>,
     metrics: &Arc<Metrics>,
 ) -> Result<RunSummary, ServiceError> {
-    open_config(repo, check).await?;
+    open_config(repo, check, opts.object_lock()).await?;
     let state = repo.load().await?;
     let scratch = opts
         .scratch_dir
@@ -333,13 +338,55 @@ async fn run_holding_lease(
     Ok(summary)
 }
 
-/// Creates the repository config if there is none; refuses a repository of another
-/// database, or of another lineage than a restored database's own.
-pub async fn open_config(repo: &Repository, check: &DbCheck) -> Result<(), ServiceError> {
+/// The object lock the archiver writes with (FORMAT.md §3.2): the repository's recorded one,
+/// or for a new repository the one the options ask for; refused on a store that cannot lock,
+/// when the options disagree with the recorded one, and when it makes the retention policy
+/// impossible. The store is set to write with it.
+async fn object_lock_at_start(
+    repo: &Repository,
+    opts: &ArchiverOptions,
+) -> Result<Option<ObjectLock>, ServiceError> {
+    let Some(lock) = repo.writer_object_lock(opts.object_lock()).await? else {
+        return Ok(None);
+    };
+    let fit = lock::check_retention(&lock, opts.retention_horizon(), OffsetDateTime::now_utc())
+        .map_err(|source| RepoError::Lock {
+            location: repo.location(),
+            source,
+        })?;
+    match fit {
+        RetentionFit::Shorter { unprotected_days } => tracing::info!(
+            %lock,
+            unprotected_days,
+            "objects older than the lock stay unprotected for the rest of the time retention \
+             keeps them"
+        ),
+        RetentionFit::Longer { extra_days } if extra_days > 0 => tracing::info!(
+            %lock,
+            extra_days,
+            "objects retention drops stay stored (and billed) until their lock ends"
+        ),
+        RetentionFit::Longer { .. } | RetentionFit::Unknown => {}
+    }
+    Ok(Some(lock))
+}
+
+/// Creates the repository config if there is none (with `lock`, the object lock the
+/// options ask for, checked at start); refuses a repository of another database, or of
+/// another lineage than a restored database's own, or one created meanwhile with another
+/// lock than the one asked for.
+pub async fn open_config(
+    repo: &Repository,
+    check: &DbCheck,
+    lock: Option<ObjectLock>,
+) -> Result<(), ServiceError> {
     let config = match repo.read_config().await? {
         Some(c) => c,
-        None => repo.create_config(&new_config(repo, check)).await?,
+        None => repo.create_config(&new_config(repo, check, lock)).await?,
     };
+    if lock.is_some() && config.object_lock != lock {
+        return Err(RepoError::lock_mismatch(repo.location(), config.object_lock, lock).into());
+    }
     check_lineage(repo, check, &config)?;
     if config.database_identity != check.identity {
         return Err(RepoError::WrongDatabase {
@@ -354,7 +401,7 @@ pub async fn open_config(repo: &Repository, check: &DbCheck) -> Result<(), Servi
 
 /// The config of a new repository for the database: a restored database's names its
 /// parent (FORMAT.md §11), any other starts a lineage of its own.
-fn new_config(repo: &Repository, check: &DbCheck) -> RepositoryConfig {
+fn new_config(repo: &Repository, check: &DbCheck, lock: Option<ObjectLock>) -> RepositoryConfig {
     let lineage = match &check.origin {
         Some(origin) => origin.lineage(),
         None => Lineage {
@@ -370,6 +417,7 @@ fn new_config(repo: &Repository, check: &DbCheck) -> RepositoryConfig {
         lineage,
         segment_compression: Compression::Zstd,
         encryption: repo.encryption().cloned(),
+        object_lock: lock,
     }
 }
 

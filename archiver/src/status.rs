@@ -6,7 +6,7 @@
 //! object it passed over in [`StatusReport::damage`]: a report with damage is never healthy.
 
 use serde::Serialize;
-use tidemark_manifest::model::LineageParent;
+use tidemark_manifest::model::{LineageParent, ObjectLock};
 use tidemark_manifest::plan::fmt_time;
 use tidemark_manifest::repo::{LoadWarning, ReadFrom, RepoError, Repository};
 use time::OffsetDateTime;
@@ -20,6 +20,8 @@ pub struct StatusReport {
     pub lineage: String,
     /// Where the database was restored from, when it is a restored copy.
     pub parent: Option<LineageParent>,
+    /// The S3 Object Lock its objects are written with (FORMAT.md §3.2), if any.
+    pub object_lock: Option<ObjectLock>,
     /// The generation read: the newest intact one.
     pub generation: u64,
     /// The newest generation that exists (newer than `generation` when that one is damaged).
@@ -85,6 +87,7 @@ pub async fn status(repo: &Repository) -> Result<StatusReport, RepoError> {
         database_identity: state.config.database_identity.clone(),
         lineage: state.config.lineage.id.clone(),
         parent: state.config.lineage.parent.clone(),
+        object_lock: state.config.object_lock,
         generation: state.generation.as_ref().map_or(0, |g| g.generation),
         newest_generation: state.newest_generation,
         damage,
@@ -112,6 +115,10 @@ impl std::fmt::Display for StatusReport {
                 "              restored from {} (lineage {}) at sequence {}",
                 p.repository, p.lineage, p.sequence
             )?;
+        }
+        match &self.object_lock {
+            Some(lock) => writeln!(f, "object lock:  {lock}")?,
+            None => writeln!(f, "object lock:  none")?,
         }
         writeln!(
             f,

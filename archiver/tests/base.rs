@@ -868,3 +868,63 @@ async fn only_tables_a_current_base_lists_are_reused_never_a_stray_object_of_the
         .unwrap();
     assert_eq!(second.stats.tables_uploaded, 0, "{:?}", second.stats);
 }
+
+/// In a repository with an object lock a table is reused only while half of its lock is
+/// left; an older one is uploaded again, freshly locked (FORMAT.md §3.2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_an_object_lock_only_tables_with_half_their_lock_left_are_reused() {
+    use tidemark_manifest::model::{LockMode, ObjectLock};
+    use tidemark_manifest::store::MemoryStore;
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let db_dir = tmp.path().join("db");
+    let scratch = tmp.path().join("scratch");
+    let db = open_source(&db_dir, None, false);
+    let store = Arc::new(MemoryStore::new());
+    let repo = Repository::new(store.clone());
+    let identity = fs::read_to_string(db_dir.join("IDENTITY")).unwrap();
+    repo.create_config(&RepositoryConfig {
+        database_identity: identity.trim().to_owned(),
+        object_lock: Some(ObjectLock::new(LockMode::Governance, 4).unwrap()),
+        ..tidemark_manifest::testing::config()
+    })
+    .await
+    .unwrap();
+    for i in 0..2_000 {
+        write_batch(&db, i);
+    }
+    for cf in ["default", "plain"] {
+        db.flush_cf(db.cf_handle(cf).unwrap()).unwrap();
+    }
+    let opts = BaseOptions::default();
+    let first = take_base_backup(&db_dir, &db_dir, &scratch, &repo, &opts)
+        .await
+        .unwrap();
+    assert!(first.stats.table_files > 0);
+    let reuse = BaseOptions {
+        reusable: ReusableTables::from_descriptors([&first.descriptor]),
+        ..opts.clone()
+    };
+    // Fresh locks: every table is reused.
+    let second = take_base_backup(&db_dir, &db_dir, &scratch, &repo, &reuse)
+        .await
+        .unwrap();
+    assert_eq!(second.stats.tables_uploaded, 0, "{:?}", second.stats);
+    // Three of four days gone: less than half is left, every table goes up again.
+    store.age(time::Duration::days(3));
+    let third = take_base_backup(&db_dir, &db_dir, &scratch, &repo, &reuse)
+        .await
+        .unwrap();
+    assert_eq!(third.stats.tables_deduplicated, 0, "{:?}", third.stats);
+    assert_eq!(third.stats.tables_uploaded, first.stats.table_files);
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::days(3);
+    for f in third
+        .descriptor
+        .files
+        .iter()
+        .filter(|f| f.key.starts_with("sst/"))
+    {
+        let until = store.retain_until(&f.key).expect("locked");
+        assert!(until > soon, "{} is locked only until {until}", f.key);
+    }
+}

@@ -36,6 +36,7 @@ pub mod exit;
 pub mod keyring;
 pub mod keys;
 pub mod lease;
+pub mod lock;
 pub mod model;
 pub mod origin;
 pub mod plan;

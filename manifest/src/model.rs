@@ -165,6 +165,30 @@ pub struct RepositoryConfig {
     /// they are stored in the clear.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+    /// S3 Object Lock retention of the repository's objects (FORMAT.md §3.2); absent when
+    /// they are written without one. The rules are [`crate::lock`]'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_lock: Option<ObjectLock>,
+}
+
+/// How long, and how strictly, each locked object of a repository is kept (FORMAT.md §3.2):
+/// an object written at `T` cannot be deleted or overwritten before `T + days`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectLock {
+    /// `governance` or `compliance`.
+    pub mode: LockMode,
+    /// The retention of each object, in days from its write.
+    pub days: u32,
+}
+
+/// S3 Object Lock's retention modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockMode {
+    /// Users with `s3:BypassGovernanceRetention` may still delete or shorten it.
+    Governance,
+    /// Nobody, the account's root user included, can delete or shorten it.
+    Compliance,
 }
 
 /// How a repository's objects are encrypted (FORMAT.md §10). Never the key itself.

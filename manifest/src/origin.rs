@@ -324,6 +324,7 @@ mod tests {
             },
             segment_compression: Compression::Zstd,
             encryption: None,
+            object_lock: None,
         }
     }
 

@@ -7,7 +7,7 @@ use crate::keyring::{self, FileKeyWrapper, KeyringError};
 use crate::keys;
 use crate::model::{
     self, BaseDescriptor, BaseSummary, Encryption, FORMAT_VERSION, Generation, IndexPage,
-    IndexPageRef, LatestHint, ModelError, ObjectRef, RepositoryConfig, SegmentEntry,
+    IndexPageRef, LatestHint, ModelError, ObjectLock, ObjectRef, RepositoryConfig, SegmentEntry,
 };
 use crate::plan::{History, HistoryProblem};
 use crate::retention::{KeyClass, Protection};
@@ -90,6 +90,23 @@ pub enum RepoError {
     )]
     UnsupportedEncryption { location: String, algorithm: String },
     #[error(
+        "the repository at {location} was created {recorded}, and {requested} was asked for; \
+         a repository keeps the object lock it was created with (FORMAT.md §3.2): drop \
+         --object-lock-mode and --object-lock-days (and the config file's object_lock_mode \
+         and object_lock_days) to follow the recorded one, or archive to a new URL"
+    )]
+    LockMismatch {
+        location: String,
+        recorded: String,
+        requested: String,
+    },
+    #[error("the repository at {location}: {source}")]
+    Lock {
+        location: String,
+        #[source]
+        source: crate::lock::LockError,
+    },
+    #[error(
         "{location} has no manifest generation {generation} (the newest is {newest}); \
          `list` shows the generation it reads, and pruning deletes old ones"
     )]
@@ -122,6 +139,26 @@ pub enum RepoError {
 }
 
 impl RepoError {
+    /// A repository created with the object lock `recorded` (or none) was asked to be
+    /// written with `requested`.
+    pub fn lock_mismatch(
+        location: String,
+        recorded: Option<ObjectLock>,
+        requested: Option<ObjectLock>,
+    ) -> RepoError {
+        let shown = |l: Option<ObjectLock>| {
+            l.map_or_else(
+                || "without an object lock".to_owned(),
+                |l| format!("with an object lock ({l})"),
+            )
+        };
+        RepoError::LockMismatch {
+            location,
+            recorded: shown(recorded),
+            requested: shown(requested).replacen("with ", "", 1),
+        }
+    }
+
     /// True for errors a person fixes by changing what was given (the URL, the key, the
     /// store settings) rather than by trying again: programs exit with their usage code.
     pub fn is_usage(&self) -> bool {
@@ -133,6 +170,8 @@ impl RepoError {
                 | RepoError::WrongKey { .. }
                 | RepoError::NotEncrypted { .. }
                 | RepoError::UnsupportedEncryption { .. }
+                | RepoError::LockMismatch { .. }
+                | RepoError::Lock { .. }
                 | RepoError::NoSuchGeneration { .. }
                 | RepoError::Store(StoreError::Config { .. })
                 | RepoError::Keyring(
@@ -422,7 +461,44 @@ impl Repository {
         };
         let config: RepositoryConfig = model::parse_document(keys::CONFIG, &b)?;
         self.check_encryption(&config)?;
+        if config.object_lock.is_some() {
+            self.store.set_object_lock(config.object_lock);
+        }
         Ok(Some(config))
+    }
+
+    /// The object lock a writer follows (FORMAT.md §3.2), and the store set to write with
+    /// it: an existing repository's recorded one (`requested`, when given, must equal it),
+    /// else `requested`, for the repository the writer is about to create. A lock is
+    /// refused on a store that cannot keep objects locked, saying why.
+    pub async fn writer_object_lock(
+        &self,
+        requested: Option<ObjectLock>,
+    ) -> Result<Option<ObjectLock>, RepoError> {
+        let location = self.location();
+        let lock = match self.read_config().await? {
+            Some(config) => {
+                if requested.is_some() && requested != config.object_lock {
+                    return Err(RepoError::lock_mismatch(
+                        location,
+                        config.object_lock,
+                        requested,
+                    ));
+                }
+                config.object_lock
+            }
+            None => requested,
+        };
+        let Some(lock) = lock else {
+            return Ok(None);
+        };
+        lock.validate().map_err(|source| RepoError::Lock {
+            location: location.clone(),
+            source,
+        })?;
+        self.store.check_object_lock().await?;
+        self.store.set_object_lock(Some(lock));
+        Ok(Some(lock))
     }
 
     /// Checks that a config records the encryption this repository was opened with.
@@ -473,6 +549,10 @@ impl Repository {
         config: &RepositoryConfig,
     ) -> Result<RepositoryConfig, RepoError> {
         self.check_encryption(config)?;
+        if config.object_lock.is_some() {
+            // `tidemark.json` is locked like every object of the layout.
+            self.store.set_object_lock(config.object_lock);
+        }
         let bytes = Bytes::from(model::to_document_bytes(config));
         match self.store.put_if_absent(keys::CONFIG, bytes).await {
             Ok(_) => Ok(config.clone()),

@@ -130,6 +130,7 @@ pub fn config() -> RepositoryConfig {
         },
         segment_compression: Compression::Zstd,
         encryption: None,
+        object_lock: None,
     }
 }
 
@@ -282,6 +283,30 @@ pub mod s3 {
             .cloned()
     }
 
+    /// A bucket with S3 Object Lock enabled that the tests of this process share on the
+    /// server at `endpoint`: the one named by `TIDEMARK_TEST_S3_LOCK_BUCKET`, used as it is,
+    /// or else one created on first use (with Object Lock, hence versioning, enabled).
+    pub async fn lock_bucket(endpoint: &str) -> Result<String, BucketError> {
+        static BUCKET: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+        BUCKET
+            .get_or_try_init(|| async {
+                if let Ok(given) = std::env::var("TIDEMARK_TEST_S3_LOCK_BUCKET")
+                    && !given.is_empty()
+                {
+                    return Ok(given);
+                }
+                let bucket = format!(
+                    "tidemark-lock-{}-{:08x}",
+                    std::process::id(),
+                    rand::random::<u32>()
+                );
+                create_with(endpoint, &bucket, true).await?;
+                Ok(bucket)
+            })
+            .await
+            .cloned()
+    }
+
     /// A fresh prefix for `case`, under `TIDEMARK_TEST_S3_PREFIX` when that is set (so that
     /// a shared bucket's tests stay in one folder of it).
     pub fn prefix(case: &str) -> String {
@@ -293,6 +318,15 @@ pub mod s3 {
 
     /// Creates `bucket` on the server at `endpoint`; one that is there already is fine.
     pub async fn create(endpoint: &str, bucket: &str) -> Result<(), BucketError> {
+        create_with(endpoint, bucket, false).await
+    }
+
+    /// Creates `bucket`, with S3 Object Lock enabled when `object_lock`.
+    async fn create_with(
+        endpoint: &str,
+        bucket: &str,
+        object_lock: bool,
+    ) -> Result<(), BucketError> {
         let error = |detail: String| BucketError {
             bucket: bucket.to_owned(),
             endpoint: endpoint.to_owned(),
@@ -301,7 +335,13 @@ pub mod s3 {
         let store = S3Store::connect(bucket, "", &options(endpoint))
             .await
             .map_err(|e| error(e.to_string()))?;
-        match store.client().create_bucket().bucket(bucket).send().await {
+        let request = store.client().create_bucket().bucket(bucket);
+        let request = if object_lock {
+            request.object_lock_enabled_for_bucket(true)
+        } else {
+            request
+        };
+        match request.send().await {
             Ok(_) => Ok(()),
             Err(e)
                 if e.as_service_error().is_some_and(|s| {

@@ -364,6 +364,10 @@ fn documents() -> Vec<(&'static str, Vec<u8>)> {
             chunk_size: 65536,
             key_id: "0123456789abcdef".into(),
         }),
+        object_lock: Some(tidemark_manifest::model::ObjectLock {
+            mode: tidemark_manifest::model::LockMode::Compliance,
+            days: 30,
+        }),
     };
     let generation = Generation {
         format_version: model::FORMAT_VERSION,

@@ -266,6 +266,26 @@ impl TestStore {
         }))
     }
 
+    /// Like [`TestStore::s3`], in a bucket with S3 Object Lock enabled.
+    pub async fn s3_locked(test: &str) -> Result<Option<TestStore>> {
+        let Some(endpoint) = test_s3::endpoint(test) else {
+            return Ok(None);
+        };
+        let bucket = test_s3::lock_bucket(&endpoint).await?;
+        let Some(mut store) = TestStore::s3(test).await? else {
+            return Ok(None);
+        };
+        let prefix = store
+            .url
+            .split_once("//")
+            .and_then(|(_, rest)| rest.split_once('/'))
+            .map(|(_, prefix)| prefix.to_owned())
+            .unwrap_or_default();
+        store.url = format!("s3://{bucket}/{prefix}");
+        eprintln!("{test}: in the Object Lock bucket {bucket}");
+        Ok(Some(store))
+    }
+
     /// The same S3 repository reached through another endpoint, such as a
     /// [`FaultProxy`](crate::faultproxy::FaultProxy) in front of the server: for the programs
     /// (`TIDEMARK_ENDPOINT_URL`) and for [`TestStore::open`].

@@ -8,9 +8,14 @@ use std::time::Duration;
 
 use clap::Args;
 use tidemark_manifest::cli::{StoreAccess, StoreArgs, parse_bool};
+use tidemark_manifest::model::LockMode;
 use tidemark_manifest::store::Rate;
 
 use super::ReplayBound;
+
+fn parse_lock_mode(s: &str) -> Result<LockMode, String> {
+    s.parse()
+}
 
 /// `run`: one database (or a config file's `[[databases]]`).
 #[derive(Debug, Clone, Args)]
@@ -77,6 +82,14 @@ pub struct RunFlags {
     /// with more than one writer; docs/operations.md).
     #[arg(long, env = "TIDEMARK_ALLOW_UNSAFE_STORE", value_parser = parse_bool)]
     pub allow_unsafe_store: bool,
+    /// Create the repository with S3 Object Lock: governance or compliance (with
+    /// --object-lock-days). An existing repository keeps the lock it was created with.
+    #[arg(long, env = "TIDEMARK_OBJECT_LOCK_MODE", value_name = "MODE", value_parser = parse_lock_mode)]
+    pub object_lock_mode: Option<LockMode>,
+    /// With --object-lock-mode: how long each object is kept, in days from its write
+    /// (1 to 36500).
+    #[arg(long, env = "TIDEMARK_OBJECT_LOCK_DAYS", value_name = "DAYS")]
+    pub object_lock_days: Option<u32>,
     #[command(flatten)]
     pub store: StoreArgs,
 }

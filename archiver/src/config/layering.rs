@@ -149,6 +149,12 @@ fn apply_flags(flags: &RunFlags, o: &mut ArchiverOptions) {
     }
     o.exit_when_caught_up |= flags.exit_when_caught_up;
     o.allow_unsafe_store |= flags.allow_unsafe_store;
+    if let Some(v) = flags.object_lock_mode {
+        o.object_lock_mode = Some(v);
+    }
+    if let Some(v) = flags.object_lock_days {
+        o.object_lock_days = Some(v);
+    }
     o.store.overlay(flags.store.clone());
     if let Some(v) = flags.upload_concurrency {
         o.upload_concurrency = v;

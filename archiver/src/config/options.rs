@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tidemark_manifest::cli::StoreArgs;
+use tidemark_manifest::model::{LockMode, ObjectLock};
 use tidemark_manifest::plan::RestoreRates;
 use tidemark_manifest::store::Rate;
 
@@ -75,6 +76,39 @@ pub struct ArchiverOptions {
     /// Start even on a store that fails the start-up check of conditional writes
     /// (`--allow-unsafe-store`; docs/operations.md, "Checking a store").
     pub allow_unsafe_store: bool,
+    /// Create the repository with S3 Object Lock in this mode (`governance` or
+    /// `compliance`), with `object_lock_days`; an existing repository keeps the lock it
+    /// was created with (FORMAT.md §3.2).
+    pub object_lock_mode: Option<LockMode>,
+    /// How long each object of a new locked repository is kept, in days from its write.
+    pub object_lock_days: Option<u32>,
+}
+
+impl ArchiverOptions {
+    /// The object lock these options ask for, once [`super::check_settings`] has passed:
+    /// `None` when they ask for none.
+    pub fn object_lock(&self) -> Option<ObjectLock> {
+        Some(ObjectLock {
+            mode: self.object_lock_mode?,
+            days: self.object_lock_days?,
+        })
+    }
+
+    /// The longest span the retention policy keeps (its window or its longest tier), to
+    /// compare a lock with; `None` without a policy or with one that only counts bases.
+    pub fn retention_horizon(&self) -> Option<time::Duration> {
+        let r = self.retention.as_ref()?;
+        [
+            r.pitr_window,
+            r.keep_daily_for,
+            r.keep_weekly_for,
+            r.keep_monthly_for,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .and_then(|d| time::Duration::try_from(d).ok())
+    }
 }
 
 impl Default for ArchiverOptions {
@@ -102,6 +136,8 @@ impl Default for ArchiverOptions {
             retention: None,
             store: StoreArgs::default(),
             allow_unsafe_store: false,
+            object_lock_mode: None,
+            object_lock_days: None,
         }
     }
 }

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
+use tidemark_manifest::model::ObjectLock;
 use tidemark_manifest::retention::{self, Rules};
 use tidemark_manifest::store::StoreUrl;
 
@@ -175,12 +176,35 @@ pub fn check_settings(o: &ArchiverOptions) -> Result<(), ConfigError> {
     }
     // Durations that cannot work, named by their keys.
     check_options(o)?;
+    check_object_lock(o)?;
     // Bad store options are bad usage, whatever the command does first.
     o.store.s3_options()?;
     if let Some(r) = &o.retention {
         r.rules()?;
     }
     Ok(())
+}
+
+/// The object lock settings come together (both or neither) and within the format's limits
+/// (FORMAT.md §3.2); how the lock meets the retention policy is checked at start, against
+/// the repository's recorded lock.
+pub fn check_object_lock(o: &ArchiverOptions) -> Result<(), ConfigError> {
+    match (o.object_lock_mode, o.object_lock_days) {
+        (None, None) => Ok(()),
+        (Some(mode), Some(days)) => ObjectLock::new(mode, days)
+            .map(|_| ())
+            .map_err(|e| ConfigError::Usage(format!("object_lock_days: {e}"))),
+        (Some(_), None) => Err(ConfigError::Usage(
+            "--object-lock-mode (object_lock_mode) needs --object-lock-days \
+             (object_lock_days): how many days each object stays locked"
+                .to_owned(),
+        )),
+        (None, Some(_)) => Err(ConfigError::Usage(
+            "--object-lock-days (object_lock_days) needs --object-lock-mode \
+             (object_lock_mode): governance or compliance"
+                .to_owned(),
+        )),
+    }
 }
 
 impl PruneOptions {

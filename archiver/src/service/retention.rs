@@ -135,6 +135,8 @@ impl Retention {
                     objects_deleted = objects,
                     bytes_deleted = bytes,
                     objects_in_grace = report.deferred.objects,
+                    objects_locked = report.locked.objects,
+                    locked_all_deletable = report.locked_all_deletable.as_deref().unwrap_or(""),
                     "retention applied"
                 );
             }

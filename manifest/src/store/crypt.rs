@@ -1353,6 +1353,14 @@ impl ObjectStore for CryptStore {
             })
             .collect())
     }
+
+    async fn check_object_lock(&self) -> StoreResult<()> {
+        self.inner.check_object_lock().await
+    }
+
+    fn set_object_lock(&self, lock: Option<crate::model::ObjectLock>) {
+        self.inner.set_object_lock(lock);
+    }
 }
 
 #[cfg(test)]
@@ -1364,6 +1372,42 @@ mod tests {
 
     fn key(n: u8) -> EncryptionKey {
         EncryptionKey::from_bytes([n; KEY_LEN])
+    }
+
+    /// The repository's object lock set on the outermost decorator reaches the store below
+    /// all of them, which locks the stored (sealed) object; the lease stays unlocked.
+    #[tokio::test]
+    async fn the_object_lock_reaches_the_store_through_every_decorator() {
+        use crate::model::{LockMode, ObjectLock};
+        use crate::store::fault::FaultStore;
+        use crate::store::{Rate, RateLimiter, RetryPolicy, RetryStore, ThrottleStore};
+        let raw = Arc::new(MemoryStore::new());
+        let fault: Arc<dyn ObjectStore> = Arc::new(FaultStore::new(raw.clone()));
+        let limiter = RateLimiter::new(Rate::bytes_per_sec(1 << 30).unwrap());
+        let throttle: Arc<dyn ObjectStore> = Arc::new(ThrottleStore::new(fault, limiter));
+        let retry: Arc<dyn ObjectStore> =
+            Arc::new(RetryStore::new(throttle, RetryPolicy::default()));
+        let crypt = CryptStore::new(retry, &key(1), CHUNK).unwrap();
+        crypt.repository.set(Arc::from("r")).unwrap();
+        crypt.check_object_lock().await.unwrap();
+        crypt.set_object_lock(Some(ObjectLock::new(LockMode::Governance, 3).unwrap()));
+        let seg = "wal/0000000000000001.seg";
+        let before = time::OffsetDateTime::now_utc();
+        crypt
+            .put(seg, Bytes::from_static(b"records"))
+            .await
+            .unwrap();
+        crypt
+            .put(crate::keys::LEASE, Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        let until = raw.retain_until(seg).expect("the segment is locked");
+        assert!(until >= before + time::Duration::days(3), "{until}");
+        assert!(until <= time::OffsetDateTime::now_utc() + time::Duration::days(3));
+        assert!(raw.retain_until(crate::keys::LEASE).is_none());
+        let err = crypt.delete(seg).await.unwrap_err();
+        assert!(matches!(err, StoreError::AccessDenied { .. }), "{err}");
+        crypt.delete(crate::keys::LEASE).await.unwrap();
     }
 
     /// A store on `raw` bound to repository `id` without a `tidemark.json`.
@@ -1397,6 +1441,7 @@ mod tests {
                 chunk_size: CHUNK,
                 key_id: k.key_id(),
             }),
+            object_lock: None,
         };
         Bytes::from(crate::model::to_document_bytes(&config))
     }
@@ -2083,6 +2128,7 @@ mod repository_tests {
     fn config(repo: &Repository) -> RepositoryConfig {
         RepositoryConfig {
             encryption: repo.encryption().cloned(),
+            object_lock: None,
             ..crate::testing::config()
         }
     }

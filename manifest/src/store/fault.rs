@@ -297,6 +297,14 @@ impl ObjectStore for FaultStore {
         self.around(StoreOp::List, prefix, self.inner.list(prefix))
             .await
     }
+
+    async fn check_object_lock(&self) -> StoreResult<()> {
+        self.inner.check_object_lock().await
+    }
+
+    fn set_object_lock(&self, lock: Option<crate::model::ObjectLock>) {
+        self.inner.set_object_lock(lock);
+    }
 }
 
 #[cfg(test)]

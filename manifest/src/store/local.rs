@@ -441,6 +441,7 @@ impl LocalStore {
                         key: rel,
                         size: meta.len(),
                         etag: etag_of(&meta),
+                        last_modified: modified_of(&meta),
                     });
                 }
             }
@@ -590,6 +591,7 @@ impl ObjectStore for LocalStore {
                 key: k,
                 size: data.len() as u64,
                 etag: etag_of(&meta),
+                last_modified: modified_of(&meta),
             };
             Ok((Bytes::from(data), meta))
         })
@@ -643,6 +645,7 @@ impl ObjectStore for LocalStore {
                     key: k,
                     size: m.len(),
                     etag: etag_of(&m),
+                    last_modified: modified_of(&m),
                 })),
                 _ => Ok(None),
             }
@@ -698,6 +701,16 @@ impl ObjectStore for LocalStore {
         self.run(StoreOp::List, prefix, move |s| s.list_blocking(&p))
             .await
     }
+
+    async fn check_object_lock(&self) -> StoreResult<()> {
+        Err(StoreError::config(format!(
+            "{} is a directory, and a directory cannot lock its files: anyone who can write \
+             to it can delete them. Object Lock needs an S3 bucket created with Object Lock \
+             enabled; archive to s3://BUCKET/PREFIX, or leave out --object-lock-mode and \
+             --object-lock-days",
+            self.describe()
+        )))
+    }
 }
 
 fn absolute(root: &Path) -> StoreResult<PathBuf> {
@@ -729,6 +742,11 @@ fn is_missing(e: &io::Error) -> bool {
 fn etag_of(meta: &Metadata) -> ETag {
     let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
     ETag::new(format!("{:x}-{:x}-{:x}", meta.len(), mtime_ns, meta.ino()))
+}
+
+/// A file's modification time: when the store wrote the object.
+fn modified_of(meta: &Metadata) -> Option<time::OffsetDateTime> {
+    meta.modified().ok().map(time::OffsetDateTime::from)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {

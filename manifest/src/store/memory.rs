@@ -8,16 +8,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use time::OffsetDateTime;
 
 use super::{
     ETag, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult, validate_key, validate_prefix,
 };
+use crate::model::ObjectLock;
 
 /// An object store held in memory, with the same semantics as the real ones (key
 /// validation, conditional writes, errors). Meant for tests: nothing is persisted.
+///
+/// It can lock objects as an S3 bucket with Object Lock does ([`ObjectStore::set_object_lock`]):
+/// an object written with a retain-until date cannot be deleted before it
+/// ([`StoreError::AccessDenied`], as S3 answers a DELETE of a locked object version).
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     objects: Mutex<BTreeMap<String, (Bytes, ETag)>>,
+    /// When each object was written, and until when it is locked.
+    times: Mutex<BTreeMap<String, (OffsetDateTime, Option<OffsetDateTime>)>>,
+    lock: Mutex<Option<ObjectLock>>,
     next_version: AtomicU64,
 }
 
@@ -37,6 +46,45 @@ impl MemoryStore {
         self.objects
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn times(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<String, (OffsetDateTime, Option<OffsetDateTime>)>> {
+        self.times
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records a write of `key` now, with the lock's retain-until date if it applies.
+    fn written(&self, key: &str) {
+        let now = OffsetDateTime::now_utc();
+        let lock = *self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let until = lock
+            .filter(|_| crate::lock::applies_to(key))
+            .map(|l| l.retain_until(now));
+        self.times().insert(key.to_owned(), (now, until));
+    }
+
+    fn last_modified(&self, key: &str) -> Option<OffsetDateTime> {
+        self.times().get(key).map(|(at, _)| *at)
+    }
+
+    /// The retain-until date `key` was written with, if any.
+    pub fn retain_until(&self, key: &str) -> Option<OffsetDateTime> {
+        self.times().get(key).and_then(|(_, until)| *until)
+    }
+
+    /// Makes every object `by` older, its write time and retain-until date alike: as if
+    /// it had been written that long ago (tests of what a lock lets a sweep delete).
+    pub fn age(&self, by: time::Duration) {
+        for (at, until) in self.times().values_mut() {
+            *at -= by;
+            *until = until.map(|u| u - by);
+        }
     }
 
     fn new_etag(&self) -> ETag {
@@ -72,6 +120,7 @@ impl ObjectStore for MemoryStore {
         validate_key(key)?;
         let etag = self.new_etag();
         self.objects().insert(key.to_owned(), (data, etag.clone()));
+        self.written(key);
         Ok(etag)
     }
 
@@ -87,6 +136,7 @@ impl ObjectStore for MemoryStore {
         }
         let etag = self.new_etag();
         objects.insert(key.to_owned(), (data, etag.clone()));
+        self.written(key);
         Ok(etag)
     }
 
@@ -104,6 +154,7 @@ impl ObjectStore for MemoryStore {
             Some(_) => {
                 let etag = self.new_etag();
                 objects.insert(key.to_owned(), (data, etag.clone()));
+                self.written(key);
                 Ok(etag)
             }
         }
@@ -129,6 +180,7 @@ impl ObjectStore for MemoryStore {
             key: key.to_owned(),
             size: data.len() as u64,
             etag,
+            last_modified: self.last_modified(key),
         };
         Ok((data, meta))
     }
@@ -196,30 +248,58 @@ impl ObjectStore for MemoryStore {
 
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
         validate_key(key)?;
-        Ok(self.objects().get(key).map(|(data, etag)| ObjectMeta {
+        let found = self.objects().get(key).cloned();
+        Ok(found.map(|(data, etag)| ObjectMeta {
             key: key.to_owned(),
             size: data.len() as u64,
-            etag: etag.clone(),
+            etag,
+            last_modified: self.last_modified(key),
         }))
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
         validate_key(key)?;
+        let until = self.retain_until(key);
+        if let Some(until) = until.filter(|u| *u > OffsetDateTime::now_utc()) {
+            return Err(StoreError::AccessDenied {
+                op: StoreOp::Delete,
+                key: key.to_owned(),
+                location: Self::location(key),
+                detail: format!("the object is locked until {until}"),
+            });
+        }
         self.objects().remove(key);
+        self.times().remove(key);
         Ok(())
     }
 
     async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
         validate_prefix(prefix)?;
-        Ok(self
+        let found: Vec<(String, u64, ETag)> = self
             .objects()
             .range(prefix.to_owned()..)
             .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, (data, etag))| ObjectMeta {
-                key: k.clone(),
-                size: data.len() as u64,
-                etag: etag.clone(),
+            .map(|(k, (data, etag))| (k.clone(), data.len() as u64, etag.clone()))
+            .collect();
+        Ok(found
+            .into_iter()
+            .map(|(key, size, etag)| ObjectMeta {
+                last_modified: self.last_modified(&key),
+                key,
+                size,
+                etag,
             })
             .collect())
+    }
+
+    async fn check_object_lock(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
+    fn set_object_lock(&self, lock: Option<ObjectLock>) {
+        *self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = lock;
     }
 }

@@ -54,6 +54,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::model::ObjectLock;
+
 pub use self::url::StoreUrl;
 pub use crypt::{CryptError, CryptStore, EncryptionKey, EncryptionKeyError};
 pub use error::{BoxError, StoreError, StoreOp};
@@ -102,6 +104,9 @@ pub struct ObjectMeta {
     pub size: u64,
     /// Version tag.
     pub etag: ETag,
+    /// When the store says the object was written (S3's `Last-Modified`, a file's
+    /// modification time), where it says so.
+    pub last_modified: Option<time::OffsetDateTime>,
 }
 
 /// An object store holding one Tidemark repository.
@@ -194,6 +199,25 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// costly on object stores and never on the archiving or restore hot path, which find
     /// objects through the manifest.
     async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>>;
+
+    /// Checks that the store can keep objects locked (S3 Object Lock, FORMAT.md §3.2):
+    /// `Ok` when it can, [`StoreError::Config`] saying why not otherwise. Decorators ask the
+    /// store they wrap.
+    async fn check_object_lock(&self) -> StoreResult<()> {
+        Err(StoreError::config(format!(
+            "{} cannot lock objects: S3 Object Lock needs an S3 bucket created with Object \
+             Lock enabled",
+            self.describe()
+        )))
+    }
+
+    /// From now on, writes every object that [`crate::lock::applies_to`] with `lock`'s
+    /// retention (`None`: without one). A store that cannot lock ignores it: callers check
+    /// [`ObjectStore::check_object_lock`] first. Decorators pass it on, so the lock applies
+    /// to what reaches the store (an encrypted object's stored bytes).
+    fn set_object_lock(&self, lock: Option<ObjectLock>) {
+        let _ = lock;
+    }
 }
 
 /// Prefix reserved for the stores' own files (temporary files, lock files). No key segment

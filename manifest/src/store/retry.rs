@@ -283,6 +283,16 @@ impl ObjectStore for RetryStore {
             .run(StoreOp::List, prefix, || self.inner.list(prefix))
             .await
     }
+
+    async fn check_object_lock(&self) -> StoreResult<()> {
+        self.policy
+            .run(StoreOp::Head, "", || self.inner.check_object_lock())
+            .await
+    }
+
+    fn set_object_lock(&self, lock: Option<crate::model::ObjectLock>) {
+        self.inner.set_object_lock(lock);
+    }
 }
 
 #[cfg(test)]

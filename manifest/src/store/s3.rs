@@ -14,9 +14,11 @@ use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::DateTime;
 use aws_sdk_s3::primitives::{ByteStream, Length, SdkBody};
 use aws_sdk_s3::types::{
-    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ServerSideEncryption, StorageClass,
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockEnabled, ObjectLockMode,
+    ServerSideEncryption, StorageClass,
 };
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
@@ -30,6 +32,7 @@ use super::{
     validate_prefix,
 };
 use crate::keys::{self, ObjectKind};
+use crate::model::{LockMode, ObjectLock};
 
 const MIB: u64 = 1024 * 1024;
 /// S3's smallest part (all but the last).
@@ -417,6 +420,9 @@ pub struct S3Store {
     /// Permits for multipart parts in flight, shared by all uploads of this store (and its
     /// clones): [`S3Options::part_concurrency`].
     parts_in_flight: Arc<Semaphore>,
+    /// The repository's object lock, once known ([`ObjectStore::set_object_lock`]); shared
+    /// with the store's clones.
+    lock: Arc<std::sync::RwLock<Option<ObjectLock>>>,
 }
 
 impl fmt::Debug for S3Store {
@@ -516,6 +522,7 @@ impl S3Store {
             endpoint,
             part_retry: RetryPolicy::default(),
             parts_in_flight: Arc::new(Semaphore::new(options.part_concurrency)),
+            lock: Arc::default(),
         })
     }
 
@@ -652,12 +659,17 @@ impl S3Store {
         validate_key(key)?;
         let budget = Budget::Upload(data.len() as u64);
         let len = data.len() as i64;
+        let (lock_mode, retain_until) = self.lock_for(key);
+        // S3 requires a checksum on a PUT with a retention: CRC32, as on every part.
         let mut req = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(self.full_key(key))
             .content_length(len)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .set_object_lock_mode(lock_mode)
+            .set_object_lock_retain_until_date(retain_until)
             .body(ByteStream::from(data))
             .set_storage_class(self.storage_class(key))
             .set_server_side_encryption(self.sse())
@@ -685,6 +697,29 @@ impl S3Store {
                  returns ETags",
             )
         })
+    }
+
+    /// The Object Lock headers of a new object at `key`: the mode and the retain-until
+    /// date, from this moment, when the repository locks it (FORMAT.md §3.2).
+    fn lock_for(&self, key: &str) -> (Option<ObjectLockMode>, Option<DateTime>) {
+        let lock = *self
+            .lock
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match lock.filter(|_| crate::lock::applies_to(key)) {
+            None => (None, None),
+            Some(lock) => {
+                let until = lock.retain_until(time::OffsetDateTime::now_utc());
+                let mode = match lock.mode {
+                    LockMode::Governance => ObjectLockMode::Governance,
+                    LockMode::Compliance => ObjectLockMode::Compliance,
+                };
+                (
+                    Some(mode),
+                    Some(DateTime::from_secs(until.unix_timestamp())),
+                )
+            }
+        }
     }
 
     fn storage_class(&self, key: &str) -> Option<StorageClass> {
@@ -814,12 +849,15 @@ impl S3Store {
         let part_size = self.options.part_size_for(len);
         let parts = len.div_ceil(part_size);
         let full_key = self.full_key(key);
+        let (lock_mode, retain_until) = self.lock_for(key);
         let created = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(&full_key)
             .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .set_object_lock_mode(lock_mode)
+            .set_object_lock_retain_until_date(retain_until)
             .set_storage_class(self.storage_class(key))
             .set_server_side_encryption(self.sse())
             .set_ssekms_key_id(self.kms_key())
@@ -986,12 +1024,16 @@ impl S3Store {
         let body = file_body(path, 0, len, pacer)
             .await
             .map_err(|e| Self::local_error(op, key, path, std::io::Error::other(chain(&e))))?;
+        let (lock_mode, retain_until) = self.lock_for(key);
         let out = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(self.full_key(key))
             .content_length(len as i64)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .set_object_lock_mode(lock_mode)
+            .set_object_lock_retain_until_date(retain_until)
             .body(body)
             .set_storage_class(self.storage_class(key))
             .set_server_side_encryption(self.sse())
@@ -1275,6 +1317,7 @@ impl ObjectStore for S3Store {
             key: key.to_owned(),
             size: data.len() as u64,
             etag,
+            last_modified: None,
         };
         Ok((data, meta))
     }
@@ -1369,6 +1412,7 @@ impl ObjectStore for S3Store {
             key: key.to_owned(),
             size,
             etag: self.etag(op, key, out.e_tag())?,
+            last_modified: out.last_modified().and_then(offset_time),
         }))
     }
 
@@ -1418,6 +1462,7 @@ impl ObjectStore for S3Store {
                         .and_then(|n| u64::try_from(n).ok())
                         .unwrap_or(0),
                     etag: ETag::new(object.e_tag().unwrap_or_default()),
+                    last_modified: object.last_modified().and_then(offset_time),
                 });
             }
             match (out.is_truncated(), out.next_continuation_token()) {
@@ -1428,6 +1473,52 @@ impl ObjectStore for S3Store {
         objects.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(objects)
     }
+
+    async fn check_object_lock(&self) -> StoreResult<()> {
+        let op = StoreOp::Head;
+        let not_enabled = || {
+            StoreError::config(format!(
+                "bucket {} does not have S3 Object Lock enabled, so its objects cannot be \
+                 locked. Object Lock can only be enabled on a versioned bucket (on AWS when it \
+                 is created, or later with PutObjectLockConfiguration); use such a bucket, or \
+                 leave out --object-lock-mode and --object-lock-days",
+                self.bucket
+            ))
+        };
+        match self
+            .client
+            .get_object_lock_configuration()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
+            Ok(out) => match out
+                .object_lock_configuration()
+                .and_then(|c| c.object_lock_enabled())
+            {
+                Some(ObjectLockEnabled::Enabled) => Ok(()),
+                _ => Err(not_enabled()),
+            },
+            Err(SdkError::ServiceError(ctx))
+                if ctx.err().code() == Some("ObjectLockConfigurationNotFoundError") =>
+            {
+                Err(not_enabled())
+            }
+            Err(e) => Err(self.map_err(op, "", e)),
+        }
+    }
+
+    fn set_object_lock(&self, lock: Option<ObjectLock>) {
+        *self
+            .lock
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = lock;
+    }
+}
+
+/// An S3 time as an [`time::OffsetDateTime`].
+fn offset_time(t: &DateTime) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::from_unix_timestamp_nanos(t.as_nanos()).ok()
 }
 
 #[cfg(test)]

@@ -467,6 +467,14 @@ impl ObjectStore for ThrottleStore {
     async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
         self.inner.list(prefix).await
     }
+
+    async fn check_object_lock(&self) -> StoreResult<()> {
+        self.inner.check_object_lock().await
+    }
+
+    fn set_object_lock(&self, lock: Option<crate::model::ObjectLock>) {
+        self.inner.set_object_lock(lock);
+    }
 }
 
 /// An HTTP body that hands every data frame of `inner` to a [`Pacer`] before passing it on:

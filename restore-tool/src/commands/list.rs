@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use tidemark_manifest::model::{Gap, LineageParent, TimeSource, micros_from_time};
+use tidemark_manifest::model::{Gap, LineageParent, ObjectLock, TimeSource, micros_from_time};
 use tidemark_manifest::plan::{History, PointCost, RestoreRates, Window};
 use tidemark_manifest::repo::{LoadWarning, ReadFrom, RepoState, Repository};
 
@@ -90,6 +90,8 @@ pub struct ListReport {
     pub database_identity: String,
     pub lineage: String,
     pub parent: Option<LineageParent>,
+    /// The S3 Object Lock its objects are written with (FORMAT.md §3.2), if any.
+    pub object_lock: Option<ObjectLock>,
     /// The generation read: the newest intact one, or the one asked for.
     pub generation: Option<u64>,
     /// The newest generation that exists (newer than `generation` when that one was passed
@@ -141,6 +143,7 @@ pub fn report(location: String, state: &RepoState, rates: &RestoreRates) -> List
         database_identity: state.config.database_identity.clone(),
         lineage: state.config.lineage.id.clone(),
         parent: state.config.lineage.parent.clone(),
+        object_lock: state.config.object_lock,
         generation: g.map(|g| g.generation),
         newest_generation: state.newest_generation,
         generation_written_at: g.map(|g| g.written_at),
@@ -257,6 +260,14 @@ impl ListReport {
                 w,
                 "            restored from {} (lineage {}) at sequence {}",
                 p.repository, p.lineage, p.sequence
+            );
+        }
+        if let Some(lock) = &self.object_lock {
+            let _ = writeln!(
+                w,
+                "            object lock {lock}: objects cannot be deleted or overwritten \
+                 for {} days after they are written",
+                lock.days
             );
         }
         match (self.generation, self.generation_written_at) {

@@ -164,7 +164,7 @@ impl Archive {
     /// repository's config, then the WAL from its oldest record.
     pub async fn create(repo: Repository, source: &Source) -> Result<Archive> {
         let check = check_database(&source.db, None)?;
-        open_config(&repo, &check).await?;
+        open_config(&repo, &check, None).await?;
         let state = repo.load().await?;
         let opts = ArchiverOptions {
             db: source.db.clone(),
