@@ -41,6 +41,8 @@ pub struct CopyOptions {
     pub dry_run: bool,
     /// Run again this long after each run ends, until stopped ([`copy_every`]).
     pub every: Option<Duration>,
+    /// A copy of a source written with S3 Object Lock may go where objects cannot be locked.
+    pub unlocked_copy: bool,
 }
 
 /// Why a copy failed.
@@ -266,12 +268,24 @@ async fn run(
             copy::check_not_diverged(&o.from, &o.to, src_state, d)?;
             None
         }
-        None => Some(copy::destination_config(
-            &o.from,
-            &o.to,
-            &src_state.config,
-            destination,
-        )?),
+        None => {
+            let lockable = match src_state.config.object_lock {
+                Some(_) => destination
+                    .store()
+                    .check_object_lock()
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => Ok(()),
+            };
+            Some(copy::destination_config(
+                &o.from,
+                &o.to,
+                &src_state.config,
+                destination,
+                lockable,
+                o.unlocked_copy,
+            )?)
+        }
     };
     let plan = copy::plan_copy(
         src_state,

@@ -50,6 +50,17 @@ pub enum CopyError {
          file works too)"
     )]
     WouldDecrypt { from: String, to: String },
+    #[error(
+        "{from} is written with S3 Object Lock ({lock}), and {to} cannot lock objects: \
+         {reason}. Copy into a bucket created with Object Lock enabled, or pass \
+         --unlocked-copy to keep a copy that anyone with write access to it can delete"
+    )]
+    CannotLock {
+        from: String,
+        to: String,
+        lock: String,
+        reason: String,
+    },
     #[error("at the source {location}: {source}")]
     Source {
         location: String,
@@ -69,7 +80,9 @@ impl CopyError {
     /// trying again unchanged fails again.
     pub fn is_usage(&self) -> bool {
         match self {
-            CopyError::OtherRepository { .. } | CopyError::WouldDecrypt { .. } => true,
+            CopyError::OtherRepository { .. }
+            | CopyError::WouldDecrypt { .. }
+            | CopyError::CannotLock { .. } => true,
             CopyError::Source { source, .. } | CopyError::Destination { source, .. } => {
                 source.is_usage()
             }
@@ -202,13 +215,18 @@ pub fn check_same_repository(
     Ok(())
 }
 
-/// The `tidemark.json` a new copy gets: the source's, with the destination's own encryption.
-/// Refused when it would store an encrypted source in the clear.
+/// The `tidemark.json` a new copy gets: the source's, with the destination's own encryption
+/// and object lock. Refused when it would store an encrypted source in the clear. A copy of
+/// a locked source keeps the lock when the destination can lock (`lockable`: the
+/// destination store's answer to [`crate::store::ObjectStore::check_object_lock`]); one
+/// that cannot is refused, unless `unlocked_ok`, when the copy records no lock.
 pub fn destination_config(
     from: &str,
     to: &str,
     source: &RepositoryConfig,
     destination: &Repository,
+    lockable: Result<(), String>,
+    unlocked_ok: bool,
 ) -> Result<RepositoryConfig, CopyError> {
     if source.encryption.is_some() && destination.encryption().is_none() {
         return Err(CopyError::WouldDecrypt {
@@ -216,8 +234,22 @@ pub fn destination_config(
             to: to.to_owned(),
         });
     }
+    let object_lock = match (source.object_lock, lockable) {
+        (None, _) => None,
+        (Some(lock), Ok(())) => Some(lock),
+        (Some(_), Err(_)) if unlocked_ok => None,
+        (Some(lock), Err(reason)) => {
+            return Err(CopyError::CannotLock {
+                from: from.to_owned(),
+                to: to.to_owned(),
+                lock: lock.to_string(),
+                reason,
+            });
+        }
+    };
     Ok(RepositoryConfig {
         encryption: destination.encryption().cloned(),
+        object_lock,
         ..source.clone()
     })
 }
@@ -793,7 +825,7 @@ mod tests {
                 check_not_diverged("a", "b", &s, d)?;
                 None
             }
-            None => Some(destination_config("a", "b", &s.config, dst)?),
+            None => Some(destination_config("a", "b", &s.config, dst, Ok(()), false)?),
         };
         Ok(plan_copy(
             &s,

@@ -750,6 +750,7 @@ mod tests {
                 chunk_size: crypt::DEFAULT_CHUNK_SIZE,
                 key_id: key.key_id(),
             }),
+            object_lock: None,
         }
     }
 

@@ -442,8 +442,33 @@ fn the_documented_metric_names_are_the_exported_ones() -> Result<()> {
                         .any(|s| name.strip_suffix(s) == Some(f.name)))
         })
     };
+    // The warm standby (`tidemark-restore follow`) exports its own families.
+    let standby: BTreeSet<String> = tidemark_restore::metrics::FollowMetrics::default()
+        .render()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split([' ', '{']).next())
+        .map(str::to_owned)
+        .collect();
+    ensure!(
+        !standby.is_empty(),
+        "the standby's metrics rendered no sample"
+    );
     for name in &documented {
+        if name.starts_with("tidemark_standby_") {
+            ensure!(
+                standby.contains(name),
+                "{name} is documented but the standby does not export it"
+            );
+            continue;
+        }
         ensure!(exported(name), "{name} is documented but not exported");
+    }
+    for name in &standby {
+        ensure!(
+            documented.contains(name),
+            "{name} is exported by the standby but not documented"
+        );
     }
     for family in FAMILIES {
         ensure!(

@@ -230,6 +230,31 @@ async fn a_locked_repository_keeps_every_object_until_its_lock_ends() -> Result<
     // Without the flags it follows the recorded lock.
     let mut arch = s.archiver("follow.log", &["--exit-when-caught-up"])?;
     arch.wait_success(Duration::from_secs(90))?;
+
+    // A copy into a directory cannot keep the lock: refused unless asked for, then unlocked.
+    let dest = s.path("unlocked-copy");
+    let to = format!("file://{}", dest.display());
+    let copy = |extra: &[&str]| {
+        let mut a = vec!["copy", "--from", &s.store.url, "--to", &to];
+        a.extend(extra);
+        s.run("tidemark-archiver", &a)
+    };
+    let (code, _, err) = copy(&[])?;
+    ensure!(
+        code == i32::from(exit::USAGE)
+            && err.contains("cannot lock objects")
+            && err.contains("--unlocked-copy")
+            && !dest.join(keys::CONFIG).exists(),
+        "a locked repository copied into a directory: exit {code}: {err}"
+    );
+    let (code, _, err) = copy(&["--unlocked-copy"])?;
+    ensure!(code == 0, "copy --unlocked-copy: exit {code}: {err}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dest.join(keys::CONFIG))?)?;
+    ensure!(
+        config.get("object_lock").is_none_or(|l| l.is_null()),
+        "the unlocked copy records a lock it does not have: {config}"
+    );
     Ok(())
 }
 

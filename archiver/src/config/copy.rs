@@ -50,6 +50,11 @@ pub struct CopyFlags {
     /// or SIGINT. A store that fails or a lease held is tried again at the next run.
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub every: Option<Duration>,
+    /// Copy a source written with S3 Object Lock to a destination that cannot lock objects
+    /// (a directory, a bucket without Object Lock): the copy records no lock and anyone who
+    /// can write to it can delete it. Without it such a copy is refused.
+    #[arg(long)]
+    pub unlocked_copy: bool,
     #[command(flatten)]
     pub store: StoreAccess,
 }
@@ -117,6 +122,7 @@ pub fn copy_options(flags: CopyFlags) -> Result<CopyOptions, ConfigError> {
         lease_ttl: flags.lease_ttl,
         dry_run: flags.dry_run,
         every: flags.every,
+        unlocked_copy: flags.unlocked_copy,
     })
 }
 
