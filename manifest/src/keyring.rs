@@ -590,6 +590,12 @@ pub async fn rekey(
         return Err(KeyringError::NotEncrypted { location }.into());
     };
     crate::repo::check_algorithm(&location, &encryption)?;
+    if let Some(lock) = config.object_lock {
+        // The keyring is written locked like every object of the layout (FORMAT.md §3.2):
+        // losing it would lose every data key.
+        repo.store().check_object_lock().await?;
+        repo.store().set_object_lock(Some(lock));
+    }
     let (ring, etag, created) = match repo.read_keyring().await? {
         Some((ring, etag)) => (ring, etag, false),
         None => {

@@ -331,3 +331,69 @@ async fn refused_before_writing(store: TestStore, flags: &[&str], why: &str) -> 
     }
     Ok(())
 }
+
+/// A key rotation in a locked repository writes `keyring.json` with the lock: a credential
+/// that may delete object versions must not be able to take every data key with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_keyring_is_written_locked() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    use tidemark_manifest::store::EncryptionKey;
+    use tidemark_tests::harness::{bin, run_with_timeout};
+    let Some(store) = TestStore::s3_locked("object-lock-rekey").await? else {
+        return Ok(());
+    };
+    let store = store.encrypted();
+    let endpoint = store.s3.endpoint_url.clone().context("no endpoint")?;
+    let s = Setup::new(store)?.base_interval("1s");
+    let key_file = |name: &str, key: &EncryptionKey| -> Result<String> {
+        let path = s.path(name);
+        std::fs::write(&path, format!("{}\n", key.to_hex().as_str()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(path.display().to_string())
+    };
+    let old = key_file("old.key", s.store.key.as_ref().context("no key")?)?;
+    let new = key_file("new.key", &EncryptionKey::generate())?;
+    archive(&s, &LOCK_FLAGS).await?;
+    // `rekey` takes its keys by flag only.
+    let env: Vec<(String, String)> = s
+        .store
+        .env
+        .iter()
+        .filter(|(k, _)| !k.starts_with("TIDEMARK_ENCRYPTION_KEY"))
+        .cloned()
+        .collect();
+    let args = [
+        "rekey",
+        "--to",
+        &s.store.url,
+        "--old-key-file",
+        &old,
+        "--new-key-file",
+        &new,
+    ]
+    .map(String::from);
+    let (code, _, err) = run_with_timeout(
+        &bin("tidemark-archiver")?,
+        &args,
+        &env,
+        Duration::from_secs(120),
+    )?;
+    ensure!(code == 0, "rekey: exit {code}: {err}");
+    let (bucket, prefix) = bucket_and_prefix(&s.store.url)?;
+    let head = raw_s3_client(&endpoint)
+        .await
+        .head_object()
+        .bucket(&bucket)
+        .key(format!("{prefix}{}", keys::KEYRING))
+        .send()
+        .await
+        .context("HEAD keyring.json")?;
+    ensure!(
+        head.object_lock_mode() == Some(&ObjectLockMode::Governance)
+            && head.object_lock_retain_until_date().is_some(),
+        "keyring.json was written without the repository's lock: {:?} {:?}",
+        head.object_lock_mode(),
+        head.object_lock_retain_until_date()
+    );
+    Ok(())
+}

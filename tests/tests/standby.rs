@@ -28,6 +28,7 @@ use serde_json::Value;
 use tidemark_manifest::exit;
 use tidemark_manifest::keys::segment_key;
 use tidemark_manifest::origin::Origin;
+use tidemark_tests::faultproxy::{FaultPlan, FaultProxy};
 use tidemark_tests::harness::{
     Proc, TestStore, bin, http_get, logged_metrics_addr, metric_sample, wait_archived, wait_for,
     wait_for_database,
@@ -453,7 +454,11 @@ async fn rebases_when_the_wal_outgrows_the_limit(store: TestStore) -> Result<()>
             .find(|e| e.file_name().to_string_lossy().starts_with("standby.old-"))
             .map(|e| e.path())
     };
-    wait_for(Duration::from_secs(120), "a re-base", moved_aside).with_context(|| {
+    let rebased = || {
+        let log = std::fs::read_to_string(&f.log).ok()?;
+        log.contains("re-based the standby").then_some(())
+    };
+    wait_for(Duration::from_secs(120), "a re-base", rebased).with_context(|| {
         let text = std::fs::read_to_string(&f.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().filter(|l| l.contains("base")).collect();
         let listed = s
@@ -482,6 +487,13 @@ async fn rebases_when_the_wal_outgrows_the_limit(store: TestStore) -> Result<()>
         report["rebases"].as_u64().is_some_and(|n| n >= 1),
         "{report}"
     );
+    // A re-base for disk space deletes the standby it replaced: keeping it would defeat
+    // the bound.
+    ensure!(
+        moved_aside().is_none(),
+        "the standby replaced for disk space is still there: {:?}",
+        moved_aside()
+    );
     let db = open_db(&target)?;
     ensure!(db.latest_sequence_number() == last);
     if let Some(d) = oracle.state_at(last)?.diff(&read_state(&db)?) {
@@ -500,4 +512,86 @@ async fn a_standby_whose_wal_outgrows_the_limit_rebases_on_a_newer_base_local() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_whose_wal_outgrows_the_limit_rebases_on_a_newer_base_s3() -> Result<()> {
     tidemark_tests::harness::with_s3("standby-disk", rebases_when_the_wal_outgrows_the_limit).await
+}
+
+/// The store goes away while a standby follows: the follower counts the failures, keeps
+/// running, and catches up when the store is back (nothing it does between polls, such as
+/// its periodic look at the archive's state, may end it on a store failure).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_rides_out_a_store_outage_s3() -> Result<()> {
+    tidemark_tests::harness::with_s3("standby-outage", |store| async move {
+        let endpoint = store.s3.endpoint_url.clone().context("an endpoint")?;
+        let proxy = FaultProxy::start(&endpoint, FaultPlan::none(), 11)?;
+        let s = Setup::new(store)?;
+        let target = s.path("standby");
+        let mut writer = s.loadgen(&[
+            "--duration",
+            "12",
+            "--rate",
+            "250",
+            "--seed",
+            "5",
+            "--flush-every",
+            "200",
+        ])?;
+        wait_for_database(&s.db())?;
+        let mut arch = s.archiver("archiver.log", &[])?;
+        wait_base(&s, &mut arch).await?;
+        let through = s.store.through(&proxy.url())?;
+        let mut env = through.env.clone();
+        env.push(("TIDEMARK_LOG".into(), "info,aws=warn".into()));
+        env.push(("TIDEMARK_REQUEST_TIMEOUT".into(), "2".into()));
+        let args = [
+            "follow",
+            "--json",
+            "--from",
+            &through.url,
+            "--target",
+            &target.display().to_string(),
+            "--poll-interval",
+            POLL,
+        ]
+        .map(String::from);
+        let mut f = Proc::spawn(
+            &bin("tidemark-restore")?,
+            &args,
+            &env,
+            &s.path("follow.log"),
+        )?;
+        wait_for(Duration::from_secs(120), "the first restore", || {
+            applied(&target)
+        })?;
+
+        proxy.set_plan(FaultPlan::down())?;
+        proxy.reset_open();
+        let retried = || {
+            let log = std::fs::read_to_string(&f.log).ok()?;
+            (log.matches("trying again at the next poll").count() >= 3).then_some(())
+        };
+        wait_for(Duration::from_secs(180), "failures tried again", retried)
+            .with_context(|| f.log_tail())?;
+        ensure!(
+            f.running(),
+            "the follower ended during the outage:\n{}",
+            f.log_tail()
+        );
+        proxy.set_plan(FaultPlan::none())?;
+
+        writer.wait_success(Duration::from_secs(90))?;
+        let oracle = s.oracle()?;
+        let last = oracle.last_seq();
+        wait_archived(&s.store, last, &mut arch, Duration::from_secs(60)).await?;
+        wait_applied(&target, last, &mut f, Duration::from_secs(180))?;
+        f.signal("USR1")?;
+        f.wait_success(Duration::from_secs(60))?;
+        let db = open_db(&target)?;
+        ensure!(db.latest_sequence_number() == last);
+        if let Some(d) = oracle.state_at(last)?.diff(&read_state(&db)?) {
+            bail!("the standby differs from what was written after the outage: {d}");
+        }
+        drop(db);
+        arch.stop(Duration::from_secs(30))?;
+        Ok(())
+    })
+    .await
 }

@@ -343,6 +343,17 @@ fn scratch_dir(target: &Path) -> Result<PathBuf, RestoreError> {
 }
 
 /// A running follower: the repository, the standby it keeps current, and its counters.
+/// What a re-base does with the standby it replaces.
+#[derive(Debug, Clone, Copy)]
+enum Keep {
+    /// Kept beside the new one (`DIR.old-TIME`): after a gap it holds points the new one
+    /// cannot reach.
+    OldStandby,
+    /// Deleted once the new one is in place: a re-base for disk space holds nothing the
+    /// new one lacks, and keeping it would defeat the bound.
+    NewOnly,
+}
+
 struct Follower {
     repo: Repository,
     standby: Standby,
@@ -375,28 +386,39 @@ impl Follower {
             if controls.should_end() {
                 return Ok(());
             }
-            let applied = match self.poll(controls, on_status).await {
-                Err(e) if !opts.promote && e.class() == crate::ErrorClass::Failure => {
-                    // The store's own retries are spent: count it and try at the next poll.
-                    tracing::warn!(error = %e, "cannot read the archive; trying again");
-                    self.metrics.error();
-                    0
-                }
-                r => r?,
-            };
-            if !opts.promote {
-                self.rebase_if_over_limit(opts, progress, controls).await?;
-            }
-            if applied == 0 {
-                if opts.promote {
+            let polled = self.poll(controls, on_status).await;
+            if opts.promote {
+                if polled? == 0 {
                     return Ok(());
                 }
-                if let Some(gap) = self.check_archive_if_due().await? {
-                    self.rebase(gap, opts, progress, controls).await?;
+                continue;
+            }
+            let applied = self.or_next_poll(polled)?.unwrap_or(0);
+            let over = self.rebase_if_over_limit(opts, progress, controls).await;
+            self.or_next_poll(over)?;
+            if applied == 0 {
+                let checked = self.check_archive_if_due().await;
+                if let Some(gap) = self.or_next_poll(checked)?.flatten() {
+                    let rebased = self.rebase(gap, opts, progress, controls).await;
+                    self.or_next_poll(rebased)?;
                     continue;
                 }
                 wait(opts.poll_interval(), controls).await;
             }
+        }
+    }
+
+    /// A failure of the store or the disk whose own retries are spent is counted and tried
+    /// again at the next poll (`None`); any other error ends following.
+    fn or_next_poll<T>(&self, r: Result<T, RestoreError>) -> Result<Option<T>, RestoreError> {
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.class() == crate::ErrorClass::Failure => {
+                tracing::warn!(error = %e, "cannot go on now; trying again at the next poll");
+                self.metrics.error();
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -536,7 +558,8 @@ impl Follower {
             )));
         }
         tracing::warn!("{gap}: re-basing the standby on the newest base");
-        self.swap_in_fresh_standby(opts, progress, controls).await
+        self.swap_in_fresh_standby(opts, progress, controls, Keep::OldStandby)
+            .await
     }
 
     /// True when the base a restore to the latest point uses needs no record before `seq`.
@@ -597,46 +620,58 @@ impl Follower {
             "the WAL applied since the standby's base is over the limit: re-basing on the \
              newest base"
         );
-        self.swap_in_fresh_standby(opts, progress, controls).await
+        self.swap_in_fresh_standby(opts, progress, controls, Keep::NewOnly)
+            .await
     }
 
     /// Restores the latest point beside the standby, verified, and swaps it in; the old
-    /// standby is moved aside (`restore --force`).
+    /// standby is moved aside (`restore --force`), and deleted once the new one is in place
+    /// when `keep` says so. The old standby's marker stays locked until then: a `--promote`
+    /// from another process meanwhile is refused ("another follower runs") instead of
+    /// promoting a directory the swap is about to move aside.
     async fn swap_in_fresh_standby(
         &mut self,
         opts: &FollowOptions,
         progress: &Progress,
         controls: &Controls,
+        keep: Keep,
     ) -> Result<(), RestoreError> {
         let dir = self.standby.dir.clone();
-        drop(self.standby.take());
+        let mut old = self.standby.take();
+        old.wal = None;
         let mut ropts = RestoreOptions::new(&dir, super::Target::Latest);
         ropts.force = true;
         ropts.parallelism = opts.parallelism;
         ropts.verify = opts.verify;
-        let report = restore::run(&self.repo, &ropts, progress, &controls.stop).await;
-        let report = match report {
+        let report = match restore::run(&self.repo, &ropts, progress, &controls.stop).await {
             Ok(r) => r,
             Err(e) => {
+                drop(old);
                 self.standby = Standby::open(&dir)?;
                 return Err(e);
             }
         };
         Standby::mark(&dir, &report.repository)?;
         self.standby = Standby::open(&dir)?;
+        drop(old);
         self.rebases += 1;
         self.metrics.rebased();
         let applied = self.standby.applied();
         self.metrics.set_applied(applied.seq, applied.time);
+        let aside = match (&report.moved_aside, keep) {
+            (Some(path), Keep::NewOnly) => {
+                fs::remove_dir_all(path)
+                    .map_err(|e| RestoreError::io("cannot delete the old standby", path, e))?;
+                "deleted".to_owned()
+            }
+            (Some(path), Keep::OldStandby) => format!("kept in {}", path.display()),
+            (None, _) => "(none)".to_owned(),
+        };
         tracing::warn!(
-            "re-based the standby {} on base {} at sequence {}; the old one is in {}",
+            "re-based the standby {} on base {} at sequence {}; the old one: {aside}",
             dir.display(),
             report.base.id,
-            self.standby.applied().seq,
-            report
-                .moved_aside
-                .as_ref()
-                .map_or_else(|| "(nowhere)".to_owned(), |p| p.display().to_string())
+            applied.seq,
         );
         Ok(())
     }
