@@ -387,6 +387,18 @@ pub enum KeyringError {
          first"
     )]
     NoKeyring { location: String, key_id: String },
+    #[error(
+        "the repository at {location} has no keyring.json, but {object} is sealed with data \
+         key {key_id}, which only a keyring holds: the keyring was lost (deleted, or hidden by \
+         a delete marker in a versioned bucket). Restore its newest version (e.g. with `aws \
+         s3api list-object-versions`) and run the rotation again; a new keyring now would \
+         leave every object sealed with that data key unreadable"
+    )]
+    Lost {
+        location: String,
+        object: String,
+        key_id: String,
+    },
     #[error("keyring.json at {location}: {source}")]
     Wrap {
         location: String,
@@ -676,6 +688,32 @@ async fn cas(repo: &Repository, ring: &Keyring, etag: &ETag) -> Result<ETag, Rep
     })
 }
 
+/// Before a first keyring, every object must be sealed with the legacy key. The objects
+/// writers rewrite (the hint after every generation, the lease at every renewal) name the key
+/// the newest writer sealed with: another one there means a keyring existed and is gone, and
+/// a new keyring would leave every object sealed since then unreadable for good.
+async fn check_sealed_with(repo: &Repository, legacy: &EncryptionKey) -> Result<(), RepoError> {
+    for object in [keys::LATEST_HINT, keys::LEASE] {
+        let range = 0..crypt::HEADER_LEN as u64;
+        let header = match repo.store().get_range(object, range).await {
+            Ok(b) => b,
+            Err(StoreError::NotFound { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(key_id) = crypt::sealed_key_id(&header)
+            && key_id != legacy.key_id()
+        {
+            return Err(KeyringError::Lost {
+                location: repo.location(),
+                object: object.to_owned(),
+                key_id,
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
 /// The first rotation of a repository without a keyring: creates it (create-only) with
 /// the repository key as legacy data key and a fresh data key for new objects, both wrapped
 /// by `old` and `new`. Returns the keyring (read back when another rotation created it
@@ -704,6 +742,7 @@ async fn create_keyring(
         }
         .into());
     }
+    check_sealed_with(repo, legacy).await?;
     let fresh = EncryptionKey::generate();
     let mut keys = Vec::new();
     for (key, is_legacy) in [(legacy, true), (&fresh, false)] {

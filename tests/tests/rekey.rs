@@ -454,3 +454,47 @@ async fn interrupted_rotations_resume_local() -> Result<()> {
 async fn interrupted_rotations_resume_s3() -> Result<()> {
     with_s3("rekey-interrupted", interrupted_rotations_resume).await
 }
+
+/// A keyring that disappears (deleted, or hidden by a delete marker) is not replaced by a
+/// new one that lacks the data keys objects were sealed with since the first rotation.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_keyring_is_not_replaced_local() -> Result<()> {
+    let s = Setup::new(TestStore::local()?)?.base_interval("2s");
+    let keys = Keys::new(&s.path(""), 3)?;
+    let raw = open_raw(&s.store).await?;
+    let mut writer = s.loadgen(&["--duration", "2", "--rate", "200", "--seed", "8"])?;
+    wait_for_database(&s.db())?;
+    let mut arch = s.archiver_with_env(
+        "archiver.log",
+        &["--encryption-key-file", &keys.file(0)],
+        &[],
+    )?;
+    writer.wait_success(Duration::from_secs(90))?;
+    let last = s.oracle()?.last_seq();
+    wait_archived(&raw, &keys.keys[0], 0, Some(last), &mut arch).await?;
+    arch.stop(Duration::from_secs(30))?;
+    let (code, out) = rekey(&s.store, &keys, 0, 1)?;
+    ensure!(code == 0, "rotation:\n{out}");
+    // An archiver started with the new key seals with the rotation's data key.
+    let mut arch = s.archiver_with_env(
+        "archiver2.log",
+        &[
+            "--encryption-key-file",
+            &keys.file(1),
+            "--exit-when-caught-up",
+        ],
+        &[],
+    )?;
+    arch.wait_success(Duration::from_secs(90))?;
+    raw.delete(keys::KEYRING).await?;
+    let (code, out) = rekey(&s.store, &keys, 0, 2)?;
+    ensure!(
+        code != 0 && out.contains("keyring was lost"),
+        "a rotation over a lost keyring: exit {code}:\n{out}"
+    );
+    ensure!(
+        raw.get(keys::KEYRING).await.is_err(),
+        "a new keyring replaced the lost one"
+    );
+    Ok(())
+}

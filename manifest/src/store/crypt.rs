@@ -247,6 +247,12 @@ impl EncryptionKey {
     }
 }
 
+/// The key id an encrypted object's header names (FORMAT.md §10.1), from the object's first
+/// [`HEADER_LEN`] bytes; `None` when they are not such a header.
+pub fn sealed_key_id(header: &[u8]) -> Option<String> {
+    (header.len() >= HEADER_LEN && &header[..8] == MAGIC).then(|| hex::encode(&header[16..24]))
+}
+
 /// What is wrong with an encrypted object; carried as the source of a
 /// [`StoreError::Other`] that names the operation and the object.
 #[derive(Debug, thiserror::Error)]
