@@ -1177,6 +1177,34 @@ impl Repository {
         entry: &SegmentEntry,
         dir: &Path,
     ) -> Result<PathBuf, RepoError> {
+        self.fetch_segment_checked(entry, dir, SegmentCheck::Full)
+            .await
+    }
+
+    /// Downloads a segment to `dir` for a reader that decodes it whole anyway (a replay):
+    /// a segment whose object sha256 the manifest records is checked against it and not
+    /// decoded here, since [`SegmentReader`] checks every frame and the trailer again as it
+    /// reads; one found by the tail walk (no sha256 recorded) is decoded completely, as
+    /// [`Repository::fetch_segment`] does, so that no record of an unchecked object is used
+    /// before the whole object has been read.
+    pub async fn fetch_segment_for_replay(
+        &self,
+        entry: &SegmentEntry,
+        dir: &Path,
+    ) -> Result<PathBuf, RepoError> {
+        let check = match entry.sha256 {
+            Some(_) => SegmentCheck::Sha256,
+            None => SegmentCheck::Full,
+        };
+        self.fetch_segment_checked(entry, dir, check).await
+    }
+
+    async fn fetch_segment_checked(
+        &self,
+        entry: &SegmentEntry,
+        dir: &Path,
+        check: SegmentCheck,
+    ) -> Result<PathBuf, RepoError> {
         let first =
             keys::parse_segment_key(&entry.key).ok_or_else(|| ModelError::Inconsistent {
                 key: entry.key.clone(),
@@ -1192,13 +1220,47 @@ impl Repository {
         let expected_sha = entry.sha256.clone();
         let stored_size = entry.stored_size;
         let checked = path.clone();
-        tokio::task::spawn_blocking(move || {
-            verify_segment_file(&key, &checked, size, expected_sha, stored_size)
+        tokio::task::spawn_blocking(move || match check {
+            SegmentCheck::Full => {
+                verify_segment_file(&key, &checked, size, expected_sha, stored_size).map(|_| ())
+            }
+            SegmentCheck::Sha256 => check_segment_sha256(&key, &checked, expected_sha, stored_size),
         })
         .await
         .expect("segment verification does not panic")?;
         Ok(path)
     }
+}
+
+/// How much of a downloaded segment is checked before it is handed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SegmentCheck {
+    /// The object's sha256 (when recorded), then a full decode.
+    Full,
+    /// The object's sha256 only: the reader checks the frames.
+    Sha256,
+}
+
+/// Checks a downloaded segment file against the sha256 and size the manifest records.
+fn check_segment_sha256(
+    key: &str,
+    path: &Path,
+    expected_sha256: Option<String>,
+    expected_size: u64,
+) -> Result<(), RepoError> {
+    let Some(sha) = expected_sha256 else {
+        return Err(SegmentError::Inconsistent {
+            key: key.to_owned(),
+            detail: "no sha256 is recorded for it, so it must be decoded whole".to_owned(),
+        }
+        .into());
+    };
+    let (found, len) = checksum::sha256_file(path).map_err(|source| SegmentError::Io {
+        key: key.to_owned(),
+        source,
+    })?;
+    checksum::check(key, &sha, expected_size, &found, len)?;
+    Ok(())
 }
 
 /// Verifies a downloaded segment file: its whole-object sha256 when known, then a full

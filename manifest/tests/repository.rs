@@ -254,3 +254,32 @@ async fn a_flipped_byte_in_a_manifest_generation_is_named() {
     let msg = err.to_string();
     assert!(msg.contains(&key) && msg.contains("corrupt"), "{msg}");
 }
+
+#[tokio::test]
+async fn a_download_for_replay_checks_what_the_reader_will_not() {
+    let (dir, repo) = populated().await;
+    let state = repo.load().await.unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    // Indexed (sha256 recorded) and found by the tail walk (none recorded): both download.
+    let (indexed, tail) = (&state.history.segments[0], &state.history.segments[3]);
+    assert!(indexed.sha256.is_some() && tail.sha256.is_none());
+    for s in [indexed, tail] {
+        repo.fetch_segment_for_replay(s, scratch.path())
+            .await
+            .unwrap();
+    }
+    // A flipped bit in a frame: the indexed one fails on its object sha256 before any
+    // frame is read; the tail one fails its full decode, since nothing else covers it.
+    for s in [indexed, tail] {
+        let path = dir.path().join(&s.key);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let i = bytes.len() - 50;
+        bytes[i] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = repo
+            .fetch_segment_for_replay(s, scratch.path())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(&s.key), "{err}");
+    }
+}

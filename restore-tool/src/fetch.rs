@@ -1,8 +1,10 @@
 //! Fetch: downloading a base's files and the WAL segments, verified, in parallel.
 //!
-//! Every download holds a permit of one shared semaphore, so `--parallelism` bounds the
-//! whole restore's concurrent transfers. Retries of transient failures come from the store's
-//! retry layer.
+//! Every download holds a permit, so `--parallelism` bounds the whole restore's concurrent
+//! transfers. A share of the permits is kept for the WAL segments ([`Permits`]): the replay
+//! waits for them one after the other and is the longest phase, while the base files are
+//! only needed at its end, so segments never queue behind the base. Retries of transient
+//! failures come from the store's retry layer.
 //!
 //! Downloads are tasks that are never dropped halfway: on a failure or a cancellation the
 //! remaining tasks are told to stop and then awaited, so no download is still writing into a
@@ -123,7 +125,37 @@ pub async fn fetch_base_files(
     }
 }
 
-/// A segment downloaded and fully verified.
+/// The download permits of one restore.
+#[derive(Debug, Clone)]
+pub struct Permits {
+    /// For base files.
+    pub base: Arc<Semaphore>,
+    /// For WAL segments.
+    pub wal: Arc<Semaphore>,
+}
+
+impl Permits {
+    /// `parallelism` permits in all: a quarter of them (at least one) for the WAL segments,
+    /// the others for the base files. With one permit, both share it.
+    pub fn split(parallelism: usize) -> Permits {
+        let parallelism = parallelism.max(1);
+        if parallelism == 1 {
+            let one = Arc::new(Semaphore::new(1));
+            return Permits {
+                base: one.clone(),
+                wal: one,
+            };
+        }
+        let wal = (parallelism / 4).max(1);
+        Permits {
+            base: Arc::new(Semaphore::new(parallelism - wal)),
+            wal: Arc::new(Semaphore::new(wal)),
+        }
+    }
+}
+
+/// A segment downloaded and checked ([`Repository::fetch_segment_for_replay`]): its frames
+/// are checked as the replay reads them.
 #[derive(Debug)]
 pub struct FetchedSegment {
     pub entry: SegmentEntry,
@@ -185,7 +217,7 @@ pub async fn fetch_segments(
                     .expect("the semaphore is never closed");
                 cancel.check()?;
                 stop.check()?;
-                let path = repo.fetch_segment(&entry, &scratch).await?;
+                let path = repo.fetch_segment_for_replay(&entry, &scratch).await?;
                 bar.inc(entry.stored_size);
                 tracing::debug!(key = %entry.key, bytes = entry.stored_size, "fetched segment");
                 Ok(FetchedSegment { entry, path })

@@ -37,7 +37,7 @@ use tidemark_manifest::segment::{Record, SegmentReader};
 
 use crate::progress::PhaseBar;
 use crate::staging::sync_dir;
-use crate::verify::wal::{WalCheck, WalCheckReport};
+use crate::verify::wal::{WalCheck, WalCheckReport, WalCheckThread};
 use crate::{Cancel, RestoreError};
 
 /// The WAL chain a restore needs is broken.
@@ -297,7 +297,7 @@ pub struct WalFiles {
     current: Option<OpenWal>,
     done: Vec<WalFileReport>,
     /// Reads each file back once it is closed.
-    check: Option<WalCheck>,
+    check: Option<WalCheckThread>,
 }
 
 impl std::fmt::Debug for WalFiles {
@@ -423,7 +423,7 @@ impl WalFiles {
             .map_err(|e| RestoreError::io("cannot rename the WAL file", &w.path, e))?;
         sync_dir(&self.dir)?;
         if let Some(check) = &mut self.check {
-            check.check_file(&w.path, w.report.log_number)?;
+            check.submit(&w.path, w.report.log_number)?;
         }
         tracing::debug!(
             file = %w.report.name,
@@ -439,7 +439,8 @@ impl WalFiles {
     /// read them back, if any.
     pub fn finish(mut self) -> Result<(Vec<WalFileReport>, Option<WalCheck>), RestoreError> {
         self.close_current()?;
-        Ok((std::mem::take(&mut self.done), self.check.take()))
+        let check = self.check.take().map(WalCheckThread::finish).transpose()?;
+        Ok((std::mem::take(&mut self.done), check))
     }
 }
 
@@ -566,10 +567,11 @@ impl Replayer {
         }
     }
 
-    /// Reads each WAL file back with `check` once it is written (see [`WalCheck`]).
-    pub fn with_check(mut self, check: WalCheck) -> Replayer {
-        self.wal.check = Some(check);
-        self
+    /// Reads each WAL file back with `check` once it is written (see [`WalCheck`]), on a
+    /// thread of its own while the next file is written.
+    pub fn with_check(mut self, check: WalCheck) -> Result<Replayer, RestoreError> {
+        self.wal.check = Some(WalCheckThread::spawn(check)?);
+        Ok(self)
     }
 
     /// True once the cutoff is reached: no later segment is needed.
@@ -577,8 +579,11 @@ impl Replayer {
         self.done
     }
 
-    /// Replays one segment file, already fully verified. Returns `false` once the cutoff is
-    /// reached and no later segment is needed.
+    /// Replays one downloaded segment file (checked against its sha256 or decoded whole
+    /// already, [`tidemark_manifest::repo::Repository::fetch_segment_for_replay`]); every
+    /// frame is checked again as it is read, and the trailer when the replay reads to the
+    /// end; a failure fails the restore before anything leaves the staging directory.
+    /// Returns `false` once the cutoff is reached and no later segment is needed.
     pub fn replay_segment(
         &mut self,
         entry: &SegmentEntry,
@@ -832,6 +837,55 @@ mod tests {
             out.push(u64::from_le_bytes(rec.bytes[..8].try_into().unwrap()));
         }
         out
+    }
+
+    #[test]
+    fn a_segment_damaged_after_its_download_fails_the_replay_naming_it() {
+        // The download for a replay checks only the object's sha256: the replay's reader
+        // must catch a frame that is damaged anyway (a body the archiver damaged before it
+        // hashed the object).
+        let f = fixture(base(4, 1, 1));
+        let (entry, path) = &f.entries[1];
+        let mut bytes = fs::read(path).unwrap();
+        let i = tidemark_manifest::segment::HEADER_LEN + 8;
+        bytes[i] ^= 0x40;
+        fs::write(path, &bytes).unwrap();
+        let e = replay(&f, Target::Latest).unwrap_err();
+        assert!(e.to_string().contains(&entry.key), "{e}");
+    }
+
+    #[test]
+    fn a_wal_file_that_fails_its_read_back_fails_the_replay() {
+        let f = fixture(base(4, 1, 1));
+        let plan = f.history.plan(Target::Latest).unwrap();
+        let out = f.dir.path().join("checked");
+        fs::create_dir(&out).unwrap();
+        // The check expects the chain to start at sequence 3; the replay writes from 1.
+        let check = WalCheck::new(&base(4, 3, 3), Cancel::new());
+        let mut r = Replayer::new(&plan, &out, &[]).with_check(check).unwrap();
+        for (entry, path) in &f.entries {
+            if !r
+                .replay_segment(entry, path, &Cancel::new(), &PhaseBar::hidden())
+                .unwrap()
+            {
+                break;
+            }
+        }
+        let e = r.finish().unwrap_err();
+        assert!(matches!(e, RestoreError::Verification(_)), "{e}");
+        assert!(e.to_string().contains("000004.log"), "{e}");
+
+        // The same replay with the right check passes and reports both files.
+        let out = f.dir.path().join("checked-ok");
+        fs::create_dir(&out).unwrap();
+        let check = WalCheck::new(&base(4, 1, 1), Cancel::new());
+        let mut r = Replayer::new(&plan, &out, &[]).with_check(check).unwrap();
+        for (entry, path) in &f.entries {
+            r.replay_segment(entry, path, &Cancel::new(), &PhaseBar::hidden())
+                .unwrap();
+        }
+        let o = r.finish().unwrap();
+        assert_eq!(o.wal_check.unwrap().files, 2);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use tidemark_manifest::repo::{ReadFrom, RepoState, Repository};
 use tidemark_manifest::store::StoreUrl;
 
 use super::{StoreOptions, Target, load, load_from, short_time};
-use crate::fetch::{self, FetchedSegment, SegmentFetch};
+use crate::fetch::{self, FetchedSegment, Permits, SegmentFetch};
 use crate::progress::{PhaseBar, Progress, Unit};
 use crate::replay::{self, RecordPoint, ReplayOutcome, Replayer, RoundedDown, WalFileReport};
 use crate::staging::{self, Staging};
@@ -632,7 +632,7 @@ impl Run<'_> {
     ) -> Result<(ReplayOutcome, Option<BaseCheck>), RestoreError> {
         let plan = &planned.plan;
         let phase_cancel = self.cancel.child();
-        let limit = Arc::new(Semaphore::new(self.opts.parallelism));
+        let permits = Permits::split(self.opts.parallelism);
         let progress = self.progress;
         let base_bar = progress.phase("base files", planned.base_bytes(), Unit::Bytes);
         let wal_bar = progress.phase("WAL download", plan.segment_bytes(), Unit::Bytes);
@@ -646,7 +646,7 @@ impl Run<'_> {
         let base_fut = self.fetch_and_check_base(
             planned,
             staging,
-            limit.clone(),
+            permits.base.clone(),
             phase_cancel.clone(),
             base_bar.clone(),
         );
@@ -655,7 +655,7 @@ impl Run<'_> {
             repo: self.repo.clone(),
             entries: plan.segments.clone(),
             scratch: staging.scratch().to_path_buf(),
-            limit: limit.clone(),
+            limit: permits.wal.clone(),
             window: self.opts.parallelism,
             cancel: phase_cancel.clone(),
             bar: wal_bar.clone(),
@@ -663,9 +663,14 @@ impl Run<'_> {
         let seg_fut = timed_fetch(fetch::fetch_segments(job, tx), phase_cancel.clone());
         let mut replayer = Replayer::new(plan, &wal_dir(staging)?, &planned.descriptor.files);
         if self.opts.verify.checks_wal() {
-            replayer = replayer.with_check(WalCheck::new(&plan.base, phase_cancel.clone()));
+            replayer = replayer.with_check(WalCheck::new(&plan.base, phase_cancel.clone()))?;
         }
-        let consumer = spawn_replay(replayer, rx, phase_cancel.clone(), replay_bar.clone());
+        let consumer = spawn_replay(
+            replayer,
+            (rx, plan.segments.len()),
+            phase_cancel.clone(),
+            replay_bar.clone(),
+        );
         let wal_started = Instant::now();
         let (((base_result, base_time), base_check), (seg_result, seg_time), consumed) =
             tokio::join!(base_fut, seg_fut, consumer);
@@ -982,16 +987,19 @@ async fn timed_fetch<T>(
 /// reached or every segment was read; then stops the downloads and finishes the WAL files.
 /// Each segment file is removed once replayed. A failure cancels `cancel`. Returns the
 /// outcome and the time spent replaying (not waiting for downloads).
+/// Replays the segments `rx` delivers, `planned` of them unless the cutoff comes first.
 fn spawn_replay(
     mut replayer: Replayer,
-    mut rx: mpsc::Receiver<FetchedSegment>,
+    (mut rx, planned): (mpsc::Receiver<FetchedSegment>, usize),
     cancel: Cancel,
     bar: PhaseBar,
 ) -> tokio::task::JoinHandle<(Result<ReplayOutcome, RestoreError>, Duration)> {
     tokio::task::spawn_blocking(move || {
         let mut busy = Duration::ZERO;
         let result = (|| {
+            let mut received = 0usize;
             while let Some(seg) = rx.blocking_recv() {
+                received += 1;
                 let t = Instant::now();
                 let more = replayer.replay_segment(&seg.entry, &seg.path, &cancel, &bar);
                 let _ = std::fs::remove_file(&seg.path);
@@ -1002,6 +1010,10 @@ fn spawn_replay(
             }
             // The cutoff is reached (or every segment was read): stop the downloads.
             rx.close();
+            if received < planned && !replayer.is_done() {
+                // The downloads stopped early; their error says why, not a short chain.
+                return Err(RestoreError::Interrupted);
+            }
             let t = Instant::now();
             let outcome = replayer.finish();
             busy += t.elapsed();

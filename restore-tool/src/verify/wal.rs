@@ -147,6 +147,77 @@ impl WalCheck {
     }
 }
 
+/// A [`WalCheck`] on a thread of its own: each WAL file is read back while the replay
+/// writes the next one, in the order they were closed.
+#[derive(Debug)]
+pub struct WalCheckThread {
+    files: Option<std::sync::mpsc::Sender<(std::path::PathBuf, u64)>>,
+    worker: Option<std::thread::JoinHandle<Result<WalCheck, RestoreError>>>,
+}
+
+impl WalCheckThread {
+    /// Starts `check` on its own thread.
+    pub fn spawn(mut check: WalCheck) -> Result<WalCheckThread, RestoreError> {
+        let (files, queue) = std::sync::mpsc::channel::<(std::path::PathBuf, u64)>();
+        let worker = std::thread::Builder::new()
+            .name("wal-check".to_owned())
+            .spawn(move || {
+                // Ends at the first failure: the replay's next `submit` then sees it.
+                for (path, log_number) in queue {
+                    check.check_file(&path, log_number)?;
+                }
+                Ok(check)
+            })
+            .map_err(|e| failed(format!("cannot start the WAL check: {e}")))?;
+        Ok(WalCheckThread {
+            files: Some(files),
+            worker: Some(worker),
+        })
+    }
+
+    /// Queues a closed WAL file. Fails with the check's error once a file failed.
+    pub fn submit(&mut self, path: &Path, log_number: u64) -> Result<(), RestoreError> {
+        let sent = self
+            .files
+            .as_ref()
+            .is_some_and(|files| files.send((path.to_path_buf(), log_number)).is_ok());
+        if sent {
+            return Ok(());
+        }
+        // The worker has ended: only a failure ends it before `finish`.
+        match self.join() {
+            Err(e) => Err(e),
+            Ok(_) => Err(failed(
+                "the WAL check ended before every file was read".to_owned(),
+            )),
+        }
+    }
+
+    /// Waits until every queued file is read and returns the check.
+    pub fn finish(mut self) -> Result<WalCheck, RestoreError> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<WalCheck, RestoreError> {
+        self.files = None;
+        let Some(worker) = self.worker.take() else {
+            return Err(failed("the WAL check has already ended".to_owned()));
+        };
+        worker
+            .join()
+            .unwrap_or_else(|_| Err(failed("the WAL check panicked".to_owned())))
+    }
+}
+
+impl Drop for WalCheckThread {
+    fn drop(&mut self) {
+        // Never leave the thread reading files that are about to be removed.
+        if self.worker.is_some() {
+            let _ = self.join();
+        }
+    }
+}
+
 /// The WAL files in the database directory `dir` are exactly the ones `report` read back,
 /// with the lengths read: nothing was added, left out or changed in size on the way there.
 pub fn check_placed(dir: &Path, report: &WalCheckReport) -> Result<(), RestoreError> {
