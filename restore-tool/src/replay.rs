@@ -37,7 +37,7 @@ use tidemark_manifest::segment::{Record, SegmentReader};
 
 use crate::progress::PhaseBar;
 use crate::staging::sync_dir;
-use crate::verify::wal::{WalCheck, WalCheckReport, WalCheckThread};
+use crate::verify::wal::{WalCheck, WalCheckReport};
 use crate::{Cancel, RestoreError};
 
 /// The WAL chain a restore needs is broken.
@@ -296,8 +296,10 @@ pub struct WalFiles {
     base_numbers: BTreeMap<u64, String>,
     current: Option<OpenWal>,
     done: Vec<WalFileReport>,
-    /// Reads each file back once it is closed.
-    check: Option<WalCheckThread>,
+    /// Reads each file back once it is closed (moves into the closer when it starts).
+    check: Option<WalCheck>,
+    /// Syncs, renames and checks the closed files.
+    closer: Option<Closer>,
 }
 
 impl std::fmt::Debug for WalFiles {
@@ -333,6 +335,7 @@ impl WalFiles {
             current: None,
             done: Vec::new(),
             check: None,
+            closer: None,
         }
     }
 
@@ -416,15 +419,16 @@ impl WalFiles {
         let file = buffered
             .into_inner()
             .map_err(|e| RestoreError::io("cannot write the WAL file", &w.tmp, e.into_error()))?;
-        file.sync_all()
-            .map_err(|e| RestoreError::io("cannot sync the WAL file", &w.tmp, e))?;
-        drop(file);
-        fs::rename(&w.tmp, &w.path)
-            .map_err(|e| RestoreError::io("cannot rename the WAL file", &w.path, e))?;
-        sync_dir(&self.dir)?;
-        if let Some(check) = &mut self.check {
-            check.submit(&w.path, w.report.log_number)?;
+        if self.closer.is_none() {
+            self.closer = Some(Closer::spawn(self.dir.clone(), self.check.take())?);
         }
+        let closer = self.closer.as_mut().expect("started above");
+        closer.submit(Closed {
+            file,
+            tmp: w.tmp,
+            path: w.path,
+            log_number: w.report.log_number,
+        })?;
         tracing::debug!(
             file = %w.report.name,
             records = w.report.records,
@@ -439,9 +443,103 @@ impl WalFiles {
     /// read them back, if any.
     pub fn finish(mut self) -> Result<(Vec<WalFileReport>, Option<WalCheck>), RestoreError> {
         self.close_current()?;
-        let check = self.check.take().map(WalCheckThread::finish).transpose()?;
+        let check = match self.closer.take() {
+            Some(closer) => closer.finish()?,
+            None => self.check.take(),
+        };
         Ok((std::mem::take(&mut self.done), check))
     }
+}
+
+/// A WAL file written and flushed, to be synced and renamed into place.
+struct Closed {
+    file: File,
+    tmp: PathBuf,
+    path: PathBuf,
+    log_number: u64,
+}
+
+/// Syncs each closed WAL file, renames it into place, syncs the directory and, with a
+/// [`WalCheck`], reads it back: on a thread of its own, in the order the files were closed,
+/// while the replay writes the next one.
+struct Closer {
+    files: Option<std::sync::mpsc::Sender<Closed>>,
+    worker: Option<std::thread::JoinHandle<Result<Option<WalCheck>, RestoreError>>>,
+}
+
+impl Closer {
+    fn spawn(dir: PathBuf, mut check: Option<WalCheck>) -> Result<Closer, RestoreError> {
+        let (files, queue) = std::sync::mpsc::channel::<Closed>();
+        let place = dir.clone();
+        let worker = std::thread::Builder::new()
+            .name("wal-closer".to_owned())
+            .spawn(move || {
+                // Ends at the first failure: the replay's next `submit` then sees it.
+                for closed in queue {
+                    close_wal_file(&dir, &closed)?;
+                    if let Some(check) = &mut check {
+                        check.check_file(&closed.path, closed.log_number)?;
+                    }
+                }
+                Ok(check)
+            })
+            .map_err(|e| {
+                RestoreError::io("cannot start the thread closing WAL files in", place, e)
+            })?;
+        Ok(Closer {
+            files: Some(files),
+            worker: Some(worker),
+        })
+    }
+
+    /// Queues a closed file. Fails with the closer's error once a file failed.
+    fn submit(&mut self, closed: Closed) -> Result<(), RestoreError> {
+        let queued = match &self.files {
+            Some(files) => files.send(closed).is_ok(),
+            None => false,
+        };
+        if queued {
+            return Ok(());
+        }
+        // Only a failure ends the worker before `finish`.
+        self.join()?;
+        Err(RestoreError::Integrity(
+            "the WAL files' closer ended before every file was closed".to_owned(),
+        ))
+    }
+
+    /// Waits until every queued file is in place (and read back).
+    fn finish(mut self) -> Result<Option<WalCheck>, RestoreError> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<Option<WalCheck>, RestoreError> {
+        self.files = None;
+        match self.worker.take() {
+            Some(worker) => worker.join().unwrap_or_else(|_| {
+                Err(RestoreError::Integrity(
+                    "the WAL files' closer panicked".to_owned(),
+                ))
+            }),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        // Never leave the thread writing into a directory that is about to be removed.
+        let _ = self.join();
+    }
+}
+
+fn close_wal_file(dir: &Path, c: &Closed) -> Result<(), RestoreError> {
+    c.file
+        .sync_all()
+        .map_err(|e| RestoreError::io("cannot sync the WAL file", &c.tmp, e))?;
+    fs::rename(&c.tmp, &c.path)
+        .map_err(|e| RestoreError::io("cannot rename the WAL file", &c.path, e))?;
+    sync_dir(dir)
 }
 
 /// Moves the WAL files `files`, written in `from`, into the database directory `to`, never
@@ -567,11 +665,11 @@ impl Replayer {
         }
     }
 
-    /// Reads each WAL file back with `check` once it is written (see [`WalCheck`]), on a
-    /// thread of its own while the next file is written.
-    pub fn with_check(mut self, check: WalCheck) -> Result<Replayer, RestoreError> {
-        self.wal.check = Some(WalCheckThread::spawn(check)?);
-        Ok(self)
+    /// Reads each WAL file back with `check` once it is written (see [`WalCheck`]), on the
+    /// thread that closes the files while the next one is written.
+    pub fn with_check(mut self, check: WalCheck) -> Replayer {
+        self.wal.check = Some(check);
+        self
     }
 
     /// True once the cutoff is reached: no later segment is needed.
@@ -862,7 +960,7 @@ mod tests {
         fs::create_dir(&out).unwrap();
         // The check expects the chain to start at sequence 3; the replay writes from 1.
         let check = WalCheck::new(&base(4, 3, 3), Cancel::new());
-        let mut r = Replayer::new(&plan, &out, &[]).with_check(check).unwrap();
+        let mut r = Replayer::new(&plan, &out, &[]).with_check(check);
         for (entry, path) in &f.entries {
             if !r
                 .replay_segment(entry, path, &Cancel::new(), &PhaseBar::hidden())
@@ -879,7 +977,7 @@ mod tests {
         let out = f.dir.path().join("checked-ok");
         fs::create_dir(&out).unwrap();
         let check = WalCheck::new(&base(4, 1, 1), Cancel::new());
-        let mut r = Replayer::new(&plan, &out, &[]).with_check(check).unwrap();
+        let mut r = Replayer::new(&plan, &out, &[]).with_check(check);
         for (entry, path) in &f.entries {
             r.replay_segment(entry, path, &Cancel::new(), &PhaseBar::hidden())
                 .unwrap();

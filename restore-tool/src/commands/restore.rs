@@ -663,7 +663,7 @@ impl Run<'_> {
         let seg_fut = timed_fetch(fetch::fetch_segments(job, tx), phase_cancel.clone());
         let mut replayer = Replayer::new(plan, &wal_dir(staging)?, &planned.descriptor.files);
         if self.opts.verify.checks_wal() {
-            replayer = replayer.with_check(WalCheck::new(&plan.base, phase_cancel.clone()))?;
+            replayer = replayer.with_check(WalCheck::new(&plan.base, phase_cancel.clone()));
         }
         let consumer = spawn_replay(
             replayer,
