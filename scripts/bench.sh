@@ -284,6 +284,11 @@ for rep in $(seq 1 "$REPS"); do
   "$bin/tidemark-bench" open --db "$target" >"$work/out.json"
   record first-open "$rcfg" "$rep" "$work/out.json"
   rm -rf "$target"
+  # Every block of the base's tables read as well (--verify standard).
+  "$bin/tidemark-restore" -q restore --from "$repo" --target "$target" --latest --verify standard \
+    --json >"$work/out.json"
+  record tidemark-restore-standard "$rcfg" "$rep" "$work/out.json"
+  rm -rf "$target"
   # The fastest way to a usable database: no verification by the restore tool (the
   # application's first open is then the only replay).
   "$bin/tidemark-restore" -q restore --from "$repo" --target "$target" --latest --verify off \

@@ -152,6 +152,8 @@ async fn list_restore_and_verify_through_the_binary() -> Result<()> {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout)?;
     assert_eq!(j["cutoff"]["seq"], oracle.seq_at_time(b.unix_micros));
+    assert_eq!(j["verification"]["level"], "quick", "the default level");
+    assert_eq!(j["verification"]["status"], "passed");
 
     // --verify quick: the base's keys estimated, the WAL read back; the summary names the
     // level and each step.

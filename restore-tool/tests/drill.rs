@@ -317,7 +317,7 @@ async fn drills_of_the_latest_and_a_random_point_pass() -> Result<()> {
     assert_eq!(check_passed(&again, &oracle, false)?, cutoff);
     assert_eq!(again["verification"]["level"], "full");
 
-    // The same point verified as a default restore is (TIDEMARK_DRILL_VERIFY=standard): the
+    // The same point verified at `standard` (TIDEMARK_DRILL_VERIFY=standard): the
     // base opened alone, the WAL read back, no second replay; kept, it is the oracle's state.
     let o = drill(
         &[

@@ -64,10 +64,23 @@ async fn restore_everywhere(
     };
 
     // The latest point, including the segments only the tail walk finds: verified by
-    // default without a second replay (the base alone, the WAL read back) ...
+    // default without a second replay (the base alone with key estimates, the WAL read
+    // back) ...
     let r = restore_to(repo, &dir(), Target::Latest).await?;
     assert_eq!(check_against_oracle(&r, oracle)?, last);
     assert_eq!(r.base.id, b2.id);
+    let v = r.verification.as_ref().unwrap();
+    assert_eq!(v.level, VerifyMode::Quick);
+    assert_eq!(v.status, VerificationStatus::Passed, "{v:?}");
+    let base = v.steps.base.as_ref().unwrap();
+    assert!(base.sequence.unwrap() <= b2.earliest_seq, "{base:?}");
+    assert!(base.column_families.iter().all(|c| c.estimated), "{base:?}");
+    assert_eq!(v.steps.wal.as_ref().unwrap().last_seq, last);
+    assert!(v.steps.open.is_none());
+
+    // ... with --verify standard, every key of the base's tables is read as well ...
+    let r = restore_verified(repo, &dir(), Target::Latest, VerifyMode::Standard).await?;
+    assert_eq!(check_against_oracle(&r, oracle)?, last);
     let v = r.verification.as_ref().unwrap();
     assert_eq!(v.level, VerifyMode::Standard);
     assert_eq!(v.status, VerificationStatus::Passed, "{v:?}");

@@ -225,11 +225,13 @@ struct RestoreArgs {
     /// Concurrent downloads.
     #[arg(long, value_name = "N", default_value_t = restore::DEFAULT_PARALLELISM)]
     parallelism: usize,
-    /// How to check the result: standard (open the base alone and read every key of its
-    /// tables; read every re-created WAL file back: checksums, batches, record chain, ends
-    /// at the cutoff), quick (standard with key estimates), full (the WAL check, then open
-    /// the whole result read-only, replaying the WAL in memory, and count every key) or off.
-    #[arg(long, value_enum, default_value_t = VerifyMode::Standard)]
+    /// How to check the result (every object is checked against its sha256 at every
+    /// level): quick (open the base alone with key estimates; read every re-created WAL file
+    /// back: checksums, batches, record chain, ends at the cutoff), standard (quick, and
+    /// read every key of the base's tables with block checksums on), full (the WAL check,
+    /// then open the whole result read-only, replaying the WAL in memory, and count every
+    /// key) or off.
+    #[arg(long, value_enum, default_value_t = restore::DEFAULT_VERIFY)]
     verify: VerifyMode,
     /// Print a JSON summary on standard output.
     #[arg(long)]
