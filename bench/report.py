@@ -121,6 +121,7 @@ METRICS = {
         "download_bytes": "download_bytes", "base_bytes": "base.bytes",
         "segment_bytes": "segments.planned_bytes", "segments": "segments.planned",
         "records_replayed": "replay.records_replayed", "wal_bytes": "replay.wal_bytes",
+        "peak_rss_mib": "peak_rss_mib",
     },
     "tidemark-restore-unverified": {"total_secs": "durations_ms.total",
                                     "fetch_base_secs": "durations_ms.fetch_base",
@@ -378,6 +379,10 @@ def markdown(doc, previous_path=None):
               "| " + " | ".join(rng(tr, n) for n in [
                   "plan_secs", "fetch_base_secs", "fetch_wal_secs", "replay_secs",
                   "fetch_and_replay_wal_secs", "verify_secs", "commit_secs", "total_secs"]) + " |", ""]
+        if m(tr, "peak_rss_mib") is not None:
+            L += [f"Peak RSS of the default restore: {rng(tr, 'peak_rss_mib', digits=0)} MiB for "
+                  f"{num(mb(m(tr, 'wal_bytes')), 0)} MB of WAL (segments are read and the WAL "
+                  "files written as streams: memory does not grow with the WAL).", ""]
         tc = find(summary, "tarball-create")
         bc = find(summary, "backup-engine-create")
         fb = find(summary, "first-base")

@@ -275,7 +275,8 @@ for rep in $(seq 1 "$REPS"); do
   echo "  restore run $rep (load $(load1))" >&2
   target="$work/restored"
   rm -rf "$target"
-  "$bin/tidemark-restore" -q restore --from "$repo" --target "$target" --latest --json >"$work/out.json"
+  python3 bench/peak_rss.py "$work/out.json" \
+    "$bin/tidemark-restore" -q restore --from "$repo" --target "$target" --latest --json
   record tidemark-restore "$rcfg" "$rep" "$work/out.json"
   # 4. Replay: the same records without the WAL first (it reads the restored WAL files),
   # then the application's first open.
