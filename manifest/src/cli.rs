@@ -391,3 +391,76 @@ mod tests {
         assert_eq!(file.write.storage_class.as_deref(), Some("STANDARD"));
     }
 }
+
+/// The C++ compiler flags RocksDB was built with on x86-64 (`.cargo/config.toml`), if any.
+const ROCKSDB_CXXFLAGS: Option<&str> = option_env!("CXXFLAGS_x86_64_unknown_linux_gnu");
+
+/// Refuses a CPU that lacks an instruction set this build's RocksDB was compiled for
+/// (`.cargo/config.toml` compiles it with SSE4.2 and PCLMUL on x86-64): without this check
+/// the first checksum RocksDB computes would kill the process with SIGILL. The message says
+/// what is missing and how to build for such a CPU.
+pub fn check_cpu() -> Result<(), String> {
+    missing_cpu_features(ROCKSDB_CXXFLAGS.unwrap_or(""), cpu_has)
+        .map_or(Ok(()), |missing| {
+            Err(format!(
+                "this CPU lacks {missing}, which this build of RocksDB uses (it was compiled \
+                 with `{}`); run it on an x86-64-v2 CPU (any x86 server since about 2010), or \
+                 build Tidemark for this CPU with `CXXFLAGS_x86_64_unknown_linux_gnu=` set to \
+                 an empty value",
+                ROCKSDB_CXXFLAGS.unwrap_or("")
+            ))
+        })
+}
+
+/// The features `cxxflags` asks for that `has` says the CPU lacks, named, or `None`.
+fn missing_cpu_features(cxxflags: &str, has: impl Fn(&str) -> bool) -> Option<String> {
+    let missing: Vec<&str> = [("-msse4.2", "SSE4.2"), ("-mpclmul", "PCLMUL")]
+        .into_iter()
+        .filter(|(flag, _)| cxxflags.split_whitespace().any(|f| f == *flag))
+        .filter(|(_, name)| !has(name))
+        .map(|(_, name)| name)
+        .collect();
+    (!missing.is_empty()).then(|| missing.join(" and "))
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has(name: &str) -> bool {
+    match name {
+        "SSE4.2" => std::arch::is_x86_feature_detected!("sse4.2"),
+        "PCLMUL" => std::arch::is_x86_feature_detected!("pclmulqdq"),
+        _ => false,
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has(_name: &str) -> bool {
+    // The flags are for x86-64 only; other targets are built without them.
+    true
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    use super::missing_cpu_features;
+
+    #[test]
+    fn only_the_features_the_build_asks_for_are_required() {
+        let none = |_: &str| false;
+        let all = |_: &str| true;
+        assert_eq!(missing_cpu_features("", none), None);
+        assert_eq!(missing_cpu_features("-O2 -msse4.2 -mpclmul", all), None);
+        assert_eq!(
+            missing_cpu_features("-msse4.2 -mpclmul", none).as_deref(),
+            Some("SSE4.2 and PCLMUL")
+        );
+        assert_eq!(
+            missing_cpu_features("-msse4.2 -mpclmul", |f| f == "SSE4.2").as_deref(),
+            Some("PCLMUL")
+        );
+        assert_eq!(missing_cpu_features("-msse4.1", none), None);
+    }
+
+    #[test]
+    fn this_machine_runs_this_build() {
+        assert_eq!(super::check_cpu(), Ok(()));
+    }
+}

@@ -479,6 +479,10 @@ async fn status_cmd(args: StatusFlags) -> anyhow::Result<ExitCode> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    if let Err(e) = tidemark_manifest::cli::check_cpu() {
+        eprintln!("tidemark-archiver: {e}");
+        return ExitCode::from(exit::USAGE);
+    }
     let cli = Cli::parse();
     init_logs(cli.log_json);
     let result = match cli.command {

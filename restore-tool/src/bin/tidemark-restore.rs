@@ -604,6 +604,10 @@ fn init_logging(verbose: u8, quiet: bool, progress: &Progress) {
 }
 
 fn main() -> ExitCode {
+    if let Err(e) = tidemark_manifest::cli::check_cpu() {
+        eprintln!("tidemark-restore: {e}");
+        return ExitCode::from(exit::USAGE);
+    }
     let cli = Cli::parse();
     let json = cli.command.json();
     let progress = if cli.quiet {
