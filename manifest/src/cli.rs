@@ -400,16 +400,15 @@ const ROCKSDB_CXXFLAGS: Option<&str> = option_env!("CXXFLAGS_x86_64_unknown_linu
 /// the first checksum RocksDB computes would kill the process with SIGILL. The message says
 /// what is missing and how to build for such a CPU.
 pub fn check_cpu() -> Result<(), String> {
-    missing_cpu_features(ROCKSDB_CXXFLAGS.unwrap_or(""), cpu_has)
-        .map_or(Ok(()), |missing| {
-            Err(format!(
-                "this CPU lacks {missing}, which this build of RocksDB uses (it was compiled \
+    missing_cpu_features(ROCKSDB_CXXFLAGS.unwrap_or(""), cpu_has).map_or(Ok(()), |missing| {
+        Err(format!(
+            "this CPU lacks {missing}, which this build of RocksDB uses (it was compiled \
                  with `{}`); run it on an x86-64-v2 CPU (any x86 server since about 2010), or \
                  build Tidemark for this CPU with `CXXFLAGS_x86_64_unknown_linux_gnu=` set to \
                  an empty value",
-                ROCKSDB_CXXFLAGS.unwrap_or("")
-            ))
-        })
+            ROCKSDB_CXXFLAGS.unwrap_or("")
+        ))
+    })
 }
 
 /// The features `cxxflags` asks for that `has` says the CPU lacks, named, or `None`.
