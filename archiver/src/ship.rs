@@ -34,7 +34,7 @@ impl Default for ShipOptions {
     fn default() -> Self {
         ShipOptions {
             sync_interval: Duration::from_secs(1),
-            max_segment_bytes: 64 << 20,
+            max_segment_bytes: 32 << 20,
             zstd_level: 3,
         }
     }
