@@ -446,6 +446,11 @@ mod tests {
             None,
             "no segment is open while two are held"
         );
+        assert_eq!(
+            shipper.waiting_since_us(),
+            Some(1_001),
+            "the lag counts from the oldest record not durable"
+        );
         assert!(shipper.take_durable().is_empty());
         assert_eq!(stored(&faults).await, Vec::<u64>::new());
 
@@ -461,6 +466,7 @@ mod tests {
         assert_eq!(durable, vec![1, 4]);
         assert_eq!(stored(&faults).await, vec![1, 4]);
         assert_eq!(shipper.closed_held(), 0);
+        assert_eq!(shipper.waiting_since_us(), None);
     }
 
     #[tokio::test]
