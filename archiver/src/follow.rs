@@ -297,8 +297,10 @@ pub struct WalFollower {
     polled_bytes: usize,
 }
 
-/// Default for [`WalFollower::with_poll_budget`]: 32 MiB of batches per poll.
-pub const DEFAULT_POLL_BUDGET: usize = 32 << 20;
+/// Default for [`WalFollower::with_poll_budget`]: 4 MiB of batches per poll. Enough to
+/// make a poll's fixed costs small against its records (about 1,000 batches of 4 KiB), and
+/// small beside the segments the shipper holds.
+pub const DEFAULT_POLL_BUDGET: usize = 4 << 20;
 
 impl WalFollower {
     /// A follower of the WAL files in `wal_dir` (and `wal_dir/archive`), starting at `start`.

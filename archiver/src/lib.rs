@@ -8,7 +8,8 @@
 //! 2. [`watch`]: wake up when the WAL directory changes (with a polling fallback).
 //! 3. [`follow`]: read WAL records in order, stamp their time, detect gaps.
 //! 4. [`ship`]: pack records into segments, closed every sync interval or at a size limit,
-//!    and upload them (create-only, in sequence order).
+//!    and upload them (create-only, in sequence order) in the background through [`upload`],
+//!    while the next segment is read and compressed.
 //! 5. [`checkpoint`]: record uploaded segments, bases and gaps in new manifest generations.
 //!
 //! Beside it, [`base`] takes base backups (a careful external copy of the live database,
@@ -39,4 +40,5 @@ pub mod service;
 pub mod ship;
 pub mod status;
 pub mod task;
+pub mod upload;
 pub mod watch;

@@ -2,9 +2,12 @@
 //! every sync interval or at a size limit, whichever comes first, then uploaded
 //! (create-only). Nothing is uploaded while no record arrives.
 //!
-//! Uploads happen in sequence order and one at a time: a segment that failed to upload is
-//! kept and retried before anything newer goes up, so the tail walk of FORMAT.md §4.4 never
-//! meets a hole. While it waits, the WAL stays on the database's disk.
+//! A closed segment is uploaded in the background ([`crate::upload`]) while the next one is
+//! read and compressed. Uploads happen in sequence order and one at a time: a segment that
+//! failed to upload is kept and retried before anything newer goes up, so the tail walk of
+//! FORMAT.md §4.4 never meets a hole. At most two closed segments are held (the one
+//! uploading and the next, closed and waiting for it), and no segment is open while two are;
+//! while the oldest waits for the store, the WAL stays on the database's disk.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +17,7 @@ use tidemark_manifest::repo::{RepoError, Repository};
 use tidemark_manifest::segment::{EncodedSegment, Record, SegmentBuilder, SegmentError};
 
 use crate::metrics::Metrics;
+use crate::upload::{Uploaded, Uploader};
 
 /// How segments are cut and encoded.
 #[derive(Debug, Clone)]
@@ -30,7 +34,7 @@ impl Default for ShipOptions {
     fn default() -> Self {
         ShipOptions {
             sync_interval: Duration::from_secs(1),
-            max_segment_bytes: 64 << 20,
+            max_segment_bytes: 32 << 20,
             zstd_level: 3,
         }
     }
@@ -50,13 +54,16 @@ pub enum ShipError {
 /// Packs records into segments and uploads them.
 #[derive(Debug)]
 pub struct Shipper {
-    repo: Repository,
     opts: ShipOptions,
     open: Option<(SegmentBuilder, Instant)>,
     /// The time of the open segment's first record.
     open_first_time_us: i64,
-    /// A closed segment whose upload has not succeeded yet.
-    unsent: Option<EncodedSegment>,
+    /// Closed segments on their way to the store.
+    uploads: Uploader,
+    /// A segment closed and waiting for the uploader to take it.
+    closed: Option<EncodedSegment>,
+    /// Segments found durable and not taken yet, in order.
+    durable: Vec<SegmentEntry>,
     metrics: Arc<Metrics>,
 }
 
@@ -64,11 +71,12 @@ impl Shipper {
     /// A shipper writing to `repo`.
     pub fn new(repo: Repository, opts: ShipOptions) -> Shipper {
         Shipper {
-            repo,
             opts,
             open: None,
             open_first_time_us: 0,
-            unsent: None,
+            uploads: Uploader::new(repo),
+            closed: None,
+            durable: Vec::new(),
             metrics: Arc::new(Metrics::new()),
         }
     }
@@ -96,8 +104,12 @@ impl Shipper {
     /// The time of the oldest record pushed that is not uploaded yet. A segment holding only
     /// records without a sequence number holds nothing to restore, and does not count.
     pub fn waiting_since_us(&self) -> Option<i64> {
-        match (&self.unsent, &self.open) {
-            (Some(seg), _) => Some(seg.header.first_time_us),
+        let closed = self
+            .uploads
+            .oldest_time_us()
+            .or(self.closed.as_ref().map(|s| s.header.first_time_us));
+        match (closed, &self.open) {
+            (Some(t), _) => Some(t),
             (None, Some((b, _))) if b.can_finish() => Some(self.open_first_time_us),
             _ => None,
         }
@@ -125,41 +137,98 @@ impl Shipper {
             .map(|(_, opened)| *opened + self.opts.sync_interval)
     }
 
-    /// True if a closed segment still waits for its upload.
+    /// True when the oldest closed segment's upload failed and waits for a retry.
+    pub fn upload_failed(&self) -> bool {
+        self.uploads.failed()
+    }
+
+    /// True while a closed segment is not durable yet (uploading, or waiting to).
     pub fn has_unsent(&self) -> bool {
-        self.unsent.is_some()
+        self.closed_held() > 0
     }
 
-    /// Closes the open segment (if it holds a sequence number) and uploads everything
-    /// closed. Returns the index entries of the segments now durable, in order. On an upload
-    /// error the segment is kept and the next call tries it again first.
-    pub async fn close_and_upload(&mut self) -> Result<Vec<SegmentEntry>, ShipError> {
-        let mut done = Vec::new();
-        if let Some(entry) = self.upload_unsent().await? {
-            done.push(entry);
-        }
-        let can_finish = self.open.as_ref().is_some_and(|(b, _)| b.can_finish());
-        if can_finish {
-            let (builder, _) = self.open.take().expect("checked above");
-            self.unsent = Some(builder.finish()?);
-            if let Some(entry) = self.upload_unsent().await? {
-                done.push(entry);
+    /// How many closed segments are held: by the uploader (at most
+    /// [`crate::upload::MAX_HELD`]) and the one waiting for it.
+    pub fn closed_held(&self) -> usize {
+        self.uploads.held() + usize::from(self.closed.is_some())
+    }
+
+    /// Closes the open segment (if it holds a sequence number) and starts its upload behind
+    /// those before it. The segment is finished (its last bytes compressed, hashed) while
+    /// the upload before it runs, then waits for that upload to end; a failed upload is
+    /// retried first. Segments found durable meanwhile are kept for
+    /// [`Shipper::take_durable`], also when this fails. On an upload error every segment is
+    /// kept, and the next call tries the oldest again first.
+    pub async fn ship(&mut self) -> Result<(), ShipError> {
+        self.close()?;
+        self.collect().await?;
+        while let Some(seg) = self.closed.take() {
+            if self.uploads.is_full() {
+                self.closed = Some(seg);
+                self.wait_one().await?;
+                continue;
             }
+            self.uploads.push(seg);
+            // A segment left open behind one that waited (after a failure) goes next.
+            self.close()?;
         }
-        Ok(done)
+        if self.uploads.failed() {
+            self.wait_one().await?;
+        }
+        Ok(())
     }
 
-    async fn upload_unsent(&mut self) -> Result<Option<SegmentEntry>, ShipError> {
-        let Some(seg) = &self.unsent else {
-            return Ok(None);
-        };
-        let started = Instant::now();
-        if let Err(e) = self.repo.write_segment(seg).await {
-            self.metrics.upload_failed();
-            return Err(e.into());
+    /// Finishes the open segment into the closed slot, if that is free and the segment
+    /// holds a sequence number.
+    fn close(&mut self) -> Result<(), ShipError> {
+        if self.closed.is_none() && self.open.as_ref().is_some_and(|(b, _)| b.can_finish()) {
+            let (builder, _) = self.open.take().expect("checked above");
+            self.closed = Some(builder.finish()?);
         }
-        let took = started.elapsed();
-        let entry = seg.entry();
+        Ok(())
+    }
+
+    /// [`Shipper::ship`], then waits until every closed segment is durable.
+    pub async fn ship_all(&mut self) -> Result<(), ShipError> {
+        self.ship().await?;
+        while self.has_unsent() {
+            self.wait_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Takes note of an upload that ended, without waiting. An upload error is returned
+    /// (the segment is kept for a retry).
+    pub async fn collect(&mut self) -> Result<(), ShipError> {
+        let ended = self.uploads.take_ended().await;
+        self.uploaded(ended)
+    }
+
+    /// Resolves when the upload running now ends (never while none runs); cancel-safe.
+    pub async fn upload_ended(&mut self) {
+        self.uploads.upload_ended().await
+    }
+
+    /// The segments found durable since the last call, in order.
+    pub fn take_durable(&mut self) -> Vec<SegmentEntry> {
+        std::mem::take(&mut self.durable)
+    }
+
+    async fn wait_one(&mut self) -> Result<(), ShipError> {
+        let ended = self.uploads.next_durable().await;
+        self.uploaded(ended)
+    }
+
+    fn uploaded(&mut self, ended: Result<Option<Uploaded>, RepoError>) -> Result<(), ShipError> {
+        let up = match ended {
+            Ok(Some(up)) => up,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                self.metrics.upload_failed();
+                return Err(e.into());
+            }
+        };
+        let entry = up.entry;
         tracing::debug!(
             key = %entry.key,
             first_seq = entry.first_seq,
@@ -167,13 +236,13 @@ impl Shipper {
             records = entry.record_count,
             raw_bytes = entry.raw_size,
             stored_bytes = entry.stored_size,
-            upload_ms = took.as_millis() as u64,
+            upload_ms = up.took.as_millis() as u64,
             "segment uploaded"
         );
-        self.unsent = None;
         self.metrics
-            .segment_uploaded(&entry, took, self.waiting_since_us());
-        Ok(Some(entry))
+            .segment_uploaded(&entry, up.took, self.waiting_since_us());
+        self.durable.push(entry);
+        Ok(())
     }
 }
 
@@ -239,7 +308,7 @@ mod tests {
                 .key_prefix("wal/")
                 .times(1),
         );
-        assert!(shipper.close_and_upload().await.is_err());
+        assert!(shipper.ship_all().await.is_err());
         assert_eq!(sample(&metrics, "tidemark_upload_failures_total"), 1.0);
         assert_eq!(shipper.waiting_since_us(), Some(t0));
         // A record read meanwhile goes into a new open segment; the oldest still waits.
@@ -247,7 +316,8 @@ mod tests {
         assert_eq!(shipper.waiting_since_us(), Some(t0));
 
         // The retry uploads the first segment, then the second.
-        let entries = shipper.close_and_upload().await.unwrap();
+        shipper.ship_all().await.unwrap();
+        let entries = shipper.take_durable();
         assert_eq!(entries.len(), 2);
         assert_eq!(shipper.waiting_since_us(), None);
         assert_eq!(lag(&metrics), 0.0);
@@ -273,5 +343,159 @@ mod tests {
             sample(&metrics, "tidemark_segment_upload_duration_seconds_count"),
             2.0
         );
+    }
+
+    /// A shipper on a fault store, over a fresh in-memory repository.
+    async fn faulty_shipper() -> (Arc<FaultStore>, Shipper) {
+        let faults = Arc::new(FaultStore::new(Arc::new(MemoryStore::new())));
+        let store: Arc<dyn ObjectStore> = faults.clone();
+        let repo = Repository::new(store);
+        repo.create_config(&tidemark_manifest::testing::config())
+            .await
+            .unwrap();
+        (faults, Shipper::new(repo, ShipOptions::default()))
+    }
+
+    /// The first sequences of the segments in the store, in order.
+    async fn stored(store: &FaultStore) -> Vec<u64> {
+        let mut firsts: Vec<u64> = store
+            .list(tidemark_manifest::keys::WAL_PREFIX)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| {
+                let hex = &m.key["wal/".len()..m.key.len() - ".seg".len()];
+                u64::from_str_radix(hex, 16).unwrap()
+            })
+            .collect();
+        firsts.sort();
+        firsts
+    }
+
+    /// Pushes records `first..first + n` (one sequence each).
+    fn push_run(shipper: &mut Shipper, first: u64, n: u64) {
+        for seq in first..first + n {
+            shipper.push(&record(seq, 1, 1_000 + seq as i64)).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_segment_never_reaches_the_store_before_the_one_before_it() {
+        let (faults, mut shipper) = faulty_shipper().await;
+        // The first segment's upload is slow; the second is closed meanwhile.
+        faults.inject(
+            FaultRule::new(Fault::Delay(Duration::from_millis(400)))
+                .on(StoreOp::PutIfAbsent)
+                .key_prefix(tidemark_manifest::keys::segment_key(1))
+                .times(1),
+        );
+        push_run(&mut shipper, 1, 3);
+        shipper.ship().await.unwrap();
+        assert_eq!(
+            shipper.closed_held(),
+            1,
+            "the upload runs in the background"
+        );
+        push_run(&mut shipper, 4, 3);
+        let watch = async {
+            // While the second segment waits, it must never be seen without the first.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let s = stored(&faults).await;
+                assert!(
+                    !s.contains(&4) || s.contains(&1),
+                    "segment 4 stored before 1: {s:?}"
+                );
+                if s == [1, 4] || Instant::now() > deadline {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let (shipped, seen) = tokio::join!(shipper.ship_all(), watch);
+        shipped.unwrap();
+        assert_eq!(seen, vec![1, 4]);
+        let durable: Vec<u64> = shipper.take_durable().iter().map(|e| e.first_seq).collect();
+        assert_eq!(durable, vec![1, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_upload_keeps_the_compressed_segment_after_it_out_of_the_store() {
+        let (faults, mut shipper) = faulty_shipper().await;
+        // Segment 1 fails twice (its upload, then its first retry).
+        faults.inject(
+            FaultRule::new(Fault::Transient)
+                .on(StoreOp::PutIfAbsent)
+                .key_prefix(tidemark_manifest::keys::segment_key(1))
+                .times(2),
+        );
+        push_run(&mut shipper, 1, 3);
+        // Whether this call sees the failure or the next does depends on timing.
+        let _ = shipper.ship().await;
+        push_run(&mut shipper, 4, 3);
+        let first = shipper.ship().await;
+        let err = match first {
+            Err(e) => e,
+            Ok(()) => shipper.ship().await.unwrap_err(),
+        };
+        assert!(matches!(err, ShipError::Repo(_)), "{err}");
+        assert!(shipper.upload_failed());
+        assert_eq!(shipper.closed_held(), 2, "segment 4 is compressed and kept");
+        assert_eq!(
+            shipper.next_seq(),
+            None,
+            "no segment is open while two are held"
+        );
+        assert_eq!(
+            shipper.waiting_since_us(),
+            Some(1_001),
+            "the lag counts from the oldest record not durable"
+        );
+        assert!(shipper.take_durable().is_empty());
+        assert_eq!(stored(&faults).await, Vec::<u64>::new());
+
+        // Retried: while segment 1 still fails, nothing reaches the store; then 1, then 4.
+        let mut tries = 0;
+        while let Err(e) = shipper.ship_all().await {
+            tries += 1;
+            assert!(tries < 3, "the fault was injected twice: {e}");
+            assert_eq!(stored(&faults).await, Vec::<u64>::new());
+            assert_eq!(shipper.closed_held(), 2);
+        }
+        let durable: Vec<u64> = shipper.take_durable().iter().map(|e| e.first_seq).collect();
+        assert_eq!(durable, vec![1, 4]);
+        assert_eq!(stored(&faults).await, vec![1, 4]);
+        assert_eq!(shipper.closed_held(), 0);
+        assert_eq!(shipper.waiting_since_us(), None);
+    }
+
+    #[tokio::test]
+    async fn at_most_two_closed_segments_are_held_however_slow_the_store() {
+        let (faults, shipper) = faulty_shipper().await;
+        let mut shipper = Shipper {
+            opts: ShipOptions {
+                max_segment_bytes: 1,
+                ..ShipOptions::default()
+            },
+            ..shipper
+        };
+        faults.inject(
+            FaultRule::new(Fault::Delay(Duration::from_millis(50)))
+                .on(StoreOp::PutIfAbsent)
+                .key_prefix("wal/"),
+        );
+        let mut most = 0;
+        for seq in 1..=20 {
+            // As the pipeline does: close each full segment as soon as a record fills it.
+            push_run(&mut shipper, seq, 1);
+            assert!(shipper.should_close());
+            shipper.ship().await.unwrap();
+            most = most.max(shipper.closed_held());
+            assert!(shipper.closed_held() <= crate::upload::MAX_HELD);
+        }
+        assert_eq!(most, 1, "each upload overlapped the next segment");
+        shipper.ship_all().await.unwrap();
+        assert_eq!(stored(&faults).await, (1..=20).collect::<Vec<u64>>());
+        assert_eq!(shipper.take_durable().len(), 20);
     }
 }

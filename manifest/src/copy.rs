@@ -914,7 +914,7 @@ mod tests {
         let fake = testing::encoded_segment(1, 9);
         other
             .store()
-            .put(&keys::segment_key(1), Bytes::from(fake.bytes.clone()))
+            .put(&keys::segment_key(1), fake.bytes.clone())
             .await
             .unwrap();
         let item = CopyItem::Segment {

@@ -1017,11 +1017,7 @@ impl Repository {
     /// a crash), that is success; a different one is a conflict.
     pub async fn write_segment(&self, seg: &EncodedSegment) -> Result<(), RepoError> {
         let key = seg.key();
-        match self
-            .store
-            .put_if_absent(&key, Bytes::from(seg.bytes.clone()))
-            .await
-        {
+        match self.store.put_if_absent(&key, seg.bytes.clone()).await {
             Ok(_) => Ok(()),
             Err(StoreError::PreconditionFailed { .. }) => {
                 let existing = self.store.get(&key).await?;

@@ -403,7 +403,8 @@ impl std::fmt::Debug for SegmentBuilder {
 #[derive(Debug, Clone)]
 pub struct EncodedSegment {
     pub header: SegmentHeader,
-    pub bytes: Vec<u8>,
+    /// The whole object. Shared, not copied, by the upload and its retries.
+    pub bytes: bytes::Bytes,
     /// sha256 of `bytes`.
     pub sha256: String,
 }
@@ -423,10 +424,13 @@ impl EncodedSegment {
 impl SegmentBuilder {
     /// A builder; `zstd_level` is used when `compression` is zstd (1–22; 3 is a good default).
     pub fn new(compression: Compression, zstd_level: i32) -> io::Result<SegmentBuilder> {
+        // The body is written after room for the header, which is filled in by `finish`:
+        // the object is built in one buffer, never copied.
+        let out = vec![0u8; HEADER_LEN];
         let body = match compression {
-            Compression::None => BodyWriter::Plain(Vec::new()),
+            Compression::None => BodyWriter::Plain(out),
             Compression::Zstd => {
-                let mut enc = zstd::stream::write::Encoder::new(Vec::new(), zstd_level)?;
+                let mut enc = zstd::stream::write::Encoder::new(out, zstd_level)?;
                 enc.include_checksum(true)?;
                 BodyWriter::Zstd(enc)
             }
@@ -490,7 +494,7 @@ impl SegmentBuilder {
                     .to_owned(),
             });
         }
-        let body = match self.body {
+        let mut bytes = match self.body {
             BodyWriter::Plain(v) => v,
             BodyWriter::Zstd(e) => e.finish().map_err(|source| SegmentError::Io {
                 key: key.to_owned(),
@@ -509,18 +513,23 @@ impl SegmentBuilder {
             first_log: s.first_log,
             last_log: s.last_log,
             raw_size: self.raw_size,
-            body_len: body.len() as u64,
+            body_len: (bytes.len() - HEADER_LEN) as u64,
         };
-        let mut bytes = Vec::with_capacity(HEADER_LEN + body.len() + TRAILER_LEN);
-        bytes.extend_from_slice(&header.encode());
-        bytes.extend_from_slice(&body);
-        let inner = Sha256::digest(&bytes);
+        bytes[..HEADER_LEN].copy_from_slice(&header.encode());
+        // The trailer's hash and the object's hash share their first bytes (header and
+        // body): those are hashed once.
+        let mut hasher = Sha256::new();
+        hasher.update(&bytes);
+        let inner = hasher.clone().finalize();
+        bytes.reserve_exact(TRAILER_LEN);
         bytes.extend_from_slice(TRAILER_MAGIC);
         bytes.extend_from_slice(&inner);
-        let sha256 = crate::checksum::sha256_hex(&bytes);
+        hasher.update(TRAILER_MAGIC);
+        hasher.update(inner);
+        let sha256 = hex::encode(hasher.finalize());
         Ok(EncodedSegment {
             header,
-            bytes,
+            bytes: bytes.into(),
             sha256,
         })
     }
@@ -944,7 +953,7 @@ mod tests {
             }
         };
         assert!(err.to_string().contains("k:"), "{err}");
-        let mut v2 = seg.bytes.clone();
+        let mut v2 = seg.bytes.to_vec();
         v2[8] = 2;
         let crc = crc32c::crc32c(&v2[..124]);
         v2[124..128].copy_from_slice(&crc.to_le_bytes());
@@ -1051,7 +1060,7 @@ mod tests {
             bit in 0u8..8,
         ) {
             let c = if zstd { Compression::Zstd } else { Compression::None };
-            let mut bytes = encode(&records(1, &shape), c).bytes;
+            let mut bytes = encode(&records(1, &shape), c).bytes.to_vec();
             let i = pos.index(bytes.len());
             bytes[i] ^= 1 << bit;
             prop_assert!(!fully_decodes(&bytes, true), "flip at {} accepted", i);

@@ -219,7 +219,7 @@ fn segment_seed(zstd: bool, big: bool) -> Vec<u8> {
         .unwrap();
         seq += u64::from(count);
     }
-    b.finish().unwrap().bytes
+    b.finish().unwrap().bytes.to_vec()
 }
 
 /// A log written by [`LogWriter`]: metadata records, short records and records that span

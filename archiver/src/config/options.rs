@@ -25,7 +25,8 @@ pub struct ArchiverOptions {
     /// Close a segment this long after its first record.
     #[serde(with = "super::duration")]
     pub sync_interval: Duration,
-    /// Close a segment when its records reach this many bytes.
+    /// Close a segment when its records reach this many bytes. The archiver holds at most
+    /// two closed segments and the open one's compressed bytes: about twice this at most.
     pub max_segment_bytes: u64,
     /// Take a base backup this often.
     #[serde(with = "super::duration")]
@@ -118,7 +119,8 @@ impl Default for ArchiverOptions {
             to: String::new(),
             wal_dir: None,
             sync_interval: Duration::from_secs(1),
-            max_segment_bytes: 64 << 20,
+            // Two closed segments are held at most: this bounds the archiver's memory.
+            max_segment_bytes: 32 << 20,
             base_interval: Duration::from_secs(24 * 3600),
             max_replay: None,
             target_recovery_time: None,

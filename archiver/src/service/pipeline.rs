@@ -170,6 +170,8 @@ impl Pipeline {
     /// when one is due.
     pub async fn step(&mut self) -> Result<Step, ServiceError> {
         let mut step = Step::default();
+        let collected = self.shipper.collect().await;
+        self.shipped(collected)?;
         if self.reading() {
             step = self.read().await?;
         }
@@ -177,10 +179,14 @@ impl Pipeline {
             self.checkpoint.current().bases.last(),
             self.summary.last_seq.unwrap_or(0),
         );
-        if (self.shipper.should_close() || self.shipper.has_unsent()) && self.upload_retry.ready() {
-            self.try_ship().await?;
+        if (self.shipper.should_close() || self.shipper.upload_failed())
+            && self.upload_retry.ready()
+        {
+            self.ship(false).await?;
         }
-        if self.checkpoint.due() && !self.shipper.has_unsent() && self.manifest_retry.ready() {
+        // A generation names only durable segments: one may be written while the next
+        // segment uploads, not while an upload fails.
+        if self.checkpoint.due() && !self.shipper.upload_failed() && self.manifest_retry.ready() {
             tolerate(
                 self.checkpoint.flush().await,
                 &mut self.manifest_retry,
@@ -190,10 +196,11 @@ impl Pipeline {
         Ok(step)
     }
 
-    /// True while the WAL is read: not while a closed segment, or a generation segments
-    /// depend on, still waits for the store.
+    /// True while the WAL is read: not while a closed segment whose upload failed, or a
+    /// generation segments depend on, still waits for the store. (While an upload runs, the
+    /// next segment is read.)
     fn reading(&self) -> bool {
-        !self.shipper.has_unsent() && !self.checkpoint.segments_must_wait()
+        !self.shipper.upload_failed() && !self.checkpoint.segments_must_wait()
     }
 
     /// True when more of the WAL can be read at once (catching up).
@@ -201,18 +208,28 @@ impl Pipeline {
         self.reading() && self.follower.as_ref().is_some_and(|f| f.more_ready())
     }
 
-    /// Resolves when the WAL directory changes (or at the polling interval); never while
-    /// nothing would be read. While a segment is open, changes are gathered for the
-    /// coalescing window after the last read: a database writing a thousand small batches
-    /// a second wakes the archiver a few times per window, not once per batch.
+    /// Resolves when the WAL directory changes (or at the polling interval), never while
+    /// nothing would be read; or when a segment's upload ends. While a segment is open,
+    /// changes are gathered for the coalescing window after the last read: a database
+    /// writing a thousand small batches a second wakes the archiver a few times per window,
+    /// not once per batch.
     pub async fn wal_changed(&mut self) {
-        if !self.reading() {
-            return std::future::pending().await;
+        let reading = self.reading();
+        let quiet = self.quiet_until();
+        let watcher = &mut self.watcher;
+        let changed = async move {
+            if !reading {
+                return std::future::pending().await;
+            }
+            if let Some(at) = quiet {
+                tokio::time::sleep_until(at.into()).await;
+            }
+            watcher.wait().await
+        };
+        tokio::select! {
+            _ = changed => {}
+            _ = self.shipper.upload_ended() => {}
         }
-        if let Some(at) = self.quiet_until() {
-            tokio::time::sleep_until(at.into()).await;
-        }
-        self.watcher.wait().await
     }
 
     /// Whether to read every change at once. While a base backup runs this must be on: the
@@ -324,17 +341,19 @@ impl Pipeline {
         if r.count > 0 {
             self.summary.last_seq = Some(r.next_seq() - 1);
         }
-        if self.shipper.should_close() && !self.shipper.has_unsent() {
-            // Keep memory bounded while catching up: ship full segments now.
-            self.try_ship().await?;
+        if self.shipper.should_close() && !self.shipper.upload_failed() {
+            // Keep memory bounded while catching up: ship full segments now (this waits
+            // for the oldest upload when two closed segments are held).
+            self.ship(false).await?;
         }
         Ok(gap)
     }
 
-    /// Closes the open segment and uploads everything closed, after writing the generation
-    /// of a change that must come first. True when everything was uploaded; false when the
-    /// store failed for now (kept, retried later).
-    async fn try_ship(&mut self) -> Result<bool, ServiceError> {
+    /// Closes the open segment and starts its upload (with `all`, waits until everything
+    /// closed is durable), after writing the generation of a change that must come first.
+    /// True when that went through; false when the store failed for now (kept, retried
+    /// later).
+    async fn ship(&mut self, all: bool) -> Result<bool, ServiceError> {
         if self.checkpoint.segments_must_wait() {
             if !self.manifest_retry.ready() {
                 return Ok(false);
@@ -348,16 +367,27 @@ impl Pipeline {
                 return Ok(false);
             }
         }
-        match self.shipper.close_and_upload().await {
-            Ok(entries) => {
-                self.upload_retry.succeeded();
-                for e in entries {
-                    self.summary.segments += 1;
-                    self.replay.segment_shipped(&e);
-                    self.checkpoint.segment_uploaded(e);
-                }
-                Ok(true)
-            }
+        let shipped = if all {
+            self.shipper.ship_all().await
+        } else {
+            self.shipper.ship().await
+        };
+        self.shipped(shipped)
+    }
+
+    /// Records the segments now durable, and what became of the shipping step.
+    fn shipped(&mut self, r: Result<(), ShipError>) -> Result<bool, ServiceError> {
+        let durable = self.shipper.take_durable();
+        if !durable.is_empty() {
+            self.upload_retry.succeeded();
+        }
+        for e in durable {
+            self.summary.segments += 1;
+            self.replay.segment_shipped(&e);
+            self.checkpoint.segment_uploaded(e);
+        }
+        match r {
+            Ok(()) => Ok(true),
             Err(e) if is_retryable(&e) => {
                 let d = self.upload_retry.failed();
                 tracing::error!(error = %e, retry_in = ?d, "segment upload failed; will retry");
@@ -365,6 +395,12 @@ impl Pipeline {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Ships everything: closes the open segment and waits until every closed segment is
+    /// durable. True when they are.
+    async fn try_ship(&mut self) -> Result<bool, ServiceError> {
+        self.ship(true).await
     }
 
     /// Ships everything before the gap, then records it. Segments after it wait until the
@@ -726,6 +762,13 @@ mod tests {
             .unwrap();
         write_wal(&wal, 5, &[(1, 1), (2, 1), (3, 1)]);
         p.step().await.unwrap();
+        // Uploads end in the background: step until the last one is recorded.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while p.shipper.has_unsent() {
+            assert!(Instant::now() < deadline, "the uploads never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            p.step().await.unwrap();
+        }
         assert_eq!(segment_firsts(&repo).await, vec![1, 2, 3]);
 
         // Records 4..=9 are lost; the generation recording that cannot be written for now.
@@ -771,6 +814,49 @@ mod tests {
             loaded.history.segments.last().map(|s| s.last_seq),
             Some(11),
             "readers find the segment after the gap"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_waits_for_the_upload_in_flight_and_records_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("wal");
+        std::fs::create_dir_all(&wal).unwrap();
+        let faults = Arc::new(FaultStore::new(Arc::new(MemoryStore::new())));
+        let repo = Repository::new(faults.clone());
+        repo.create_config(&tidemark_manifest::testing::config())
+            .await
+            .unwrap();
+        let state = repo.load().await.unwrap();
+        let opts = ArchiverOptions {
+            db: wal.clone(),
+            sync_interval: Duration::ZERO,
+            checkpoint_interval: Duration::from_secs(3600),
+            ..ArchiverOptions::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let scratch = dir.path().join("scratch");
+        let mut p = Pipeline::resume(&repo, &wal, &scratch, &opts, &state, &metrics)
+            .await
+            .unwrap();
+        // Every segment upload is slow: at shutdown the last ones are still on their way.
+        faults.inject(
+            FaultRule::new(Fault::Delay(Duration::from_millis(300)))
+                .on(StoreOp::PutIfAbsent)
+                .key_prefix("wal/"),
+        );
+        write_wal(&wal, 5, &[(1, 1), (2, 1), (3, 1)]);
+        p.step().await.unwrap();
+        assert!(p.shipper.has_unsent(), "an upload is in flight");
+        assert!(!p.settled());
+        let summary = p.finish(None).await.unwrap();
+        assert_eq!(summary.segments, 3, "every segment was recorded as durable");
+        assert_eq!(segment_firsts(&repo).await, vec![1, 2, 3]);
+        let loaded = repo.load().await.unwrap();
+        assert_eq!(
+            loaded.history.segments.last().map(|s| s.last_seq),
+            Some(3),
+            "the last generation and the segments hold everything read"
         );
     }
 
