@@ -254,6 +254,24 @@ mod tests {
     use bytes::Bytes;
     use tidemark_manifest::store::MemoryStore;
 
+    #[test]
+    fn the_wal_keeps_a_share_of_the_permits_and_the_total_stays_bounded() {
+        for (parallelism, base, wal) in [(8, 6, 2), (4, 3, 1), (2, 1, 1), (3, 2, 1), (16, 12, 4)] {
+            let p = Permits::split(parallelism);
+            assert_eq!(
+                (p.base.available_permits(), p.wal.available_permits()),
+                (base, wal),
+                "--parallelism {parallelism}"
+            );
+        }
+        // One permit (or a zero that was not refused upstream): both share a single one.
+        for parallelism in [0, 1] {
+            let p = Permits::split(parallelism);
+            assert!(Arc::ptr_eq(&p.base, &p.wal));
+            assert_eq!(p.base.available_permits(), 1);
+        }
+    }
+
     fn file(name: &str, content: &[u8]) -> BaseFile {
         let sha = checksum::sha256_hex(content);
         let key = keys::base_object_key("b1", name, &sha);
