@@ -129,6 +129,15 @@ impl Shipper {
         })
     }
 
+    /// True when the open segment reached the maximum size: it is closed as soon as the
+    /// record that filled it is in, without waiting for the rest of the read (unlike a
+    /// segment due by time, which takes everything read before its close).
+    pub fn is_full(&self) -> bool {
+        self.open
+            .as_ref()
+            .is_some_and(|(b, _)| b.can_finish() && b.raw_size() >= self.opts.max_segment_bytes)
+    }
+
     /// When the open segment will be due by time.
     pub fn due_at(&self) -> Option<Instant> {
         self.open

@@ -73,11 +73,16 @@ pub struct Pipeline {
     replay: ReplayTrigger,
 }
 
-/// How long changes to the WAL may wait to be read while a segment is open: a tenth of
-/// the sync interval, at most 100 ms. A record's observed time (its upper bound) is later
-/// than its commit by at most this much more than without waiting.
+/// The longest changes to the WAL wait to be read while a segment is open.
+pub const MAX_COALESCE: Duration = Duration::from_millis(100);
+
+/// How long changes to the WAL may wait to be read while a segment is open: 100 ms, or the
+/// sync interval when it is shorter (the segment's close reads them anyway). A record's
+/// observed time (its upper bound) is later than its commit by at most this much more than
+/// without waiting, whatever the interval. A shorter window buys no lag: a record is in
+/// the segment open when it is read, and that segment closes at its due time either way.
 pub fn coalesce_window(sync_interval: Duration) -> Duration {
-    (sync_interval / 10).min(Duration::from_millis(100))
+    sync_interval.min(MAX_COALESCE)
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -341,9 +346,12 @@ impl Pipeline {
         if r.count > 0 {
             self.summary.last_seq = Some(r.next_seq() - 1);
         }
-        if self.shipper.should_close() && !self.shipper.upload_failed() {
+        if self.shipper.is_full() && !self.shipper.upload_failed() {
             // Keep memory bounded while catching up: ship full segments now (this waits
-            // for the oldest upload when two closed segments are held).
+            // for the oldest upload when two closed segments are held). A segment due by
+            // time is closed by the step, after the whole read is in it: closing it at the
+            // first record read after its due time would push the rest of that read, all
+            // written before the close, into the next segment, a sync interval later.
             self.ship(false).await?;
         }
         Ok(gap)
@@ -749,9 +757,11 @@ mod tests {
             .await
             .unwrap();
         let state = repo.load().await.unwrap();
+        // One record fills a segment: each is shipped on its own.
         let opts = ArchiverOptions {
             db: wal.clone(),
             sync_interval: Duration::ZERO,
+            max_segment_bytes: 1,
             checkpoint_interval: Duration::from_secs(3600),
             ..ArchiverOptions::default()
         };
@@ -817,6 +827,52 @@ mod tests {
         );
     }
 
+    /// A segment due by time takes everything the step read, also what was written after
+    /// its due time: closing it at the first record read late would send the rest of that
+    /// read to the next segment, and hold it a whole sync interval more.
+    #[tokio::test]
+    async fn a_segment_due_by_time_takes_the_whole_read_that_closes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("wal");
+        std::fs::create_dir_all(&wal).unwrap();
+        let repo = Repository::new(Arc::new(MemoryStore::new()));
+        repo.create_config(&tidemark_manifest::testing::config())
+            .await
+            .unwrap();
+        let state = repo.load().await.unwrap();
+        let opts = ArchiverOptions {
+            db: wal.clone(),
+            sync_interval: Duration::from_millis(200),
+            checkpoint_interval: Duration::from_secs(3600),
+            ..ArchiverOptions::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let scratch = dir.path().join("scratch");
+        let mut p = Pipeline::resume(&repo, &wal, &scratch, &opts, &state, &metrics)
+            .await
+            .unwrap();
+        write_wal(&wal, 5, &[(1, 1), (2, 1)]);
+        p.step().await.unwrap();
+        assert!(!p.shipper.has_unsent(), "the segment is not due yet");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Written after the due time, read by the step that closes the segment.
+        write_wal(&wal, 5, &[(1, 1), (2, 1), (3, 1), (4, 1)]);
+        p.step().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while p.shipper.has_unsent() {
+            assert!(Instant::now() < deadline, "the upload never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            p.step().await.unwrap();
+        }
+        assert_eq!(
+            segment_firsts(&repo).await,
+            vec![1],
+            "records 3 and 4 were read before the close and belong in its segment"
+        );
+        assert_eq!(p.summary.last_seq, Some(4));
+        assert_eq!(p.shipper.due_at(), None, "nothing is left open");
+    }
+
     #[tokio::test]
     async fn shutdown_waits_for_the_upload_in_flight_and_records_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -828,9 +884,11 @@ mod tests {
             .await
             .unwrap();
         let state = repo.load().await.unwrap();
+        // One record fills a segment: each is shipped on its own.
         let opts = ArchiverOptions {
             db: wal.clone(),
             sync_interval: Duration::ZERO,
+            max_segment_bytes: 1,
             checkpoint_interval: Duration::from_secs(3600),
             ..ArchiverOptions::default()
         };
