@@ -49,6 +49,14 @@ def ratios(doc):
         if v is not None:
             out[f"archiver / writer ({c['store']}, {c['value']} B)"] = (
                 v, True, "archiver MB/s over the writer's WAL MB/s, as fast as it goes")
+    for s in summary:
+        if s["measure"] != "drain":
+            continue
+        c = s["config"]
+        v = _median(s, "drain_over_write_rate")
+        if v is not None:
+            out[f"archiver drain / writer ({c['store']}, {c['value']} B)"] = (
+                v, True, "MB/s shipping a paused archiver's backlog over the writer's WAL MB/s")
     tr = _find(summary, "tidemark-restore")
     fo = _find(summary, "first-open")
     pg = _find(summary, "plain-get")

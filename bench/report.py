@@ -107,6 +107,15 @@ METRICS = {
         "stored_over_wal": "segments.stored_over_wal",
         "wal_bytes": "wal_bytes",
     },
+    "drain": {
+        "writes_per_sec": "writes_per_sec", "wal_mb_per_sec": "wal_mb_per_sec",
+        "drain_secs": "drain.secs", "drain_mb_per_sec": "drain.mb_per_sec",
+        "drain_over_write_rate": "drain.over_write_rate",
+        "drain_cpu_secs": "drain.cpu_secs",
+        "cpu_secs_per_gb_wal": "archiver.cpu_secs_per_gb_wal",
+        "peak_rss_mib": "archiver.peak_rss_mib",
+        "wal_bytes": "wal_bytes",
+    },
     "db-load": {"sst_bytes": "sst_bytes", "payload_bytes": "payload_bytes",
                 "write_secs": "write_secs"},
     "first-base": {"secs": "secs"},
@@ -312,6 +321,21 @@ def markdown(doc, previous_path=None):
                      f"{rng(s, 'archiver_mb_per_sec')} | {rng(s, 'throughput_over_write_rate', digits=2)} | "
                      f"{rng(s, 'catch_up_secs')} |")
         L += ["", load_note(summary, "max", "idle"), ""]
+    drains = [s for s in summary if s["measure"] == "drain"]
+    if drains:
+        L += [f"Drain: the archiver paused while the writer goes as fast as it can for "
+              f"{st.get('DRAIN_SECONDS', '?')} s, then resumed; the backlog's WAL over the seconds "
+              "it takes to ship it (the archiver has the CPU to itself):", "",
+              "| store | value | writer WAL MB/s | backlog MB | drain s | archiver MB/s | archiver / writer | "
+              "archiver CPU s per GB WAL | peak RSS MiB |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for s in drains:
+            c = s["config"]
+            L.append(f"| {c['store']} | {c['value']} B | {rng(s, 'wal_mb_per_sec')} | "
+                     f"{rng(s, 'wal_bytes', 1e-6, 0)} | {rng(s, 'drain_secs')} | "
+                     f"{rng(s, 'drain_mb_per_sec')} | {rng(s, 'drain_over_write_rate', digits=2)} | "
+                     f"{rng(s, 'cpu_secs_per_gb_wal')} | {rng(s, 'peak_rss_mib', digits=0)} |")
+        L += ["", load_note(summary, "drain"), ""]
     for s in [s for s in summary if s["measure"] == "idle"]:
         req = s.get("requests")
         req_txt = (", ".join(f"{k} {v}" for k, v in req.items()) or "none") if req is not None else "not counted (local store)"

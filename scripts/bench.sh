@@ -21,7 +21,9 @@
 #      1 s and 100 ms, two rates, two value sizes.
 #   2. archiver cost: CPU seconds per GB of WAL, peak RSS, segments and store write requests
 #      per hour, stored bytes per WAL byte; idle (nothing may be uploaded), at a moderate rate
-#      (the 1k writes/s runs of measure 1) and as fast as the writer goes.
+#      (the 1k writes/s runs of measure 1) and as fast as the writer goes; then the drain:
+#      the archiver is paused (SIGSTOP) while the writer goes as fast as it can, and resumed
+#      when it stops; the backlog's WAL MB ÷ the seconds to ship it, over the writer's rate.
 #   3. restore of a base + a minute of WAL from the S3 server, by phase, against a plain
 #      parallel download of the same objects, RocksDB's BackupEngine restoring from a local
 #      directory, and a checkpoint tarball (tar | zstd, one object) downloaded and unpacked.
@@ -39,6 +41,7 @@
 #   BENCH_IDLE_SECONDS [30] (5)        the idle observation
 #   BENCH_MAX_SECONDS [15] (3)         seconds of writing as fast as possible
 #   BENCH_MAX_CONFIGS ["local:100 local:4096 s3:4096"] ("local:4096")  store:value size
+#   BENCH_DRAIN_SECONDS [10] (3)       seconds of backlog written for the drain (same configs)
 #   BENCH_RESTORE_STORE [s3]           store of measures 3-5 (s3 or local)
 #   BENCH_RESTORE_KEYS [4000000] (50000)     keys of the restored database
 #   BENCH_RESTORE_VALUE [1024]         their value size in bytes
@@ -73,11 +76,11 @@ json_get() { # json_get FILE PYTHON-EXPRESSION-ON-d
 
 if [ "$quick" = 1 ]; then
   d_reps=2 d_lag_seconds=3 d_lag_rates="1000" d_lag_values="100" d_lag_syncs="1s"
-  d_idle=5 d_max_seconds=3 d_max_configs="local:4096"
+  d_idle=5 d_max_seconds=3 d_max_configs="local:4096" d_drain_seconds=3
   d_restore_keys=50000 d_restore_wal_seconds=5 d_restore_wal_rate=1000
 else
   d_reps=3 d_lag_seconds=6 d_lag_rates="1000 5000" d_lag_values="100 4096" d_lag_syncs="1s 100ms"
-  d_idle=30 d_max_seconds=15 d_max_configs="local:100 local:4096 s3:4096"
+  d_idle=30 d_max_seconds=15 d_max_configs="local:100 local:4096 s3:4096" d_drain_seconds=10
   d_restore_keys=4000000 d_restore_wal_seconds=60 d_restore_wal_rate=10000
 fi
 REPS="${BENCH_REPS:-$d_reps}"
@@ -89,6 +92,7 @@ STORES="${BENCH_STORES:-local s3}"
 IDLE_SECONDS="${BENCH_IDLE_SECONDS:-$d_idle}"
 MAX_SECONDS="${BENCH_MAX_SECONDS:-$d_max_seconds}"
 MAX_CONFIGS="${BENCH_MAX_CONFIGS:-$d_max_configs}"
+DRAIN_SECONDS="${BENCH_DRAIN_SECONDS:-$d_drain_seconds}"
 RESTORE_STORE="${BENCH_RESTORE_STORE:-s3}"
 RESTORE_KEYS="${BENCH_RESTORE_KEYS:-$d_restore_keys}"
 RESTORE_VALUE="${BENCH_RESTORE_VALUE:-1024}"
@@ -211,6 +215,19 @@ for rep in $(seq 1 "$REPS"); do
       --archiver "$bin/tidemark-archiver" --rate 0 --seconds "$MAX_SECONDS" \
       --value-size "$value" $(request_log_args "$store") >"$work/out.json"
     record max "{\"store\":\"$store\",\"value\":$value}" "$rep" "$work/out.json"
+    rm -rf "$work/stores"
+  done
+done
+for rep in $(seq 1 "$REPS"); do
+  for cfg in $MAX_CONFIGS; do
+    store="${cfg%%:*}" value="${cfg##*:}"
+    name="drain-$store-$value-$rep"
+    echo "  $name (load $(load1))" >&2
+    # shellcheck disable=SC2046
+    "$bin/tidemark-bench" archive --dir "$work/run" --to "$(store_url "$store" "$name")" \
+      --archiver "$bin/tidemark-archiver" --rate 0 --seconds "$DRAIN_SECONDS" --drain \
+      --value-size "$value" $(request_log_args "$store") >"$work/out.json"
+    record drain "{\"store\":\"$store\",\"value\":$value}" "$rep" "$work/out.json"
     rm -rf "$work/stores"
   done
 done
@@ -387,7 +404,7 @@ python3 bench/report.py --results "$results" --out "bench/results/$stamp" \
     python3 -c 'import json,sys; print(json.dumps(dict(a.split("=",1) for a in sys.argv[1:])))' \
       REPS="$REPS" LAG_SECONDS="$LAG_SECONDS" LAG_RATES="$LAG_RATES" LAG_VALUES="$LAG_VALUES" \
       LAG_SYNCS="$LAG_SYNCS" STORES="$STORES" IDLE_SECONDS="$IDLE_SECONDS" \
-      MAX_SECONDS="$MAX_SECONDS" MAX_CONFIGS="$MAX_CONFIGS" RESTORE_STORE="$RESTORE_STORE" \
+      MAX_SECONDS="$MAX_SECONDS" MAX_CONFIGS="$MAX_CONFIGS" DRAIN_SECONDS="$DRAIN_SECONDS" RESTORE_STORE="$RESTORE_STORE" \
       RESTORE_KEYS="$RESTORE_KEYS" RESTORE_VALUE="$RESTORE_VALUE" \
       RESTORE_WAL_SECONDS="$RESTORE_WAL_SECONDS" RESTORE_WAL_RATE="$RESTORE_WAL_RATE" \
       INCR_FRACTION="$INCR_FRACTION"

@@ -154,6 +154,10 @@ struct ArchiveArgs {
     /// Poll the store during the writes to measure the durable lag of every write.
     #[arg(long)]
     lag: bool,
+    /// Pause the archiver (SIGSTOP) while the writer runs and resume it (SIGCONT) when the
+    /// writer stops: measures how fast it drains a backlog with the CPU to itself.
+    #[arg(long, conflicts_with = "lag")]
+    drain: bool,
     /// Pause between store polls that found nothing new, in milliseconds.
     #[arg(long, default_value_t = 10)]
     poll_ms: u64,
@@ -495,6 +499,15 @@ impl Archiver {
         Ok(self.child.try_wait()?.is_none())
     }
 
+    /// Sends `signal` (a name `kill` knows, e.g. STOP or CONT).
+    fn signal(&self, signal: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()?;
+        ensure!(status.success(), "kill -{signal} of the archiver failed");
+        Ok(())
+    }
+
     /// SIGTERM, then waits (SIGKILL after a minute).
     fn stop(mut self) -> Result<Option<i32>> {
         let _ = Command::new("kill")
@@ -739,6 +752,9 @@ fn archive(a: ArchiveArgs) -> Result<Value> {
     let log_from = log_offset(&a.request_log)?;
     let cpu0 = sample_proc(pid, ticks)?;
     let mut writer = Writer::new(&a.values)?;
+    if a.drain {
+        archiver.signal("STOP")?;
+    }
     let mut commits: Vec<(u64, u64)> = Vec::new();
     let mut last_seq = start_seq - 1;
     let (writes, write_secs) = if a.seconds > 0.0 {
@@ -757,6 +773,9 @@ fn archive(a: ArchiveArgs) -> Result<Value> {
     target.store(last_seq, Ordering::SeqCst);
     stop.store(true, Ordering::SeqCst);
     // Catch-up: until a segment holding the last write is in the store.
+    if a.drain {
+        archiver.signal("CONT")?;
+    }
     let catch_up_from = t0.elapsed();
     let poller = match poller {
         Some(p) => p,
@@ -821,6 +840,7 @@ fn archive(a: ArchiveArgs) -> Result<Value> {
     }
     lags.sort_unstable();
     let window_secs = caught_up_micros as f64 / 1e6;
+    let catch_up_secs = (window_secs - catch_up_from.as_secs_f64()).max(0.0);
     let mb = |b: u64| b as f64 / 1e6;
     let cpu_secs = cpu1.cpu_secs - cpu0.cpu_secs;
     out["writes"] = json!(writes);
@@ -851,11 +871,23 @@ fn archive(a: ArchiveArgs) -> Result<Value> {
         "cpu_share_of_one_core": cpu_secs / window_secs.max(1e-9),
         "peak_rss_mib": cpu1.hwm_kib as f64 / 1024.0,
         "rss_mib": cpu1.rss_kib as f64 / 1024.0,
-        "catch_up_after_writes_secs": (caught_up_micros as f64 / 1e6 - catch_up_from.as_secs_f64()).max(0.0),
+        "catch_up_after_writes_secs": catch_up_secs,
         "throughput_mb_per_sec": mb(wal_written) / window_secs.max(1e-9),
         "throughput_over_write_rate": (write_secs > 0.0).then(|| write_secs / window_secs.max(1e-9)),
         "exit_code": exit,
     });
+    out["drain"] = if a.drain {
+        // The archiver had all of the backlog to do after the writer stopped.
+        let secs = catch_up_secs.max(1e-9);
+        json!({
+            "secs": catch_up_secs,
+            "mb_per_sec": mb(wal_written) / secs,
+            "over_write_rate": (write_secs > 0.0).then(|| write_secs / secs),
+            "cpu_secs": cpu1.cpu_secs - cpu_writer_end.cpu_secs,
+        })
+    } else {
+        Value::Null
+    };
     out["segments"] = json!({
         "count": d.segments,
         "records": d.records,
