@@ -713,16 +713,8 @@ async fn download_checked(
     sha256: &str,
     path: &Path,
 ) -> Result<(), RepoError> {
-    repo.store().get_to_file_max(key, path, size).await?;
-    let p = path.to_owned();
-    let (found, len) = tokio::task::spawn_blocking(move || checksum::sha256_file(&p))
-        .await
-        .expect("hashing does not panic")
-        .map_err(|source| SegmentError::Io {
-            key: key.to_owned(),
-            source,
-        })?;
-    checksum::check(key, sha256, size, &found, len)?;
+    let found = repo.store().get_to_file_max_hashed(key, path, size).await?;
+    checksum::check(key, sha256, size, &found.sha256, found.len)?;
     Ok(())
 }
 

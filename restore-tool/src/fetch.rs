@@ -6,6 +6,10 @@
 //! only needed at its end, so segments never queue behind the base. Retries of transient
 //! failures come from the store's retry layer.
 //!
+//! A base file is hashed as its bytes are written ([`ObjectStore::get_to_file_max_hashed`]),
+//! not read back from disk afterwards, so its check costs no second pass and ends with its
+//! download.
+//!
 //! Downloads are tasks that are never dropped halfway: on a failure or a cancellation the
 //! remaining tasks are told to stop and then awaited, so no download is still writing into a
 //! directory that is being cleaned up.
@@ -33,7 +37,7 @@ pub fn check_base_files(files: &[BaseFile]) -> Result<(), RestoreError> {
 }
 
 /// Downloads one base file into `dir` under its (checked) name and verifies its size and
-/// sha256. Returns its size.
+/// sha256, hashed as it is written. Returns its size.
 pub async fn fetch_base_file(
     store: &Arc<dyn ObjectStore>,
     file: &BaseFile,
@@ -43,26 +47,15 @@ pub async fn fetch_base_file(
     let path = dir.join(&file.name);
     // Never more than the base declares (+1 byte to tell "too long"): a corrupt or hostile
     // object cannot fill the disk.
-    store
-        .get_to_file_max(&file.key, &path, file.size)
+    let found = store
+        .get_to_file_max_hashed(&file.key, &path, file.size)
         .await
         .map_err(|e| match e {
             StoreError::TooLarge { .. } => RestoreError::Integrity(e.to_string()),
             e => e.into(),
         })?;
-    let key = file.key.clone();
-    let expected = file.sha256.clone();
-    let size = file.size;
-    let hashed = path.clone();
-    tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
-        let (found, len) = checksum::sha256_file(&hashed)
-            .map_err(|e| RestoreError::io("cannot read back the downloaded file", &hashed, e))?;
-        checksum::check(&key, &expected, size, &found, len)?;
-        Ok(())
-    })
-    .await
-    .map_err(|e| RestoreError::Integrity(format!("checksum task failed: {e}")))??;
-    Ok(size)
+    checksum::check(&file.key, &file.sha256, file.size, &found.sha256, found.len)?;
+    Ok(file.size)
 }
 
 /// Downloads every base file into `dir`, at most as many at once as `limit` allows.

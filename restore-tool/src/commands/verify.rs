@@ -269,22 +269,11 @@ async fn check_base_file(
     }
     out.read = true;
     let path = scratch.join(format!("{:08x}", rand::random::<u32>()));
-    match store.get_to_file_max(&f.key, &path, f.size).await {
-        Ok(n) => {
-            out.bytes = n;
-            let hashed = path.clone();
-            let result = tokio::task::spawn_blocking(move || checksum::sha256_file(&hashed))
-                .await
-                .expect("hashing does not panic");
-            match result {
-                Ok((sha, len)) => {
-                    if let Err(e) = checksum::check(&f.key, &f.sha256, f.size, &sha, len) {
-                        out.problems.push(problem(&f.key, e.to_string()));
-                    }
-                }
-                Err(e) => out
-                    .problems
-                    .push(problem(&f.key, format!("cannot read back: {e}"))),
+    match store.get_to_file_max_hashed(&f.key, &path, f.size).await {
+        Ok(found) => {
+            out.bytes = found.len;
+            if let Err(e) = checksum::check(&f.key, &f.sha256, f.size, &found.sha256, found.len) {
+                out.problems.push(problem(&f.key, e.to_string()));
             }
         }
         Err(e) if e.is_not_found() => out
