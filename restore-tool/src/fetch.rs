@@ -382,4 +382,36 @@ mod tests {
         assert_eq!(e.class(), crate::ErrorClass::VerificationFailed);
         assert!(e.to_string().contains(&sst_key), "{e}");
     }
+
+    /// Each base file is hashed as it is downloaded, not downloaded and then read back.
+    #[tokio::test]
+    async fn base_files_are_hashed_as_they_are_downloaded() {
+        use tidemark_manifest::testing::SpyStore;
+        let spy = Arc::new(SpyStore::new(Arc::new(MemoryStore::new())));
+        let files = vec![
+            file("CURRENT", b"MANIFEST-000003\n"),
+            file("MANIFEST-000003", b"manifest bytes"),
+            file("000009.sst", b""),
+        ];
+        for (f, content) in files
+            .iter()
+            .zip([&b"MANIFEST-000003\n"[..], b"manifest bytes", b""])
+        {
+            spy.put(&f.key, Bytes::from_static(content)).await.unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let n = fetch_base_files(
+            spy.clone(),
+            files,
+            dir.path().to_path_buf(),
+            Arc::new(Semaphore::new(2)),
+            Cancel::new(),
+            PhaseBar::hidden(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(n, 16 + 14);
+        assert_eq!(std::fs::read(dir.path().join("000009.sst")).unwrap(), b"");
+        assert_eq!(spy.counts(), (3, 0), "(hashed, plain) downloads");
+    }
 }

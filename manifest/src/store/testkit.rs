@@ -3,13 +3,13 @@
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{ETag, FileDigest, ObjectMeta, ObjectStore, StoreError, StoreResult};
 use crate::checksum::sha256_hex;
+pub(crate) use crate::testing::SpyStore as Spy;
 
 /// Bytes that differ from chunk to chunk, so a piece hashed twice or skipped shows.
 fn pattern(len: usize) -> Vec<u8> {
@@ -74,84 +74,6 @@ pub(crate) async fn check_hashed_downloads(store: &dyn ObjectStore) {
         .unwrap_err();
     assert!(e.is_not_found(), "{e}");
     assert!(!dest.exists());
-}
-
-/// A store that passes everything to `inner` and counts the downloads to a bounded file,
-/// hashed or not: a decorator above it forwards the hashed download when `hashed` counts
-/// it and `plain` does not.
-#[derive(Debug)]
-pub(crate) struct Spy {
-    inner: Arc<dyn ObjectStore>,
-    pub(crate) hashed: AtomicU64,
-    pub(crate) plain: AtomicU64,
-}
-
-impl Spy {
-    pub(crate) fn new(inner: Arc<dyn ObjectStore>) -> Spy {
-        Spy {
-            inner,
-            hashed: AtomicU64::new(0),
-            plain: AtomicU64::new(0),
-        }
-    }
-
-    /// (hashed, plain) bounded downloads so far.
-    pub(crate) fn counts(&self) -> (u64, u64) {
-        (
-            self.hashed.load(Ordering::Relaxed),
-            self.plain.load(Ordering::Relaxed),
-        )
-    }
-}
-
-#[async_trait]
-impl ObjectStore for Spy {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    async fn put(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
-        self.inner.put(key, data).await
-    }
-    async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
-        self.inner.put_if_absent(key, data).await
-    }
-    async fn put_if_match(&self, key: &str, data: Bytes, etag: &ETag) -> StoreResult<ETag> {
-        self.inner.put_if_match(key, data, etag).await
-    }
-    async fn put_file(&self, key: &str, path: &Path) -> StoreResult<ETag> {
-        self.inner.put_file(key, path).await
-    }
-    async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
-        self.inner.get_with_meta(key).await
-    }
-    async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
-        self.inner.get_to_file(key, path).await
-    }
-    async fn get_to_file_max(&self, key: &str, path: &Path, max: u64) -> StoreResult<u64> {
-        self.plain.fetch_add(1, Ordering::Relaxed);
-        self.inner.get_to_file_max(key, path, max).await
-    }
-    async fn get_to_file_max_hashed(
-        &self,
-        key: &str,
-        path: &Path,
-        max: u64,
-    ) -> StoreResult<FileDigest> {
-        self.hashed.fetch_add(1, Ordering::Relaxed);
-        self.inner.get_to_file_max_hashed(key, path, max).await
-    }
-    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
-        self.inner.get_range(key, range).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-        self.inner.head(key).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
-        self.inner.list(prefix).await
-    }
 }
 
 /// A store implementing only what it must, over `inner`: every provided method runs its
