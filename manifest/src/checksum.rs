@@ -24,20 +24,54 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// A sha256 computed piece by piece, as bytes go by (a download hashes what it writes),
+/// with the number of bytes it saw.
+#[derive(Debug, Clone, Default)]
+pub struct Hasher {
+    sha256: Sha256,
+    len: u64,
+}
+
+impl Hasher {
+    /// A hasher that has seen nothing.
+    pub fn new() -> Hasher {
+        Hasher::default()
+    }
+
+    /// Adds the next bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.sha256.update(bytes);
+        self.len += bytes.len() as u64;
+    }
+
+    /// How many bytes it has seen.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it has seen no byte.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The hex sha256 and the length of everything it saw.
+    pub fn finish(self) -> (String, u64) {
+        (hex::encode(self.sha256.finalize()), self.len)
+    }
+}
+
 /// Hex sha256 and length of everything a reader yields, read in 1 MiB pieces.
 pub fn sha256_reader(mut r: impl Read) -> std::io::Result<(String, u64)> {
-    let mut hasher = Sha256::new();
+    let mut hasher = Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
     loop {
         let n = r.read(&mut buf)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
-        total += n as u64;
     }
-    Ok((hex::encode(hasher.finalize()), total))
+    Ok(hasher.finish())
 }
 
 /// Hex sha256 and length of a file.
@@ -102,5 +136,25 @@ mod tests {
         );
         check_bytes("k", &sha256_hex(b"abc"), 3, b"abc").unwrap();
         assert!(check_bytes("k", &sha256_hex(b"abc"), 4, b"abc").is_err());
+    }
+
+    #[test]
+    fn a_hasher_fed_in_pieces_gives_the_digest_of_the_whole() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(200_003).collect();
+        for piece in [1, 7, 4096, 65_536, 200_003] {
+            let mut h = Hasher::new();
+            for chunk in data.chunks(piece) {
+                h.update(chunk);
+            }
+            assert_eq!(h.len(), data.len() as u64);
+            assert_eq!(
+                h.finish(),
+                (sha256_hex(&data), data.len() as u64),
+                "{piece}"
+            );
+        }
+        let empty = Hasher::new();
+        assert!(empty.is_empty());
+        assert_eq!(empty.finish(), (sha256_hex(b""), 0));
     }
 }

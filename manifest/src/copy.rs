@@ -713,16 +713,8 @@ async fn download_checked(
     sha256: &str,
     path: &Path,
 ) -> Result<(), RepoError> {
-    repo.store().get_to_file_max(key, path, size).await?;
-    let p = path.to_owned();
-    let (found, len) = tokio::task::spawn_blocking(move || checksum::sha256_file(&p))
-        .await
-        .expect("hashing does not panic")
-        .map_err(|source| SegmentError::Io {
-            key: key.to_owned(),
-            source,
-        })?;
-    checksum::check(key, sha256, size, &found, len)?;
+    let found = repo.store().get_to_file_max_hashed(key, path, size).await?;
+    checksum::check(key, sha256, size, &found.sha256, found.len)?;
     Ok(())
 }
 
@@ -778,7 +770,7 @@ pub fn check_item_key(item: &CopyItem) -> Result<(), RepoError> {
 mod tests {
     use super::*;
     use crate::model::{FORMAT_VERSION, GapKind, IndexPage};
-    use crate::store::MemoryStore;
+    use crate::store::{MemoryStore, ObjectStore};
     use crate::testing;
     use std::sync::Arc;
 
@@ -853,6 +845,32 @@ mod tests {
             out.push(copy_object(src, dst, item, dir.path()).await.unwrap());
         }
         out
+    }
+
+    /// A base file or index page copied is hashed as it is downloaded, and checked.
+    #[tokio::test]
+    async fn a_checked_download_hashes_what_it_writes() {
+        let spy = Arc::new(testing::SpyStore::new(Arc::new(MemoryStore::new())));
+        let repo = Repository::new(spy.clone());
+        let data = b"table bytes";
+        let sha = checksum::sha256_hex(data);
+        spy.put("sst/x", Bytes::from_static(data)).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x");
+        download_checked(&repo, "sst/x", 11, &sha, &path)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+        assert_eq!(spy.counts(), (1, 0), "(hashed, plain) downloads");
+        let other = checksum::sha256_hex(b"other bytes");
+        let e = download_checked(&repo, "sst/x", 11, &other, &path)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("checksum mismatch"), "{e}");
+        let e = download_checked(&repo, "sst/x", 10, &sha, &path)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("longer than the 10 bytes"), "{e}");
     }
 
     #[tokio::test]

@@ -4,6 +4,12 @@
 //! server's bucket. Built for this crate's own tests and, with the `testing` feature, for
 //! the other crates' tests; the programs never use it.
 
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
 use bytes::Bytes;
 use time::OffsetDateTime;
 
@@ -15,6 +21,7 @@ use crate::model::{
 };
 use crate::repo::Repository;
 use crate::segment::{EncodedSegment, Record, RecordTime, SegmentBuilder};
+use crate::store::{ETag, FileDigest, ObjectMeta, ObjectStore, StoreResult};
 
 /// The instant fixtures' times count from (2027-01-15T08:00:00Z), in unix microseconds.
 pub const T0_US: i64 = 1_800_000_000_000_000;
@@ -210,6 +217,84 @@ pub async fn write_base(repo: &Repository, earliest: u64) -> BaseSummary {
         earliest_time: d.earliest_time,
         column_families: default_cf(),
         total_size: current.len() as u64,
+    }
+}
+
+/// A store that passes everything to `inner` and counts the downloads to a bounded file,
+/// hashed ([`ObjectStore::get_to_file_max_hashed`]) or not: shows that a decorator above
+/// it forwards the hashed download, or that a caller uses it.
+#[derive(Debug)]
+pub struct SpyStore {
+    inner: Arc<dyn ObjectStore>,
+    hashed: AtomicU64,
+    plain: AtomicU64,
+}
+
+impl SpyStore {
+    pub fn new(inner: Arc<dyn ObjectStore>) -> SpyStore {
+        SpyStore {
+            inner,
+            hashed: AtomicU64::new(0),
+            plain: AtomicU64::new(0),
+        }
+    }
+
+    /// (hashed, plain) bounded downloads so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.hashed.load(Ordering::Relaxed),
+            self.plain.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[async_trait]
+impl ObjectStore for SpyStore {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    async fn put(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
+        self.inner.put(key, data).await
+    }
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
+        self.inner.put_if_absent(key, data).await
+    }
+    async fn put_if_match(&self, key: &str, data: Bytes, etag: &ETag) -> StoreResult<ETag> {
+        self.inner.put_if_match(key, data, etag).await
+    }
+    async fn put_file(&self, key: &str, path: &Path) -> StoreResult<ETag> {
+        self.inner.put_file(key, path).await
+    }
+    async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
+        self.inner.get_with_meta(key).await
+    }
+    async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
+        self.inner.get_to_file(key, path).await
+    }
+    async fn get_to_file_max(&self, key: &str, path: &Path, max: u64) -> StoreResult<u64> {
+        self.plain.fetch_add(1, Ordering::Relaxed);
+        self.inner.get_to_file_max(key, path, max).await
+    }
+    async fn get_to_file_max_hashed(
+        &self,
+        key: &str,
+        path: &Path,
+        max: u64,
+    ) -> StoreResult<FileDigest> {
+        self.hashed.fetch_add(1, Ordering::Relaxed);
+        self.inner.get_to_file_max_hashed(key, path, max).await
+    }
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        self.inner.get_range(key, range).await
+    }
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
+        self.inner.head(key).await
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
+        self.inner.list(prefix).await
     }
 }
 

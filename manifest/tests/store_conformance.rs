@@ -484,6 +484,48 @@ async fn missing_local_file_is_a_local_error(f: &Fixture) {
     assert!(f.store.head("k").await.unwrap().is_none());
 }
 
+/// Downloads hashed as they are written: the digest is the sha256 of the file's bytes, for
+/// an empty object and one of many body chunks; a bound one byte short is refused and
+/// leaves nothing behind.
+async fn hashed_downloads(f: &Fixture) {
+    let s = &f.store;
+    let large = random_bytes(5 * MIB + 3, 11);
+    for (key, data) in [("hashed/empty", Vec::new()), ("hashed/large", large)] {
+        s.put(key, Bytes::from(data.clone())).await.unwrap();
+        let len = data.len() as u64;
+        let dst = f.scratch("hashed.dst");
+        for max in [len, len + 1, u64::MAX] {
+            let got = s.get_to_file_max_hashed(key, &dst, max).await.unwrap();
+            assert_eq!(got.len, len, "{key}");
+            assert_eq!(got.sha256, sha256_file(&dst), "{key}");
+            assert_eq!(got.sha256, hex::encode(Sha256::digest(&data)), "{key}");
+        }
+        std::fs::remove_file(&dst).unwrap();
+        if len > 0 {
+            let err = s
+                .get_to_file_max_hashed(key, &dst, len - 1)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, StoreError::TooLarge { limit, .. } if limit == len - 1),
+                "{err}"
+            );
+        }
+        let left: Vec<_> = std::fs::read_dir(f.scratch.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{key}: left behind: {left:?}");
+    }
+    let dst = f.scratch("missing.dst");
+    let err = s
+        .get_to_file_max_hashed("hashed/missing", &dst, 10)
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    assert!(!dst.exists());
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod local {
@@ -528,6 +570,7 @@ conformance!(
     list_with_prefix,
     invalid_keys_are_rejected,
     missing_local_file_is_a_local_error,
+    hashed_downloads,
 );
 
 // ---------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@
 //! only needed at its end, so segments never queue behind the base. Retries of transient
 //! failures come from the store's retry layer.
 //!
+//! A base file is hashed as its bytes are written ([`ObjectStore::get_to_file_max_hashed`]),
+//! not read back from disk afterwards, so its check costs no second pass and ends with its
+//! download.
+//!
 //! Downloads are tasks that are never dropped halfway: on a failure or a cancellation the
 //! remaining tasks are told to stop and then awaited, so no download is still writing into a
 //! directory that is being cleaned up.
@@ -33,7 +37,7 @@ pub fn check_base_files(files: &[BaseFile]) -> Result<(), RestoreError> {
 }
 
 /// Downloads one base file into `dir` under its (checked) name and verifies its size and
-/// sha256. Returns its size.
+/// sha256, hashed as it is written. Returns its size.
 pub async fn fetch_base_file(
     store: &Arc<dyn ObjectStore>,
     file: &BaseFile,
@@ -43,26 +47,15 @@ pub async fn fetch_base_file(
     let path = dir.join(&file.name);
     // Never more than the base declares (+1 byte to tell "too long"): a corrupt or hostile
     // object cannot fill the disk.
-    store
-        .get_to_file_max(&file.key, &path, file.size)
+    let found = store
+        .get_to_file_max_hashed(&file.key, &path, file.size)
         .await
         .map_err(|e| match e {
             StoreError::TooLarge { .. } => RestoreError::Integrity(e.to_string()),
             e => e.into(),
         })?;
-    let key = file.key.clone();
-    let expected = file.sha256.clone();
-    let size = file.size;
-    let hashed = path.clone();
-    tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
-        let (found, len) = checksum::sha256_file(&hashed)
-            .map_err(|e| RestoreError::io("cannot read back the downloaded file", &hashed, e))?;
-        checksum::check(&key, &expected, size, &found, len)?;
-        Ok(())
-    })
-    .await
-    .map_err(|e| RestoreError::Integrity(format!("checksum task failed: {e}")))??;
-    Ok(size)
+    checksum::check(&file.key, &file.sha256, file.size, &found.sha256, found.len)?;
+    Ok(file.size)
 }
 
 /// Downloads every base file into `dir`, at most as many at once as `limit` allows.
@@ -388,5 +381,37 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.class(), crate::ErrorClass::VerificationFailed);
         assert!(e.to_string().contains(&sst_key), "{e}");
+    }
+
+    /// Each base file is hashed as it is downloaded, not downloaded and then read back.
+    #[tokio::test]
+    async fn base_files_are_hashed_as_they_are_downloaded() {
+        use tidemark_manifest::testing::SpyStore;
+        let spy = Arc::new(SpyStore::new(Arc::new(MemoryStore::new())));
+        let files = vec![
+            file("CURRENT", b"MANIFEST-000003\n"),
+            file("MANIFEST-000003", b"manifest bytes"),
+            file("000009.sst", b""),
+        ];
+        for (f, content) in files
+            .iter()
+            .zip([&b"MANIFEST-000003\n"[..], b"manifest bytes", b""])
+        {
+            spy.put(&f.key, Bytes::from_static(content)).await.unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let n = fetch_base_files(
+            spy.clone(),
+            files,
+            dir.path().to_path_buf(),
+            Arc::new(Semaphore::new(2)),
+            Cancel::new(),
+            PhaseBar::hidden(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(n, 16 + 14);
+        assert_eq!(std::fs::read(dir.path().join("000009.sst")).unwrap(), b"");
+        assert_eq!(spy.counts(), (3, 0), "(hashed, plain) downloads");
     }
 }

@@ -91,6 +91,28 @@ async fn bounded_downloads_stop_at_the_recorded_size(store: TestStore) -> Result
     }
     let left: Vec<_> = std::fs::read_dir(dir.path())?.collect();
     ensure!(left.is_empty(), "{}: left behind {left:?}", store.describe);
+
+    // The same, hashed as it is written: the digest is of the bytes at the destination.
+    let want = tidemark_manifest::checksum::sha256_hex(&[3u8; 300_000]);
+    for max in [300_000, 400_000] {
+        let got = raw.get_to_file_max_hashed(key, &dest, max).await?;
+        ensure!(got.len == 300_000 && got.sha256 == want, "{got:?}");
+        let (on_disk, _) = tidemark_manifest::checksum::sha256_file(&dest)?;
+        ensure!(
+            on_disk == want,
+            "{}: the file holds other bytes",
+            store.describe
+        );
+    }
+    std::fs::remove_file(&dest)?;
+    match raw.get_to_file_max_hashed(key, &dest, 299_999).await {
+        Err(e @ StoreError::TooLarge { .. }) => {
+            ensure!(e.to_string().contains(key), "{e}");
+        }
+        other => anyhow::bail!("{}: expected TooLarge, got {other:?}", store.describe),
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path())?.collect();
+    ensure!(left.is_empty(), "{}: left behind {left:?}", store.describe);
     Ok(())
 }
 

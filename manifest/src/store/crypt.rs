@@ -43,7 +43,8 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::local::local_temp_path;
-use super::{ETag, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult};
+use super::{ETag, FileDigest, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult};
+use crate::checksum::Hasher;
 
 /// Length of an encryption key in bytes.
 pub const KEY_LEN: usize = 32;
@@ -329,9 +330,12 @@ impl Layout {
         plain.div_ceil(self.chunk).max(1)
     }
 
-    /// Size of the encrypted object of a plaintext of `plain` bytes.
+    /// Size of the encrypted object of a plaintext of `plain` bytes (`u64::MAX` where
+    /// that does not fit: an unbounded download stays unbounded).
     fn stored_size(&self, plain: u64) -> u64 {
-        HEADER_LEN as u64 + plain + self.chunks(plain) * TAG_LEN as u64
+        (HEADER_LEN as u64)
+            .saturating_add(plain)
+            .saturating_add(self.chunks(plain) * TAG_LEN as u64)
     }
 
     /// Size of the plaintext of an encrypted object of `stored` bytes, if that is a size an
@@ -663,13 +667,14 @@ impl Crypt {
         output.into_inner().map_err(|e| e.into_error())?.sync_all()
     }
 
-    /// Decrypts the encrypted file `src` into `dst` (created), chunk by chunk; returns the
-    /// plaintext size.
+    /// Decrypts the encrypted file `src` into `dst` (created), chunk by chunk, showing
+    /// `hasher` (if any) the plaintext it writes; returns the plaintext size.
     fn decrypt_file(
         &self,
         obj: Object<'_>,
         src: &Path,
         dst: &Path,
+        mut hasher: Option<&mut Hasher>,
     ) -> Result<u64, Result<CryptError, io::Error>> {
         let mut input = io::BufReader::with_capacity(1 << 20, File::open(src).map_err(Err)?);
         let size = input.get_ref().metadata().map_err(Err)?.len();
@@ -711,6 +716,9 @@ impl Crypt {
                 at += len;
             }
             output.write_all(&out).map_err(Err)?;
+            if let Some(h) = hasher.as_deref_mut() {
+                h.update(&out);
+            }
             i = batch_end;
         }
         output.sync_all().map_err(Err)?;
@@ -985,17 +993,29 @@ impl CryptStore {
     /// `get_to_file`, and with `max_len` `get_to_file_max`: the encrypted object is
     /// downloaded with the bound its plaintext bound gives (so the wrapped store stops one
     /// byte past it), then decrypted chunk by chunk into a temporary file renamed to `path`.
-    async fn download(&self, key: &str, path: &Path, max_len: Option<u64>) -> StoreResult<u64> {
+    /// With `hash`, also the sha256 of what was written to `path`: the plaintext, which is
+    /// what the repository's checksums are of (FORMAT.md §10).
+    async fn download(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: Option<u64>,
+        hash: bool,
+    ) -> StoreResult<(u64, Option<String>)> {
         super::validate_key(key)?;
         let op = StoreOp::GetToFile;
         let local = |e| Self::local(op, key, path, e);
         if Self::plaintext(key) {
-            return self.download_config(key, path, max_len).await;
+            return self.download_config(key, path, max_len, hash).await;
         }
         if Self::clear(key) {
-            return match max_len {
-                None => self.inner.get_to_file(key, path).await,
-                Some(max) => self.inner.get_to_file_max(key, path, max).await,
+            return match (max_len, hash) {
+                (None, _) => Ok((self.inner.get_to_file(key, path).await?, None)),
+                (Some(max), false) => Ok((self.inner.get_to_file_max(key, path, max).await?, None)),
+                (Some(max), true) => {
+                    let d = self.inner.get_to_file_max_hashed(key, path, max).await?;
+                    Ok((d.len, Some(d.sha256)))
+                }
             };
         }
         let repository = self.bound(op, key).await?;
@@ -1024,12 +1044,14 @@ impl CryptStore {
         let plain = TempFile(plain);
         let crypt = Arc::clone(&self.crypt);
         let (k, src, dst) = (key.to_owned(), sealed.0.clone(), plain.0.clone());
-        let size = blocking(move || {
+        let (size, sha256) = blocking(move || {
             let obj = Object {
                 repository: &repository,
                 key: &k,
             };
-            crypt.decrypt_file(obj, &src, &dst)
+            let mut hasher = hash.then(Hasher::new);
+            let size = crypt.decrypt_file(obj, &src, &dst, hasher.as_mut())?;
+            Ok((size, hasher.map(|h| h.finish().0)))
         })
         .await
         .map_err(|e| match e {
@@ -1040,7 +1062,7 @@ impl CryptStore {
         if let Ok(d) = File::open(&dir) {
             let _ = d.sync_all();
         }
-        Ok(size)
+        Ok((size, sha256))
     }
 
     /// `tidemark.json` to a file: checked whole (it is small), then written as every
@@ -1050,7 +1072,8 @@ impl CryptStore {
         key: &str,
         path: &Path,
         max_len: Option<u64>,
-    ) -> StoreResult<u64> {
+        hash: bool,
+    ) -> StoreResult<(u64, Option<String>)> {
         let local = |e| Self::local(StoreOp::GetToFile, key, path, e);
         let doc = self.get(key).await?;
         if let Some(max) = max_len.filter(|&max| doc.len() as u64 > max) {
@@ -1067,7 +1090,9 @@ impl CryptStore {
         })
         .await
         .map_err(local)?;
-        Ok(doc.len() as u64)
+        // A small document, and in memory already: hashed at once.
+        let sha256 = hash.then(|| crate::checksum::sha256_hex(&doc));
+        Ok((doc.len() as u64, sha256))
     }
 
     /// The wrapped store's [`StoreError::TooLarge`] (about the encrypted size) restated
@@ -1229,11 +1254,22 @@ impl ObjectStore for CryptStore {
     }
 
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
-        self.download(key, path, None).await
+        Ok(self.download(key, path, None, false).await?.0)
     }
 
     async fn get_to_file_max(&self, key: &str, path: &Path, max_len: u64) -> StoreResult<u64> {
-        self.download(key, path, Some(max_len)).await
+        Ok(self.download(key, path, Some(max_len), false).await?.0)
+    }
+
+    async fn get_to_file_max_hashed(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+    ) -> StoreResult<FileDigest> {
+        let (len, sha256) = self.download(key, path, Some(max_len), true).await?;
+        let sha256 = sha256.expect("a hashed download returns the digest of what it wrote");
+        Ok(FileDigest { len, sha256 })
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
@@ -1835,7 +1871,8 @@ mod tests {
     /// Downloads `len` plaintext bytes with the bound `max` through a crypt store over a
     /// recording store; checks the outcome, that nothing but the result is left in the
     /// directory, and returns the bounds the wrapped store saw.
-    async fn bounded_download(len: usize, max: u64) -> Vec<Option<u64>> {
+    /// With `hashed`, through the hashed download, whose digest must be the plaintext's.
+    async fn bounded_download(len: usize, max: u64, hashed: bool) -> Vec<Option<u64>> {
         let raw = Arc::new(Downloads::default());
         let s = CryptStore::new(raw.clone(), &key(4), CHUNK).unwrap();
         s.repository.set(Arc::from("r")).unwrap();
@@ -1843,7 +1880,15 @@ mod tests {
         s.put("sst/x", Bytes::from(plain.clone())).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let dst = dir.path().join("out");
-        match s.get_to_file_max("sst/x", &dst, max).await {
+        let got = if hashed {
+            s.get_to_file_max_hashed("sst/x", &dst, max).await.map(|d| {
+                assert_eq!(d.sha256, crate::checksum::sha256_hex(&plain));
+                d.len
+            })
+        } else {
+            s.get_to_file_max("sst/x", &dst, max).await
+        };
+        match got {
             Ok(n) => {
                 assert!(len as u64 <= max, "{len} bytes passed the bound {max}");
                 assert_eq!(n, len as u64);
@@ -1865,10 +1910,19 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_downloads_stop_one_byte_past_the_bound() {
-        for (len, max) in [(5000, 5000), (5000, 4999), (5000, 4096), (0, 0), (1, 0)] {
-            let bounds = bounded_download(len, max).await;
-            // The wrapped store is asked for the encrypted bound, never for everything.
-            assert_eq!(bounds, [Some(s_bound(max))], "{len} bytes, bound {max}");
+        for (len, max) in [
+            (5000, 5000),
+            (5000, 4999),
+            (5000, 4096),
+            (0, 0),
+            (1, 0),
+            (5000, u64::MAX),
+        ] {
+            for hashed in [false, true] {
+                let bounds = bounded_download(len, max, hashed).await;
+                // The wrapped store is asked for the encrypted bound, never for everything.
+                assert_eq!(bounds, [Some(s_bound(max))], "{len} bytes, bound {max}");
+            }
         }
     }
 
@@ -1900,14 +1954,102 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
+    /// The hashed download's digest is of the plaintext written to the file (what the
+    /// repository's checksums are of), for sealed objects of every size, the keyring kept
+    /// as it is and the authenticated `tidemark.json`.
+    #[tokio::test]
+    async fn hashed_downloads_give_the_sha256_of_the_plaintext() {
+        use crate::store::testkit::{Spy, check_hashed_downloads};
+        let (raw, s) = stores(&key(6));
+        check_hashed_downloads(&s).await;
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("out");
+        for len in SIZES.into_iter().chain([64 * 4096 + 3, 200 * 4096]) {
+            let k = format!("sst/{len}");
+            let plain = data(len);
+            s.put(&k, Bytes::from(plain.clone())).await.unwrap();
+            let d = s
+                .get_to_file_max_hashed(&k, &dst, len as u64)
+                .await
+                .unwrap();
+            assert_eq!(fs::read(&dst).unwrap(), plain);
+            assert_eq!(d.len, len as u64);
+            assert_eq!(d.sha256, crate::checksum::sha256_hex(&plain), "{len}");
+            let sealed = raw.get(&k).await.unwrap();
+            assert_ne!(d.sha256, crate::checksum::sha256_hex(&sealed));
+        }
+
+        // The keyring, stored as it is: the wrapped store's own hashed download.
+        let spy = Arc::new(Spy::new(Arc::new(MemoryStore::new())));
+        let s = CryptStore::new(spy.clone(), &key(6), CHUNK).unwrap();
+        s.repository.set(Arc::from("r")).unwrap();
+        let ring = Bytes::from_static(b"{\"keys\":[]}");
+        s.put(crate::keys::KEYRING, ring.clone()).await.unwrap();
+        let d = s
+            .get_to_file_max_hashed(crate::keys::KEYRING, &dst, 100)
+            .await
+            .unwrap();
+        assert_eq!(d.sha256, crate::checksum::sha256_hex(&ring));
+        assert_eq!(spy.counts(), (1, 0));
+        let e = s
+            .get_to_file_max_hashed(crate::keys::KEYRING, &dst, 3)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::TooLarge { limit: 3, .. }), "{e}");
+
+        // `tidemark.json`, authenticated and kept in plaintext.
+        let raw = Arc::new(MemoryStore::new());
+        let s = CryptStore::new(raw.clone(), &key(6), CHUNK).unwrap();
+        s.put_if_absent(crate::keys::CONFIG, config_doc("r", &key(6)))
+            .await
+            .unwrap();
+        let doc = raw.get(crate::keys::CONFIG).await.unwrap();
+        let d = s
+            .get_to_file_max_hashed(crate::keys::CONFIG, &dst, 1 << 16)
+            .await
+            .unwrap();
+        assert_eq!(fs::read(&dst).unwrap(), doc);
+        assert_eq!(d.len, doc.len() as u64);
+        assert_eq!(d.sha256, crate::checksum::sha256_hex(&doc));
+        fs::remove_file(&dst).unwrap();
+        let e = s
+            .get_to_file_max_hashed(crate::keys::CONFIG, &dst, 10)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::TooLarge { limit: 10, .. }), "{e}");
+        assert!(!dst.exists());
+    }
+
+    /// A tampered object is refused by the hashed download as by the plain one, and
+    /// leaves nothing behind.
+    #[tokio::test]
+    async fn a_tampered_object_is_refused_by_the_hashed_download() {
+        let (raw, s) = stores(&key(7));
+        s.put("sst/t", Bytes::from(data(9000))).await.unwrap();
+        let mut stored = raw.get("sst/t").await.unwrap().to_vec();
+        stored[HEADER_LEN + 5] ^= 1;
+        raw.put("sst/t", Bytes::from(stored)).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("out");
+        let e = s
+            .get_to_file_max_hashed("sst/t", &dst, 9000)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("'sst/t'"), "{e}");
+        assert!(!matches!(e, StoreError::TooLarge { .. }), "{e}");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
         #[test]
         fn bounded_downloads_keep_exactly_what_fits(len in 0usize..20_000, slack in -9_000i64..9_000) {
             let max = (len as i64 + slack).max(0) as u64;
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            let bounds = rt.block_on(bounded_download(len, max));
-            proptest::prop_assert_eq!(bounds, vec![Some(s_bound(max))]);
+            for hashed in [false, true] {
+                let bounds = rt.block_on(bounded_download(len, max, hashed));
+                proptest::prop_assert_eq!(bounds, vec![Some(s_bound(max))]);
+            }
         }
     }
 

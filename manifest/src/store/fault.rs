@@ -27,7 +27,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ETag, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult};
+use super::{ETag, FileDigest, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult};
 
 /// What an injected fault does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,6 +279,16 @@ impl ObjectStore for FaultStore {
         self.around(StoreOp::GetToFile, key, inner).await
     }
 
+    async fn get_to_file_max_hashed(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+    ) -> StoreResult<FileDigest> {
+        let inner = self.inner.get_to_file_max_hashed(key, path, max_len);
+        self.around(StoreOp::GetToFile, key, inner).await
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.around(StoreOp::GetRange, key, self.inner.get_range(key, range))
             .await
@@ -358,5 +368,51 @@ mod tests {
         let started = tokio::time::Instant::now();
         store.put("k", Bytes::from_static(b"v")).await.unwrap();
         assert!(started.elapsed() >= Duration::from_secs(30));
+    }
+
+    /// Faults are injected into the hashed download as into every download, and when none
+    /// is, it reaches the wrapped store's own.
+    #[tokio::test]
+    async fn hashed_downloads_get_faults_and_are_forwarded() {
+        use crate::store::testkit::{Spy, check_hashed_downloads};
+        let spy = Arc::new(Spy::new(Arc::new(MemoryStore::new())));
+        let store = FaultStore::new(spy.clone());
+        check_hashed_downloads(&store).await;
+        let (hashed, plain) = spy.counts();
+        assert!(hashed > 0 && plain == 0, "hashed {hashed}, plain {plain}");
+
+        store.put("k", Bytes::from_static(b"v")).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out");
+        store.inject(
+            FaultRule::new(Fault::Transient)
+                .on(StoreOp::GetToFile)
+                .times(1),
+        );
+        let calls = store.calls(StoreOp::GetToFile);
+        let e = store
+            .get_to_file_max_hashed("k", &dest, 1)
+            .await
+            .unwrap_err();
+        assert!(
+            e.is_transient() && e.to_string().contains("injected"),
+            "{e}"
+        );
+        assert_eq!(spy.counts().0, hashed, "the wrapped store was not called");
+        assert_eq!(store.calls(StoreOp::GetToFile), calls + 1);
+        assert!(!dest.exists());
+
+        store.inject(
+            FaultRule::new(Fault::LostReply)
+                .on(StoreOp::GetToFile)
+                .times(1),
+        );
+        let e = store
+            .get_to_file_max_hashed("k", &dest, 1)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("reply was lost"), "{e}");
+        assert_eq!(spy.counts().0, hashed + 1, "the download was carried out");
+        assert_eq!(std::fs::read(&dest).unwrap(), b"v");
     }
 }

@@ -11,9 +11,11 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::checksum::Hasher;
+
 use super::{
-    ETag, ObjectMeta, ObjectStore, PREALLOC_MAX, RESERVED_SEGMENT_PREFIX, StoreError, StoreOp,
-    StoreResult, validate_key, validate_prefix,
+    ETag, FileDigest, ObjectMeta, ObjectStore, PREALLOC_MAX, RESERVED_SEGMENT_PREFIX, StoreError,
+    StoreOp, StoreResult, validate_key, validate_prefix,
 };
 
 /// Name of the lock file that serialises `put_if_match` and `delete` across processes.
@@ -357,8 +359,15 @@ impl LocalStore {
         Ok((file, meta))
     }
 
-    /// `get_to_file`, stopping with [`StoreError::TooLarge`] after `max_len + 1` bytes.
-    async fn download(&self, key: &str, path: &Path, max_len: u64) -> StoreResult<u64> {
+    /// `get_to_file`, stopping with [`StoreError::TooLarge`] after `max_len + 1` bytes; with
+    /// a `hasher`, every byte written to the file goes through it too.
+    async fn download(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+        mut hasher: Option<Hasher>,
+    ) -> StoreResult<(u64, Option<Hasher>)> {
         validate_key(key)?;
         let k = key.to_owned();
         let dest = path.to_owned();
@@ -373,8 +382,13 @@ impl LocalStore {
             };
             // One byte more than allowed tells "too long" from "exactly the limit".
             let mut src = src.take(max_len.saturating_add(1));
-            write_local_file(&dest, local, |out| {
-                let n = copy(&mut src, out, |e| s.io_error(op, &k, e), local)?;
+            let seen = |bytes: &[u8]| {
+                if let Some(h) = hasher.as_mut() {
+                    h.update(bytes);
+                }
+            };
+            let n = write_local_file(&dest, local, |out| {
+                let n = copy(&mut src, out, |e| s.io_error(op, &k, e), local, seen)?;
                 if n > max_len {
                     return Err(StoreError::TooLarge {
                         op,
@@ -384,7 +398,8 @@ impl LocalStore {
                     });
                 }
                 Ok(n)
-            })
+            })?;
+            Ok((n, hasher))
         })
         .await
     }
@@ -557,7 +572,7 @@ impl ObjectStore for LocalStore {
                 op,
                 &k,
                 |dst| {
-                    copied.set(copy(&mut src, dst, local, on_io)?);
+                    copied.set(copy(&mut src, dst, local, on_io, |_| {})?);
                     Ok(())
                 },
                 None,
@@ -599,11 +614,23 @@ impl ObjectStore for LocalStore {
     }
 
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
-        self.download(key, path, u64::MAX).await
+        Ok(self.download(key, path, u64::MAX, None).await?.0)
     }
 
     async fn get_to_file_max(&self, key: &str, path: &Path, max_len: u64) -> StoreResult<u64> {
-        self.download(key, path, max_len).await
+        Ok(self.download(key, path, max_len, None).await?.0)
+    }
+
+    async fn get_to_file_max_hashed(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+    ) -> StoreResult<FileDigest> {
+        let (_, hasher) = self
+            .download(key, path, max_len, Some(Hasher::new()))
+            .await?;
+        Ok(hasher.unwrap_or_default().into())
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
@@ -753,12 +780,14 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Copies `src` to `dst`, attributing read and write errors to their own side.
+/// Copies `src` to `dst`, attributing read and write errors to their own side; `seen` is
+/// shown every piece written.
 fn copy(
     src: &mut impl Read,
     dst: &mut File,
     on_read: impl Fn(io::Error) -> StoreError,
     on_write: impl Fn(io::Error) -> StoreError,
+    mut seen: impl FnMut(&[u8]),
 ) -> StoreResult<u64> {
     let mut buf = vec![0u8; COPY_BUF];
     let mut total = 0u64;
@@ -770,6 +799,7 @@ fn copy(
             Err(e) => return Err(on_read(e)),
         };
         dst.write_all(&buf[..n]).map_err(&on_write)?;
+        seen(&buf[..n]);
         total += n as u64;
     }
 }
@@ -950,6 +980,8 @@ mod tests {
             names_link(store.head(key).await.unwrap_err(), link);
             names_link(store.get_range(key, 0..1).await.unwrap_err(), link);
             names_link(store.get_to_file(key, &dest).await.unwrap_err(), link);
+            let hashed = store.get_to_file_max_hashed(key, &dest, 1 << 20).await;
+            names_link(hashed.unwrap_err(), link);
         }
         assert!(!dest.exists());
     }
@@ -1057,5 +1089,11 @@ mod tests {
         assert!(err.contains("cannot also be a directory"), "{err}");
         assert!(store.head("a/b").await.unwrap().is_none());
         assert!(store.get("a/b").await.unwrap_err().is_not_found());
+    }
+
+    #[tokio::test]
+    async fn hashed_downloads_give_the_sha256_of_the_file() {
+        let (_dir, store) = store();
+        crate::store::testkit::check_hashed_downloads(&store).await;
     }
 }

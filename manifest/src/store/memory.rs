@@ -11,7 +11,8 @@ use bytes::Bytes;
 use time::OffsetDateTime;
 
 use super::{
-    ETag, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult, validate_key, validate_prefix,
+    ETag, FileDigest, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult, validate_key,
+    validate_prefix,
 };
 use crate::model::ObjectLock;
 
@@ -108,6 +109,56 @@ impl MemoryStore {
             .cloned()
             .ok_or_else(|| Self::not_found(op, key))
     }
+
+    /// Writes an object of at most `max_len` bytes to `path` the safe way (off the async
+    /// runtime), hashing what it writes when `hash` is set (an empty digest otherwise).
+    async fn download(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+        hash: bool,
+    ) -> StoreResult<FileDigest> {
+        validate_key(key)?;
+        let op = StoreOp::GetToFile;
+        let (data, _) = self.lookup(op, key)?;
+        if data.len() as u64 > max_len {
+            return Err(StoreError::TooLarge {
+                op,
+                key: key.to_owned(),
+                location: Self::location(key),
+                limit: max_len,
+            });
+        }
+        let key = key.to_owned();
+        let dest = path.to_owned();
+        let shown = dest.display().to_string();
+        let written = tokio::task::spawn_blocking(move || {
+            let local = |e| StoreError::LocalFile {
+                op,
+                key: key.clone(),
+                path: dest.display().to_string(),
+                source: e,
+            };
+            let len = super::local::write_local_file(&dest, local, |out| {
+                std::io::Write::write_all(out, &data).map_err(local)?;
+                Ok(data.len() as u64)
+            })?;
+            let sha256 = if hash {
+                crate::checksum::sha256_hex(&data)
+            } else {
+                String::new()
+            };
+            Ok(FileDigest { len, sha256 })
+        })
+        .await;
+        match written {
+            Ok(result) => result,
+            Err(e) => Err(StoreError::config(format!(
+                "writing '{shown}' was interrupted: {e}"
+            ))),
+        }
+    }
 }
 
 #[async_trait]
@@ -186,45 +237,20 @@ impl ObjectStore for MemoryStore {
     }
 
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
-        validate_key(key)?;
-        let op = StoreOp::GetToFile;
-        let (data, _) = self.lookup(op, key)?;
-        let key = key.to_owned();
-        let dest = path.to_owned();
-        let shown = dest.display().to_string();
-        let written = tokio::task::spawn_blocking(move || {
-            let local = |e| StoreError::LocalFile {
-                op,
-                key: key.clone(),
-                path: dest.display().to_string(),
-                source: e,
-            };
-            super::local::write_local_file(&dest, local, |out| {
-                std::io::Write::write_all(out, &data).map_err(local)?;
-                Ok(data.len() as u64)
-            })
-        })
-        .await;
-        match written {
-            Ok(result) => result,
-            Err(e) => Err(StoreError::config(format!(
-                "writing '{shown}' was interrupted: {e}"
-            ))),
-        }
+        Ok(self.download(key, path, u64::MAX, false).await?.len)
     }
 
     async fn get_to_file_max(&self, key: &str, path: &Path, max_len: u64) -> StoreResult<u64> {
-        validate_key(key)?;
-        let (data, _) = self.lookup(StoreOp::GetToFile, key)?;
-        if data.len() as u64 > max_len {
-            return Err(StoreError::TooLarge {
-                op: StoreOp::GetToFile,
-                key: key.to_owned(),
-                location: Self::location(key),
-                limit: max_len,
-            });
-        }
-        self.get_to_file(key, path).await
+        Ok(self.download(key, path, max_len, false).await?.len)
+    }
+
+    async fn get_to_file_max_hashed(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+    ) -> StoreResult<FileDigest> {
+        self.download(key, path, max_len, true).await
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
@@ -301,5 +327,15 @@ impl ObjectStore for MemoryStore {
             .lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = lock;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn hashed_downloads_give_the_sha256_of_the_file() {
+        crate::store::testkit::check_hashed_downloads(&MemoryStore::new()).await;
     }
 }

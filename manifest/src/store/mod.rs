@@ -43,6 +43,8 @@ mod memory;
 pub mod probe;
 mod retry;
 mod s3;
+#[cfg(test)]
+pub(crate) mod testkit;
 pub mod throttle;
 mod url;
 
@@ -182,6 +184,23 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
         Ok(n)
     }
 
+    /// Like [`ObjectStore::get_to_file_max`], and also returns the sha256 of the bytes
+    /// written to `path` (under encryption, the plaintext), so the caller can check the file
+    /// against its recorded checksum without reading it back.
+    ///
+    /// The default downloads with `get_to_file_max`, then reads the file back and hashes it
+    /// off the async runtime. The stores override it to hash each piece as it is written
+    /// (the local and memory stores, S3, encryption) or pass it on (decorators).
+    async fn get_to_file_max_hashed(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+    ) -> StoreResult<FileDigest> {
+        self.get_to_file_max(key, path, max_len).await?;
+        hash_downloaded(key, path).await
+    }
+
     /// Reads the bytes `range.start..range.end` of an object. The range must lie inside the
     /// object, otherwise [`StoreError::InvalidRange`].
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes>;
@@ -217,6 +236,45 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// to what reaches the store (an encrypted object's stored bytes).
     fn set_object_lock(&self, lock: Option<ObjectLock>) {
         let _ = lock;
+    }
+}
+
+/// What [`ObjectStore::get_to_file_max_hashed`] wrote: the file's length and the hex sha256
+/// of its bytes (as [`crate::checksum`] spells digests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDigest {
+    /// Bytes written.
+    pub len: u64,
+    /// Hex sha256 of those bytes.
+    pub sha256: String,
+}
+
+impl From<crate::checksum::Hasher> for FileDigest {
+    fn from(h: crate::checksum::Hasher) -> FileDigest {
+        let (sha256, len) = h.finish();
+        FileDigest { len, sha256 }
+    }
+}
+
+/// Reads back a file just downloaded from `key` and hashes it, off the async runtime: the
+/// default of [`ObjectStore::get_to_file_max_hashed`].
+async fn hash_downloaded(key: &str, path: &Path) -> StoreResult<FileDigest> {
+    let p = path.to_owned();
+    let local = |source| StoreError::LocalFile {
+        op: StoreOp::GetToFile,
+        key: key.to_owned(),
+        path: path.display().to_string(),
+        source,
+    };
+    match tokio::task::spawn_blocking(move || crate::checksum::sha256_file(&p)).await {
+        Ok(hashed) => {
+            let (sha256, len) = hashed.map_err(local)?;
+            Ok(FileDigest { len, sha256 })
+        }
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(local(std::io::Error::other(format!(
+            "reading the downloaded file back was interrupted: {e}"
+        )))),
     }
 }
 
@@ -414,6 +472,14 @@ mod tests {
         assert!(validate_prefix("/x").is_err());
         assert!(validate_prefix("a//").is_err());
         assert!(validate_prefix("../").is_err());
+    }
+
+    /// A store that does not override the hashed download gets the default: the file read
+    /// back and hashed, the bound checked after the whole download, nothing left behind.
+    #[tokio::test]
+    async fn the_default_hashed_download_reads_the_file_back() {
+        let minimal = testkit::Minimal(Arc::new(MemoryStore::new()));
+        testkit::check_hashed_downloads(&minimal).await;
     }
 
     #[test]

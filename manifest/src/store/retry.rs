@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rand::Rng;
 
-use super::{ETag, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult};
+use super::{ETag, FileDigest, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult};
 
 /// Retries of object store calls made so far by this process, under any policy.
 static RETRIES: AtomicU64 = AtomicU64::new(0);
@@ -258,6 +258,19 @@ impl ObjectStore for RetryStore {
             .await
     }
 
+    async fn get_to_file_max_hashed(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+    ) -> StoreResult<FileDigest> {
+        self.policy
+            .run(StoreOp::GetToFile, key, || {
+                self.inner.get_to_file_max_hashed(key, path, max_len)
+            })
+            .await
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.policy
             .run(StoreOp::GetRange, key, || {
@@ -456,5 +469,45 @@ mod tests {
         assert!(delays.iter().all(|d| *d <= Duration::from_millis(800)));
         let distinct: std::collections::HashSet<_> = delays.iter().collect();
         assert!(distinct.len() > 100, "delays are not jittered");
+    }
+
+    /// The hashed download is retried like any download, reaches the wrapped store's own
+    /// hashed download, and a refusal for size is not retried.
+    #[tokio::test(start_paused = true)]
+    async fn hashed_downloads_are_forwarded_and_retried() {
+        use crate::store::testkit::{Spy, check_hashed_downloads};
+        let spy = Arc::new(Spy::new(Arc::new(MemoryStore::new())));
+        let faults = Arc::new(FaultStore::new(spy.clone()));
+        let store = RetryStore::new(faults.clone(), policy(5));
+        check_hashed_downloads(&store).await;
+        let (hashed, plain) = spy.counts();
+        assert!(hashed > 0 && plain == 0, "hashed {hashed}, plain {plain}");
+
+        store.put("k", Bytes::from_static(b"data")).await.unwrap();
+        faults.inject(
+            FaultRule::new(Fault::Transient)
+                .on(StoreOp::GetToFile)
+                .times(2),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out");
+        let calls = faults.calls(StoreOp::GetToFile);
+        let got = store.get_to_file_max_hashed("k", &dest, 4).await.unwrap();
+        assert_eq!(got.sha256, crate::checksum::sha256_hex(b"data"));
+        assert_eq!(
+            faults.calls(StoreOp::GetToFile),
+            calls + 3,
+            "two failures, then success"
+        );
+
+        let calls = faults.calls(StoreOp::GetToFile);
+        std::fs::remove_file(&dest).unwrap();
+        let e = store
+            .get_to_file_max_hashed("k", &dest, 3)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::TooLarge { .. }), "{e}");
+        assert_eq!(faults.calls(StoreOp::GetToFile), calls + 1);
+        assert!(!dest.exists());
     }
 }

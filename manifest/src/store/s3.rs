@@ -28,9 +28,10 @@ use tokio::sync::Semaphore;
 
 use super::throttle::{self, PacedBody, Pacer};
 use super::{
-    ETag, ObjectMeta, ObjectStore, RetryPolicy, StoreError, StoreOp, StoreResult, validate_key,
-    validate_prefix,
+    ETag, FileDigest, ObjectMeta, ObjectStore, RetryPolicy, StoreError, StoreOp, StoreResult,
+    validate_key, validate_prefix,
 };
+use crate::checksum::Hasher;
 use crate::keys::{self, ObjectKind};
 use crate::model::{LockMode, ObjectLock};
 
@@ -1046,6 +1047,28 @@ impl S3Store {
         self.etag(op, key, out.e_tag())
     }
 
+    /// `get_to_file_max`, feeding every byte written to `hasher` (if any).
+    async fn download(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+        hasher: Option<&mut Hasher>,
+    ) -> StoreResult<u64> {
+        validate_key(key)?;
+        let op = StoreOp::GetToFile;
+        let (_, tmp) =
+            super::local::local_temp_path(path).map_err(|e| Self::local_error(op, key, path, e))?;
+        let out = self.get_object(op, key, None).await?;
+        let result = self
+            .download_to(key, path, &tmp, out, max_len, hasher)
+            .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+
     async fn download_to(
         &self,
         key: &str,
@@ -1053,6 +1076,7 @@ impl S3Store {
         tmp: &Path,
         out: aws_sdk_s3::operation::get_object::GetObjectOutput,
         max_len: u64,
+        mut hasher: Option<&mut Hasher>,
     ) -> StoreResult<u64> {
         let op = StoreOp::GetToFile;
         let local = |e| Self::local_error(op, key, dest, e);
@@ -1083,6 +1107,10 @@ impl S3Store {
                 return Err(too_large());
             }
             file.write_all(&chunk).await.map_err(local)?;
+            // One body chunk at a time (tens of KiB): cheap enough for the runtime.
+            if let Some(h) = hasher.as_deref_mut() {
+                h.update(&chunk);
+            }
         }
         self.check_length(op, key, written, expected)?;
         file.sync_all().await.map_err(local)?;
@@ -1326,16 +1354,18 @@ impl ObjectStore for S3Store {
     }
 
     async fn get_to_file_max(&self, key: &str, path: &Path, max_len: u64) -> StoreResult<u64> {
-        validate_key(key)?;
-        let op = StoreOp::GetToFile;
-        let (_, tmp) =
-            super::local::local_temp_path(path).map_err(|e| Self::local_error(op, key, path, e))?;
-        let out = self.get_object(op, key, None).await?;
-        let result = self.download_to(key, path, &tmp, out, max_len).await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
-        result
+        self.download(key, path, max_len, None).await
+    }
+
+    async fn get_to_file_max_hashed(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+    ) -> StoreResult<FileDigest> {
+        let mut hasher = Hasher::new();
+        self.download(key, path, max_len, Some(&mut hasher)).await?;
+        Ok(hasher.into())
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {

@@ -40,7 +40,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{ETag, ObjectMeta, ObjectStore, StoreResult};
+use super::{ETag, FileDigest, ObjectMeta, ObjectStore, StoreResult};
 use crate::keys::{self, ObjectKind};
 
 /// The largest grant: bulk transfers ask for at most this much at a time.
@@ -452,6 +452,15 @@ impl ObjectStore for ThrottleStore {
         self.inner.get_to_file_max(key, path, max_len).await
     }
 
+    async fn get_to_file_max_hashed(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+    ) -> StoreResult<FileDigest> {
+        self.inner.get_to_file_max_hashed(key, path, max_len).await
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.inner.get_range(key, range).await
     }
@@ -733,5 +742,25 @@ mod tests {
         let start = Instant::now();
         assert_eq!(store.get("sst/b").await.unwrap(), data);
         assert_eq!(secs(start), 0.0);
+    }
+
+    /// The hashed download reaches the wrapped store's own, and like every read it is
+    /// not limited: nothing is drawn from the limiter.
+    #[tokio::test]
+    async fn hashed_downloads_are_forwarded_unpaced() {
+        use crate::store::testkit::{Spy, check_hashed_downloads};
+        let spy = Arc::new(Spy::new(Arc::new(MemoryStore::new())));
+        let limiter = RateLimiter::new(Rate::bytes_per_sec(1 << 30).unwrap());
+        let store = ThrottleStore::new(spy.clone(), limiter.clone());
+        let granted = limiter.granted(Priority::Bulk) + limiter.granted(Priority::Urgent);
+        check_hashed_downloads(&store).await;
+        let (hashed, plain) = spy.counts();
+        assert!(hashed > 0 && plain == 0, "hashed {hashed}, plain {plain}");
+        // The puts of the check drew on it; the downloads did not.
+        let puts = 3 + (3 * MIB + 17);
+        assert_eq!(
+            limiter.granted(Priority::Bulk) + limiter.granted(Priority::Urgent),
+            granted + puts
+        );
     }
 }

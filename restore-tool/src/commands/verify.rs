@@ -269,22 +269,11 @@ async fn check_base_file(
     }
     out.read = true;
     let path = scratch.join(format!("{:08x}", rand::random::<u32>()));
-    match store.get_to_file_max(&f.key, &path, f.size).await {
-        Ok(n) => {
-            out.bytes = n;
-            let hashed = path.clone();
-            let result = tokio::task::spawn_blocking(move || checksum::sha256_file(&hashed))
-                .await
-                .expect("hashing does not panic");
-            match result {
-                Ok((sha, len)) => {
-                    if let Err(e) = checksum::check(&f.key, &f.sha256, f.size, &sha, len) {
-                        out.problems.push(problem(&f.key, e.to_string()));
-                    }
-                }
-                Err(e) => out
-                    .problems
-                    .push(problem(&f.key, format!("cannot read back: {e}"))),
+    match store.get_to_file_max_hashed(&f.key, &path, f.size).await {
+        Ok(found) => {
+            out.bytes = found.len;
+            if let Err(e) = checksum::check(&f.key, &f.sha256, f.size, &found.sha256, found.len) {
+                out.problems.push(problem(&f.key, e.to_string()));
             }
         }
         Err(e) if e.is_not_found() => out
@@ -791,4 +780,52 @@ pub async fn run(
         notes,
         duration_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use tidemark_manifest::store::MemoryStore;
+    use tidemark_manifest::testing::SpyStore;
+
+    /// A base file is hashed as it is downloaded; a changed or missing one is a problem
+    /// that names it.
+    #[tokio::test]
+    async fn a_base_file_is_hashed_as_it_is_downloaded() {
+        let spy = Arc::new(SpyStore::new(Arc::new(MemoryStore::new())));
+        let content = b"MANIFEST-000003\n";
+        let sha256 = checksum::sha256_hex(content);
+        let f = BaseFile {
+            name: "CURRENT".into(),
+            size: content.len() as u64,
+            key: keys::base_object_key("b1", "CURRENT", &sha256),
+            sha256,
+        };
+        spy.put(&f.key, Bytes::from_static(content)).await.unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path().to_path_buf();
+        let out = check_base_file(spy.clone(), f.clone(), false, dir.clone()).await;
+        assert!(out.problems.is_empty(), "{:?}", out.problems.first());
+        assert!(out.read);
+        assert_eq!(out.bytes, content.len() as u64);
+        assert_eq!(spy.counts(), (1, 0), "(hashed, plain) downloads");
+
+        spy.put(&f.key, Bytes::from_static(b"MANIFEST-000004\n"))
+            .await
+            .unwrap();
+        let out = check_base_file(spy.clone(), f.clone(), false, dir.clone()).await;
+        assert_eq!(out.problems.len(), 1);
+        assert!(out.problems[0].problem.contains("checksum mismatch"));
+        assert_eq!(out.problems[0].object.as_deref(), Some(f.key.as_str()));
+
+        spy.delete(&f.key).await.unwrap();
+        let out = check_base_file(spy, f, false, dir.clone()).await;
+        assert!(out.problems[0].problem.contains("CURRENT is missing"));
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "scratch files left"
+        );
+    }
 }
