@@ -452,3 +452,38 @@ async fn transient_faults_are_retried_and_a_cancelled_restore_leaves_nothing() -
     assert_untouched(out.path(), &["retried"]);
     Ok(())
 }
+
+/// A restore made for a standby carries the standby's marker when it lands in place: the
+/// marker is written before the rename, so no crash between the two can leave a restored
+/// database the follower then refuses as "not a warm standby". A re-base over a standby
+/// (`--force`) moves the old one aside with its own marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_restore_lands_with_its_marker() -> Result<()> {
+    use tidemark_restore::commands::follow::STANDBY_FILE;
+    let f = fixture(29).await?;
+    let oracle = f.source.oracle()?;
+    let out = tempfile::tempdir()?;
+    let target = out.path().join("db");
+
+    let plain = out.path().join("plain");
+    restore_to(&f.repo, &plain, Target::Latest).await?;
+    assert!(
+        !plain.join(STANDBY_FILE).exists(),
+        "a plain restore is no standby"
+    );
+
+    let mut opts = RestoreOptions::new(&target, Target::Latest);
+    opts.standby = true;
+    let r = restore::run(&f.repo, &opts, &Progress::hidden(), &Cancel::new()).await?;
+    assert_eq!(check_against_oracle(&r, &oracle)?, oracle.last_seq());
+    let text = std::fs::read_to_string(target.join(STANDBY_FILE))?;
+    assert!(text.contains(&r.repository), "{text}");
+
+    opts.force = true;
+    let r = restore::run(&f.repo, &opts, &Progress::hidden(), &Cancel::new()).await?;
+    let aside = r.moved_aside.clone().expect("the old standby moved aside");
+    assert!(aside.join(STANDBY_FILE).exists());
+    assert!(target.join(STANDBY_FILE).exists());
+    assert_eq!(check_against_oracle(&r, &oracle)?, oracle.last_seq());
+    Ok(())
+}

@@ -458,6 +458,7 @@ async fn restore_cmd(a: RestoreArgs, progress: &Progress, cancel: &Cancel) -> an
         force: a.force,
         parallelism: a.parallelism,
         verify: a.verify,
+        standby: false,
     };
     let r = match a.generation {
         None => restore::run_from(&a.store, &opts, progress, cancel).await?,

@@ -986,6 +986,7 @@ impl Drill {
             force: false,
             parallelism: opts.parallelism,
             verify: opts.verify,
+            standby: false,
         };
         let (repo, state) = (&planned.repo, Some(&planned.state));
         let result = restore::run_logged(repo, state, &ropts, progress, cancel, &log).await;

@@ -318,8 +318,8 @@ async fn first_restore(
     let mut ropts = RestoreOptions::new(dir, super::Target::Latest);
     ropts.parallelism = opts.parallelism;
     ropts.verify = opts.verify;
+    ropts.standby = true;
     let report = restore::run(repo, &ropts, progress, cancel).await?;
-    Standby::mark(dir, &report.repository)?;
     tracing::info!(
         "restored {} to {} at sequence {}; following it now",
         report.repository,
@@ -643,6 +643,7 @@ impl Follower {
         ropts.force = true;
         ropts.parallelism = opts.parallelism;
         ropts.verify = opts.verify;
+        ropts.standby = true;
         let report = match restore::run(&self.repo, &ropts, progress, &controls.stop).await {
             Ok(r) => r,
             Err(e) => {
@@ -651,7 +652,6 @@ impl Follower {
                 return Err(e);
             }
         };
-        Standby::mark(&dir, &report.repository)?;
         self.standby = Standby::open(&dir)?;
         drop(old);
         self.rebases += 1;
@@ -801,26 +801,28 @@ struct Standby {
     wal: Option<OpenWal>,
 }
 
-impl Standby {
-    /// Creates the marker in a freshly restored `dir`, durably.
-    fn mark(dir: &Path, repository: &str) -> Result<(), RestoreError> {
-        let path = dir.join(STANDBY_FILE);
-        let text = format!(
-            "This database is a Tidemark warm standby following {repository}.\n\
-             Do not open it read-write: promote it first (SIGUSR1 to the follower, or \
-             `tidemark-restore follow --promote`).\n"
-        );
-        let mut f = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| RestoreError::io("cannot create the standby marker", &path, e))?;
-        f.write_all(text.as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| RestoreError::io("cannot write the standby marker", &path, e))?;
-        sync_dir(dir)
-    }
+/// Creates the standby marker in `dir`, a restored database not yet in place, durably. The
+/// restore writes it before its result is renamed into place ([`RestoreOptions::standby`]):
+/// a follower killed at any point leaves either no new database or a marked one.
+pub(crate) fn write_standby_marker(dir: &Path, repository: &str) -> Result<(), RestoreError> {
+    let path = dir.join(STANDBY_FILE);
+    let text = format!(
+        "This database is a Tidemark warm standby following {repository}.\n\
+         Do not open it read-write: promote it first (SIGUSR1 to the follower, or \
+         `tidemark-restore follow --promote`).\n"
+    );
+    let mut f = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| RestoreError::io("cannot create the standby marker", &path, e))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| RestoreError::io("cannot write the standby marker", &path, e))?;
+    sync_dir(dir)
+}
 
+impl Standby {
     /// Opens the standby in `dir`: refuses a target that is not one, or not this
     /// follower's to take; cuts the WAL back to the committed point.
     fn open(dir: &Path) -> Result<Standby, RestoreError> {
@@ -1464,7 +1466,7 @@ mod tests {
             rocksdb::DB::open(&o, &db).unwrap();
         }
         fs::remove_file(db.join("LOCK")).unwrap();
-        Standby::mark(&db, "file:///gone").unwrap();
+        write_standby_marker(&db, "file:///gone").unwrap();
         standby(&db, 0);
         let gone = StoreOptions::new(format!("file://{}/gone", dir.path().display()));
         let mut opts = FollowOptions::new(&db);
@@ -1500,7 +1502,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = lock_marker(dir.path()).unwrap_err();
         assert!(e.to_string().contains("not a warm standby"), "{e}");
-        Standby::mark(dir.path(), "file:///r").unwrap();
+        write_standby_marker(dir.path(), "file:///r").unwrap();
         let held = lock_marker(dir.path()).unwrap();
         let e = lock_marker(dir.path()).unwrap_err();
         assert!(e.to_string().contains("another follower"), "{e}");

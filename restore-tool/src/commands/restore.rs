@@ -79,6 +79,10 @@ pub struct RestoreOptions {
     /// How to verify the result.
     #[serde(default = "default_verify")]
     pub verify: VerifyMode,
+    /// Make the result a warm standby: its marker is written into the result before it is
+    /// renamed into place, so no crash leaves a restored standby without it.
+    #[serde(skip)]
+    pub standby: bool,
 }
 
 impl RestoreOptions {
@@ -91,6 +95,7 @@ impl RestoreOptions {
             force: false,
             parallelism: DEFAULT_PARALLELISM,
             verify: DEFAULT_VERIFY,
+            standby: false,
         }
     }
 }
@@ -863,8 +868,8 @@ impl Run<'_> {
         Verification::from_steps(level, cutoff, steps, column_families, took)
     }
 
-    /// Puts the verified result in place: `origin` is written into it (durably, the last
-    /// file of the database), the old target (with `--force`) is renamed aside, then the
+    /// Puts the verified result in place: the standby marker (when asked) and `origin` are
+    /// written into it (durably, the origin last), the old target (with `--force`) is renamed aside, then the
     /// staging directory is renamed to the target. Nothing is deleted.
     async fn commit(
         &self,
@@ -876,7 +881,11 @@ impl Run<'_> {
         self.log.start(Phase::Commit);
         let commit_started = Instant::now();
         let force = self.opts.force;
+        let standby = self.opts.standby.then(|| report.repository.clone());
         let (moved, origin) = tokio::task::spawn_blocking(move || {
+            if let Some(repository) = standby {
+                super::follow::write_standby_marker(staging.dir(), &repository)?;
+            }
             origin.write(staging.dir())?;
             Ok::<_, RestoreError>((staging.commit(force)?, origin))
         })
