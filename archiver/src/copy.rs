@@ -392,6 +392,13 @@ async fn copy_one(
                 "already at the destination and verified there"
             );
         }
+        Copied::Kept => {
+            report.objects_skipped += 1;
+            tracing::debug!(
+                key = item.key(),
+                "listed at the destination, still locked: kept"
+            );
+        }
     }
     Ok(())
 }

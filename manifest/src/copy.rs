@@ -15,8 +15,8 @@ use time::OffsetDateTime;
 use crate::checksum;
 use crate::keys;
 use crate::model::{
-    self, BaseDescriptor, Generation, IndexPageRef, ObjectRef, RepositoryConfig, SegmentEntry,
-    Writer,
+    self, BaseDescriptor, Generation, IndexPageRef, ObjectLock, ObjectRef, RepositoryConfig,
+    SegmentEntry, Writer,
 };
 use crate::repo::{RepoError, RepoState, Repository};
 use crate::segment::SegmentError;
@@ -119,6 +119,17 @@ pub enum CopyItem {
     },
     /// A base's descriptor (verified by the size and sha256 its generation records).
     BaseDescriptor { reference: ObjectRef },
+    /// A table file a new base references that the destination's current generation
+    /// already lists, in a destination under an object lock: kept while at least half of
+    /// its lock is left, written again from the source otherwise, so that every object a
+    /// new base references stays locked at least that long ([`ObjectLock::reusable`], the
+    /// rule base backups follow, FORMAT.md §3.2).
+    ReusedTable {
+        key: String,
+        size: u64,
+        sha256: String,
+        lock: ObjectLock,
+    },
 }
 
 impl CopyItem {
@@ -127,7 +138,7 @@ impl CopyItem {
         match self {
             CopyItem::Segment { entry } => &entry.key,
             CopyItem::IndexPage { reference } => &reference.key,
-            CopyItem::BaseFile { key, .. } => key,
+            CopyItem::BaseFile { key, .. } | CopyItem::ReusedTable { key, .. } => key,
             CopyItem::BaseDescriptor { reference } => &reference.key,
         }
     }
@@ -137,7 +148,7 @@ impl CopyItem {
         match self {
             CopyItem::Segment { entry } => entry.stored_size,
             CopyItem::IndexPage { reference } => reference.size,
-            CopyItem::BaseFile { size, .. } => *size,
+            CopyItem::BaseFile { size, .. } | CopyItem::ReusedTable { size, .. } => *size,
             CopyItem::BaseDescriptor { reference } => reference.size,
         }
     }
@@ -456,7 +467,9 @@ fn push_missing(plan: &mut CopyPlan, have: &BTreeSet<&str>, s: &SegmentEntry, ta
 
 /// The files and descriptors of the source's bases the destination's current generation
 /// does not list. A table file that a base of the destination's current generation lists
-/// with the same size is not copied again (the rule base backups follow, FORMAT.md §4.6).
+/// with the same size is not copied again (the rule base backups follow, FORMAT.md §4.6);
+/// under the destination's object lock, only while half of its lock is left
+/// ([`CopyItem::ReusedTable`]).
 fn plan_bases(
     plan: &mut CopyPlan,
     g: &Generation,
@@ -480,18 +493,29 @@ fn plan_bases(
                 .collect()
         })
         .unwrap_or_default();
+    let lock = destination.and_then(|d| d.state.config.object_lock);
     for (summary, d) in g.bases.iter().zip(source_bases) {
         if have_base(&summary.id, &summary.descriptor) {
             plan.already_there += 1 + d.files.len() as u64;
             continue;
         }
         for f in &d.files {
-            if have_files.get(&f.key) == Some(&f.size) {
+            let listed = have_files.get(&f.key) == Some(&f.size);
+            if listed && lock.is_none() {
                 plan.already_there += 1;
                 continue;
             }
-            // A table file several new bases share is copied once.
+            // A table file several new bases share is copied (or checked) once.
             if !planned.insert(f.key.clone()) {
+                continue;
+            }
+            if let (true, Some(lock)) = (listed, lock) {
+                plan.before.push(CopyItem::ReusedTable {
+                    key: f.key.clone(),
+                    size: f.size,
+                    sha256: f.sha256.clone(),
+                    lock,
+                });
                 continue;
             }
             plan.before.push(CopyItem::BaseFile {
@@ -525,6 +549,9 @@ pub enum Copied {
     /// Already at the destination (left by an interrupted copy): read back there and
     /// verified, not written again.
     Verified,
+    /// A table the destination's current generation lists, still locked long enough:
+    /// kept as it is, not read.
+    Kept,
 }
 
 /// Copies one object of a plan from `source` to `destination`, verified on the way, using
@@ -575,6 +602,27 @@ pub async fn copy_object(
         }
         CopyItem::BaseFile { key, size, sha256 } => {
             copy_base_file(source, destination, key, *size, sha256, scratch).await
+        }
+        CopyItem::ReusedTable {
+            key,
+            size,
+            sha256,
+            lock,
+        } => {
+            let meta = destination
+                .store()
+                .head(key)
+                .await
+                .map_err(|e| dst(e.into()))?;
+            let written_at = meta.and_then(|m| m.last_modified);
+            if lock.reusable(written_at, OffsetDateTime::now_utc()) {
+                return Ok(Copied::Kept);
+            }
+            tracing::debug!(
+                key,
+                "table written again: less than half its object lock is left"
+            );
+            write_base_file(source, destination, key, *size, sha256, scratch).await
         }
     }
 }
@@ -642,7 +690,7 @@ async fn copy_segment(
     })?);
     let sha = checksum::sha256_hex(&bytes);
     match create_only(destination, &entry.key, bytes, &sha).await {
-        Ok(Copied::Written) => Ok(Copied::Written),
+        Ok(c @ (Copied::Written | Copied::Kept)) => Ok(c),
         Ok(Copied::Verified) => {
             // Same bytes; checked in full as a reader of the copy would.
             let checked = SegmentEntry {
@@ -671,10 +719,6 @@ async fn copy_base_file(
     sha256: &str,
     scratch: &Path,
 ) -> Result<Copied, CopyError> {
-    let src = |e: RepoError| CopyError::Source {
-        location: source.location(),
-        source: e,
-    };
     let dst = |e: RepoError| CopyError::Destination {
         location: destination.location(),
         source: e,
@@ -694,11 +738,34 @@ async fn copy_base_file(
             Err(e) => tracing::warn!(key, error = %e, "replacing a file that does not verify"),
         }
     }
+    write_base_file(source, destination, key, size, sha256, scratch).await
+}
+
+/// Downloads a base's file from the source, checks it, and writes it to the destination
+/// (replacing what is there).
+async fn write_base_file(
+    source: &Repository,
+    destination: &Repository,
+    key: &str,
+    size: u64,
+    sha256: &str,
+    scratch: &Path,
+) -> Result<Copied, CopyError> {
+    let path = scratch.join("base-file");
     let result = async {
         download_checked(source, key, size, sha256, &path)
             .await
-            .map_err(src)?;
-        destination.put_base_file(key, &path).await.map_err(dst)
+            .map_err(|e| CopyError::Source {
+                location: source.location(),
+                source: e,
+            })?;
+        destination
+            .put_base_file(key, &path)
+            .await
+            .map_err(|e| CopyError::Destination {
+                location: destination.location(),
+                source: e,
+            })
     }
     .await;
     let _ = std::fs::remove_file(&path);
@@ -753,6 +820,10 @@ pub fn check_item_key(item: &CopyItem) -> Result<(), RepoError> {
             | (
                 CopyItem::BaseFile { .. },
                 Ok(keys::LayoutKey::Table { .. } | keys::LayoutKey::BaseFile { .. })
+            )
+            | (
+                CopyItem::ReusedTable { .. },
+                Ok(keys::LayoutKey::Table { .. })
             )
     );
     if ok {
@@ -845,6 +916,100 @@ mod tests {
             out.push(copy_object(src, dst, item, dir.path()).await.unwrap());
         }
         out
+    }
+
+    /// A base of `repo` (from [`testing::write_base`]) that also holds one table file with
+    /// the content `table`, stored content-addressed under `sst/`.
+    async fn base_with_table(repo: &Repository, table: &'static [u8]) -> model::BaseSummary {
+        let mut summary = testing::write_base(repo, 5).await;
+        let key = summary.descriptor.key.clone();
+        let bytes = repo.store().get(&key).await.unwrap();
+        let mut d = model::parse_document::<BaseDescriptor>(&key, &bytes).unwrap();
+        let sha256 = checksum::sha256_hex(table);
+        let table_key = keys::sst_key(&sha256);
+        repo.store()
+            .put(&table_key, Bytes::from_static(table))
+            .await
+            .unwrap();
+        d.files.push(model::BaseFile {
+            name: "000009.sst".into(),
+            size: table.len() as u64,
+            sha256,
+            key: table_key,
+        });
+        let bytes = model::to_document_bytes(&d);
+        repo.store()
+            .put(&key, Bytes::from(bytes.clone()))
+            .await
+            .unwrap();
+        summary.descriptor = ObjectRef {
+            key,
+            size: bytes.len() as u64,
+            sha256: checksum::sha256_hex(&bytes),
+        };
+        summary.total_size += table.len() as u64;
+        summary
+    }
+
+    /// Copies a locked source with one base to a locked destination, lets `days` pass at
+    /// the destination, then copies a second base sharing the first one's table. Returns
+    /// how the shared table went and its retain-until date at the destination before and
+    /// after.
+    async fn reuse_after(days: i64) -> (Copied, OffsetDateTime, OffsetDateTime) {
+        let lock = ObjectLock {
+            mode: model::LockMode::Governance,
+            days: 10,
+        };
+        let src = memory();
+        let mut c = testing::config();
+        c.object_lock = Some(lock);
+        src.create_config(&c).await.unwrap();
+        let first = base_with_table(&src, b"a shared table").await;
+        let mut g = testing::generation(1, testing::at_secs(1));
+        g.bases = vec![first.clone()];
+        src.write_generation(&g).await.unwrap();
+        let dst_store = Arc::new(MemoryStore::new());
+        dst_store.set_object_lock(Some(lock));
+        let dst = Repository::new(dst_store.clone());
+        let p = plan(&src, &dst).await.unwrap();
+        carry_out(&src, &dst, &p).await;
+        let table = keys::sst_key(&checksum::sha256_hex(b"a shared table"));
+        dst_store.age(time::Duration::days(days));
+        let before = dst_store.retain_until(&table).unwrap();
+
+        let second = base_with_table(&src, b"a shared table").await;
+        let mut g = testing::generation(2, testing::at_secs(2));
+        g.bases = vec![first, second];
+        src.write_generation(&g).await.unwrap();
+        let p = plan(&src, &dst).await.unwrap();
+        let items: Vec<&CopyItem> = p
+            .objects()
+            .filter(|i| matches!(i, CopyItem::ReusedTable { .. }))
+            .collect();
+        assert_eq!(items.len(), 1, "{:?}", p.before);
+        assert_eq!(items[0].key(), table);
+        let done = carry_out(&src, &dst, &p).await;
+        let position = p.objects().position(|i| i.key() == table).unwrap();
+        let after = dst_store.retain_until(&table).unwrap();
+        (done[position], before, after)
+    }
+
+    /// Under the destination's object lock, a table a new base shares with an older one is
+    /// kept only while at least half of its lock is left; otherwise it is written again,
+    /// with a fresh lock, as a base backup does at the source.
+    #[tokio::test]
+    async fn a_shared_table_under_a_lock_is_reused_only_while_half_its_lock_is_left() {
+        let (how, before, after) = reuse_after(2).await;
+        assert_eq!(how, Copied::Kept);
+        assert_eq!(before, after, "a kept table is not written again");
+
+        let (how, before, after) = reuse_after(6).await;
+        assert_eq!(how, Copied::Written);
+        assert!(
+            after - before >= time::Duration::days(5),
+            "written again with a fresh lock: {before} -> {after}"
+        );
+        assert!(after > OffsetDateTime::now_utc() + time::Duration::days(9));
     }
 
     /// A base file or index page copied is hashed as it is downloaded, and checked.
