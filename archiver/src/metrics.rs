@@ -4,7 +4,8 @@
 //!
 //! `/metrics` is Prometheus' text format 0.0.4 (`text/plain; version=0.0.4`), which every
 //! Prometheus scrapes, written by the Prometheus project's `prometheus-client` crate;
-//! [`FAMILIES`] lists what it holds. The server is hyper's HTTP/1 server (see `http`).
+//! [`FAMILIES`] lists what it holds. The server is the endpoint both programs share
+//! ([`tidemark_manifest::metrics_http`], on hyper).
 //!
 //! The registry is one mutex around plain numbers. Updates are a few stores; a scrape copies
 //! them under the same lock and renders the copy, so the values of one scrape belong
@@ -17,10 +18,9 @@
 //! held when the service started.
 
 mod exposition;
-mod http;
 
 pub use exposition::{FAMILIES, Family, Kind, Scope};
-pub use http::{MetricsServer, serve};
+pub use tidemark_manifest::metrics_http::{Exporter, MetricsServer, serve};
 
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
@@ -300,14 +300,6 @@ impl Metrics {
             state: self.with(|s| s.clone()),
         }
     }
-}
-
-/// What the HTTP server answers: the metrics and the health check.
-pub trait Exporter: Send + Sync + 'static {
-    /// `/metrics`: Prometheus' text format 0.0.4, as of now.
-    fn render(&self) -> String;
-    /// `/health`: healthy or not, and the body.
-    fn health(&self) -> (bool, String);
 }
 
 impl Exporter for Metrics {

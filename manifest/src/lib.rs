@@ -21,6 +21,7 @@
 //! - [`copy`]: a second repository kept up to date from a first: what it lacks, in write
 //!   order, how to tell one that diverged, and copying one object across, verified.
 //! - [`cli`]: the store flags both programs share.
+//! - [`metrics_http`]: the `/metrics` and `/health` HTTP endpoint both programs serve.
 //! - [`exit`]: the exit codes of both programs, one meaning per number.
 //! - [`checksum`]: sha256 helpers used for every object.
 //! - [`rocks`]: RocksDB's own on-disk formats that Tidemark reads and writes: the log (WAL)
@@ -37,6 +38,7 @@ pub mod keyring;
 pub mod keys;
 pub mod lease;
 pub mod lock;
+pub mod metrics_http;
 pub mod model;
 pub mod origin;
 pub mod plan;

@@ -1,33 +1,21 @@
 //! The warm standby's metrics (`follow --metrics-addr`): a few numbers behind one mutex,
 //! copied under the lock at each scrape (so that one scrape's values belong together, and
 //! the lag is computed from the clock at that moment), encoded by `prometheus-client` into
-//! the text format 0.0.4 and served by hyper's HTTP/1 server, one request per connection:
-//! `GET /metrics` and `GET /health` (200 while following).
+//! the text format 0.0.4 and served by the endpoint both programs share
+//! ([`tidemark_manifest::metrics_http`]): `GET /metrics` and `GET /health` (200 while
+//! following).
 //!
 //! The archiver has its own, larger exposition; this one is kept small and beside the
-//! command that fills it, using the same crates, because the restore tool does not depend
-//! on the archiver.
+//! command that fills it, because the restore tool does not depend on the archiver.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Mutex;
 
-use hyper::header::CONTENT_TYPE;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+pub use tidemark_manifest::metrics_http::{Exporter, MetricsServer, serve};
 use time::OffsetDateTime;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-
-/// A connection that has not sent its request and taken the answer in this time is closed.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The follower's numbers.
 #[derive(Debug, Clone, Copy, Default)]
@@ -154,102 +142,65 @@ impl FollowMetrics {
         encode(&mut out, &registry).expect("writing to a String does not fail");
         out
     }
+}
 
-    fn health(&self) -> (bool, &'static str) {
+impl Exporter for FollowMetrics {
+    fn render(&self) -> String {
+        FollowMetrics::render(self)
+    }
+
+    /// Healthy while following.
+    fn health(&self) -> (bool, String) {
         if self.with(|s| s.following) {
-            (true, "ok\n")
+            (true, "ok\n".to_owned())
         } else {
-            (false, "not following\n")
+            (false, "not following\n".to_owned())
         }
     }
 }
-
-/// The metrics server; it stops when dropped.
-#[derive(Debug)]
-pub struct MetricsServer {
-    addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl MetricsServer {
-    /// The address it listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Listens on `addr` (`HOST:PORT`; port 0 picks a free one, logged as "metrics listening on
-/// ADDR") and serves `metrics` until the server is dropped.
-pub async fn serve(addr: &str, metrics: Arc<FollowMetrics>) -> std::io::Result<MetricsServer> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    tracing::info!("metrics listening on {local}");
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            };
-            let metrics = Arc::clone(&metrics);
-            tokio::spawn(async move {
-                let service = service_fn(|request: Request<hyper::body::Incoming>| {
-                    let response = respond(request.method(), request.uri().path(), &metrics);
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                let conn = http1::Builder::new()
-                    .keep_alive(false)
-                    .serve_connection(TokioIo::new(stream), service);
-                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
-            });
-        }
-    });
-    Ok(MetricsServer { addr: local, task })
-}
-
-fn respond(method: &Method, path: &str, metrics: &FollowMetrics) -> Response<String> {
-    let readable = *method == Method::GET || *method == Method::HEAD;
-    let (status, content_type, body) = match path {
-        "/metrics" if readable => (
-            StatusCode::OK,
-            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-            metrics.render(),
-        ),
-        "/health" if readable => {
-            let (healthy, body) = metrics.health();
-            let status = if healthy {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            (status, TEXT, body.to_owned())
-        }
-        "/metrics" | "/health" => (
-            StatusCode::METHOD_NOT_ALLOWED,
-            TEXT,
-            "method not allowed\n".to_owned(),
-        ),
-        _ => (StatusCode::NOT_FOUND, TEXT, "not found\n".to_owned()),
-    };
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(content_type),
-    );
-    response
-}
-
-const TEXT: &str = "text/plain; charset=utf-8";
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn the_encoder_writes_the_content_type_the_endpoint_announces() {
+        assert_eq!(
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            tidemark_manifest::metrics_http::CONTENT_TYPE
+        );
+    }
+
+    /// The standby's endpoint is the shared one: it answers both paths, and says when the
+    /// follower stopped.
+    #[tokio::test]
+    async fn the_standby_serves_its_metrics_and_health() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let m = Arc::new(FollowMetrics::default());
+        m.set_applied(42, OffsetDateTime::now_utc());
+        let server = serve("127.0.0.1:0", Arc::clone(&m)).await.unwrap();
+        let addr = server.local_addr();
+        let get = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let text = get("/metrics").await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            text.contains("tidemark_standby_applied_sequence 42\n"),
+            "{text}"
+        );
+        m.stopped();
+        let text = get("/health").await;
+        assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+        assert!(text.ends_with("not following\n"), "{text}");
+    }
 
     #[test]
     fn a_scrape_shows_the_applied_point_the_lag_and_the_counts() {

@@ -16,9 +16,6 @@ use prometheus_client::registry::Registry;
 
 use super::{Histogram, Phase, State, UPLOAD_BUCKETS};
 
-/// The `Content-Type` of [`render`]'s text.
-pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
-
 /// The type of a metric family, as its `# TYPE` line says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -400,7 +397,7 @@ fn encode_value(metric: &mut MetricEncoder<'_>, value: &Value) -> Result<(), std
     }
 }
 
-/// The text exposition of `databases` as of `now_us` ([`CONTENT_TYPE`]); with `fleet`, the
+/// The text exposition of `databases` as of `now_us` (`tidemark_manifest::metrics_http::CONTENT_TYPE`); with `fleet`, the
 /// [`Scope::Fleet`] families too.
 pub(crate) fn render(
     databases: Vec<Snapshot>,

@@ -1,4 +1,5 @@
-//! The HTTP/1.1 endpoint, on hyper: `GET`/`HEAD` of `/metrics` and `/health`.
+//! The metrics endpoint both programs serve (`--metrics-addr`), on hyper's HTTP/1.1
+//! server: `GET`/`HEAD` of `/metrics` and `/health`, answered from an [`Exporter`].
 //!
 //! hyper parses the requests and writes the answers, malformed requests included (400; 431
 //! for a request head over [`MAX_REQUEST_BYTES`]). Each connection serves one request and
@@ -11,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::header::{ALLOW, CONTENT_TYPE};
+use hyper::header::{self, ALLOW};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -19,10 +20,19 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::Exporter;
+/// What the server answers: the metrics and the health check.
+pub trait Exporter: Send + Sync + 'static {
+    /// `/metrics`: Prometheus' text format 0.0.4 ([`CONTENT_TYPE`]), as of now.
+    fn render(&self) -> String;
+    /// `/health`: healthy or not, and the body.
+    fn health(&self) -> (bool, String);
+}
+
+/// The content type of `/metrics`: Prometheus' text format 0.0.4.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The largest request head accepted (request line and headers); hyper's smallest limit.
-pub(crate) const MAX_REQUEST_BYTES: usize = 8 * 1024;
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// Connections served at once; more wait in the listen queue.
 const MAX_CONNECTIONS: usize = 16;
 /// A connection that has not sent its request and taken the answer in this time is closed.
@@ -109,7 +119,7 @@ async fn connection<E: Exporter>(stream: TcpStream, metrics: Arc<E>) -> hyper::R
 fn respond<E: Exporter + ?Sized>(method: &Method, path: &str, metrics: &E) -> Response<String> {
     let readable = *method == Method::GET || *method == Method::HEAD;
     match path {
-        "/metrics" if readable => answer(StatusCode::OK, METRICS, metrics.render()),
+        "/metrics" if readable => answer(StatusCode::OK, CONTENT_TYPE, metrics.render()),
         "/health" if readable => {
             let (healthy, body) = metrics.health();
             let status = if healthy {
@@ -134,21 +144,40 @@ fn respond<E: Exporter + ?Sized>(method: &Method, path: &str, metrics: &E) -> Re
 }
 
 const TEXT: &str = "text/plain; charset=utf-8";
-const METRICS: &str = super::exposition::CONTENT_TYPE;
 
 fn answer(status: StatusCode, content_type: &'static str, body: String) -> Response<String> {
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let value = hyper::header::HeaderValue::from_static(content_type);
-    response.headers_mut().insert(CONTENT_TYPE, value);
+    response.headers_mut().insert(header::CONTENT_TYPE, value);
     response
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{Metrics, Phase};
+    use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An exporter whose health is switched by the test.
+    #[derive(Default)]
+    struct Fake {
+        healthy: AtomicBool,
+    }
+
+    impl Exporter for Fake {
+        fn render(&self) -> String {
+            "# TYPE fake_total counter\nfake_total 1\n".to_owned()
+        }
+
+        fn health(&self) -> (bool, String) {
+            if self.healthy.load(Ordering::SeqCst) {
+                (true, "ok\n".to_owned())
+            } else {
+                (false, "starting\n".to_owned())
+            }
+        }
+    }
 
     /// Sends `request` as it is and reads the answer to the end (the server closes the
     /// connection after it): the status code, the head, the body.
@@ -166,7 +195,7 @@ mod tests {
 
     #[tokio::test]
     async fn routes() {
-        let m = Arc::new(Metrics::new());
+        let m = Arc::new(Fake::default());
         let server = serve("127.0.0.1:0", Arc::clone(&m)).await.unwrap();
         let addr = server.local_addr();
         let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
@@ -177,20 +206,20 @@ mod tests {
         assert!(head.contains("content-type: text/plain; version=0.0.4; charset=utf-8"));
         assert!(head.contains(&format!("content-length: {}", body.len())));
         assert!(head.contains("connection: close"), "{head}");
-        assert!(body.contains("# TYPE tidemark_archived_bytes_total counter\n"));
+        assert_eq!(body, m.render());
         let (status, _, body) = exchange(addr, b"GET /metrics?x=1 HTTP/1.0\n\n").await;
-        assert!(status == 200 && body.contains("tidemark_lease_held 0\n"));
+        assert!(status == 200 && body.contains("fake_total 1\n"));
         let (status, head, body) = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
         assert!(status == 200 && body.is_empty(), "{head}");
 
         let (status, _, body) = exchange(addr, get("/health").as_bytes()).await;
         assert_eq!((status, body.as_str()), (503, "starting\n"));
-        m.set_phase(Phase::Running);
+        m.healthy.store(true, Ordering::SeqCst);
         let (status, _, body) = exchange(addr, get("/health").as_bytes()).await;
         assert_eq!((status, body.as_str()), (200, "ok\n"));
-        m.set_phase(Phase::Stopping);
+        m.healthy.store(false, Ordering::SeqCst);
         let (status, _, body) = exchange(addr, get("/health").as_bytes()).await;
-        assert_eq!((status, body.as_str()), (503, "stopping\n"));
+        assert_eq!((status, body.as_str()), (503, "starting\n"));
 
         assert_eq!(exchange(addr, get("/").as_bytes()).await.0, 404);
         assert_eq!(exchange(addr, get("/metricsx").as_bytes()).await.0, 404);
@@ -209,8 +238,8 @@ mod tests {
 
     #[tokio::test]
     async fn serves_over_tcp_and_closes_after_each_answer() {
-        let m = Arc::new(Metrics::new());
-        m.set_phase(Phase::Running);
+        let m = Arc::new(Fake::default());
+        m.healthy.store(true, Ordering::SeqCst);
         let server = serve("127.0.0.1:0", Arc::clone(&m)).await.unwrap();
         let addr = server.local_addr();
         assert!(addr.ip().is_loopback() && addr.port() != 0);
@@ -254,7 +283,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_server_closes_the_connections_it_serves() {
-        let server = serve("127.0.0.1:0", Arc::new(Metrics::new()))
+        let server = serve("127.0.0.1:0", Arc::new(Fake::default()))
             .await
             .unwrap();
         // A client that sends half a request and waits.
@@ -270,7 +299,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_address_in_use_is_an_error() {
-        let m = Arc::new(Metrics::new());
+        let m = Arc::new(Fake::default());
         let first = serve("127.0.0.1:0", Arc::clone(&m)).await.unwrap();
         let err = serve(&first.local_addr().to_string(), m).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
