@@ -44,11 +44,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// between steps; a cancelled restore cleans up and leaves the target untouched.
 ///
 /// A [`Cancel::child`] is cancelled with its parent, and can also be cancelled on its own
-/// (to stop the other tasks of a phase when one of them fails).
+/// (to stop the other tasks of a phase when one of them fails); a [`Cancel::child_of_both`]
+/// with either of two parents.
 #[derive(Debug, Clone, Default)]
 pub struct Cancel {
     own: Arc<AtomicBool>,
-    parent: Option<Arc<Cancel>>,
+    parents: Vec<Cancel>,
 }
 
 impl Cancel {
@@ -61,7 +62,15 @@ impl Cancel {
     pub fn child(&self) -> Cancel {
         Cancel {
             own: Arc::new(AtomicBool::new(false)),
-            parent: Some(Arc::new(self.clone())),
+            parents: vec![self.clone()],
+        }
+    }
+
+    /// A flag that is set when this one or `other` is, or on its own.
+    pub fn child_of_both(&self, other: &Cancel) -> Cancel {
+        Cancel {
+            own: Arc::new(AtomicBool::new(false)),
+            parents: vec![self.clone(), other.clone()],
         }
     }
 
@@ -72,7 +81,7 @@ impl Cancel {
 
     /// True once this flag or a parent's was set.
     pub fn is_cancelled(&self) -> bool {
-        self.own.load(Ordering::SeqCst) || self.parent.as_ref().is_some_and(|p| p.is_cancelled())
+        self.own.load(Ordering::SeqCst) || self.parents.iter().any(Cancel::is_cancelled)
     }
 
     /// `Err(Interrupted)` once cancelled.
@@ -148,5 +157,12 @@ mod tests {
         assert!(c.is_cancelled());
         assert!(child.is_cancelled(), "a parent cancels its children");
         assert!(matches!(c.check(), Err(RestoreError::Interrupted)));
+
+        let (a, b) = (Cancel::new(), Cancel::new());
+        let both = a.child_of_both(&b);
+        assert!(!both.is_cancelled());
+        b.cancel();
+        assert!(both.is_cancelled(), "either parent cancels it");
+        assert!(!a.is_cancelled());
     }
 }

@@ -116,7 +116,7 @@ enum Command {
     Follow(FollowArgs),
 }
 
-const FOLLOW_HELP: &str = "Stop with SIGTERM or Ctrl-C: the target stays a standby and `follow` started again on it resumes where it stopped. Promote a running follower with SIGUSR1: it stops after the segment it is applying (at a batch boundary), leaves a database the application opens read-write, prints the point reached and exits 0. Promote a stopped standby with `follow --promote` (catches up with the archive first) or `follow --promote --no-catch-up` (at once, without the store).
+const FOLLOW_HELP: &str = "Stop with SIGTERM or Ctrl-C: the target stays a standby and `follow` started again on it resumes where it stopped. Promote a running follower with SIGUSR1: it stops after the segment it is applying (at a batch boundary; a re-base for disk space under way is abandoned, one past a gap is finished first), leaves a database the application opens read-write, prints the point reached and exits 0. Promote a stopped standby with `follow --promote` (catches up with the archive first) or `follow --promote --no-catch-up` (at once, without the store).
 
 Never open the target read-write while it is a standby (a RocksDB secondary instance may read it). The follower stops with a non-zero exit code when it cannot follow further: 3 for a gap with no base past it to re-base on, or a new column family (restore a new standby), 4 for an object that does not verify, 2 for a target that is not this repository's standby.";
 
@@ -570,7 +570,7 @@ async fn follow_cmd(a: FollowArgs, progress: &Progress, cancel: &Cancel) -> anyh
     tokio::spawn(async move {
         if usr1.recv().await.is_some() {
             tracing::warn!("SIGUSR1: promoting after the segment being applied");
-            promote.store(true, std::sync::atomic::Ordering::SeqCst);
+            promote.cancel();
         }
     });
     let json = a.json;

@@ -38,7 +38,6 @@ use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -145,16 +144,28 @@ impl FollowOptions {
 
 /// What stops a running follower: `stop` ends following and leaves the target a standby
 /// (SIGTERM, Ctrl-C); `promote` ends it and promotes the target (SIGUSR1). Both are seen
-/// between segments only, so at a batch boundary.
+/// between segments only, so at a batch boundary. A re-base the standby does not need (its
+/// WAL over the disk bound) is abandoned on either; one past a gap is finished first, as
+/// the old standby cannot reach the archive's newest point.
 #[derive(Debug, Clone, Default)]
 pub struct Controls {
     pub stop: Cancel,
-    pub promote: Arc<AtomicBool>,
+    pub promote: Cancel,
 }
 
 impl Controls {
     fn promote_requested(&self) -> bool {
-        self.promote.load(Ordering::SeqCst)
+        self.promote.is_cancelled()
+    }
+
+    /// What cancels a re-base's restore: a stop, and a promotion too when the old standby
+    /// can do without the re-base (it only frees disk space), so that a promotion does not
+    /// wait for a whole restore.
+    fn rebase_cancel(&self, keep: Keep) -> Cancel {
+        match keep {
+            Keep::NewOnly => self.stop.child_of_both(&self.promote),
+            Keep::OldStandby => self.stop.clone(),
+        }
     }
 
     fn should_end(&self) -> bool {
@@ -342,7 +353,6 @@ fn scratch_dir(target: &Path) -> Result<PathBuf, RestoreError> {
     Ok(dir)
 }
 
-/// A running follower: the repository, the standby it keeps current, and its counters.
 /// What a re-base does with the standby it replaces.
 #[derive(Debug, Clone, Copy)]
 enum Keep {
@@ -354,6 +364,7 @@ enum Keep {
     NewOnly,
 }
 
+/// A running follower: the repository, the standby it keeps current, and its counters.
 struct Follower {
     repo: Repository,
     standby: Standby,
@@ -644,11 +655,16 @@ impl Follower {
         ropts.parallelism = opts.parallelism;
         ropts.verify = opts.verify;
         ropts.standby = true;
-        let report = match restore::run(&self.repo, &ropts, progress, &controls.stop).await {
+        let cancel = controls.rebase_cancel(keep);
+        let report = match restore::run(&self.repo, &ropts, progress, &cancel).await {
             Ok(r) => r,
             Err(e) => {
                 drop(old);
                 self.standby = Standby::open(&dir)?;
+                if matches!(e, RestoreError::Interrupted) && controls.promote_requested() {
+                    tracing::warn!("re-base abandoned: promoting the standby as it is");
+                    return Ok(());
+                }
                 return Err(e);
             }
         };
@@ -1495,6 +1511,26 @@ mod tests {
         .await
         .unwrap_err();
         assert!(e.to_string().contains("not a warm standby"), "{e}");
+    }
+
+    #[test]
+    fn a_promotion_abandons_a_rebase_for_disk_space_not_one_past_a_gap() {
+        let c = Controls::default();
+        let space = c.rebase_cancel(Keep::NewOnly);
+        let gap = c.rebase_cancel(Keep::OldStandby);
+        assert!(!space.is_cancelled() && !gap.is_cancelled());
+        c.promote.cancel();
+        assert!(c.promote_requested());
+        assert!(
+            space.is_cancelled(),
+            "the promotion cancels the re-base for space"
+        );
+        assert!(
+            !gap.is_cancelled(),
+            "a re-base past a gap is finished first"
+        );
+        c.stop.cancel();
+        assert!(gap.is_cancelled());
     }
 
     #[test]
