@@ -411,6 +411,18 @@ impl Pipeline {
         self.ship(true).await
     }
 
+    /// Ships everything read so far and waits until it is durable, unless an upload or a
+    /// generation already waits for a retry. True when the pipeline is then
+    /// [`Pipeline::settled`]. An archiver that is behind always has an upload in flight:
+    /// retention, which needs a settled pipeline to mark, asks for this instead of waiting
+    /// for a quiet moment that never comes.
+    pub async fn settle(&mut self) -> Result<bool, ServiceError> {
+        if self.shipper.upload_failed() || !self.manifest_retry.ready() {
+            return Ok(false);
+        }
+        Ok(self.try_ship().await? && self.settled())
+    }
+
     /// Ships everything before the gap, then records it. Segments after it wait until the
     /// generation recording it is written.
     async fn record_gap(&mut self, gap: Gap) -> Result<(), ServiceError> {
@@ -916,6 +928,71 @@ mod tests {
             Some(3),
             "the last generation and the segments hold everything read"
         );
+    }
+
+    /// A retention run that falls due while a segment upload is in flight (as one always
+    /// is for an archiver behind its database) ships what was read, waits for it, and
+    /// marks; it used to skip the run until a moment with nothing in flight.
+    #[tokio::test]
+    async fn retention_marks_while_an_upload_is_in_flight() {
+        use super::super::retention::Retention;
+        use crate::config::PruneOptions;
+        use crate::lease::LeaseHandle;
+        use crate::lease_keeper::LeaseKeeper;
+
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("wal");
+        std::fs::create_dir_all(&wal).unwrap();
+        let faults = Arc::new(FaultStore::new(Arc::new(MemoryStore::new())));
+        let repo = Repository::new(faults.clone());
+        repo.create_config(&tidemark_manifest::testing::config())
+            .await
+            .unwrap();
+        let state = repo.load().await.unwrap();
+        let opts = ArchiverOptions {
+            db: wal.clone(),
+            sync_interval: Duration::ZERO,
+            max_segment_bytes: 1,
+            checkpoint_interval: Duration::from_secs(3600),
+            ..ArchiverOptions::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let scratch = dir.path().join("scratch");
+        let mut p = Pipeline::resume(&repo, &wal, &scratch, &opts, &state, &metrics)
+            .await
+            .unwrap();
+        let ttl = Duration::from_secs(30);
+        let handle = LeaseHandle::acquire(&repo, ttl).await.unwrap();
+        let keeper = LeaseKeeper::start(&repo, handle, ttl, None);
+        let policy = PruneOptions {
+            keep_last: Some(1),
+            grace: Duration::from_secs(1),
+            interval: Duration::from_secs(1),
+            ..PruneOptions::default()
+        };
+        let mut retention = Retention::new(Some(policy), &repo, keeper.fence(), &metrics);
+        retention.after_base(); // due now
+
+        write_wal(&wal, 5, &[(1, 1), (2, 1)]);
+        p.step().await.unwrap();
+        faults.inject(
+            FaultRule::new(Fault::Delay(Duration::from_millis(500)))
+                .on(StoreOp::PutIfAbsent)
+                .key_prefix("wal/"),
+        );
+        write_wal(&wal, 5, &[(1, 1), (2, 1), (3, 1)]);
+        p.step().await.unwrap();
+        assert!(!p.settled(), "an upload is in flight");
+        retention.mark_if_due(&mut p, false).await.unwrap();
+        assert!(p.settled(), "what was read is durable");
+        assert!(
+            retention.sweeping(),
+            "the policy was applied: history marked, the sweep started"
+        );
+        let swept = retention.finished().await;
+        retention.on_finished(swept);
+        assert_eq!(segment_firsts(&repo).await, vec![1, 2, 3]);
+        keeper.stop().await.unwrap();
     }
 
     #[test]

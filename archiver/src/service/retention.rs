@@ -2,8 +2,9 @@
 //! sweep in a background task this owner holds (FORMAT.md §4.6).
 //!
 //! The policy runs a little after start, every `retention.interval`, and after each base
-//! backup. Marking waits until no base backup runs and nothing waits for the store; no base
-//! backup starts while the sweep runs, and the sweep stops deleting the moment the lease is
+//! backup. Marking waits until no base backup runs, and for the segments read so far to be
+//! durable (it ships them and waits, so that an archiver behind a busy database still
+//! applies its policy); no base backup starts while the sweep runs, and the sweep stops deleting the moment the lease is
 //! lost (it asks the lease's fence before each deletion).
 
 use std::sync::Arc;
@@ -78,11 +79,11 @@ impl Retention {
         let Some(policy) = &self.policy else {
             return Ok(());
         };
-        if base_running
-            || self.sweep.is_some()
-            || self.due.is_none_or(|d| d > Instant::now())
-            || !pipeline.settled()
-        {
+        if base_running || self.sweep.is_some() || self.due.is_none_or(|d| d > Instant::now()) {
+            return Ok(());
+        }
+        // Under sustained load an upload is always in flight: ship what was read and wait.
+        if !pipeline.settled() && !pipeline.settle().await? {
             return Ok(());
         }
         self.due = Some(Instant::now() + policy.interval);
