@@ -740,6 +740,42 @@ mod tests {
         w.flush().unwrap();
     }
 
+    /// A pipeline with `opts` on a new repository in a memory store that injects faults,
+    /// following the WAL directory `dir/wal`: the store, the repository, the pipeline and
+    /// that directory.
+    async fn pipeline_in(
+        dir: &Path,
+        opts: ArchiverOptions,
+    ) -> (Arc<FaultStore>, Repository, Pipeline, std::path::PathBuf) {
+        let wal = dir.join("wal");
+        std::fs::create_dir_all(&wal).unwrap();
+        let faults = Arc::new(FaultStore::new(Arc::new(MemoryStore::new())));
+        let repo = Repository::new(faults.clone());
+        repo.create_config(&tidemark_manifest::testing::config())
+            .await
+            .unwrap();
+        let state = repo.load().await.unwrap();
+        let opts = ArchiverOptions {
+            db: wal.clone(),
+            ..opts
+        };
+        let metrics = Arc::new(Metrics::new());
+        let p = Pipeline::resume(&repo, &wal, &dir.join("scratch"), &opts, &state, &metrics)
+            .await
+            .unwrap();
+        (faults, repo, p, wal)
+    }
+
+    /// Options that close a segment at every record, at once.
+    fn one_record_segments() -> ArchiverOptions {
+        ArchiverOptions {
+            sync_interval: Duration::ZERO,
+            max_segment_bytes: 1,
+            checkpoint_interval: Duration::from_secs(3600),
+            ..ArchiverOptions::default()
+        }
+    }
+
     async fn segment_firsts(repo: &Repository) -> Vec<u64> {
         let mut out: Vec<u64> = repo
             .store()
@@ -761,27 +797,8 @@ mod tests {
     #[tokio::test]
     async fn no_segment_after_a_gap_ships_until_the_generation_recording_it_is_written() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = dir.path().join("wal");
-        std::fs::create_dir_all(&wal).unwrap();
-        let faults = Arc::new(FaultStore::new(Arc::new(MemoryStore::new())));
-        let repo = Repository::new(faults.clone());
-        repo.create_config(&tidemark_manifest::testing::config())
-            .await
-            .unwrap();
-        let state = repo.load().await.unwrap();
         // One record fills a segment: each is shipped on its own.
-        let opts = ArchiverOptions {
-            db: wal.clone(),
-            sync_interval: Duration::ZERO,
-            max_segment_bytes: 1,
-            checkpoint_interval: Duration::from_secs(3600),
-            ..ArchiverOptions::default()
-        };
-        let metrics = Arc::new(Metrics::new());
-        let scratch = dir.path().join("scratch");
-        let mut p = Pipeline::resume(&repo, &wal, &scratch, &opts, &state, &metrics)
-            .await
-            .unwrap();
+        let (faults, repo, mut p, wal) = pipeline_in(dir.path(), one_record_segments()).await;
         write_wal(&wal, 5, &[(1, 1), (2, 1), (3, 1)]);
         p.step().await.unwrap();
         // Uploads end in the background: step until the last one is recorded.
@@ -845,24 +862,12 @@ mod tests {
     #[tokio::test]
     async fn a_segment_due_by_time_takes_the_whole_read_that_closes_it() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = dir.path().join("wal");
-        std::fs::create_dir_all(&wal).unwrap();
-        let repo = Repository::new(Arc::new(MemoryStore::new()));
-        repo.create_config(&tidemark_manifest::testing::config())
-            .await
-            .unwrap();
-        let state = repo.load().await.unwrap();
         let opts = ArchiverOptions {
-            db: wal.clone(),
             sync_interval: Duration::from_millis(200),
             checkpoint_interval: Duration::from_secs(3600),
             ..ArchiverOptions::default()
         };
-        let metrics = Arc::new(Metrics::new());
-        let scratch = dir.path().join("scratch");
-        let mut p = Pipeline::resume(&repo, &wal, &scratch, &opts, &state, &metrics)
-            .await
-            .unwrap();
+        let (_, repo, mut p, wal) = pipeline_in(dir.path(), opts).await;
         write_wal(&wal, 5, &[(1, 1), (2, 1)]);
         p.step().await.unwrap();
         assert!(!p.shipper.has_unsent(), "the segment is not due yet");
@@ -888,27 +893,8 @@ mod tests {
     #[tokio::test]
     async fn shutdown_waits_for_the_upload_in_flight_and_records_it() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = dir.path().join("wal");
-        std::fs::create_dir_all(&wal).unwrap();
-        let faults = Arc::new(FaultStore::new(Arc::new(MemoryStore::new())));
-        let repo = Repository::new(faults.clone());
-        repo.create_config(&tidemark_manifest::testing::config())
-            .await
-            .unwrap();
-        let state = repo.load().await.unwrap();
         // One record fills a segment: each is shipped on its own.
-        let opts = ArchiverOptions {
-            db: wal.clone(),
-            sync_interval: Duration::ZERO,
-            max_segment_bytes: 1,
-            checkpoint_interval: Duration::from_secs(3600),
-            ..ArchiverOptions::default()
-        };
-        let metrics = Arc::new(Metrics::new());
-        let scratch = dir.path().join("scratch");
-        let mut p = Pipeline::resume(&repo, &wal, &scratch, &opts, &state, &metrics)
-            .await
-            .unwrap();
+        let (faults, repo, mut p, wal) = pipeline_in(dir.path(), one_record_segments()).await;
         // Every segment upload is slow: at shutdown the last ones are still on their way.
         faults.inject(
             FaultRule::new(Fault::Delay(Duration::from_millis(300)))
@@ -941,26 +927,8 @@ mod tests {
         use crate::lease_keeper::LeaseKeeper;
 
         let dir = tempfile::tempdir().unwrap();
-        let wal = dir.path().join("wal");
-        std::fs::create_dir_all(&wal).unwrap();
-        let faults = Arc::new(FaultStore::new(Arc::new(MemoryStore::new())));
-        let repo = Repository::new(faults.clone());
-        repo.create_config(&tidemark_manifest::testing::config())
-            .await
-            .unwrap();
-        let state = repo.load().await.unwrap();
-        let opts = ArchiverOptions {
-            db: wal.clone(),
-            sync_interval: Duration::ZERO,
-            max_segment_bytes: 1,
-            checkpoint_interval: Duration::from_secs(3600),
-            ..ArchiverOptions::default()
-        };
+        let (faults, repo, mut p, wal) = pipeline_in(dir.path(), one_record_segments()).await;
         let metrics = Arc::new(Metrics::new());
-        let scratch = dir.path().join("scratch");
-        let mut p = Pipeline::resume(&repo, &wal, &scratch, &opts, &state, &metrics)
-            .await
-            .unwrap();
         let ttl = Duration::from_secs(30);
         let handle = LeaseHandle::acquire(&repo, ttl).await.unwrap();
         let keeper = LeaseKeeper::start(&repo, handle, ttl, None);

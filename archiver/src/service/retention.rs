@@ -20,6 +20,12 @@ use crate::metrics::Metrics;
 use crate::prune::{self, PruneError, PruneOptions, SweepMode, SweepReport};
 use crate::task::{OwnedTask, join_slot};
 
+/// How long a due run waits for the segments in flight to become durable. The service's
+/// loop waits with it, so this bounds how late a shutdown or a base request is seen.
+const SETTLE_LIMIT: Duration = Duration::from_secs(10);
+/// How long a run that could not wait is put off (at most the policy's interval).
+const PUT_OFF: Duration = Duration::from_secs(60);
+
 /// A sweep's outcome, as its task ends.
 pub(crate) type Swept = Result<Result<SweepReport, PruneError>, JoinError>;
 
@@ -82,9 +88,18 @@ impl Retention {
         if base_running || self.sweep.is_some() || self.due.is_none_or(|d| d > Instant::now()) {
             return Ok(());
         }
-        // Under sustained load an upload is always in flight: ship what was read and wait.
-        if !pipeline.settled() && !pipeline.settle().await? {
-            return Ok(());
+        // Under sustained load an upload is always in flight: ship what was read and wait,
+        // for a while. A store too slow for that (or failing) puts the run off.
+        if !pipeline.settled() {
+            let settled = tokio::time::timeout(SETTLE_LIMIT, pipeline.settle()).await;
+            if !matches!(settled, Ok(Ok(true))) {
+                self.due = Some(Instant::now() + policy.interval.min(PUT_OFF));
+                tracing::info!(
+                    retry_in = ?policy.interval.min(PUT_OFF),
+                    "retention put off: segments are still on their way to the store"
+                );
+                return settled.unwrap_or(Ok(false)).map(|_| ());
+            }
         }
         self.due = Some(Instant::now() + policy.interval);
         match prune::mark_with_checkpoint(&self.repo, pipeline.checkpoint(), policy).await {
