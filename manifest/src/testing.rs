@@ -222,12 +222,14 @@ pub async fn write_base(repo: &Repository, earliest: u64) -> BaseSummary {
 
 /// A store that passes everything to `inner` and counts the downloads to a bounded file,
 /// hashed ([`ObjectStore::get_to_file_max_hashed`]) or not: shows that a decorator above
-/// it forwards the hashed download, or that a caller uses it.
+/// it forwards the hashed download, or that a caller uses it. It also records the bound
+/// of every download to a file ([`SpyStore::bounds`]).
 #[derive(Debug)]
 pub struct SpyStore {
     inner: Arc<dyn ObjectStore>,
     hashed: AtomicU64,
     plain: AtomicU64,
+    bounds: std::sync::Mutex<Vec<Option<u64>>>,
 }
 
 impl SpyStore {
@@ -236,7 +238,17 @@ impl SpyStore {
             inner,
             hashed: AtomicU64::new(0),
             plain: AtomicU64::new(0),
+            bounds: std::sync::Mutex::default(),
         }
+    }
+
+    /// The bound of each download to a file so far, in order (`None`: unbounded).
+    pub fn bounds(&self) -> Vec<Option<u64>> {
+        self.bounds.lock().expect("bounds lock").clone()
+    }
+
+    fn bound(&self, max: Option<u64>) {
+        self.bounds.lock().expect("bounds lock").push(max);
     }
 
     /// (hashed, plain) bounded downloads so far.
@@ -269,10 +281,12 @@ impl ObjectStore for SpyStore {
         self.inner.get_with_meta(key).await
     }
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
+        self.bound(None);
         self.inner.get_to_file(key, path).await
     }
     async fn get_to_file_max(&self, key: &str, path: &Path, max: u64) -> StoreResult<u64> {
         self.plain.fetch_add(1, Ordering::Relaxed);
+        self.bound(Some(max));
         self.inner.get_to_file_max(key, path, max).await
     }
     async fn get_to_file_max_hashed(
@@ -282,6 +296,7 @@ impl ObjectStore for SpyStore {
         max: u64,
     ) -> StoreResult<FileDigest> {
         self.hashed.fetch_add(1, Ordering::Relaxed);
+        self.bound(Some(max));
         self.inner.get_to_file_max_hashed(key, path, max).await
     }
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {

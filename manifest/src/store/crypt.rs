@@ -1819,61 +1819,12 @@ mod tests {
             .collect()
     }
 
-    /// A store that records the bound of every download to a file (`None`: unbounded).
-    #[derive(Debug, Default)]
-    struct Downloads {
-        inner: MemoryStore,
-        bounds: std::sync::Mutex<Vec<Option<u64>>>,
-    }
-
-    #[async_trait]
-    impl ObjectStore for Downloads {
-        fn describe(&self) -> String {
-            self.inner.describe()
-        }
-        async fn put(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
-            self.inner.put(key, data).await
-        }
-        async fn put_if_absent(&self, key: &str, data: Bytes) -> StoreResult<ETag> {
-            self.inner.put_if_absent(key, data).await
-        }
-        async fn put_if_match(&self, key: &str, data: Bytes, etag: &ETag) -> StoreResult<ETag> {
-            self.inner.put_if_match(key, data, etag).await
-        }
-        async fn put_file(&self, key: &str, path: &Path) -> StoreResult<ETag> {
-            self.inner.put_file(key, path).await
-        }
-        async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
-            self.inner.get_with_meta(key).await
-        }
-        async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
-            self.bounds.lock().unwrap().push(None);
-            self.inner.get_to_file(key, path).await
-        }
-        async fn get_to_file_max(&self, key: &str, path: &Path, max: u64) -> StoreResult<u64> {
-            self.bounds.lock().unwrap().push(Some(max));
-            self.inner.get_to_file_max(key, path, max).await
-        }
-        async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
-            self.inner.get_range(key, range).await
-        }
-        async fn head(&self, key: &str) -> StoreResult<Option<ObjectMeta>> {
-            self.inner.head(key).await
-        }
-        async fn delete(&self, key: &str) -> StoreResult<()> {
-            self.inner.delete(key).await
-        }
-        async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
-            self.inner.list(prefix).await
-        }
-    }
-
     /// Downloads `len` plaintext bytes with the bound `max` through a crypt store over a
     /// recording store; checks the outcome, that nothing but the result is left in the
     /// directory, and returns the bounds the wrapped store saw.
     /// With `hashed`, through the hashed download, whose digest must be the plaintext's.
     async fn bounded_download(len: usize, max: u64, hashed: bool) -> Vec<Option<u64>> {
-        let raw = Arc::new(Downloads::default());
+        let raw = Arc::new(crate::testing::SpyStore::new(Arc::new(MemoryStore::new())));
         let s = CryptStore::new(raw.clone(), &key(4), CHUNK).unwrap();
         s.repository.set(Arc::from("r")).unwrap();
         let plain = data(len);
@@ -1905,7 +1856,7 @@ mod tests {
         }
         let left = fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(left, usize::from(dst.exists()), "temporary files left");
-        raw.bounds.lock().unwrap().clone()
+        raw.bounds()
     }
 
     #[tokio::test]
