@@ -116,11 +116,16 @@ impl Source {
         );
         for log in written {
             let name = format!("{log:06}.log");
-            let path = [self.db.join(&name), self.db.join("archive").join(&name)]
+            // One RocksDB removed itself since the listing is lost all the same.
+            if let Some(path) = [self.db.join(&name), self.db.join("archive").join(&name)]
                 .into_iter()
                 .find(|p| p.exists())
-                .with_context(|| format!("WAL file {name} is gone already"))?;
-            std::fs::remove_file(&path)?;
+            {
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                    _ => {}
+                }
+            }
         }
         Ok((first, self.last_seq()))
     }
