@@ -41,22 +41,21 @@ def ratios(doc):
     """The key ratios of one results document: name -> (value, higher_is_better, meaning)."""
     summary = doc.get("summary", [])
     out = {}
+    # Per archiver run: (metric, name of the ratio, meaning), by measure.
+    archiver_ratios = {
+        "max": ("throughput_over_write_rate", "archiver / writer",
+                "archiver MB/s over the writer's WAL MB/s, as fast as it goes"),
+        "drain": ("drain_over_write_rate", "archiver drain / writer",
+                  "MB/s shipping a paused archiver's backlog over the writer's WAL MB/s"),
+    }
     for s in summary:
-        if s["measure"] != "max":
+        if s["measure"] not in archiver_ratios:
             continue
+        metric, name, meaning = archiver_ratios[s["measure"]]
         c = s["config"]
-        v = _median(s, "throughput_over_write_rate")
+        v = _median(s, metric)
         if v is not None:
-            out[f"archiver / writer ({c['store']}, {c['value']} B)"] = (
-                v, True, "archiver MB/s over the writer's WAL MB/s, as fast as it goes")
-    for s in summary:
-        if s["measure"] != "drain":
-            continue
-        c = s["config"]
-        v = _median(s, "drain_over_write_rate")
-        if v is not None:
-            out[f"archiver drain / writer ({c['store']}, {c['value']} B)"] = (
-                v, True, "MB/s shipping a paused archiver's backlog over the writer's WAL MB/s")
+            out[f"{name} ({c['store']}, {c['value']} B)"] = (v, True, meaning)
     tr = _find(summary, "tidemark-restore")
     fo = _find(summary, "first-open")
     pg = _find(summary, "plain-get")
