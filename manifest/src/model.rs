@@ -37,6 +37,17 @@ pub const MAX_DOCUMENT_LEN: usize = 64 << 20;
 const CHECKSUM_PREFIX: &[u8] = b"{\"checksum\":\"";
 const CHECKSUM_PREFIX_LEN: usize = CHECKSUM_PREFIX.len() + 64 + 2;
 
+/// A document longer than [`MAX_DOCUMENT_LEN`]: corrupt. `what` says how long it proved
+/// (a reader stops reading one past the limit, so it may not know the whole length).
+pub fn too_long(key: &str, what: &str) -> ModelError {
+    ModelError::Corrupt {
+        key: key.to_owned(),
+        detail: format!(
+            "{what}, more than the {MAX_DOCUMENT_LEN} bytes any repository document may have"
+        ),
+    }
+}
+
 /// Parses a repository document: its embedded checksum, then `format_version`, then the
 /// fields. A flipped byte anywhere is reported as corruption, naming the object.
 pub fn parse_document<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, ModelError> {
@@ -59,11 +70,7 @@ pub(crate) fn parse_versioned<T: DeserializeOwned>(
         detail,
     };
     if bytes.len() > MAX_DOCUMENT_LEN {
-        return Err(corrupt(format!(
-            "it is {} bytes long, more than the {MAX_DOCUMENT_LEN} bytes any repository \
-             document may have",
-            bytes.len()
-        )));
+        return Err(too_long(key, &format!("it is {} bytes long", bytes.len())));
     }
     let checksum = if bytes.starts_with(CHECKSUM_PREFIX) && bytes.len() > CHECKSUM_PREFIX_LEN {
         let hex = &bytes[CHECKSUM_PREFIX.len()..CHECKSUM_PREFIX.len() + 64];

@@ -433,11 +433,13 @@ impl Repository {
         self.url.clone().unwrap_or_else(|| self.location())
     }
 
+    /// Reads a whole document, `None` if there is none. One longer than a document may be
+    /// is corrupt, refused once that many bytes arrived (FORMAT.md §3.1).
     async fn get_optional(&self, key: &str) -> Result<Option<Bytes>, RepoError> {
         match self.store.get(key).await {
             Ok(b) => Ok(Some(b)),
             Err(StoreError::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(document_error(key, e)),
         }
     }
 
@@ -607,22 +609,25 @@ impl Repository {
         warnings: &mut Vec<LoadWarning>,
     ) -> Result<u64, RepoError> {
         let hint_key = keys::LATEST_HINT;
-        let hint = match self.get_optional(hint_key).await? {
+        let parsed = match self.get_optional(hint_key).await {
+            Ok(None) => None,
+            Ok(Some(b)) => Some(model::parse_document::<LatestHint>(hint_key, &b)),
+            Err(RepoError::Model(e)) => Some(Err(e)),
+            Err(e) => return Err(e),
+        };
+        let hint = match parsed {
             None => None,
-            Some(b) => match model::parse_document::<LatestHint>(hint_key, &b) {
-                Ok(h) => Some(h.generation),
-                Err(e) => {
-                    warnings.push(LoadWarning::new(
-                        Some(hint_key.to_owned()),
-                        format!(
-                            "{e}; the hint is advisory: the newest generation was found by \
-                             listing"
-                        ),
-                        !matches!(e, ModelError::UnsupportedVersion { .. }),
-                    ));
-                    None
-                }
-            },
+            Some(Ok(h)) => Some(h.generation),
+            Some(Err(e)) => {
+                warnings.push(LoadWarning::new(
+                    Some(hint_key.to_owned()),
+                    format!(
+                        "{e}; the hint is advisory: the newest generation was found by listing"
+                    ),
+                    !matches!(e, ModelError::UnsupportedVersion { .. }),
+                ));
+                None
+            }
         };
         let start = match hint {
             Some(0) => 0,
@@ -735,7 +740,7 @@ impl Repository {
                 key: r.key.clone(),
                 source: Box::new(e),
             },
-            other => other.into(),
+            other => document_error(&r.key, other),
         })?;
         checksum::check_bytes(&r.key, &r.sha256, r.size, &bytes)?;
         Ok(bytes)
@@ -1020,7 +1025,11 @@ impl Repository {
         match self.store.put_if_absent(&key, seg.bytes.clone()).await {
             Ok(_) => Ok(()),
             Err(StoreError::PreconditionFailed { .. }) => {
-                let existing = self.store.get(&key).await?;
+                // Longer than this segment: another one (read no further).
+                let existing = match self.store.get_max(&key, seg.bytes.len() as u64).await {
+                    Err(StoreError::TooLarge { .. }) => Bytes::new(),
+                    other => other?,
+                };
                 if checksum::sha256_hex(&existing) == seg.sha256 {
                     Ok(())
                 } else {
@@ -1142,8 +1151,12 @@ impl Repository {
         match self.store.put_if_absent(&key, bytes.clone()).await {
             Ok(_) => {}
             Err(StoreError::PreconditionFailed { .. }) => {
-                // Ours already, if an earlier attempt landed but its reply was lost.
-                let existing = self.store.get(&key).await?;
+                // Ours already, if an earlier attempt landed but its reply was lost (one
+                // longer than ours is not: read no further).
+                let existing = match self.store.get_max(&key, bytes.len() as u64).await {
+                    Err(StoreError::TooLarge { .. }) => Bytes::new(),
+                    other => other?,
+                };
                 if existing != bytes {
                     return Err(RepoError::LostRace {
                         location: self.location(),
@@ -1235,6 +1248,16 @@ enum SegmentCheck {
     Full,
     /// The object's sha256 only: the reader checks the frames.
     Sha256,
+}
+
+/// A store error reading document `key`: one longer than a document may be is corrupt.
+pub(crate) fn document_error(key: &str, e: StoreError) -> RepoError {
+    match e {
+        StoreError::TooLarge { limit, .. } => {
+            model::too_long(key, &format!("it is longer than {limit} bytes")).into()
+        }
+        other => other.into(),
+    }
 }
 
 /// Checks a downloaded segment file against the sha256 and size the manifest records.

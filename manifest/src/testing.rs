@@ -277,8 +277,8 @@ impl ObjectStore for SpyStore {
     async fn put_file(&self, key: &str, path: &Path) -> StoreResult<ETag> {
         self.inner.put_file(key, path).await
     }
-    async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
-        self.inner.get_with_meta(key).await
+    async fn get_with_meta_max(&self, key: &str, max_len: u64) -> StoreResult<(Bytes, ObjectMeta)> {
+        self.inner.get_with_meta_max(key, max_len).await
     }
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
         self.bound(None);

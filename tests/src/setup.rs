@@ -12,7 +12,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -168,15 +168,35 @@ impl Setup {
     /// Runs a program of the workspace against the store (its environment, info logs) to
     /// completion: exit code, stdout, stderr (also printed, for failures).
     pub fn run(&self, program: &str, args: &[&str]) -> Result<(i32, String, String)> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        self.run_path(program, &bin(program)?, &args)
+    }
+
+    /// [`Setup::run`] with the program's address space limited to `mib` MiB (`ulimit -v`),
+    /// so a program that would read something huge into memory fails at once instead of
+    /// taking the machine's memory.
+    pub fn run_within_memory(
+        &self,
+        mib: u64,
+        program: &str,
+        args: &[&str],
+    ) -> Result<(i32, String, String)> {
+        let script = format!("ulimit -v {}; exec \"$0\" \"$@\"", mib * 1024);
+        let mut a = vec!["-c".to_owned(), script, bin(program)?.display().to_string()];
+        a.extend(args.iter().map(|s| s.to_string()));
+        self.run_path(program, Path::new("/bin/sh"), &a)
+    }
+
+    fn run_path(
+        &self,
+        program: &str,
+        path: &Path,
+        args: &[String],
+    ) -> Result<(i32, String, String)> {
         let mut env = self.programs_store().env.clone();
         env.push(("TIDEMARK_LOG".into(), RUN_LOG_FILTER.into()));
         env.push(("RUST_LOG".into(), "warn".into()));
-        let (code, out, err) = run_with_timeout(
-            &bin(program)?,
-            &args.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-            &env,
-            Duration::from_secs(180),
-        )?;
+        let (code, out, err) = run_with_timeout(path, args, &env, Duration::from_secs(180))?;
         eprintln!("$ {program} {}\n-> {code}\n{out}\n{err}", args.join(" "));
         Ok((code, out, err))
     }

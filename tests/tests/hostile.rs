@@ -68,7 +68,8 @@ async fn prune_never_deletes_through_a_link_planted_in_the_repository() -> Resul
 }
 
 /// A download of an object whose size the repository records stops once the object proves
-/// longer, on every store: nothing is left at the destination.
+/// longer, on every store: nothing is left at the destination. A read into memory stops
+/// the same way.
 async fn bounded_downloads_stop_at_the_recorded_size(store: TestStore) -> Result<()> {
     use tidemark_manifest::store::StoreError;
     let raw = store.open_raw().await?;
@@ -113,6 +114,21 @@ async fn bounded_downloads_stop_at_the_recorded_size(store: TestStore) -> Result
     }
     let left: Vec<_> = std::fs::read_dir(dir.path())?.collect();
     ensure!(left.is_empty(), "{}: left behind {left:?}", store.describe);
+
+    // Read whole into memory: the same bound.
+    for max in [300_000, 400_000] {
+        ensure!(raw.get_max(key, max).await?.len() == 300_000);
+    }
+    match raw.get_max(key, 299_999).await {
+        Err(e @ StoreError::TooLarge { .. }) => {
+            ensure!(e.to_string().contains(key), "{e}");
+        }
+        other => anyhow::bail!(
+            "{}: expected TooLarge, got {:?}",
+            store.describe,
+            other.map(|b| b.len())
+        ),
+    }
     Ok(())
 }
 

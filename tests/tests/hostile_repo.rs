@@ -243,6 +243,74 @@ async fn a_corrupt_newest_generation_is_passed_over_loudly_and_nothing_is_lost()
     Ok(())
 }
 
+/// A generation and the latest-generation hint replaced by 16 GiB objects (sparse files):
+/// list, verify and restore run with their address space limited to 2 GiB, so reading
+/// either whole would fail. Each is refused as corrupt once it proves longer than a document
+/// may be (FORMAT.md §3.1), and the reader goes on from the generation before, as for any
+/// corrupt generation.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_giant_document_is_refused_without_being_read() -> Result<()> {
+    const GIANT: u64 = 16 << 30;
+    let s = setup(TestStore::local()?)?;
+    let oracle = archived_history(&s, "2").await?;
+    let root = s.store.local_root().context("local")?;
+    let repo = s.store.open().await?;
+    let newest = repo
+        .load()
+        .await?
+        .generation
+        .context("no generation")?
+        .generation;
+    ensure!(newest >= 2, "expected several generations, found {newest}");
+    let key = keys::generation_key(newest);
+    for k in [key.as_str(), keys::LATEST_HINT] {
+        std::fs::File::create(root.join(k))?.set_len(GIANT)?;
+    }
+    let url = s.store.url.clone();
+    let too_long = format!(
+        "more than the {} bytes",
+        tidemark_manifest::model::MAX_DOCUMENT_LEN
+    );
+
+    let (code, out, err) = s.run_within_memory(
+        2048,
+        "tidemark-restore",
+        &["list", "--from", &url, "--json"],
+    )?;
+    ensure!(code == 0, "list must work: {err}");
+    let j: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(j["generation"] == newest - 1, "{j}");
+    ensure!(j["latest"]["seq"] == oracle.last_seq(), "{j}");
+    for k in [key.as_str(), keys::LATEST_HINT] {
+        ensure!(
+            j["warnings"]
+                .as_array()
+                .is_some_and(|w| w.iter().any(|w| w["object"] == k
+                    && w["message"].as_str().is_some_and(|m| m.contains(&too_long)))),
+            "no warning about {k}: {j}"
+        );
+    }
+
+    let (code, out, err) =
+        s.run_within_memory(2048, "tidemark-restore", &["verify", "--from", &url])?;
+    ensure!(
+        code == i32::from(exit::VERIFICATION_FAILED) && out.contains(&key),
+        "verify must fail naming {key}: {out}{err}"
+    );
+
+    let target = s.path("restored");
+    let t = target.display().to_string();
+    let args = ["restore", "--from", &url, "--target", &t, "--latest"];
+    let (code, _, err) = s.run_within_memory(2048, "tidemark-restore", &args)?;
+    ensure!(code == 0, "restore must work: {err}");
+    let (state, seq) = read_db_state_and_seq(&target)?;
+    ensure!(seq == oracle.last_seq());
+    if let Some(d) = oracle.state_at(seq)?.diff(&state) {
+        bail!("restored past a giant generation: {d}");
+    }
+    Ok(())
+}
+
 /// Puts `bytes` under `key` in the S3 store directly, as another program could.
 async fn s3_put_raw(store: &TestStore, key: &str, bytes: Vec<u8>) -> Result<()> {
     let rest = store.url.strip_prefix("s3://").context("not S3")?;

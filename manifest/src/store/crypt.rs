@@ -1026,7 +1026,7 @@ impl CryptStore {
             Some(max) => {
                 let limit = self.crypt.layout.stored_size(max);
                 let got = self.inner.get_to_file_max(key, &sealed.0, limit).await;
-                got.map_err(|e| self.too_large(e, key, max))
+                got.map_err(|e| self.too_large(e, StoreOp::GetToFile, key, max))
             }
         }?;
         if let Some(max) = max_len {
@@ -1037,7 +1037,7 @@ impl CryptStore {
                 .plain_size(stored)
                 .is_some_and(|n| n > max)
             {
-                return Err(self.too_large_error(key, max));
+                return Err(self.too_large_error(StoreOp::GetToFile, key, max));
             }
         }
         let (_, plain) = local_temp_path(path).map_err(local)?;
@@ -1077,7 +1077,7 @@ impl CryptStore {
         let local = |e| Self::local(StoreOp::GetToFile, key, path, e);
         let doc = self.get(key).await?;
         if let Some(max) = max_len.filter(|&max| doc.len() as u64 > max) {
-            return Err(self.too_large_error(key, max));
+            return Err(self.too_large_error(StoreOp::GetToFile, key, max));
         }
         let (_, temp) = local_temp_path(path).map_err(local)?;
         let temp = TempFile(temp);
@@ -1097,16 +1097,16 @@ impl CryptStore {
 
     /// The wrapped store's [`StoreError::TooLarge`] (about the encrypted size) restated
     /// about the plaintext bound the caller gave; other errors unchanged.
-    fn too_large(&self, e: StoreError, key: &str, max_len: u64) -> StoreError {
+    fn too_large(&self, e: StoreError, op: StoreOp, key: &str, max_len: u64) -> StoreError {
         match e {
-            StoreError::TooLarge { .. } => self.too_large_error(key, max_len),
+            StoreError::TooLarge { .. } => self.too_large_error(op, key, max_len),
             other => other,
         }
     }
 
-    fn too_large_error(&self, key: &str, max_len: u64) -> StoreError {
+    fn too_large_error(&self, op: StoreOp, key: &str, max_len: u64) -> StoreError {
         StoreError::TooLarge {
-            op: StoreOp::GetToFile,
+            op,
             key: key.to_owned(),
             location: self.location(key),
             limit: max_len,
@@ -1227,15 +1227,26 @@ impl ObjectStore for CryptStore {
         self.inner.put_file(key, &temp.0).await
     }
 
-    async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
+    async fn get_with_meta_max(&self, key: &str, max_len: u64) -> StoreResult<(Bytes, ObjectMeta)> {
         super::validate_key(key)?;
-        if Self::clear(key) {
-            return self.inner.get_with_meta(key).await;
-        }
-        let (data, meta) = self.inner.get_with_meta(key).await?;
-        if Self::plaintext(key) {
-            self.check_config(StoreOp::Get, &data)?;
+        if Self::clear(key) || Self::plaintext(key) {
+            let (data, meta) = self.inner.get_with_meta_max(key, max_len).await?;
+            if Self::plaintext(key) {
+                self.check_config(StoreOp::Get, &data)?;
+            }
             return Ok((data, meta));
+        }
+        let op = StoreOp::Get;
+        let limit = self.crypt.layout.stored_size(max_len);
+        let got = self.inner.get_with_meta_max(key, limit).await;
+        let (data, meta) = got.map_err(|e| self.too_large(e, op, key, max_len))?;
+        if self
+            .crypt
+            .layout
+            .plain_size(data.len() as u64)
+            .is_some_and(|n| n > max_len)
+        {
+            return Err(self.too_large_error(op, key, max_len));
         }
         let repository = self.bound(StoreOp::Get, key).await?;
         let obj = Object {
@@ -1910,9 +1921,10 @@ mod tests {
     /// as it is and the authenticated `tidemark.json`.
     #[tokio::test]
     async fn hashed_downloads_give_the_sha256_of_the_plaintext() {
-        use crate::store::testkit::{Spy, check_hashed_downloads};
+        use crate::store::testkit::{Spy, check_bounded_reads, check_hashed_downloads};
         let (raw, s) = stores(&key(6));
         check_hashed_downloads(&s).await;
+        check_bounded_reads(&s).await;
         let dir = tempfile::tempdir().unwrap();
         let dst = dir.path().join("out");
         for len in SIZES.into_iter().chain([64 * 4096 + 3, 200 * 4096]) {

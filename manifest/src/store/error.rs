@@ -239,12 +239,14 @@ pub enum StoreError {
         size: Option<u64>,
     },
 
-    /// A download of an object whose size is known in advance was stopped: more bytes
-    /// arrived than it may have ([`ObjectStore::get_to_file_max`](super::ObjectStore::get_to_file_max)).
+    /// A download was stopped: the object proved longer than it may be (the size the
+    /// repository records for it, or the largest document for an object read whole:
+    /// [`ObjectStore::get_to_file_max`](super::ObjectStore::get_to_file_max),
+    /// [`ObjectStore::get_with_meta_max`](super::ObjectStore::get_with_meta_max)).
     #[error(
-        "{op} '{key}' at {location}: the object is longer than the {limit} bytes the \
-         repository records for it, so it is corrupt or was replaced; the download was \
-         stopped and nothing was kept"
+        "{op} '{key}' at {location}: the object is longer than the {limit} bytes it may \
+         have, so it is corrupt or was replaced; the download was stopped and nothing was \
+         kept"
     )]
     TooLarge {
         /// The operation.

@@ -264,9 +264,13 @@ impl ObjectStore for FaultStore {
             .await
     }
 
-    async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
-        self.around(StoreOp::Get, key, self.inner.get_with_meta(key))
-            .await
+    async fn get_with_meta_max(&self, key: &str, max_len: u64) -> StoreResult<(Bytes, ObjectMeta)> {
+        self.around(
+            StoreOp::Get,
+            key,
+            self.inner.get_with_meta_max(key, max_len),
+        )
+        .await
     }
 
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
@@ -374,10 +378,11 @@ mod tests {
     /// is, it reaches the wrapped store's own.
     #[tokio::test]
     async fn hashed_downloads_get_faults_and_are_forwarded() {
-        use crate::store::testkit::{Spy, check_hashed_downloads};
+        use crate::store::testkit::{Spy, check_bounded_reads, check_hashed_downloads};
         let spy = Arc::new(Spy::new(Arc::new(MemoryStore::new())));
         let store = FaultStore::new(spy.clone());
         check_hashed_downloads(&store).await;
+        check_bounded_reads(&store).await;
         let (hashed, plain) = spy.counts();
         assert!(hashed > 0 && plain == 0, "hashed {hashed}, plain {plain}");
 

@@ -591,17 +591,31 @@ impl ObjectStore for LocalStore {
         .await
     }
 
-    async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
+    async fn get_with_meta_max(&self, key: &str, max_len: u64) -> StoreResult<(Bytes, ObjectMeta)> {
         validate_key(key)?;
         let k = key.to_owned();
         self.run(StoreOp::Get, key, move |s| {
             let op = StoreOp::Get;
-            let (mut file, meta) = s.open_object(op, &k)?;
-            // The file's length is a hint only (it may change, or be a sparse giant).
+            let (file, meta) = s.open_object(op, &k)?;
+            let too_large = || StoreError::TooLarge {
+                op,
+                key: k.clone(),
+                location: s.location(&k),
+                limit: max_len,
+            };
+            if meta.len() > max_len {
+                return Err(too_large());
+            }
+            // The file's length is a hint only (it may grow, or be a sparse giant): one byte
+            // more than allowed is read to tell "too long" from "exactly the limit".
             let hint = usize::try_from(meta.len()).unwrap_or(0).min(PREALLOC_MAX);
             let mut data = Vec::with_capacity(hint);
-            file.read_to_end(&mut data)
+            file.take(max_len.saturating_add(1))
+                .read_to_end(&mut data)
                 .map_err(|e| s.io_error(op, &k, e))?;
+            if data.len() as u64 > max_len {
+                return Err(too_large());
+            }
             let meta = ObjectMeta {
                 key: k,
                 size: data.len() as u64,
@@ -1095,5 +1109,6 @@ mod tests {
     async fn hashed_downloads_give_the_sha256_of_the_file() {
         let (_dir, store) = store();
         crate::store::testkit::check_hashed_downloads(&store).await;
+        crate::store::testkit::check_bounded_reads(&store).await;
     }
 }

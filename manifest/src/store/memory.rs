@@ -224,9 +224,18 @@ impl ObjectStore for MemoryStore {
         self.put(key, Bytes::from(data)).await
     }
 
-    async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
+    async fn get_with_meta_max(&self, key: &str, max_len: u64) -> StoreResult<(Bytes, ObjectMeta)> {
         validate_key(key)?;
-        let (data, etag) = self.lookup(StoreOp::Get, key)?;
+        let op = StoreOp::Get;
+        let (data, etag) = self.lookup(op, key)?;
+        if data.len() as u64 > max_len {
+            return Err(StoreError::TooLarge {
+                op,
+                key: key.to_owned(),
+                location: Self::location(key),
+                limit: max_len,
+            });
+        }
         let meta = ObjectMeta {
             key: key.to_owned(),
             size: data.len() as u64,
@@ -337,5 +346,6 @@ mod tests {
     #[tokio::test]
     async fn hashed_downloads_give_the_sha256_of_the_file() {
         crate::store::testkit::check_hashed_downloads(&MemoryStore::new()).await;
+        crate::store::testkit::check_bounded_reads(&MemoryStore::new()).await;
     }
 }

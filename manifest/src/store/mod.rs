@@ -148,14 +148,30 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
         self.put_file(key, path).await
     }
 
-    /// Reads a whole object together with its metadata (the ETag belongs to exactly the bytes
-    /// returned). [`StoreError::NotFound`] if it does not exist.
-    async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)>;
+    /// Reads a whole object of at most `max_len` bytes into memory, together with its
+    /// metadata (the ETag belongs to exactly the bytes returned). [`StoreError::NotFound`] if
+    /// it does not exist; [`StoreError::TooLarge`] as soon as it proves longer than
+    /// `max_len` (a size the store announces, or the bytes that arrived), so a corrupt or
+    /// hostile object never takes more memory than the caller allows.
+    async fn get_with_meta_max(&self, key: &str, max_len: u64) -> StoreResult<(Bytes, ObjectMeta)>;
 
-    /// Reads a whole object into memory. [`StoreError::NotFound`] if it does not exist. Use
-    /// [`ObjectStore::get_to_file`] for large objects.
+    /// [`ObjectStore::get_with_meta_max`] bounded by [`MAX_WHOLE_READ`]: every object read
+    /// whole is a repository document.
+    async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
+        self.get_with_meta_max(key, MAX_WHOLE_READ).await
+    }
+
+    /// Reads a whole object into memory, at most [`MAX_WHOLE_READ`] bytes.
+    /// [`StoreError::NotFound`] if it does not exist. Use [`ObjectStore::get_to_file`] for
+    /// large objects.
     async fn get(&self, key: &str) -> StoreResult<Bytes> {
         Ok(self.get_with_meta(key).await?.0)
+    }
+
+    /// Reads a whole object of at most `max_len` bytes into memory (see
+    /// [`ObjectStore::get_with_meta_max`]).
+    async fn get_max(&self, key: &str, max_len: u64) -> StoreResult<Bytes> {
+        Ok(self.get_with_meta_max(key, max_len).await?.0)
     }
 
     /// Downloads an object to a local file, streaming (never holding the object in memory).
@@ -281,6 +297,10 @@ async fn hash_downloaded(key: &str, path: &Path) -> StoreResult<FileDigest> {
 /// Prefix reserved for the stores' own files (temporary files, lock files). No key segment
 /// may start with it, so those files can never be mistaken for objects.
 pub const RESERVED_SEGMENT_PREFIX: &str = ".tidemark-";
+
+/// The most bytes [`ObjectStore::get`] reads into memory: the largest repository document
+/// (FORMAT.md §3.1). Larger objects are downloaded to files.
+pub const MAX_WHOLE_READ: u64 = crate::model::MAX_DOCUMENT_LEN as u64;
 
 /// The most memory a store reserves ahead of a whole-object read from a length it was told
 /// (a `Content-Length`, a file's size): beyond it, the buffer grows only as bytes arrive.
@@ -480,6 +500,7 @@ mod tests {
     async fn the_default_hashed_download_reads_the_file_back() {
         let minimal = testkit::Minimal(Arc::new(MemoryStore::new()));
         testkit::check_hashed_downloads(&minimal).await;
+        testkit::check_bounded_reads(&minimal).await;
     }
 
     #[test]

@@ -182,7 +182,8 @@ impl RetryStore {
                             Err(e)
                         }
                         Err(e) if e.is_precondition_failed() && maybe_landed.load(Ordering::Relaxed) => {
-                            match self.inner.get_with_meta(key).await {
+                            // An object longer than what was written is not this write's.
+                                match self.inner.get_with_meta_max(key, data.len() as u64).await {
                                 Ok((current, meta)) if current == *data => {
                                     tracing::info!(
                                         %op,
@@ -193,6 +194,7 @@ impl RetryStore {
                                 }
                                 Ok(_) => Err(e),
                                 Err(read) if read.is_not_found() => Err(e),
+                                Err(StoreError::TooLarge { .. }) => Err(e),
                                 Err(read) => Err(read),
                             }
                         }
@@ -236,9 +238,11 @@ impl ObjectStore for RetryStore {
             .await
     }
 
-    async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
+    async fn get_with_meta_max(&self, key: &str, max_len: u64) -> StoreResult<(Bytes, ObjectMeta)> {
         self.policy
-            .run(StoreOp::Get, key, || self.inner.get_with_meta(key))
+            .run(StoreOp::Get, key, || {
+                self.inner.get_with_meta_max(key, max_len)
+            })
             .await
     }
 
@@ -475,11 +479,12 @@ mod tests {
     /// hashed download, and a refusal for size is not retried.
     #[tokio::test(start_paused = true)]
     async fn hashed_downloads_are_forwarded_and_retried() {
-        use crate::store::testkit::{Spy, check_hashed_downloads};
+        use crate::store::testkit::{Spy, check_bounded_reads, check_hashed_downloads};
         let spy = Arc::new(Spy::new(Arc::new(MemoryStore::new())));
         let faults = Arc::new(FaultStore::new(spy.clone()));
         let store = RetryStore::new(faults.clone(), policy(5));
         check_hashed_downloads(&store).await;
+        check_bounded_reads(&store).await;
         let (hashed, plain) = spy.counts();
         assert!(hashed > 0 && plain == 0, "hashed {hashed}, plain {plain}");
 

@@ -800,17 +800,31 @@ impl S3Store {
         key: &str,
         mut body: ByteStream,
         expected: Option<i64>,
+        max_len: u64,
     ) -> StoreResult<Bytes> {
         // Content-Length is the server's word: a hint for a first buffer, never a size to
-        // reserve in full, and a limit the body may not go past.
-        let capacity = expected.and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+        // reserve in full, and a limit the body may not go past. `max_len` is the caller's.
+        let too_large = || StoreError::TooLarge {
+            op,
+            key: key.to_owned(),
+            location: self.location(key),
+            limit: max_len,
+        };
+        let announced = expected.and_then(|n| u64::try_from(n).ok());
+        if announced.is_some_and(|n| n > max_len) {
+            return Err(too_large());
+        }
+        let capacity = announced.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
         let mut buf = BytesMut::with_capacity(capacity.min(super::PREALLOC_MAX));
-        let limit = expected.and_then(|n| u64::try_from(n).ok());
+        let limit = announced.unwrap_or(max_len);
         while let Some(chunk) = self.next_chunk(op, key, &mut body).await? {
             buf.extend_from_slice(&chunk);
-            if limit.is_some_and(|n| buf.len() as u64 > n) {
-                break; // reported by `check_length`
+            if buf.len() as u64 > limit {
+                break; // reported below or by `check_length`
             }
+        }
+        if buf.len() as u64 > max_len {
+            return Err(too_large());
         }
         self.check_length(op, key, buf.len() as u64, expected)?;
         Ok(buf.freeze())
@@ -1334,13 +1348,13 @@ impl ObjectStore for S3Store {
         self.put_file_with(key, path, Some(pacer)).await
     }
 
-    async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
+    async fn get_with_meta_max(&self, key: &str, max_len: u64) -> StoreResult<(Bytes, ObjectMeta)> {
         validate_key(key)?;
         let op = StoreOp::Get;
         let out = self.get_object(op, key, None).await?;
         let etag = self.etag(op, key, out.e_tag())?;
         let expected = out.content_length();
-        let data = self.read_body(op, key, out.body, expected).await?;
+        let data = self.read_body(op, key, out.body, expected, max_len).await?;
         let meta = ObjectMeta {
             key: key.to_owned(),
             size: data.len() as u64,
@@ -1408,8 +1422,9 @@ impl ObjectStore for S3Store {
             .and_then(|r| r.rsplit_once('/'))
             .and_then(|(_, total)| total.parse::<u64>().ok());
         let expected = out.content_length();
-        let data = self.read_body(op, key, out.body, expected).await?;
-        if data.len() as u64 != range.end - range.start {
+        let len = range.end - range.start;
+        let data = self.read_body(op, key, out.body, expected, len).await?;
+        if data.len() as u64 != len {
             return Err(invalid(size));
         }
         Ok(data)

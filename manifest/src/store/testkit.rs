@@ -76,6 +76,34 @@ pub(crate) async fn check_hashed_downloads(store: &dyn ObjectStore) {
     assert!(!dest.exists());
 }
 
+/// Checks [`ObjectStore::get_with_meta_max`] on `store`: an object is read whole with a
+/// bound at or above its size; one byte short is refused with [`StoreError::TooLarge`]; the
+/// default whole read is bounded by [`super::MAX_WHOLE_READ`].
+pub(crate) async fn check_bounded_reads(store: &dyn ObjectStore) {
+    for (key, data) in [
+        ("whole/small", b"abc".to_vec()),
+        ("whole/large", pattern(70_001)),
+    ] {
+        store.put(key, Bytes::from(data.clone())).await.unwrap();
+        let len = data.len() as u64;
+        for max in [len, len + 1, u64::MAX] {
+            let (got, meta) = store
+                .get_with_meta_max(key, max)
+                .await
+                .unwrap_or_else(|e| panic!("{key}, bound {max}: {e}"));
+            assert!(got == data && meta.size == len, "{key}, bound {max}");
+        }
+        let e = store.get_max(key, len - 1).await.unwrap_err();
+        assert!(
+            matches!(&e, StoreError::TooLarge { limit, key: k, .. } if *limit == len - 1 && k == key),
+            "{key}: {e:?}"
+        );
+        assert!(store.get(key).await.unwrap() == data, "{key}");
+    }
+    let e = store.get_max("whole/missing", 10).await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+}
+
 /// A store implementing only what it must, over `inner`: every provided method runs its
 /// default.
 #[derive(Debug)]
@@ -98,8 +126,8 @@ impl ObjectStore for Minimal {
     async fn put_file(&self, key: &str, path: &Path) -> StoreResult<ETag> {
         self.0.put_file(key, path).await
     }
-    async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
-        self.0.get_with_meta(key).await
+    async fn get_with_meta_max(&self, key: &str, max_len: u64) -> StoreResult<(Bytes, ObjectMeta)> {
+        self.0.get_with_meta_max(key, max_len).await
     }
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
         self.0.get_to_file(key, path).await

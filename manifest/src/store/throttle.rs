@@ -436,12 +436,8 @@ impl ObjectStore for ThrottleStore {
         self.inner.put_file_paced(key, path, &pacer).await
     }
 
-    async fn get_with_meta(&self, key: &str) -> StoreResult<(Bytes, ObjectMeta)> {
-        self.inner.get_with_meta(key).await
-    }
-
-    async fn get(&self, key: &str) -> StoreResult<Bytes> {
-        self.inner.get(key).await
+    async fn get_with_meta_max(&self, key: &str, max_len: u64) -> StoreResult<(Bytes, ObjectMeta)> {
+        self.inner.get_with_meta_max(key, max_len).await
     }
 
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
@@ -748,7 +744,7 @@ mod tests {
     /// not limited: nothing is drawn from the limiter.
     #[tokio::test]
     async fn hashed_downloads_are_forwarded_unpaced() {
-        use crate::store::testkit::{Spy, check_hashed_downloads};
+        use crate::store::testkit::{Spy, check_bounded_reads, check_hashed_downloads};
         let spy = Arc::new(Spy::new(Arc::new(MemoryStore::new())));
         let limiter = RateLimiter::new(Rate::bytes_per_sec(1 << 30).unwrap());
         let store = ThrottleStore::new(spy.clone(), limiter.clone());
@@ -762,5 +758,6 @@ mod tests {
             limiter.granted(Priority::Bulk) + limiter.granted(Priority::Urgent),
             granted + puts
         );
+        check_bounded_reads(&store).await;
     }
 }
