@@ -963,6 +963,74 @@ mod tests {
         keeper.stop().await.unwrap();
     }
 
+    /// A store slower than the wait: the run is put off (nothing marked, no sweep), the
+    /// upload it waited for goes on and lands once, and the next run marks.
+    #[tokio::test]
+    async fn retention_is_put_off_while_the_store_is_slower_than_its_wait() {
+        use super::super::retention::Retention;
+        use crate::config::PruneOptions;
+        use crate::lease::LeaseHandle;
+        use crate::lease_keeper::LeaseKeeper;
+
+        let dir = tempfile::tempdir().unwrap();
+        let (faults, repo, mut p, wal) = pipeline_in(dir.path(), one_record_segments()).await;
+        let metrics = Arc::new(Metrics::new());
+        let ttl = Duration::from_secs(30);
+        let handle = LeaseHandle::acquire(&repo, ttl).await.unwrap();
+        let keeper = LeaseKeeper::start(&repo, handle, ttl, None);
+        let interval = Duration::from_secs(5);
+        let policy = PruneOptions {
+            keep_last: Some(1),
+            grace: Duration::from_secs(1),
+            interval,
+            ..PruneOptions::default()
+        };
+        let mut retention = Retention::new(Some(policy), &repo, keeper.fence(), &metrics)
+            .with_settle_limit(Duration::from_millis(200));
+        retention.after_base(); // due now
+
+        write_wal(&wal, 5, &[(1, 1), (2, 1)]);
+        p.step().await.unwrap();
+        faults.inject(
+            FaultRule::new(Fault::Delay(Duration::from_secs(2)))
+                .on(StoreOp::PutIfAbsent)
+                .key_prefix("wal/"),
+        );
+        write_wal(&wal, 5, &[(1, 1), (2, 1), (3, 1)]);
+        p.step().await.unwrap();
+        let generation = |r: &Repository| {
+            let r = r.clone();
+            async move { r.load().await.unwrap().generation.map(|g| g.generation) }
+        };
+        let before = generation(&repo).await;
+        let asked = Instant::now();
+        retention.mark_if_due(&mut p, false).await.unwrap();
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "it waited for the upload"
+        );
+        assert!(
+            !retention.sweeping(),
+            "nothing is applied while segments are on their way"
+        );
+        assert_eq!(generation(&repo).await, before, "nothing was marked");
+        let due = retention.wake_at().expect("still scheduled");
+        assert!(
+            due >= asked + interval,
+            "put off by the interval (at most a minute)"
+        );
+
+        // The upload was not given up: it lands once, and the next run marks.
+        assert!(p.settle().await.unwrap());
+        assert_eq!(segment_firsts(&repo).await, vec![1, 2, 3]);
+        retention.after_base();
+        retention.mark_if_due(&mut p, false).await.unwrap();
+        assert!(retention.sweeping(), "the next run applies the policy");
+        let swept = retention.finished().await;
+        retention.on_finished(swept);
+        keeper.stop().await.unwrap();
+    }
+
     #[test]
     fn recent_times_find_the_record_holding_a_sequence() {
         let mut t = RecentTimes::default();

@@ -37,6 +37,8 @@ pub(crate) struct Retention {
     repo: Repository,
     fence: LeaseFence,
     metrics: Arc<Metrics>,
+    /// [`SETTLE_LIMIT`], shorter in tests.
+    settle_limit: Duration,
 }
 
 impl Retention {
@@ -56,7 +58,15 @@ impl Retention {
             repo: repo.clone(),
             fence,
             metrics: Arc::clone(metrics),
+            settle_limit: SETTLE_LIMIT,
         }
+    }
+
+    /// Waits at most `limit` for the segments in flight (tests).
+    #[cfg(test)]
+    pub fn with_settle_limit(mut self, limit: Duration) -> Retention {
+        self.settle_limit = limit;
+        self
     }
 
     /// True while a sweep runs.
@@ -91,7 +101,7 @@ impl Retention {
         // Under sustained load an upload is always in flight: ship what was read and wait,
         // for a while. A store too slow for that (or failing) puts the run off.
         if !pipeline.settled() {
-            let settled = tokio::time::timeout(SETTLE_LIMIT, pipeline.settle()).await;
+            let settled = tokio::time::timeout(self.settle_limit, pipeline.settle()).await;
             if !matches!(settled, Ok(Ok(true))) {
                 self.due = Some(Instant::now() + policy.interval.min(PUT_OFF));
                 tracing::info!(
