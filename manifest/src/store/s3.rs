@@ -437,6 +437,9 @@ impl fmt::Debug for S3Store {
     }
 }
 
+/// A listing whose pages list nothing this many times in a row does not advance.
+const MAX_EMPTY_LIST_PAGES: u32 = 1000;
+
 impl S3Store {
     /// Connects with the standard AWS configuration chain (environment, `~/.aws/config`,
     /// SSO, instance/container roles), overridden by `options`. `prefix` is the key prefix
@@ -792,6 +795,21 @@ impl S3Store {
                 .into(),
             }),
         }
+    }
+
+    /// A listing that does not advance (S3 lists keys in order, each once, and every page
+    /// moves on): a loop of the server's, refused instead of listing forever.
+    fn stuck_listing(&self, prefix: &str, listed: usize, why: &str) -> StoreError {
+        self.other(
+            StoreOp::List,
+            prefix,
+            format!(
+                "the server's listing does not advance after {listed} keys: {why}. The \
+                 server at {} is not S3-compatible in its listings; list with another server \
+                 or report it to its maintainers",
+                self.describe()
+            ),
+        )
     }
 
     async fn read_body(
@@ -1486,6 +1504,11 @@ impl ObjectStore for S3Store {
         let full_prefix = self.full_key(prefix);
         let mut objects = Vec::new();
         let mut token: Option<String> = None;
+        // S3 lists each key once and every page moves on: a server that loops is refused
+        // instead of listing forever.
+        let mut seen_tokens = std::collections::HashSet::new();
+        let mut seen_keys = std::collections::HashSet::new();
+        let mut empty_pages = 0;
         loop {
             let out = self
                 .client
@@ -1500,6 +1523,10 @@ impl ObjectStore for S3Store {
                 let Some(key) = object.key().and_then(|k| k.strip_prefix(&self.prefix)) else {
                     continue;
                 };
+                if !seen_keys.insert(key.to_owned()) {
+                    let why = format!("it listed the key {key:?} twice");
+                    return Err(self.stuck_listing(prefix, objects.len(), &why));
+                }
                 objects.push(ObjectMeta {
                     key: key.to_owned(),
                     size: object
@@ -1510,7 +1537,20 @@ impl ObjectStore for S3Store {
                     last_modified: object.last_modified().and_then(offset_time),
                 });
             }
+            empty_pages = if out.contents().is_empty() {
+                empty_pages + 1
+            } else {
+                0
+            };
             match (out.is_truncated(), out.next_continuation_token()) {
+                (Some(true), Some(next)) if !seen_tokens.insert(next.to_owned()) => {
+                    let why = format!("it returned the continuation token {next:?} again");
+                    return Err(self.stuck_listing(prefix, objects.len(), &why));
+                }
+                (Some(true), Some(_)) if empty_pages >= MAX_EMPTY_LIST_PAGES => {
+                    let why = format!("{empty_pages} pages in a row listed nothing");
+                    return Err(self.stuck_listing(prefix, objects.len(), &why));
+                }
                 (Some(true), Some(next)) => token = Some(next.to_owned()),
                 _ => break,
             }
@@ -1924,6 +1964,129 @@ mod tests {
             "expected InvalidCredentials, got {err}"
         );
         assert!(err.to_string().contains("no usable credentials"), "{err}");
+    }
+
+    /// An S3 endpoint on 127.0.0.1 answering request `n` (counted from 0) with
+    /// `reply(n)`: for replies no real server gives.
+    async fn fake_server(reply: impl Fn(usize) -> String + Send + Sync + 'static) -> String {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let reply = Arc::new(reply);
+        let count = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let (reply, count) = (Arc::clone(&reply), Arc::clone(&count));
+                tokio::spawn(async move {
+                    let (mut have, mut buf) = (Vec::new(), [0u8; 8192]);
+                    loop {
+                        // Requests without a body: each ends with its head.
+                        while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+                            have.drain(..end + 4);
+                            let body = reply(count.fetch_add(1, Ordering::Relaxed));
+                            let head = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/xml\r\n\
+                                 content-length: {}\r\n\r\n",
+                                body.len()
+                            );
+                            let sent = sock.write_all(format!("{head}{body}").as_bytes()).await;
+                            if sent.is_err() {
+                                return;
+                            }
+                        }
+                        match sock.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => have.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        endpoint
+    }
+
+    /// A ListObjectsV2 page listing `keys`, truncated with token `next` when there is one.
+    fn listing(keys: &[&str], next: Option<&str>) -> String {
+        let contents: String = keys
+            .iter()
+            .map(|k| format!("<Contents><Key>{k}</Key><Size>1</Size></Contents>"))
+            .collect();
+        let more = match next {
+            Some(t) => format!(
+                "<IsTruncated>true</IsTruncated><NextContinuationToken>{t}</NextContinuationToken>"
+            ),
+            None => "<IsTruncated>false</IsTruncated>".to_owned(),
+        };
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult \
+             xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>b</Name><Prefix></Prefix>\
+             <MaxKeys>1000</MaxKeys>{more}{contents}</ListBucketResult>"
+        )
+    }
+
+    fn store_at(endpoint: &str) -> S3Store {
+        let sdk = SdkConfig::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .credentials_provider(
+                aws_credential_types::provider::SharedCredentialsProvider::new(
+                    aws_credential_types::Credentials::new("AKIDTEST", "secret", None, None, "t"),
+                ),
+            )
+            .build();
+        let options = S3Options {
+            endpoint_url: Some(endpoint.to_owned()),
+            force_path_style: true,
+            ..S3Options::default()
+        };
+        S3Store::from_sdk_config(&sdk, "b", "", &options).unwrap()
+    }
+
+    /// A server whose listing loops (the same continuation token again, the same key on
+    /// every page, or empty pages without end) is refused, saying why; it used to be listed
+    /// forever. A listing that moves on is read whole, in key order.
+    #[tokio::test]
+    async fn a_listing_that_does_not_advance_is_refused() {
+        type Reply = Box<dyn Fn(usize) -> String + Send + Sync>;
+        let cases: [(&str, Reply); 3] = [
+            (
+                "continuation token \"again\" again",
+                Box::new(|n| listing(&[&format!("wal/{n}.seg")], Some("again"))),
+            ),
+            (
+                "listed the key \"wal/1.seg\" twice",
+                Box::new(|n| listing(&["wal/1.seg"], Some(&format!("t{n}")))),
+            ),
+            (
+                "1000 pages in a row listed nothing",
+                Box::new(|n| listing(&[], Some(&format!("t{n}")))),
+            ),
+        ];
+        for (why, reply) in cases {
+            let s = store_at(&fake_server(reply).await);
+            let listed = tokio::time::timeout(Duration::from_secs(120), s.list("")).await;
+            let e = listed.expect("the listing ends").unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains("does not advance") && msg.contains(why),
+                "{msg}"
+            );
+        }
+        let s = store_at(
+            &fake_server(|n| match n {
+                0 => listing(&["a/2"], Some("t")),
+                _ => listing(&["a/1"], None),
+            })
+            .await,
+        );
+        let keys: Vec<String> = s
+            .list("")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        assert_eq!(keys, ["a/1", "a/2"]);
     }
 
     #[tokio::test]
