@@ -13,6 +13,7 @@ use bytes::Bytes;
 
 use crate::checksum::Hasher;
 
+use super::direct;
 use super::{
     ETag, FileDigest, ObjectMeta, ObjectStore, PREALLOC_MAX, RESERVED_SEGMENT_PREFIX, StoreError,
     StoreOp, StoreResult, validate_key, validate_prefix,
@@ -506,12 +507,7 @@ impl ObjectStore for LocalStore {
         let k = key.to_owned();
         self.run(StoreOp::Put, key, move |s| {
             let on_io = |e| s.io_error(StoreOp::Put, &k, e);
-            s.write_object(
-                StoreOp::Put,
-                &k,
-                |f| f.write_all(&data).map_err(on_io),
-                None,
-            )
+            s.write_object(StoreOp::Put, &k, |f| write_data(f, &data, on_io), None)
         })
         .await
     }
@@ -530,7 +526,7 @@ impl ObjectStore for LocalStore {
                 });
             }
             let on_io = |e| s.io_error(op, &k, e);
-            s.write_object(op, &k, |f| f.write_all(&data).map_err(on_io), None)
+            s.write_object(op, &k, |f| write_data(f, &data, on_io), None)
         })
         .await
     }
@@ -572,7 +568,12 @@ impl ObjectStore for LocalStore {
                 op,
                 &k,
                 |dst| {
-                    copied.set(copy(&mut src, dst, local, on_io, |_| {})?);
+                    let n = if expected_len >= direct::MIN_LEN {
+                        direct::copy_uncached(&mut src, dst, local, on_io)?
+                    } else {
+                        copy(&mut src, dst, local, on_io, |_| {})?
+                    };
+                    copied.set(n);
                     Ok(())
                 },
                 None,
@@ -796,6 +797,21 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 
 /// Copies `src` to `dst`, attributing read and write errors to their own side; `seen` is
 /// shown every piece written.
+/// Writes an object's bytes to its new file: a large one around the page cache
+/// ([`direct`]), for nobody reads it back soon.
+fn write_data(
+    dst: &mut File,
+    data: &[u8],
+    on_io: impl Fn(io::Error) -> StoreError,
+) -> StoreResult<()> {
+    if data.len() as u64 >= direct::MIN_LEN {
+        direct::copy_uncached(&mut &data[..], dst, &on_io, &on_io)?;
+    } else {
+        dst.write_all(data).map_err(on_io)?;
+    }
+    Ok(())
+}
+
 fn copy(
     src: &mut impl Read,
     dst: &mut File,

@@ -36,6 +36,7 @@
 //! ETags are only comparable within one store.
 
 pub mod crypt;
+mod direct;
 mod error;
 pub mod fault;
 mod local;
