@@ -30,6 +30,9 @@ struct State {
     rebases: u64,
     errors: u64,
     following: bool,
+    /// The batch (sequence number, column family) the standby waits at for a base that
+    /// knows its column family.
+    waiting_for_base: Option<(u64, u32)>,
 }
 
 /// The standby's metrics, shared by the follower (which sets them) and the server.
@@ -68,6 +71,12 @@ impl FollowMetrics {
     /// The standby was re-based.
     pub fn rebased(&self) {
         self.with(|s| s.rebases += 1);
+    }
+
+    /// The standby waits at the batch `(sequence number, column family)` for a base that
+    /// knows the column family (`None`: it does not wait).
+    pub fn set_waiting(&self, batch: Option<(u64, u32)>) {
+        self.with(|s| s.waiting_for_base = batch);
     }
 
     /// An error was met (logged where it happened).
@@ -129,8 +138,15 @@ impl FollowMetrics {
         );
         registry.register(
             "tidemark_standby_rebases",
-            "Fresh standbys restored from a newer base after a gap",
+            "Fresh standbys restored from a newer base: after a gap, for disk space or past a \
+             new column family",
             counter(s.rebases),
+        );
+        registry.register(
+            "tidemark_standby_waiting_for_base",
+            "1 while the standby cannot apply a batch because it writes a column family the \
+             standby does not have, and waits for a base that knows it; else 0",
+            gauge(i64::from(s.waiting_for_base.is_some())),
         );
         registry.register(
             "tidemark_standby_errors",
@@ -149,12 +165,19 @@ impl Exporter for FollowMetrics {
         FollowMetrics::render(self)
     }
 
-    /// Healthy while following.
+    /// Healthy while following (waiting for a base too: the follower re-bases by itself
+    /// once there is one, and says so).
     fn health(&self) -> (bool, String) {
-        if self.with(|s| s.following) {
-            (true, "ok\n".to_owned())
-        } else {
-            (false, "not following\n".to_owned())
+        match self.with(|s| (s.following, s.waiting_for_base)) {
+            (true, None) => (true, "ok\n".to_owned()),
+            (true, Some((seq, cf))) => (
+                true,
+                format!(
+                    "ok, waiting for a base that knows column family {cf} (the batch at \
+                     sequence {seq} writes it)\n"
+                ),
+            ),
+            (false, _) => (false, "not following\n".to_owned()),
         }
     }
 }
@@ -238,6 +261,20 @@ mod tests {
             .unwrap();
         assert!((29.0..60.0).contains(&lag), "{lag}");
         assert!(m.health().0);
+        assert!(
+            text.contains("tidemark_standby_waiting_for_base 0\n"),
+            "{text}"
+        );
+        m.set_waiting(Some((1234, 7)));
+        let text = m.render();
+        assert!(
+            text.contains("tidemark_standby_waiting_for_base 1\n"),
+            "{text}"
+        );
+        let (healthy, says) = m.health();
+        assert!(healthy && says.contains("column family 7"), "{says}");
+        m.set_waiting(None);
+        assert!(m.render().contains("tidemark_standby_waiting_for_base 0\n"));
         m.stopped();
         assert!(!m.health().0);
     }

@@ -118,7 +118,7 @@ enum Command {
 
 const FOLLOW_HELP: &str = "Stop with SIGTERM or Ctrl-C: the target stays a standby and `follow` started again on it resumes where it stopped. Promote a running follower with SIGUSR1: it stops after the segment it is applying (at a batch boundary; a re-base for disk space under way is abandoned, one past a gap is finished first), leaves a database the application opens read-write, prints the point reached and exits 0. Promote a stopped standby with `follow --promote` (catches up with the archive first) or `follow --promote --no-catch-up` (at once, without the store).
 
-Never open the target read-write while it is a standby (a RocksDB secondary instance may read it). The follower stops with a non-zero exit code when it cannot follow further: 3 for a gap with no base past it to re-base on, or a new column family (restore a new standby), 4 for an object that does not verify, 2 for a target that is not this repository's standby.";
+Never open the target read-write while it is a standby (a RocksDB secondary instance may read it). A batch writing a column family the standby does not have (created on the source after the standby's base) is not applied: the standby waits at the point before it, with a warning every 5 s and the metric tidemark_standby_waiting_for_base at 1, until the archiver's next base knows the column family, then re-bases on it by itself (SIGUSR1 meanwhile promotes it where it waits; --promote promotes there and names the batch not applied). The follower stops with a non-zero exit code when it cannot follow further: 3 for a gap with no base past it to re-base on, 4 for an object that does not verify, 2 for a target that is not this repository's standby.";
 
 // `follow`'s flags.
 #[derive(Debug, Args)]

@@ -22,12 +22,23 @@
 //! lineage, one that RocksDB opened read-write since (its `LOCK` file exists), or one
 //! another follower holds. It stops with an error, never stalls silently, when the archive
 //! cannot be followed: a segment that does not verify, records that do not continue the
-//! chain, a batch writing a column family the standby does not have (the source created
-//! one: a new base is needed), the repository's lineage changing, or the archive going on
-//! past a sequence number no segment starts at (a gap, or segments pruned before they were
-//! applied) with no base after it. With a base after the gap it re-bases
-//! (`Follower::rebase`): the latest point restored beside the target, verified, swapped
-//! in, the old standby moved aside.
+//! chain, the repository's lineage changing, or the archive going on past a sequence
+//! number no segment starts at (a gap, or segments pruned before they were applied) with
+//! no base after it. With a base after the gap it re-bases (`Follower::rebase`): the
+//! latest point restored beside the target, verified, swapped in, the old standby moved
+//! aside.
+//!
+//! A batch writing a column family the standby does not have (the source created one
+//! after the standby's base) cannot be applied: RocksDB's recovery would drop it silently.
+//! The follower applies neither it nor anything after it: nothing of its segment stays in
+//! the WAL files (they are cut back to the committed point), and the standby waits there.
+//! The archiver takes a new base by itself when column families change; every
+//! [`ARCHIVE_CHECK_INTERVAL`] the follower looks for a base that knows the column family
+//! (or holds the batch already) and re-bases on it, deleting the old standby as for the
+//! disk bound. Until then it warns at each look, prints a `waiting_for_base` status and
+//! sets `tidemark_standby_waiting_for_base`; it downloads nothing meanwhile. A promotion
+//! while it waits promotes the standby at its committed point; `--promote` looks for a
+//! base once and, with none yet, promotes there, its report naming the batch not applied.
 //!
 //! Promotion happens between segments, so at a batch boundary: the
 //! origin file already names the point reached, the marker is removed, and the application
@@ -44,7 +55,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use tidemark_manifest::chain::RecordChain;
-use tidemark_manifest::model::{RepositoryConfig, SegmentEntry, time_from_micros};
+use tidemark_manifest::model::{BaseSummary, RepositoryConfig, SegmentEntry, time_from_micros};
 use tidemark_manifest::origin::Origin;
 use tidemark_manifest::repo::Repository;
 use tidemark_manifest::rocks::DbFile;
@@ -181,7 +192,9 @@ pub struct AppliedPoint {
     pub time: OffsetDateTime,
 }
 
-/// One status line: a segment was applied (printed per change with `--json`).
+/// One status line (printed per change with `--json`): a segment was applied (`applied`),
+/// or the standby waits for a base that knows a column family (`waiting_for_base`, at each
+/// look for one).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FollowStatus {
     pub event: &'static str,
@@ -195,6 +208,10 @@ pub struct FollowStatus {
     pub records: u64,
     /// The WAL file the last record went to.
     pub wal_file: Option<String>,
+    /// With the event `waiting_for_base`: the batch the standby cannot apply (its column
+    /// family is not in the standby) and waits at, for a base that knows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<UnknownColumnFamily>,
 }
 
 /// How a follower ended.
@@ -221,13 +238,18 @@ pub struct FollowReport {
     pub applied: AppliedPoint,
     pub segments_applied: u64,
     pub records_applied: u64,
-    /// Fresh standbys restored from a newer base after a gap, each swapped in for the old
-    /// one (moved aside to `<DIR>.old-<time>`).
+    /// Fresh standbys restored from a newer base, each swapped in for the old one: after a
+    /// gap (the old one moved aside to `<DIR>.old-<time>`), for disk space or past a new
+    /// column family (the old one deleted).
     pub rebases: u64,
     /// The origin file as it is now (it names the point reached).
     pub origin: Origin,
     /// How long promotion took, from the request to the target being ready.
     pub promote_ms: Option<u64>,
+    /// The batch the standby stopped before: it writes a column family the standby does not
+    /// have, and no base knowing it was there yet. Neither it nor anything after it was
+    /// applied.
+    pub not_applied: Option<UnknownColumnFamily>,
 }
 
 /// Restores (or resumes) the standby in `opts.target_dir` from the repository `store`
@@ -306,6 +328,8 @@ async fn follow(
         rebases: 0,
         last_check: None,
         last_size_check: None,
+        blocked: None,
+        last_base_check: None,
         metrics: metrics.clone(),
     };
     let applied = follower.standby.applied();
@@ -371,13 +395,36 @@ struct Follower {
     scratch: PathBuf,
     segments_applied: u64,
     records_applied: u64,
-    /// Fresh standbys restored after a gap.
+    /// Fresh standbys restored from a newer base.
     rebases: u64,
     /// When the repository's generation and config were last read.
     last_check: Option<Instant>,
     /// When the WAL was last found over the disk bound.
     last_size_check: Option<Instant>,
+    /// The batch of a column family the standby does not have, which it waits at.
+    blocked: Option<Blocked>,
+    /// When the newest base was last looked at for that column family.
+    last_base_check: Option<Instant>,
     metrics: Arc<FollowMetrics>,
+}
+
+/// The batch a standby waits at, and the time of its segment's first record.
+#[derive(Debug, Clone)]
+struct Blocked {
+    batch: UnknownColumnFamily,
+    first_time: OffsetDateTime,
+}
+
+/// True when a standby restored from `base` (to the latest point) gets past `batch`: the
+/// base knows the column family, or it holds the batch already (it needs no record up to
+/// it). A base that merely replays from after the standby's point is not enough: one taken
+/// before the column family was created would meet the same batch again.
+fn base_gets_past(base: &BaseSummary, batch: &UnknownColumnFamily) -> bool {
+    base.replay_from_seq > batch.seq
+        || base
+            .column_families
+            .iter()
+            .any(|c| c.id == batch.column_family)
 }
 
 impl Follower {
@@ -397,9 +444,26 @@ impl Follower {
             if controls.should_end() {
                 return Ok(());
             }
+            if self.blocked.is_some() {
+                let looked = self
+                    .rebase_past_column_family_if_due(opts, progress, controls, on_status)
+                    .await;
+                if opts.promote {
+                    // Catching up to promote: one look for a base, no waiting for one.
+                    looked?;
+                    if self.blocked.is_some() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                if self.or_next_poll(looked)?.is_none() || self.blocked.is_some() {
+                    wait(opts.poll_interval(), controls).await;
+                }
+                continue;
+            }
             let polled = self.poll(controls, on_status).await;
             if opts.promote {
-                if polled? == 0 {
+                if polled? == 0 && self.blocked.is_none() {
                     return Ok(());
                 }
                 continue;
@@ -458,9 +522,16 @@ impl Follower {
                 break;
             };
             let path = path?;
+            let first_time = entry.first_time;
             let status = self.apply(entry, &path).await;
             let _ = fs::remove_file(&path);
-            let status = status?;
+            let status = match status? {
+                Ok(status) => status,
+                Err(blocked) => {
+                    self.block(blocked, first_time);
+                    break;
+                }
+            };
             self.metrics
                 .set_applied(status.applied.seq, status.applied.time);
             self.metrics.segment_applied(status.records);
@@ -472,12 +543,14 @@ impl Follower {
         Ok(applied)
     }
 
-    /// Applies one verified segment file and commits the point reached.
+    /// Applies one verified segment file and commits the point reached; or, when a batch of
+    /// it writes a column family the standby does not have, applies none of it and returns
+    /// that batch.
     async fn apply(
         &mut self,
         entry: SegmentEntry,
         path: &Path,
-    ) -> Result<FollowStatus, RestoreError> {
+    ) -> Result<Result<FollowStatus, UnknownColumnFamily>, RestoreError> {
         let mut standby = self.standby.take();
         let path = path.to_path_buf();
         let (standby, result) = tokio::task::spawn_blocking(move || {
@@ -487,12 +560,15 @@ impl Follower {
         .await
         .expect("applying a segment does not panic");
         self.standby = standby;
-        let (records, key, first_time) = result?;
+        let (records, key, first_time) = match result? {
+            (Applied::All(records), key, first_time) => (records, key, first_time),
+            (Applied::Blocked(blocked), ..) => return Ok(Err(blocked)),
+        };
         self.segments_applied += 1;
         self.records_applied += records;
         let applied = self.standby.applied();
         tracing::debug!(segment = %key, records, seq = applied.seq, "applied");
-        Ok(FollowStatus {
+        Ok(Ok(FollowStatus {
             event: "applied",
             applied,
             lag_seconds: lag(applied.time),
@@ -500,7 +576,101 @@ impl Follower {
             segment: key,
             records,
             wal_file: self.standby.wal_name(),
-        })
+            waiting_for: None,
+        }))
+    }
+
+    /// The standby met `blocked` (in a segment whose first record is at `first_time`): it
+    /// stays at its committed point and waits for a base that gets it past the batch.
+    fn block(&mut self, blocked: UnknownColumnFamily, first_time: OffsetDateTime) {
+        tracing::warn!(
+            column_family = blocked.column_family,
+            seq = blocked.seq,
+            "{blocked}: the standby stays at sequence {} and re-bases once a base knows the \
+             column family (the archiver takes one when column families change)",
+            self.standby.applied().seq
+        );
+        self.metrics
+            .set_waiting(Some((blocked.seq, blocked.column_family)));
+        self.metrics.set_pending(Some(first_time));
+        self.blocked = Some(Blocked {
+            batch: blocked,
+            first_time,
+        });
+        self.last_base_check = None;
+    }
+
+    /// While the standby waits at a batch of a column family it does not have: every
+    /// [`ARCHIVE_CHECK_INTERVAL`], the newest base is looked at, and when it gets the
+    /// standby past the batch ([`base_gets_past`]) the standby is re-based on it. Otherwise
+    /// a warning and a `waiting_for_base` status say what the standby waits for.
+    async fn rebase_past_column_family_if_due(
+        &mut self,
+        opts: &FollowOptions,
+        progress: &Progress,
+        controls: &Controls,
+        on_status: &mut (dyn FnMut(&FollowStatus) + Send),
+    ) -> Result<(), RestoreError> {
+        let Some(blocked) = self.blocked.clone() else {
+            return Ok(());
+        };
+        if self
+            .last_base_check
+            .is_some_and(|t| t.elapsed() < ARCHIVE_CHECK_INTERVAL)
+        {
+            return Ok(());
+        }
+        self.last_base_check = Some(Instant::now());
+        let config = self.repo.require_config().await?;
+        self.standby
+            .check_repository(&config, &self.repo.location())?;
+        let batch = &blocked.batch;
+        let base = self.newest_base().await?;
+        if !base.as_ref().is_some_and(|b| base_gets_past(b, batch)) {
+            let applied = self.standby.applied();
+            tracing::warn!(
+                column_family = batch.column_family,
+                seq = batch.seq,
+                applied = applied.seq,
+                "the standby waits at sequence {} for a base that knows column family {} (the \
+                 batch at sequence {} writes it); the newest base, {}, does not. The archiver \
+                 takes one when column families change; `tidemark-archiver backup` takes one \
+                 now",
+                applied.seq,
+                batch.column_family,
+                batch.seq,
+                base.as_ref().map_or("none", |b| b.id.as_str()),
+            );
+            on_status(&FollowStatus {
+                event: "waiting_for_base",
+                applied,
+                lag_seconds: lag(applied.time),
+                first_record_lag_seconds: lag(blocked.first_time),
+                segment: batch.segment.clone(),
+                records: 0,
+                wal_file: self.standby.wal_name(),
+                waiting_for: Some(batch.clone()),
+            });
+            return Ok(());
+        }
+        tracing::warn!(
+            column_family = batch.column_family,
+            seq = batch.seq,
+            "{batch}; base {} knows it: re-basing the standby on it",
+            base.as_ref().map_or("", |b| b.id.as_str())
+        );
+        // The standby lost nothing: it holds a consistent point, only an older one. So, as
+        // for the disk bound, a promotion abandons this re-base and promotes it as it is,
+        // and the replaced standby is deleted once the new one is in place (it holds no
+        // point the new one cannot reach).
+        let before = self.rebases;
+        self.swap_in_fresh_standby(opts, progress, controls, Keep::NewOnly)
+            .await?;
+        if self.rebases > before {
+            self.blocked = None;
+            self.metrics.set_waiting(None);
+        }
+        Ok(())
     }
 
     /// Every [`ARCHIVE_CHECK_INTERVAL`] while idle: the repository's lineage is still the
@@ -575,14 +745,20 @@ impl Follower {
 
     /// True when the base a restore to the latest point uses needs no record before `seq`.
     async fn newest_base_replays_after(&self, seq: u64) -> Result<bool, RestoreError> {
+        let base = self.newest_base().await?;
+        Ok(base.is_some_and(|b| b.replay_from_seq > seq))
+    }
+
+    /// The base a restore to the latest point uses (the one a re-base would restore), if
+    /// the repository can be restored to its latest point.
+    async fn newest_base(&self) -> Result<Option<BaseSummary>, RestoreError> {
         let state = super::load(&self.repo).await?;
         let plan = state.history.plan(super::Target::Latest);
         tracing::debug!(
-            seq,
             base = ?plan.as_ref().map(|p| (&p.base.id, p.base.replay_from_seq)),
             "the base a re-base would use"
         );
-        Ok(plan.is_ok_and(|p| p.base.replay_from_seq > seq))
+        Ok(plan.ok().map(|p| p.base))
     }
 
     /// The disk bound: when the WAL files in the standby hold more than the limit
@@ -707,9 +883,21 @@ impl Follower {
             segments_applied,
             records_applied,
             rebases,
+            blocked,
             ..
         } = self;
+        if let Some(b) = &blocked {
+            tracing::warn!(
+                column_family = b.batch.column_family,
+                seq = b.batch.seq,
+                "{}: neither it nor anything after it was applied; the standby ends at \
+                 sequence {}",
+                b.batch,
+                standby.applied().seq
+            );
+        }
         let mut report = end(standby, opts, promoted, repo.location())?;
+        report.not_applied = blocked.map(|b| b.batch);
         report.restore = restored;
         report.resumed_from = resumed_from;
         report.segments_applied = segments_applied;
@@ -767,6 +955,7 @@ fn end(
         rebases: 0,
         origin,
         promote_ms: promoted.then(|| asked.elapsed().as_millis() as u64),
+        not_applied: None,
     })
 }
 
@@ -796,6 +985,39 @@ async fn until_ended<T>(fut: impl Future<Output = T>, controls: &Controls) -> Op
             tokio::time::sleep(Duration::from_millis(50)).await;
         } } => None,
     }
+}
+
+/// A batch the standby cannot apply: it writes a column family the standby's MANIFEST does
+/// not have (the source created it after the standby's base).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnknownColumnFamily {
+    /// The batch's sequence number.
+    pub seq: u64,
+    /// The column family's id in the source database.
+    pub column_family: u32,
+    /// The segment holding the batch.
+    pub segment: String,
+}
+
+impl std::fmt::Display for UnknownColumnFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the batch at sequence {} (segment {}) writes column family {}, which the standby \
+             does not have (the source created it after the standby's base)",
+            self.seq, self.segment, self.column_family
+        )
+    }
+}
+
+/// What applying a segment did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Applied {
+    /// Every record was applied and the point reached committed: how many records.
+    All(u64),
+    /// A batch writes a column family the standby does not have: nothing of the segment
+    /// was kept, the standby is at its previous committed point.
+    Blocked(UnknownColumnFamily),
 }
 
 /// The WAL file the follower appends to.
@@ -995,7 +1217,27 @@ impl Standby {
     /// Appends the records of the verified segment file at `path` to the WAL files, whole
     /// batches, fsynced; then commits the point reached in the origin file. Returns the
     /// number of records applied.
-    fn apply_segment(&mut self, key: &str, path: &Path) -> Result<u64, RestoreError> {
+    ///
+    /// A batch writing a column family the standby does not have ends the segment there:
+    /// nothing of the segment stays applied (the WAL files are cut back to the committed
+    /// point, [`Standby::roll_back`]) and the batch is returned. So does any error: the
+    /// standby in memory and on disk is then at its committed point again.
+    fn apply_segment(&mut self, key: &str, path: &Path) -> Result<Applied, RestoreError> {
+        let applied = self.append_segment(key, path);
+        match &applied {
+            Ok(Applied::All(_)) => {}
+            Ok(Applied::Blocked(_)) => self.roll_back()?,
+            Err(e) => {
+                if let Err(cut) = self.roll_back() {
+                    tracing::warn!(error = %cut, "cannot cut the WAL back after: {e}");
+                }
+            }
+        }
+        applied
+    }
+
+    /// [`Standby::apply_segment`] without the roll back.
+    fn append_segment(&mut self, key: &str, path: &Path) -> Result<Applied, RestoreError> {
         let file =
             File::open(path).map_err(|e| RestoreError::io("cannot open the segment", path, e))?;
         let len = file
@@ -1014,7 +1256,13 @@ impl Standby {
                     key: key.to_owned(),
                     source,
                 })?;
-            self.check_column_families(key, &r)?;
+            if let Some(cf) = self.unknown_column_family(key, &r)? {
+                return Ok(Applied::Blocked(UnknownColumnFamily {
+                    seq: r.seq,
+                    column_family: cf,
+                    segment: key.to_owned(),
+                }));
+            }
             self.append(&r)?;
             records += 1;
             last = Some(r);
@@ -1023,28 +1271,30 @@ impl Standby {
         if let Some(r) = last {
             self.commit(r.next_seq().saturating_sub(1), time_from_micros(r.time_us))?;
         }
-        Ok(records)
+        Ok(Applied::All(records))
     }
 
-    /// A batch writing a column family the standby does not have cannot be applied:
-    /// RocksDB's recovery would skip it silently.
-    fn check_column_families(&self, key: &str, r: &Record) -> Result<(), RestoreError> {
+    /// The first column family the batch of `r` writes that the standby does not have: such
+    /// a batch cannot be applied, as RocksDB's recovery would skip it silently.
+    fn unknown_column_family(&self, key: &str, r: &Record) -> Result<Option<u32>, RestoreError> {
         let summary = Batch::parse(&r.batch)
             .and_then(|b| b.summary())
             .map_err(|e| RestoreError::Integrity(format!("{key}: sequence {}: {e}", r.seq)))?;
-        if let Some(cf) = summary
+        Ok(summary
             .column_families
             .iter()
-            .find(|cf| !self.column_families.contains(cf))
-        {
-            return Err(RestoreError::NotRestorable(format!(
-                "{key}: the batch at sequence {} writes column family {cf}, which the standby \
-                 does not have (the source created it after the standby's base): the standby \
-                 cannot follow further. Restore a new standby into an empty directory from a \
-                 base taken after the column family was created, and switch to it",
-                r.seq
-            )));
-        }
+            .copied()
+            .find(|cf| !self.column_families.contains(cf)))
+    }
+
+    /// Drops what was appended past the committed point: the WAL files are cut back to it
+    /// (or removed) as when a follower resumes, and appending goes on from there.
+    fn roll_back(&mut self) -> Result<(), RestoreError> {
+        // Written out first, so that nothing reaches the file after the cut.
+        let flushed = self.sync_wal();
+        self.wal = None;
+        flushed?;
+        self.wal = self.resume_wal()?;
         Ok(())
     }
 
@@ -1288,8 +1538,16 @@ impl FollowReport {
         if self.rebases > 0 {
             let _ = writeln!(
                 w,
-                "  re-based      {} times after a gap (the old standbys were moved aside)",
+                "  re-based      {} times on a newer base (after a gap, for disk space or for \
+                 a new column family)",
                 self.rebases
+            );
+        }
+        if let Some(b) = &self.not_applied {
+            let _ = writeln!(
+                w,
+                "  not applied   {b}: no base knowing it was there yet, so neither it nor \
+                 anything after it was applied"
             );
         }
         let _ = writeln!(
@@ -1382,9 +1640,9 @@ mod tests {
         let segs = tempfile::tempdir().unwrap();
         let mut s = standby(dir.path(), 0);
         let (k1, p1) = segment(segs.path(), &[rec(1, 2, 4, 0), rec(3, 4, 4, 1)]);
-        assert_eq!(s.apply_segment(&k1, &p1).unwrap(), 2);
+        assert_eq!(s.apply_segment(&k1, &p1).unwrap(), Applied::All(2));
         let (k2, p2) = segment(segs.path(), &[rec(7, 1, 4, 0), rec(8, 3, 9, 1)]);
-        assert_eq!(s.apply_segment(&k2, &p2).unwrap(), 2);
+        assert_eq!(s.apply_segment(&k2, &p2).unwrap(), Applied::All(2));
         assert_eq!(s.applied().seq, 10);
         assert_eq!(
             Origin::read(dir.path()).unwrap().unwrap().parent.sequence,
@@ -1396,7 +1654,7 @@ mod tests {
     }
 
     #[test]
-    fn a_break_in_the_chain_an_older_log_or_an_unknown_column_family_is_refused() {
+    fn a_break_in_the_chain_or_an_older_log_is_refused_an_unknown_column_family_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let segs = tempfile::tempdir().unwrap();
         let mut s = standby(dir.path(), 10);
@@ -1405,9 +1663,13 @@ mod tests {
         assert!(e.to_string().contains("a record is missing"), "{e}");
         assert_eq!(e.class(), crate::ErrorClass::VerificationFailed);
         let (k, p) = segment(segs.path(), &[rec(11, 1, 4, 7)]);
-        let e = s.apply_segment(&k, &p).unwrap_err();
-        assert!(e.to_string().contains("column family 7"), "{e}");
-        assert_eq!(e.class(), crate::ErrorClass::NotRestorable);
+        let blocked = UnknownColumnFamily {
+            seq: 11,
+            column_family: 7,
+            segment: k.clone(),
+        };
+        assert_eq!(s.apply_segment(&k, &p).unwrap(), Applied::Blocked(blocked));
+        assert_eq!(s.applied().seq, 10);
         let (k, p) = segment(segs.path(), &[rec(11, 1, 5, 0)]);
         s.apply_segment(&k, &p).unwrap();
         let (k, p) = segment(segs.path(), &[rec(12, 1, 4, 0)]);
@@ -1418,6 +1680,81 @@ mod tests {
             11,
             "nothing past the refused records is committed"
         );
+    }
+
+    #[test]
+    fn a_batch_of_an_unknown_column_family_leaves_the_standby_at_its_committed_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = tempfile::tempdir().unwrap();
+        let mut s = standby(dir.path(), 0);
+        let (k, p) = segment(segs.path(), &[rec(1, 2, 4, 0), rec(3, 4, 4, 1)]);
+        s.apply_segment(&k, &p).unwrap();
+        let wal4 = dir.path().join("000004.log");
+        let committed_bytes = fs::read(&wal4).unwrap();
+        // Records of the committed log, then of a newer one, then the batch of column
+        // family 2: nothing of the segment stays.
+        let (k, p) = segment(
+            segs.path(),
+            &[
+                rec(7, 2, 4, 1),
+                rec(9, 1, 4, 0),
+                rec(10, 3, 9, 0),
+                rec(13, 1, 9, 2),
+                rec(14, 1, 9, 0),
+            ],
+        );
+        let Applied::Blocked(b) = s.apply_segment(&k, &p).unwrap() else {
+            panic!("the batch of column family 2 was applied");
+        };
+        assert_eq!((b.seq, b.column_family), (13, 2));
+        assert!(b.to_string().contains("column family 2"), "{b}");
+        assert_eq!(s.applied().seq, 6);
+        assert_eq!(
+            Origin::read(dir.path()).unwrap().unwrap().parent.sequence,
+            6
+        );
+        assert_eq!(fs::read(&wal4).unwrap(), committed_bytes, "cut back");
+        assert!(
+            !dir.path().join("000009.log").exists(),
+            "the newer WAL file holds nothing committed"
+        );
+        // In memory as on disk: the standby appends after its committed point again, and a
+        // follower resuming it finds the same.
+        assert_eq!(s.wal_name().as_deref(), Some("000004.log"));
+        let (k, p) = segment(segs.path(), &[rec(7, 2, 4, 1), rec(9, 1, 9, 0)]);
+        assert_eq!(s.apply_segment(&k, &p).unwrap(), Applied::All(2));
+        assert_eq!(wal_seqs(&wal4), vec![1, 3, 7]);
+        assert_eq!(wal_seqs(&dir.path().join("000009.log")), vec![9]);
+        drop(s);
+        let resumed = standby(dir.path(), 9);
+        assert!(resumed.resume_wal().unwrap().is_some());
+        assert_eq!(wal_seqs(&wal4), vec![1, 3, 7]);
+        assert_eq!(wal_seqs(&dir.path().join("000009.log")), vec![9]);
+    }
+
+    #[test]
+    fn a_base_gets_the_standby_past_a_batch_when_it_knows_the_column_family_or_holds_it() {
+        use tidemark_manifest::model::ColumnFamily;
+        let batch = UnknownColumnFamily {
+            seq: 100,
+            column_family: 3,
+            segment: "s".into(),
+        };
+        let t = time_from_micros(T0_US);
+        let mut base = tidemark_manifest::testing::base("b", 50, 60, t);
+        base.column_families = tidemark_manifest::testing::default_cf();
+        // Newer than the standby's point, but taken before the column family was created.
+        assert!(!base_gets_past(&base, &batch));
+        base.column_families.push(ColumnFamily {
+            id: 3,
+            name: "added".into(),
+        });
+        // Taken before the standby's point, but it knows the column family.
+        assert!(base_gets_past(&base, &batch));
+        base.column_families.pop();
+        // Taken after the batch (the column family dropped since): it holds the batch.
+        base.replay_from_seq = 101;
+        assert!(base_gets_past(&base, &batch));
     }
 
     /// Writes `records` into the WAL file `path` and returns the offset after each.
