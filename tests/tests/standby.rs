@@ -18,6 +18,13 @@
 //!   unchanged), follows to the writer's last sequence and promotes to the oracle's state.
 //! - Over `--max-wal-bytes`, the follower re-bases once a newer base exists (the disk bound)
 //!   and still promotes to the oracle's state.
+//! - The source creates a column family and writes to it: the follower does not stop. While
+//!   the archiver is paused before its base for the change, the standby waits at the point
+//!   before the new column family's first batch (its WAL holds nothing past it, the metric
+//!   and the log say what it waits for), and `follow --promote` on a copy of it promotes
+//!   there, naming the batch not applied. Once the archiver goes on and takes its base, the
+//!   same follower re-bases on it by itself and promotes to the source's state, the new
+//!   column family included.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -33,8 +40,11 @@ use tidemark_tests::harness::{
     Proc, TestStore, bin, http_get, logged_metrics_addr, metric_sample, wait_archived, wait_for,
     wait_for_database,
 };
+use tidemark_tests::rocks::cf_options_for;
 use tidemark_tests::setup::Setup;
-use tidemark_tests::{Oracle, cf_descriptors, db_options, open_db, read_state};
+use tidemark_tests::{
+    Oracle, cf_descriptors, db_options, open_db, read_db_state_and_seq, read_state,
+};
 
 /// The follower's poll interval in these tests.
 const POLL: &str = "200ms";
@@ -594,4 +604,266 @@ async fn a_follower_rides_out_a_store_outage_s3() -> Result<()> {
         Ok(())
     })
     .await
+}
+
+/// The column family the source creates while a standby follows it.
+const ADDED: &str = "added";
+
+/// The sequence number the last record in the WAL files of `dir` ends at.
+fn wal_end(dir: &Path) -> Result<u64> {
+    use tidemark_manifest::rocks::DbFile;
+    use tidemark_manifest::rocks::write_batch::BatchHeader;
+    let mut end = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if let Some(DbFile::Wal(_)) = DbFile::parse(&entry.file_name().to_string_lossy()) {
+            for rec in tidemark_manifest::rocks::log::read_all(&entry.path())? {
+                end = end.max(BatchHeader::parse(&rec.bytes)?.next_sequence() - 1);
+            }
+        }
+    }
+    Ok(end)
+}
+
+/// Copies the files of the directory `from` into a new directory `to`.
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        ensure!(
+            entry.file_type()?.is_file(),
+            "{:?} is no file",
+            entry.path()
+        );
+        std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+    }
+    Ok(())
+}
+
+/// The last JSON line of `text`.
+fn last_json_line(text: &str) -> Result<Value> {
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .context("no JSON line")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+async fn rides_out_a_column_family_change(store: TestStore) -> Result<()> {
+    let s = Setup::new(store)?;
+    let target = s.path("standby");
+    let mut writer = s.loadgen(&[
+        "--duration",
+        "4",
+        "--rate",
+        "250",
+        "--seed",
+        "17",
+        "--flush-every",
+        "200",
+    ])?;
+    wait_for_database(&s.db())?;
+    // A lease that outlasts the pause below by far (it is renewed at a third of its time).
+    let config = s.path("long-lease.toml");
+    std::fs::write(&config, "lease_ttl = \"600s\"\n")?;
+    let mut arch = s.archiver("archiver.log", &["--config", &config.display().to_string()])?;
+    wait_base(&s, &mut arch).await?;
+    let mut f = follower(
+        &s,
+        &target,
+        "follow.log",
+        &["--metrics-addr", "127.0.0.1:0"],
+    )?;
+    wait_for(Duration::from_secs(120), "the first restore", || {
+        applied(&target)
+    })?;
+    writer.wait_success(Duration::from_secs(90))?;
+    let oracle = s.oracle()?;
+    let written = oracle.last_seq();
+    wait_archived(&s.store, written, &mut arch, Duration::from_secs(60)).await?;
+    wait_applied(&target, written, &mut f, Duration::from_secs(60))?;
+
+    // The application (the test, now that the writer is done) creates a column family,
+    // writes to it, then to the default one.
+    let mut db = open_db(&s.db())?;
+    db.create_cf(ADDED, &cf_options_for(ADDED))?;
+    let first_new = db.latest_sequence_number() + 1;
+    ensure!(first_new == written + 1, "{first_new} after {written}");
+    let added = db.cf_handle(ADDED).context("the new column family")?;
+    for i in 0..100u32 {
+        db.put_cf(&added, format!("a{i:04}"), format!("v{i}"))?;
+    }
+    for i in 0..100u32 {
+        db.put(format!("z{i:04}"), b"after")?;
+    }
+    let last = db.latest_sequence_number();
+    let mut expected = oracle.state_at(written)?;
+    expected.add_cf(ADDED).extend((0..100u32).map(|i| {
+        (
+            format!("a{i:04}").into_bytes(),
+            format!("v{i}").into_bytes(),
+        )
+    }));
+    expected
+        .add_cf("default")
+        .extend((0..100u32).map(|i| (format!("z{i:04}").into_bytes(), b"after".to_vec())));
+    if let Some(d) = expected.diff(&read_state(&db)?) {
+        bail!("the source is not what the test wrote: {d}");
+    }
+
+    // Paused as soon as the first batch of the new column family is archived, the archiver
+    // has (almost always) not finished the base it takes for the change.
+    let repo = s.store.open().await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while repo.read_segment_header(first_new).await?.is_none() {
+        ensure!(
+            Instant::now() < deadline,
+            "sequence {first_new} not archived"
+        );
+        ensure!(arch.running(), "the archiver exited:\n{}", arch.log_tail());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    arch.signal("STOP")?;
+    let knows_added = |state: &tidemark_manifest::repo::RepoState| {
+        state
+            .history
+            .bases
+            .last()
+            .is_some_and(|b| b.column_families.iter().any(|c| c.name == ADDED))
+    };
+    if knows_added(&repo.load().await?) {
+        eprintln!(
+            "the archiver finished its base for the new column family before it was paused: \
+             the standby re-bases at once, the waiting is not seen in this run"
+        );
+    } else {
+        standby_waits_and_promotes_there(&s, &f, &target, written, first_new)?;
+    }
+    arch.signal("CONT")?;
+
+    // The archiver's base for the change: the same follower re-bases on it by itself.
+    wait_for(Duration::from_secs(120), "a re-base", || {
+        let log = std::fs::read_to_string(&f.log).ok()?;
+        log.contains("re-based the standby").then_some(())
+    })
+    .with_context(|| f.log_tail())?;
+    wait_archived(&s.store, last, &mut arch, Duration::from_secs(60)).await?;
+    wait_applied(&target, last, &mut f, Duration::from_secs(120))?;
+    let state = repo.load().await?;
+    ensure!(knows_added(&state), "{:?}", state.history.bases.last());
+    f.signal("USR1")?;
+    f.wait_success(Duration::from_secs(60))?;
+    let report = last_json(&f.log)?;
+    ensure!(report["event"] == "promoted", "{report}");
+    ensure!(report["rebases"].as_u64() == Some(1), "{report}");
+    ensure!(report["resumed_from"].is_null(), "{report}");
+    ensure!(report["not_applied"].is_null(), "{report}");
+    ensure!(report["applied"]["seq"].as_u64() == Some(last), "{report}");
+    let (promoted, seq) = read_db_state_and_seq(&target)?;
+    ensure!(
+        seq == last,
+        "the promoted standby is at {seq}, the source at {last}"
+    );
+    if let Some(d) = expected.diff(&promoted) {
+        bail!("the promoted standby differs from the source: {d}");
+    }
+    drop(db);
+    arch.stop(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// With no base knowing the new column family (the archiver paused): the follower `f` keeps
+/// the standby in `target` at `written`, the WAL cut back there, and says what it waits
+/// for; `follow --promote` on a copy promotes there and names the batch at `first_new`.
+fn standby_waits_and_promotes_there(
+    s: &Setup,
+    f: &Proc,
+    target: &Path,
+    written: u64,
+    first_new: u64,
+) -> Result<()> {
+    let waits = format!("the standby waits at sequence {written} for a base");
+    let batch = format!("the batch at sequence {first_new} writes it");
+    wait_for(Duration::from_secs(60), "the follower to wait", || {
+        let log = std::fs::read_to_string(&f.log).ok()?;
+        log.lines()
+            .any(|l| l.contains(&waits) && l.contains(&batch))
+            .then_some(())
+    })
+    .with_context(|| f.log_tail())?;
+    ensure!(applied(target) == Some(written), "{:?}", applied(target));
+    ensure!(
+        wal_end(target)? == written,
+        "the standby's WAL goes on past its committed point {written}"
+    );
+    let addr = wait_for(Duration::from_secs(30), "the metrics address", || {
+        logged_metrics_addr(&f.log)
+    })?;
+    let (_, _, body) = http_get(addr, "/metrics")?;
+    ensure!(
+        metric_sample(&body, "tidemark_standby_waiting_for_base") == Some(1.0),
+        "{body}"
+    );
+    let (status, _, health) = http_get(addr, "/health")?;
+    ensure!(
+        status == 200 && health.contains("waiting for a base"),
+        "{health}"
+    );
+    let log = std::fs::read_to_string(&f.log)?;
+    ensure!(log.contains("\"event\":\"waiting_for_base\""), "{log}");
+
+    // Promoting a copy of it: catching up meets the same batch, and with no base knowing
+    // the column family it promotes at the point reached.
+    let copy = s.path("standby-copy");
+    copy_dir(target, &copy)?;
+    let url = s.programs_store().url.clone();
+    let copy_arg = copy.display().to_string();
+    let (code, out, err) = s.run(
+        "tidemark-restore",
+        &[
+            "follow",
+            "--json",
+            "--from",
+            &url,
+            "--target",
+            &copy_arg,
+            "--promote",
+        ],
+    )?;
+    ensure!(code == 0, "follow --promote exited {code}: {err}");
+    let report = last_json_line(&out)?;
+    ensure!(report["event"] == "promoted", "{report}");
+    ensure!(
+        report["applied"]["seq"].as_u64() == Some(written),
+        "{report}"
+    );
+    ensure!(
+        report["not_applied"]["seq"].as_u64() == Some(first_new),
+        "{report}"
+    );
+    let cf = report["not_applied"]["column_family"].as_u64();
+    ensure!(
+        err.contains(&format!("column family {}", cf.unwrap_or(0))),
+        "{err}"
+    );
+    let oracle = s.oracle()?;
+    let (state, seq) = read_db_state_and_seq(&copy)?;
+    ensure!(seq == written, "the promoted copy is at {seq}");
+    if let Some(d) = oracle.state_at(written)?.diff(&state) {
+        bail!("the copy promoted while waiting differs from what was written: {d}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_waits_at_a_new_column_family_then_rebases_on_the_archivers_base_local()
+-> Result<()> {
+    rides_out_a_column_family_change(TestStore::local()?).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_waits_at_a_new_column_family_then_rebases_on_the_archivers_base_s3() -> Result<()>
+{
+    tidemark_tests::harness::with_s3("standby-cf", rides_out_a_column_family_change).await
 }
