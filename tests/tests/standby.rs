@@ -21,8 +21,8 @@
 //! - The source creates a column family and writes to it: the follower does not stop. While
 //!   the archiver is paused before its base for the change, the standby waits at the point
 //!   before the new column family's first batch (its WAL holds nothing past it, the metric
-//!   and the log say what it waits for), and `follow --promote` on a copy of it promotes
-//!   there, naming the batch not applied. Once the archiver goes on and takes its base, the
+//!   and the log say what it waits for); copies of it promoted there (SIGUSR1 to a follower
+//!   waiting on one, `follow --promote` on another) name the batch not applied. Once the archiver goes on and takes its base, the
 //!   same follower re-bases on it by itself and promotes to the source's state, the new
 //!   column family included.
 
@@ -617,7 +617,7 @@ fn wal_end(dir: &Path) -> Result<u64> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         if let Some(DbFile::Wal(_)) = DbFile::parse(&entry.file_name().to_string_lossy()) {
-            for rec in tidemark_manifest::rocks::log::read_all(&entry.path())? {
+            for rec in tidemark_manifest::rocks::log::read_all(entry.path())? {
                 end = end.max(BatchHeader::parse(&rec.bytes)?.next_sequence() - 1);
             }
         }
@@ -775,7 +775,8 @@ async fn rides_out_a_column_family_change(store: TestStore) -> Result<()> {
 
 /// With no base knowing the new column family (the archiver paused): the follower `f` keeps
 /// the standby in `target` at `written`, the WAL cut back there, and says what it waits
-/// for; `follow --promote` on a copy promotes there and names the batch at `first_new`.
+/// for; copies of it promoted (SIGUSR1, `--promote`) end there and name the batch at
+/// `first_new`.
 fn standby_waits_and_promotes_there(
     s: &Setup,
     f: &Proc,
@@ -783,15 +784,7 @@ fn standby_waits_and_promotes_there(
     written: u64,
     first_new: u64,
 ) -> Result<()> {
-    let waits = format!("the standby waits at sequence {written} for a base");
-    let batch = format!("the batch at sequence {first_new} writes it");
-    wait_for(Duration::from_secs(60), "the follower to wait", || {
-        let log = std::fs::read_to_string(&f.log).ok()?;
-        log.lines()
-            .any(|l| l.contains(&waits) && l.contains(&batch))
-            .then_some(())
-    })
-    .with_context(|| f.log_tail())?;
+    wait_until_waiting(f, written, first_new)?;
     ensure!(applied(target) == Some(written), "{:?}", applied(target));
     ensure!(
         wal_end(target)? == written,
@@ -813,9 +806,19 @@ fn standby_waits_and_promotes_there(
     let log = std::fs::read_to_string(&f.log)?;
     ensure!(log.contains("\"event\":\"waiting_for_base\""), "{log}");
 
-    // Promoting a copy of it: catching up meets the same batch, and with no base knowing
-    // the column family it promotes at the point reached.
-    let copy = s.path("standby-copy");
+    // Copies of it, promoted: a follower waiting there on SIGUSR1, and `--promote`, whose
+    // catching up meets the same batch and, with no base knowing the column family,
+    // promotes at the point reached. Both name the batch not applied.
+    let copy = s.path("standby-usr1");
+    copy_dir(target, &copy)?;
+    let mut waiting = follower(s, &copy, "follow-usr1.log", &[])?;
+    wait_until_waiting(&waiting, written, first_new)?;
+    waiting.signal("USR1")?;
+    waiting.wait_success(Duration::from_secs(60))?;
+    let report = last_json(&waiting.log)?;
+    check_promoted_while_waiting(s, &copy, &report, written, first_new)?;
+
+    let copy = s.path("standby-promote");
     copy_dir(target, &copy)?;
     let url = s.programs_store().url.clone();
     let copy_arg = copy.display().to_string();
@@ -833,6 +836,38 @@ fn standby_waits_and_promotes_there(
     )?;
     ensure!(code == 0, "follow --promote exited {code}: {err}");
     let report = last_json_line(&out)?;
+    check_promoted_while_waiting(s, &copy, &report, written, first_new)?;
+    let cf = report["not_applied"]["column_family"].as_u64();
+    ensure!(
+        err.contains(&format!("column family {}", cf.unwrap_or(0))),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// Waits until the follower `f` logged that its standby waits at `written` for a base
+/// knowing the column family the batch at `first_new` writes.
+fn wait_until_waiting(f: &Proc, written: u64, first_new: u64) -> Result<()> {
+    let waits = format!("the standby waits at sequence {written} for a base");
+    let batch = format!("the batch at sequence {first_new} writes it");
+    wait_for(Duration::from_secs(60), "the follower to wait", || {
+        let log = std::fs::read_to_string(&f.log).ok()?;
+        log.lines()
+            .any(|l| l.contains(&waits) && l.contains(&batch))
+            .then_some(())
+    })
+    .with_context(|| f.log_tail())
+}
+
+/// `report` says the standby in `dir` was promoted at `written`, the batch at `first_new`
+/// not applied, and the database there is what the writer wrote up to `written`.
+fn check_promoted_while_waiting(
+    s: &Setup,
+    dir: &Path,
+    report: &Value,
+    written: u64,
+    first_new: u64,
+) -> Result<()> {
     ensure!(report["event"] == "promoted", "{report}");
     ensure!(
         report["applied"]["seq"].as_u64() == Some(written),
@@ -842,16 +877,14 @@ fn standby_waits_and_promotes_there(
         report["not_applied"]["seq"].as_u64() == Some(first_new),
         "{report}"
     );
-    let cf = report["not_applied"]["column_family"].as_u64();
-    ensure!(
-        err.contains(&format!("column family {}", cf.unwrap_or(0))),
-        "{err}"
-    );
-    let oracle = s.oracle()?;
-    let (state, seq) = read_db_state_and_seq(&copy)?;
-    ensure!(seq == written, "the promoted copy is at {seq}");
-    if let Some(d) = oracle.state_at(written)?.diff(&state) {
-        bail!("the copy promoted while waiting differs from what was written: {d}");
+    ensure!(report["rebases"].as_u64() == Some(0), "{report}");
+    let (state, seq) = read_db_state_and_seq(dir)?;
+    ensure!(seq == written, "{} promoted at {seq}", dir.display());
+    if let Some(d) = s.oracle()?.state_at(written)?.diff(&state) {
+        bail!(
+            "{} promoted while waiting differs from what was written: {d}",
+            dir.display()
+        );
     }
     Ok(())
 }
