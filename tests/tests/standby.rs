@@ -19,12 +19,13 @@
 //! - Over `--max-wal-bytes`, the follower re-bases once a newer base exists (the disk bound)
 //!   and still promotes to the oracle's state.
 //! - The source creates a column family and writes to it: the follower does not stop. While
-//!   the archiver is paused before its base for the change, the standby waits at the point
+//!   the archiver's base for the change is held back, the standby waits at the point
 //!   before the new column family's first batch (its WAL holds nothing past it, the metric
 //!   and the log say what it waits for); copies of it promoted there (SIGUSR1 to a follower
 //!   waiting on one, `follow --promote` on another) name the batch not applied. Once the archiver goes on and takes its base, the
 //!   same follower re-bases on it by itself and promotes to the source's state, the new
-//!   column family included.
+//!   column family included (so does `follow --promote` on a copy from before the change:
+//!   it meets the batch, re-bases on the base and promotes at the newest point).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -664,10 +665,13 @@ async fn rides_out_a_column_family_change(store: TestStore) -> Result<()> {
         "200",
     ])?;
     wait_for_database(&s.db())?;
-    // A lease that outlasts the pause below by far (it is renewed at a third of its time).
-    let config = s.path("long-lease.toml");
-    std::fs::write(&config, "lease_ttl = \"600s\"\n")?;
-    let mut arch = s.archiver("archiver.log", &["--config", &config.display().to_string()])?;
+    // The archiver takes no base while this file exists (a drill hook).
+    let hold = s.path("base-hold");
+    let env = [(
+        "TIDEMARK_DRILL_BASE_HOLD".to_owned(),
+        hold.display().to_string(),
+    )];
+    let mut arch = s.archiver_with_env("archiver.log", &[], &env)?;
     wait_base(&s, &mut arch).await?;
     let mut f = follower(
         &s,
@@ -683,6 +687,11 @@ async fn rides_out_a_column_family_change(store: TestStore) -> Result<()> {
     let written = oracle.last_seq();
     wait_archived(&s.store, written, &mut arch, Duration::from_secs(60)).await?;
     wait_applied(&target, written, &mut f, Duration::from_secs(60))?;
+    // A copy of the standby, idle and current, for `--promote` once the base exists.
+    let later = s.path("standby-later");
+    copy_dir(&target, &later)?;
+    // The base the archiver takes for the change waits until the standby was seen waiting.
+    std::fs::write(&hold, b"held\n")?;
 
     // The application (the test, now that the writer is done) creates a column family,
     // writes to it, then to the default one.
@@ -712,19 +721,7 @@ async fn rides_out_a_column_family_change(store: TestStore) -> Result<()> {
         bail!("the source is not what the test wrote: {d}");
     }
 
-    // Paused as soon as the first batch of the new column family is archived, the archiver
-    // has (almost always) not finished the base it takes for the change.
     let repo = s.store.open().await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while repo.read_segment_header(first_new).await?.is_none() {
-        ensure!(
-            Instant::now() < deadline,
-            "sequence {first_new} not archived"
-        );
-        ensure!(arch.running(), "the archiver exited:\n{}", arch.log_tail());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    arch.signal("STOP")?;
     let knows_added = |state: &tidemark_manifest::repo::RepoState| {
         state
             .history
@@ -732,15 +729,21 @@ async fn rides_out_a_column_family_change(store: TestStore) -> Result<()> {
             .last()
             .is_some_and(|b| b.column_families.iter().any(|c| c.name == ADDED))
     };
-    if knows_added(&repo.load().await?) {
-        eprintln!(
-            "the archiver finished its base for the new column family before it was paused: \
-             the standby re-bases at once, the waiting is not seen in this run"
-        );
-    } else {
-        standby_waits_and_promotes_there(&s, &f, &target, written, first_new)?;
-    }
-    arch.signal("CONT")?;
+    standby_waits_and_promotes_there(&s, &f, &target, written, first_new)?;
+    wait_for(
+        Duration::from_secs(60),
+        "the archiver's base for the change",
+        || {
+            let log = std::fs::read_to_string(&arch.log).ok()?;
+            log.contains("drill: the base backup waits").then_some(())
+        },
+    )
+    .with_context(|| arch.log_tail())?;
+    ensure!(
+        !knows_added(&repo.load().await?),
+        "the archiver took its base while held"
+    );
+    std::fs::remove_file(&hold)?;
 
     // The archiver's base for the change: the same follower re-bases on it by itself.
     wait_for(Duration::from_secs(120), "a re-base", || {
@@ -768,12 +771,48 @@ async fn rides_out_a_column_family_change(store: TestStore) -> Result<()> {
     if let Some(d) = expected.diff(&promoted) {
         bail!("the promoted standby differs from the source: {d}");
     }
+
+    // `--promote` on a standby that meets the batch once the base exists re-bases on it
+    // too, then promotes at the archive's newest point.
+    let url = s.programs_store().url.clone();
+    let later_arg = later.display().to_string();
+    let (code, out, err) = s.run(
+        "tidemark-restore",
+        &[
+            "follow",
+            "--json",
+            "--from",
+            &url,
+            "--target",
+            &later_arg,
+            "--promote",
+        ],
+    )?;
+    ensure!(code == 0, "follow --promote exited {code}: {err}");
+    let report = last_json_line(&out)?;
+    ensure!(report["event"] == "promoted", "{report}");
+    ensure!(report["rebases"].as_u64() == Some(1), "{report}");
+    ensure!(report["not_applied"].is_null(), "{report}");
+    let (promoted, seq) = read_db_state_and_seq(&later)?;
+    ensure!(
+        seq == last,
+        "the copy promoted with --promote is at {seq}, not {last}"
+    );
+    if let Some(d) = expected.diff(&promoted) {
+        bail!("the copy promoted with --promote differs from the source: {d}");
+    }
+    let aside: Vec<_> = std::fs::read_dir(s.path(""))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".old-"))
+        .collect();
+    ensure!(aside.is_empty(), "replaced standbys were kept: {aside:?}");
     drop(db);
     arch.stop(Duration::from_secs(30))?;
     Ok(())
 }
 
-/// With no base knowing the new column family (the archiver paused): the follower `f` keeps
+/// With no base knowing the new column family (the archiver's held back): the follower `f` keeps
 /// the standby in `target` at `written`, the WAL cut back there, and says what it waits
 /// for; copies of it promoted (SIGUSR1, `--promote`) end there and name the batch at
 /// `first_new`.

@@ -153,6 +153,7 @@ impl Bases {
         };
         tracing::info!("taking a base backup");
         self.task = Some(OwnedTask::spawn(async move {
+            drill_hold().await;
             opts.reusable = ReusableTables::referenced_by(&repo, &current).await?;
             take_base_backup(&db, &wal, &scratch, &repo, &opts).await
         }));
@@ -231,5 +232,21 @@ impl Bases {
                 None
             }
         }
+    }
+}
+
+/// For failure drills and tests: with `TIDEMARK_DRILL_BASE_HOLD` set to a path, a base
+/// backup that is due waits, before it starts, until no file is at that path (the WAL is
+/// archived meanwhile).
+async fn drill_hold() {
+    let Some(path) = std::env::var_os("TIDEMARK_DRILL_BASE_HOLD") else {
+        return;
+    };
+    let path = PathBuf::from(path);
+    if path.exists() {
+        tracing::warn!(path = %path.display(), "drill: the base backup waits until this file is removed");
+    }
+    while path.exists() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

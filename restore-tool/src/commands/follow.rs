@@ -155,9 +155,10 @@ impl FollowOptions {
 
 /// What stops a running follower: `stop` ends following and leaves the target a standby
 /// (SIGTERM, Ctrl-C); `promote` ends it and promotes the target (SIGUSR1). Both are seen
-/// between segments only, so at a batch boundary. A re-base the standby does not need (its
-/// WAL over the disk bound) is abandoned on either; one past a gap is finished first, as
-/// the old standby cannot reach the archive's newest point.
+/// between segments only, so at a batch boundary. A re-base the old standby can do without
+/// (its WAL over the disk bound, or a column family it lacks: it holds a consistent older
+/// point) is abandoned on either; one past a gap is finished first, as the old standby
+/// cannot reach the archive's newest point.
 #[derive(Debug, Clone, Default)]
 pub struct Controls {
     pub stop: Cancel,
@@ -383,8 +384,9 @@ enum Keep {
     /// Kept beside the new one (`DIR.old-TIME`): after a gap it holds points the new one
     /// cannot reach.
     OldStandby,
-    /// Deleted once the new one is in place: a re-base for disk space holds nothing the
-    /// new one lacks, and keeping it would defeat the bound.
+    /// Deleted once the new one is in place: replaced for disk space, or for a column
+    /// family it lacks, it holds nothing the new one lacks (and keeping it would defeat
+    /// the disk bound).
     NewOnly,
 }
 
