@@ -665,14 +665,8 @@ impl Follower {
         // for the disk bound, a promotion abandons this re-base and promotes it as it is,
         // and the replaced standby is deleted once the new one is in place (it holds no
         // point the new one cannot reach).
-        let before = self.rebases;
         self.swap_in_fresh_standby(opts, progress, controls, Keep::NewOnly)
-            .await?;
-        if self.rebases > before {
-            self.blocked = None;
-            self.metrics.set_waiting(None);
-        }
-        Ok(())
+            .await
     }
 
     /// Every [`ARCHIVE_CHECK_INTERVAL`] while idle: the repository's lineage is still the
@@ -850,6 +844,10 @@ impl Follower {
         drop(old);
         self.rebases += 1;
         self.metrics.rebased();
+        // Whatever the re-base was for, the batch the old standby waited at is the new
+        // one's to meet (or not) again.
+        self.blocked = None;
+        self.metrics.set_waiting(None);
         let applied = self.standby.applied();
         self.metrics.set_applied(applied.seq, applied.time);
         let aside = match (&report.moved_aside, keep) {
