@@ -744,6 +744,7 @@ async fn rides_out_a_column_family_change(store: TestStore) -> Result<()> {
         "the archiver took its base while held"
     );
     std::fs::remove_file(&hold)?;
+    let released = Instant::now();
 
     // The archiver's base for the change: the same follower re-bases on it by itself.
     wait_for(Duration::from_secs(120), "a re-base", || {
@@ -751,6 +752,10 @@ async fn rides_out_a_column_family_change(store: TestStore) -> Result<()> {
         log.contains("re-based the standby").then_some(())
     })
     .with_context(|| f.log_tail())?;
+    eprintln!(
+        "column family change: the base released to the standby re-based in {:?}",
+        released.elapsed()
+    );
     wait_archived(&s.store, last, &mut arch, Duration::from_secs(60)).await?;
     wait_applied(&target, last, &mut f, Duration::from_secs(120))?;
     let state = repo.load().await?;
