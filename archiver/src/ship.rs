@@ -12,11 +12,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidemark_manifest::model::SegmentEntry;
+use tidemark_manifest::model::{Compression, SegmentEntry};
 use tidemark_manifest::repo::{RepoError, Repository};
-use tidemark_manifest::segment::{
-    Compressor, EncodedSegment, Record, SegmentBuilder, SegmentError,
-};
+use tidemark_manifest::segment::{EncodedSegment, Record, SegmentBuilder, SegmentError};
 
 use crate::metrics::Metrics;
 use crate::upload::{Uploaded, Uploader};
@@ -42,11 +40,6 @@ impl Default for ShipOptions {
     }
 }
 
-/// How many threads compress a segment opened while the archiver is behind (the segment
-/// before it closed full): zstd's workers, while this thread reads on. Caught up, segments
-/// are compressed on this thread.
-pub const BEHIND_WORKERS: u32 = 2;
-
 /// Errors while shipping.
 #[derive(Debug, thiserror::Error)]
 pub enum ShipError {
@@ -71,10 +64,6 @@ pub struct Shipper {
     closed: Option<EncodedSegment>,
     /// Segments found durable and not taken yet, in order.
     durable: Vec<SegmentEntry>,
-    /// The compression context of the last segment, for the next.
-    compressor: Option<Compressor>,
-    /// The last segment closed full: the WAL holds more than a segment's worth to read.
-    behind: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -88,8 +77,6 @@ impl Shipper {
             uploads: Uploader::new(repo),
             closed: None,
             durable: Vec::new(),
-            compressor: None,
-            behind: false,
             metrics: Arc::new(Metrics::new()),
         }
     }
@@ -103,9 +90,7 @@ impl Shipper {
     /// Adds a record to the open segment (opening one if needed).
     pub fn push(&mut self, r: &Record) -> Result<(), ShipError> {
         if self.open.is_none() {
-            let builder = self
-                .compressor()
-                .and_then(SegmentBuilder::with_compressor)
+            let builder = SegmentBuilder::new(Compression::Zstd, self.opts.zstd_level)
                 .map_err(ShipError::Encoder)?;
             self.open = Some((builder, Instant::now()));
             self.open_first_time_us = r.time_us;
@@ -206,23 +191,10 @@ impl Shipper {
     /// holds a sequence number.
     fn close(&mut self) -> Result<(), ShipError> {
         if self.closed.is_none() && self.open.as_ref().is_some_and(|(b, _)| b.can_finish()) {
-            self.behind = self.is_full();
             let (builder, _) = self.open.take().expect("checked above");
-            let (segment, compressor) = builder.finish_keeping()?;
-            self.closed = Some(segment);
-            self.compressor = compressor;
+            self.closed = Some(builder.finish()?);
         }
         Ok(())
-    }
-
-    /// The context for the next segment: the last one's, if it compresses as wanted now
-    /// (on [`BEHIND_WORKERS`] threads while behind, else on this one).
-    fn compressor(&mut self) -> std::io::Result<Compressor> {
-        let workers = if self.behind { BEHIND_WORKERS } else { 0 };
-        match self.compressor.take() {
-            Some(c) if c.workers() == workers && c.level() == self.opts.zstd_level => Ok(c),
-            _ => Compressor::new(self.opts.zstd_level, workers),
-        }
     }
 
     /// [`Shipper::ship`], then waits until every closed segment is durable.
@@ -286,7 +258,7 @@ impl Shipper {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidemark_manifest::segment::{RecordTime, SegmentReader};
+    use tidemark_manifest::segment::RecordTime;
     use tidemark_manifest::store::fault::{Fault, FaultRule, FaultStore};
     use tidemark_manifest::store::{MemoryStore, ObjectStore, StoreOp};
 
@@ -407,60 +379,6 @@ mod tests {
             .collect();
         firsts.sort();
         firsts
-    }
-
-    /// While the archiver is behind (the last segment closed full) a segment is compressed
-    /// on zstd's workers; once a segment closes by time, on the pushing thread again. Either
-    /// way the segments hold exactly the records pushed.
-    #[tokio::test]
-    async fn segments_are_compressed_on_workers_only_while_behind() {
-        let (faults, mut shipper) = faulty_shipper().await;
-        shipper.opts.max_segment_bytes = 50_000;
-        let workers = |s: &Shipper| s.open.as_ref().and_then(|(b, _)| b.compressor_workers());
-        // Large records, so that a segment fills.
-        let big = |seq: u64| {
-            let mut r = record(seq, 1, 1_000 + seq as i64);
-            r.batch.extend((0..4000).map(|i| (i * seq) as u8));
-            r
-        };
-        shipper.push(&big(1)).unwrap();
-        assert_eq!(workers(&shipper), Some(0), "not behind yet");
-        let mut seq = 2;
-        while !shipper.is_full() {
-            shipper.push(&big(seq)).unwrap();
-            seq += 1;
-        }
-        shipper.ship().await.unwrap();
-        shipper.push(&big(seq)).unwrap();
-        assert_eq!(
-            workers(&shipper),
-            Some(BEHIND_WORKERS),
-            "behind: on workers"
-        );
-        seq += 1;
-        while !shipper.is_full() {
-            shipper.push(&big(seq)).unwrap();
-            seq += 1;
-        }
-        shipper.ship().await.unwrap();
-        // A segment closed by time (not full): caught up.
-        shipper.push(&big(seq)).unwrap();
-        assert_eq!(workers(&shipper), Some(BEHIND_WORKERS));
-        shipper.ship_all().await.unwrap();
-        shipper.push(&big(seq + 1)).unwrap();
-        assert_eq!(workers(&shipper), Some(0), "caught up: on this thread");
-        shipper.ship_all().await.unwrap();
-
-        let mut next = 1;
-        for e in shipper.take_durable() {
-            let bytes = faults.get_max(&e.key, u64::MAX).await.unwrap();
-            let mut r = SegmentReader::new(&e.key, &bytes[..], Some(bytes.len() as u64)).unwrap();
-            while let Some(got) = r.next_record().unwrap() {
-                assert_eq!(got, big(next));
-                next += 1;
-            }
-        }
-        assert_eq!(next, seq + 2, "every record, once, in order");
     }
 
     /// Pushes records `first..first + n` (one sequence each).

@@ -7,10 +7,6 @@
 //! checks every frame and, at the end, the trailer's sha256. A segment is good only once
 //! [`SegmentReader::next_record`] has returned `Ok(None)`.
 
-mod compress;
-
-pub use compress::Compressor;
-
 use crate::chain::RecordChain;
 use crate::model::{Compression, SegmentEntry, TimeSource, time_from_micros};
 use sha2::{Digest, Sha256};
@@ -390,7 +386,7 @@ pub struct SegmentBuilder {
 
 enum BodyWriter {
     Plain(Vec<u8>),
-    Zstd(compress::FrameWriter),
+    Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
 }
 
 impl std::fmt::Debug for SegmentBuilder {
@@ -428,38 +424,23 @@ impl EncodedSegment {
 impl SegmentBuilder {
     /// A builder; `zstd_level` is used when `compression` is zstd (1–22; 3 is a good default).
     pub fn new(compression: Compression, zstd_level: i32) -> io::Result<SegmentBuilder> {
-        match compression {
-            Compression::None => Ok(SegmentBuilder::with_body(
-                compression,
-                BodyWriter::Plain(Self::header_room()),
-            )),
-            Compression::Zstd => SegmentBuilder::with_compressor(Compressor::new(zstd_level, 0)?),
-        }
-    }
-
-    /// A zstd-compressed segment written through `compressor`, which
-    /// [`SegmentBuilder::finish_keeping`] gives back for the next segment.
-    pub fn with_compressor(compressor: Compressor) -> io::Result<SegmentBuilder> {
-        let body = compress::FrameWriter::new(compressor, Self::header_room())?;
-        Ok(SegmentBuilder::with_body(
-            Compression::Zstd,
-            BodyWriter::Zstd(body),
-        ))
-    }
-
-    /// The body is written after room for the header, which is filled in by `finish`: the
-    /// object is built in one buffer, never copied.
-    fn header_room() -> Vec<u8> {
-        vec![0u8; HEADER_LEN]
-    }
-
-    fn with_body(compression: Compression, body: BodyWriter) -> SegmentBuilder {
-        SegmentBuilder {
+        // The body is written after room for the header, which is filled in by `finish`:
+        // the object is built in one buffer, never copied.
+        let out = vec![0u8; HEADER_LEN];
+        let body = match compression {
+            Compression::None => BodyWriter::Plain(out),
+            Compression::Zstd => {
+                let mut enc = zstd::stream::write::Encoder::new(out, zstd_level)?;
+                enc.include_checksum(true)?;
+                BodyWriter::Zstd(enc)
+            }
+        };
+        Ok(SegmentBuilder {
             compression,
             body,
             summary: Summary::default(),
             raw_size: 0,
-        }
+        })
     }
 
     /// Adds a record. It must continue the previous one exactly (FORMAT.md §6.2).
@@ -481,14 +462,6 @@ impl SegmentBuilder {
         self.summary = next;
         self.raw_size += 8 + r.payload_len() as u64;
         Ok(())
-    }
-
-    /// How many threads compress this segment (0: the one pushing; `None`: not compressed).
-    pub fn compressor_workers(&self) -> Option<u32> {
-        match &self.body {
-            BodyWriter::Plain(_) => None,
-            BodyWriter::Zstd(w) => Some(w.workers()),
-        }
     }
 
     /// Records added so far.
@@ -513,12 +486,6 @@ impl SegmentBuilder {
 
     /// Finishes the segment. Fails if it holds no sequence number (FORMAT.md §6.2).
     pub fn finish(self) -> Result<EncodedSegment, SegmentError> {
-        Ok(self.finish_keeping()?.0)
-    }
-
-    /// [`SegmentBuilder::finish`], giving back the compressor (of a zstd segment) for the
-    /// next one.
-    pub fn finish_keeping(self) -> Result<(EncodedSegment, Option<Compressor>), SegmentError> {
         let key = "segment being built";
         if !self.summary.covers_a_sequence() {
             return Err(SegmentError::InvalidRecord {
@@ -527,15 +494,12 @@ impl SegmentBuilder {
                     .to_owned(),
             });
         }
-        let (mut bytes, compressor) = match self.body {
-            BodyWriter::Plain(v) => (v, None),
-            BodyWriter::Zstd(e) => {
-                let (bytes, c) = e.finish().map_err(|source| SegmentError::Io {
-                    key: key.to_owned(),
-                    source,
-                })?;
-                (bytes, Some(c))
-            }
+        let mut bytes = match self.body {
+            BodyWriter::Plain(v) => v,
+            BodyWriter::Zstd(e) => e.finish().map_err(|source| SegmentError::Io {
+                key: key.to_owned(),
+                source,
+            })?,
         };
         let s = &self.summary;
         let header = SegmentHeader {
@@ -563,12 +527,11 @@ impl SegmentBuilder {
         hasher.update(TRAILER_MAGIC);
         hasher.update(inner);
         let sha256 = hex::encode(hasher.finalize());
-        let segment = EncodedSegment {
+        Ok(EncodedSegment {
             header,
             bytes: bytes.into(),
             sha256,
-        };
-        Ok((segment, compressor))
+        })
     }
 }
 
