@@ -526,6 +526,59 @@ async fn hashed_downloads(f: &Fixture) {
     assert!(!dst.exists());
 }
 
+/// The share of `path`'s bytes in the page cache, as util-linux's `fincore` counts them.
+fn share_cached(path: &Path) -> f64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux) runs");
+    assert!(out.status.success(), "fincore: {out:?}");
+    let resident: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    resident / std::fs::metadata(path).unwrap().len() as f64
+}
+
+/// A large object downloaded hashed (a restored base file, not read back) is written around
+/// the page cache; the same object downloaded plain (a segment, read back at once) is left
+/// in it. Both are byte for byte the object. (The scratch directory is on the temporary
+/// directory's file system, which takes direct I/O here.)
+async fn large_hashed_downloads_leave_the_page_cache_alone(f: &Fixture) {
+    let s = &f.store;
+    let data = random_bytes(4 * MIB + 100, 12);
+    s.put("uncached/large", Bytes::from(data.clone()))
+        .await
+        .unwrap();
+    let hashed = f.scratch("hashed.dst");
+    let got = s
+        .get_to_file_max_hashed("uncached/large", &hashed, data.len() as u64)
+        .await
+        .unwrap();
+    assert_eq!(got.sha256, hex::encode(Sha256::digest(&data)));
+    let cached = share_cached(&hashed);
+    assert!(cached < 0.01, "hashed: {:.1} % cached", cached * 100.0);
+    let plain = f.scratch("plain.dst");
+    s.get_to_file_max("uncached/large", &plain, data.len() as u64)
+        .await
+        .unwrap();
+    let cached = share_cached(&plain);
+    assert!(cached > 0.99, "plain: {:.1} % cached", cached * 100.0);
+    assert!(std::fs::read(&hashed).unwrap() == data);
+    assert!(std::fs::read(&plain).unwrap() == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_large_hashed_downloads_leave_the_page_cache_alone() {
+    large_hashed_downloads_leave_the_page_cache_alone(&local_fixture().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_large_hashed_downloads_leave_the_page_cache_alone() {
+    let case = "large_hashed_downloads_leave_the_page_cache_alone";
+    if let Some(fixture) = s3_fixture(case).await {
+        large_hashed_downloads_leave_the_page_cache_alone(&fixture).await;
+    }
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod local {

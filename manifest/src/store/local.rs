@@ -374,13 +374,16 @@ impl LocalStore {
         let dest = path.to_owned();
         self.run(StoreOp::GetToFile, key, move |s| {
             let op = StoreOp::GetToFile;
-            let (src, _meta) = s.open_object(op, &k)?;
+            let (src, meta) = s.open_object(op, &k)?;
             let local = |e: io::Error| StoreError::LocalFile {
                 op,
                 key: k.clone(),
                 path: dest.display().to_string(),
                 source: e,
             };
+            // A large object whose bytes are hashed as they are written is not read back:
+            // it goes around the page cache (see `get_to_file_max_hashed`).
+            let uncached = hasher.is_some() && meta.len() >= direct::MIN_LEN;
             // One byte more than allowed tells "too long" from "exactly the limit".
             let mut src = src.take(max_len.saturating_add(1));
             let seen = |bytes: &[u8]| {
@@ -389,7 +392,12 @@ impl LocalStore {
                 }
             };
             let n = write_local_file(&dest, local, |out| {
-                let n = copy(&mut src, out, |e| s.io_error(op, &k, e), local, seen)?;
+                let on_read = |e| s.io_error(op, &k, e);
+                let n = if uncached {
+                    direct::copy_uncached(&mut src, out, on_read, local, seen)?
+                } else {
+                    copy(&mut src, out, on_read, local, seen)?
+                };
                 if n > max_len {
                     return Err(StoreError::TooLarge {
                         op,
@@ -569,7 +577,7 @@ impl ObjectStore for LocalStore {
                 &k,
                 |dst| {
                     let n = if expected_len >= direct::MIN_LEN {
-                        direct::copy_uncached(&mut src, dst, local, on_io)?
+                        direct::copy_uncached(&mut src, dst, local, on_io, |_| {})?
                     } else {
                         copy(&mut src, dst, local, on_io, |_| {})?
                     };
@@ -795,8 +803,6 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Copies `src` to `dst`, attributing read and write errors to their own side; `seen` is
-/// shown every piece written.
 /// Writes an object's bytes to its new file: a large one around the page cache
 /// ([`direct`]), for nobody reads it back soon.
 fn write_data(
@@ -805,13 +811,15 @@ fn write_data(
     on_io: impl Fn(io::Error) -> StoreError,
 ) -> StoreResult<()> {
     if data.len() as u64 >= direct::MIN_LEN {
-        direct::copy_uncached(&mut &data[..], dst, &on_io, &on_io)?;
+        direct::copy_uncached(&mut &data[..], dst, &on_io, &on_io, |_| {})?;
     } else {
         dst.write_all(data).map_err(on_io)?;
     }
     Ok(())
 }
 
+/// Copies `src` to `dst`, attributing read and write errors to their own side; `seen` is
+/// shown every piece written.
 fn copy(
     src: &mut impl Read,
     dst: &mut File,

@@ -205,6 +205,9 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// written to `path` (under encryption, the plaintext), so the caller can check the file
     /// against its recorded checksum without reading it back.
     ///
+    /// For files nobody reads back soon (a restored base's tables): the local and S3 stores
+    /// write a large one around the page cache, as the archiver's local store does.
+    ///
     /// The default downloads with `get_to_file_max`, then reads the file back and hashes it
     /// off the async runtime. The stores override it to hash each piece as it is written
     /// (the local and memory stores, S3, encryption) or pass it on (decorators).

@@ -23,9 +23,9 @@ use aws_sdk_s3::types::{
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 
+use super::direct;
 use super::throttle::{self, PacedBody, Pacer};
 use super::{
     ETag, FileDigest, ObjectMeta, ObjectStore, RetryPolicy, StoreError, StoreOp, StoreResult,
@@ -1126,27 +1126,35 @@ impl S3Store {
             return Err(too_large());
         }
         let mut body = out.body;
-        let mut file = tokio::fs::OpenOptions::new()
+        let file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(tmp)
             .await
             .map_err(local)?;
+        // A large object whose bytes are hashed as they are written is not read back:
+        // it goes around the page cache (see `get_to_file_max_hashed`).
+        let uncached = hasher.is_some()
+            && expected
+                .and_then(|n| u64::try_from(n).ok())
+                .is_some_and(|n| n >= direct::MIN_LEN);
+        let mut out = direct::AsyncWriter::new(
+            file.into_std().await,
+            uncached,
+            hasher.as_deref_mut().map(std::mem::take),
+        );
         let mut written = 0u64;
         while let Some(chunk) = self.next_chunk(op, key, &mut body).await? {
             written = written.saturating_add(chunk.len() as u64);
             if written > max_len {
                 return Err(too_large());
             }
-            file.write_all(&chunk).await.map_err(local)?;
-            // One body chunk at a time (tens of KiB): cheap enough for the runtime.
-            if let Some(h) = hasher.as_deref_mut() {
-                h.update(&chunk);
-            }
+            out.write_all(&chunk).await.map_err(local)?;
         }
         self.check_length(op, key, written, expected)?;
-        file.sync_all().await.map_err(local)?;
-        drop(file);
+        if let (Some(h), Some(seen)) = (hasher, out.finish_synced().await.map_err(local)?) {
+            *h = seen;
+        }
         tokio::fs::rename(tmp, dest).await.map_err(local)?;
         let dir = tmp.parent().unwrap_or(Path::new("."));
         tokio::fs::File::open(dir)
@@ -1609,6 +1617,7 @@ fn offset_time(t: &DateTime) -> Option<time::OffsetDateTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     #[test]
     fn options_defaults_and_serde() {
