@@ -299,6 +299,18 @@ impl ObjectStore for SpyStore {
         self.bound(Some(max));
         self.inner.get_to_file_max_hashed(key, path, max).await
     }
+    async fn get_to_file_max_hashed_uncached(
+        &self,
+        key: &str,
+        path: &Path,
+        max: u64,
+    ) -> StoreResult<FileDigest> {
+        self.hashed.fetch_add(1, Ordering::Relaxed);
+        self.bound(Some(max));
+        self.inner
+            .get_to_file_max_hashed_uncached(key, path, max)
+            .await
+    }
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.inner.get_range(key, range).await
     }

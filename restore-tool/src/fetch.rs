@@ -8,7 +8,9 @@
 //!
 //! A base file is hashed as its bytes are written ([`ObjectStore::get_to_file_max_hashed`]),
 //! not read back from disk afterwards, so its check costs no second pass and ends with its
-//! download.
+//! download. Unless the verification reads the tables back, the base files are written
+//! around the page cache ([`ObjectStore::get_to_file_max_hashed_uncached`]): the
+//! application's first open reads only a small part of each.
 //!
 //! Downloads are tasks that are never dropped halfway: on a failure or a cancellation the
 //! remaining tasks are told to stop and then awaited, so no download is still writing into a
@@ -37,32 +39,37 @@ pub fn check_base_files(files: &[BaseFile]) -> Result<(), RestoreError> {
 }
 
 /// Downloads one base file into `dir` under its (checked) name and verifies its size and
-/// sha256, hashed as it is written. Returns its size.
+/// sha256, hashed as it is written; around the page cache if `uncached`. Returns its size.
 pub async fn fetch_base_file(
     store: &Arc<dyn ObjectStore>,
     file: &BaseFile,
     dir: &Path,
+    uncached: bool,
 ) -> Result<u64, RestoreError> {
     keys::check_base_file_name(&file.name)?;
     let path = dir.join(&file.name);
     // Never more than the base declares (+1 byte to tell "too long"): a corrupt or hostile
     // object cannot fill the disk.
-    let found = store
-        .get_to_file_max_hashed(&file.key, &path, file.size)
-        .await
-        .map_err(|e| match e {
-            StoreError::TooLarge { .. } => RestoreError::Integrity(e.to_string()),
-            e => e.into(),
-        })?;
+    let found = if uncached {
+        store.get_to_file_max_hashed_uncached(&file.key, &path, file.size)
+    } else {
+        store.get_to_file_max_hashed(&file.key, &path, file.size)
+    };
+    let found = found.await.map_err(|e| match e {
+        StoreError::TooLarge { .. } => RestoreError::Integrity(e.to_string()),
+        e => e.into(),
+    })?;
     checksum::check(&file.key, &file.sha256, file.size, &found.sha256, found.len)?;
     Ok(file.size)
 }
 
-/// Downloads every base file into `dir`, at most as many at once as `limit` allows.
+/// Downloads every base file into `dir` (around the page cache if `uncached`), at most as
+/// many at once as `limit` allows.
 pub async fn fetch_base_files(
     store: Arc<dyn ObjectStore>,
     files: Vec<BaseFile>,
     dir: PathBuf,
+    uncached: bool,
     limit: Arc<Semaphore>,
     cancel: Cancel,
     bar: PhaseBar,
@@ -89,7 +96,7 @@ pub async fn fetch_base_files(
                 .expect("the semaphore is never closed");
             cancel.check()?;
             stop.check()?;
-            let n = fetch_base_file(&store, &f, &dir).await?;
+            let n = fetch_base_file(&store, &f, &dir, uncached).await?;
             bar.inc(n);
             tracing::debug!(file = %f.name, key = %f.key, bytes = n, "fetched base file");
             Ok::<u64, RestoreError>(n)
@@ -314,6 +321,7 @@ mod tests {
             store.clone(),
             files.clone(),
             dir.path().to_path_buf(),
+            true,
             Arc::new(Semaphore::new(2)),
             Cancel::new(),
             PhaseBar::hidden(),
@@ -337,6 +345,7 @@ mod tests {
             store.clone(),
             files.clone(),
             dir.path().to_path_buf(),
+            true,
             Arc::new(Semaphore::new(2)),
             Cancel::new(),
             PhaseBar::hidden(),
@@ -356,6 +365,7 @@ mod tests {
             store.clone(),
             files.clone(),
             dir.path().to_path_buf(),
+            true,
             Arc::new(Semaphore::new(2)),
             Cancel::new(),
             PhaseBar::hidden(),
@@ -373,6 +383,7 @@ mod tests {
             store,
             files,
             dir.path().to_path_buf(),
+            true,
             Arc::new(Semaphore::new(2)),
             Cancel::new(),
             PhaseBar::hidden(),
@@ -404,6 +415,7 @@ mod tests {
             spy.clone(),
             files,
             dir.path().to_path_buf(),
+            false,
             Arc::new(Semaphore::new(2)),
             Cancel::new(),
             PhaseBar::hidden(),

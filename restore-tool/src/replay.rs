@@ -34,6 +34,7 @@ use tidemark_manifest::plan::{CutoffFilter, RestorePlan, Target};
 use tidemark_manifest::rocks::DbFile;
 use tidemark_manifest::rocks::log::LogWriter;
 use tidemark_manifest::segment::{Record, SegmentReader};
+use tidemark_manifest::store::CACHED_WRITE;
 
 use crate::progress::PhaseBar;
 use crate::staging::sync_dir;
@@ -404,7 +405,7 @@ impl WalFiles {
             },
             tmp,
             path,
-            writer: LogWriter::new(BufWriter::with_capacity(1 << 20, file)),
+            writer: LogWriter::new(BufWriter::with_capacity(CACHED_WRITE, file)),
         })
     }
 

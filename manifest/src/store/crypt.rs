@@ -639,7 +639,7 @@ impl Crypt {
     fn encrypt_file(&self, obj: Object<'_>, src: &Path, dst: &Path) -> io::Result<()> {
         let mut input = File::open(src)?;
         let size = input.metadata()?.len();
-        let mut output = io::BufWriter::with_capacity(1 << 20, File::create_new(dst)?);
+        let mut output = io::BufWriter::with_capacity(super::CACHED_WRITE, File::create_new(dst)?);
         let h = Header::new(self.chunk_log2, self.active_id());
         output.write_all(&h.bytes)?;
         let n = self.layout.chunks(size);

@@ -15,7 +15,7 @@ use std::io::{self, Read, Seek, Write};
 
 use rustix::fs::{OFlags, fcntl_getfl, fcntl_setfl};
 
-use super::StoreError;
+use super::{CACHED_WRITE, StoreError};
 use crate::checksum::Hasher;
 
 /// Objects at least this large are written around the cache.
@@ -134,7 +134,7 @@ impl<F: BorrowMut<File>> Writer<F> {
         if self.direct {
             self.direct = write_direct(file, chunk)?;
         } else {
-            file.write_all(chunk)?;
+            write_cached(file, chunk)?;
         }
         self.filled = 0;
         Ok(())
@@ -150,12 +150,12 @@ impl<F: BorrowMut<File>> Writer<F> {
         if direct {
             direct = write_direct(file, &rest[..whole])?;
         } else {
-            file.write_all(&rest[..whole])?;
+            write_cached(file, &rest[..whole])?;
         }
         if direct {
             set_direct(file, false);
         }
-        file.write_all(&rest[whole..])?;
+        write_cached(file, &rest[whole..])?;
         Ok(self.file)
     }
 }
@@ -228,11 +228,17 @@ fn write_direct(dst: &mut File, data: &[u8]) -> io::Result<bool> {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             set_direct(dst, false);
             dst.seek(io::SeekFrom::Start(at))?;
-            dst.write_all(data)?;
+            write_cached(dst, data)?;
             Ok(false)
         }
         Err(e) => Err(e),
     }
+}
+
+/// Writes `data` through the page cache, [`CACHED_WRITE`] bytes at a time.
+fn write_cached(dst: &mut File, data: &[u8]) -> io::Result<()> {
+    data.chunks(CACHED_WRITE)
+        .try_for_each(|piece| dst.write_all(piece))
 }
 
 /// Turns direct I/O on or off for `file`; true when it is now as asked.

@@ -293,6 +293,18 @@ impl ObjectStore for FaultStore {
         self.around(StoreOp::GetToFile, key, inner).await
     }
 
+    async fn get_to_file_max_hashed_uncached(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+    ) -> StoreResult<FileDigest> {
+        let inner = self
+            .inner
+            .get_to_file_max_hashed_uncached(key, path, max_len);
+        self.around(StoreOp::GetToFile, key, inner).await
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.around(StoreOp::GetRange, key, self.inner.get_range(key, range))
             .await

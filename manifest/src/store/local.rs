@@ -368,6 +368,7 @@ impl LocalStore {
         path: &Path,
         max_len: u64,
         mut hasher: Option<Hasher>,
+        uncached: bool,
     ) -> StoreResult<(u64, Option<Hasher>)> {
         validate_key(key)?;
         let k = key.to_owned();
@@ -381,9 +382,9 @@ impl LocalStore {
                 path: dest.display().to_string(),
                 source: e,
             };
-            // A large object whose bytes are hashed as they are written is not read back:
-            // it goes around the page cache (see `get_to_file_max_hashed`).
-            let uncached = hasher.is_some() && meta.len() >= direct::MIN_LEN;
+            // Around the page cache when asked, for a large object only (see
+            // `get_to_file_max_hashed_uncached`).
+            let uncached = uncached && meta.len() >= direct::MIN_LEN;
             // One byte more than allowed tells "too long" from "exactly the limit".
             let mut src = src.take(max_len.saturating_add(1));
             let seen = |bytes: &[u8]| {
@@ -637,11 +638,11 @@ impl ObjectStore for LocalStore {
     }
 
     async fn get_to_file(&self, key: &str, path: &Path) -> StoreResult<u64> {
-        Ok(self.download(key, path, u64::MAX, None).await?.0)
+        Ok(self.download(key, path, u64::MAX, None, false).await?.0)
     }
 
     async fn get_to_file_max(&self, key: &str, path: &Path, max_len: u64) -> StoreResult<u64> {
-        Ok(self.download(key, path, max_len, None).await?.0)
+        Ok(self.download(key, path, max_len, None, false).await?.0)
     }
 
     async fn get_to_file_max_hashed(
@@ -651,7 +652,19 @@ impl ObjectStore for LocalStore {
         max_len: u64,
     ) -> StoreResult<FileDigest> {
         let (_, hasher) = self
-            .download(key, path, max_len, Some(Hasher::new()))
+            .download(key, path, max_len, Some(Hasher::new()), false)
+            .await?;
+        Ok(hasher.unwrap_or_default().into())
+    }
+
+    async fn get_to_file_max_hashed_uncached(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+    ) -> StoreResult<FileDigest> {
+        let (_, hasher) = self
+            .download(key, path, max_len, Some(Hasher::new()), true)
             .await?;
         Ok(hasher.unwrap_or_default().into())
     }

@@ -275,6 +275,20 @@ impl ObjectStore for RetryStore {
             .await
     }
 
+    async fn get_to_file_max_hashed_uncached(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+    ) -> StoreResult<FileDigest> {
+        self.policy
+            .run(StoreOp::GetToFile, key, || {
+                self.inner
+                    .get_to_file_max_hashed_uncached(key, path, max_len)
+            })
+            .await
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.policy
             .run(StoreOp::GetRange, key, || {

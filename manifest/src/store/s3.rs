@@ -1086,6 +1086,7 @@ impl S3Store {
         path: &Path,
         max_len: u64,
         hasher: Option<&mut Hasher>,
+        uncached: bool,
     ) -> StoreResult<u64> {
         validate_key(key)?;
         let op = StoreOp::GetToFile;
@@ -1093,7 +1094,7 @@ impl S3Store {
             super::local::local_temp_path(path).map_err(|e| Self::local_error(op, key, path, e))?;
         let out = self.get_object(op, key, None).await?;
         let result = self
-            .download_to(key, path, &tmp, out, max_len, hasher)
+            .download_to(key, path, &tmp, out, max_len, hasher, uncached)
             .await;
         if result.is_err() {
             let _ = tokio::fs::remove_file(&tmp).await;
@@ -1109,6 +1110,7 @@ impl S3Store {
         out: aws_sdk_s3::operation::get_object::GetObjectOutput,
         max_len: u64,
         mut hasher: Option<&mut Hasher>,
+        uncached: bool,
     ) -> StoreResult<u64> {
         let op = StoreOp::GetToFile;
         let local = |e| Self::local_error(op, key, dest, e);
@@ -1132,9 +1134,9 @@ impl S3Store {
             .open(tmp)
             .await
             .map_err(local)?;
-        // A large object whose bytes are hashed as they are written is not read back:
-        // it goes around the page cache (see `get_to_file_max_hashed`).
-        let uncached = hasher.is_some()
+        // Around the page cache when asked, for a large object only (see
+        // `get_to_file_max_hashed_uncached`).
+        let uncached = uncached
             && expected
                 .and_then(|n| u64::try_from(n).ok())
                 .is_some_and(|n| n >= direct::MIN_LEN);
@@ -1394,7 +1396,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn get_to_file_max(&self, key: &str, path: &Path, max_len: u64) -> StoreResult<u64> {
-        self.download(key, path, max_len, None).await
+        self.download(key, path, max_len, None, false).await
     }
 
     async fn get_to_file_max_hashed(
@@ -1404,7 +1406,20 @@ impl ObjectStore for S3Store {
         max_len: u64,
     ) -> StoreResult<FileDigest> {
         let mut hasher = Hasher::new();
-        self.download(key, path, max_len, Some(&mut hasher)).await?;
+        self.download(key, path, max_len, Some(&mut hasher), false)
+            .await?;
+        Ok(hasher.into())
+    }
+
+    async fn get_to_file_max_hashed_uncached(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+    ) -> StoreResult<FileDigest> {
+        let mut hasher = Hasher::new();
+        self.download(key, path, max_len, Some(&mut hasher), true)
+            .await?;
         Ok(hasher.into())
     }
 

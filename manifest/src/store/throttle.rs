@@ -457,6 +457,17 @@ impl ObjectStore for ThrottleStore {
         self.inner.get_to_file_max_hashed(key, path, max_len).await
     }
 
+    async fn get_to_file_max_hashed_uncached(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+    ) -> StoreResult<FileDigest> {
+        self.inner
+            .get_to_file_max_hashed_uncached(key, path, max_len)
+            .await
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.inner.get_range(key, range).await
     }

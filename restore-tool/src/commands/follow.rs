@@ -63,6 +63,7 @@ use tidemark_manifest::rocks::log::{LogReader, LogWriter};
 use tidemark_manifest::rocks::version_edit::ManifestState;
 use tidemark_manifest::rocks::write_batch::{Batch, BatchHeader};
 use tidemark_manifest::segment::{Record, SegmentReader};
+use tidemark_manifest::store::CACHED_WRITE;
 
 use super::StoreOptions;
 use super::restore::{self, RestoreOptions, RestoreReport};
@@ -1471,7 +1472,7 @@ fn open_for_append(log_number: u64, path: &Path, offset: u64) -> Result<OpenWal,
     Ok(OpenWal {
         log_number,
         path: path.to_path_buf(),
-        writer: LogWriter::with_offset(BufWriter::with_capacity(1 << 20, file), offset),
+        writer: LogWriter::with_offset(BufWriter::with_capacity(CACHED_WRITE, file), offset),
     })
 }
 
@@ -1490,7 +1491,7 @@ fn create_wal(dir: &Path, log_number: u64) -> Result<OpenWal, RestoreError> {
     Ok(OpenWal {
         log_number,
         path,
-        writer: LogWriter::new(BufWriter::with_capacity(1 << 20, file)),
+        writer: LogWriter::new(BufWriter::with_capacity(CACHED_WRITE, file)),
     })
 }
 

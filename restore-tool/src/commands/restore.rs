@@ -736,7 +736,10 @@ impl Run<'_> {
         let files = planned.descriptor.files.clone();
         let store = self.repo.store().clone();
         let dir = staging.dir().to_path_buf();
-        let fetch = fetch::fetch_base_files(store, files, dir, limit, cancel.clone(), bar);
+        // Written around the page cache unless the verification reads every table back.
+        let uncached = !self.opts.verify.reads_tables();
+        let fetch =
+            fetch::fetch_base_files(store, files, dir, uncached, limit, cancel.clone(), bar);
         let (fetched, took) = timed_fetch(fetch, cancel.clone()).await;
         let check = match fetched {
             Ok(_) if self.opts.verify.checks_base() => {

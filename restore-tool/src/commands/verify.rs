@@ -269,7 +269,11 @@ async fn check_base_file(
     }
     out.read = true;
     let path = scratch.join(format!("{:08x}", rand::random::<u32>()));
-    match store.get_to_file_max_hashed(&f.key, &path, f.size).await {
+    // Only hashed, then deleted: around the page cache.
+    match store
+        .get_to_file_max_hashed_uncached(&f.key, &path, f.size)
+        .await
+    {
         Ok(found) => {
             out.bytes = found.len;
             if let Err(e) = checksum::check(&f.key, &f.sha256, f.size, &found.sha256, found.len) {

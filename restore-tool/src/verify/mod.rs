@@ -87,6 +87,12 @@ impl VerifyMode {
         matches!(self, VerifyMode::Standard | VerifyMode::Quick)
     }
 
+    /// Every block of the base's tables is read back (`standard` reads each key, `full`
+    /// counts them): the restore writes them through the page cache for that read.
+    pub fn reads_tables(self) -> bool {
+        matches!(self, VerifyMode::Standard | VerifyMode::Full)
+    }
+
     /// The re-created WAL files are read back.
     pub fn checks_wal(self) -> bool {
         self != VerifyMode::Off
