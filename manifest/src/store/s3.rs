@@ -1093,9 +1093,12 @@ impl S3Store {
         let (_, tmp) =
             super::local::local_temp_path(path).map_err(|e| Self::local_error(op, key, path, e))?;
         let out = self.get_object(op, key, None).await?;
-        let result = self
-            .download_to(key, path, &tmp, out, max_len, hasher, uncached)
-            .await;
+        let landing = Landing {
+            max_len,
+            hasher,
+            uncached,
+        };
+        let result = self.download_to(key, path, &tmp, out, landing).await;
         if result.is_err() {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
@@ -1108,10 +1111,13 @@ impl S3Store {
         dest: &Path,
         tmp: &Path,
         out: aws_sdk_s3::operation::get_object::GetObjectOutput,
-        max_len: u64,
-        mut hasher: Option<&mut Hasher>,
-        uncached: bool,
+        landing: Landing<'_>,
     ) -> StoreResult<u64> {
+        let Landing {
+            max_len,
+            mut hasher,
+            uncached,
+        } = landing;
         let op = StoreOp::GetToFile;
         let local = |e| Self::local_error(op, key, dest, e);
         let too_large = || StoreError::TooLarge {
@@ -1167,6 +1173,14 @@ impl S3Store {
             .map_err(local)?;
         Ok(written)
     }
+}
+
+/// How a download is written: at most `max_len` bytes, every byte fed to `hasher` (if any),
+/// around the page cache if `uncached` (and the object is large).
+struct Landing<'a> {
+    max_len: u64,
+    hasher: Option<&'a mut Hasher>,
+    uncached: bool,
 }
 
 /// One part of a multipart upload: `size` bytes of `path` from `offset`.
