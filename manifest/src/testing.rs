@@ -466,3 +466,24 @@ pub mod s3 {
         }
     }
 }
+
+/// The bytes of `path` in the page cache, as util-linux's `fincore` counts them (for tests
+/// of what is written around the cache).
+pub fn bytes_cached(path: &Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux) runs");
+    assert!(out.status.success(), "fincore {}: {out:?}", path.display());
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("fincore printed {text:?}: {e}"))
+}
+
+/// The share of `path`'s bytes in the page cache ([`bytes_cached`]).
+pub fn share_cached(path: &Path) -> f64 {
+    let len = std::fs::metadata(path).expect("the file exists").len();
+    bytes_cached(path) as f64 / len.max(1) as f64
+}

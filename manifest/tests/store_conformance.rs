@@ -24,7 +24,7 @@ use tidemark_manifest::store::{
     self, ETag, MemoryStore, ObjectStore, OpenOptions, RetryPolicy, RetryStore, S3Options, S3Store,
     StoreError, StoreUrl,
 };
-use tidemark_manifest::testing::s3 as test_s3;
+use tidemark_manifest::testing::{self, s3 as test_s3};
 
 const MIB: usize = 1024 * 1024;
 
@@ -526,18 +526,6 @@ async fn hashed_downloads(f: &Fixture) {
     assert!(!dst.exists());
 }
 
-/// The share of `path`'s bytes in the page cache, as util-linux's `fincore` counts them.
-fn share_cached(path: &Path) -> f64 {
-    let out = std::process::Command::new("fincore")
-        .args(["--bytes", "--noheadings", "--output", "RES"])
-        .arg(path)
-        .output()
-        .expect("fincore (util-linux) runs");
-    assert!(out.status.success(), "fincore: {out:?}");
-    let resident: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-    resident / std::fs::metadata(path).unwrap().len() as f64
-}
-
 /// A large object downloaded hashed and uncached (a restored base file the restore does not
 /// read back) is written around the page cache; downloaded hashed (a base file that is read
 /// back, a file copied on) or plain (a segment, read back at once), it is left in the
@@ -555,7 +543,7 @@ async fn large_hashed_downloads_leave_the_page_cache_alone(f: &Fixture) {
         .await
         .unwrap();
     assert_eq!(got.sha256, hex::encode(Sha256::digest(&data)));
-    let cached = share_cached(&uncached);
+    let cached = testing::share_cached(&uncached);
     assert!(cached < 0.01, "uncached: {:.1} % cached", cached * 100.0);
     let hashed = f.scratch("hashed.dst");
     let got = s
@@ -563,13 +551,13 @@ async fn large_hashed_downloads_leave_the_page_cache_alone(f: &Fixture) {
         .await
         .unwrap();
     assert_eq!(got.sha256, hex::encode(Sha256::digest(&data)));
-    let cached = share_cached(&hashed);
+    let cached = testing::share_cached(&hashed);
     assert!(cached > 0.99, "hashed: {:.1} % cached", cached * 100.0);
     let plain = f.scratch("plain.dst");
     s.get_to_file_max("uncached/large", &plain, data.len() as u64)
         .await
         .unwrap();
-    let cached = share_cached(&plain);
+    let cached = testing::share_cached(&plain);
     assert!(cached > 0.99, "plain: {:.1} % cached", cached * 100.0);
     for path in [uncached, hashed, plain] {
         assert!(std::fs::read(&path).unwrap() == data, "{}", path.display());

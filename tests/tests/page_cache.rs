@@ -6,12 +6,12 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
+use tidemark_manifest::testing;
 use tidemark_tests::harness::TestStore;
 use tidemark_tests::setup::Setup;
 
-/// Resident and total bytes of the `.sst` files of 1 MiB or more in `dir`, as `fincore`
-/// counts them.
+/// Resident and total bytes of the `.sst` files of 1 MiB or more in `dir`.
 fn large_tables_cached(dir: &Path) -> Result<(u64, u64)> {
     let (mut resident, mut total) = (0, 0);
     for entry in std::fs::read_dir(dir)? {
@@ -20,13 +20,7 @@ fn large_tables_cached(dir: &Path) -> Result<(u64, u64)> {
         if path.extension().is_none_or(|e| e != "sst") || len < 1 << 20 {
             continue;
         }
-        let out = std::process::Command::new("fincore")
-            .args(["--bytes", "--noheadings", "--output", "RES"])
-            .arg(&path)
-            .output()
-            .context("fincore (util-linux) runs")?;
-        ensure!(out.status.success(), "fincore: {out:?}");
-        resident += String::from_utf8_lossy(&out.stdout).trim().parse::<u64>()?;
+        resident += testing::bytes_cached(&path);
         total += len;
     }
     Ok((resident, total))

@@ -360,19 +360,6 @@ mod tests {
             }
         }
     }
-    /// The share of `path`'s bytes that are in the page cache, as util-linux's `fincore`
-    /// counts them.
-    fn share_cached(path: &std::path::Path) -> f64 {
-        let out = std::process::Command::new("fincore")
-            .args(["--bytes", "--noheadings", "--output", "RES"])
-            .arg(path)
-            .output()
-            .expect("fincore (util-linux) runs");
-        assert!(out.status.success(), "fincore: {out:?}");
-        let resident: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-        resident / std::fs::metadata(path).unwrap().len() as f64
-    }
-
     /// Written uncached, a file's pages are not left in the page cache (but for its last
     /// partial block); written cached, they are. Needs a file system that takes direct I/O:
     /// the temporary directory's, here.
@@ -392,7 +379,7 @@ mod tests {
             let mut out = AsyncWriter::new(file, uncached, None);
             out.write_all(&data).await.unwrap();
             out.finish_synced().await.unwrap();
-            let cached = share_cached(&path);
+            let cached = crate::testing::share_cached(&path);
             if uncached {
                 assert!(
                     cached < 0.01,
