@@ -642,6 +642,25 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// The last JSON line of `text`.
+/// `tidemark-restore follow --json --promote` on `target` (it must exit 0): its last report
+/// and what it wrote to stderr.
+fn follow_and_promote(s: &Setup, target: &Path) -> Result<(Value, String)> {
+    let url = s.programs_store().url.clone();
+    let t = target.display().to_string();
+    let args = [
+        "follow",
+        "--json",
+        "--from",
+        &url,
+        "--target",
+        &t,
+        "--promote",
+    ];
+    let (code, out, err) = s.run("tidemark-restore", &args)?;
+    ensure!(code == 0, "follow --promote exited {code}: {err}");
+    Ok((last_json_line(&out)?, err))
+}
+
 fn last_json_line(text: &str) -> Result<Value> {
     let line = text
         .lines()
@@ -779,22 +798,7 @@ async fn rides_out_a_column_family_change(store: TestStore) -> Result<()> {
 
     // `--promote` on a standby that meets the batch once the base exists re-bases on it
     // too, then promotes at the archive's newest point.
-    let url = s.programs_store().url.clone();
-    let later_arg = later.display().to_string();
-    let (code, out, err) = s.run(
-        "tidemark-restore",
-        &[
-            "follow",
-            "--json",
-            "--from",
-            &url,
-            "--target",
-            &later_arg,
-            "--promote",
-        ],
-    )?;
-    ensure!(code == 0, "follow --promote exited {code}: {err}");
-    let report = last_json_line(&out)?;
+    let (report, _) = follow_and_promote(&s, &later)?;
     ensure!(report["event"] == "promoted", "{report}");
     ensure!(report["rebases"].as_u64() == Some(1), "{report}");
     ensure!(report["not_applied"].is_null(), "{report}");
@@ -864,22 +868,7 @@ fn standby_waits_and_promotes_there(
 
     let copy = s.path("standby-promote");
     copy_dir(target, &copy)?;
-    let url = s.programs_store().url.clone();
-    let copy_arg = copy.display().to_string();
-    let (code, out, err) = s.run(
-        "tidemark-restore",
-        &[
-            "follow",
-            "--json",
-            "--from",
-            &url,
-            "--target",
-            &copy_arg,
-            "--promote",
-        ],
-    )?;
-    ensure!(code == 0, "follow --promote exited {code}: {err}");
-    let report = last_json_line(&out)?;
+    let (report, err) = follow_and_promote(s, &copy)?;
     check_promoted_while_waiting(s, &copy, &report, written, first_new)?;
     let cf = report["not_applied"]["column_family"].as_u64();
     ensure!(

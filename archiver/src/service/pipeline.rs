@@ -916,18 +916,28 @@ mod tests {
         );
     }
 
-    /// A retention run that falls due while a segment upload is in flight (as one always
-    /// is for an archiver behind its database) ships what was read, waits for it, and
-    /// marks; it used to skip the run until a moment with nothing in flight.
-    #[tokio::test]
-    async fn retention_marks_while_an_upload_is_in_flight() {
+    /// An archiver with a retention run due now (keep the last base, `interval` apart) and
+    /// a segment upload in flight that the store delays by `delay`; `settle_limit` bounds
+    /// how long a run waits for uploads.
+    struct RetentionBehindAnUpload {
+        repo: Repository,
+        p: Pipeline,
+        keeper: crate::lease_keeper::LeaseKeeper,
+        retention: super::super::retention::Retention,
+    }
+
+    async fn retention_behind_an_upload(
+        dir: &Path,
+        interval: Duration,
+        delay: Duration,
+        settle_limit: Option<Duration>,
+    ) -> RetentionBehindAnUpload {
         use super::super::retention::Retention;
         use crate::config::PruneOptions;
         use crate::lease::LeaseHandle;
         use crate::lease_keeper::LeaseKeeper;
 
-        let dir = tempfile::tempdir().unwrap();
-        let (faults, repo, mut p, wal) = pipeline_in(dir.path(), one_record_segments()).await;
+        let (faults, repo, mut p, wal) = pipeline_in(dir, one_record_segments()).await;
         let metrics = Arc::new(Metrics::new());
         let ttl = Duration::from_secs(30);
         let handle = LeaseHandle::acquire(&repo, ttl).await.unwrap();
@@ -935,21 +945,45 @@ mod tests {
         let policy = PruneOptions {
             keep_last: Some(1),
             grace: Duration::from_secs(1),
-            interval: Duration::from_secs(1),
+            interval,
             ..PruneOptions::default()
         };
         let mut retention = Retention::new(Some(policy), &repo, keeper.fence(), &metrics);
+        if let Some(limit) = settle_limit {
+            retention = retention.with_settle_limit(limit);
+        }
         retention.after_base(); // due now
 
         write_wal(&wal, 5, &[(1, 1), (2, 1)]);
         p.step().await.unwrap();
         faults.inject(
-            FaultRule::new(Fault::Delay(Duration::from_millis(500)))
+            FaultRule::new(Fault::Delay(delay))
                 .on(StoreOp::PutIfAbsent)
                 .key_prefix("wal/"),
         );
         write_wal(&wal, 5, &[(1, 1), (2, 1), (3, 1)]);
         p.step().await.unwrap();
+        RetentionBehindAnUpload {
+            repo,
+            p,
+            keeper,
+            retention,
+        }
+    }
+
+    /// A retention run that falls due while a segment upload is in flight (as one always
+    /// is for an archiver behind its database) ships what was read, waits for it, and
+    /// marks; it used to skip the run until a moment with nothing in flight.
+    #[tokio::test]
+    async fn retention_marks_while_an_upload_is_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let second = Duration::from_secs(1);
+        let RetentionBehindAnUpload {
+            repo,
+            mut p,
+            keeper,
+            mut retention,
+        } = retention_behind_an_upload(dir.path(), second, second / 2, None).await;
         assert!(!p.settled(), "an upload is in flight");
         retention.mark_if_due(&mut p, false).await.unwrap();
         assert!(p.settled(), "what was read is durable");
@@ -967,37 +1001,20 @@ mod tests {
     /// upload it waited for goes on and lands once, and the next run marks.
     #[tokio::test]
     async fn retention_is_put_off_while_the_store_is_slower_than_its_wait() {
-        use super::super::retention::Retention;
-        use crate::config::PruneOptions;
-        use crate::lease::LeaseHandle;
-        use crate::lease_keeper::LeaseKeeper;
-
         let dir = tempfile::tempdir().unwrap();
-        let (faults, repo, mut p, wal) = pipeline_in(dir.path(), one_record_segments()).await;
-        let metrics = Arc::new(Metrics::new());
-        let ttl = Duration::from_secs(30);
-        let handle = LeaseHandle::acquire(&repo, ttl).await.unwrap();
-        let keeper = LeaseKeeper::start(&repo, handle, ttl, None);
         let interval = Duration::from_secs(5);
-        let policy = PruneOptions {
-            keep_last: Some(1),
-            grace: Duration::from_secs(1),
+        let RetentionBehindAnUpload {
+            repo,
+            mut p,
+            keeper,
+            mut retention,
+        } = retention_behind_an_upload(
+            dir.path(),
             interval,
-            ..PruneOptions::default()
-        };
-        let mut retention = Retention::new(Some(policy), &repo, keeper.fence(), &metrics)
-            .with_settle_limit(Duration::from_millis(200));
-        retention.after_base(); // due now
-
-        write_wal(&wal, 5, &[(1, 1), (2, 1)]);
-        p.step().await.unwrap();
-        faults.inject(
-            FaultRule::new(Fault::Delay(Duration::from_secs(2)))
-                .on(StoreOp::PutIfAbsent)
-                .key_prefix("wal/"),
-        );
-        write_wal(&wal, 5, &[(1, 1), (2, 1), (3, 1)]);
-        p.step().await.unwrap();
+            Duration::from_secs(2),
+            Some(Duration::from_millis(200)),
+        )
+        .await;
         let generation = |r: &Repository| {
             let r = r.clone();
             async move { r.load().await.unwrap().generation.map(|g| g.generation) }
