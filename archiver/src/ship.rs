@@ -90,8 +90,10 @@ impl Shipper {
     /// Adds a record to the open segment (opening one if needed).
     pub fn push(&mut self, r: &Record) -> Result<(), ShipError> {
         if self.open.is_none() {
+            // Full frames are compressed on other threads while the WAL is read on.
             let builder = SegmentBuilder::new(Compression::Zstd, self.opts.zstd_level)
-                .map_err(ShipError::Encoder)?;
+                .map_err(ShipError::Encoder)?
+                .in_parallel();
             self.open = Some((builder, Instant::now()));
             self.open_first_time_us = r.time_us;
         }

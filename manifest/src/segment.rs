@@ -1,8 +1,9 @@
 //! WAL segments (FORMAT.md §6): `header ‖ body ‖ trailer`, the body a zstd-compressed stream
 //! of crc32c-framed records.
 //!
-//! [`SegmentBuilder`] encodes records as they arrive (compressing incrementally); the
-//! archiver closes a segment by size or time. [`SegmentReader`] decodes any [`Read`] as a
+//! [`SegmentBuilder`] encodes records as they arrive, compressing every
+//! [`ZSTD_FRAME_RAW`] bytes of the stream as a frame of its own (on several threads if asked);
+//! the archiver closes a segment by size or time. [`SegmentReader`] decodes any [`Read`] as a
 //! stream, one record at a time, so a large segment is never held in memory whole; it
 //! checks every frame and, at the end, the trailer's sha256. A segment is good only once
 //! [`SegmentReader::next_record`] has returned `Ok(None)`.
@@ -11,6 +12,10 @@ use crate::chain::RecordChain;
 use crate::model::{Compression, SegmentEntry, TimeSource, time_from_micros};
 use sha2::{Digest, Sha256};
 use std::io::{self, BufReader, Read, Take};
+
+mod body;
+pub use body::ZSTD_FRAME_RAW;
+use body::{BodyWriter, ZstdFrames};
 
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 128;
@@ -384,11 +389,6 @@ pub struct SegmentBuilder {
     raw_size: u64,
 }
 
-enum BodyWriter {
-    Plain(Vec<u8>),
-    Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
-}
-
 impl std::fmt::Debug for SegmentBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SegmentBuilder")
@@ -429,11 +429,7 @@ impl SegmentBuilder {
         let out = vec![0u8; HEADER_LEN];
         let body = match compression {
             Compression::None => BodyWriter::Plain(out),
-            Compression::Zstd => {
-                let mut enc = zstd::stream::write::Encoder::new(out, zstd_level)?;
-                enc.include_checksum(true)?;
-                BodyWriter::Zstd(enc)
-            }
+            Compression::Zstd => BodyWriter::Zstd(ZstdFrames::new(out, zstd_level)?),
         };
         Ok(SegmentBuilder {
             compression,
@@ -441,6 +437,16 @@ impl SegmentBuilder {
             summary: Summary::default(),
             raw_size: 0,
         })
+    }
+
+    /// Compresses the body's frames on the process's compression threads (one per core),
+    /// several at once, while records keep arriving; without it, on the thread that adds
+    /// the records. The bytes are the same either way.
+    pub fn in_parallel(mut self) -> SegmentBuilder {
+        if let BodyWriter::Zstd(z) = &mut self.body {
+            z.in_parallel();
+        }
+        self
     }
 
     /// Adds a record. It must continue the previous one exactly (FORMAT.md §6.2).
@@ -455,10 +461,8 @@ impl SegmentBuilder {
             key: key.to_owned(),
             source,
         };
-        match &mut self.body {
-            BodyWriter::Plain(v) => r.write_frame(v).map_err(io)?,
-            BodyWriter::Zstd(e) => r.write_frame(e).map_err(io)?,
-        }
+        r.write_frame(self.body.raw()).map_err(io)?;
+        self.body.record_written().map_err(io)?;
         self.summary = next;
         self.raw_size += 8 + r.payload_len() as u64;
         Ok(())
@@ -494,13 +498,10 @@ impl SegmentBuilder {
                     .to_owned(),
             });
         }
-        let mut bytes = match self.body {
-            BodyWriter::Plain(v) => v,
-            BodyWriter::Zstd(e) => e.finish().map_err(|source| SegmentError::Io {
-                key: key.to_owned(),
-                source,
-            })?,
-        };
+        let mut bytes = self.body.finish().map_err(|source| SegmentError::Io {
+            key: key.to_owned(),
+            source,
+        })?;
         let s = &self.summary;
         let header = SegmentHeader {
             compression: self.compression,
@@ -907,6 +908,57 @@ mod tests {
             assert_eq!(seg.key(), "wal/0000000000000064.seg");
             assert_eq!(seg.entry().stored_size, seg.bytes.len() as u64);
             assert_eq!(seg.sha256, crate::checksum::sha256_hex(&seg.bytes));
+        }
+    }
+
+    /// The raw length of each zstd frame of a segment's body.
+    fn frame_sizes(seg: &EncodedSegment) -> Vec<u64> {
+        let mut rest = &seg.bytes[HEADER_LEN..seg.bytes.len() - TRAILER_LEN];
+        let mut sizes = Vec::new();
+        while !rest.is_empty() {
+            let n = zstd::zstd_safe::find_frame_compressed_size(rest).unwrap();
+            sizes.push(
+                zstd::zstd_safe::get_frame_content_size(&rest[..n])
+                    .unwrap()
+                    .unwrap(),
+            );
+            rest = &rest[n..];
+        }
+        sizes
+    }
+
+    #[test]
+    fn a_long_stream_is_cut_into_frames_compressed_alike_on_any_thread() {
+        // About 6 MiB of records, one of them larger than a job of frames.
+        let mut shape = vec![(1, 40_000); 60];
+        shape.push((2, 5 * ZSTD_FRAME_RAW + 10));
+        shape.extend(vec![(1, 3000); 700]);
+        let recs = records(1, &shape);
+        let here = encode(&recs, Compression::Zstd);
+        let mut b = SegmentBuilder::new(Compression::Zstd, 3)
+            .unwrap()
+            .in_parallel();
+        for r in &recs {
+            b.push(r).unwrap();
+        }
+        let elsewhere = b.finish().unwrap();
+        assert!(elsewhere.bytes == here.bytes, "same bytes on any thread");
+        let sizes = frame_sizes(&here);
+        assert!(sizes.len() >= 20, "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<u64>(), here.header.raw_size);
+        let (last, whole) = sizes.split_last().unwrap();
+        assert!(
+            whole.iter().all(|&n| n == ZSTD_FRAME_RAW as u64),
+            "{sizes:?}"
+        );
+        assert!(*last <= ZSTD_FRAME_RAW as u64, "{sizes:?}");
+        let (_, back) = decode_all("wal/x.seg", &here.bytes).unwrap();
+        assert_eq!(back, recs);
+        // A byte changed anywhere in any frame is refused.
+        for at in (HEADER_LEN..here.bytes.len() - TRAILER_LEN).step_by(99_991) {
+            let mut bad = here.bytes.to_vec();
+            bad[at] ^= 0x10;
+            assert!(decode_all("wal/x.seg", &bad).is_err(), "byte {at} changed");
         }
     }
 

@@ -1,0 +1,205 @@
+//! The writing side of a segment's body (FORMAT.md §6.2): the record stream, stored as is or
+//! cut into pieces of [`ZSTD_FRAME_RAW`] bytes, each compressed as a zstd frame of its own.
+//!
+//! Independent frames are what lets a writer compress in parallel, and a small frame is
+//! handed to zstd whole, as one buffer: at level 3 on the archiver's WAL, 256 KiB frames
+//! compress about 2.5 times as fast as a streaming encoder fed record by record, and 1.5
+//! times as fast as 1 MiB frames (whose match tables no longer fit the CPU's cache), for
+//! 0.2 % more bytes. Frames are compressed [`FRAMES_PER_JOB`] at a time; in parallel, jobs
+//! run on rayon's global pool (one thread per core, shared by every segment of the process)
+//! while records keep arriving, and their frames are appended in the stream's order whatever
+//! order they end in. (On tokio's blocking pool instead, jobs spread over a dozen threads
+//! whose allocator arenas each kept several MiB: the archiver's peak RSS grew by 50 MiB.)
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+use std::sync::mpsc;
+
+/// Bytes of the raw record stream per zstd frame (the last frame of a segment may be
+/// shorter). A frame's end has nothing to do with the records': one may straddle two.
+pub const ZSTD_FRAME_RAW: usize = 256 << 10;
+
+/// Frames compressed by one job (on one thread, one after the other).
+const FRAMES_PER_JOB: usize = 4;
+
+/// Jobs running on other threads and not yet appended, at most: bounds the memory held by
+/// the stream in flight to a few MiB, and keeps the threads busy on two cores.
+const JOBS_IN_FLIGHT: usize = 3;
+
+/// Where a segment's body is written.
+pub(super) enum BodyWriter {
+    Plain(Vec<u8>),
+    Zstd(ZstdFrames),
+}
+
+impl BodyWriter {
+    /// The stream written so far, for a record's frame to be appended to.
+    pub(super) fn raw(&mut self) -> &mut Vec<u8> {
+        match self {
+            BodyWriter::Plain(v) => v,
+            BodyWriter::Zstd(z) => &mut z.piece,
+        }
+    }
+
+    /// Called after each record: compresses the piece once it is large enough.
+    pub(super) fn record_written(&mut self) -> io::Result<()> {
+        match self {
+            BodyWriter::Plain(_) => Ok(()),
+            BodyWriter::Zstd(z) => z.piece_written(),
+        }
+    }
+
+    /// The whole object so far (the room left for the header, then the body).
+    pub(super) fn finish(self) -> io::Result<Vec<u8>> {
+        match self {
+            BodyWriter::Plain(v) => Ok(v),
+            BodyWriter::Zstd(z) => z.finish(),
+        }
+    }
+}
+
+/// A body compressed as a sequence of zstd frames.
+pub(super) struct ZstdFrames {
+    level: i32,
+    /// The object: room for the header, then every frame appended so far.
+    out: Vec<u8>,
+    /// Raw stream not compressed yet.
+    piece: Vec<u8>,
+    /// Jobs running elsewhere, oldest first.
+    in_flight: VecDeque<mpsc::Receiver<io::Result<Vec<u8>>>>,
+    parallel: bool,
+}
+
+impl ZstdFrames {
+    /// Frames compressed at `level` after `out` (the header's room). Checks the level now,
+    /// so a bad one fails before any record is taken.
+    pub(super) fn new(out: Vec<u8>, level: i32) -> io::Result<ZstdFrames> {
+        with_compressor(level, |_| Ok(()))?;
+        Ok(ZstdFrames {
+            level,
+            out,
+            piece: Vec::new(),
+            in_flight: VecDeque::new(),
+            parallel: false,
+        })
+    }
+
+    /// Compresses full pieces on rayon's pool.
+    pub(super) fn in_parallel(&mut self) {
+        self.parallel = true;
+    }
+
+    /// Once a job's worth of frames is written, hands the whole frames to a job; the rest
+    /// (part of a frame) stays for the next one.
+    fn piece_written(&mut self) -> io::Result<()> {
+        const JOB_RAW: usize = ZSTD_FRAME_RAW * FRAMES_PER_JOB;
+        if self.piece.len() < JOB_RAW {
+            return Ok(());
+        }
+        let whole = self.piece.len() / ZSTD_FRAME_RAW * ZSTD_FRAME_RAW;
+        let mut next = Vec::with_capacity(JOB_RAW + ZSTD_FRAME_RAW);
+        next.extend_from_slice(&self.piece[whole..]);
+        self.piece.truncate(whole);
+        let raw = std::mem::replace(&mut self.piece, next);
+        // The output is set aside here too: all large buffers come from this thread's
+        // allocator arena, so that the worker threads' arenas do not grow with them.
+        let out = Vec::with_capacity(frames_bound(whole));
+        if !self.parallel {
+            return self.append(compress_frames(self.level, &raw, out));
+        }
+        let (tx, rx) = mpsc::sync_channel(1);
+        let level = self.level;
+        rayon::spawn(move || {
+            // The receiver is gone only when the segment was dropped unfinished.
+            let _ = tx.send(compress_frames(level, &raw, out));
+        });
+        self.in_flight.push_back(rx);
+        self.append_done()
+    }
+
+    /// Appends the frames of the jobs that ended, in order; waits for the oldest while more
+    /// than [`JOBS_IN_FLIGHT`] run.
+    fn append_done(&mut self) -> io::Result<()> {
+        while let Some(rx) = self.in_flight.front() {
+            let frames = if self.in_flight.len() > JOBS_IN_FLIGHT {
+                rx.recv().map_err(|_| stopped())?
+            } else {
+                match rx.try_recv() {
+                    Ok(frames) => frames,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return Err(stopped()),
+                }
+            };
+            self.in_flight.pop_front();
+            self.append(frames)?;
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, frames: io::Result<Vec<u8>>) -> io::Result<()> {
+        self.out.extend_from_slice(&frames?);
+        Ok(())
+    }
+
+    fn finish(mut self) -> io::Result<Vec<u8>> {
+        // The last piece is compressed here while the threads end theirs.
+        let last = (!self.piece.is_empty()).then(|| {
+            let out = Vec::with_capacity(frames_bound(self.piece.len()));
+            compress_frames(self.level, &self.piece, out)
+        });
+        while let Some(rx) = self.in_flight.pop_front() {
+            self.append(rx.recv().map_err(|_| stopped())?)?;
+        }
+        if let Some(frames) = last {
+            self.append(frames)?;
+        }
+        Ok(self.out)
+    }
+}
+
+fn stopped() -> io::Error {
+    io::Error::other("a compression thread stopped before returning its frame")
+}
+
+thread_local! {
+    /// One compression context per thread, kept from frame to frame: setting one up costs
+    /// more than compressing a small frame.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { RefCell::new(None) };
+}
+
+fn with_compressor<T>(
+    level: i32,
+    f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> io::Result<T>,
+) -> io::Result<T> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            let mut c = zstd::bulk::Compressor::new(level)?;
+            c.include_checksum(true)?;
+            *slot = Some((level, c));
+        }
+        let (_, c) = slot.as_mut().expect("set above");
+        f(c)
+    })
+}
+
+/// The most bytes `raw_len` bytes of stream take as frames.
+fn frames_bound(raw_len: usize) -> usize {
+    raw_len.div_ceil(ZSTD_FRAME_RAW) * zstd::zstd_safe::compress_bound(ZSTD_FRAME_RAW)
+}
+
+/// `raw` cut into frames of [`ZSTD_FRAME_RAW`] bytes, each compressed with its content
+/// checksum, appended to `out`.
+fn compress_frames(level: i32, raw: &[u8], mut out: Vec<u8>) -> io::Result<Vec<u8>> {
+    with_compressor(level, |c| {
+        for frame in raw.chunks(ZSTD_FRAME_RAW) {
+            let start = out.len();
+            out.resize(start + zstd::zstd_safe::compress_bound(frame.len()), 0);
+            let n = c.compress_to_buffer(frame, &mut out[start..])?;
+            out.truncate(start + n);
+        }
+        Ok(out)
+    })
+}
