@@ -192,14 +192,16 @@ fn frames_bound(raw_len: usize) -> usize {
 
 /// `raw` cut into frames of [`ZSTD_FRAME_RAW`] bytes, each compressed with its content
 /// checksum, appended to `out`.
-fn compress_frames(level: i32, raw: &[u8], mut out: Vec<u8>) -> io::Result<Vec<u8>> {
+fn compress_frames(level: i32, raw: &[u8], out: Vec<u8>) -> io::Result<Vec<u8>> {
     with_compressor(level, |c| {
+        // Each frame goes after the last, into the room set aside (never zeroed first).
+        let mut out = io::Cursor::new(out);
         for frame in raw.chunks(ZSTD_FRAME_RAW) {
-            let start = out.len();
-            out.resize(start + zstd::zstd_safe::compress_bound(frame.len()), 0);
-            let n = c.compress_to_buffer(frame, &mut out[start..])?;
-            out.truncate(start + n);
+            out.get_mut()
+                .reserve(zstd::zstd_safe::compress_bound(frame.len()));
+            let n = c.compress_to_buffer(frame, &mut out)?;
+            out.set_position(out.position() + n as u64);
         }
-        Ok(out)
+        Ok(out.into_inner())
     })
 }
