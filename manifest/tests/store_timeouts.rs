@@ -298,6 +298,32 @@ async fn a_download_that_stops_mid_body_fails_within_seconds() {
 }
 
 #[tokio::test]
+async fn a_download_dropped_half_way_leaves_no_temporary_file() {
+    // 64 KiB in 1 KiB pieces, 100 ms apart: the temporary file exists long before the end.
+    let store =
+        store_at(body_server(64 * 1024, 1024, Duration::from_millis(100), usize::MAX).await);
+    let key = "segments/000006.seg";
+    let scratch = tempfile::tempdir().unwrap();
+    let dest = scratch.path().join("downloaded");
+    let download = store.get_to_file(key, &dest);
+    let started = async {
+        while leftovers(scratch.path()) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        r = download => panic!("the download ended before it was dropped: {r:?}"),
+        _ = tokio::time::timeout(GUARD, started) => {}
+    }
+    assert!(!dest.exists());
+    assert_eq!(
+        leftovers(scratch.path()),
+        0,
+        "the temporary file of the dropped download was left behind"
+    );
+}
+
+#[tokio::test]
 async fn a_slow_but_steady_download_is_not_cut_off() {
     // 24 KiB in 1 KiB pieces, 150 ms apart: about 3.5 s in all, several times the 1 s
     // request timeout, but never silent for long.

@@ -30,7 +30,7 @@ use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -42,7 +42,7 @@ use hmac::Mac as _;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::local::local_temp_path;
+use super::local::{TempFile, local_temp_path};
 use super::{ETag, FileDigest, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult};
 use crate::checksum::Hasher;
 
@@ -1123,14 +1123,6 @@ impl CryptStore {
 }
 
 /// Removes a temporary file when dropped.
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
-}
-
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f)
         .await

@@ -881,6 +881,17 @@ pub(crate) fn write_local_file(
 }
 
 /// The directory of `dest` and a fresh temporary name in it.
+/// A temporary file removed when this is dropped: on an error, and when the future writing
+/// it is dropped half-way (a download stopped by its caller leaves nothing behind). Once the
+/// file was renamed into place, the removal finds nothing.
+pub(crate) struct TempFile(pub(crate) PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 pub(crate) fn local_temp_path(dest: &Path) -> io::Result<(PathBuf, PathBuf)> {
     let name = dest.file_name().ok_or_else(|| {
         io::Error::new(

@@ -1092,17 +1092,14 @@ impl S3Store {
         let op = StoreOp::GetToFile;
         let (_, tmp) =
             super::local::local_temp_path(path).map_err(|e| Self::local_error(op, key, path, e))?;
+        let tmp = super::local::TempFile(tmp);
         let out = self.get_object(op, key, None).await?;
         let landing = Landing {
             max_len,
             hasher,
             uncached,
         };
-        let result = self.download_to(key, path, &tmp, out, landing).await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
-        result
+        self.download_to(key, path, &tmp.0, out, landing).await
     }
 
     async fn download_to(
