@@ -24,6 +24,11 @@ use crate::prune::PruneError;
 /// 2 s while the store fails, so a shorter one expires on a single slow store call.
 pub const MIN_LEASE_TTL: Duration = Duration::from_secs(10);
 
+/// The bounds of `max_segment_bytes`: below, every few records make an object; above, the
+/// three segments held at once (FORMAT.md §4.5 uploads them one at a time) would take
+/// gigabytes of memory.
+pub const SEGMENT_BYTES: std::ops::RangeInclusive<u64> = (64 << 10)..=(1 << 30);
+
 /// A setting that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{key} = \"{value}\" {problem}")]
@@ -90,6 +95,18 @@ pub fn check_options(o: &ArchiverOptions) -> Result<(), InvalidSetting> {
         check(key, value, Bound::Positive)?;
     }
     check("lease_ttl", o.lease_ttl, Bound::AtLeast(MIN_LEASE_TTL))?;
+    if !SEGMENT_BYTES.contains(&o.max_segment_bytes) {
+        return Err(InvalidSetting {
+            key: "max_segment_bytes".to_owned(),
+            value: o.max_segment_bytes.to_string(),
+            problem: format!(
+                "is out of range: give {} to {} bytes (the default, 32 MiB, suits most \
+                 databases; the archiver holds up to three segments in memory)",
+                SEGMENT_BYTES.start(),
+                SEGMENT_BYTES.end()
+            ),
+        });
+    }
     check_replay(o)?;
     let Some(r) = &o.retention else {
         return Ok(());
@@ -451,6 +468,34 @@ mod tests {
         });
         assert!(msg.starts_with("retention.grace = \"0s\""), "{msg}");
         assert!(msg.contains("restore under way"), "{msg}");
+    }
+
+    #[test]
+    fn segment_sizes_outside_64_kib_to_1_gib_are_refused() {
+        for (bytes, ok) in [
+            (0, false),
+            ((64 << 10) - 1, false),
+            (64 << 10, true),
+            (1 << 30, true),
+            ((1 << 30) + 1, false),
+            (u64::MAX, false),
+        ] {
+            let o = ArchiverOptions {
+                max_segment_bytes: bytes,
+                ..ArchiverOptions::default()
+            };
+            match check_options(&o) {
+                Ok(()) => assert!(ok, "{bytes} passed"),
+                Err(e) => {
+                    assert!(!ok, "{bytes} refused: {e}");
+                    let msg = e.to_string();
+                    assert!(
+                        msg.starts_with(&format!("max_segment_bytes = \"{bytes}\" is out of range: give 65536 to 1073741824 bytes")),
+                        "{msg}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
