@@ -90,10 +90,16 @@ impl Shipper {
     /// Adds a record to the open segment (opening one if needed).
     pub fn push(&mut self, r: &Record) -> Result<(), ShipError> {
         if self.open.is_none() {
-            // Full frames are compressed on other threads while the WAL is read on.
-            let builder = SegmentBuilder::new(Compression::Zstd, self.opts.zstd_level)
+            // Full frames are compressed on other threads while the WAL is read on; the
+            // object is built in the buffer of the last segment uploaded, with room for a
+            // full segment set aside (not touched) so that it never copies itself to grow.
+            let mut builder = SegmentBuilder::new(Compression::Zstd, self.opts.zstd_level)
                 .map_err(ShipError::Encoder)?
                 .in_parallel();
+            if let Some(buffer) = self.uploads.take_spare() {
+                builder = builder.reusing(buffer);
+            }
+            let builder = builder.with_room_for(self.opts.max_segment_bytes);
             self.open = Some((builder, Instant::now()));
             self.open_first_time_us = r.time_us;
         }

@@ -40,6 +40,8 @@ pub struct Uploader {
     ended: Option<Result<Duration, RepoError>>,
     /// The upload of `held[0]` failed: it starts again only on [`Uploader::retry`].
     failed: bool,
+    /// The buffer of the last segment made durable, for the next segment to be built in.
+    spare: Option<Vec<u8>>,
 }
 
 impl Uploader {
@@ -51,7 +53,15 @@ impl Uploader {
             running: None,
             ended: None,
             failed: false,
+            spare: None,
         }
+    }
+
+    /// The buffer of the last segment made durable, if nothing else holds it: the next
+    /// segment is built in it ([`tidemark_manifest::segment::SegmentBuilder::reusing`]),
+    /// so a segment's memory is not taken from the system afresh every few MiB.
+    pub fn take_spare(&mut self) -> Option<Vec<u8>> {
+        self.spare.take()
     }
 
     /// How many closed segments are held (uploading or waiting).
@@ -144,10 +154,9 @@ impl Uploader {
                     .pop_front()
                     .expect("an ended upload is of a held segment");
                 self.start();
-                Ok(Some(Uploaded {
-                    entry: seg.entry(),
-                    took,
-                }))
+                let entry = seg.entry();
+                self.spare = seg.into_buffer();
+                Ok(Some(Uploaded { entry, took }))
             }
             Err(e) => {
                 self.failed = true;
@@ -176,5 +185,42 @@ impl Drop for Uploader {
         if let Some(task) = self.running.take() {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tidemark_manifest::store::{LocalStore, MemoryStore, ObjectStore};
+    use tidemark_manifest::testing::{config, encoded_segment};
+
+    async fn uploader(store: Arc<dyn ObjectStore>) -> Uploader {
+        let repo = Repository::new(store);
+        repo.create_config(&config()).await.unwrap();
+        Uploader::new(repo)
+    }
+
+    #[tokio::test]
+    async fn a_durable_segment_leaves_its_buffer_for_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut up = uploader(Arc::new(LocalStore::open(dir.path()).unwrap())).await;
+        let seg = encoded_segment(1, 50);
+        let at = seg.bytes.as_ptr();
+        up.push(seg);
+        assert!(up.take_spare().is_none(), "not before it is durable");
+        up.next_durable().await.unwrap().expect("durable");
+        let spare = up.take_spare().expect("the uploaded segment's buffer");
+        assert_eq!(spare.as_ptr(), at, "the same memory, not a copy");
+        assert!(up.take_spare().is_none(), "taken once");
+    }
+
+    #[tokio::test]
+    async fn a_buffer_the_store_still_holds_is_not_taken() {
+        // The in-memory store keeps the bytes it was given.
+        let mut up = uploader(Arc::new(MemoryStore::new())).await;
+        up.push(encoded_segment(1, 50));
+        up.next_durable().await.unwrap().expect("durable");
+        assert!(up.take_spare().is_none());
     }
 }

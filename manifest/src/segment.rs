@@ -415,6 +415,12 @@ impl EncodedSegment {
         crate::keys::segment_key(self.header.first_seq)
     }
 
+    /// The object's buffer, for [`SegmentBuilder::reusing`], when nothing else holds the
+    /// bytes any more.
+    pub fn into_buffer(self) -> Option<Vec<u8>> {
+        self.bytes.try_into_mut().ok().map(Vec::from)
+    }
+
     /// The index entry for this segment.
     pub fn entry(&self) -> SegmentEntry {
         self.header.entry(&self.key(), Some(self.sha256.clone()))
@@ -446,6 +452,31 @@ impl SegmentBuilder {
         if let BodyWriter::Zstd(z) = &mut self.body {
             z.in_parallel();
         }
+        self
+    }
+
+    /// Builds the object in `buffer` (emptied first): the bytes of a segment uploaded
+    /// before ([`EncodedSegment::into_buffer`]), whose memory is then used again instead of
+    /// fresh pages for every segment. Only before the first record.
+    pub fn reusing(mut self, mut buffer: Vec<u8>) -> SegmentBuilder {
+        assert_eq!(
+            self.raw_size, 0,
+            "a buffer is given before the first record"
+        );
+        buffer.clear();
+        buffer.resize(HEADER_LEN, 0);
+        *self.body.object() = buffer;
+        self
+    }
+
+    /// Sets aside room for a segment of `raw_len` bytes of records (and its trailer) at
+    /// once. Room not written to costs no memory (a large allocation is mapped, not touched),
+    /// and the segment never copies itself to grow up to that size. At most 1 GiB is set
+    /// aside ahead; beyond, the buffer grows as it must.
+    pub fn with_room_for(mut self, raw_len: u64) -> SegmentBuilder {
+        const MOST: u64 = 1 << 30;
+        let raw_len = usize::try_from(raw_len.min(MOST)).expect("1 GiB fits a usize");
+        self.body.reserve(raw_len + TRAILER_LEN);
         self
     }
 
@@ -960,6 +991,32 @@ mod tests {
             bad[at] ^= 0x10;
             assert!(decode_all("wal/x.seg", &bad).is_err(), "byte {at} changed");
         }
+    }
+
+    #[test]
+    fn a_segment_is_built_in_the_buffer_of_one_no_longer_held() {
+        let mut b = SegmentBuilder::new(Compression::Zstd, 3)
+            .unwrap()
+            .with_room_for(1 << 20);
+        for r in &records(100, &[(3, 10), (1, 70_000), (5, 1)]) {
+            b.push(r).unwrap();
+        }
+        let first = b.finish().unwrap();
+        let buffer = first.clone().into_buffer();
+        assert!(buffer.is_none(), "a clone still holds the bytes");
+        let buffer = first.into_buffer().expect("nothing else holds them");
+        let at = buffer.as_ptr();
+        let next = records(200, &[(2, 5), (1, 30_000)]);
+        let mut b = SegmentBuilder::new(Compression::Zstd, 3)
+            .unwrap()
+            .reusing(buffer)
+            .with_room_for(1 << 20);
+        for r in &next {
+            b.push(r).unwrap();
+        }
+        let seg = b.finish().unwrap();
+        assert_eq!(seg.bytes.as_ptr(), at, "built in the buffer given");
+        assert!(seg.bytes == encode(&next, Compression::Zstd).bytes);
     }
 
     #[test]

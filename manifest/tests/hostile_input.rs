@@ -201,7 +201,8 @@ fn segment_seed(zstd: bool, big: bool) -> Vec<u8> {
     let mut b = SegmentBuilder::new(compression, 3).unwrap();
     let mut seq = 1000;
     for i in 0..4 {
-        let data = batch(seq, 1 + i, if big { 3000 } else { 10 });
+        // Big: about 300 KB of records, so that a zstd body holds two frames.
+        let data = batch(seq, 1 + i, if big { 30_000 } else { 10 });
         let count = BatchHeader::parse(&data).unwrap().count;
         b.push(&Record {
             seq,

@@ -34,6 +34,23 @@ pub(super) enum BodyWriter {
 }
 
 impl BodyWriter {
+    /// Room for `raw_len` bytes of stream, set aside at once: a buffer that grows by
+    /// doubling copies itself and leaves holes in the allocator's heap.
+    pub(super) fn reserve(&mut self, raw_len: usize) {
+        match self {
+            BodyWriter::Plain(v) => v.reserve(raw_len),
+            BodyWriter::Zstd(z) => z.reserve(raw_len),
+        }
+    }
+
+    /// The buffer the object is built in.
+    pub(super) fn object(&mut self) -> &mut Vec<u8> {
+        match self {
+            BodyWriter::Plain(v) => v,
+            BodyWriter::Zstd(z) => &mut z.out,
+        }
+    }
+
     /// The stream written so far, for a record's frame to be appended to.
     pub(super) fn raw(&mut self) -> &mut Vec<u8> {
         match self {
@@ -67,8 +84,17 @@ pub(super) struct ZstdFrames {
     /// Raw stream not compressed yet.
     piece: Vec<u8>,
     /// Jobs running elsewhere, oldest first.
-    in_flight: VecDeque<mpsc::Receiver<io::Result<Vec<u8>>>>,
+    in_flight: VecDeque<mpsc::Receiver<io::Result<Job>>>,
+    /// Buffers of ended jobs, for the next ones: a segment's jobs take a few buffers from
+    /// the allocator, not two per MiB of stream.
+    spare: Vec<Vec<u8>>,
     parallel: bool,
+}
+
+/// Whole frames of raw stream, and the room their compressed frames go to.
+struct Job {
+    raw: Vec<u8>,
+    frames: Vec<u8>,
 }
 
 impl ZstdFrames {
@@ -81,6 +107,7 @@ impl ZstdFrames {
             out,
             piece: Vec::new(),
             in_flight: VecDeque::new(),
+            spare: Vec::new(),
             parallel: false,
         })
     }
@@ -88,6 +115,11 @@ impl ZstdFrames {
     /// Compresses full pieces on rayon's pool.
     pub(super) fn in_parallel(&mut self) {
         self.parallel = true;
+    }
+
+    /// Room for the frames of `raw_len` bytes of stream.
+    pub(super) fn reserve(&mut self, raw_len: usize) {
+        self.out.reserve(frames_bound(raw_len));
     }
 
     /// Once a job's worth of frames is written, hands the whole frames to a job; the rest
@@ -98,61 +130,74 @@ impl ZstdFrames {
             return Ok(());
         }
         let whole = self.piece.len() / ZSTD_FRAME_RAW * ZSTD_FRAME_RAW;
-        let mut next = Vec::with_capacity(JOB_RAW + ZSTD_FRAME_RAW);
+        let mut next = self.buffer(JOB_RAW + ZSTD_FRAME_RAW);
         next.extend_from_slice(&self.piece[whole..]);
         self.piece.truncate(whole);
-        let raw = std::mem::replace(&mut self.piece, next);
-        // The output is set aside here too: all large buffers come from this thread's
-        // allocator arena, so that the worker threads' arenas do not grow with them.
-        let out = Vec::with_capacity(frames_bound(whole));
+        let job = Job {
+            raw: std::mem::replace(&mut self.piece, next),
+            frames: self.buffer(frames_bound(whole)),
+        };
         if !self.parallel {
-            return self.append(compress_frames(self.level, &raw, out));
+            return self.append(compress_frames(self.level, job));
         }
         let (tx, rx) = mpsc::sync_channel(1);
         let level = self.level;
         rayon::spawn(move || {
             // The receiver is gone only when the segment was dropped unfinished.
-            let _ = tx.send(compress_frames(level, &raw, out));
+            let _ = tx.send(compress_frames(level, job));
         });
         self.in_flight.push_back(rx);
         self.append_done()
+    }
+
+    /// An empty buffer with room for `len` bytes: a spare one if there is one.
+    fn buffer(&mut self, len: usize) -> Vec<u8> {
+        let mut b = self.spare.pop().unwrap_or_default();
+        b.clear();
+        b.reserve(len);
+        b
     }
 
     /// Appends the frames of the jobs that ended, in order; waits for the oldest while more
     /// than [`JOBS_IN_FLIGHT`] run.
     fn append_done(&mut self) -> io::Result<()> {
         while let Some(rx) = self.in_flight.front() {
-            let frames = if self.in_flight.len() > JOBS_IN_FLIGHT {
+            let job = if self.in_flight.len() > JOBS_IN_FLIGHT {
                 rx.recv().map_err(|_| stopped())?
             } else {
                 match rx.try_recv() {
-                    Ok(frames) => frames,
+                    Ok(job) => job,
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => return Err(stopped()),
                 }
             };
             self.in_flight.pop_front();
-            self.append(frames)?;
+            self.append(job)?;
         }
         Ok(())
     }
 
-    fn append(&mut self, frames: io::Result<Vec<u8>>) -> io::Result<()> {
-        self.out.extend_from_slice(&frames?);
+    fn append(&mut self, job: io::Result<Job>) -> io::Result<()> {
+        let job = job?;
+        self.out.extend_from_slice(&job.frames);
+        self.spare.extend([job.raw, job.frames]);
         Ok(())
     }
 
     fn finish(mut self) -> io::Result<Vec<u8>> {
         // The last piece is compressed here while the threads end theirs.
         let last = (!self.piece.is_empty()).then(|| {
-            let out = Vec::with_capacity(frames_bound(self.piece.len()));
-            compress_frames(self.level, &self.piece, out)
+            let job = Job {
+                frames: self.buffer(frames_bound(self.piece.len())),
+                raw: std::mem::take(&mut self.piece),
+            };
+            compress_frames(self.level, job)
         });
         while let Some(rx) = self.in_flight.pop_front() {
             self.append(rx.recv().map_err(|_| stopped())?)?;
         }
-        if let Some(frames) = last {
-            self.append(frames)?;
+        if let Some(job) = last {
+            self.append(job)?;
         }
         Ok(self.out)
     }
@@ -190,18 +235,22 @@ fn frames_bound(raw_len: usize) -> usize {
     raw_len.div_ceil(ZSTD_FRAME_RAW) * zstd::zstd_safe::compress_bound(ZSTD_FRAME_RAW)
 }
 
-/// `raw` cut into frames of [`ZSTD_FRAME_RAW`] bytes, each compressed with its content
-/// checksum, appended to `out`.
-fn compress_frames(level: i32, raw: &[u8], out: Vec<u8>) -> io::Result<Vec<u8>> {
+/// The job's raw stream cut into frames of [`ZSTD_FRAME_RAW`] bytes, each compressed with
+/// its content checksum, appended to its `frames`.
+fn compress_frames(level: i32, job: Job) -> io::Result<Job> {
+    let Job { raw, frames } = job;
     with_compressor(level, |c| {
         // Each frame goes after the last, into the room set aside (never zeroed first).
-        let mut out = io::Cursor::new(out);
+        let mut out = io::Cursor::new(frames);
         for frame in raw.chunks(ZSTD_FRAME_RAW) {
             out.get_mut()
                 .reserve(zstd::zstd_safe::compress_bound(frame.len()));
             let n = c.compress_to_buffer(frame, &mut out)?;
             out.set_position(out.position() + n as u64);
         }
-        Ok(out.into_inner())
+        Ok(Job {
+            raw,
+            frames: out.into_inner(),
+        })
     })
 }
