@@ -2,7 +2,7 @@
 //! cut into pieces of [`ZSTD_FRAME_RAW`] bytes, each compressed as a zstd frame of its own.
 //!
 //! Independent frames are what lets a writer compress in parallel, and a small frame is
-//! handed to zstd whole, as one buffer: at level 3 on the archiver's WAL, 256 KiB frames
+//! handed to zstd whole, as one buffer: at level 3 on the benchmark's WAL, 256 KiB frames
 //! compress about 2.5 times as fast as a streaming encoder fed record by record, and 1.5
 //! times as fast as 1 MiB frames (whose match tables no longer fit the CPU's cache), for
 //! 0.2 % more bytes. Frames are compressed [`FRAMES_PER_JOB`] at a time; in parallel, jobs
