@@ -47,7 +47,7 @@ use tidemark_manifest::checksum;
 use tidemark_manifest::keys;
 use tidemark_manifest::model::{
     self, BaseColumnFamily, BaseDescriptor, BaseFile, BaseSummary, ColumnFamily, FORMAT_VERSION,
-    ObjectLock,
+    ObjectLock, SegmentEntry,
 };
 use tidemark_manifest::repo::{RepoError, Repository};
 use tidemark_manifest::rocks::DbFile;
@@ -55,6 +55,7 @@ use tidemark_manifest::rocks::log::{LogError, LogReader};
 use tidemark_manifest::rocks::options_file::OptionsFile;
 use tidemark_manifest::rocks::version_edit::{ManifestState, RocksManifestError};
 use tidemark_manifest::rocks::write_batch::{BatchError, BatchHeader};
+use tidemark_manifest::segment::SegmentReader;
 use tidemark_manifest::store::StoreError;
 use time::OffsetDateTime;
 use tracing::Instrument;
@@ -74,9 +75,11 @@ pub struct BaseOptions {
     /// Pause before a new attempt.
     pub retry_delay: Duration,
     /// The time of the record at `earliest_seq`, as the WAL follower observed it. Asked once
-    /// the files are uploaded; when unset, or when it returns `None`, the base's
-    /// `earliest_time` is the time `base.json` is written (the record was in the WAL before
-    /// that, so it is an upper bound of its commit time like any observed time).
+    /// the files are uploaded, then (unless an archived segment holds the record) again
+    /// while the follower catches up, for up to 10 s; when unset, or when it still returns
+    /// `None`, the base's `earliest_time` is the time `base.json` is written (the record was
+    /// in the WAL before that, so it is an upper bound of its commit time like any observed
+    /// time).
     pub earliest_time: Option<ObservedTimeFn>,
     /// A pause between the steps of the copy that tolerate one (after noting the smallest
     /// WAL, after the first pass over the table files, after the MANIFEST copy and the second
@@ -490,11 +493,8 @@ async fn run(
     )
     .await?;
 
-    let earliest_time = opts
-        .earliest_time
-        .as_ref()
-        .and_then(|f| f(copy.earliest_seq))
-        .unwrap_or_else(OffsetDateTime::now_utc);
+    let scratch_dir = scratch.path.join("earliest");
+    let earliest_time = earliest_time(opts, repo, copy.earliest_seq, &scratch_dir).await;
     let earliest_time = micros_precision(earliest_time);
     let descriptor = BaseDescriptor {
         format_version: FORMAT_VERSION,
@@ -556,6 +556,82 @@ async fn run(
         descriptor,
         stats,
     })
+}
+
+/// How long a base waits for the WAL follower to read its earliest record (already in the
+/// WAL when the copy was made; the follower reads promptly while a base runs).
+const EARLIEST_TIME_WAIT: Duration = Duration::from_secs(10);
+
+/// The time of the base's earliest record: as the follower observed it, waiting up to
+/// [`EARLIEST_TIME_WAIT`] for the follower to read that far; or as archived, for a record
+/// an earlier run read; or, failing both, the time now (an upper bound of its commit, like
+/// any observed time: the record was in the WAL before the copy).
+async fn earliest_time(
+    opts: &BaseOptions,
+    repo: &Repository,
+    seq: u64,
+    dir: &Path,
+) -> OffsetDateTime {
+    let Some(observed) = opts.earliest_time.as_ref() else {
+        return OffsetDateTime::now_utc();
+    };
+    if let Some(t) = observed(seq) {
+        return t;
+    }
+    match archived_time(repo, seq, dir).await {
+        Ok(Some(t)) => return t,
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, seq, "cannot read the base's earliest record from the archive")
+        }
+    }
+    let deadline = Instant::now() + EARLIEST_TIME_WAIT;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Some(t) = observed(seq) {
+            return t;
+        }
+    }
+    tracing::warn!(
+        seq,
+        waited = ?EARLIEST_TIME_WAIT,
+        "the WAL follower did not read the base's earliest record in time; its time is \
+         the time now, later than the record's own"
+    );
+    OffsetDateTime::now_utc()
+}
+
+/// The time of the archived record holding `seq`, if a segment holds it: the base's
+/// earliest record when this run's follower never read it, because an earlier run archived
+/// it before a restart (the database had not flushed it yet). Downloads that one segment.
+async fn archived_time(
+    repo: &Repository,
+    seq: u64,
+    dir: &Path,
+) -> Result<Option<OffsetDateTime>, BaseError> {
+    let state = repo.load().await?;
+    let holding = |s: &&SegmentEntry| s.first_seq <= seq && seq <= s.last_seq;
+    let Some(entry) = state.history.segments.iter().find(holding) else {
+        return Ok(None);
+    };
+    fs::create_dir_all(dir).map_err(|e| BaseError::io("creating", dir, e))?;
+    let path = repo.fetch_segment(entry, dir).await?;
+    let key = entry.key.clone();
+    blocking(move || {
+        let file = File::open(&path).map_err(|e| BaseError::io("opening", &path, e))?;
+        let file = io::BufReader::new(file);
+        let mut reader = SegmentReader::new(&key, file, None).map_err(RepoError::from)?;
+        let mut time = None;
+        while let Some(r) = reader.next_record().map_err(RepoError::from)? {
+            if r.seq <= seq && seq < r.next_seq() {
+                time = Some(model::time_from_micros(r.time_us));
+                break;
+            }
+        }
+        let _ = fs::remove_file(&path);
+        Ok(time)
+    })
+    .await
 }
 
 /// Timestamps in repository documents have microsecond precision (FORMAT.md).
@@ -1709,5 +1785,30 @@ mod tests {
         assert_eq!(min_log_number(&state, false), 20);
         state.min_log_number_to_keep = 3;
         assert_eq!(min_log_number(&state, true), 3);
+    }
+
+    #[tokio::test]
+    async fn a_base_waits_for_the_follower_to_read_its_earliest_record() {
+        use std::sync::atomic::AtomicU32;
+        let repo = Repository::new(Arc::new(tidemark_manifest::store::MemoryStore::new()));
+        repo.create_config(&tidemark_manifest::testing::config())
+            .await
+            .unwrap();
+        let written = model::time_from_micros(1_700_000_000_123_456);
+        // The follower reads the record on the fourth look.
+        let looks = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&looks);
+        let observed: ObservedTimeFn = Arc::new(move |seq| {
+            assert_eq!(seq, 77);
+            (counted.fetch_add(1, Ordering::SeqCst) >= 3).then_some(written)
+        });
+        let opts = BaseOptions {
+            earliest_time: Some(observed),
+            ..BaseOptions::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let t = earliest_time(&opts, &repo, 77, &dir.path().join("earliest")).await;
+        assert_eq!(t, written, "the record's time, not the time now");
+        assert_eq!(looks.load(Ordering::SeqCst), 4);
     }
 }

@@ -681,3 +681,68 @@ async fn a_base_is_taken_after_a_reopen_whose_log_number_no_wal_ever_had() -> Re
     );
     Ok(())
 }
+
+/// The time the archive records for the record holding `seq`.
+async fn archived_record_time(repo: &tidemark_manifest::repo::Repository, seq: u64) -> Result<i64> {
+    let state = repo.load().await?;
+    let entry = state
+        .history
+        .segments
+        .iter()
+        .find(|s| s.first_seq <= seq && seq <= s.last_seq)
+        .with_context(|| format!("no segment holds sequence {seq}"))?;
+    let dir = tempfile::tempdir()?;
+    let path = repo.fetch_segment(entry, dir.path()).await?;
+    let (_, records) = tidemark_manifest::segment::decode_all(&entry.key, &std::fs::read(path)?)?;
+    let r = records
+        .iter()
+        .find(|r| r.seq <= seq && seq < r.next_seq())
+        .with_context(|| format!("no record of {} holds sequence {seq}", entry.key))?;
+    Ok(r.time_us)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_base_after_a_restart_has_the_time_its_earliest_record_was_archived_with() -> Result<()> {
+    // Every batch carries its time: a base's earliest_time is exactly its earliest record's.
+    let dir = tempfile::tempdir()?;
+    let db_path = dir.path().join("db");
+    let store = TestStore::local()?;
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    opts.set_wal_ttl_seconds(3600);
+    {
+        let db = rocksdb::DB::open(&opts, &db_path)?;
+        for i in 0..40u32 {
+            let mut b = rocksdb::WriteBatch::default();
+            b.put(format!("k{i}"), b"v");
+            b.put_log_data(tidemark_manifest::rocks::marker::encode(
+                std::time::SystemTime::now(),
+            ));
+            db.write(b)?;
+            std::thread::sleep(Duration::from_millis(3));
+        }
+    }
+    // Two one-shot runs: the second resumes after everything the first archived, and its
+    // base's earliest record is one it never reads itself (the first run archived it).
+    let db = db_path.display().to_string();
+    for run in 1..=2 {
+        let (code, text) = run_archiver(&["backup", "--db", &db, "--to", &store.url], &[])?;
+        ensure!(code == 0, "backup run {run}: {code} {text}");
+    }
+    let repo = store.open().await?;
+    let bases = repo.load().await?.history.bases;
+    ensure!(bases.len() == 2, "{} bases", bases.len());
+    for b in &bases {
+        let archived = archived_record_time(&repo, b.earliest_seq).await?;
+        let recorded = tidemark_manifest::model::micros_from_time(b.earliest_time);
+        ensure!(
+            recorded == archived,
+            "base {}: earliest_time {} µs, but sequence {} was archived with {} µs",
+            b.id,
+            recorded,
+            b.earliest_seq,
+            archived
+        );
+    }
+    Ok(())
+}

@@ -133,7 +133,7 @@ impl Pipeline {
         if let (Some(t), Some(next)) = (min_time, history_start) {
             // A base taken before anything new is read restores to the last archived
             // record: its time is known from the repository, not from this process's reading.
-            times.push(next.saturating_sub(1), t);
+            times.push(next.saturating_sub(1), next, t);
         }
         let newest_base_seq = state.history.bases.iter().map(|b| b.earliest_seq).max();
         let pipeline = Pipeline {
@@ -340,7 +340,7 @@ impl Pipeline {
         self.times
             .lock()
             .expect("times lock")
-            .push(r.next_seq().saturating_sub(1), r.time_us);
+            .push(r.seq, r.next_seq(), r.time_us);
         self.shipper.push(r)?;
         self.summary.records += 1;
         if r.count > 0 {
@@ -566,27 +566,29 @@ impl Pipeline {
     }
 }
 
-/// Recent (last sequence, time) pairs, so that a base backup can learn the observed time of
-/// its earliest restorable sequence.
+/// The sequences and times of the records read recently, so that a base backup can learn
+/// the observed time of its earliest restorable sequence.
 #[derive(Debug, Default)]
 struct RecentTimes {
-    entries: VecDeque<(u64, i64)>,
+    /// (first sequence, next sequence, time) of each record, in order.
+    entries: VecDeque<(u64, u64, i64)>,
 }
 
 impl RecentTimes {
     const KEEP: usize = 200_000;
 
-    fn push(&mut self, last_seq: u64, time_us: i64) {
+    fn push(&mut self, seq: u64, next_seq: u64, time_us: i64) {
         if self.entries.len() == Self::KEEP {
             self.entries.pop_front();
         }
-        self.entries.push_back((last_seq, time_us));
+        self.entries.push_back((seq, next_seq, time_us));
     }
 
-    /// The time of the record holding `seq`.
+    /// The time of the record holding `seq`, if it was read (by this run, and recently).
     fn lookup(&self, seq: u64) -> Option<i64> {
-        let i = self.entries.partition_point(|(last, _)| *last < seq);
-        self.entries.get(i).map(|(_, t)| *t)
+        let i = self.entries.partition_point(|&(_, next, _)| next <= seq);
+        let &(first, _, time) = self.entries.get(i)?;
+        (first <= seq).then_some(time)
     }
 }
 
@@ -1051,12 +1053,19 @@ mod tests {
     #[test]
     fn recent_times_find_the_record_holding_a_sequence() {
         let mut t = RecentTimes::default();
-        t.push(10, 100);
-        t.push(15, 200);
-        t.push(30, 300);
+        t.push(5, 11, 100);
+        t.push(11, 16, 200);
+        t.push(16, 16, 250); // no sequence number of its own
+        t.push(16, 31, 300);
         assert_eq!(t.lookup(5), Some(100));
+        assert_eq!(t.lookup(10), Some(100));
         assert_eq!(t.lookup(11), Some(200));
+        assert_eq!(t.lookup(16), Some(300));
         assert_eq!(t.lookup(30), Some(300));
         assert_eq!(t.lookup(31), None);
+        // Before the first record this run read (archived by an earlier run): unknown here,
+        // not the time of a later record.
+        assert_eq!(t.lookup(4), None);
+        assert_eq!(t.lookup(1), None);
     }
 }
