@@ -387,6 +387,8 @@ pub struct SegmentBuilder {
     body: BodyWriter,
     summary: Summary,
     raw_size: u64,
+    /// Compressing part of the stream failed: frames are missing, nothing more is taken.
+    broken: bool,
 }
 
 impl std::fmt::Debug for SegmentBuilder {
@@ -442,6 +444,7 @@ impl SegmentBuilder {
             body,
             summary: Summary::default(),
             raw_size: 0,
+            broken: false,
         })
     }
 
@@ -492,11 +495,30 @@ impl SegmentBuilder {
             key: key.to_owned(),
             source,
         };
+        self.usable()?;
+        // Nothing is written when this fails (a record too large for its length field).
         r.write_frame(self.body.raw()).map_err(io)?;
-        self.body.record_written().map_err(io)?;
         self.summary = next;
         self.raw_size += 8 + r.payload_len() as u64;
+        if let Err(e) = self.body.record_written() {
+            self.broken = true;
+            return Err(io(e));
+        }
         Ok(())
+    }
+
+    /// An error once compressing part of the stream failed: the segment lacks those bytes.
+    fn usable(&self) -> Result<(), SegmentError> {
+        if !self.broken {
+            return Ok(());
+        }
+        Err(SegmentError::Io {
+            key: "segment being built".to_owned(),
+            source: io::Error::other(
+                "compressing an earlier part of this segment failed; it cannot be continued \
+                 or finished",
+            ),
+        })
     }
 
     /// Records added so far.
@@ -521,6 +543,7 @@ impl SegmentBuilder {
 
     /// Finishes the segment. Fails if it holds no sequence number (FORMAT.md §6.2).
     pub fn finish(self) -> Result<EncodedSegment, SegmentError> {
+        self.usable()?;
         let key = "segment being built";
         if !self.summary.covers_a_sequence() {
             return Err(SegmentError::InvalidRecord {

@@ -25,7 +25,7 @@ const FRAMES_PER_JOB: usize = 4;
 
 /// Jobs running on other threads and not yet appended, at most: bounds the memory held by
 /// the stream in flight to a few MiB, and keeps the threads busy on two cores.
-const JOBS_IN_FLIGHT: usize = 3;
+const JOBS_IN_FLIGHT: usize = 4;
 
 /// Where a segment's body is written.
 pub(super) enum BodyWriter {
@@ -140,14 +140,25 @@ impl ZstdFrames {
         if !self.parallel {
             return self.append(compress_frames(self.level, job));
         }
+        // Room for this job first: at most JOBS_IN_FLIGHT run at once.
+        self.append_done(JOBS_IN_FLIGHT - 1)?;
         let (tx, rx) = mpsc::sync_channel(1);
         let level = self.level;
         rayon::spawn(move || {
+            // A panic in zstd's bindings would abort the process on rayon's thread: it
+            // becomes this segment's error instead.
+            let compressed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                compress_frames(level, job)
+            }))
+            .unwrap_or_else(|_| {
+                forget_compressor();
+                Err(stopped())
+            });
             // The receiver is gone only when the segment was dropped unfinished.
-            let _ = tx.send(compress_frames(level, job));
+            let _ = tx.send(compressed);
         });
         self.in_flight.push_back(rx);
-        self.append_done()
+        self.append_done(JOBS_IN_FLIGHT)
     }
 
     /// An empty buffer with room for `len` bytes: a spare one if there is one.
@@ -159,10 +170,10 @@ impl ZstdFrames {
     }
 
     /// Appends the frames of the jobs that ended, in order; waits for the oldest while more
-    /// than [`JOBS_IN_FLIGHT`] run.
-    fn append_done(&mut self) -> io::Result<()> {
+    /// than `most` run.
+    fn append_done(&mut self, most: usize) -> io::Result<()> {
         while let Some(rx) = self.in_flight.front() {
-            let job = if self.in_flight.len() > JOBS_IN_FLIGHT {
+            let job = if self.in_flight.len() > most {
                 rx.recv().map_err(|_| stopped())?
             } else {
                 match rx.try_recv() {
@@ -204,7 +215,16 @@ impl ZstdFrames {
 }
 
 fn stopped() -> io::Error {
-    io::Error::other("a compression thread stopped before returning its frame")
+    io::Error::other("a compression thread failed before returning its frames")
+}
+
+/// Drops this thread's compression context (after a panic left it in an unknown state).
+fn forget_compressor() {
+    COMPRESSOR.with(|cell| {
+        if let Ok(mut slot) = cell.try_borrow_mut() {
+            slot.take();
+        }
+    });
 }
 
 thread_local! {

@@ -1122,7 +1122,7 @@ impl CryptStore {
     }
 }
 
-/// Removes a temporary file when dropped.
+/// Runs encryption work off the async runtime.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f)
         .await

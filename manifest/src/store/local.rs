@@ -880,7 +880,6 @@ pub(crate) fn write_local_file(
     result
 }
 
-/// The directory of `dest` and a fresh temporary name in it.
 /// A temporary file removed when this is dropped: on an error, and when the future writing
 /// it is dropped half-way (a download stopped by its caller leaves nothing behind). Once the
 /// file was renamed into place, the removal finds nothing.
@@ -892,6 +891,7 @@ impl Drop for TempFile {
     }
 }
 
+/// The directory of `dest` and a fresh temporary name in it.
 pub(crate) fn local_temp_path(dest: &Path) -> io::Result<(PathBuf, PathBuf)> {
     let name = dest.file_name().ok_or_else(|| {
         io::Error::new(
