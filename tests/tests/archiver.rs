@@ -240,6 +240,29 @@ async fn bad_starts_fail_fast_and_say_why() -> Result<()> {
     Ok(())
 }
 
+/// Options for a database a test writes itself: created if missing, its WAL files kept for
+/// an hour (as the archiver requires).
+fn archivable_options() -> rocksdb::Options {
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    opts.set_wal_ttl_seconds(3600);
+    opts
+}
+
+/// `tidemark-archiver backup` with no archiver running: archives the WAL, takes a base, exits.
+fn one_shot_backup(db: &Path, store: &TestStore) -> Result<(i32, String)> {
+    run_archiver(
+        &[
+            "backup",
+            "--db",
+            &db.display().to_string(),
+            "--to",
+            &store.url,
+        ],
+        &[],
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_column_family_change_takes_a_base_and_marks_the_points_before_it() -> Result<()> {
     use tidemark_manifest::model::GapKind;
@@ -248,9 +271,7 @@ async fn a_column_family_change_takes_a_base_and_marks_the_points_before_it() ->
     let dir = tempfile::tempdir()?;
     let db_path = dir.path().join("db");
     let store = TestStore::local()?;
-    let mut opts = rocksdb::Options::default();
-    opts.create_if_missing(true);
-    opts.set_wal_ttl_seconds(3600);
+    let opts = archivable_options();
     let mut db = rocksdb::DB::open(&opts, &db_path)?; // the test owns the database
     for i in 0..200u32 {
         db.put(format!("k{i}"), b"v")?;
@@ -640,9 +661,7 @@ async fn a_base_is_taken_after_a_reopen_whose_log_number_no_wal_ever_had() -> Re
     let dir = tempfile::tempdir()?;
     let db_path = dir.path().join("db");
     let store = TestStore::local()?;
-    let mut opts = rocksdb::Options::default();
-    opts.create_if_missing(true);
-    opts.set_wal_ttl_seconds(3600);
+    let opts = archivable_options();
     {
         // Bulk load with the WAL off, then flush: the WAL stays empty.
         let db = rocksdb::DB::open(&opts, &db_path)?;
@@ -658,16 +677,7 @@ async fn a_base_is_taken_after_a_reopen_whose_log_number_no_wal_ever_had() -> Re
     for i in 0..10u32 {
         db.put(format!("n{i}"), b"v")?;
     }
-    let (code, text) = run_archiver(
-        &[
-            "backup",
-            "--db",
-            &db_path.display().to_string(),
-            "--to",
-            &store.url,
-        ],
-        &[],
-    )?;
+    let (code, text) = one_shot_backup(&db_path, &store)?;
     ensure!(code == 0, "backup after a reopen: {code} {text}");
     let state = store.open().await?.load().await?;
     ensure!(state.history.bases.len() == 1, "{:?}", state.history.bases);
@@ -707,9 +717,7 @@ async fn a_base_after_a_restart_has_the_time_its_earliest_record_was_archived_wi
     let dir = tempfile::tempdir()?;
     let db_path = dir.path().join("db");
     let store = TestStore::local()?;
-    let mut opts = rocksdb::Options::default();
-    opts.create_if_missing(true);
-    opts.set_wal_ttl_seconds(3600);
+    let opts = archivable_options();
     {
         let db = rocksdb::DB::open(&opts, &db_path)?;
         for i in 0..40u32 {
@@ -724,9 +732,8 @@ async fn a_base_after_a_restart_has_the_time_its_earliest_record_was_archived_wi
     }
     // Two one-shot runs: the second resumes after everything the first archived, and its
     // base's earliest record is one it never reads itself (the first run archived it).
-    let db = db_path.display().to_string();
     for run in 1..=2 {
-        let (code, text) = run_archiver(&["backup", "--db", &db, "--to", &store.url], &[])?;
+        let (code, text) = one_shot_backup(&db_path, &store)?;
         ensure!(code == 0, "backup run {run}: {code} {text}");
     }
     let repo = store.open().await?;
