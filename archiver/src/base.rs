@@ -75,11 +75,11 @@ pub struct BaseOptions {
     /// Pause before a new attempt.
     pub retry_delay: Duration,
     /// The time of the record at `earliest_seq`, as the WAL follower observed it. Asked once
-    /// the files are uploaded, then (unless an archived segment holds the record) again
-    /// while the follower catches up, for up to 10 s; when unset, or when it still returns
-    /// `None`, the base's `earliest_time` is the time `base.json` is written (the record was
-    /// in the WAL before that, so it is an upper bound of its commit time like any observed
-    /// time).
+    /// the files are uploaded, then (unless an archived segment holds the record, or the WAL
+    /// does not) again while the follower catches up, for up to 10 s; when unset, or when it
+    /// still returns `None`, the base's `earliest_time` is the time `base.json` is written
+    /// (the record was written before that, so it is an upper bound of its commit time like
+    /// any observed time).
     pub earliest_time: Option<ObservedTimeFn>,
     /// A pause between the steps of the copy that tolerate one (after noting the smallest
     /// WAL, after the first pass over the table files, after the MANIFEST copy and the second
@@ -494,7 +494,14 @@ async fn run(
     .await?;
 
     let scratch_dir = scratch.path.join("earliest");
-    let earliest_time = earliest_time(opts, repo, copy.earliest_seq, &scratch_dir).await;
+    let earliest_time = earliest_time(
+        opts,
+        repo,
+        copy.earliest_seq,
+        copy.earliest_in_wal,
+        &scratch_dir,
+    )
+    .await;
     let earliest_time = micros_precision(earliest_time);
     let descriptor = BaseDescriptor {
         format_version: FORMAT_VERSION,
@@ -562,17 +569,19 @@ async fn run(
 /// WAL when the copy was made; the follower reads promptly while a base runs).
 const EARLIEST_TIME_WAIT: Duration = Duration::from_secs(10);
 
-/// The time of the base's earliest record: as the follower observed it, waiting up to
-/// [`EARLIEST_TIME_WAIT`] for the follower to read that far; or as archived, for a record
-/// an earlier run read; or, failing both, the time now (an upper bound of its commit, like
-/// any observed time: the record was in the WAL before the copy).
+/// The time of the base's earliest record: as the follower observed it; or as archived, for
+/// a record an earlier run read; or, when the record is in the WAL, as the follower observes
+/// it within [`EARLIEST_TIME_WAIT`]; failing all, the time now (an upper bound of its commit,
+/// like any observed time: the record was written before the copy). A database that holds
+/// no record, or whose newest record is only in its table files, has nothing to wait for.
 async fn earliest_time(
     opts: &BaseOptions,
     repo: &Repository,
     seq: u64,
+    in_wal: bool,
     dir: &Path,
 ) -> OffsetDateTime {
-    let Some(observed) = opts.earliest_time.as_ref() else {
+    let Some(observed) = opts.earliest_time.as_ref().filter(|_| seq > 0) else {
         return OffsetDateTime::now_utc();
     };
     if let Some(t) = observed(seq) {
@@ -584,6 +593,14 @@ async fn earliest_time(
         Err(e) => {
             tracing::warn!(error = %e, seq, "cannot read the base's earliest record from the archive")
         }
+    }
+    if !in_wal {
+        tracing::info!(
+            seq,
+            "the base's earliest record is in the database's table files only, not in its \
+             WAL or the archive; its time is the time now"
+        );
+        return OffsetDateTime::now_utc();
     }
     let deadline = Instant::now() + EARLIEST_TIME_WAIT;
     while Instant::now() < deadline {
@@ -722,6 +739,10 @@ struct DbCopy {
     min_log_number: u64,
     replay_from_seq: u64,
     earliest_seq: u64,
+    /// True when the record holding `earliest_seq` is in the WAL files the copy held (the
+    /// follower reads it, if it has not already); false when the database holds no record
+    /// (`earliest_seq` 0) or only its table files hold the newest one.
+    earliest_in_wal: bool,
     attempts: u32,
     copied_instead_of_linked: bool,
 }
@@ -1320,6 +1341,7 @@ fn copy_once(
         min_log_number: min_log,
         replay_from_seq: replay_from,
         earliest_seq,
+        earliest_in_wal: earliest_seq > 0 && wal_last == Some(earliest_seq),
         attempts: 1,
         copied_instead_of_linked: tables.copying,
     })
@@ -1807,8 +1829,41 @@ mod tests {
             ..BaseOptions::default()
         };
         let dir = tempfile::tempdir().unwrap();
-        let t = earliest_time(&opts, &repo, 77, &dir.path().join("earliest")).await;
+        let t = earliest_time(&opts, &repo, 77, true, &dir.path().join("earliest")).await;
         assert_eq!(t, written, "the record's time, not the time now");
         assert_eq!(looks.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn a_base_waits_for_no_record_the_wal_does_not_hold() {
+        use std::sync::atomic::AtomicU32;
+        let repo = Repository::new(Arc::new(tidemark_manifest::store::MemoryStore::new()));
+        repo.create_config(&tidemark_manifest::testing::config())
+            .await
+            .unwrap();
+        let looks = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&looks);
+        let observed: ObservedTimeFn = Arc::new(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            None
+        });
+        let opts = BaseOptions {
+            earliest_time: Some(observed),
+            ..BaseOptions::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let before = OffsetDateTime::now_utc();
+        // A database that holds no record yet.
+        let t = earliest_time(&opts, &repo, 0, false, &dir.path().join("a")).await;
+        assert!(t >= before);
+        assert_eq!(looks.load(Ordering::SeqCst), 0, "sequence 0 is no record");
+        // A record flushed to the table files, its WAL file gone, never archived.
+        let t = earliest_time(&opts, &repo, 77, false, &dir.path().join("b")).await;
+        assert!(t >= before);
+        assert_eq!(
+            looks.load(Ordering::SeqCst),
+            1,
+            "looked up once, not waited for"
+        );
     }
 }

@@ -712,6 +712,37 @@ async fn archived_record_time(repo: &tidemark_manifest::repo::Repository, seq: u
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_base_does_not_wait_for_a_record_its_wal_does_not_hold() -> Result<()> {
+    // An empty database, and one whose records are all flushed (its WAL holds none): the
+    // base's earliest record is nowhere the follower could read it.
+    let dir = tempfile::tempdir()?;
+    let opts = archivable_options();
+    let empty = dir.path().join("empty");
+    drop(rocksdb::DB::open(&opts, &empty)?);
+    let flushed = dir.path().join("flushed");
+    {
+        let db = rocksdb::DB::open(&opts, &flushed)?;
+        for i in 0..40u32 {
+            db.put(format!("k{i}"), b"v")?;
+        }
+        db.flush()?;
+    }
+    for db_path in [&empty, &flushed] {
+        let store = TestStore::local()?;
+        let (code, text) = one_shot_backup(db_path, &store)?;
+        ensure!(code == 0, "{}: {code} {text}", db_path.display());
+        ensure!(
+            !text.contains("did not read the base's earliest record in time"),
+            "{}: the base waited for a record the WAL does not hold:\n{text}",
+            db_path.display()
+        );
+        let bases = store.open().await?.load().await?.history.bases;
+        ensure!(bases.len() == 1, "{} bases", bases.len());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_base_after_a_restart_has_the_time_its_earliest_record_was_archived_with() -> Result<()> {
     // Every batch carries its time: a base's earliest_time is exactly its earliest record's.
     let dir = tempfile::tempdir()?;
