@@ -103,6 +103,7 @@ struct State {
     stored_bytes: u64,
     archived_records: u64,
     wal_reads: u64,
+    catch_up_bytes: u64,
     segments: u64,
     upload_failures: u64,
     gaps: u64,
@@ -189,6 +190,12 @@ impl Metrics {
     /// The WAL was read once (a wake-up of the follower, whatever it found).
     pub fn wal_read(&self) {
         self.with(|s| s.wal_reads += 1);
+    }
+
+    /// `bytes` of records were read while catching up (a backlog of the WAL, compressed at
+    /// the catch-up level).
+    pub fn read_catching_up(&self, bytes: u64) {
+        self.with(|s| s.catch_up_bytes += bytes);
     }
 
     /// A record was read from the WAL and handed to the shipper. `waiting_since_us` is the
@@ -495,7 +502,7 @@ mod tests {
             let name = f.name;
             assert_eq!(p.types.get(name).map(String::as_str), kind, "{name}");
         }
-        assert_eq!(p.types.len(), 28);
+        assert_eq!(p.types.len(), 29);
         for (series, v) in &p.samples {
             assert_eq!(*v, 0.0, "{series}");
         }
@@ -525,6 +532,8 @@ mod tests {
         m.segment_uploaded(&entry(11, 12, 1, T0), Duration::from_millis(300), None);
         m.segment_uploaded(&entry(13, 20, 4, T0 + 1), Duration::from_secs(3), None);
         m.upload_failed();
+        m.read_catching_up(4 << 20);
+        m.read_catching_up(1000);
         m.gap_detected();
         m.base_finished(&base(T0 - 1_000_000, 15), Duration::from_millis(2500));
         m.base_failed();
@@ -542,6 +551,7 @@ mod tests {
         assert_eq!(v("tidemark_archived_records_total"), 5.0);
         assert_eq!(v("tidemark_archived_bytes_total"), 2000.0);
         assert_eq!(v("tidemark_stored_bytes_total"), 600.0);
+        assert_eq!(v("tidemark_catch_up_bytes_total"), f64::from((4 << 20) + 1000));
         assert_eq!(v("tidemark_segments_uploaded_total"), 2.0);
         assert_eq!(v("tidemark_upload_failures_total"), 1.0);
         assert_eq!(v("tidemark_store_retries_total"), 4.0);
@@ -652,7 +662,7 @@ mod tests {
             v("tidemark_database_failures_total{database=\"users\"}"),
             1.0
         );
-        assert_eq!(p.types.len(), 30);
+        assert_eq!(p.types.len(), 31);
         // Every other series carries the database label, once per database.
         for series in p.samples.keys() {
             if series != "tidemark_store_retries_total" {

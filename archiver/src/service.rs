@@ -1,7 +1,8 @@
 //! The archiver as a long-lived service: one `tokio::select!` loop that hands each wake-up
 //! to its owner.
 //!
-//! - `pipeline`: watch → follow → ship → checkpoint, one step at a time;
+//! - `pipeline`: watch → follow → ship → checkpoint, one step at a time; `catch_up` says
+//!   when it reads a backlog (compressed at a faster level);
 //! - `bases`: when the next base backup is due, and the one in progress; `replay` (fed by
 //!   the pipeline) says when the WAL a restore would replay calls for one early;
 //! - `retention`: the retention policy's mark step, and its sweep in the background;
@@ -20,6 +21,7 @@
 //! generation, release the lease.
 
 mod bases;
+mod catch_up;
 mod cf_watch;
 pub mod pipeline;
 mod replay;

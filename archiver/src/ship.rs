@@ -28,6 +28,9 @@ pub struct ShipOptions {
     pub max_segment_bytes: u64,
     /// zstd level of segment bodies.
     pub zstd_level: i32,
+    /// zstd level while catching up ([`Shipper::set_catching_up`]): faster, so that an
+    /// archiver behind its database gains on it.
+    pub catch_up_zstd_level: i32,
 }
 
 impl Default for ShipOptions {
@@ -36,6 +39,7 @@ impl Default for ShipOptions {
             sync_interval: Duration::from_secs(1),
             max_segment_bytes: 32 << 20,
             zstd_level: 3,
+            catch_up_zstd_level: 1,
         }
     }
 }
@@ -47,7 +51,7 @@ pub enum ShipError {
     Segment(#[from] SegmentError),
     #[error(transparent)]
     Repo(#[from] RepoError),
-    #[error("cannot start a segment: {0}")]
+    #[error("cannot start a segment or change its compression level: {0}")]
     Encoder(#[source] std::io::Error),
 }
 
@@ -64,6 +68,8 @@ pub struct Shipper {
     closed: Option<EncodedSegment>,
     /// Segments found durable and not taken yet, in order.
     durable: Vec<SegmentEntry>,
+    /// Records are compressed at the catch-up level.
+    catching_up: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -77,6 +83,7 @@ impl Shipper {
             uploads: Uploader::new(repo),
             closed: None,
             durable: Vec::new(),
+            catching_up: false,
             metrics: Arc::new(Metrics::new()),
         }
     }
@@ -93,7 +100,7 @@ impl Shipper {
             // Full frames are compressed on other threads while the WAL is read on; the
             // object is built in the buffer of the last segment uploaded, with room for a
             // full segment set aside (not touched) so that it never copies itself to grow.
-            let mut builder = SegmentBuilder::new(Compression::Zstd, self.opts.zstd_level)
+            let mut builder = SegmentBuilder::new(Compression::Zstd, self.level())
                 .map_err(ShipError::Encoder)?
                 .in_parallel();
             if let Some(buffer) = self.uploads.take_spare() {
@@ -107,6 +114,34 @@ impl Shipper {
         builder.push(r)?;
         self.metrics.record_read(r, self.waiting_since_us());
         Ok(())
+    }
+
+    /// Compresses the records pushed from now on at the catch-up level (`true`) or the
+    /// normal one, in the open segment too: the archiver reads a backlog of the WAL.
+    pub fn set_catching_up(&mut self, on: bool) -> Result<(), ShipError> {
+        if on == self.catching_up {
+            return Ok(());
+        }
+        self.catching_up = on;
+        let level = self.level();
+        match &mut self.open {
+            Some((builder, _)) => builder.set_zstd_level(level).map_err(ShipError::Encoder),
+            None => Ok(()),
+        }
+    }
+
+    /// True while records are compressed at the catch-up level.
+    pub fn catching_up(&self) -> bool {
+        self.catching_up
+    }
+
+    /// The zstd level of the records pushed now.
+    pub fn level(&self) -> i32 {
+        if self.catching_up {
+            self.opts.catch_up_zstd_level
+        } else {
+            self.opts.zstd_level
+        }
     }
 
     /// The time of the oldest record pushed that is not uploaded yet. A segment holding only

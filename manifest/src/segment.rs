@@ -14,8 +14,8 @@ use sha2::{Digest, Sha256};
 use std::io::{self, BufReader, Read, Take};
 
 mod body;
-pub use body::ZSTD_FRAME_RAW;
 use body::{BodyWriter, ZstdFrames};
+pub use body::{ZSTD_FRAME_RAW, zstd_levels};
 
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 128;
@@ -430,7 +430,8 @@ impl EncodedSegment {
 }
 
 impl SegmentBuilder {
-    /// A builder; `zstd_level` is used when `compression` is zstd (1–22; 3 is a good default).
+    /// A builder; `zstd_level` is used when `compression` is zstd (one of [`zstd_levels`]; 3
+    /// is a good default).
     pub fn new(compression: Compression, zstd_level: i32) -> io::Result<SegmentBuilder> {
         // The body is written after room for the header, which is filled in by `finish`:
         // the object is built in one buffer, never copied.
@@ -456,6 +457,16 @@ impl SegmentBuilder {
             z.in_parallel();
         }
         self
+    }
+
+    /// Compresses what is added from now on at zstd `level` (a segment's frames may differ
+    /// in level: each is read on its own). Without effect on an uncompressed segment. An
+    /// error for a level zstd does not have; the builder is unchanged then.
+    pub fn set_zstd_level(&mut self, level: i32) -> io::Result<()> {
+        match &mut self.body {
+            BodyWriter::Zstd(z) => z.set_level(level),
+            BodyWriter::Plain(_) => Ok(()),
+        }
     }
 
     /// Builds the object in `buffer` (emptied first): the bytes of a segment uploaded
@@ -1014,6 +1025,56 @@ mod tests {
             bad[at] ^= 0x10;
             assert!(decode_all("wal/x.seg", &bad).is_err(), "byte {at} changed");
         }
+    }
+
+    #[test]
+    fn the_level_can_change_within_a_segment_and_a_reused_context_compresses_as_a_new_one() {
+        let recs = records(1, &vec![(1, 40_000); 100]);
+        let build = |recs: &[Record], level: i32, switch: Option<(usize, i32)>| {
+            let mut b = SegmentBuilder::new(Compression::Zstd, level)
+                .unwrap()
+                .in_parallel();
+            for (i, r) in recs.iter().enumerate() {
+                if let Some((at, to)) = switch.filter(|&(at, _)| at == i) {
+                    b.set_zstd_level(to).unwrap();
+                    assert_eq!(at, i);
+                }
+                b.push(r).unwrap();
+            }
+            b.finish().unwrap()
+        };
+        let fresh = {
+            let recs = recs.clone();
+            std::thread::spawn(move || encode_at(&recs, 1))
+                .join()
+                .unwrap()
+        };
+        let at_3 = encode(&recs, Compression::Zstd);
+        assert!(
+            encode_at(&recs, 1).bytes == fresh.bytes,
+            "context reused at level 1"
+        );
+        assert!(
+            fresh.bytes != at_3.bytes,
+            "the levels compress differently here"
+        );
+        let mixed = build(&recs, 3, Some((50, 1)));
+        let (_, back) = decode_all("wal/x.seg", &mixed.bytes).unwrap();
+        assert_eq!(back, recs);
+        assert!(mixed.bytes != at_3.bytes && mixed.bytes != fresh.bytes);
+        assert!(build(&recs, 3, Some((0, 1))).bytes == fresh.bytes);
+        let mut b = SegmentBuilder::new(Compression::Zstd, 3).unwrap();
+        let e = b.set_zstd_level(23).unwrap_err();
+        assert!(e.to_string().contains("levels go from"), "{e}");
+        assert!(SegmentBuilder::new(Compression::Zstd, 1_000).is_err());
+    }
+
+    fn encode_at(recs: &[Record], level: i32) -> EncodedSegment {
+        let mut b = SegmentBuilder::new(Compression::Zstd, level).unwrap();
+        for r in recs {
+            b.push(r).unwrap();
+        }
+        b.finish().unwrap()
     }
 
     #[test]

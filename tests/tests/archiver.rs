@@ -784,3 +784,81 @@ async fn a_base_after_a_restart_has_the_time_its_earliest_record_was_archived_wi
     }
     Ok(())
 }
+
+/// The value of key `i` in the catch-up test: 4 KiB, about half of it compressible.
+fn backlog_value(i: u32) -> Vec<u8> {
+    let mut x = u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..4096u32)
+        .map(|j| {
+            if j % 2 == 0 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            } else {
+                (j / 64) as u8
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backlog_is_compressed_at_the_catch_up_level_and_restores_exactly() -> Result<()> {
+    // 96 MiB of WAL written while no archiver runs: more than the 64 MiB read in a row that
+    // make a backlog.
+    let dir = tempfile::tempdir()?;
+    let db_path = dir.path().join("db");
+    let store = TestStore::local()?;
+    let keys = 24 * 1024u32;
+    let last_seq = {
+        let db = rocksdb::DB::open(&archivable_options(), &db_path)?;
+        for i in 0..keys {
+            db.put(format!("k{i:06}"), backlog_value(i))?;
+        }
+        db.latest_sequence_number()
+    };
+    let (code, text) = one_shot_backup(&db_path, &store)?;
+    ensure!(code == 0, "backup: {code} {text}");
+    let started = text
+        .find("catching up")
+        .with_context(|| format!("the backlog was not noticed:\n{text}"))?;
+    let ended = text
+        .find("caught up with the WAL")
+        .with_context(|| format!("the end of the backlog was not logged:\n{text}"))?;
+    ensure!(started < ended, "{text}");
+    ensure!(text.contains("zstd_level=1"), "{text}");
+    let repo = store.open().await?;
+    let plan = repo.load().await?.history.plan(Target::Latest)?;
+    ensure!(plan.max_seq == last_seq, "{} != {last_seq}", plan.max_seq);
+
+    let target = dir.path().join("restored");
+    let (code, out, err) = run_with_timeout(
+        &bin("tidemark-restore")?,
+        &[
+            "--quiet".to_owned(),
+            "restore".to_owned(),
+            "--latest".to_owned(),
+            "--from".to_owned(),
+            store.url.clone(),
+            "--target".to_owned(),
+            target.display().to_string(),
+        ],
+        &store.env,
+        Duration::from_secs(180),
+    )?;
+    ensure!(code == 0, "restore: {code} {out}{err}");
+    let restored = rocksdb::DB::open_for_read_only(&rocksdb::Options::default(), &target, false)?;
+    let mut found = 0u32;
+    for item in restored.iterator(rocksdb::IteratorMode::Start) {
+        let (k, v) = item?;
+        let i: u32 = std::str::from_utf8(&k[1..])?.parse()?;
+        ensure!(k.as_ref() == format!("k{i:06}").as_bytes() && i == found);
+        ensure!(
+            v.as_ref() == backlog_value(i),
+            "key {i} restored differently"
+        );
+        found += 1;
+    }
+    ensure!(found == keys, "{found} keys restored of {keys}");
+    Ok(())
+}

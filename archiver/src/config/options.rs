@@ -56,6 +56,9 @@ pub struct ArchiverOptions {
     pub lease_ttl: Duration,
     /// zstd level of segments.
     pub zstd_level: i32,
+    /// zstd level of the records read while catching up with a backlog of the WAL (faster;
+    /// the same as `zstd_level` to keep one level).
+    pub catch_up_zstd_level: i32,
     /// Where base backups copy the database (must be on its file system for hard links).
     /// Default: a hidden directory beside the database directory.
     pub scratch_dir: Option<PathBuf>,
@@ -130,6 +133,7 @@ impl Default for ArchiverOptions {
             poll_interval: Duration::from_millis(250),
             lease_ttl: Duration::from_secs(60),
             zstd_level: 3,
+            catch_up_zstd_level: 1,
             scratch_dir: None,
             upload_concurrency: 4,
             exit_when_caught_up: false,

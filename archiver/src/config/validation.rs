@@ -107,6 +107,24 @@ pub fn check_options(o: &ArchiverOptions) -> Result<(), InvalidSetting> {
             ),
         });
     }
+    for (key, level) in [
+        ("zstd_level", o.zstd_level),
+        ("catch_up_zstd_level", o.catch_up_zstd_level),
+    ] {
+        let levels = tidemark_manifest::segment::zstd_levels();
+        if !levels.contains(&level) {
+            return Err(InvalidSetting {
+                key: key.to_owned(),
+                value: level.to_string(),
+                problem: format!(
+                    "is not a zstd level: give {} to {} (higher compresses smaller and \
+                     slower; negative levels are the fastest)",
+                    levels.start(),
+                    levels.end()
+                ),
+            });
+        }
+    }
     check_replay(o)?;
     let Some(r) = &o.retention else {
         return Ok(());
@@ -495,6 +513,34 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn zstd_levels_zstd_does_not_have_are_refused_naming_the_key() {
+        let levels = tidemark_manifest::segment::zstd_levels();
+        for level in [*levels.start() - 1, *levels.end() + 1, 100, i32::MIN] {
+            for key in ["zstd_level", "catch_up_zstd_level"] {
+                let mut o = ArchiverOptions::default();
+                *(if key == "zstd_level" {
+                    &mut o.zstd_level
+                } else {
+                    &mut o.catch_up_zstd_level
+                }) = level;
+                let msg = check_options(&o).unwrap_err().to_string();
+                assert!(
+                    msg.starts_with(&format!("{key} = \"{level}\" is not a zstd level: give")),
+                    "{msg}"
+                );
+            }
+        }
+        for level in [*levels.start(), -1, 1, 3, 19, *levels.end()] {
+            let o = ArchiverOptions {
+                zstd_level: level,
+                catch_up_zstd_level: level,
+                ..ArchiverOptions::default()
+            };
+            check_options(&o).unwrap();
         }
     }
 

@@ -231,6 +231,12 @@ pub const FAMILIES: &[Family] = &[
         |v| Value::Counter(v.state.wal_reads),
     ),
     counter(
+        "tidemark_catch_up_bytes_total",
+        "WAL bytes (uncompressed records) read while catching up with a backlog, \
+         compressed at catch_up_zstd_level.",
+        |v| Value::Counter(v.state.catch_up_bytes),
+    ),
+    counter(
         "tidemark_segments_uploaded_total",
         "Segments this process uploaded.",
         |v| Value::Counter(v.state.segments),

@@ -34,6 +34,8 @@ use crate::metrics::Metrics;
 use crate::ship::{ShipError, ShipOptions, Shipper};
 use crate::watch::Watcher;
 
+use super::catch_up::{CATCH_UP_BACKLOG, CatchUp};
+
 /// What one step found that the owners beside the pipeline act on.
 #[derive(Debug, Default)]
 pub struct Step {
@@ -71,6 +73,8 @@ pub struct Pipeline {
     prompt: bool,
     /// The WAL a restore of the newest point replays, fed with what is shipped.
     replay: ReplayTrigger,
+    /// Whether the reads meet a backlog.
+    catch_up: CatchUp,
 }
 
 /// The longest changes to the WAL wait to be read while a segment is open.
@@ -124,6 +128,7 @@ impl Pipeline {
             sync_interval: opts.sync_interval,
             max_segment_bytes: opts.max_segment_bytes,
             zstd_level: opts.zstd_level,
+            catch_up_zstd_level: opts.catch_up_zstd_level,
         };
         let checkpoint = CheckpointOptions {
             interval: opts.checkpoint_interval,
@@ -161,6 +166,7 @@ impl Pipeline {
                 &state.history.segments,
                 metrics,
             ),
+            catch_up: CatchUp::default(),
         };
         metrics.resumed(
             pipeline.summary.last_seq,
@@ -285,6 +291,7 @@ impl Pipeline {
         self.read_at = Some(Instant::now());
         self.metrics.wal_read();
         let events = polled?;
+        self.catch_up(&events)?;
         let mut step = Step {
             caught_up: events.is_empty(),
             ..Step::default()
@@ -308,6 +315,38 @@ impl Pipeline {
             }
         }
         Ok(step)
+    }
+
+    /// Switches the shipper to the catch-up level, or back, before the records of a read
+    /// are added.
+    fn catch_up(&mut self, events: &[FollowEvent]) -> Result<(), ServiceError> {
+        let bytes: u64 = events
+            .iter()
+            .map(|ev| match ev {
+                FollowEvent::Record(r) => r.batch.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        let more_ready = self.follower.as_ref().is_some_and(|f| f.more_ready());
+        let on = self.catch_up.read(bytes, more_ready);
+        if on != self.shipper.catching_up() {
+            self.shipper.set_catching_up(on)?;
+            let zstd_level = self.shipper.level();
+            if on {
+                tracing::info!(
+                    zstd_level,
+                    backlog_mib = CATCH_UP_BACKLOG >> 20,
+                    "catching up: the WAL holds more than was read in a row; compressing \
+                     faster until a read reaches its end"
+                );
+            } else {
+                tracing::info!(zstd_level, "caught up with the WAL");
+            }
+        }
+        if on {
+            self.metrics.read_catching_up(bytes);
+        }
+        Ok(())
     }
 
     /// Adds a record to the open segment; true when a gap before it was found.

@@ -101,6 +101,7 @@ impl ZstdFrames {
     /// Frames compressed at `level` after `out` (the header's room). Checks the level now,
     /// so a bad one fails before any record is taken.
     pub(super) fn new(out: Vec<u8>, level: i32) -> io::Result<ZstdFrames> {
+        check_level(level)?;
         with_compressor(level, |_| Ok(()))?;
         Ok(ZstdFrames {
             level,
@@ -110,6 +111,17 @@ impl ZstdFrames {
             spare: Vec::new(),
             parallel: false,
         })
+    }
+
+    /// Frames compressed from now on (those of the stream not handed to a job yet) are at
+    /// `level`. Checks the level first.
+    pub(super) fn set_level(&mut self, level: i32) -> io::Result<()> {
+        if level != self.level {
+            check_level(level)?;
+            with_compressor(level, |_| Ok(()))?;
+            self.level = level;
+        }
+        Ok(())
     }
 
     /// Compresses full pieces on rayon's pool.
@@ -214,6 +226,26 @@ impl ZstdFrames {
     }
 }
 
+/// The zstd levels segments may be compressed at (zstd itself would take any number, and
+/// use the nearest of these).
+pub fn zstd_levels() -> std::ops::RangeInclusive<i32> {
+    zstd::compression_level_range()
+}
+
+fn check_level(level: i32) -> io::Result<()> {
+    if zstd_levels().contains(&level) {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "zstd level {level} does not exist; levels go from {} to {}",
+            zstd_levels().start(),
+            zstd_levels().end()
+        ),
+    ))
+}
+
 fn stopped() -> io::Error {
     io::Error::other("a compression thread failed before returning its frames")
 }
@@ -229,7 +261,8 @@ fn forget_compressor() {
 
 thread_local! {
     /// One compression context per thread, kept from frame to frame: setting one up costs
-    /// more than compressing a small frame.
+    /// more than compressing a small frame. A change of level keeps the context (and its
+    /// memory), with the new level's parameters.
     static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
         const { RefCell::new(None) };
 }
@@ -240,10 +273,17 @@ fn with_compressor<T>(
 ) -> io::Result<T> {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
-        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
-            let mut c = zstd::bulk::Compressor::new(level)?;
-            c.include_checksum(true)?;
-            *slot = Some((level, c));
+        match slot.as_mut() {
+            Some((l, _)) if *l == level => {}
+            Some((l, c)) => {
+                c.set_compression_level(level)?;
+                *l = level;
+            }
+            None => {
+                let mut c = zstd::bulk::Compressor::new(level)?;
+                c.include_checksum(true)?;
+                *slot = Some((level, c));
+            }
         }
         let (_, c) = slot.as_mut().expect("set above");
         f(c)
