@@ -551,7 +551,10 @@ mod tests {
         assert_eq!(v("tidemark_archived_records_total"), 5.0);
         assert_eq!(v("tidemark_archived_bytes_total"), 2000.0);
         assert_eq!(v("tidemark_stored_bytes_total"), 600.0);
-        assert_eq!(v("tidemark_catch_up_bytes_total"), f64::from((4 << 20) + 1000));
+        assert_eq!(
+            v("tidemark_catch_up_bytes_total"),
+            f64::from((4 << 20) + 1000)
+        );
         assert_eq!(v("tidemark_segments_uploaded_total"), 2.0);
         assert_eq!(v("tidemark_upload_failures_total"), 1.0);
         assert_eq!(v("tidemark_store_retries_total"), 4.0);

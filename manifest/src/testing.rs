@@ -21,7 +21,7 @@ use crate::model::{
 };
 use crate::repo::Repository;
 use crate::segment::{EncodedSegment, Record, RecordTime, SegmentBuilder};
-use crate::store::{ETag, FileDigest, ObjectMeta, ObjectStore, StoreResult};
+use crate::store::{ETag, FileDigest, ObjectMeta, ObjectStore, PageCache, StoreResult};
 
 /// The instant fixtures' times count from (2027-01-15T08:00:00Z), in unix microseconds.
 pub const T0_US: i64 = 1_800_000_000_000_000;
@@ -289,27 +289,16 @@ impl ObjectStore for SpyStore {
         self.bound(Some(max));
         self.inner.get_to_file_max(key, path, max).await
     }
-    async fn get_to_file_max_hashed(
+    async fn get_to_file_hashed(
         &self,
         key: &str,
         path: &Path,
         max: u64,
+        cache: PageCache,
     ) -> StoreResult<FileDigest> {
         self.hashed.fetch_add(1, Ordering::Relaxed);
         self.bound(Some(max));
-        self.inner.get_to_file_max_hashed(key, path, max).await
-    }
-    async fn get_to_file_max_hashed_uncached(
-        &self,
-        key: &str,
-        path: &Path,
-        max: u64,
-    ) -> StoreResult<FileDigest> {
-        self.hashed.fetch_add(1, Ordering::Relaxed);
-        self.bound(Some(max));
-        self.inner
-            .get_to_file_max_hashed_uncached(key, path, max)
-            .await
+        self.inner.get_to_file_hashed(key, path, max, cache).await
     }
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         self.inner.get_range(key, range).await

@@ -21,8 +21,8 @@ use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 use tidemark_manifest::store::{
-    self, ETag, MemoryStore, ObjectStore, OpenOptions, RetryPolicy, RetryStore, S3Options, S3Store,
-    StoreError, StoreUrl,
+    self, ETag, MemoryStore, ObjectStore, OpenOptions, PageCache, RetryPolicy, RetryStore,
+    S3Options, S3Store, StoreError, StoreUrl,
 };
 use tidemark_manifest::testing::{self, s3 as test_s3};
 
@@ -539,7 +539,12 @@ async fn large_hashed_downloads_leave_the_page_cache_alone(f: &Fixture) {
         .unwrap();
     let uncached = f.scratch("uncached.dst");
     let got = s
-        .get_to_file_max_hashed_uncached("uncached/large", &uncached, data.len() as u64)
+        .get_to_file_hashed(
+            "uncached/large",
+            &uncached,
+            data.len() as u64,
+            PageCache::Around,
+        )
         .await
         .unwrap();
     assert_eq!(got.sha256, hex::encode(Sha256::digest(&data)));

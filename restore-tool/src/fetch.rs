@@ -9,7 +9,7 @@
 //! A base file is hashed as its bytes are written ([`ObjectStore::get_to_file_max_hashed`]),
 //! not read back from disk afterwards, so its check costs no second pass and ends with its
 //! download. Unless the verification reads the tables back, the base files are written
-//! around the page cache ([`ObjectStore::get_to_file_max_hashed_uncached`]): the
+//! around the page cache ([`ObjectStore::get_to_file_hashed`] with [`PageCache::Around`]): the
 //! application's first open reads only a small part of each.
 //!
 //! Downloads are tasks that are never dropped halfway: on a failure or a cancellation the
@@ -27,7 +27,7 @@ use tidemark_manifest::checksum;
 use tidemark_manifest::keys;
 use tidemark_manifest::model::{self, BaseFile, SegmentEntry};
 use tidemark_manifest::repo::Repository;
-use tidemark_manifest::store::{ObjectStore, StoreError};
+use tidemark_manifest::store::{ObjectStore, PageCache, StoreError};
 
 use crate::progress::PhaseBar;
 use crate::{Cancel, RestoreError};
@@ -51,7 +51,7 @@ pub async fn fetch_base_file(
     // Never more than the base declares (+1 byte to tell "too long"): a corrupt or hostile
     // object cannot fill the disk.
     let found = if uncached {
-        store.get_to_file_max_hashed_uncached(&file.key, &path, file.size)
+        store.get_to_file_hashed(&file.key, &path, file.size, PageCache::Around)
     } else {
         store.get_to_file_max_hashed(&file.key, &path, file.size)
     };

@@ -43,7 +43,9 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::local::{TempFile, local_temp_path};
-use super::{ETag, FileDigest, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult};
+use super::{
+    ETag, FileDigest, ObjectMeta, ObjectStore, PageCache, StoreError, StoreOp, StoreResult,
+};
 use crate::checksum::Hasher;
 
 /// Length of an encryption key in bytes.
@@ -1264,11 +1266,12 @@ impl ObjectStore for CryptStore {
         Ok(self.download(key, path, Some(max_len), false).await?.0)
     }
 
-    async fn get_to_file_max_hashed(
+    async fn get_to_file_hashed(
         &self,
         key: &str,
         path: &Path,
         max_len: u64,
+        _cache: PageCache,
     ) -> StoreResult<FileDigest> {
         let (len, sha256) = self.download(key, path, Some(max_len), true).await?;
         let sha256 = sha256.expect("a hashed download returns the digest of what it wrote");

@@ -27,7 +27,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ETag, FileDigest, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult};
+use super::{
+    ETag, FileDigest, ObjectMeta, ObjectStore, PageCache, StoreError, StoreOp, StoreResult,
+};
 
 /// What an injected fault does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,25 +285,14 @@ impl ObjectStore for FaultStore {
         self.around(StoreOp::GetToFile, key, inner).await
     }
 
-    async fn get_to_file_max_hashed(
+    async fn get_to_file_hashed(
         &self,
         key: &str,
         path: &Path,
         max_len: u64,
+        cache: PageCache,
     ) -> StoreResult<FileDigest> {
-        let inner = self.inner.get_to_file_max_hashed(key, path, max_len);
-        self.around(StoreOp::GetToFile, key, inner).await
-    }
-
-    async fn get_to_file_max_hashed_uncached(
-        &self,
-        key: &str,
-        path: &Path,
-        max_len: u64,
-    ) -> StoreResult<FileDigest> {
-        let inner = self
-            .inner
-            .get_to_file_max_hashed_uncached(key, path, max_len);
+        let inner = self.inner.get_to_file_hashed(key, path, max_len, cache);
         self.around(StoreOp::GetToFile, key, inner).await
     }
 

@@ -15,8 +15,8 @@ use crate::checksum::Hasher;
 
 use super::direct;
 use super::{
-    ETag, FileDigest, ObjectMeta, ObjectStore, PREALLOC_MAX, RESERVED_SEGMENT_PREFIX, StoreError,
-    StoreOp, StoreResult, validate_key, validate_prefix,
+    ETag, FileDigest, ObjectMeta, ObjectStore, PREALLOC_MAX, PageCache, RESERVED_SEGMENT_PREFIX,
+    StoreError, StoreOp, StoreResult, validate_key, validate_prefix,
 };
 
 /// Name of the lock file that serialises `put_if_match` and `delete` across processes.
@@ -383,7 +383,7 @@ impl LocalStore {
                 source: e,
             };
             // Around the page cache when asked, for a large object only (see
-            // `get_to_file_max_hashed_uncached`).
+            // `get_to_file_hashed` with `PageCache::Around`).
             let uncached = uncached && meta.len() >= direct::MIN_LEN;
             // One byte more than allowed tells "too long" from "exactly the limit".
             let mut src = src.take(max_len.saturating_add(1));
@@ -645,26 +645,16 @@ impl ObjectStore for LocalStore {
         Ok(self.download(key, path, max_len, None, false).await?.0)
     }
 
-    async fn get_to_file_max_hashed(
+    async fn get_to_file_hashed(
         &self,
         key: &str,
         path: &Path,
         max_len: u64,
+        cache: PageCache,
     ) -> StoreResult<FileDigest> {
+        let around = cache == PageCache::Around;
         let (_, hasher) = self
-            .download(key, path, max_len, Some(Hasher::new()), false)
-            .await?;
-        Ok(hasher.unwrap_or_default().into())
-    }
-
-    async fn get_to_file_max_hashed_uncached(
-        &self,
-        key: &str,
-        path: &Path,
-        max_len: u64,
-    ) -> StoreResult<FileDigest> {
-        let (_, hasher) = self
-            .download(key, path, max_len, Some(Hasher::new()), true)
+            .download(key, path, max_len, Some(Hasher::new()), around)
             .await?;
         Ok(hasher.unwrap_or_default().into())
     }

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use time::OffsetDateTime;
 
 use super::{
-    ETag, FileDigest, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult, validate_key,
-    validate_prefix,
+    ETag, FileDigest, ObjectMeta, ObjectStore, PageCache, StoreError, StoreOp, StoreResult,
+    validate_key, validate_prefix,
 };
 use crate::model::ObjectLock;
 
@@ -253,11 +253,12 @@ impl ObjectStore for MemoryStore {
         Ok(self.download(key, path, max_len, false).await?.len)
     }
 
-    async fn get_to_file_max_hashed(
+    async fn get_to_file_hashed(
         &self,
         key: &str,
         path: &Path,
         max_len: u64,
+        _cache: PageCache,
     ) -> StoreResult<FileDigest> {
         self.download(key, path, max_len, true).await
     }

@@ -203,33 +203,37 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
 
     /// Like [`ObjectStore::get_to_file_max`], and also returns the sha256 of the bytes
     /// written to `path` (under encryption, the plaintext), so the caller can check the file
-    /// against its recorded checksum without reading it back.
+    /// against its recorded checksum without reading it back. With [`PageCache::Around`],
+    /// for a file nobody reads back soon (a restored base's tables when the restore does not
+    /// read them, a download that is only hashed), the local and S3 stores write a large one
+    /// around the page cache, which saves copying it into the cache and leaves the cache to
+    /// what is read; the memory and encrypting stores write through it either way.
     ///
     /// The default downloads with `get_to_file_max`, then reads the file back and hashes it
     /// off the async runtime. The stores override it to hash each piece as it is written
     /// (the local and memory stores, S3, encryption) or pass it on (decorators).
+    async fn get_to_file_hashed(
+        &self,
+        key: &str,
+        path: &Path,
+        max_len: u64,
+        cache: PageCache,
+    ) -> StoreResult<FileDigest> {
+        let _ = cache;
+        self.get_to_file_max(key, path, max_len).await?;
+        hash_downloaded(key, path).await
+    }
+
+    /// [`ObjectStore::get_to_file_hashed`] through the page cache (stores override that
+    /// one, not this).
     async fn get_to_file_max_hashed(
         &self,
         key: &str,
         path: &Path,
         max_len: u64,
     ) -> StoreResult<FileDigest> {
-        self.get_to_file_max(key, path, max_len).await?;
-        hash_downloaded(key, path).await
-    }
-
-    /// Like [`ObjectStore::get_to_file_max_hashed`], for a file nobody reads back soon (a
-    /// restored base's tables when the restore does not read them, a download that is only
-    /// hashed): the local and S3 stores write a large one around the page cache, which
-    /// saves copying it into the cache and leaves the cache to what is read. The default
-    /// (and the memory and encrypting stores) write through the cache; decorators pass it on.
-    async fn get_to_file_max_hashed_uncached(
-        &self,
-        key: &str,
-        path: &Path,
-        max_len: u64,
-    ) -> StoreResult<FileDigest> {
-        self.get_to_file_max_hashed(key, path, max_len).await
+        self.get_to_file_hashed(key, path, max_len, PageCache::Through)
+            .await
     }
 
     /// Reads the bytes `range.start..range.end` of an object. The range must lie inside the
@@ -268,6 +272,16 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     fn set_object_lock(&self, lock: Option<ObjectLock>) {
         let _ = lock;
     }
+}
+
+/// How a download is written to its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PageCache {
+    /// Through the page cache: the file is read soon.
+    #[default]
+    Through,
+    /// Around it, when the store can (a large file nobody reads back soon).
+    Around,
 }
 
 /// What [`ObjectStore::get_to_file_max_hashed`] wrote: the file's length and the hex sha256

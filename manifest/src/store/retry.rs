@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rand::Rng;
 
-use super::{ETag, FileDigest, ObjectMeta, ObjectStore, StoreError, StoreOp, StoreResult};
+use super::{
+    ETag, FileDigest, ObjectMeta, ObjectStore, PageCache, StoreError, StoreOp, StoreResult,
+};
 
 /// Retries of object store calls made so far by this process, under any policy.
 static RETRIES: AtomicU64 = AtomicU64::new(0);
@@ -262,29 +264,16 @@ impl ObjectStore for RetryStore {
             .await
     }
 
-    async fn get_to_file_max_hashed(
+    async fn get_to_file_hashed(
         &self,
         key: &str,
         path: &Path,
         max_len: u64,
+        cache: PageCache,
     ) -> StoreResult<FileDigest> {
         self.policy
             .run(StoreOp::GetToFile, key, || {
-                self.inner.get_to_file_max_hashed(key, path, max_len)
-            })
-            .await
-    }
-
-    async fn get_to_file_max_hashed_uncached(
-        &self,
-        key: &str,
-        path: &Path,
-        max_len: u64,
-    ) -> StoreResult<FileDigest> {
-        self.policy
-            .run(StoreOp::GetToFile, key, || {
-                self.inner
-                    .get_to_file_max_hashed_uncached(key, path, max_len)
+                self.inner.get_to_file_hashed(key, path, max_len, cache)
             })
             .await
     }

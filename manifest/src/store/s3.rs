@@ -28,8 +28,8 @@ use tokio::sync::Semaphore;
 use super::direct;
 use super::throttle::{self, PacedBody, Pacer};
 use super::{
-    ETag, FileDigest, ObjectMeta, ObjectStore, RetryPolicy, StoreError, StoreOp, StoreResult,
-    validate_key, validate_prefix,
+    ETag, FileDigest, ObjectMeta, ObjectStore, PageCache, RetryPolicy, StoreError, StoreOp,
+    StoreResult, validate_key, validate_prefix,
 };
 use crate::checksum::Hasher;
 use crate::keys::{self, ObjectKind};
@@ -1138,7 +1138,7 @@ impl S3Store {
             .await
             .map_err(local)?;
         // Around the page cache when asked, for a large object only (see
-        // `get_to_file_max_hashed_uncached`).
+        // `get_to_file_hashed` with `PageCache::Around`).
         let uncached = uncached
             && expected
                 .and_then(|n| u64::try_from(n).ok())
@@ -1410,26 +1410,16 @@ impl ObjectStore for S3Store {
         self.download(key, path, max_len, None, false).await
     }
 
-    async fn get_to_file_max_hashed(
+    async fn get_to_file_hashed(
         &self,
         key: &str,
         path: &Path,
         max_len: u64,
+        cache: PageCache,
     ) -> StoreResult<FileDigest> {
         let mut hasher = Hasher::new();
-        self.download(key, path, max_len, Some(&mut hasher), false)
-            .await?;
-        Ok(hasher.into())
-    }
-
-    async fn get_to_file_max_hashed_uncached(
-        &self,
-        key: &str,
-        path: &Path,
-        max_len: u64,
-    ) -> StoreResult<FileDigest> {
-        let mut hasher = Hasher::new();
-        self.download(key, path, max_len, Some(&mut hasher), true)
+        let around = cache == PageCache::Around;
+        self.download(key, path, max_len, Some(&mut hasher), around)
             .await?;
         Ok(hasher.into())
     }

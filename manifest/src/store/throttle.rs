@@ -40,7 +40,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{ETag, FileDigest, ObjectMeta, ObjectStore, StoreResult};
+use super::{ETag, FileDigest, ObjectMeta, ObjectStore, PageCache, StoreResult};
 use crate::keys::{self, ObjectKind};
 
 /// The largest grant: bulk transfers ask for at most this much at a time.
@@ -448,23 +448,15 @@ impl ObjectStore for ThrottleStore {
         self.inner.get_to_file_max(key, path, max_len).await
     }
 
-    async fn get_to_file_max_hashed(
+    async fn get_to_file_hashed(
         &self,
         key: &str,
         path: &Path,
         max_len: u64,
-    ) -> StoreResult<FileDigest> {
-        self.inner.get_to_file_max_hashed(key, path, max_len).await
-    }
-
-    async fn get_to_file_max_hashed_uncached(
-        &self,
-        key: &str,
-        path: &Path,
-        max_len: u64,
+        cache: PageCache,
     ) -> StoreResult<FileDigest> {
         self.inner
-            .get_to_file_max_hashed_uncached(key, path, max_len)
+            .get_to_file_hashed(key, path, max_len, cache)
             .await
     }
 

@@ -40,7 +40,7 @@ use tidemark_manifest::model::{BaseFile, BaseSummary, SegmentEntry};
 use tidemark_manifest::plan::History;
 use tidemark_manifest::repo::{ReadFrom, RepoState, Repository};
 use tidemark_manifest::segment::SegmentReader;
-use tidemark_manifest::store::ObjectStore;
+use tidemark_manifest::store::{ObjectStore, PageCache};
 
 use super::{Target, load_from};
 use crate::progress::{PhaseBar, Progress, Unit};
@@ -271,7 +271,7 @@ async fn check_base_file(
     let path = scratch.join(format!("{:08x}", rand::random::<u32>()));
     // Only hashed, then deleted: around the page cache.
     match store
-        .get_to_file_max_hashed_uncached(&f.key, &path, f.size)
+        .get_to_file_hashed(&f.key, &path, f.size, PageCache::Around)
         .await
     {
         Ok(found) => {
