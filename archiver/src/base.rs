@@ -60,9 +60,22 @@ use tidemark_manifest::store::StoreError;
 use time::OffsetDateTime;
 use tracing::Instrument;
 
-/// Maps a sequence number to the time the archiver observed the WAL record holding it, if it
-/// has observed it.
-pub type ObservedTimeFn = Arc<dyn Fn(u64) -> Option<OffsetDateTime> + Send + Sync>;
+/// What the WAL follower knows of the record holding a sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    /// It read the record, at this time.
+    At(OffsetDateTime),
+    /// It has not read the record yet, and may still.
+    NotYet,
+    /// It will not read it: it read records after it, or read to the end of the WAL in a
+    /// read that started after the instant given, without meeting it (the record is only
+    /// in the table files, or in an older run's reading).
+    Never,
+}
+
+/// Asks the WAL follower about the record holding a sequence number; the instant is when the
+/// base's copy was made (the record was written before it).
+pub type ObservedTimeFn = Arc<dyn Fn(u64, Instant) -> Observed + Send + Sync>;
 
 /// How a base backup is taken.
 #[derive(Clone)]
@@ -75,11 +88,11 @@ pub struct BaseOptions {
     /// Pause before a new attempt.
     pub retry_delay: Duration,
     /// The time of the record at `earliest_seq`, as the WAL follower observed it. Asked once
-    /// the files are uploaded, then (unless an archived segment holds the record, or the WAL
-    /// does not) again while the follower catches up, for up to 10 s; when unset, or when it
-    /// still returns `None`, the base's `earliest_time` is the time `base.json` is written
-    /// (the record was written before that, so it is an upper bound of its commit time like
-    /// any observed time).
+    /// the files are uploaded, then (unless an archived segment holds the record) again
+    /// while the follower catches up, for up to 10 s, until it answers or says it never
+    /// will; when unset, or without an answer, the base's `earliest_time` is the time
+    /// `base.json` is written (the record was written before that, so it is an upper bound
+    /// of its commit time like any observed time).
     pub earliest_time: Option<ObservedTimeFn>,
     /// A pause between the steps of the copy that tolerate one (after noting the smallest
     /// WAL, after the first pass over the table files, after the MANIFEST copy and the second
@@ -466,6 +479,7 @@ async fn run(
         let opts = opts.clone();
         blocking(move || copy_with_retries(&db_dir, &wal_dir, &scratch, &opts, &abandoned)).await?
     };
+    let copied_at = Instant::now();
     let copy_duration = started.elapsed();
     if copy.identity != repo_identity {
         return Err(BaseError::WrongDatabase {
@@ -494,14 +508,7 @@ async fn run(
     .await?;
 
     let scratch_dir = scratch.path.join("earliest");
-    let earliest_time = earliest_time(
-        opts,
-        repo,
-        copy.earliest_seq,
-        copy.earliest_in_wal,
-        &scratch_dir,
-    )
-    .await;
+    let earliest_time = earliest_time(opts, repo, copy.earliest_seq, copied_at, &scratch_dir).await;
     let earliest_time = micros_precision(earliest_time);
     let descriptor = BaseDescriptor {
         format_version: FORMAT_VERSION,
@@ -570,21 +577,23 @@ async fn run(
 const EARLIEST_TIME_WAIT: Duration = Duration::from_secs(10);
 
 /// The time of the base's earliest record: as the follower observed it; or as archived, for
-/// a record an earlier run read; or, when the record is in the WAL, as the follower observes
-/// it within [`EARLIEST_TIME_WAIT`]; failing all, the time now (an upper bound of its commit,
-/// like any observed time: the record was written before the copy). A database that holds
-/// no record, or whose newest record is only in its table files, has nothing to wait for.
+/// a record an earlier run read; or as the follower observes it within
+/// [`EARLIEST_TIME_WAIT`], unless it says it never will (the record is only in the table
+/// files); failing all, the time now (an upper bound of its commit, like any observed time:
+/// the record was written before the copy, made at `copied_at`). A database that holds no
+/// record (`seq` 0) has nothing to wait for.
 async fn earliest_time(
     opts: &BaseOptions,
     repo: &Repository,
     seq: u64,
-    in_wal: bool,
+    copied_at: Instant,
     dir: &Path,
 ) -> OffsetDateTime {
     let Some(observed) = opts.earliest_time.as_ref().filter(|_| seq > 0) else {
         return OffsetDateTime::now_utc();
     };
-    if let Some(t) = observed(seq) {
+    let first = observed(seq, copied_at);
+    if let Observed::At(t) = first {
         return t;
     }
     match archived_time(repo, seq, dir).await {
@@ -594,27 +603,26 @@ async fn earliest_time(
             tracing::warn!(error = %e, seq, "cannot read the base's earliest record from the archive")
         }
     }
-    if !in_wal {
-        tracing::info!(
-            seq,
-            "the base's earliest record is in the database's table files only, not in its \
-             WAL or the archive; its time is the time now"
-        );
-        return OffsetDateTime::now_utc();
-    }
     let deadline = Instant::now() + EARLIEST_TIME_WAIT;
-    while Instant::now() < deadline {
+    let mut answer = first;
+    while answer == Observed::NotYet && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        if let Some(t) = observed(seq) {
-            return t;
-        }
+        answer = observed(seq, copied_at);
     }
-    tracing::warn!(
-        seq,
-        waited = ?EARLIEST_TIME_WAIT,
-        "the WAL follower did not read the base's earliest record in time; its time is \
-         the time now, later than the record's own"
-    );
+    match answer {
+        Observed::At(t) => return t,
+        Observed::Never => tracing::info!(
+            seq,
+            "the base's earliest record is neither in the WAL the follower reads nor in the \
+             archive (it is in the table files only); its time is the time now"
+        ),
+        Observed::NotYet => tracing::warn!(
+            seq,
+            waited = ?EARLIEST_TIME_WAIT,
+            "the WAL follower did not read the base's earliest record in time; its time is \
+             the time now, later than the record's own"
+        ),
+    }
     OffsetDateTime::now_utc()
 }
 
@@ -739,10 +747,6 @@ struct DbCopy {
     min_log_number: u64,
     replay_from_seq: u64,
     earliest_seq: u64,
-    /// True when the record holding `earliest_seq` is in the WAL files the copy held (the
-    /// follower reads it, if it has not already); false when the database holds no record
-    /// (`earliest_seq` 0) or only its table files hold the newest one.
-    earliest_in_wal: bool,
     attempts: u32,
     copied_instead_of_linked: bool,
 }
@@ -1341,7 +1345,6 @@ fn copy_once(
         min_log_number: min_log,
         replay_from_seq: replay_from,
         earliest_seq,
-        earliest_in_wal: earliest_seq > 0 && wal_last == Some(earliest_seq),
         attempts: 1,
         copied_instead_of_linked: tables.copying,
     })
@@ -1809,61 +1812,62 @@ mod tests {
         assert_eq!(min_log_number(&state, true), 3);
     }
 
-    #[tokio::test]
-    async fn a_base_waits_for_the_follower_to_read_its_earliest_record() {
-        use std::sync::atomic::AtomicU32;
+    /// A repository, and base options whose follower answers `answers` in turn (the last one
+    /// from then on), counting the questions.
+    async fn asking(
+        answers: Vec<Observed>,
+    ) -> (Repository, BaseOptions, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::AtomicUsize;
         let repo = Repository::new(Arc::new(tidemark_manifest::store::MemoryStore::new()));
         repo.create_config(&tidemark_manifest::testing::config())
             .await
             .unwrap();
-        let written = model::time_from_micros(1_700_000_000_123_456);
-        // The follower reads the record on the fourth look.
-        let looks = Arc::new(AtomicU32::new(0));
+        let looks = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&looks);
-        let observed: ObservedTimeFn = Arc::new(move |seq| {
+        let observed: ObservedTimeFn = Arc::new(move |seq, _| {
             assert_eq!(seq, 77);
-            (counted.fetch_add(1, Ordering::SeqCst) >= 3).then_some(written)
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            answers[n.min(answers.len() - 1)]
         });
         let opts = BaseOptions {
             earliest_time: Some(observed),
             ..BaseOptions::default()
         };
+        (repo, opts, looks)
+    }
+
+    #[tokio::test]
+    async fn a_base_waits_for_the_follower_to_read_its_earliest_record() {
+        let written = model::time_from_micros(1_700_000_000_123_456);
+        // The follower reads the record on the fourth look.
+        let not_yet = Observed::NotYet;
+        let (repo, opts, looks) =
+            asking(vec![not_yet, not_yet, not_yet, Observed::At(written)]).await;
         let dir = tempfile::tempdir().unwrap();
-        let t = earliest_time(&opts, &repo, 77, true, &dir.path().join("earliest")).await;
+        let t = earliest_time(&opts, &repo, 77, Instant::now(), dir.path()).await;
         assert_eq!(t, written, "the record's time, not the time now");
         assert_eq!(looks.load(Ordering::SeqCst), 4);
     }
 
     #[tokio::test]
-    async fn a_base_waits_for_no_record_the_wal_does_not_hold() {
-        use std::sync::atomic::AtomicU32;
-        let repo = Repository::new(Arc::new(tidemark_manifest::store::MemoryStore::new()));
-        repo.create_config(&tidemark_manifest::testing::config())
-            .await
-            .unwrap();
-        let looks = Arc::new(AtomicU32::new(0));
-        let counted = Arc::clone(&looks);
-        let observed: ObservedTimeFn = Arc::new(move |_| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            None
-        });
-        let opts = BaseOptions {
-            earliest_time: Some(observed),
-            ..BaseOptions::default()
-        };
+    async fn a_base_waits_for_no_record_the_follower_will_never_read() {
         let dir = tempfile::tempdir().unwrap();
         let before = OffsetDateTime::now_utc();
         // A database that holds no record yet.
-        let t = earliest_time(&opts, &repo, 0, false, &dir.path().join("a")).await;
+        let (repo, opts, looks) = asking(vec![Observed::NotYet]).await;
+        let t = earliest_time(&opts, &repo, 0, Instant::now(), dir.path()).await;
         assert!(t >= before);
         assert_eq!(looks.load(Ordering::SeqCst), 0, "sequence 0 is no record");
-        // A record flushed to the table files, its WAL file gone, never archived.
-        let t = earliest_time(&opts, &repo, 77, false, &dir.path().join("b")).await;
-        assert!(t >= before);
-        assert_eq!(
-            looks.load(Ordering::SeqCst),
-            1,
-            "looked up once, not waited for"
-        );
+        // A record only in the table files: the follower says so at once, or after a look.
+        for answers in [
+            vec![Observed::Never],
+            vec![Observed::NotYet, Observed::Never],
+        ] {
+            let n = answers.len();
+            let (repo, opts, looks) = asking(answers).await;
+            let t = earliest_time(&opts, &repo, 77, Instant::now(), dir.path()).await;
+            assert!(t >= before);
+            assert_eq!(looks.load(Ordering::SeqCst), n, "not waited for");
+        }
     }
 }

@@ -713,8 +713,9 @@ async fn archived_record_time(repo: &tidemark_manifest::repo::Repository, seq: u
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_base_does_not_wait_for_a_record_its_wal_does_not_hold() -> Result<()> {
-    // An empty database, and one whose records are all flushed (its WAL holds none): the
-    // base's earliest record is nowhere the follower could read it.
+    // An empty database, and one whose records are all flushed and whose WAL files holding
+    // them are gone (deleted from archive/): the base's earliest record is nowhere the
+    // follower could read it.
     let dir = tempfile::tempdir()?;
     let opts = archivable_options();
     let empty = dir.path().join("empty");
@@ -727,6 +728,12 @@ async fn a_base_does_not_wait_for_a_record_its_wal_does_not_hold() -> Result<()>
         }
         db.flush()?;
     }
+    let mut deleted = 0;
+    for entry in std::fs::read_dir(flushed.join("archive"))? {
+        std::fs::remove_file(entry?.path())?;
+        deleted += 1;
+    }
+    ensure!(deleted > 0, "the flush archived no WAL file");
     for db_path in [&empty, &flushed] {
         let store = TestStore::local()?;
         let (code, text) = one_shot_backup(db_path, &store)?;

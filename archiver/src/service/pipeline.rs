@@ -26,7 +26,7 @@ use time::OffsetDateTime;
 use super::cf_watch::{AfterBase, CfWatch};
 use super::replay::ReplayTrigger;
 use super::{RunSummary, ServiceError};
-use crate::base::{BaseResult, ObservedTimeFn};
+use crate::base::{BaseResult, Observed, ObservedTimeFn};
 use crate::checkpoint::{CheckpointManager, CheckpointOptions};
 use crate::config::ArchiverOptions;
 use crate::follow::{FollowEvent, StartPosition, WalFollower};
@@ -281,6 +281,7 @@ impl Pipeline {
             .follower
             .take()
             .expect("the follower is back after each read");
+        let polled_at = Instant::now();
         let (follower, polled) = tokio::task::spawn_blocking(move || {
             let r = follower.poll();
             (follower, r)
@@ -291,6 +292,12 @@ impl Pipeline {
         self.read_at = Some(Instant::now());
         self.metrics.wal_read();
         let events = polled?;
+        if !self.follower.as_ref().is_some_and(|f| f.more_ready()) {
+            self.times
+                .lock()
+                .expect("times lock")
+                .read_to_end(polled_at);
+        }
         self.catch_up(&events)?;
         let mut step = Step {
             caught_up: events.is_empty(),
@@ -592,25 +599,24 @@ impl Pipeline {
         self.replay.due()
     }
 
-    /// The observed time of the record holding a sequence, for a base's `earliest_time`.
+    /// What the follower knows of the record holding a sequence, for a base's
+    /// `earliest_time`.
     pub fn observed_times(&self) -> ObservedTimeFn {
         let times = Arc::clone(&self.times);
-        Arc::new(move |seq| {
-            times
-                .lock()
-                .expect("times lock")
-                .lookup(seq)
-                .map(time_from_micros)
-        })
+        Arc::new(move |seq, since| times.lock().expect("times lock").observed(seq, since))
     }
 }
 
 /// The sequences and times of the records read recently, so that a base backup can learn
-/// the observed time of its earliest restorable sequence.
+/// the observed time of its earliest restorable sequence, and how far the follower has read.
 #[derive(Debug, Default)]
 struct RecentTimes {
     /// (first sequence, next sequence, time) of each record, in order.
     entries: VecDeque<(u64, u64, i64)>,
+    /// The largest next sequence of a record read (or archived before this run).
+    read_to: u64,
+    /// When the last read that reached the end of the WAL started.
+    read_to_end_at: Option<Instant>,
 }
 
 impl RecentTimes {
@@ -621,6 +627,25 @@ impl RecentTimes {
             self.entries.pop_front();
         }
         self.entries.push_back((seq, next_seq, time_us));
+        self.read_to = self.read_to.max(next_seq);
+    }
+
+    /// A read that started at `at` reached the end of the WAL.
+    fn read_to_end(&mut self, at: Instant) {
+        self.read_to_end_at = Some(at);
+    }
+
+    /// The record holding `seq`, written before `since`: read (at its time), not read yet,
+    /// or never to be read by this run (records after it were read, or a read that started
+    /// after `since` reached the end of the WAL without it).
+    fn observed(&self, seq: u64, since: Instant) -> Observed {
+        if let Some(t) = self.lookup(seq) {
+            return Observed::At(time_from_micros(t));
+        }
+        if seq < self.read_to || self.read_to_end_at.is_some_and(|at| at > since) {
+            return Observed::Never;
+        }
+        Observed::NotYet
     }
 
     /// The time of the record holding `seq`, if it was read (by this run, and recently).
@@ -1106,5 +1131,28 @@ mod tests {
         // not the time of a later record.
         assert_eq!(t.lookup(4), None);
         assert_eq!(t.lookup(1), None);
+    }
+
+    #[test]
+    fn recent_times_say_when_the_follower_will_never_read_a_record() {
+        let copied = Instant::now();
+        let mut t = RecentTimes::default();
+        assert_eq!(t.observed(5, copied), Observed::NotYet, "nothing read yet");
+        t.read_to_end(copied - Duration::from_millis(1));
+        assert_eq!(
+            t.observed(5, copied),
+            Observed::NotYet,
+            "the end reached before the copy: the record may have been written since"
+        );
+        t.push(11, 16, 200);
+        assert_eq!(t.observed(12, copied), Observed::At(time_from_micros(200)));
+        assert_eq!(t.observed(5, copied), Observed::Never, "read past it");
+        assert_eq!(t.observed(16, copied), Observed::NotYet, "the next one");
+        t.read_to_end(copied + Duration::from_millis(1));
+        assert_eq!(
+            t.observed(16, copied),
+            Observed::Never,
+            "a read started after the copy reached the end without it"
+        );
     }
 }
