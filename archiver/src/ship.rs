@@ -122,12 +122,16 @@ impl Shipper {
         if on == self.catching_up {
             return Ok(());
         }
-        self.catching_up = on;
-        let level = self.level();
-        match &mut self.open {
-            Some((builder, _)) => builder.set_zstd_level(level).map_err(ShipError::Encoder),
-            None => Ok(()),
+        let level = if on {
+            self.opts.catch_up_zstd_level
+        } else {
+            self.opts.zstd_level
+        };
+        if let Some((builder, _)) = &mut self.open {
+            builder.set_zstd_level(level).map_err(ShipError::Encoder)?;
         }
+        self.catching_up = on;
+        Ok(())
     }
 
     /// True while records are compressed at the catch-up level.
@@ -325,6 +329,55 @@ mod tests {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    }
+
+    #[tokio::test]
+    async fn catching_up_compresses_the_open_segment_faster_from_the_next_record() {
+        let repo = Repository::new(Arc::new(MemoryStore::new()));
+        repo.create_config(&tidemark_manifest::testing::config())
+            .await
+            .unwrap();
+        // 40 records of 64 KiB, compressible: several jobs of frames on each side.
+        let records: Vec<Record> = (0..40u64)
+            .map(|i| {
+                let mut r = record(1 + i, 1, 1_000 + i as i64);
+                r.batch
+                    .extend((0..65_536u64).map(|j| ((i * 31 + j * 7) % 251 + j / 4096) as u8));
+                r
+            })
+            .collect();
+        let build = |switch_at: Option<usize>| {
+            let mut b = SegmentBuilder::new(Compression::Zstd, 3).unwrap();
+            for (i, r) in records.iter().enumerate() {
+                if switch_at == Some(i) {
+                    b.set_zstd_level(1).unwrap();
+                }
+                b.push(r).unwrap();
+            }
+            b.finish().unwrap()
+        };
+        let mut shipper = Shipper::new(repo.clone(), ShipOptions::default());
+        for (i, r) in records.iter().enumerate() {
+            if i == 20 {
+                assert_eq!(shipper.level(), 3);
+                shipper.set_catching_up(true).unwrap();
+                assert!(shipper.catching_up());
+                assert_eq!(shipper.level(), 1);
+            }
+            shipper.push(r).unwrap();
+        }
+        shipper.ship_all().await.unwrap();
+        let entries = shipper.take_durable();
+        assert_eq!(entries.len(), 1);
+        let shipped = repo.store().get(&entries[0].key).await.unwrap();
+        assert!(
+            shipped == build(Some(20)).bytes,
+            "level 1 from record 20 on"
+        );
+        assert!(shipped != build(None).bytes, "not level 3 throughout");
+        // Back to the normal level for the segment opened next.
+        shipper.set_catching_up(false).unwrap();
+        assert_eq!(shipper.level(), 3);
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use std::io::{self, BufReader, Read, Take};
 
 mod body;
 use body::{BodyWriter, ZstdFrames};
-pub use body::{ZSTD_FRAME_RAW, zstd_levels};
+pub use body::{ZSTD_FRAME_RAW, check_zstd_level, zstd_levels};
 
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 128;
@@ -1065,8 +1065,10 @@ mod tests {
         assert!(build(&recs, 3, Some((0, 1))).bytes == fresh.bytes);
         let mut b = SegmentBuilder::new(Compression::Zstd, 3).unwrap();
         let e = b.set_zstd_level(23).unwrap_err();
-        assert!(e.to_string().contains("levels go from"), "{e}");
+        assert!(e.to_string().contains("is not a zstd level: give"), "{e}");
         assert!(SegmentBuilder::new(Compression::Zstd, 1_000).is_err());
+        let e = SegmentBuilder::new(Compression::Zstd, 0).err().unwrap();
+        assert!(e.to_string().contains("default level, 3"), "{e}");
     }
 
     fn encode_at(recs: &[Record], level: i32) -> EncodedSegment {

@@ -111,17 +111,11 @@ pub fn check_options(o: &ArchiverOptions) -> Result<(), InvalidSetting> {
         ("zstd_level", o.zstd_level),
         ("catch_up_zstd_level", o.catch_up_zstd_level),
     ] {
-        let levels = tidemark_manifest::segment::zstd_levels();
-        if !levels.contains(&level) {
+        if let Err(problem) = tidemark_manifest::segment::check_zstd_level(level) {
             return Err(InvalidSetting {
                 key: key.to_owned(),
                 value: level.to_string(),
-                problem: format!(
-                    "is not a zstd level: give {} to {} (higher compresses smaller and \
-                     slower; negative levels are the fastest)",
-                    levels.start(),
-                    levels.end()
-                ),
+                problem,
             });
         }
     }
@@ -519,7 +513,13 @@ mod tests {
     #[test]
     fn zstd_levels_zstd_does_not_have_are_refused_naming_the_key() {
         let levels = tidemark_manifest::segment::zstd_levels();
-        for level in [*levels.start() - 1, *levels.end() + 1, 100, i32::MIN] {
+        for (level, says) in [
+            (*levels.start() - 1, "is not a zstd level: give"),
+            (*levels.end() + 1, "is not a zstd level: give"),
+            (100, "is not a zstd level: give"),
+            (i32::MIN, "is not a zstd level: give"),
+            (0, "is zstd's default level, 3, in disguise: give 3"),
+        ] {
             for key in ["zstd_level", "catch_up_zstd_level"] {
                 let mut o = ArchiverOptions::default();
                 *(if key == "zstd_level" {
@@ -529,7 +529,7 @@ mod tests {
                 }) = level;
                 let msg = check_options(&o).unwrap_err().to_string();
                 assert!(
-                    msg.starts_with(&format!("{key} = \"{level}\" is not a zstd level: give")),
+                    msg.starts_with(&format!("{key} = \"{level}\" {says}")),
                     "{msg}"
                 );
             }

@@ -226,24 +226,39 @@ impl ZstdFrames {
     }
 }
 
-/// The zstd levels segments may be compressed at (zstd itself would take any number, and
-/// use the nearest of these).
+/// The zstd levels segments may be compressed at, but 0 ([`check_zstd_level`]). zstd itself
+/// would take any number, and use the nearest of these.
 pub fn zstd_levels() -> std::ops::RangeInclusive<i32> {
     zstd::compression_level_range()
 }
 
-fn check_level(level: i32) -> io::Result<()> {
-    if zstd_levels().contains(&level) {
-        return Ok(());
+/// Refuses a level zstd would not use as given: one outside [`zstd_levels`], or 0 (which
+/// zstd reads as its default, 3). The message says what to give instead.
+pub fn check_zstd_level(level: i32) -> Result<(), String> {
+    let levels = zstd_levels();
+    if level == 0 {
+        return Err(
+            "is zstd's default level, 3, in disguise: give 3 (or the level you mean)".into(),
+        );
     }
-    Err(io::Error::new(
-        io::ErrorKind::InvalidInput,
-        format!(
-            "zstd level {level} does not exist; levels go from {} to {}",
-            zstd_levels().start(),
-            zstd_levels().end()
-        ),
-    ))
+    if !levels.contains(&level) {
+        return Err(format!(
+            "is not a zstd level: give {} to {} (higher compresses smaller and slower; \
+             negative levels are the fastest)",
+            levels.start(),
+            levels.end()
+        ));
+    }
+    Ok(())
+}
+
+fn check_level(level: i32) -> io::Result<()> {
+    check_zstd_level(level).map_err(|problem| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("zstd level {level} {problem}"),
+        )
+    })
 }
 
 fn stopped() -> io::Error {

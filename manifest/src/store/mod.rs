@@ -302,7 +302,7 @@ impl From<crate::checksum::Hasher> for FileDigest {
 }
 
 /// Reads back a file just downloaded from `key` and hashes it, off the async runtime: the
-/// default of [`ObjectStore::get_to_file_max_hashed`].
+/// default of [`ObjectStore::get_to_file_hashed`].
 async fn hash_downloaded(key: &str, path: &Path) -> StoreResult<FileDigest> {
     let p = path.to_owned();
     let local = |source| StoreError::LocalFile {
