@@ -23,7 +23,10 @@
 #      per hour, stored bytes per WAL byte; idle (nothing may be uploaded), at a moderate rate
 #      (the 1k writes/s runs of measure 1) and as fast as the writer goes; then the drain:
 #      the archiver is paused (SIGSTOP) while the writer goes as fast as it can, and resumed
-#      when it stops; the backlog's WAL MB ÷ the seconds to ship it, over the writer's rate.
+#      when the database's flushes and compactions of the burst are done (so that the
+#      archiver has the CPU to itself, as the writer had); the backlog's WAL MB ÷ the seconds
+#      to ship it, over the writer's rate. The racing drain resumes it as soon as the writer
+#      stops, sharing the CPU with those compactions.
 #   3. restore of a base + a minute of WAL from the S3 server, by phase, against a plain
 #      parallel download of the same objects, RocksDB's BackupEngine restoring from a local
 #      directory, and a checkpoint tarball (tar | zstd, one object) downloaded and unpacked.
@@ -42,6 +45,7 @@
 #   BENCH_MAX_SECONDS [15] (3)         seconds of writing as fast as possible
 #   BENCH_MAX_CONFIGS ["local:100 local:4096 s3:4096"] ("local:4096")  store:value size
 #   BENCH_DRAIN_SECONDS [10] (3)       seconds of backlog written for the drain (same configs)
+#   BENCH_RACING_CONFIGS ["local:4096"] ("local:4096")  configs of the racing drain
 #   BENCH_RESTORE_STORE [s3]           store of measures 3-5 (s3 or local)
 #   BENCH_RESTORE_KEYS [4000000] (50000)     keys of the restored database
 #   BENCH_RESTORE_VALUE [1024]         their value size in bytes
@@ -93,6 +97,7 @@ IDLE_SECONDS="${BENCH_IDLE_SECONDS:-$d_idle}"
 MAX_SECONDS="${BENCH_MAX_SECONDS:-$d_max_seconds}"
 MAX_CONFIGS="${BENCH_MAX_CONFIGS:-$d_max_configs}"
 DRAIN_SECONDS="${BENCH_DRAIN_SECONDS:-$d_drain_seconds}"
+RACING_CONFIGS="${BENCH_RACING_CONFIGS:-local:4096}"
 RESTORE_STORE="${BENCH_RESTORE_STORE:-s3}"
 RESTORE_KEYS="${BENCH_RESTORE_KEYS:-$d_restore_keys}"
 RESTORE_VALUE="${BENCH_RESTORE_VALUE:-1024}"
@@ -169,6 +174,8 @@ store_url() { # store_url STORE NAME
   esac
 }
 request_log_args() { [ "$1" = s3 ] && echo "--request-log $s3_log" || true; }
+s3_pid="$(sed -n 's/^PID=//p' "$TIDEMARK_RUN_DIR/s3-server.state")"
+server_pid_args() { [ "$1" = s3 ] && echo "--server-pid $s3_pid" || true; }
 
 # ---------------------------------------------------------------------------------------
 say "1. Durable archive lag ($REPS runs of $LAG_SECONDS s per configuration)"
@@ -218,17 +225,24 @@ for rep in $(seq 1 "$REPS"); do
     rm -rf "$work/stores"
   done
 done
+# drain MEASURE STORE VALUE REP [--settle]
+drain() {
+  local measure="$1" store="$2" value="$3" rep="$4" name="$1-$2-$3-$4"
+  shift 4
+  echo "  $name (load $(load1))" >&2
+  # shellcheck disable=SC2046
+  "$bin/tidemark-bench" archive --dir "$work/run" --to "$(store_url "$store" "$name")" \
+    --archiver "$bin/tidemark-archiver" --rate 0 --seconds "$DRAIN_SECONDS" --drain "$@" \
+    --value-size "$value" $(request_log_args "$store") $(server_pid_args "$store") >"$work/out.json"
+  record "$measure" "{\"store\":\"$store\",\"value\":$value}" "$rep" "$work/out.json"
+  rm -rf "$work/stores"
+}
 for rep in $(seq 1 "$REPS"); do
   for cfg in $MAX_CONFIGS; do
-    store="${cfg%%:*}" value="${cfg##*:}"
-    name="drain-$store-$value-$rep"
-    echo "  $name (load $(load1))" >&2
-    # shellcheck disable=SC2046
-    "$bin/tidemark-bench" archive --dir "$work/run" --to "$(store_url "$store" "$name")" \
-      --archiver "$bin/tidemark-archiver" --rate 0 --seconds "$DRAIN_SECONDS" --drain \
-      --value-size "$value" $(request_log_args "$store") >"$work/out.json"
-    record drain "{\"store\":\"$store\",\"value\":$value}" "$rep" "$work/out.json"
-    rm -rf "$work/stores"
+    drain drain "${cfg%%:*}" "${cfg##*:}" "$rep" --settle
+  done
+  for cfg in $RACING_CONFIGS; do
+    drain drain-racing "${cfg%%:*}" "${cfg##*:}" "$rep"
   done
 done
 rm -rf "$work/run"
@@ -404,7 +418,7 @@ python3 bench/report.py --results "$results" --out "bench/results/$stamp" \
     python3 -c 'import json,sys; print(json.dumps(dict(a.split("=",1) for a in sys.argv[1:])))' \
       REPS="$REPS" LAG_SECONDS="$LAG_SECONDS" LAG_RATES="$LAG_RATES" LAG_VALUES="$LAG_VALUES" \
       LAG_SYNCS="$LAG_SYNCS" STORES="$STORES" IDLE_SECONDS="$IDLE_SECONDS" \
-      MAX_SECONDS="$MAX_SECONDS" MAX_CONFIGS="$MAX_CONFIGS" DRAIN_SECONDS="$DRAIN_SECONDS" RESTORE_STORE="$RESTORE_STORE" \
+      MAX_SECONDS="$MAX_SECONDS" MAX_CONFIGS="$MAX_CONFIGS" DRAIN_SECONDS="$DRAIN_SECONDS" RACING_CONFIGS="$RACING_CONFIGS" RESTORE_STORE="$RESTORE_STORE" \
       RESTORE_KEYS="$RESTORE_KEYS" RESTORE_VALUE="$RESTORE_VALUE" \
       RESTORE_WAL_SECONDS="$RESTORE_WAL_SECONDS" RESTORE_WAL_RATE="$RESTORE_WAL_RATE" \
       INCR_FRACTION="$INCR_FRACTION"

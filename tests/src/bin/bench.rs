@@ -158,6 +158,15 @@ struct ArchiveArgs {
     /// writer stops: measures how fast it drains a backlog with the CPU to itself.
     #[arg(long, conflicts_with = "lag")]
     drain: bool,
+    /// With --drain: before resuming the archiver, wait for the database's flushes and
+    /// compactions of the backlog to finish, so that the drain does not share the CPU with
+    /// them (the time waited is reported as drain.settle_secs).
+    #[arg(long, requires = "drain")]
+    settle: bool,
+    /// With --drain: the S3 server's process, whose CPU share over the drain is reported
+    /// (drain.server_cpu_share: 1.0 is one core), to tell a bound server from a slow archiver.
+    #[arg(long, requires = "drain")]
+    server_pid: Option<u32>,
     /// Pause between store polls that found nothing new, in milliseconds.
     #[arg(long, default_value_t = 10)]
     poll_ms: u64,
@@ -772,6 +781,9 @@ fn archive(a: ArchiveArgs) -> Result<Value> {
     let wal_written = wal_bytes(&db_path)? - wal0;
     target.store(last_seq, Ordering::SeqCst);
     stop.store(true, Ordering::SeqCst);
+    let settle_secs = if a.settle { Some(settle(&db)?) } else { None };
+    let cpu_settled = sample_proc(pid, ticks)?;
+    let server0 = a.server_pid.map(|p| sample_proc(p, ticks)).transpose()?;
     // Catch-up: until a segment holding the last write is in the store.
     if a.drain {
         archiver.signal("CONT")?;
@@ -810,6 +822,7 @@ fn archive(a: ArchiveArgs) -> Result<Value> {
         .map(|(_, t)| *t)
         .unwrap_or(0);
     let cpu1 = sample_proc(pid, ticks)?;
+    let server1 = a.server_pid.map(|p| sample_proc(p, ticks)).transpose()?;
     let requests = match &a.request_log {
         Some(p) => Some(count_requests(p, log_from)?.0),
         None => None,
@@ -883,7 +896,11 @@ fn archive(a: ArchiveArgs) -> Result<Value> {
             "secs": catch_up_secs,
             "mb_per_sec": mb(wal_written) / secs,
             "over_write_rate": (write_secs > 0.0).then(|| write_secs / secs),
-            "cpu_secs": cpu1.cpu_secs - cpu_writer_end.cpu_secs,
+            "cpu_secs": cpu1.cpu_secs - cpu_settled.cpu_secs,
+            "settle_secs": settle_secs,
+            "server_cpu_share": server0
+                .zip(server1)
+                .map(|(s0, s1)| (s1.cpu_secs - s0.cpu_secs) / secs),
         })
     } else {
         Value::Null
