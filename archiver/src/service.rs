@@ -24,6 +24,7 @@ mod bases;
 mod catch_up;
 mod cf_watch;
 pub mod pipeline;
+mod reader;
 mod replay;
 mod retention;
 

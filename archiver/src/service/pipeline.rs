@@ -35,6 +35,7 @@ use crate::ship::{ShipError, ShipOptions, Shipper};
 use crate::watch::Watcher;
 
 use super::catch_up::{CATCH_UP_BACKLOG, CatchUp};
+use super::reader::WalReader;
 
 /// What one step found that the owners beside the pipeline act on.
 #[derive(Debug, Default)]
@@ -50,8 +51,8 @@ pub struct Step {
 /// Follow → ship → checkpoint, for one database and repository. The service drives it;
 /// tests that need a repository written step by step drive it the same way.
 pub struct Pipeline {
-    /// Lent to a blocking task during each read.
-    follower: Option<WalFollower>,
+    /// The follower, polled on blocking threads (one poll ahead while catching up).
+    reader: WalReader,
     watcher: Watcher,
     shipper: Shipper,
     checkpoint: CheckpointManager,
@@ -142,7 +143,7 @@ impl Pipeline {
         }
         let newest_base_seq = state.history.bases.iter().map(|b| b.earliest_seq).max();
         let pipeline = Pipeline {
-            follower: Some(follower),
+            reader: WalReader::new(follower),
             watcher: Watcher::new(wal_dir, opts.poll_interval)?,
             shipper: Shipper::new(repo.clone(), ship).with_metrics(Arc::clone(metrics)),
             checkpoint: CheckpointManager::new(repo.clone(), state, checkpoint)
@@ -216,7 +217,7 @@ impl Pipeline {
 
     /// True when more of the WAL can be read at once (catching up).
     pub fn more_ready(&self) -> bool {
-        self.reading() && self.follower.as_ref().is_some_and(|f| f.more_ready())
+        self.reading() && self.reader.more_ready()
     }
 
     /// Resolves when the WAL directory changes (or at the polling interval), never while
@@ -276,29 +277,14 @@ impl Pipeline {
         .min()
     }
 
+    /// Reads one poll of the WAL into the open segment (the next poll starts meanwhile
+    /// when this one stopped at its budget).
     async fn read(&mut self) -> Result<Step, ServiceError> {
-        let mut follower = self
-            .follower
-            .take()
-            .expect("the follower is back after each read");
-        let polled_at = Instant::now();
-        let (follower, polled) = tokio::task::spawn_blocking(move || {
-            let r = follower.poll();
-            (follower, r)
-        })
-        .await
-        .map_err(|e| ServiceError::Other(format!("WAL reader task failed: {e}")))?;
-        self.follower = Some(follower);
+        let polled = self.reader.next(true).await?;
         self.read_at = Some(Instant::now());
         self.metrics.wal_read();
-        let events = polled?;
-        if !self.follower.as_ref().is_some_and(|f| f.more_ready()) {
-            self.times
-                .lock()
-                .expect("times lock")
-                .read_to_end(polled_at);
-        }
-        self.catch_up(&events)?;
+        let events = polled.events?;
+        self.catch_up(&events, polled.more_ready)?;
         let mut step = Step {
             caught_up: events.is_empty(),
             ..Step::default()
@@ -321,12 +307,20 @@ impl Pipeline {
                 }
             }
         }
+        if !polled.more_ready {
+            // Only now that its records are in: a base told that a record will never be
+            // read while it is still being added would stamp itself with a later time.
+            self.times
+                .lock()
+                .expect("times lock")
+                .read_to_end(polled.started);
+        }
         Ok(step)
     }
 
     /// Switches the shipper to the catch-up level, or back, before the records of a read
     /// are added.
-    fn catch_up(&mut self, events: &[FollowEvent]) -> Result<(), ServiceError> {
+    fn catch_up(&mut self, events: &[FollowEvent], more_ready: bool) -> Result<(), ServiceError> {
         let bytes: u64 = events
             .iter()
             .map(|ev| match ev {
@@ -334,7 +328,6 @@ impl Pipeline {
                 _ => 0,
             })
             .sum();
-        let more_ready = self.follower.as_ref().is_some_and(|f| f.more_ready());
         let on = self.catch_up.read(bytes, more_ready);
         if on != self.shipper.catching_up() {
             self.shipper.set_catching_up(on)?;
@@ -1131,6 +1124,35 @@ mod tests {
         // not the time of a later record.
         assert_eq!(t.lookup(4), None);
         assert_eq!(t.lookup(1), None);
+    }
+
+    #[tokio::test]
+    async fn a_record_of_a_read_still_being_added_is_not_yet_read_for_a_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let (faults, _repo, mut p, wal) = pipeline_in(dir.path(), one_record_segments()).await;
+        let observed = p.observed_times();
+        let copied = Instant::now();
+        write_wal(&wal, 5, &[(1, 1), (2, 1), (3, 1), (4, 1)]);
+        // Uploads are slow: adding the records waits for the upload of record 1's segment
+        // (two segments held at most), with record 4 still to add.
+        faults.inject(FaultRule::new(Fault::Delay(Duration::from_secs(2))).key_prefix("wal/"));
+        let probe = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            (observed(1, copied), observed(4, copied))
+        };
+        let (stepped, (first, fourth)) = tokio::join!(p.step(), probe);
+        stepped.unwrap();
+        assert!(
+            matches!(first, Observed::At(_)),
+            "record 1 was added: {first:?}"
+        );
+        assert_eq!(
+            fourth,
+            Observed::NotYet,
+            "record 4 was read by a read that reached the end after the copy, but is not \
+             added yet: a base asking now must wait for its time"
+        );
+        assert!(matches!(observed(4, copied), Observed::At(_)));
     }
 
     #[test]
