@@ -2,8 +2,9 @@
 //! every sync interval or at a size limit, whichever comes first, then uploaded
 //! (create-only). Nothing is uploaded while no record arrives.
 //!
-//! A closed segment is uploaded in the background ([`crate::upload`]) while the next one is
-//! read and compressed. Uploads happen in sequence order and one at a time: a segment that
+//! A closed segment is finished (its last frames compressed, the whole hashed) on a blocking
+//! thread and uploaded in the background ([`crate::upload`]) while the next one is read and
+//! compressed. Uploads happen in sequence order and one at a time: a segment that
 //! failed to upload is kept and retried before anything newer goes up, so the tail walk of
 //! FORMAT.md §4.4 never meets a hole. At most two closed segments are held (the one
 //! uploading and the next, closed and waiting for it), and no segment is open while two are;
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use tidemark_manifest::model::{Compression, SegmentEntry};
 use tidemark_manifest::repo::{RepoError, Repository};
 use tidemark_manifest::segment::{EncodedSegment, Record, SegmentBuilder, SegmentError};
+use tokio::task::JoinHandle;
 
 use crate::metrics::Metrics;
 use crate::upload::{Uploaded, Uploader};
@@ -64,8 +66,8 @@ pub struct Shipper {
     open_first_time_us: i64,
     /// Closed segments on their way to the store.
     uploads: Uploader,
-    /// A segment closed and waiting for the uploader to take it.
-    closed: Option<EncodedSegment>,
+    /// A segment closed and waiting for the uploader to take it (being finished, maybe).
+    closed: Option<Closed>,
     /// Segments found durable and not taken yet, in order.
     durable: Vec<SegmentEntry>,
     /// Records are compressed at the catch-up level.
@@ -154,7 +156,7 @@ impl Shipper {
         let closed = self
             .uploads
             .oldest_time_us()
-            .or(self.closed.as_ref().map(|s| s.header.first_time_us));
+            .or(self.closed.as_ref().map(|c| c.first_time_us));
         match (closed, &self.open) {
             (Some(t), _) => Some(t),
             (None, Some((b, _))) if b.can_finish() => Some(self.open_first_time_us),
@@ -210,23 +212,37 @@ impl Shipper {
     }
 
     /// Closes the open segment (if it holds a sequence number) and starts its upload behind
-    /// those before it. The segment is finished (its last bytes compressed, hashed) while
-    /// the upload before it runs, then waits for that upload to end; a failed upload is
-    /// retried first. Segments found durable meanwhile are kept for
-    /// [`Shipper::take_durable`], also when this fails. On an upload error every segment is
-    /// kept, and the next call tries the oldest again first.
+    /// those before it. The segment is finished (its last bytes compressed, hashed) on a
+    /// blocking thread while the next one fills and the upload before it runs; it is handed
+    /// to the uploader when that upload ends (by a later call, or [`Shipper::collect`], when
+    /// nothing else waits to close behind it). A failed upload is retried first. Segments
+    /// found durable meanwhile are kept for [`Shipper::take_durable`], also when this fails.
+    /// On an upload error every segment is kept, and the next call tries the oldest again
+    /// first.
     pub async fn ship(&mut self) -> Result<(), ShipError> {
-        self.close()?;
+        self.ship_closed(false).await
+    }
+
+    /// [`Shipper::ship`]; with `all`, hands every closed segment to the uploader, waiting
+    /// for its finish.
+    async fn ship_closed(&mut self, all: bool) -> Result<(), ShipError> {
+        self.close();
         self.collect().await?;
-        while let Some(seg) = self.closed.take() {
+        while let Some(closed) = self.closed.take() {
             if self.uploads.is_full() {
-                self.closed = Some(seg);
+                self.closed = Some(closed);
                 self.wait_one().await?;
                 continue;
             }
-            self.uploads.push(seg);
+            if !all && self.open.is_none() && !closed.is_finished() {
+                // Nothing waits to close behind it and the uploader is free: the next
+                // segment fills while this one is finished (two closed are still the most).
+                self.closed = Some(closed);
+                break;
+            }
+            self.uploads.push(closed.segment().await?);
             // A segment left open behind one that waited (after a failure) goes next.
-            self.close()?;
+            self.close();
         }
         if self.uploads.failed() {
             self.wait_one().await?;
@@ -234,35 +250,53 @@ impl Shipper {
         Ok(())
     }
 
-    /// Finishes the open segment into the closed slot, if that is free and the segment
-    /// holds a sequence number.
-    fn close(&mut self) -> Result<(), ShipError> {
+    /// Moves the open segment into the closed slot, if that is free and the segment holds a
+    /// sequence number, and starts finishing it.
+    fn close(&mut self) {
         if self.closed.is_none() && self.open.as_ref().is_some_and(|(b, _)| b.can_finish()) {
             let (builder, _) = self.open.take().expect("checked above");
-            self.closed = Some(builder.finish()?);
+            self.closed = Some(Closed::finish(builder, self.open_first_time_us));
         }
-        Ok(())
     }
 
     /// [`Shipper::ship`], then waits until every closed segment is durable.
     pub async fn ship_all(&mut self) -> Result<(), ShipError> {
-        self.ship().await?;
+        self.ship_closed(true).await?;
         while self.has_unsent() {
             self.wait_one().await?;
         }
         Ok(())
     }
 
-    /// Takes note of an upload that ended, without waiting. An upload error is returned
-    /// (the segment is kept for a retry).
+    /// Takes note of an upload that ended, and hands a finished segment to the uploader if
+    /// it has room, without waiting. An upload error is returned (the segment is kept for a
+    /// retry).
     pub async fn collect(&mut self) -> Result<(), ShipError> {
         let ended = self.uploads.take_ended().await;
-        self.uploaded(ended)
+        self.uploaded(ended)?;
+        if !self.uploads.is_full() && self.closed.as_ref().is_some_and(Closed::is_finished) {
+            let closed = self.closed.take().expect("checked above");
+            self.uploads.push(closed.segment().await?);
+        }
+        Ok(())
     }
 
-    /// Resolves when the upload running now ends (never while none runs); cancel-safe.
-    pub async fn upload_ended(&mut self) {
-        self.uploads.upload_ended().await
+    /// Resolves when the upload running now ends or the closed segment is finished (never
+    /// while neither runs): [`Shipper::collect`] has something to do. Cancel-safe.
+    pub async fn progressed(&mut self) {
+        let finishing = async {
+            match &mut self.closed {
+                Some(closed) if matches!(closed.state, Finish::Running(_)) => {
+                    closed.wait_finished().await
+                }
+                // Finished and waiting for the uploader: its upload ending is the news.
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.uploads.upload_ended() => {}
+            _ = finishing => {}
+        }
     }
 
     /// The segments found durable since the last call, in order.
@@ -299,6 +333,60 @@ impl Shipper {
             .segment_uploaded(&entry, up.took, self.waiting_since_us());
         self.durable.push(entry);
         Ok(())
+    }
+}
+
+/// A closed segment: being finished on a blocking thread, then finished (or failed).
+#[derive(Debug)]
+struct Closed {
+    first_time_us: i64,
+    state: Finish,
+}
+
+#[derive(Debug)]
+enum Finish {
+    Running(JoinHandle<Result<EncodedSegment, SegmentError>>),
+    Done(Result<EncodedSegment, ShipError>),
+}
+
+impl Closed {
+    fn finish(builder: SegmentBuilder, first_time_us: i64) -> Closed {
+        Closed {
+            first_time_us,
+            state: Finish::Running(tokio::task::spawn_blocking(move || builder.finish())),
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        match &self.state {
+            Finish::Running(task) => task.is_finished(),
+            Finish::Done(_) => true,
+        }
+    }
+
+    /// Resolves when the segment is finished. Cancel-safe: the outcome is kept.
+    async fn wait_finished(&mut self) {
+        let Finish::Running(task) = &mut self.state else {
+            return;
+        };
+        let outcome = match task.await {
+            Ok(r) => r.map_err(ShipError::from),
+            // The task is never aborted; a panic in it is this thread's.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(ShipError::Encoder(std::io::Error::other(format!(
+                "finishing a segment: {e}"
+            )))),
+        };
+        self.state = Finish::Done(outcome);
+    }
+
+    /// The finished segment (waiting for its finish).
+    async fn segment(mut self) -> Result<EncodedSegment, ShipError> {
+        self.wait_finished().await;
+        match self.state {
+            Finish::Done(outcome) => outcome,
+            Finish::Running(_) => unreachable!("waited for above"),
+        }
     }
 }
 
@@ -572,6 +660,31 @@ mod tests {
         assert_eq!(stored(&faults).await, vec![1, 4]);
         assert_eq!(shipper.closed_held(), 0);
         assert_eq!(shipper.waiting_since_us(), None);
+    }
+
+    #[tokio::test]
+    async fn a_segment_closed_with_the_uploader_free_goes_up_without_another_ship() {
+        let (faults, mut shipper) = faulty_shipper().await;
+        push_run(&mut shipper, 1, 3);
+        shipper.ship().await.unwrap();
+        // Records read meanwhile go into the next segment, whatever the closed one is doing.
+        push_run(&mut shipper, 4, 2);
+        assert_eq!(shipper.next_seq(), Some(6));
+        // No further ship: the step's wake-up and collect hand it over, then see it durable.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while shipper.durable.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the closed segment never went up"
+            );
+            tokio::time::timeout(Duration::from_secs(5), shipper.progressed())
+                .await
+                .expect("the finish or the upload ending wakes the step");
+            shipper.collect().await.unwrap();
+        }
+        assert_eq!(stored(&faults).await, vec![1]);
+        assert_eq!(shipper.take_durable()[0].last_seq, 3);
+        assert_eq!(shipper.waiting_since_us(), Some(1_004));
     }
 
     #[tokio::test]

@@ -221,10 +221,10 @@ impl Pipeline {
     }
 
     /// Resolves when the WAL directory changes (or at the polling interval), never while
-    /// nothing would be read; or when a segment's upload ends. While a segment is open,
-    /// changes are gathered for the coalescing window after the last read: a database
-    /// writing a thousand small batches a second wakes the archiver a few times per window,
-    /// not once per batch.
+    /// nothing would be read; or when a closed segment is finished or its upload ends.
+    /// While a segment is open, changes are gathered for the coalescing window after the
+    /// last read: a database writing a thousand small batches a second wakes the archiver a
+    /// few times per window, not once per batch.
     pub async fn wal_changed(&mut self) {
         let reading = self.reading();
         let quiet = self.quiet_until();
@@ -240,7 +240,7 @@ impl Pipeline {
         };
         tokio::select! {
             _ = changed => {}
-            _ = self.shipper.upload_ended() => {}
+            _ = self.shipper.progressed() => {}
         }
     }
 
