@@ -149,6 +149,12 @@ impl ZstdFrames {
             raw: std::mem::replace(&mut self.piece, next),
             frames: self.buffer(frames_bound(whole)),
         };
+        self.compress(job)
+    }
+
+    /// Compresses a job: here, or on rayon's pool when parallel (its frames are appended in
+    /// order as the jobs end).
+    fn compress(&mut self, job: Job) -> io::Result<()> {
         if !self.parallel {
             return self.append(compress_frames(self.level, job));
         }
@@ -208,19 +214,17 @@ impl ZstdFrames {
     }
 
     fn finish(mut self) -> io::Result<Vec<u8>> {
-        // The last piece is compressed here while the threads end theirs.
-        let last = (!self.piece.is_empty()).then(|| {
+        // The last piece goes to the pool too: the thread finishing a segment need not be
+        // one that keeps a compression context (a blocking thread of the archiver's).
+        if !self.piece.is_empty() {
             let job = Job {
                 frames: self.buffer(frames_bound(self.piece.len())),
                 raw: std::mem::take(&mut self.piece),
             };
-            compress_frames(self.level, job)
-        });
+            self.compress(job)?;
+        }
         while let Some(rx) = self.in_flight.pop_front() {
             self.append(rx.recv().map_err(|_| stopped())?)?;
-        }
-        if let Some(job) = last {
-            self.append(job)?;
         }
         Ok(self.out)
     }
