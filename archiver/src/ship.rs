@@ -2,11 +2,11 @@
 //! every sync interval or at a size limit, whichever comes first, then uploaded
 //! (create-only). Nothing is uploaded while no record arrives.
 //!
-//! A closed segment is finished (its last frames compressed, the whole hashed) on a blocking
-//! thread and uploaded in the background ([`crate::upload`]) while the next one is read and
-//! compressed. Uploads happen in sequence order and one at a time: a segment that
-//! failed to upload is kept and retried before anything newer goes up, so the tail walk of
-//! FORMAT.md §4.4 never meets a hole. At most two closed segments are held (the one
+//! A closed segment is finished (its last frames compressed on the pool, the whole hashed)
+//! on a blocking thread and uploaded in the background ([`crate::upload`]) while the next one
+//! is read and compressed. Uploads happen in sequence order and one at a time: a segment
+//! that failed to upload is kept and retried before anything newer goes up, so the tail walk
+//! of FORMAT.md §4.4 never meets a hole. At most two closed segments are held (the one
 //! uploading and the next, closed and waiting for it), and no segment is open while two are;
 //! while the oldest waits for the store, the WAL stays on the database's disk.
 
@@ -55,6 +55,8 @@ pub enum ShipError {
     Repo(#[from] RepoError),
     #[error("cannot start a segment or change its compression level: {0}")]
     Encoder(#[source] std::io::Error),
+    #[error("the task finishing a segment did not end: {0}")]
+    Finish(String),
 }
 
 /// Packs records into segments and uploads them.
@@ -226,8 +228,10 @@ impl Shipper {
     /// [`Shipper::ship`]; with `all`, hands every closed segment to the uploader, waiting
     /// for its finish.
     async fn ship_closed(&mut self, all: bool) -> Result<(), ShipError> {
-        self.close();
+        // Collect first: handing a finished segment over frees the slot the open one closes
+        // into.
         self.collect().await?;
+        self.close();
         while let Some(closed) = self.closed.take() {
             if self.uploads.is_full() {
                 self.closed = Some(closed);
@@ -373,9 +377,7 @@ impl Closed {
             Ok(r) => r.map_err(ShipError::from),
             // The task is never aborted; a panic in it is this thread's.
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => Err(ShipError::Encoder(std::io::Error::other(format!(
-                "finishing a segment: {e}"
-            )))),
+            Err(e) => Err(ShipError::Finish(e.to_string())),
         };
         self.state = Finish::Done(outcome);
     }
@@ -685,6 +687,53 @@ mod tests {
         assert_eq!(stored(&faults).await, vec![1]);
         assert_eq!(shipper.take_durable()[0].last_seq, 3);
         assert_eq!(shipper.waiting_since_us(), Some(1_004));
+    }
+
+    /// Waits until the closed segment is finished (not handed over: nothing collects it).
+    async fn until_closed_is_finished(shipper: &Shipper) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !shipper.closed.as_ref().is_some_and(Closed::is_finished) {
+            assert!(
+                Instant::now() < deadline,
+                "the closed segment never finished"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn ship_all_ships_the_open_segment_behind_a_finished_one_not_handed_over_yet() {
+        let (faults, mut shipper) = faulty_shipper().await;
+        push_run(&mut shipper, 1, 3);
+        shipper.ship().await.unwrap();
+        push_run(&mut shipper, 4, 2);
+        until_closed_is_finished(&shipper).await;
+        // Handing the finished one over frees the slot the open one must close into.
+        shipper.ship_all().await.unwrap();
+        assert_eq!(stored(&faults).await, vec![1, 4]);
+        assert!(!shipper.has_unsent() && shipper.next_seq().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_full_segment_closes_when_the_one_before_it_is_handed_over() {
+        let (_faults, shipper) = faulty_shipper().await;
+        let mut shipper = Shipper {
+            opts: ShipOptions {
+                max_segment_bytes: 1,
+                ..ShipOptions::default()
+            },
+            ..shipper
+        };
+        push_run(&mut shipper, 1, 1);
+        shipper.ship().await.unwrap();
+        push_run(&mut shipper, 2, 1);
+        assert!(shipper.is_full());
+        until_closed_is_finished(&shipper).await;
+        shipper.ship().await.unwrap();
+        assert!(
+            !shipper.is_full() && shipper.next_seq().is_none(),
+            "the full segment was left open: the next record would go into it"
+        );
     }
 
     #[tokio::test]
