@@ -337,7 +337,7 @@ def markdown(doc, previous_path=None):
             continue
         L += [intro, "",
               "| store | value | writer WAL MB/s | backlog MB | settle s | drain s | archiver MB/s | "
-              "archiver / writer | archiver CPU s per GB WAL | S3 server's CPU, cores | peak RSS MiB |",
+              "archiver / writer | archiver CPU s per GB WAL | S3 server's CPU, cores (with the bench's polls) | peak RSS MiB |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in drains:
             c = s["config"]

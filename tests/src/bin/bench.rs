@@ -164,7 +164,8 @@ struct ArchiveArgs {
     #[arg(long, requires = "drain")]
     settle: bool,
     /// With --drain: the S3 server's process, whose CPU share over the drain is reported
-    /// (drain.server_cpu_share: 1.0 is one core), to tell a bound server from a slow archiver.
+    /// (drain.server_cpu_share: 1.0 is one core; it includes serving this bench's polls of
+    /// the store), to tell a bound server from a slow archiver.
     #[arg(long, requires = "drain")]
     server_pid: Option<u32>,
     /// Pause between store polls that found nothing new, in milliseconds.
@@ -783,7 +784,10 @@ fn archive(a: ArchiveArgs) -> Result<Value> {
     stop.store(true, Ordering::SeqCst);
     let settle_secs = if a.settle { Some(settle(&db)?) } else { None };
     let cpu_settled = sample_proc(pid, ticks)?;
-    let server0 = a.server_pid.map(|p| sample_proc(p, ticks)).transpose()?;
+    let server0 = a
+        .server_pid
+        .map(|p| sample_proc(p, ticks).map(|s| (s, Instant::now())))
+        .transpose()?;
     // Catch-up: until a segment holding the last write is in the store.
     if a.drain {
         archiver.signal("CONT")?;
@@ -822,7 +826,10 @@ fn archive(a: ArchiveArgs) -> Result<Value> {
         .map(|(_, t)| *t)
         .unwrap_or(0);
     let cpu1 = sample_proc(pid, ticks)?;
-    let server1 = a.server_pid.map(|p| sample_proc(p, ticks)).transpose()?;
+    let server1 = a
+        .server_pid
+        .map(|p| sample_proc(p, ticks).map(|s| (s, Instant::now())))
+        .transpose()?;
     let requests = match &a.request_log {
         Some(p) => Some(count_requests(p, log_from)?.0),
         None => None,
@@ -898,9 +905,11 @@ fn archive(a: ArchiveArgs) -> Result<Value> {
             "over_write_rate": (write_secs > 0.0).then(|| write_secs / secs),
             "cpu_secs": cpu1.cpu_secs - cpu_settled.cpu_secs,
             "settle_secs": settle_secs,
-            "server_cpu_share": server0
-                .zip(server1)
-                .map(|(s0, s1)| (s1.cpu_secs - s0.cpu_secs) / secs),
+            // Over its own sampling window, which also holds this bench's polls of the
+            // store (a listing every 20 ms).
+            "server_cpu_share": server0.zip(server1).map(|((s0, t0), (s1, t1))| {
+                (s1.cpu_secs - s0.cpu_secs) / t1.duration_since(t0).as_secs_f64().max(1e-9)
+            }),
         })
     } else {
         Value::Null
