@@ -689,6 +689,17 @@ mod tests {
         assert_eq!(shipper.waiting_since_us(), Some(1_004));
     }
 
+    /// The shipper, closing a segment at every record.
+    fn one_record_segments(shipper: Shipper) -> Shipper {
+        Shipper {
+            opts: ShipOptions {
+                max_segment_bytes: 1,
+                ..ShipOptions::default()
+            },
+            ..shipper
+        }
+    }
+
     /// Waits until the closed segment is finished (not handed over: nothing collects it).
     async fn until_closed_is_finished(shipper: &Shipper) {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -717,13 +728,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_segment_closes_when_the_one_before_it_is_handed_over() {
         let (_faults, shipper) = faulty_shipper().await;
-        let mut shipper = Shipper {
-            opts: ShipOptions {
-                max_segment_bytes: 1,
-                ..ShipOptions::default()
-            },
-            ..shipper
-        };
+        let mut shipper = one_record_segments(shipper);
         push_run(&mut shipper, 1, 1);
         shipper.ship().await.unwrap();
         push_run(&mut shipper, 2, 1);
@@ -739,13 +744,7 @@ mod tests {
     #[tokio::test]
     async fn at_most_two_closed_segments_are_held_however_slow_the_store() {
         let (faults, shipper) = faulty_shipper().await;
-        let mut shipper = Shipper {
-            opts: ShipOptions {
-                max_segment_bytes: 1,
-                ..ShipOptions::default()
-            },
-            ..shipper
-        };
+        let mut shipper = one_record_segments(shipper);
         faults.inject(
             FaultRule::new(Fault::Delay(Duration::from_millis(50)))
                 .on(StoreOp::PutIfAbsent)
